@@ -1,0 +1,918 @@
+//! REST handlers: input validation happens here (formats, ranges), referential checks and
+//! uniqueness in the store, all inside one transaction per change.
+
+use super::error::{ApiError, ApiJson, ApiPath, ApiQuery, ErrorBody};
+use crate::auth::{self, PAT_PREFIX, SETUP_KEY_PREFIX};
+use crate::model::*;
+use crate::state::AppState;
+use crate::store::{hash_secret, AuditFilter, NewSetupKey, PolicyInput, RouteInput};
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::Json;
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use utoipa::{IntoParams, ToSchema};
+
+type St = State<Arc<AppState>>;
+type ApiResult<T> = Result<T, ApiError>;
+
+// ---------------------------------------------------------------------------------------------
+// Authentication
+
+/// The authenticated administrator of a request.
+pub struct Admin {
+    pub user: User,
+    /// How the audit log names this actor.
+    pub actor: String,
+}
+
+impl FromRequestParts<Arc<AppState>> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|h| h.to_str().ok())
+            .ok_or_else(|| {
+                ApiError::Unauthorized("missing Authorization: Bearer <token> header".into())
+            })?;
+        let token = header
+            .strip_prefix("Bearer ")
+            .ok_or_else(|| {
+                ApiError::Unauthorized("Authorization header must be \"Bearer <token>\"".into())
+            })?
+            .trim();
+        let (user, actor) = if token.starts_with(PAT_PREFIX) {
+            let (t, user) = state
+                .store
+                .token_by_hash(&hash_secret(token))
+                .await?
+                .ok_or_else(|| ApiError::Unauthorized("unknown access token".into()))?;
+            if t.expires_at.is_some_and(|e| e <= now_millis()) {
+                return Err(ApiError::Unauthorized(format!(
+                    "access token {:?} has expired",
+                    t.name
+                )));
+            }
+            let actor = format!("user:{} (token {})", user.username, t.name);
+            (user, actor)
+        } else {
+            let claims = auth::verify_admin_token(&state.admin_secret, token)
+                .map_err(|e| ApiError::Unauthorized(format!("{e}: sign in again")))?;
+            let user = state.store.user(&claims.sub).await.map_err(|_| {
+                ApiError::Unauthorized("the session's user no longer exists".into())
+            })?;
+            let actor = format!("user:{}", user.username);
+            (user, actor)
+        };
+        if user.disabled {
+            return Err(ApiError::Forbidden(format!(
+                "user {:?} is disabled",
+                user.username
+            )));
+        }
+        Ok(Admin { user, actor })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation helpers
+
+fn name(field: &str, s: &str) -> ApiResult<String> {
+    let t = s.trim();
+    if t.is_empty() {
+        return Err(ApiError::invalid(field, "must not be empty"));
+    }
+    if t.chars().count() > 64 {
+        return Err(ApiError::invalid(field, "must be at most 64 characters"));
+    }
+    if t.chars().any(char::is_control) {
+        return Err(ApiError::invalid(
+            field,
+            "must not contain control characters",
+        ));
+    }
+    Ok(t.to_string())
+}
+
+/// A CIDR in canonical form (no host bits set).
+fn cidr(field: &str, s: &str) -> ApiResult<IpNet> {
+    let n: IpNet = s.trim().parse().map_err(|_| {
+        ApiError::invalid(
+            field,
+            format!("{s:?} is not a network in CIDR notation, e.g. 192.168.50.0/24"),
+        )
+    })?;
+    if n.trunc() != n {
+        return Err(ApiError::invalid(
+            field,
+            format!("{n} has host bits set; did you mean {}?", n.trunc()),
+        ));
+    }
+    Ok(n)
+}
+
+fn password(field: &str, p: &str) -> ApiResult<String> {
+    if p.chars().count() < 10 {
+        return Err(ApiError::invalid(field, "must be at least 10 characters"));
+    }
+    if p.len() > 1024 {
+        return Err(ApiError::invalid(field, "must be at most 1024 bytes"));
+    }
+    auth::hash_password(p).map_err(|e| ApiError::Internal(e.into()))
+}
+
+fn deleted() -> impl IntoResponse {
+    StatusCode::NO_CONTENT
+}
+
+// ---------------------------------------------------------------------------------------------
+// Health, docs, sign-in
+
+/// Liveness and database reachability.
+#[utoipa::path(get, path = "/healthz", security(), responses((status = 200, description = "healthy")))]
+pub async fn healthz(State(s): St) -> ApiResult<Json<serde_json::Value>> {
+    let settings = s.store.settings().await?;
+    Ok(Json(
+        serde_json::json!({ "status": "ok", "network_serial": settings.network_serial }),
+    ))
+}
+
+pub async fn openapi_json() -> impl IntoResponse {
+    use utoipa::OpenApi;
+    Json(super::ApiDoc::openapi())
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::NotFound("no such API endpoint".into())
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoginBody {
+    pub username: String,
+    pub password: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct LoginReply {
+    /// Bearer token for this API.
+    pub token: String,
+    /// Unix seconds.
+    pub expires_at: i64,
+    pub user: User,
+}
+
+/// Sign in with an admin account; returns a session JWT.
+#[utoipa::path(post, path = "/api/auth/login", security(), request_body = LoginBody,
+    responses((status = 200, body = LoginReply), (status = 401, body = ErrorBody)))]
+pub async fn login(State(s): St, ApiJson(b): ApiJson<LoginBody>) -> ApiResult<Json<LoginReply>> {
+    let creds = s.store.user_credentials(b.username.trim()).await?;
+    let hash = creds
+        .as_ref()
+        .map(|c| c.password_hash.as_str())
+        .unwrap_or_else(|| auth::dummy_hash());
+    let ok = auth::verify_password(&b.password, hash);
+    let Some(c) = creds.filter(|_| ok) else {
+        tracing::info!(username = %b.username.trim(), "admin sign-in refused");
+        return Err(ApiError::Unauthorized("wrong username or password".into()));
+    };
+    if c.user.disabled {
+        return Err(ApiError::Forbidden(format!(
+            "user {:?} is disabled",
+            c.user.username
+        )));
+    }
+    let (token, exp) = auth::issue_admin_token(
+        &s.admin_secret,
+        &c.user.id,
+        &c.user.username,
+        now_millis() / 1000,
+        s.opts.admin_session_ttl.as_secs() as i64,
+    )
+    .map_err(|e| ApiError::Internal(e.into()))?;
+    Ok(Json(LoginReply {
+        token,
+        expires_at: exp,
+        user: c.user,
+    }))
+}
+
+/// The signed-in user.
+#[utoipa::path(get, path = "/api/auth/me", responses((status = 200, body = User), (status = 401, body = ErrorBody)))]
+pub async fn me(a: Admin) -> Json<User> {
+    Json(a.user)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Users and tokens
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewUserBody {
+    pub username: String,
+    pub password: String,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateUserBody {
+    pub disabled: Option<bool>,
+    pub password: Option<String>,
+}
+
+#[utoipa::path(get, path = "/api/users", responses((status = 200, body = [User])))]
+pub async fn list_users(State(s): St, _a: Admin) -> ApiResult<Json<Vec<User>>> {
+    Ok(Json(s.store.users().await?))
+}
+
+#[utoipa::path(post, path = "/api/users", request_body = NewUserBody,
+    responses((status = 201, body = User), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub async fn create_user(
+    State(s): St,
+    a: Admin,
+    ApiJson(b): ApiJson<NewUserBody>,
+) -> ApiResult<impl IntoResponse> {
+    let username = name("username", &b.username)?;
+    let hash = password("password", &b.password)?;
+    let u = s.store.create_user(&a.actor, &username, &hash).await?;
+    Ok((StatusCode::CREATED, Json(u)))
+}
+
+#[utoipa::path(get, path = "/api/users/{id}", responses((status = 200, body = User), (status = 404, body = ErrorBody)))]
+pub async fn get_user(State(s): St, _a: Admin, ApiPath(id): ApiPath) -> ApiResult<Json<User>> {
+    Ok(Json(s.store.user(&id).await?))
+}
+
+#[utoipa::path(put, path = "/api/users/{id}", request_body = UpdateUserBody, responses((status = 200, body = User)))]
+pub async fn update_user(
+    State(s): St,
+    a: Admin,
+    ApiPath(id): ApiPath,
+    ApiJson(b): ApiJson<UpdateUserBody>,
+) -> ApiResult<Json<User>> {
+    let hash = b
+        .password
+        .as_deref()
+        .map(|p| password("password", p))
+        .transpose()?;
+    Ok(Json(
+        s.store
+            .update_user(&a.actor, &id, b.disabled, hash.as_deref())
+            .await?,
+    ))
+}
+
+#[utoipa::path(delete, path = "/api/users/{id}", responses((status = 204), (status = 409, body = ErrorBody)))]
+pub async fn delete_user(
+    State(s): St,
+    a: Admin,
+    ApiPath(id): ApiPath,
+) -> ApiResult<impl IntoResponse> {
+    s.store.delete_user(&a.actor, &id).await?;
+    Ok(deleted())
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewTokenBody {
+    pub name: String,
+    /// Lifetime in days (1-365); omitted = no expiry.
+    pub expires_in_days: Option<i64>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct NewTokenReply {
+    /// The token itself, shown only now.
+    pub token: String,
+    pub access_token: AccessToken,
+}
+
+#[utoipa::path(get, path = "/api/tokens", responses((status = 200, body = [AccessToken])))]
+pub async fn list_tokens(State(s): St, a: Admin) -> ApiResult<Json<Vec<AccessToken>>> {
+    Ok(Json(s.store.tokens(&a.user.id).await?))
+}
+
+/// Creates a personal access token for scripts; the token is returned once.
+#[utoipa::path(post, path = "/api/tokens", request_body = NewTokenBody, responses((status = 201, body = NewTokenReply)))]
+pub async fn create_token(
+    State(s): St,
+    a: Admin,
+    ApiJson(b): ApiJson<NewTokenBody>,
+) -> ApiResult<impl IntoResponse> {
+    let n = name("name", &b.name)?;
+    let expires_at = match b.expires_in_days {
+        None => None,
+        Some(d) if (1..=365).contains(&d) => Some(now_millis() + d * 86_400_000),
+        Some(d) => {
+            return Err(ApiError::invalid(
+                "expires_in_days",
+                format!("{d} is not within 1-365"),
+            ))
+        }
+    };
+    let token = auth::random_secret(PAT_PREFIX);
+    let t = s
+        .store
+        .create_token(&a.actor, &a.user.id, &n, &hash_secret(&token), expires_at)
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(NewTokenReply {
+            token,
+            access_token: t,
+        }),
+    ))
+}
+
+#[utoipa::path(delete, path = "/api/tokens/{id}", responses((status = 204), (status = 404, body = ErrorBody)))]
+pub async fn delete_token(
+    State(s): St,
+    a: Admin,
+    ApiPath(id): ApiPath,
+) -> ApiResult<impl IntoResponse> {
+    s.store.delete_token(&a.actor, &a.user.id, &id).await?;
+    Ok(deleted())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Groups
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GroupBody {
+    pub name: String,
+}
+
+#[utoipa::path(get, path = "/api/groups", responses((status = 200, body = [Group])))]
+pub async fn list_groups(State(s): St, _a: Admin) -> ApiResult<Json<Vec<Group>>> {
+    Ok(Json(s.store.groups().await?))
+}
+
+#[utoipa::path(post, path = "/api/groups", request_body = GroupBody,
+    responses((status = 201, body = Group), (status = 409, body = ErrorBody)))]
+pub async fn create_group(
+    State(s): St,
+    a: Admin,
+    ApiJson(b): ApiJson<GroupBody>,
+) -> ApiResult<impl IntoResponse> {
+    let n = name("name", &b.name)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(s.store.create_group(&a.actor, &n).await?),
+    ))
+}
+
+#[utoipa::path(get, path = "/api/groups/{id}", responses((status = 200, body = Group), (status = 404, body = ErrorBody)))]
+pub async fn get_group(State(s): St, _a: Admin, ApiPath(id): ApiPath) -> ApiResult<Json<Group>> {
+    Ok(Json(s.store.group(&id).await?))
+}
+
+#[utoipa::path(put, path = "/api/groups/{id}", request_body = GroupBody, responses((status = 200, body = Group)))]
+pub async fn update_group(
+    State(s): St,
+    a: Admin,
+    ApiPath(id): ApiPath,
+    ApiJson(b): ApiJson<GroupBody>,
+) -> ApiResult<Json<Group>> {
+    let n = name("name", &b.name)?;
+    Ok(Json(s.store.rename_group(&a.actor, &id, &n).await?))
+}
+
+#[utoipa::path(delete, path = "/api/groups/{id}", responses((status = 204), (status = 409, body = ErrorBody)))]
+pub async fn delete_group(
+    State(s): St,
+    a: Admin,
+    ApiPath(id): ApiPath,
+) -> ApiResult<impl IntoResponse> {
+    s.store.delete_group(&a.actor, &id).await?;
+    Ok(deleted())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Setup keys
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewSetupKeyBody {
+    pub name: String,
+    /// One-off (false, default) or reusable.
+    #[serde(default)]
+    pub reusable: bool,
+    /// For reusable keys: how many peers it may admit; 0 or omitted = unlimited.
+    #[serde(default)]
+    pub usage_limit: i64,
+    /// Lifetime in seconds (60 s to 365 days); omitted = never expires.
+    pub expires_in_secs: Option<i64>,
+    /// Peers joined with this key are removed some minutes after they disconnect.
+    #[serde(default)]
+    pub ephemeral: bool,
+    /// Groups the new peers join (besides "All").
+    #[serde(default)]
+    pub auto_groups: Vec<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct NewSetupKeyReply {
+    /// The key itself, shown only now.
+    pub key: String,
+    pub setup_key: SetupKey,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateSetupKeyBody {
+    pub name: Option<String>,
+    /// true revokes the key (cannot be undone).
+    pub revoked: Option<bool>,
+    pub auto_groups: Option<Vec<String>>,
+}
+
+#[utoipa::path(get, path = "/api/setup-keys", responses((status = 200, body = [SetupKey])))]
+pub async fn list_setup_keys(State(s): St, _a: Admin) -> ApiResult<Json<Vec<SetupKey>>> {
+    Ok(Json(s.store.setup_keys().await?))
+}
+
+#[utoipa::path(post, path = "/api/setup-keys", request_body = NewSetupKeyBody,
+    responses((status = 201, body = NewSetupKeyReply), (status = 422, body = ErrorBody)))]
+pub async fn create_setup_key(
+    State(s): St,
+    a: Admin,
+    ApiJson(b): ApiJson<NewSetupKeyBody>,
+) -> ApiResult<impl IntoResponse> {
+    let n = name("name", &b.name)?;
+    if b.usage_limit < 0 {
+        return Err(ApiError::invalid(
+            "usage_limit",
+            "must be 0 (unlimited) or more",
+        ));
+    }
+    if !b.reusable && b.usage_limit > 1 {
+        return Err(ApiError::invalid(
+            "usage_limit",
+            "a one-off key admits one peer; set reusable to allow more",
+        ));
+    }
+    let expires_at = match b.expires_in_secs {
+        None => None,
+        Some(x) if (60..=365 * 86_400).contains(&x) => Some(now_millis() + x * 1000),
+        Some(x) => {
+            return Err(ApiError::invalid(
+                "expires_in_secs",
+                format!("{x} is not within 60 s to 365 days"),
+            ))
+        }
+    };
+    let key = auth::random_secret(SETUP_KEY_PREFIX);
+    let new = NewSetupKey {
+        name: n,
+        reusable: b.reusable,
+        usage_limit: b.usage_limit,
+        expires_at,
+        ephemeral: b.ephemeral,
+        auto_groups: b.auto_groups,
+    };
+    let prefix = key
+        .chars()
+        .take(SETUP_KEY_PREFIX.len() + 4)
+        .collect::<String>();
+    let k = s
+        .store
+        .create_setup_key(&a.actor, &new, &hash_secret(&key), &prefix)
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(NewSetupKeyReply { key, setup_key: k }),
+    ))
+}
+
+#[utoipa::path(get, path = "/api/setup-keys/{id}", responses((status = 200, body = SetupKey), (status = 404, body = ErrorBody)))]
+pub async fn get_setup_key(
+    State(s): St,
+    _a: Admin,
+    ApiPath(id): ApiPath,
+) -> ApiResult<Json<SetupKey>> {
+    Ok(Json(s.store.setup_key(&id).await?))
+}
+
+#[utoipa::path(put, path = "/api/setup-keys/{id}", request_body = UpdateSetupKeyBody, responses((status = 200, body = SetupKey)))]
+pub async fn update_setup_key(
+    State(s): St,
+    a: Admin,
+    ApiPath(id): ApiPath,
+    ApiJson(b): ApiJson<UpdateSetupKeyBody>,
+) -> ApiResult<Json<SetupKey>> {
+    let n = b.name.as_deref().map(|n| name("name", n)).transpose()?;
+    Ok(Json(
+        s.store
+            .update_setup_key(
+                &a.actor,
+                &id,
+                n.as_deref(),
+                b.revoked,
+                b.auto_groups.as_deref(),
+            )
+            .await?,
+    ))
+}
+
+#[utoipa::path(delete, path = "/api/setup-keys/{id}", responses((status = 204), (status = 404, body = ErrorBody)))]
+pub async fn delete_setup_key(
+    State(s): St,
+    a: Admin,
+    ApiPath(id): ApiPath,
+) -> ApiResult<impl IntoResponse> {
+    s.store.delete_setup_key(&a.actor, &id).await?;
+    Ok(deleted())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Peers
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdatePeerBody {
+    pub name: Option<String>,
+    /// Group ids (the peer always stays in "All").
+    pub groups: Option<Vec<String>>,
+    pub login_expiration_enabled: Option<bool>,
+}
+
+#[utoipa::path(get, path = "/api/peers", responses((status = 200, body = [Peer])))]
+pub async fn list_peers(State(s): St, _a: Admin) -> ApiResult<Json<Vec<Peer>>> {
+    Ok(Json(s.store.peers().await?))
+}
+
+#[utoipa::path(get, path = "/api/peers/{id}", responses((status = 200, body = Peer), (status = 404, body = ErrorBody)))]
+pub async fn get_peer(State(s): St, _a: Admin, ApiPath(id): ApiPath) -> ApiResult<Json<Peer>> {
+    Ok(Json(s.store.peer(&id).await?))
+}
+
+#[utoipa::path(put, path = "/api/peers/{id}", request_body = UpdatePeerBody, responses((status = 200, body = Peer)))]
+pub async fn update_peer(
+    State(s): St,
+    a: Admin,
+    ApiPath(id): ApiPath,
+    ApiJson(b): ApiJson<UpdatePeerBody>,
+) -> ApiResult<Json<Peer>> {
+    let n = b.name.as_deref().map(|n| name("name", n)).transpose()?;
+    Ok(Json(
+        s.store
+            .update_peer(
+                &a.actor,
+                &id,
+                n.as_deref(),
+                b.groups.as_deref(),
+                b.login_expiration_enabled,
+            )
+            .await?,
+    ))
+}
+
+#[utoipa::path(delete, path = "/api/peers/{id}", responses((status = 204), (status = 404, body = ErrorBody)))]
+pub async fn delete_peer(
+    State(s): St,
+    a: Admin,
+    ApiPath(id): ApiPath,
+) -> ApiResult<impl IntoResponse> {
+    s.store.delete_peer(&a.actor, &id).await?;
+    Ok(deleted())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Policies
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyBody {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    pub protocol: Protocol,
+    /// "22" or "8000-8080"; only for tcp/udp; empty = all ports.
+    #[serde(default)]
+    pub ports: Vec<String>,
+    #[serde(default = "yes")]
+    pub bidirectional: bool,
+    /// Source group ids.
+    pub sources: Vec<String>,
+    /// Destination group ids.
+    pub destinations: Vec<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn policy_input(b: PolicyBody) -> ApiResult<PolicyInput> {
+    let n = name("name", &b.name)?;
+    if b.description.len() > 1024 {
+        return Err(ApiError::invalid(
+            "description",
+            "must be at most 1024 bytes",
+        ));
+    }
+    if b.sources.is_empty() {
+        return Err(ApiError::invalid(
+            "sources",
+            "give at least one source group",
+        ));
+    }
+    if b.destinations.is_empty() {
+        return Err(ApiError::invalid(
+            "destinations",
+            "give at least one destination group",
+        ));
+    }
+    if !b.ports.is_empty() && !matches!(b.protocol, Protocol::Tcp | Protocol::Udp) {
+        return Err(ApiError::invalid(
+            "ports",
+            format!(
+                "ports apply only to tcp or udp, not {}",
+                b.protocol.as_str()
+            ),
+        ));
+    }
+    let ports = b
+        .ports
+        .iter()
+        .map(|p| {
+            p.parse::<PortRange>()
+                .map_err(|e| ApiError::invalid("ports", e))
+        })
+        .collect::<ApiResult<Vec<_>>>()?;
+    Ok(PolicyInput {
+        name: n,
+        description: b.description,
+        enabled: b.enabled,
+        protocol: b.protocol,
+        ports,
+        bidirectional: b.bidirectional,
+        sources: b.sources,
+        destinations: b.destinations,
+    })
+}
+
+#[utoipa::path(get, path = "/api/policies", responses((status = 200, body = [Policy])))]
+pub async fn list_policies(State(s): St, _a: Admin) -> ApiResult<Json<Vec<Policy>>> {
+    Ok(Json(s.store.policies().await?))
+}
+
+#[utoipa::path(post, path = "/api/policies", request_body = PolicyBody,
+    responses((status = 201, body = Policy), (status = 422, body = ErrorBody)))]
+pub async fn create_policy(
+    State(s): St,
+    a: Admin,
+    ApiJson(b): ApiJson<PolicyBody>,
+) -> ApiResult<impl IntoResponse> {
+    let p = policy_input(b)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(s.store.put_policy(&a.actor, None, &p).await?),
+    ))
+}
+
+#[utoipa::path(get, path = "/api/policies/{id}", responses((status = 200, body = Policy), (status = 404, body = ErrorBody)))]
+pub async fn get_policy(State(s): St, _a: Admin, ApiPath(id): ApiPath) -> ApiResult<Json<Policy>> {
+    Ok(Json(s.store.policy(&id).await?))
+}
+
+#[utoipa::path(put, path = "/api/policies/{id}", request_body = PolicyBody, responses((status = 200, body = Policy)))]
+pub async fn update_policy(
+    State(s): St,
+    a: Admin,
+    ApiPath(id): ApiPath,
+    ApiJson(b): ApiJson<PolicyBody>,
+) -> ApiResult<Json<Policy>> {
+    let p = policy_input(b)?;
+    Ok(Json(s.store.put_policy(&a.actor, Some(&id), &p).await?))
+}
+
+#[utoipa::path(delete, path = "/api/policies/{id}", responses((status = 204), (status = 404, body = ErrorBody)))]
+pub async fn delete_policy(
+    State(s): St,
+    a: Admin,
+    ApiPath(id): ApiPath,
+) -> ApiResult<impl IntoResponse> {
+    s.store.delete_policy(&a.actor, &id).await?;
+    Ok(deleted())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Routes
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RouteBody {
+    /// CIDR, e.g. 192.168.50.0/24.
+    pub network: String,
+    #[serde(default)]
+    pub description: String,
+    /// Routing peer id (or give routing_group).
+    pub routing_peer: Option<String>,
+    /// Group of routing peers (HA).
+    pub routing_group: Option<String>,
+    /// Lower is preferred (1-9999).
+    #[serde(default = "default_metric")]
+    pub metric: i64,
+    #[serde(default = "yes")]
+    pub masquerade: bool,
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Distribution groups: peers in them install the route.
+    pub groups: Vec<String>,
+}
+
+fn default_metric() -> i64 {
+    100
+}
+
+fn route_input(b: RouteBody) -> ApiResult<RouteInput> {
+    let network = cidr("network", &b.network)?;
+    if !(1..=9999).contains(&b.metric) {
+        return Err(ApiError::invalid(
+            "metric",
+            format!("{} is not within 1-9999", b.metric),
+        ));
+    }
+    if b.groups.is_empty() {
+        return Err(ApiError::invalid(
+            "groups",
+            "give at least one distribution group",
+        ));
+    }
+    if network.prefix_len() == 0 {
+        return Err(ApiError::invalid(
+            "network",
+            "default routes (exit nodes) are not supported yet",
+        ));
+    }
+    Ok(RouteInput {
+        network,
+        description: b.description,
+        routing_peer: b.routing_peer,
+        routing_group: b.routing_group,
+        metric: b.metric,
+        masquerade: b.masquerade,
+        enabled: b.enabled,
+        groups: b.groups,
+    })
+}
+
+#[utoipa::path(get, path = "/api/routes", responses((status = 200, body = [Route])))]
+pub async fn list_routes(State(s): St, _a: Admin) -> ApiResult<Json<Vec<Route>>> {
+    Ok(Json(s.store.routes().await?))
+}
+
+#[utoipa::path(post, path = "/api/routes", request_body = RouteBody,
+    responses((status = 201, body = Route), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub async fn create_route(
+    State(s): St,
+    a: Admin,
+    ApiJson(b): ApiJson<RouteBody>,
+) -> ApiResult<impl IntoResponse> {
+    let r = route_input(b)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(s.store.put_route(&a.actor, None, &r).await?),
+    ))
+}
+
+#[utoipa::path(get, path = "/api/routes/{id}", responses((status = 200, body = Route), (status = 404, body = ErrorBody)))]
+pub async fn get_route(State(s): St, _a: Admin, ApiPath(id): ApiPath) -> ApiResult<Json<Route>> {
+    Ok(Json(s.store.route(&id).await?))
+}
+
+#[utoipa::path(put, path = "/api/routes/{id}", request_body = RouteBody, responses((status = 200, body = Route)))]
+pub async fn update_route(
+    State(s): St,
+    a: Admin,
+    ApiPath(id): ApiPath,
+    ApiJson(b): ApiJson<RouteBody>,
+) -> ApiResult<Json<Route>> {
+    let r = route_input(b)?;
+    Ok(Json(s.store.put_route(&a.actor, Some(&id), &r).await?))
+}
+
+#[utoipa::path(delete, path = "/api/routes/{id}", responses((status = 204), (status = 404, body = ErrorBody)))]
+pub async fn delete_route(
+    State(s): St,
+    a: Admin,
+    ApiPath(id): ApiPath,
+) -> ApiResult<impl IntoResponse> {
+    s.store.delete_route(&a.actor, &id).await?;
+    Ok(deleted())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Settings and audit
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SettingsBody {
+    pub overlay_range: String,
+    pub mtu: u32,
+    pub peer_login_expiry_secs: i64,
+    pub ephemeral_ttl_secs: i64,
+}
+
+#[utoipa::path(get, path = "/api/settings", responses((status = 200, body = Settings)))]
+pub async fn get_settings(State(s): St, _a: Admin) -> ApiResult<Json<Settings>> {
+    Ok(Json(s.store.settings().await?))
+}
+
+#[utoipa::path(put, path = "/api/settings", request_body = SettingsBody,
+    responses((status = 200, body = Settings), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub async fn update_settings(
+    State(s): St,
+    a: Admin,
+    ApiJson(b): ApiJson<SettingsBody>,
+) -> ApiResult<Json<Settings>> {
+    let range = cidr("overlay_range", &b.overlay_range)?;
+    let max_prefix = if range.addr().is_ipv4() { 30 } else { 126 };
+    if range.prefix_len() > max_prefix || range.prefix_len() < 8 {
+        return Err(ApiError::invalid(
+            "overlay_range",
+            format!(
+                "prefix /{} must be within /8 and /{max_prefix}",
+                range.prefix_len()
+            ),
+        ));
+    }
+    if !(1280..=9000).contains(&b.mtu) {
+        return Err(ApiError::invalid(
+            "mtu",
+            format!(
+                "{} is not within 1280-9000 (IPv6 needs at least 1280)",
+                b.mtu
+            ),
+        ));
+    }
+    if b.peer_login_expiry_secs < 0 {
+        return Err(ApiError::invalid(
+            "peer_login_expiry_secs",
+            "must be 0 (never) or more",
+        ));
+    }
+    if !(60..=30 * 86_400).contains(&b.ephemeral_ttl_secs) {
+        return Err(ApiError::invalid(
+            "ephemeral_ttl_secs",
+            "must be within 60 s and 30 days",
+        ));
+    }
+    let new = Settings {
+        overlay_range: range,
+        mtu: b.mtu,
+        peer_login_expiry_secs: b.peer_login_expiry_secs,
+        ephemeral_ttl_secs: b.ephemeral_ttl_secs,
+        network_serial: 0,
+    };
+    Ok(Json(s.store.update_settings(&a.actor, &new).await?))
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    /// Exact actor, e.g. "user:admin".
+    pub actor: Option<String>,
+    /// Action prefix, e.g. "peer." or "policy.put".
+    pub action: Option<String>,
+    /// Unix milliseconds, inclusive.
+    pub since: Option<i64>,
+    pub until: Option<i64>,
+    /// At most 1000; default 200.
+    pub limit: Option<i64>,
+}
+
+#[utoipa::path(get, path = "/api/audit", params(AuditQuery), responses((status = 200, body = [AuditEvent])))]
+pub async fn list_audit(
+    State(s): St,
+    _a: Admin,
+    ApiQuery(q): ApiQuery<AuditQuery>,
+) -> ApiResult<Json<Vec<AuditEvent>>> {
+    let f = AuditFilter {
+        actor: q.actor.filter(|s| !s.is_empty()),
+        action: q.action.filter(|s| !s.is_empty()),
+        since: q.since,
+        until: q.until,
+        limit: q.limit.unwrap_or(200),
+    };
+    if let Some(l) = q.limit {
+        if !(1..=1000).contains(&l) {
+            return Err(ApiError::invalid(
+                "limit",
+                format!("{l} is not within 1-1000"),
+            ));
+        }
+    }
+    Ok(Json(s.store.audit_events(&f).await?))
+}

@@ -1,0 +1,108 @@
+//! Admin REST API (axum, JSON) with its OpenAPI document at `/api/openapi.json`.
+//! Every error is a JSON body `{"error": kind, "message": text, "field": name?}` with a 4xx status
+//! for bad input; storage failures are a 500 whose details stay in the server log.
+
+mod error;
+mod handlers;
+
+pub use error::ApiError;
+
+use crate::state::AppState;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use std::sync::Arc;
+use utoipa::OpenApi;
+
+/// Largest accepted request body.
+pub const MAX_BODY: usize = 64 * 1024;
+
+pub fn router(state: Arc<AppState>) -> Router {
+    use handlers::*;
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/api/openapi.json", get(openapi_json))
+        .route("/api/auth/login", post(login))
+        .route("/api/auth/me", get(me))
+        .route("/api/users", get(list_users).post(create_user))
+        .route(
+            "/api/users/{id}",
+            get(get_user).put(update_user).delete(delete_user),
+        )
+        .route("/api/tokens", get(list_tokens).post(create_token))
+        .route("/api/tokens/{id}", axum::routing::delete(delete_token))
+        .route("/api/groups", get(list_groups).post(create_group))
+        .route(
+            "/api/groups/{id}",
+            get(get_group).put(update_group).delete(delete_group),
+        )
+        .route(
+            "/api/setup-keys",
+            get(list_setup_keys).post(create_setup_key),
+        )
+        .route(
+            "/api/setup-keys/{id}",
+            get(get_setup_key)
+                .put(update_setup_key)
+                .delete(delete_setup_key),
+        )
+        .route("/api/peers", get(list_peers))
+        .route(
+            "/api/peers/{id}",
+            get(get_peer).put(update_peer).delete(delete_peer),
+        )
+        .route("/api/policies", get(list_policies).post(create_policy))
+        .route(
+            "/api/policies/{id}",
+            get(get_policy).put(update_policy).delete(delete_policy),
+        )
+        .route("/api/routes", get(list_routes).post(create_route))
+        .route(
+            "/api/routes/{id}",
+            get(get_route).put(update_route).delete(delete_route),
+        )
+        .route("/api/settings", get(get_settings).put(update_settings))
+        .route("/api/audit", get(list_audit))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Tern management API", description = "Admin API of the Tern mesh overlay."),
+    paths(
+        handlers::healthz,
+        handlers::login, handlers::me,
+        handlers::list_users, handlers::create_user, handlers::get_user, handlers::update_user, handlers::delete_user,
+        handlers::list_tokens, handlers::create_token, handlers::delete_token,
+        handlers::list_groups, handlers::create_group, handlers::get_group, handlers::update_group, handlers::delete_group,
+        handlers::list_setup_keys, handlers::create_setup_key, handlers::get_setup_key, handlers::update_setup_key, handlers::delete_setup_key,
+        handlers::list_peers, handlers::get_peer, handlers::update_peer, handlers::delete_peer,
+        handlers::list_policies, handlers::create_policy, handlers::get_policy, handlers::update_policy, handlers::delete_policy,
+        handlers::list_routes, handlers::create_route, handlers::get_route, handlers::update_route, handlers::delete_route,
+        handlers::get_settings, handlers::update_settings,
+        handlers::list_audit,
+    ),
+    modifiers(&BearerAuth),
+    security(("bearer" = []))
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT or tern_pat_…")
+                    .build(),
+            ),
+        );
+    }
+}

@@ -1,0 +1,172 @@
+//! Command line of `tern-management` and `tern-server` (every flag also reads a `TERN_...` env var).
+
+use crate::netmap::RelaySettings;
+use crate::server::{self, ServerConfig};
+use crate::state::ManagementOptions;
+use anyhow::Context;
+use clap::Parser;
+use secrecy::{ExposeSecret, SecretString};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+pub struct Args {
+    /// Address for the API, console and gRPC (one port: HTTP/1.1 and HTTP/2).
+    #[arg(long, env = "TERN_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    /// Where the embedded SQLite database lives.
+    #[arg(long, env = "TERN_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// `postgres://user:pass@host/db` for PostgreSQL; default: SQLite in the data dir.
+    #[arg(long, env = "TERN_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<SecretString>,
+    /// The URL agents and admins use to reach this server (printed at start).
+    #[arg(long, env = "TERN_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// First admin's user name (only used when the database has no user).
+    #[arg(long, env = "TERN_ADMIN_USER", default_value = "admin")]
+    pub admin_user: String,
+    /// First admin's password; generated and printed once when not given.
+    #[arg(long, env = "TERN_ADMIN_PASSWORD", hide_env_values = true)]
+    pub admin_password: Option<SecretString>,
+    /// STUN URLs handed to agents, comma-separated (e.g. stun:vpn.example.com:3478).
+    #[arg(long, env = "TERN_STUN_URLS", value_delimiter = ',')]
+    pub stun_urls: Vec<String>,
+    /// TURN URLs handed to agents with time-limited credentials, comma-separated.
+    #[arg(long, env = "TERN_TURN_URLS", value_delimiter = ',')]
+    pub turn_urls: Vec<String>,
+    /// TCP/TLS relay URLs, comma-separated.
+    #[arg(long, env = "TERN_TCP_RELAY_URLS", value_delimiter = ',')]
+    pub tcp_relay_urls: Vec<String>,
+    /// Shared secret of the relay (coturn `static-auth-secret`); generated and stored if not given.
+    #[arg(long, env = "TERN_RELAY_SECRET", hide_env_values = true)]
+    pub relay_secret: Option<SecretString>,
+    /// Lifetime of relay credentials in seconds (re-issued at half-life).
+    #[arg(long, env = "TERN_RELAY_CREDENTIALS_TTL", default_value_t = 43_200)]
+    pub relay_credentials_ttl: u64,
+    /// Secret shared with a separately deployed signal service; generated and stored if not given.
+    #[arg(long, env = "TERN_PEER_TOKEN_SECRET", hide_env_values = true)]
+    pub peer_token_secret: Option<SecretString>,
+    /// Log filter (tracing syntax), e.g. "info,tern_management=debug".
+    #[arg(long, env = "TERN_LOG", default_value = "info")]
+    pub log: String,
+}
+
+pub fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Runs until SIGINT/SIGTERM.
+pub async fn run(args: Args, with_signal: bool) -> anyhow::Result<()> {
+    let database_url = match &args.database_url {
+        Some(u) => u.expose_secret().to_string(),
+        None => format!("sqlite://{}", args.data_dir.join("tern.db").display()),
+    };
+    let relay = RelaySettings {
+        stun_urls: args.stun_urls.clone(),
+        turn_urls: args.turn_urls.clone(),
+        tcp_relay_urls: args.tcp_relay_urls.clone(),
+        secret: args
+            .relay_secret
+            .as_ref()
+            .map(|s| s.expose_secret().as_bytes().to_vec())
+            .unwrap_or_default(),
+    };
+    let opts = ManagementOptions {
+        relay,
+        relay_credentials_ttl: Duration::from_secs(args.relay_credentials_ttl.max(120)),
+        peer_token_secret: args
+            .peer_token_secret
+            .as_ref()
+            .map(|s| s.expose_secret().as_bytes().to_vec()),
+        ..ManagementOptions::default()
+    };
+    let cfg = ServerConfig {
+        listen: args.listen,
+        database_url,
+        opts,
+        signal: with_signal.then(tern_signal::SignalOptions::default),
+    };
+    let running = server::start(cfg).await?;
+    let first = crate::bootstrap::first_start(
+        &running.state.store,
+        &args.admin_user,
+        args.admin_password.as_ref().map(|p| p.expose_secret()),
+    )
+    .await
+    .context("creating the first admin account")?;
+    let url = args.public_url.clone().unwrap_or_else(|| {
+        let host = if running.addr.ip().is_unspecified() {
+            "localhost".to_string()
+        } else {
+            running.addr.ip().to_string()
+        };
+        format!("http://{host}:{}", running.addr.port())
+    });
+    println!("Tern is running.");
+    println!("  Console and API:  {url}/   (OpenAPI: {url}/api/openapi.json)");
+    println!("  Agents join with: tern up --management-url {url} --setup-key <KEY>");
+    if let Some(f) = first {
+        println!("First start: these are shown only once; store them now.");
+        println!("  Admin user:       {}", f.admin_user);
+        match &f.generated_password {
+            Some(p) => println!("  Admin password:   {p}"),
+            None => println!("  Admin password:   (from TERN_ADMIN_PASSWORD)"),
+        }
+        println!(
+            "  Setup key:        {}   (reusable, no expiry; revoke it in the console)",
+            f.setup_key
+        );
+    }
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    running.stop(Duration::from_secs(5)).await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+/// `main` of both binaries: errors are printed with all their causes.
+pub fn main_with(with_signal: bool) -> std::process::ExitCode {
+    let args = Args::parse();
+    init_logging(&args.log);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(args, with_signal)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

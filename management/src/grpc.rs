@@ -1,0 +1,226 @@
+//! The agent-facing gRPC `ManagementService`: server key, sealed login/registration, and the
+//! network-map `Sync` stream (full map first, then a new map within the debounce window of any
+//! change that alters it; relay credentials re-issued at half their lifetime).
+
+use crate::state::AppState;
+use crate::store::{PeerMeta, StoreError};
+use prost::Message;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tern_proto::management as pb;
+use tern_proto::management::management_service_server::{
+    ManagementService, ManagementServiceServer,
+};
+use tern_proto::token::{bearer, issue_peer_token, verify_peer_token};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+use tracing::{debug, info, warn};
+
+pub struct AgentService {
+    state: Arc<AppState>,
+}
+
+pub fn service(state: Arc<AppState>) -> ManagementServiceServer<AgentService> {
+    ManagementServiceServer::new(AgentService { state })
+}
+
+pub fn now_unix() -> i64 {
+    crate::model::now_millis() / 1000
+}
+
+/// Maps store errors to gRPC statuses; internal details are logged, not sent.
+pub fn status_from(e: StoreError) -> Status {
+    match e {
+        StoreError::Denied(m) => Status::permission_denied(m),
+        StoreError::NotFound { .. } => Status::not_found(e.to_string()),
+        StoreError::Conflict(m) => Status::failed_precondition(m),
+        StoreError::Invalid { .. } => Status::invalid_argument(e.to_string()),
+        StoreError::Db(_) | StoreError::Migrate(_) => {
+            tracing::error!(error = ?e, "store failure");
+            Status::internal("management storage error; see server logs")
+        }
+    }
+}
+
+fn meta_from(m: Option<pb::PeerMeta>) -> PeerMeta {
+    let m = m.unwrap_or_default();
+    let clip = |s: String| s.chars().take(128).collect::<String>();
+    PeerMeta {
+        hostname: clip(m.hostname),
+        os: clip(m.os),
+        agent_version: clip(m.agent_version),
+    }
+}
+
+type SyncStream = Pin<Box<dyn Stream<Item = Result<pb::SyncResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ManagementService for AgentService {
+    async fn get_server_key(
+        &self,
+        _: Request<pb::ServerKeyRequest>,
+    ) -> Result<Response<pb::ServerKeyResponse>, Status> {
+        Ok(Response::new(pb::ServerKeyResponse {
+            public_key: self.state.server_key.public_key().0.to_vec(),
+            server_time_unix: now_unix(),
+        }))
+    }
+
+    async fn login(
+        &self,
+        req: Request<pb::SealedMessage>,
+    ) -> Result<Response<pb::SealedMessage>, Status> {
+        let sealed = req.into_inner();
+        let (agent_key, body) = tern_proto::open(&self.state.server_key, &sealed).map_err(|e| {
+            debug!(error = %e, "login could not be opened");
+            Status::unauthenticated(format!(
+                "{e}: is the agent using this server's current key?"
+            ))
+        })?;
+        let login = pb::LoginRequest::decode(body.as_slice())
+            .map_err(|_| Status::invalid_argument("login request body is not a LoginRequest"))?;
+        let skew = (now_unix() - login.timestamp_unix).abs();
+        if skew > tern_proto::LOGIN_MAX_SKEW_SECS {
+            return Err(Status::unauthenticated(format!(
+                "login timestamp is {skew} s away from the server clock (max {} s): check the agent's clock",
+                tern_proto::LOGIN_MAX_SKEW_SECS
+            )));
+        }
+        let setup_key = (!login.setup_key.is_empty()).then_some(login.setup_key.as_str());
+        let out = self
+            .state
+            .store
+            .login_peer(&agent_key.to_base64(), setup_key, &meta_from(login.meta))
+            .await
+            .map_err(|e| {
+                if let StoreError::Denied(m) = &e {
+                    info!(key = %agent_key, reason = %m, "login refused");
+                }
+                status_from(e)
+            })?;
+        if out.registered {
+            info!(peer = %out.peer.id, name = %out.peer.name, ip = %out.peer.overlay_ip, "peer registered");
+        } else {
+            debug!(peer = %out.peer.id, "peer logged in");
+        }
+        let (token, exp) = issue_peer_token(
+            &self.state.peer_token_secret,
+            &out.peer.id,
+            &agent_key,
+            now_unix(),
+            self.state.opts.peer_token_ttl.as_secs() as i64,
+        )
+        .map_err(|_| Status::internal("could not issue peer token"))?;
+        let settings = self.state.store.settings().await.map_err(status_from)?;
+        let resp = pb::LoginResponse {
+            peer_token: token,
+            token_expires_unix: exp,
+            peer_config: Some(crate::netmap::peer_config(&out.peer, &settings)),
+            peer_id: out.peer.id.clone(),
+        };
+        let sealed = tern_proto::seal(&self.state.server_key, &agent_key, &resp.encode_to_vec())
+            .map_err(|_| Status::internal("could not seal login response"))?;
+        Ok(Response::new(sealed))
+    }
+
+    type SyncStream = SyncStream;
+
+    async fn sync(&self, req: Request<pb::SyncRequest>) -> Result<Response<SyncStream>, Status> {
+        let token =
+            bearer(req.metadata()).ok_or_else(|| Status::unauthenticated("missing peer token"))?;
+        let id = verify_peer_token(&self.state.peer_token_secret, token)
+            .map_err(|e| Status::unauthenticated(e.to_string()))?;
+        let peer = self
+            .state
+            .store
+            .peer(&id.peer_id)
+            .await
+            .map_err(status_from)?;
+        if peer.wg_public_key != id.key.to_base64() {
+            return Err(Status::unauthenticated(
+                "peer token does not match the registered key",
+            ));
+        }
+        let (tx, rx) = mpsc::channel(4);
+        let state = self.state.clone();
+        if state.stream_opened(&peer.id) {
+            state
+                .store
+                .set_peer_connected(&peer.id, true)
+                .await
+                .map_err(status_from)?;
+            info!(peer = %peer.id, name = %peer.name, "peer connected");
+        }
+        tokio::spawn(async move {
+            let peer_id = peer.id.clone();
+            if let Err(e) = run_sync(&state, &peer_id, &tx).await {
+                debug!(peer = %peer_id, error = %e.message(), "sync stream ended with error");
+                let _ = tx.send(Err(e)).await;
+            }
+            if state.stream_closed(&peer_id) {
+                match state.store.set_peer_connected(&peer_id, false).await {
+                    Ok(()) => info!(peer = %peer_id, "peer disconnected"),
+                    Err(StoreError::NotFound { .. }) => {}
+                    Err(e) => {
+                        warn!(peer = %peer_id, error = ?e, "could not mark peer disconnected")
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Pushes maps until the client goes away or the peer is deleted.
+async fn run_sync(
+    state: &AppState,
+    peer_id: &str,
+    tx: &mpsc::Sender<Result<pb::SyncResponse, Status>>,
+) -> Result<(), Status> {
+    let mut changes = state.store.subscribe();
+    let ttl = state.opts.relay_credentials_ttl.as_secs().max(60) as i64;
+    let mut creds_expiry = now_unix() + ttl;
+    let mut last: Option<pb::NetworkMap> = None;
+    loop {
+        let idx = state.net_index().await.map_err(status_from)?;
+        let Some(map) = idx.map_for(peer_id, &state.opts.relay, creds_expiry) else {
+            return Err(Status::not_found(
+                "this peer was deleted by an administrator",
+            ));
+        };
+        let changed = last
+            .as_ref()
+            .is_none_or(|l| !crate::netmap::same_content(l, &map));
+        if changed {
+            debug!(peer = %peer_id, serial = map.serial, remote_peers = map.remote_peers.len(), "pushing network map");
+            if tx
+                .send(Ok(pb::SyncResponse {
+                    network_map: Some(map.clone()),
+                }))
+                .await
+                .is_err()
+            {
+                return Ok(());
+            }
+            last = Some(map);
+        }
+        let refresh_in = Duration::from_secs((creds_expiry - ttl / 2 - now_unix()).max(1) as u64);
+        tokio::select! {
+            _ = tx.closed() => return Ok(()),
+            r = changes.changed() => {
+                if r.is_err() {
+                    return Err(Status::unavailable("management is shutting down"));
+                }
+                // Debounce: a burst of changes produces one push.
+                tokio::time::sleep(state.opts.sync_debounce).await;
+                changes.borrow_and_update();
+            }
+            _ = tokio::time::sleep(refresh_in) => {
+                creds_expiry = now_unix() + ttl;
+            }
+        }
+    }
+}

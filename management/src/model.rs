@@ -1,0 +1,232 @@
+//! Domain types shared by the store, the network map and the REST API.
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+use utoipa::ToSchema;
+
+/// Unix milliseconds.
+pub type Millis = i64;
+
+pub fn now_millis() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A random id (128 bits, hex).
+pub fn new_id() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+pub const ALL_GROUP_ID: &str = "all";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Settings {
+    /// Overlay address range (CIDR), default 100.64.0.0/10.
+    #[schema(value_type = String, example = "100.64.0.0/10")]
+    pub overlay_range: IpNet,
+    /// Tunnel MTU, default 1280.
+    pub mtu: u32,
+    /// Peer login expiry in seconds (for peers with login expiration enabled); 0 = never.
+    pub peer_login_expiry_secs: i64,
+    /// Ephemeral peers are removed this long after they disconnect.
+    pub ephemeral_ttl_secs: i64,
+    /// Serial of the current network state; bumped by every change that can affect a map.
+    #[serde(default)]
+    pub network_serial: i64,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct User {
+    pub id: String,
+    pub username: String,
+    pub disabled: bool,
+    pub created_at: Millis,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct AccessToken {
+    pub id: String,
+    pub user_id: String,
+    pub name: String,
+    pub expires_at: Option<Millis>,
+    pub created_at: Millis,
+    pub last_used_at: Option<Millis>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct Group {
+    pub id: String,
+    pub name: String,
+    pub builtin: bool,
+    /// Number of peers in the group.
+    pub peers: i64,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct SetupKey {
+    pub id: String,
+    pub name: String,
+    /// First characters of the key, to recognise it; the key itself is shown only at creation.
+    pub key_prefix: String,
+    pub reusable: bool,
+    /// 0 = unlimited (reusable keys only).
+    pub usage_limit: i64,
+    pub used_count: i64,
+    pub expires_at: Option<Millis>,
+    pub ephemeral: bool,
+    pub revoked: bool,
+    pub auto_groups: Vec<String>,
+    pub created_at: Millis,
+    pub last_used_at: Option<Millis>,
+    /// Derived: "valid", "revoked", "expired" or "overused".
+    pub state: String,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Peer {
+    pub id: String,
+    pub name: String,
+    pub wg_public_key: String,
+    pub overlay_ip: String,
+    pub hostname: String,
+    pub os: String,
+    pub agent_version: String,
+    pub setup_key_id: Option<String>,
+    pub ephemeral: bool,
+    pub connected: bool,
+    pub login_expiration_enabled: bool,
+    pub last_seen: Millis,
+    pub last_login: Millis,
+    pub created_at: Millis,
+    pub groups: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Any,
+    Tcp,
+    Udp,
+    Icmp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Any => "any",
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Icmp => "icmp",
+        }
+    }
+}
+
+impl FromStr for Protocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "any" => Ok(Protocol::Any),
+            "tcp" => Ok(Protocol::Tcp),
+            "udp" => Ok(Protocol::Udp),
+            "icmp" => Ok(Protocol::Icmp),
+            other => Err(format!("unknown protocol {other:?} (any, tcp, udp, icmp)")),
+        }
+    }
+}
+
+/// An inclusive port range; a single port has start == end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PortRange {
+    pub start: u16,
+    pub end: u16,
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.start == self.end {
+            write!(f, "{}", self.start)
+        } else {
+            write!(f, "{}-{}", self.start, self.end)
+        }
+    }
+}
+
+impl FromStr for PortRange {
+    type Err = String;
+    /// "22" or "8000-8080"; ports 1..=65535, start <= end.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let parse = |p: &str| -> Result<u16, String> {
+            let v: u32 = p
+                .trim()
+                .parse()
+                .map_err(|_| format!("port {p:?} is not a number"))?;
+            if v == 0 || v > 65535 {
+                return Err(format!("port {v} is out of range 1-65535"));
+            }
+            Ok(v as u16)
+        };
+        let (start, end) = match s.split_once('-') {
+            Some((a, b)) => (parse(a)?, parse(b)?),
+            None => {
+                let p = parse(s)?;
+                (p, p)
+            }
+        };
+        if start > end {
+            return Err(format!("port range {s:?} starts after it ends"));
+        }
+        Ok(PortRange { start, end })
+    }
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Policy {
+    pub id: String,
+    pub name: String,
+    pub description: String,
+    pub enabled: bool,
+    pub protocol: Protocol,
+    /// Destination ports ("22", "8000-8080"); empty = all. Only for tcp/udp.
+    pub ports: Vec<String>,
+    pub bidirectional: bool,
+    pub sources: Vec<String>,
+    pub destinations: Vec<String>,
+    pub created_at: Millis,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Route {
+    pub id: String,
+    #[schema(value_type = String, example = "192.168.50.0/24")]
+    pub network: IpNet,
+    pub description: String,
+    /// Exactly one of routing_peer / routing_group is set.
+    pub routing_peer: Option<String>,
+    pub routing_group: Option<String>,
+    pub metric: i64,
+    pub masquerade: bool,
+    pub enabled: bool,
+    /// Distribution groups: peers in these groups receive the route.
+    pub groups: Vec<String>,
+    pub created_at: Millis,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct AuditEvent {
+    pub id: String,
+    pub created_at: Millis,
+    /// "user:<name>", "token:<name>", "peer:<id>" or "system".
+    pub actor: String,
+    pub action: String,
+    pub target_type: String,
+    pub target_id: String,
+    #[schema(value_type = Object)]
+    pub detail: serde_json::Value,
+}

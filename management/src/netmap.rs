@@ -1,0 +1,571 @@
+//! The network map: a pure function from a store snapshot to what one peer must know (its
+//! config, the peers a policy or route connects it with, the firewall rules it enforces, the
+//! routes it installs or serves, and relay endpoints with time-limited credentials).
+//! [`NetIndex`] is built once per snapshot so computing many maps is cheap.
+
+use crate::model::{Peer, PortRange, Protocol as ModelProtocol};
+use crate::store::Snapshot;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use tern_proto::management as pb;
+use tern_proto::PublicKey;
+
+/// Relay endpoints and the shared secret credentials are derived from.
+#[derive(Clone, Default)]
+pub struct RelaySettings {
+    /// e.g. `stun:relay.example.com:3478`
+    pub stun_urls: Vec<String>,
+    /// e.g. `turn:relay.example.com:3478?transport=udp`
+    pub turn_urls: Vec<String>,
+    /// e.g. `wss://relay.example.com/relay`
+    pub tcp_relay_urls: Vec<String>,
+    pub secret: Vec<u8>,
+}
+
+impl std::fmt::Debug for RelaySettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelaySettings")
+            .field("stun_urls", &self.stun_urls)
+            .field("turn_urls", &self.turn_urls)
+            .field("tcp_relay_urls", &self.tcp_relay_urls)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Lookup tables over one snapshot.
+pub struct NetIndex {
+    snap: Arc<Snapshot>,
+    by_id: HashMap<String, usize>,
+    members: HashMap<String, Vec<usize>>,
+    /// Parsed port ranges per policy id (invalid entries were refused on input; skipped here).
+    ports: HashMap<String, Vec<PortRange>>,
+}
+
+impl NetIndex {
+    pub fn new(snap: Arc<Snapshot>) -> Self {
+        let mut by_id = HashMap::with_capacity(snap.peers.len());
+        let mut members: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, p) in snap.peers.iter().enumerate() {
+            by_id.insert(p.id.clone(), i);
+            for g in &p.groups {
+                members.entry(g.clone()).or_default().push(i);
+            }
+        }
+        let ports = snap
+            .policies
+            .iter()
+            .map(|p| {
+                (
+                    p.id.clone(),
+                    p.ports.iter().filter_map(|s| s.parse().ok()).collect(),
+                )
+            })
+            .collect();
+        NetIndex {
+            snap,
+            by_id,
+            members,
+            ports,
+        }
+    }
+
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.snap
+    }
+
+    fn in_any(&self, peer: &Peer, groups: &[String]) -> bool {
+        peer.groups.iter().any(|g| groups.contains(g))
+    }
+
+    fn members_of<'s>(&'s self, groups: &'s [String]) -> impl Iterator<Item = usize> + 's {
+        groups
+            .iter()
+            .flat_map(|g| self.members.get(g.as_str()).into_iter().flatten().copied())
+    }
+
+    /// Routing peers of a route (by index).
+    fn routers(&self, r: &crate::model::Route) -> Vec<usize> {
+        match (&r.routing_peer, &r.routing_group) {
+            (Some(p), _) => self.by_id.get(p.as_str()).copied().into_iter().collect(),
+            (None, Some(g)) => self.members.get(g.as_str()).cloned().unwrap_or_default(),
+            (None, None) => vec![],
+        }
+    }
+
+    /// The map for `peer_id`, or None if the peer is not in the snapshot.
+    pub fn map_for(
+        &self,
+        peer_id: &str,
+        relay: &RelaySettings,
+        creds_expire_unix: i64,
+    ) -> Option<pb::NetworkMap> {
+        let me_idx = *self.by_id.get(peer_id)?;
+        let me = &self.snap.peers[me_idx];
+        let settings = &self.snap.settings;
+        let mut visible: BTreeSet<usize> = BTreeSet::new();
+        let mut rules: BTreeSet<RuleKey> = BTreeSet::new();
+
+        for pol in self.snap.policies.iter().filter(|p| p.enabled) {
+            let ports = self.ports.get(pol.id.as_str()).cloned().unwrap_or_default();
+            let in_src = self.in_any(me, &pol.sources);
+            let in_dst = self.in_any(me, &pol.destinations);
+            let mut add = |others: &[String], dir: pb::Direction, rules: &mut BTreeSet<RuleKey>| {
+                for q in self.members_of(others) {
+                    if q == me_idx {
+                        continue;
+                    }
+                    visible.insert(q);
+                    rules.insert(RuleKey {
+                        cidr: host_cidr(&self.snap.peers[q].overlay_ip),
+                        direction: dir as i32,
+                        protocol: proto(pol.protocol) as i32,
+                        ports: ports.clone(),
+                        policy_id: pol.id.clone(),
+                        network: String::new(),
+                    });
+                }
+            };
+            if in_dst {
+                add(&pol.sources, pb::Direction::In, &mut rules);
+            }
+            if in_src {
+                add(&pol.destinations, pb::Direction::Out, &mut rules);
+            }
+            if pol.bidirectional {
+                if in_src {
+                    add(&pol.destinations, pb::Direction::In, &mut rules);
+                }
+                if in_dst {
+                    add(&pol.sources, pb::Direction::Out, &mut rules);
+                }
+            }
+        }
+
+        let mut routes = vec![];
+        let mut served = vec![];
+        for r in self.snap.routes.iter().filter(|r| r.enabled) {
+            let routers = self.routers(r);
+            let route_msg = |ri: usize| {
+                let rp = &self.snap.peers[ri];
+                pb::Route {
+                    id: r.id.clone(),
+                    network: r.network.to_string(),
+                    routing_peer_key: key_bytes(&rp.wg_public_key),
+                    routing_peer_id: rp.id.clone(),
+                    metric: r.metric,
+                    masquerade: r.masquerade,
+                    description: r.description.clone(),
+                }
+            };
+            if routers.contains(&me_idx) {
+                served.push(route_msg(me_idx));
+                // Clients of the route must be able to reach us, and we accept their routed traffic.
+                for q in self.members_of(&r.groups) {
+                    if routers.contains(&q) {
+                        continue;
+                    }
+                    visible.insert(q);
+                    rules.insert(RuleKey {
+                        cidr: host_cidr(&self.snap.peers[q].overlay_ip),
+                        direction: pb::Direction::In as i32,
+                        protocol: pb::Protocol::Any as i32,
+                        ports: vec![],
+                        policy_id: format!("route:{}", r.id),
+                        network: r.network.to_string(),
+                    });
+                }
+            } else if self.in_any(me, &r.groups) {
+                for ri in routers {
+                    visible.insert(ri);
+                    routes.push(route_msg(ri));
+                }
+            }
+        }
+        routes.sort_by(|a, b| {
+            (&a.network, a.metric, &a.routing_peer_id).cmp(&(
+                &b.network,
+                b.metric,
+                &b.routing_peer_id,
+            ))
+        });
+        served.sort_by(|a, b| a.network.cmp(&b.network));
+
+        let peer_config = Some(peer_config(me, settings));
+        let remote_peers = visible
+            .into_iter()
+            .map(|i| {
+                let p = &self.snap.peers[i];
+                pb::RemotePeer {
+                    id: p.id.clone(),
+                    name: p.name.clone(),
+                    wg_public_key: key_bytes(&p.wg_public_key),
+                    allowed_ips: vec![host_cidr(&p.overlay_ip)],
+                    overlay_ip: p.overlay_ip.clone(),
+                    connected: p.connected,
+                }
+            })
+            .collect();
+        let firewall_rules = rules
+            .into_iter()
+            .map(|k| pb::FirewallRule {
+                peer_cidr: k.cidr,
+                direction: k.direction,
+                protocol: k.protocol,
+                ports: k
+                    .ports
+                    .iter()
+                    .map(|p| pb::PortRange {
+                        start: p.start as u32,
+                        end: p.end as u32,
+                    })
+                    .collect(),
+                policy_id: k.policy_id,
+                network: k.network,
+            })
+            .collect();
+        Some(pb::NetworkMap {
+            serial: settings.network_serial.max(0) as u64,
+            peer_config,
+            remote_peers,
+            firewall_rules,
+            routes,
+            served_routes: served,
+            relay: Some(relay_config(&me.id, relay, creds_expire_unix)),
+        })
+    }
+}
+
+pub fn peer_config(me: &Peer, settings: &crate::model::Settings) -> pb::PeerConfig {
+    pb::PeerConfig {
+        address: format!("{}/{}", me.overlay_ip, settings.overlay_range.prefix_len()),
+        mtu: settings.mtu,
+        name: me.name.clone(),
+        overlay_range: settings.overlay_range.to_string(),
+    }
+}
+
+/// Relay section with fresh credentials for `peer_id` expiring at `expire_unix`.
+pub fn relay_config(peer_id: &str, relay: &RelaySettings, expire_unix: i64) -> pb::RelayConfig {
+    let creds = tern_proto::relay_auth::issue(&relay.secret, peer_id, expire_unix);
+    pb::RelayConfig {
+        stun: relay
+            .stun_urls
+            .iter()
+            .map(|u| pb::StunServer { url: u.clone() })
+            .collect(),
+        turn: relay
+            .turn_urls
+            .iter()
+            .map(|u| pb::TurnServer {
+                url: u.clone(),
+                username: creds.username.clone(),
+                password: creds.password.clone(),
+            })
+            .collect(),
+        tcp_relay: relay
+            .tcp_relay_urls
+            .iter()
+            .map(|u| pb::TcpRelay {
+                url: u.clone(),
+                token: format!("{}:{}", creds.username, creds.password),
+            })
+            .collect(),
+        credentials_expire_unix: expire_unix,
+    }
+}
+
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct RuleKey {
+    cidr: String,
+    direction: i32,
+    protocol: i32,
+    ports: Vec<PortRange>,
+    policy_id: String,
+    network: String,
+}
+
+fn proto(p: ModelProtocol) -> pb::Protocol {
+    match p {
+        ModelProtocol::Any => pb::Protocol::Any,
+        ModelProtocol::Tcp => pb::Protocol::Tcp,
+        ModelProtocol::Udp => pb::Protocol::Udp,
+        ModelProtocol::Icmp => pb::Protocol::Icmp,
+    }
+}
+
+fn host_cidr(ip: &str) -> String {
+    if ip.contains(':') {
+        format!("{ip}/128")
+    } else {
+        format!("{ip}/32")
+    }
+}
+
+fn key_bytes(b64: &str) -> Vec<u8> {
+    b64.parse::<PublicKey>()
+        .map(|k| k.0.to_vec())
+        .unwrap_or_default()
+}
+
+/// Compares two maps ignoring the serial (used to skip pushes that would change nothing).
+pub fn same_content(a: &pb::NetworkMap, b: &pb::NetworkMap) -> bool {
+    let strip = |m: &pb::NetworkMap| pb::NetworkMap {
+        serial: 0,
+        ..m.clone()
+    };
+    strip(a) == strip(b)
+}
+
+/// Counts per remote peer, for diagnostics and benchmarks.
+pub fn summary(m: &pb::NetworkMap) -> BTreeMap<&'static str, usize> {
+    BTreeMap::from([
+        ("remote_peers", m.remote_peers.len()),
+        ("firewall_rules", m.firewall_rules.len()),
+        ("routes", m.routes.len()),
+        ("served_routes", m.served_routes.len()),
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::*;
+
+    fn peer(id: &str, ip: &str, groups: &[&str]) -> Peer {
+        Peer {
+            id: id.into(),
+            name: id.into(),
+            wg_public_key: tern_proto::SecretKey::generate().public_key().to_base64(),
+            overlay_ip: ip.into(),
+            hostname: id.into(),
+            os: "linux".into(),
+            agent_version: "t".into(),
+            setup_key_id: None,
+            ephemeral: false,
+            connected: true,
+            login_expiration_enabled: false,
+            last_seen: 0,
+            last_login: 0,
+            created_at: 0,
+            groups: std::iter::once("all")
+                .chain(groups.iter().copied())
+                .map(String::from)
+                .collect(),
+        }
+    }
+
+    fn policy(
+        id: &str,
+        src: &[&str],
+        dst: &[&str],
+        proto: Protocol,
+        ports: &[&str],
+        bidi: bool,
+    ) -> Policy {
+        Policy {
+            id: id.into(),
+            name: id.into(),
+            description: String::new(),
+            enabled: true,
+            protocol: proto,
+            ports: ports.iter().map(|s| s.to_string()).collect(),
+            bidirectional: bidi,
+            sources: src.iter().map(|s| s.to_string()).collect(),
+            destinations: dst.iter().map(|s| s.to_string()).collect(),
+            created_at: 0,
+        }
+    }
+
+    fn snap(peers: Vec<Peer>, policies: Vec<Policy>, routes: Vec<Route>) -> Snapshot {
+        Snapshot {
+            settings: Settings {
+                overlay_range: "100.64.0.0/10".parse().expect("cidr"),
+                mtu: 1280,
+                peer_login_expiry_secs: 0,
+                ephemeral_ttl_secs: 600,
+                network_serial: 7,
+            },
+            peers,
+            policies,
+            routes,
+        }
+    }
+
+    fn relay() -> RelaySettings {
+        RelaySettings {
+            stun_urls: vec!["stun:r:3478".into()],
+            turn_urls: vec!["turn:r:3478".into()],
+            tcp_relay_urls: vec!["wss://r/relay".into()],
+            secret: b"s".to_vec(),
+        }
+    }
+
+    fn names(m: &pb::NetworkMap) -> Vec<&str> {
+        m.remote_peers.iter().map(|p| p.name.as_str()).collect()
+    }
+
+    #[test]
+    fn all_to_all_policy_connects_everyone_with_inbound_rules() {
+        let s = snap(
+            vec![
+                peer("a", "100.64.0.1", &[]),
+                peer("b", "100.64.0.2", &[]),
+                peer("c", "100.64.0.3", &[]),
+            ],
+            vec![policy("p", &["all"], &["all"], Protocol::Any, &[], true)],
+            vec![],
+        );
+        let idx = NetIndex::new(Arc::new(s));
+        let m = idx.map_for("a", &relay(), 100).expect("map");
+        assert_eq!(m.serial, 7);
+        assert_eq!(names(&m), ["b", "c"]);
+        let cfg = m.peer_config.expect("cfg");
+        assert_eq!(cfg.address, "100.64.0.1/10");
+        assert_eq!(cfg.mtu, 1280);
+        let inbound: Vec<_> = m
+            .firewall_rules
+            .iter()
+            .filter(|r| r.direction == pb::Direction::In as i32)
+            .map(|r| r.peer_cidr.as_str())
+            .collect();
+        assert_eq!(inbound, ["100.64.0.2/32", "100.64.0.3/32"]);
+        assert_eq!(m.remote_peers[0].allowed_ips, ["100.64.0.2/32"]);
+    }
+
+    #[test]
+    fn no_policy_means_no_visibility_and_disabled_policies_do_nothing() {
+        let mut p = policy("p", &["all"], &["all"], Protocol::Any, &[], true);
+        p.enabled = false;
+        let s = snap(
+            vec![peer("a", "100.64.0.1", &[]), peer("b", "100.64.0.2", &[])],
+            vec![p],
+            vec![],
+        );
+        let m = NetIndex::new(Arc::new(s))
+            .map_for("a", &relay(), 100)
+            .expect("map");
+        assert!(m.remote_peers.is_empty());
+        assert!(m.firewall_rules.is_empty());
+    }
+
+    #[test]
+    fn one_way_tcp_policy_opens_only_the_destination_port_inbound() {
+        let s = snap(
+            vec![
+                peer("laptop", "100.64.0.1", &["staff"]),
+                peer("srv", "100.64.0.2", &["servers"]),
+                peer("guest", "100.64.0.3", &[]),
+            ],
+            vec![policy(
+                "ssh",
+                &["staff"],
+                &["servers"],
+                Protocol::Tcp,
+                &["22", "8000-8080"],
+                false,
+            )],
+            vec![],
+        );
+        let idx = NetIndex::new(Arc::new(s));
+        let srv = idx.map_for("srv", &relay(), 100).expect("map");
+        assert_eq!(names(&srv), ["laptop"]);
+        assert_eq!(srv.firewall_rules.len(), 1);
+        let r = &srv.firewall_rules[0];
+        assert_eq!(r.direction, pb::Direction::In as i32);
+        assert_eq!(r.protocol, pb::Protocol::Tcp as i32);
+        assert_eq!(r.peer_cidr, "100.64.0.1/32");
+        assert_eq!(
+            r.ports,
+            [
+                pb::PortRange { start: 22, end: 22 },
+                pb::PortRange {
+                    start: 8000,
+                    end: 8080
+                }
+            ]
+        );
+        let laptop = idx.map_for("laptop", &relay(), 100).expect("map");
+        assert_eq!(names(&laptop), ["srv"]);
+        assert!(
+            laptop
+                .firewall_rules
+                .iter()
+                .all(|r| r.direction == pb::Direction::Out as i32),
+            "laptop accepts no new inbound flow"
+        );
+        let guest = idx.map_for("guest", &relay(), 100).expect("map");
+        assert!(guest.remote_peers.is_empty(), "guest sees nobody");
+    }
+
+    #[test]
+    fn routes_reach_distribution_groups_and_routers_see_their_clients() {
+        let route = Route {
+            id: "r1".into(),
+            network: "192.168.50.0/24".parse().expect("cidr"),
+            description: "factory".into(),
+            routing_peer: None,
+            routing_group: Some("routers".into()),
+            metric: 10,
+            masquerade: true,
+            enabled: true,
+            groups: vec!["staff".into()],
+            created_at: 0,
+        };
+        let s = snap(
+            vec![
+                peer("gw1", "100.64.0.1", &["routers"]),
+                peer("gw2", "100.64.0.2", &["routers"]),
+                peer("laptop", "100.64.0.3", &["staff"]),
+                peer("other", "100.64.0.4", &[]),
+            ],
+            vec![],
+            vec![route],
+        );
+        let idx = NetIndex::new(Arc::new(s));
+        let laptop = idx.map_for("laptop", &relay(), 100).expect("map");
+        assert_eq!(names(&laptop), ["gw1", "gw2"]);
+        assert_eq!(laptop.routes.len(), 2, "one entry per HA routing peer");
+        assert!(laptop
+            .routes
+            .iter()
+            .all(|r| r.network == "192.168.50.0/24" && r.masquerade));
+        let gw1 = idx.map_for("gw1", &relay(), 100).expect("map");
+        assert_eq!(gw1.served_routes.len(), 1);
+        assert_eq!(names(&gw1), ["laptop"]);
+        assert_eq!(gw1.firewall_rules[0].network, "192.168.50.0/24");
+        let other = idx.map_for("other", &relay(), 100).expect("map");
+        assert!(other.routes.is_empty() && other.remote_peers.is_empty());
+    }
+
+    #[test]
+    fn relay_credentials_are_coturn_style_and_verify() {
+        let s = snap(vec![peer("a", "100.64.0.1", &[])], vec![], vec![]);
+        let m = NetIndex::new(Arc::new(s))
+            .map_for("a", &relay(), 5_000)
+            .expect("map");
+        let r = m.relay.expect("relay");
+        assert_eq!(r.credentials_expire_unix, 5_000);
+        let t = &r.turn[0];
+        assert_eq!(t.username, "5000:a");
+        assert_eq!(
+            tern_proto::relay_auth::verify(b"s", &t.username, &t.password, 4_000),
+            Ok("a")
+        );
+        assert!(r.tcp_relay[0].token.starts_with("5000:a:"));
+        assert_eq!(r.stun[0].url, "stun:r:3478");
+    }
+
+    #[test]
+    fn unknown_peer_has_no_map_and_same_content_ignores_serial() {
+        let s = snap(vec![peer("a", "100.64.0.1", &[])], vec![], vec![]);
+        let idx = NetIndex::new(Arc::new(s));
+        assert!(idx.map_for("zzz", &relay(), 1).is_none());
+        let m1 = idx.map_for("a", &relay(), 1).expect("map");
+        let mut m2 = m1.clone();
+        m2.serial += 1;
+        assert!(same_content(&m1, &m2));
+        m2.remote_peers.push(pb::RemotePeer::default());
+        assert!(!same_content(&m1, &m2));
+    }
+}

@@ -1,0 +1,524 @@
+//! Peers: registration with setup keys, key-proof logins, overlay IP allocation, connection state,
+//! ephemeral clean-up, and the whole-network snapshot the network map is computed from.
+
+use super::entities::Links;
+use super::entities::{read_settings, setup_key_from, setup_key_state};
+use super::{check_groups, col, set_links, Result, Store, StoreError};
+use crate::model::*;
+use ipnet::IpNet;
+use serde_json::json;
+use sqlx::any::AnyRow;
+use std::collections::{BTreeMap, HashSet};
+use std::net::IpAddr;
+
+/// What an agent reports about itself at login.
+#[derive(Debug, Clone, Default)]
+pub struct PeerMeta {
+    pub hostname: String,
+    pub os: String,
+    pub agent_version: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct LoginOutcome {
+    pub peer: Peer,
+    pub registered: bool,
+}
+
+/// Everything the network map depends on, read in one go.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub settings: Settings,
+    pub peers: Vec<Peer>,
+    pub policies: Vec<Policy>,
+    pub routes: Vec<Route>,
+}
+
+fn peer_from(r: &AnyRow, groups: Vec<String>) -> Result<Peer> {
+    Ok(Peer {
+        id: col(r, "id")?,
+        name: col(r, "name")?,
+        wg_public_key: col(r, "wg_public_key")?,
+        overlay_ip: col(r, "overlay_ip")?,
+        hostname: col(r, "hostname")?,
+        os: col(r, "os")?,
+        agent_version: col(r, "agent_version")?,
+        setup_key_id: col(r, "setup_key_id")?,
+        ephemeral: col(r, "ephemeral")?,
+        connected: col(r, "connected")?,
+        login_expiration_enabled: col(r, "login_expiration_enabled")?,
+        last_seen: col(r, "last_seen")?,
+        last_login: col(r, "last_login")?,
+        created_at: col(r, "created_at")?,
+        groups,
+    })
+}
+
+async fn read_peer_where(
+    conn: &mut sqlx::AnyConnection,
+    column: &str,
+    value: &str,
+) -> Result<Option<Peer>> {
+    let sql = if column == "wg_public_key" {
+        "SELECT * FROM peers WHERE wg_public_key = $1"
+    } else {
+        "SELECT * FROM peers WHERE id = $1"
+    };
+    let Some(r) = sqlx::query(sql)
+        .bind(value)
+        .fetch_optional(&mut *conn)
+        .await?
+    else {
+        return Ok(None);
+    };
+    let id: String = col(&r, "id")?;
+    let groups = super::linked_groups(
+        conn,
+        "SELECT group_id FROM peer_groups WHERE peer_id = $1 ORDER BY group_id",
+        &id,
+    )
+    .await?;
+    Ok(Some(peer_from(&r, groups)?))
+}
+
+/// The first free host address of `range` (skipping the network and broadcast addresses).
+pub fn allocate_ip(range: &IpNet, used: &HashSet<IpAddr>) -> Option<IpAddr> {
+    // Bounded: the scan stops after `used.len() + 2` candidates, since at most that many can be taken.
+    range
+        .hosts()
+        .take(used.len() + 2)
+        .find(|ip| !used.contains(ip))
+}
+
+/// A DNS-label-like peer name from a hostname, made unique with a numeric suffix.
+fn unique_name(hostname: &str, taken: &HashSet<String>) -> String {
+    let mut base: String = hostname
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .take(48)
+        .collect();
+    base = base.trim_matches('-').to_string();
+    if base.is_empty() {
+        base = "peer".into();
+    }
+    if !taken.contains(&base) {
+        return base;
+    }
+    (2..)
+        .map(|n| format!("{base}-{n}"))
+        .find(|n| !taken.contains(n))
+        .unwrap_or(base)
+}
+
+pub fn hash_secret(s: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(s.as_bytes()))
+}
+
+impl Store {
+    /// Logs a peer in by its (already proven) key, registering it with `setup_key` if it is new.
+    pub async fn login_peer(
+        &self,
+        wg_key: &str,
+        setup_key: Option<&str>,
+        meta: &PeerMeta,
+    ) -> Result<LoginOutcome> {
+        let now = now_millis();
+        // Fast path without the write lock' s serial bump: an existing peer only updates its row.
+        let mut conn = self.pool.acquire().await?;
+        if let Some(peer) = read_peer_where(&mut conn, "wg_public_key", wg_key).await? {
+            let settings = read_settings(&mut conn).await?;
+            let expired = peer.login_expiration_enabled
+                && settings.peer_login_expiry_secs > 0
+                && peer.last_login + settings.peer_login_expiry_secs * 1000 < now;
+            if expired && setup_key.is_none() {
+                return Err(StoreError::Denied(
+                    "peer login expired: log in again with a setup key".into(),
+                ));
+            }
+            sqlx::query("UPDATE peers SET hostname = $1, os = $2, agent_version = $3, last_login = $4 WHERE id = $5")
+                .bind(&meta.hostname)
+                .bind(&meta.os)
+                .bind(&meta.agent_version)
+                .bind(now)
+                .bind(&peer.id)
+                .execute(&mut *conn)
+                .await?;
+            let peer = read_peer_where(&mut conn, "id", &peer.id)
+                .await?
+                .ok_or_else(|| StoreError::not_found("peer", &peer.id))?;
+            return Ok(LoginOutcome {
+                peer,
+                registered: false,
+            });
+        }
+        drop(conn);
+        let Some(setup_key) = setup_key else {
+            return Err(StoreError::Denied(
+                "peer is not registered: a setup key is required to join".into(),
+            ));
+        };
+        let key_hash = hash_secret(setup_key);
+        let mut c = self.begin_change("system").await?;
+        let Some(kr) = sqlx::query("SELECT * FROM setup_keys WHERE key_hash = $1")
+            .bind(&key_hash)
+            .fetch_optional(c.conn())
+            .await?
+        else {
+            return Err(StoreError::Denied("invalid setup key".into()));
+        };
+        let key = setup_key_from(c.conn(), &kr).await?;
+        match setup_key_state(&key, now) {
+            "valid" => {}
+            "revoked" => {
+                return Err(StoreError::Denied(format!(
+                    "setup key {:?} has been revoked",
+                    key.name
+                )))
+            }
+            "expired" => {
+                return Err(StoreError::Denied(format!(
+                    "setup key {:?} has expired",
+                    key.name
+                )))
+            }
+            _ if !key.reusable => {
+                return Err(StoreError::Denied(format!(
+                    "setup key {:?} is one-off and has already been used",
+                    key.name
+                )))
+            }
+            _ => {
+                return Err(StoreError::Denied(format!(
+                    "setup key {:?} reached its usage limit of {}",
+                    key.name, key.usage_limit
+                )))
+            }
+        }
+        let settings = read_settings(c.conn()).await?;
+        let rows = sqlx::query("SELECT name, overlay_ip FROM peers")
+            .fetch_all(c.conn())
+            .await?;
+        let mut used = HashSet::with_capacity(rows.len());
+        let mut names = HashSet::with_capacity(rows.len());
+        for r in &rows {
+            if let Ok(ip) = col::<String>(r, "overlay_ip")?.parse::<IpAddr>() {
+                used.insert(ip);
+            }
+            names.insert(col::<String>(r, "name")?);
+        }
+        let ip = allocate_ip(&settings.overlay_range, &used).ok_or_else(|| {
+            StoreError::Conflict(format!(
+                "overlay range {} has no free address",
+                settings.overlay_range
+            ))
+        })?;
+        let id = new_id();
+        let name = unique_name(&meta.hostname, &names);
+        sqlx::query(
+            "INSERT INTO peers (id, name, wg_public_key, overlay_ip, hostname, os, agent_version, setup_key_id, \
+             ephemeral, connected, login_expiration_enabled, last_seen, last_login, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+        )
+        .bind(&id)
+        .bind(&name)
+        .bind(wg_key)
+        .bind(ip.to_string())
+        .bind(&meta.hostname)
+        .bind(&meta.os)
+        .bind(&meta.agent_version)
+        .bind(&key.id)
+        .bind(key.ephemeral as i64)
+        .bind(0i64)
+        .bind(0i64)
+        .bind(now)
+        .bind(now)
+        .bind(now)
+        .execute(c.conn())
+        .await
+        .map_err(|e| StoreError::from(e).unique_as(|| "this WireGuard key is already registered".into()))?;
+        let mut groups = vec![ALL_GROUP_ID.to_string()];
+        groups.extend(key.auto_groups.iter().cloned());
+        set_links(c.conn(), Links::Peer, &id, &groups).await?;
+        sqlx::query(
+            "UPDATE setup_keys SET used_count = used_count + 1, last_used_at = $1 WHERE id = $2",
+        )
+        .bind(now)
+        .bind(&key.id)
+        .execute(c.conn())
+        .await?;
+        c.actor = format!("setup_key:{}", key.name);
+        c.audit(
+            "peer.register",
+            "peer",
+            &id,
+            json!({ "name": name, "overlay_ip": ip.to_string(), "hostname": meta.hostname, "setup_key": key.name }),
+        )
+        .await?;
+        let peer = read_peer_where(c.conn(), "id", &id)
+            .await?
+            .ok_or_else(|| StoreError::not_found("peer", &id))?;
+        c.commit(self).await?;
+        Ok(LoginOutcome {
+            peer,
+            registered: true,
+        })
+    }
+
+    pub async fn peer(&self, id: &str) -> Result<Peer> {
+        let mut conn = self.pool.acquire().await?;
+        read_peer_where(&mut conn, "id", id)
+            .await?
+            .ok_or_else(|| StoreError::not_found("peer", id))
+    }
+
+    pub async fn peers(&self) -> Result<Vec<Peer>> {
+        let mut conn = self.pool.acquire().await?;
+        load_peers(&mut conn).await
+    }
+
+    pub async fn update_peer(
+        &self,
+        actor: &str,
+        id: &str,
+        name: Option<&str>,
+        groups: Option<&[String]>,
+        login_expiration_enabled: Option<bool>,
+    ) -> Result<Peer> {
+        let mut c = self.begin_change(actor).await?;
+        read_peer_where(c.conn(), "id", id)
+            .await?
+            .ok_or_else(|| StoreError::not_found("peer", id))?;
+        if let Some(n) = name {
+            sqlx::query("UPDATE peers SET name = $1 WHERE id = $2")
+                .bind(n)
+                .bind(id)
+                .execute(c.conn())
+                .await
+                .map_err(|e| {
+                    StoreError::from(e).unique_as(|| format!("a peer named {n:?} already exists"))
+                })?;
+        }
+        if let Some(g) = groups {
+            check_groups(c.conn(), "groups", g).await?;
+            // Every peer stays in "All".
+            let mut all = vec![ALL_GROUP_ID.to_string()];
+            all.extend(g.iter().filter(|x| x.as_str() != ALL_GROUP_ID).cloned());
+            set_links(c.conn(), Links::Peer, id, &all).await?;
+        }
+        if let Some(l) = login_expiration_enabled {
+            sqlx::query("UPDATE peers SET login_expiration_enabled = $1 WHERE id = $2")
+                .bind(l as i64)
+                .bind(id)
+                .execute(c.conn())
+                .await?;
+        }
+        c.audit("peer.update", "peer", id, json!({ "name": name, "groups": groups, "login_expiration_enabled": login_expiration_enabled })).await?;
+        let p = read_peer_where(c.conn(), "id", id)
+            .await?
+            .ok_or_else(|| StoreError::not_found("peer", id))?;
+        c.commit(self).await?;
+        Ok(p)
+    }
+
+    pub async fn delete_peer(&self, actor: &str, id: &str) -> Result<()> {
+        let mut c = self.begin_change(actor).await?;
+        let p = read_peer_where(c.conn(), "id", id)
+            .await?
+            .ok_or_else(|| StoreError::not_found("peer", id))?;
+        sqlx::query("DELETE FROM peers WHERE id = $1")
+            .bind(id)
+            .execute(c.conn())
+            .await?;
+        c.audit(
+            "peer.delete",
+            "peer",
+            id,
+            json!({ "name": p.name, "overlay_ip": p.overlay_ip }),
+        )
+        .await?;
+        c.commit(self).await
+    }
+
+    /// Marks a peer connected (sync stream open) or disconnected (stream ended), updating last seen.
+    pub async fn set_peer_connected(&self, id: &str, connected: bool) -> Result<()> {
+        let mut c = self.begin_change(&format!("peer:{id}")).await?;
+        let n = sqlx::query("UPDATE peers SET connected = $1, last_seen = $2 WHERE id = $3")
+            .bind(connected as i64)
+            .bind(now_millis())
+            .bind(id)
+            .execute(c.conn())
+            .await?
+            .rows_affected();
+        if n == 0 {
+            return Err(StoreError::not_found("peer", id));
+        }
+        c.commit(self).await
+    }
+
+    /// At start-up no stream is open, whatever the database says after a crash.
+    pub async fn mark_all_disconnected(&self) -> Result<()> {
+        let mut c = self.begin_change("system").await?;
+        sqlx::query("UPDATE peers SET connected = $1 WHERE connected = $2")
+            .bind(0i64)
+            .bind(1i64)
+            .execute(c.conn())
+            .await?;
+        c.commit(self).await
+    }
+
+    /// Removes ephemeral peers disconnected for longer than the configured TTL; returns how many.
+    pub async fn remove_stale_ephemeral(&self, now: Millis) -> Result<u64> {
+        let settings = self.settings().await?;
+        let cutoff = now - settings.ephemeral_ttl_secs * 1000;
+        let stale = sqlx::query(
+            "SELECT id, name FROM peers WHERE ephemeral = $1 AND connected = $2 AND last_seen < $3",
+        )
+        .bind(1i64)
+        .bind(0i64)
+        .bind(cutoff)
+        .fetch_all(&self.pool)
+        .await?;
+        if stale.is_empty() {
+            return Ok(0);
+        }
+        let mut c = self.begin_change("system").await?;
+        let mut n = 0;
+        for r in &stale {
+            let id: String = col(r, "id")?;
+            let name: String = col(r, "name")?;
+            n += sqlx::query("DELETE FROM peers WHERE id = $1 AND connected = $2")
+                .bind(&id)
+                .bind(0i64)
+                .execute(c.conn())
+                .await?
+                .rows_affected();
+            c.audit(
+                "peer.ephemeral_remove",
+                "peer",
+                &id,
+                json!({ "name": name }),
+            )
+            .await?;
+        }
+        c.commit(self).await?;
+        Ok(n)
+    }
+
+    /// A consistent snapshot of everything the network maps depend on (bulk reads, no N+1).
+    pub async fn snapshot(&self) -> Result<Snapshot> {
+        let mut tx = self.pool.begin().await?;
+        let settings = read_settings(&mut tx).await?;
+        let peers = load_peers(&mut tx).await?;
+        let links = sqlx::query("SELECT policy_id, group_id, side FROM policy_groups")
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut pl: BTreeMap<String, (Vec<String>, Vec<String>)> = BTreeMap::new();
+        for r in &links {
+            let e = pl.entry(col(r, "policy_id")?).or_default();
+            let side: String = col(r, "side")?;
+            if side == "src" {
+                e.0.push(col(r, "group_id")?)
+            } else {
+                e.1.push(col(r, "group_id")?)
+            }
+        }
+        let mut policies = vec![];
+        for r in sqlx::query("SELECT * FROM policies ORDER BY id")
+            .fetch_all(&mut *tx)
+            .await?
+        {
+            let id: String = col(&r, "id")?;
+            let (sources, destinations) = pl.remove(&id).unwrap_or_default();
+            let proto: String = col(&r, "protocol")?;
+            let ports: String = col(&r, "ports")?;
+            policies.push(Policy {
+                id,
+                name: col(&r, "name")?,
+                description: col(&r, "description")?,
+                enabled: col(&r, "enabled")?,
+                protocol: proto
+                    .parse()
+                    .map_err(|e: String| StoreError::invalid("protocol", e))?,
+                ports: ports
+                    .split(',')
+                    .filter(|p| !p.is_empty())
+                    .map(str::to_string)
+                    .collect(),
+                bidirectional: col(&r, "bidirectional")?,
+                sources,
+                destinations,
+                created_at: col(&r, "created_at")?,
+            });
+        }
+        let mut routes = vec![];
+        for r in sqlx::query("SELECT * FROM routes ORDER BY id")
+            .fetch_all(&mut *tx)
+            .await?
+        {
+            routes.push(super::entities::route_from(&mut tx, &r).await?);
+        }
+        tx.commit().await?;
+        Ok(Snapshot {
+            settings,
+            peers,
+            policies,
+            routes,
+        })
+    }
+}
+
+async fn load_peers(conn: &mut sqlx::AnyConnection) -> Result<Vec<Peer>> {
+    let links = sqlx::query("SELECT peer_id, group_id FROM peer_groups ORDER BY group_id")
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut groups: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for r in &links {
+        groups
+            .entry(col(r, "peer_id")?)
+            .or_default()
+            .push(col(r, "group_id")?);
+    }
+    let rows = sqlx::query("SELECT * FROM peers ORDER BY name")
+        .fetch_all(&mut *conn)
+        .await?;
+    rows.iter()
+        .map(|r| {
+            let id: String = col(r, "id")?;
+            peer_from(r, groups.remove(&id).unwrap_or_default())
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocation_takes_first_free_host() {
+        let range: IpNet = "100.64.0.0/30".parse().expect("cidr");
+        let mut used = HashSet::new();
+        let a = allocate_ip(&range, &used).expect("first");
+        assert_eq!(a.to_string(), "100.64.0.1");
+        used.insert(a);
+        let b = allocate_ip(&range, &used).expect("second");
+        assert_eq!(b.to_string(), "100.64.0.2");
+        used.insert(b);
+        assert_eq!(allocate_ip(&range, &used), None, "/30 has two hosts");
+    }
+
+    #[test]
+    fn names_are_sanitised_and_unique() {
+        let mut taken = HashSet::new();
+        assert_eq!(unique_name("Laptop.Corp", &taken), "laptop-corp");
+        taken.insert("laptop-corp".to_string());
+        assert_eq!(unique_name("laptop.corp", &taken), "laptop-corp-2");
+        assert_eq!(unique_name("***", &taken), "peer");
+    }
+}

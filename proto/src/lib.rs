@@ -1,0 +1,30 @@
+//! Tern's wire protocols and the small pieces of cryptography every component shares: the
+//! management and signal gRPC APIs (generated from `proto/*.proto` by protox + tonic-prost-build,
+//! no `protoc` needed), WireGuard/X25519 key newtypes, the crypto_box "sealed message" used for
+//! key proofs and end-to-end payloads, and coturn-compatible time-limited relay credentials.
+
+pub mod keys;
+pub mod relay_auth;
+pub mod seal;
+pub mod token;
+
+mod redact;
+
+/// Management service (agent <-> management).
+pub mod management {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("tern.management.v1");
+}
+
+/// Signal service (agent <-> signal <-> agent).
+pub mod signal {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("tern.signal.v1");
+}
+
+pub use keys::{KeyError, PublicKey, SecretKey};
+pub use seal::{open, seal, SealError};
+
+/// Maximum clock skew accepted for a sealed login request (seconds). Bounds replay of a captured
+/// request while tolerating hosts without NTP for a few minutes.
+pub const LOGIN_MAX_SKEW_SECS: i64 = 300;
