@@ -1,0 +1,482 @@
+//! Control-plane suite: setup keys and registration, network-map streaming, overlay IP allocation
+//! under concurrency, signal, on SQLite and (when configured) PostgreSQL.
+
+use serde_json::json;
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+use tern_proto::signal as spb;
+use tern_tests::*;
+use tonic::Code;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_keys_admit_exactly_what_they_allow() {
+    init_tracing();
+    on_each_backend(|backend, url| async move {
+        let srv = TestServer::start(&url).await.expect("server");
+
+        // One-off key: first use registers, second use (another agent) is refused clearly.
+        let (one_off, one_off_id) = srv.setup_key(json!({ "name": "one-off" })).await;
+        let a = TestAgent::new(&srv, "alpha").await;
+        let resp = a
+            .login(Some(&one_off))
+            .await
+            .expect("first use of one-off key");
+        assert!(
+            resp.peer_config
+                .as_ref()
+                .expect("cfg")
+                .address
+                .starts_with("100.64."),
+            "{backend:?}"
+        );
+        let b = TestAgent::new(&srv, "bravo").await;
+        let err = b
+            .login(Some(&one_off))
+            .await
+            .expect_err("second use must fail");
+        assert_eq!(err.code(), Code::PermissionDenied);
+        assert!(
+            err.message().contains("one-off") && err.message().contains("already been used"),
+            "{}",
+            err.message()
+        );
+        let k = srv.get(&format!("/api/setup-keys/{one_off_id}")).await;
+        assert_eq!(k["used_count"], 1);
+        assert_eq!(k["state"], "overused");
+
+        // The registered agent logs in again with no key and keeps its address.
+        let again = a.login(None).await.expect("login without key");
+        assert_eq!(again.peer_config, resp.peer_config);
+        assert_eq!(again.peer_id, resp.peer_id);
+
+        // Unknown agent without a key: told to use one.
+        let err = b.login(None).await.expect_err("unregistered");
+        assert!(
+            err.message().contains("setup key is required"),
+            "{}",
+            err.message()
+        );
+
+        // Reusable with limit 2: exactly two peers.
+        let (two, _) = srv
+            .setup_key(json!({ "name": "two", "reusable": true, "usage_limit": 2 }))
+            .await;
+        for h in ["c1", "c2"] {
+            TestAgent::new(&srv, h)
+                .await
+                .login(Some(&two))
+                .await
+                .expect("within limit");
+        }
+        let err = TestAgent::new(&srv, "c3")
+            .await
+            .login(Some(&two))
+            .await
+            .expect_err("over limit");
+        assert!(
+            err.message().contains("usage limit of 2"),
+            "{}",
+            err.message()
+        );
+
+        // Revoked key refused.
+        let (rev, rev_id) = srv
+            .setup_key(json!({ "name": "rev", "reusable": true }))
+            .await;
+        let (s, v) = srv
+            .put(
+                &format!("/api/setup-keys/{rev_id}"),
+                json!({ "revoked": true }),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        let err = TestAgent::new(&srv, "r1")
+            .await
+            .login(Some(&rev))
+            .await
+            .expect_err("revoked");
+        assert!(err.message().contains("revoked"), "{}", err.message());
+
+        // Expired key refused (created already expired through the store).
+        let new = tern_management::store::NewSetupKey {
+            name: "old".into(),
+            reusable: true,
+            usage_limit: 0,
+            expires_at: Some(tern_management::model::now_millis() - 1000),
+            ephemeral: false,
+            auto_groups: vec![],
+        };
+        let raw = "tern_sk_expiredexpiredexpiredexpired00";
+        srv.state()
+            .store
+            .create_setup_key(
+                "test",
+                &new,
+                &tern_management::store::hash_secret(raw),
+                "tern_sk_expi",
+            )
+            .await
+            .expect("create");
+        let err = TestAgent::new(&srv, "e1")
+            .await
+            .login(Some(raw))
+            .await
+            .expect_err("expired");
+        assert!(err.message().contains("expired"), "{}", err.message());
+
+        // Garbage key.
+        let err = TestAgent::new(&srv, "g1")
+            .await
+            .login(Some("nope"))
+            .await
+            .expect_err("invalid");
+        assert_eq!(err.message(), "invalid setup key");
+
+        // Registration is audited.
+        let ev = srv.get("/api/audit?action=peer.register").await;
+        assert_eq!(ev.as_array().expect("list").len(), 3, "alpha, c1, c2: {ev}");
+        srv.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_requires_holding_the_key_and_a_fresh_timestamp() {
+    init_tracing();
+    let db = TestDb::new(Backend::Sqlite).await.expect("db");
+    let srv = TestServer::start(&db.url).await.expect("server");
+    let a = TestAgent::new(&srv, "a").await;
+    let mut c = a.mgmt();
+    let server_pub = tern_proto::PublicKey::from_slice(
+        &c.get_server_key(tern_proto::management::ServerKeyRequest {})
+            .await
+            .expect("key")
+            .into_inner()
+            .public_key,
+    )
+    .expect("32 bytes");
+    use prost::Message;
+    let req = tern_proto::management::LoginRequest {
+        setup_key: srv.default_setup_key.clone(),
+        timestamp_unix: tern_management::grpc::now_unix(),
+        ..Default::default()
+    };
+    // Sealed by one key but claiming to be another: cannot be opened.
+    let mut sealed = tern_proto::seal(&a.key, &server_pub, &req.encode_to_vec()).expect("seal");
+    sealed.sender_public_key = tern_proto::SecretKey::generate().public_key().0.to_vec();
+    let err = c.login(sealed).await.expect_err("forged sender");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    // Replay of an old request.
+    let old = tern_proto::management::LoginRequest {
+        timestamp_unix: tern_management::grpc::now_unix() - 3600,
+        ..req.clone()
+    };
+    let sealed = tern_proto::seal(&a.key, &server_pub, &old.encode_to_vec()).expect("seal");
+    let err = c.login(sealed).await.expect_err("stale");
+    assert!(err.message().contains("clock"), "{}", err.message());
+    // Garbage.
+    let err = c
+        .login(tern_proto::management::SealedMessage::default())
+        .await
+        .expect_err("garbage");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    // Sync without or with a bad token.
+    let err = a.sync("not-a-token").await.expect_err("bad token");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    srv.stop().await;
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_stream_follows_registrations_and_policies_within_a_second() {
+    init_tracing();
+    on_each_backend(|_backend, url| async move {
+        let srv = TestServer::start(&url).await.expect("server");
+        let a = TestAgent::new(&srv, "alpha").await;
+        let la = a.login(Some(&srv.default_setup_key)).await.expect("register A");
+        let mut sa = a.sync(&la.peer_token).await.expect("sync A");
+        let first = next_map(&mut sa, Duration::from_secs(5)).await.expect("first map");
+        assert!(first.remote_peers.is_empty(), "A is alone");
+        assert_eq!(first.peer_config.as_ref().expect("cfg").mtu, 1280);
+
+        // The stream marks A connected.
+        let peer = srv.get(&format!("/api/peers/{}", la.peer_id)).await;
+        assert_eq!(peer["connected"], true);
+
+        // B registers: A sees B (key and overlay IP) within 1 s under the default All<->All policy.
+        let b = TestAgent::new(&srv, "bravo").await;
+        let t0 = Instant::now();
+        let lb = b.login(Some(&srv.default_setup_key)).await.expect("register B");
+        let b_ip = lb.peer_config.as_ref().expect("cfg").address.split('/').next().expect("ip").to_string();
+        let m = wait_map(&mut sa, Duration::from_secs(1), |m| m.remote_peers.len() == 1).await.expect("B within 1 s");
+        eprintln!("B appeared in A's map after {:?}", t0.elapsed());
+        assert_eq!(m.remote_peers[0].wg_public_key, b.key.public_key().0.to_vec());
+        assert_eq!(m.remote_peers[0].overlay_ip, b_ip);
+        assert!(m.serial > first.serial, "serial grows");
+
+        // Disabling the policy removes B within 1 s.
+        let pols = srv.get("/api/policies").await;
+        let p = &pols[0];
+        let (s, v) = srv
+            .put(
+                &format!("/api/policies/{}", p["id"].as_str().expect("id")),
+                json!({ "name": p["name"], "enabled": false, "protocol": "any", "sources": ["all"], "destinations": ["all"] }),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        let t0 = Instant::now();
+        wait_map(&mut sa, Duration::from_secs(1), |m| m.remote_peers.is_empty()).await.expect("B gone within 1 s");
+        eprintln!("B left A's map after {:?}", t0.elapsed());
+
+        // A's stream ending marks A disconnected, with a last-seen time.
+        let before = tern_management::model::now_millis();
+        drop(sa);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let peer = srv.get(&format!("/api/peers/{}", la.peer_id)).await;
+            if peer["connected"] == false {
+                assert!(peer["last_seen"].as_i64().expect("last_seen") >= before - 1000);
+                break;
+            }
+            assert!(Instant::now() < deadline, "A still connected: {peer}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        // Deleting a peer ends its stream with a clear status.
+        let mut sb = b.sync(&lb.peer_token).await.expect("sync B");
+        next_map(&mut sb, Duration::from_secs(5)).await.expect("B's first map");
+        assert_eq!(srv.delete(&format!("/api/peers/{}", lb.peer_id)).await, 204);
+        let end = tokio::time::timeout(Duration::from_secs(5), sb.message()).await.expect("stream reacts");
+        let err = end.expect_err("stream ends with an error");
+        assert_eq!(err.code(), Code::NotFound);
+        srv.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_registrations_get_distinct_addresses() {
+    init_tracing();
+    on_each_backend(|backend, url| async move {
+        let srv = TestServer::start(&url).await.expect("server");
+        let mut agents = vec![];
+        for i in 0..50 {
+            agents.push(TestAgent::new(&srv, &format!("host{i}")).await);
+        }
+        let key = srv.default_setup_key.clone();
+        let results = futures::future::join_all(agents.iter().map(|a| a.login(Some(&key)))).await;
+        let mut ips = HashSet::new();
+        for r in results {
+            let r = r.unwrap_or_else(|e| panic!("{backend:?}: registration failed: {e}"));
+            ips.insert(r.peer_config.expect("cfg").address);
+        }
+        assert_eq!(ips.len(), 50, "{backend:?}: addresses must be distinct");
+        let peers = srv.get("/api/peers").await;
+        assert_eq!(peers.as_array().expect("list").len(), 50);
+        // Stable across logins.
+        let again = agents[7].login(None).await.expect("login");
+        assert!(ips.contains(&again.peer_config.expect("cfg").address));
+        srv.stop().await;
+    })
+    .await;
+}
+
+async fn open_signal(
+    a: &TestAgent,
+    token: &str,
+) -> Result<
+    (
+        tokio::sync::mpsc::Sender<spb::Outbound>,
+        tonic::Streaming<spb::Inbound>,
+    ),
+    tonic::Status,
+> {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    req.metadata_mut()
+        .insert("authorization", bearer_value(token));
+    let inbound = a.signal().open(req).await?.into_inner();
+    Ok((tx, inbound))
+}
+
+async fn next_inbound(s: &mut tonic::Streaming<spb::Inbound>) -> spb::inbound::Kind {
+    tokio::time::timeout(Duration::from_secs(5), s.message())
+        .await
+        .expect("signal message within 5 s")
+        .expect("stream ok")
+        .expect("stream open")
+        .kind
+        .expect("kind")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signal_delivers_with_server_stamped_sender_and_refuses_impostors() {
+    init_tracing();
+    let db = TestDb::new(Backend::Sqlite).await.expect("db");
+    let srv = TestServer::start(&db.url).await.expect("server");
+    let a = TestAgent::new(&srv, "a").await;
+    let b = TestAgent::new(&srv, "b").await;
+    let c = TestAgent::new(&srv, "c").await;
+    let ta = a
+        .login(Some(&srv.default_setup_key))
+        .await
+        .expect("A")
+        .peer_token;
+    let tb = b
+        .login(Some(&srv.default_setup_key))
+        .await
+        .expect("B")
+        .peer_token;
+    let tc = c
+        .login(Some(&srv.default_setup_key))
+        .await
+        .expect("C")
+        .peer_token;
+
+    let (a_tx, mut a_rx) = open_signal(&a, &ta).await.expect("A opens");
+    let (_b_tx, mut b_rx) = open_signal(&b, &tb).await.expect("B opens");
+    // Both streams are registered once the server has seen them; poll the registry.
+    let sig = srv
+        .running
+        .as_ref()
+        .expect("running")
+        .signal
+        .clone()
+        .expect("signal");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sig.online() < 2 {
+        assert!(Instant::now() < deadline, "streams not registered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    a_tx.send(spb::Outbound {
+        id: 1,
+        recipient: b.key.public_key().0.to_vec(),
+        payload: b"offer".to_vec(),
+    })
+    .await
+    .expect("send");
+    match next_inbound(&mut b_rx).await {
+        spb::inbound::Kind::Delivery(d) => {
+            assert_eq!(
+                d.sender,
+                a.key.public_key().0.to_vec(),
+                "sender is A, stamped by the server"
+            );
+            assert_eq!(d.payload, b"offer");
+        }
+        other => panic!("expected delivery, got {other:?}"),
+    }
+    match next_inbound(&mut a_rx).await {
+        spb::inbound::Kind::Result(r) => {
+            assert_eq!(r.status(), spb::send_result::Status::Delivered)
+        }
+        other => panic!("expected result, got {other:?}"),
+    }
+
+    // C is registered but offline: A's send reports OFFLINE.
+    a_tx.send(spb::Outbound {
+        id: 2,
+        recipient: c.key.public_key().0.to_vec(),
+        payload: b"x".to_vec(),
+    })
+    .await
+    .expect("send");
+    match next_inbound(&mut a_rx).await {
+        spb::inbound::Kind::Result(r) => {
+            assert_eq!(r.id, 2);
+            assert_eq!(r.status(), spb::send_result::Status::Offline);
+            assert!(r.message.contains("not connected"), "{}", r.message);
+        }
+        other => panic!("expected result, got {other:?}"),
+    }
+    // A malformed recipient is refused with a reason.
+    a_tx.send(spb::Outbound {
+        id: 3,
+        recipient: vec![1, 2, 3],
+        payload: vec![],
+    })
+    .await
+    .expect("send");
+    match next_inbound(&mut a_rx).await {
+        spb::inbound::Kind::Result(r) => assert_eq!(r.status(), spb::send_result::Status::Invalid),
+        other => panic!("expected result, got {other:?}"),
+    }
+
+    // C cannot open B's mailbox: its own token names C, and a forged token is refused.
+    let forged = tern_proto::token::issue_peer_token(
+        b"guessed-secret",
+        "b",
+        &b.key.public_key(),
+        tern_management::grpc::now_unix(),
+        60,
+    )
+    .expect("forge")
+    .0;
+    let err = open_signal(&c, &forged).await.expect_err("forged token");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let err = open_signal(&c, "").await.expect_err("no token");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let (c_tx, _c_rx) = open_signal(&c, &tc).await.expect("C opens its own");
+    // Whatever C sends arrives at B as from C.
+    c_tx.send(spb::Outbound {
+        id: 9,
+        recipient: b.key.public_key().0.to_vec(),
+        payload: b"hi".to_vec(),
+    })
+    .await
+    .expect("send");
+    match next_inbound(&mut b_rx).await {
+        spb::inbound::Kind::Delivery(d) => assert_eq!(d.sender, c.key.public_key().0.to_vec()),
+        other => panic!("expected delivery, got {other:?}"),
+    }
+    srv.stop().await;
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signal_rate_limits_a_flooding_peer() {
+    init_tracing();
+    let db = TestDb::new(Backend::Sqlite).await.expect("db");
+    let srv = TestServer::start(&db.url).await.expect("server");
+    let a = TestAgent::new(&srv, "a").await;
+    let ta = a
+        .login(Some(&srv.default_setup_key))
+        .await
+        .expect("A")
+        .peer_token;
+    let (a_tx, mut a_rx) = open_signal(&a, &ta).await.expect("A opens");
+    let nobody = tern_proto::SecretKey::generate().public_key().0.to_vec();
+    // Default burst is 200 at 50/s; send 400 as fast as possible (bounded) and count refusals.
+    let sender = tokio::spawn(async move {
+        for id in 0..400u64 {
+            if a_tx
+                .send(spb::Outbound {
+                    id,
+                    recipient: nobody.clone(),
+                    payload: vec![],
+                })
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        a_tx
+    });
+    let mut limited = 0;
+    for _ in 0..400 {
+        if let spb::inbound::Kind::Result(r) = next_inbound(&mut a_rx).await {
+            if r.status() == spb::send_result::Status::RateLimited {
+                limited += 1;
+            }
+        }
+    }
+    let _keep = sender.await.expect("sender");
+    assert!(
+        limited >= 100,
+        "expected the burst limit to refuse most of the excess, got {limited}"
+    );
+    srv.stop().await;
+    db.cleanup().await;
+}

@@ -1,0 +1,332 @@
+//! REST suite: authentication, CRUD of every entity, and bad input -> 4xx JSON errors with no
+//! partial writes. Runs on SQLite and (when configured) PostgreSQL.
+
+use reqwest::Method;
+use serde_json::{json, Value};
+use tern_tests::*;
+
+fn id(v: &Value) -> String {
+    v["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no id in {v}"))
+        .to_string()
+}
+
+/// Asserts a JSON error with `status`, whose message contains `needle`.
+fn assert_err(got: (u16, Value), status: u16, needle: &str) {
+    let (s, v) = got;
+    assert_eq!(s, status, "expected {status}, got {s}: {v}");
+    let msg = v["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("error without message: {v}"));
+    assert!(
+        msg.contains(needle),
+        "message {msg:?} should mention {needle:?}"
+    );
+    assert!(v["error"].is_string(), "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authentication_is_required_and_tokens_work() {
+    init_tracing();
+    let db = TestDb::new(Backend::Sqlite).await.expect("db");
+    let srv = TestServer::start(&db.url).await.expect("server");
+    let http = reqwest::Client::new();
+
+    // No token, a bad token, a wrong password.
+    for path in ["/api/peers", "/api/groups", "/api/settings", "/api/audit"] {
+        let r = http.get(srv.url(path)).send().await.expect("req");
+        assert_eq!(r.status(), 401, "{path}");
+        let v: Value = r.json().await.expect("json");
+        assert_eq!(v["error"], "unauthorized");
+    }
+    let r = http
+        .get(srv.url("/api/peers"))
+        .bearer_auth("garbage")
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(r.status(), 401);
+    let err = admin_login(&http, &srv.base, "admin", "wrong-password")
+        .await
+        .expect_err("wrong password");
+    assert!(
+        err.to_string().contains("wrong username or password"),
+        "{err}"
+    );
+    let err = admin_login(&http, &srv.base, "nobody", "whatever-123")
+        .await
+        .expect_err("unknown user");
+    assert!(
+        err.to_string().contains("wrong username or password"),
+        "{err}"
+    );
+
+    // Personal access token: shown once, works, can be deleted.
+    let (s, v) = srv
+        .post(
+            "/api/tokens",
+            json!({ "name": "ci", "expires_in_days": 30 }),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let pat = v["token"].as_str().expect("token").to_string();
+    assert!(pat.starts_with("tern_pat_"));
+    let r = http
+        .get(srv.url("/api/peers"))
+        .bearer_auth(&pat)
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(r.status(), 200);
+    let listed = srv.get("/api/tokens").await;
+    assert!(!listed.to_string().contains(&pat), "token is never listed");
+    assert_eq!(
+        srv.delete(&format!("/api/tokens/{}", id(&v["access_token"])))
+            .await,
+        204
+    );
+    let r = http
+        .get(srv.url("/api/peers"))
+        .bearer_auth(&pat)
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(r.status(), 401);
+    assert_err(
+        srv.post("/api/tokens", json!({ "name": "x", "expires_in_days": 0 }))
+            .await,
+        422,
+        "1-365",
+    );
+
+    // Users: create, sign in, disable (sessions stop working), cannot disable the last one.
+    let (s, u) = srv
+        .post(
+            "/api/users",
+            json!({ "username": "ops", "password": "ops-password-1" }),
+        )
+        .await;
+    assert_eq!(s, 201, "{u}");
+    let ops_token = admin_login(&http, &srv.base, "ops", "ops-password-1")
+        .await
+        .expect("ops login");
+    assert_err(
+        srv.post(
+            "/api/users",
+            json!({ "username": "ops", "password": "ops-password-1" }),
+        )
+        .await,
+        409,
+        "already exists",
+    );
+    assert_err(
+        srv.post(
+            "/api/users",
+            json!({ "username": "short", "password": "123" }),
+        )
+        .await,
+        422,
+        "at least 10",
+    );
+    let (s, _) = srv
+        .put(
+            &format!("/api/users/{}", id(&u)),
+            json!({ "disabled": true }),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let r = http
+        .get(srv.url("/api/peers"))
+        .bearer_auth(&ops_token)
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(
+        r.status(),
+        403,
+        "disabled user's session is refused at once"
+    );
+    let me = srv.get("/api/auth/me").await;
+    assert_err(
+        srv.put(
+            &format!("/api/users/{}", id(&me)),
+            json!({ "disabled": true }),
+        )
+        .await,
+        409,
+        "last enabled",
+    );
+
+    // OpenAPI document.
+    let doc: Value = http
+        .get(srv.url("/api/openapi.json"))
+        .send()
+        .await
+        .expect("req")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(doc["openapi"], "3.1.0");
+    for p in [
+        "/api/peers",
+        "/api/routes/{id}",
+        "/api/setup-keys",
+        "/api/policies",
+        "/api/audit",
+    ] {
+        assert!(doc["paths"][p].is_object(), "OpenAPI lacks {p}");
+    }
+    srv.stop().await;
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crud_and_bad_input_on_every_entity() {
+    init_tracing();
+    on_each_backend(|backend, url| async move {
+        let srv = TestServer::start(&url).await.expect("server");
+
+        // Groups.
+        let (s, staff) = srv.post("/api/groups", json!({ "name": "staff" })).await;
+        assert_eq!(s, 201, "{backend:?} {staff}");
+        let (s, routers) = srv.post("/api/groups", json!({ "name": "routers" })).await;
+        assert_eq!(s, 201);
+        assert_err(srv.post("/api/groups", json!({ "name": "staff" })).await, 409, "already exists");
+        assert_err(srv.post("/api/groups", json!({ "name": "  " })).await, 422, "must not be empty");
+        let (s, renamed) = srv.put(&format!("/api/groups/{}", id(&staff)), json!({ "name": "employees" })).await;
+        assert_eq!((s, renamed["name"].as_str()), (200, Some("employees")));
+        assert_err(srv.put("/api/groups/all", json!({ "name": "x" })).await, 409, "built in");
+        assert_err(srv.api(Method::GET, "/api/groups/nope", None).await, 404, "not found");
+
+        // Setup keys with groups; peers via registration.
+        let (s, v) = srv.post("/api/setup-keys", json!({ "name": "k", "auto_groups": ["nope"] })).await;
+        assert_eq!(s, 422, "{v}");
+        assert_eq!(v["field"], "auto_groups");
+        assert!(v["message"].as_str().expect("msg").contains("unknown group \"nope\""), "{v}");
+        let before = srv.get("/api/setup-keys").await.as_array().expect("list").len();
+        assert_err(srv.post("/api/setup-keys", json!({ "name": "k", "usage_limit": 5 })).await, 422, "one-off");
+        assert_err(srv.post("/api/setup-keys", json!({ "name": "k", "expires_in_secs": 5 })).await, 422, "60 s");
+        assert_eq!(srv.get("/api/setup-keys").await.as_array().expect("list").len(), before, "no partial write");
+        let (router_key, router_key_id) =
+            srv.setup_key(json!({ "name": "routers", "reusable": true, "auto_groups": [id(&routers)] })).await;
+        let gw = TestAgent::new(&srv, "gateway").await;
+        let gw_login = gw.login(Some(&router_key)).await.expect("gateway registers");
+        let peer = srv.get(&format!("/api/peers/{}", gw_login.peer_id)).await;
+        let groups: Vec<&str> = peer["groups"].as_array().expect("groups").iter().filter_map(Value::as_str).collect();
+        assert!(groups.contains(&"all") && groups.contains(&id(&routers).as_str()), "{peer}");
+        let (s, p) = srv
+            .put(&format!("/api/peers/{}", gw_login.peer_id), json!({ "name": "factory-gw", "groups": [id(&routers), id(&staff)] }))
+            .await;
+        assert_eq!(s, 200, "{p}");
+        assert_eq!(p["name"], "factory-gw");
+        assert_err(srv.put(&format!("/api/peers/{}", gw_login.peer_id), json!({ "groups": ["ghost"] })).await, 422, "unknown group");
+        let k = srv.get(&format!("/api/setup-keys/{router_key_id}")).await;
+        assert_eq!(k["used_count"], 1);
+        assert!(!k.to_string().contains(&router_key), "the key is never shown again");
+
+        // Policies.
+        let good = json!({ "name": "ssh", "protocol": "tcp", "ports": ["22", "8000-8080"], "bidirectional": false,
+                           "sources": [id(&staff)], "destinations": [id(&routers)] });
+        let (s, pol) = srv.post("/api/policies", good.clone()).await;
+        assert_eq!(s, 201, "{pol}");
+        assert_eq!(pol["ports"], json!(["22", "8000-8080"]));
+        assert_err(srv.post("/api/policies", good.clone()).await, 409, "already exists");
+        let mut bad = good.clone();
+        bad["name"] = json!("p2");
+        bad["ports"] = json!(["9000-80"]);
+        assert_err(srv.post("/api/policies", bad.clone()).await, 422, "starts after it ends");
+        bad["ports"] = json!(["70000"]);
+        assert_err(srv.post("/api/policies", bad.clone()).await, 422, "out of range");
+        bad["ports"] = json!(["ssh"]);
+        assert_err(srv.post("/api/policies", bad.clone()).await, 422, "not a number");
+        bad["ports"] = json!(["22"]);
+        bad["protocol"] = json!("icmp");
+        assert_err(srv.post("/api/policies", bad.clone()).await, 422, "only to tcp or udp");
+        bad["protocol"] = json!("sctp");
+        assert_err(srv.post("/api/policies", bad.clone()).await, 400, "unknown variant");
+        bad["protocol"] = json!("tcp");
+        bad["sources"] = json!(["ghost"]);
+        assert_err(srv.post("/api/policies", bad.clone()).await, 422, "unknown group");
+        let (s, upd) = srv.put(&format!("/api/policies/{}", id(&pol)), json!({ "name": "ssh", "protocol": "udp", "ports": ["53"],
+            "sources": [id(&staff)], "destinations": [id(&routers)] })).await;
+        assert_eq!(s, 200, "{upd}");
+        assert_eq!(upd["protocol"], "udp");
+        // The group is in use now: deleting it is refused with the reason.
+        assert_err(srv.api(Method::DELETE, &format!("/api/groups/{}", id(&staff)), None).await, 409, "used by policy");
+
+        // Routes.
+        let route = json!({ "network": "192.168.50.0/24", "routing_peer": gw_login.peer_id, "metric": 10, "groups": [id(&staff)] });
+        let (s, r1) = srv.post("/api/routes", route.clone()).await;
+        assert_eq!(s, 201, "{r1}");
+        assert_err(srv.post("/api/routes", route.clone()).await, 409, "same routing peer");
+        let mut bad = route.clone();
+        bad["network"] = json!("192.168.50.300/24");
+        assert_err(srv.post("/api/routes", bad.clone()).await, 422, "CIDR");
+        bad["network"] = json!("192.168.50.0/23");
+        assert_err(srv.post("/api/routes", bad.clone()).await, 409, "overlaps existing route");
+        bad["network"] = json!("100.64.1.0/24");
+        assert_err(srv.post("/api/routes", bad.clone()).await, 422, "overlay range");
+        bad["network"] = json!("10.1.0.0/16");
+        bad["groups"] = json!(["ghost"]);
+        assert_err(srv.post("/api/routes", bad.clone()).await, 422, "unknown group");
+        bad["groups"] = json!([id(&staff)]);
+        bad["routing_peer"] = json!("ghost-peer");
+        assert_err(srv.post("/api/routes", bad.clone()).await, 422, "unknown peer");
+        bad["routing_group"] = json!(id(&routers));
+        assert_err(srv.post("/api/routes", bad.clone()).await, 422, "exactly one");
+        // HA: the same network through a group of routers is allowed.
+        let (s, r2) = srv
+            .post("/api/routes", json!({ "network": "192.168.50.0/24", "routing_group": id(&routers), "metric": 20, "groups": [id(&staff)] }))
+            .await;
+        assert_eq!(s, 201, "{r2}");
+        assert_eq!(srv.get("/api/routes").await.as_array().expect("list").len(), 2, "failed creates left nothing");
+        let (s, r1u) = srv
+            .put(&format!("/api/routes/{}", id(&r1)), json!({ "network": "192.168.50.0/24", "routing_peer": gw_login.peer_id,
+                "metric": 5, "masquerade": false, "groups": [id(&staff)] }))
+            .await;
+        assert_eq!(s, 200, "{r1u}");
+        assert_eq!((r1u["metric"].as_i64(), r1u["masquerade"].as_bool()), (Some(5), Some(false)));
+
+        // Settings.
+        let st = srv.get("/api/settings").await;
+        assert_eq!((st["overlay_range"].as_str(), st["mtu"].as_u64()), (Some("100.64.0.0/10"), Some(1280)));
+        assert_err(srv.put("/api/settings", json!({ "overlay_range": "10.0.0.0/33", "mtu": 1280, "peer_login_expiry_secs": 0, "ephemeral_ttl_secs": 600 })).await, 422, "CIDR");
+        assert_err(srv.put("/api/settings", json!({ "overlay_range": "100.64.0.0/10", "mtu": 900, "peer_login_expiry_secs": 0, "ephemeral_ttl_secs": 600 })).await, 422, "1280");
+        assert_err(srv.put("/api/settings", json!({ "overlay_range": "10.99.0.0/16", "mtu": 1280, "peer_login_expiry_secs": 0, "ephemeral_ttl_secs": 600 })).await, 409, "does not contain peer");
+        let (s, st2) = srv.put("/api/settings", json!({ "overlay_range": "100.64.0.0/10", "mtu": 1380, "peer_login_expiry_secs": 86400, "ephemeral_ttl_secs": 300 })).await;
+        assert_eq!(s, 200, "{st2}");
+        assert_eq!(st2["mtu"], 1380);
+
+        // Malformed and oversized bodies.
+        let raw = srv.http.post(srv.url("/api/groups")).bearer_auth(&srv.token).header("content-type", "application/json").body("{not json").send().await.expect("req");
+        assert_eq!(raw.status(), 400);
+        let v: Value = raw.json().await.expect("json error body");
+        assert!(v["message"].as_str().expect("msg").contains("not valid JSON"), "{v}");
+        let huge = json!({ "name": "x".repeat(100 * 1024) });
+        assert_err(srv.post("/api/groups", huge).await, 413, "larger than");
+        let (s, v) = srv.api(Method::GET, "/api/nope", None).await;
+        assert_eq!((s, v["error"].as_str()), (404, Some("not_found")));
+
+        // Deletes.
+        assert_eq!(srv.delete(&format!("/api/routes/{}", id(&r2))).await, 204);
+        assert_eq!(srv.delete(&format!("/api/policies/{}", id(&pol))).await, 204);
+        assert_eq!(srv.delete(&format!("/api/setup-keys/{router_key_id}")).await, 204);
+        assert_eq!(srv.delete(&format!("/api/peers/{}", gw_login.peer_id)).await, 204);
+        assert!(srv.get("/api/routes").await.as_array().expect("list").is_empty(), "route of a deleted peer goes with it");
+        assert_eq!(srv.delete(&format!("/api/groups/{}", id(&staff))).await, 204);
+        assert_eq!(srv.delete(&format!("/api/peers/{}", gw_login.peer_id)).await, 404);
+
+        // Every change is in the audit log, attributed to the admin.
+        let ev = srv.get("/api/audit?actor=user:admin&limit=1000").await;
+        let actions: Vec<&str> = ev.as_array().expect("list").iter().filter_map(|e| e["action"].as_str()).collect();
+        for a in ["group.create", "group.update", "policy.put", "route.put", "settings.update", "peer.update", "peer.delete", "route.delete", "setup_key.delete"] {
+            assert!(actions.contains(&a), "audit lacks {a}: {actions:?}");
+        }
+        let reg = srv.get("/api/audit?action=peer.register").await;
+        assert_eq!(reg[0]["actor"], "setup_key:routers");
+        assert_err(srv.api(Method::GET, "/api/audit?limit=0", None).await, 422, "1-1000");
+        srv.stop().await;
+    })
+    .await;
+}
