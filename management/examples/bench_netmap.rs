@@ -12,14 +12,21 @@ use tern_management::netmap::{NetIndex, RelaySettings};
 use tern_management::store::{PeerMeta, PolicyInput, Store};
 
 fn arg(i: usize, default: usize) -> usize {
-    std::env::args().nth(i).and_then(|s| s.parse().ok()).unwrap_or(default)
+    std::env::args()
+        .nth(i)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let (n_peers, n_groups, n_policies) = (arg(1, 5000), arg(2, 100), arg(3, 200));
     let dir = tempfile::tempdir()?;
-    let store = Store::connect(&format!("sqlite://{}", dir.path().join("bench.db").display())).await?;
+    let store = Store::connect(&format!(
+        "sqlite://{}",
+        dir.path().join("bench.db").display()
+    ))
+    .await?;
     let t = Instant::now();
     let mut groups = vec![];
     for g in 0..n_groups {
@@ -34,15 +41,31 @@ async fn main() -> anyhow::Result<()> {
         ephemeral: false,
         auto_groups: vec![],
     };
-    store.create_setup_key("bench", &new, &tern_management::store::hash_secret(key), "tern_sk_benc").await?;
+    store
+        .create_setup_key(
+            "bench",
+            &new,
+            &tern_management::store::hash_secret(key),
+            "tern_sk_benc",
+        )
+        .await?;
     let mut peer_ids = vec![];
     for i in 0..n_peers {
         let k = tern_proto::SecretKey::generate().public_key().to_base64();
-        let meta = PeerMeta { hostname: format!("host-{i}"), os: "linux".into(), agent_version: "bench".into() };
+        let meta = PeerMeta {
+            hostname: format!("host-{i}"),
+            os: "linux".into(),
+            agent_version: "bench".into(),
+        };
         let out = store.login_peer(&k, Some(key), &meta).await?;
         // Each peer in two groups (deterministic spread).
-        let gs = vec![groups[i % n_groups].clone(), groups[(i * 7 + 3) % n_groups].clone()];
-        store.update_peer("bench", &out.peer.id, None, Some(&gs), None).await?;
+        let gs = vec![
+            groups[i % n_groups].clone(),
+            groups[(i * 7 + 3) % n_groups].clone(),
+        ];
+        store
+            .update_peer("bench", &out.peer.id, None, Some(&gs), None)
+            .await?;
         peer_ids.push(out.peer.id);
     }
     for p in 0..n_policies {
@@ -50,15 +73,26 @@ async fn main() -> anyhow::Result<()> {
             name: format!("policy-{p}"),
             description: String::new(),
             enabled: true,
-            protocol: if p % 3 == 0 { Protocol::Tcp } else { Protocol::Any },
-            ports: if p % 3 == 0 { vec!["22".parse().map_err(anyhow::Error::msg)?] } else { vec![] },
+            protocol: if p % 3 == 0 {
+                Protocol::Tcp
+            } else {
+                Protocol::Any
+            },
+            ports: if p % 3 == 0 {
+                vec!["22".parse().map_err(anyhow::Error::msg)?]
+            } else {
+                vec![]
+            },
             bidirectional: p % 2 == 0,
             sources: vec![groups[p % n_groups].clone()],
             destinations: vec![groups[(p * 13 + 5) % n_groups].clone()],
         };
         store.put_policy("bench", None, &input).await?;
     }
-    println!("setup: {n_peers} peers, {n_groups} groups, {n_policies} policies registered in {:.1} s", t.elapsed().as_secs_f64());
+    println!(
+        "setup: {n_peers} peers, {n_groups} groups, {n_policies} policies registered in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
 
     let relay = RelaySettings {
         stun_urls: vec!["stun:relay.example:3478".into()],
@@ -80,14 +114,18 @@ async fn main() -> anyhow::Result<()> {
     let mut sizes = (0, 0);
     for _ in 0..20 {
         let t = Instant::now();
-        let m = idx.map_for(&peer_ids[0], &relay, 2_000_000_000).ok_or_else(|| anyhow::anyhow!("no map"))?;
+        let m = idx
+            .map_for(&peer_ids[0], &relay, 2_000_000_000)
+            .ok_or_else(|| anyhow::anyhow!("no map"))?;
         one.push(t.elapsed().as_secs_f64() * 1e3);
         sizes = (m.remote_peers.len(), m.firewall_rules.len());
     }
     let t = Instant::now();
     let mut total_peers = 0usize;
     for id in peer_ids.iter().take(1000) {
-        let m = idx.map_for(id, &relay, 2_000_000_000).ok_or_else(|| anyhow::anyhow!("no map"))?;
+        let m = idx
+            .map_for(id, &relay, 2_000_000_000)
+            .ok_or_else(|| anyhow::anyhow!("no map"))?;
         total_peers += m.remote_peers.len();
     }
     let all = t.elapsed().as_secs_f64() * 1e3;
@@ -95,7 +133,10 @@ async fn main() -> anyhow::Result<()> {
         v.sort_by(|a, b| a.total_cmp(b));
         v[v.len() / 2]
     };
-    println!("snapshot load + index (SQLite, whole account): median {:.1} ms over 5", med(&mut loads));
+    println!(
+        "snapshot load + index (SQLite, whole account): median {:.1} ms over 5",
+        med(&mut loads)
+    );
     println!(
         "one peer's map: median {:.3} ms over 20 ({} remote peers, {} firewall rules)",
         med(&mut one),
