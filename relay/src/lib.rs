@@ -1,0 +1,135 @@
+//! Tern relay: STUN binding and TURN over UDP (the `turn` crate behind our front: coturn-style
+//! time-limited credentials, peer-address filter, per-source rate limits, allocation quotas), a
+//! WebSocket datagram relay for networks that block UDP (reachable on 443, through TLS and reverse
+//! proxies), and Prometheus metrics.
+
+pub mod client;
+pub mod filter;
+pub mod limiter;
+pub mod metrics;
+pub mod sockopt;
+pub mod tcp;
+pub mod tls;
+pub mod udp;
+
+use anyhow::Context;
+use axum::routing::get;
+use axum::Router;
+use ipnet::IpNet;
+use metrics::Metrics;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::UdpSocket;
+
+#[derive(Clone, Debug)]
+pub struct RelayConfig {
+    /// STUN/TURN UDP listener (the TURN port, 3478 by default).
+    pub udp_listen: SocketAddr,
+    /// Address advertised in XOR-RELAYED-ADDRESS (the server's public IP).
+    pub public_ip: IpAddr,
+    /// IP relay sockets bind to (unspecified = all).
+    pub relay_bind_ip: IpAddr,
+    pub min_port: u16,
+    pub max_port: u16,
+    pub realm: String,
+    pub secret: Vec<u8>,
+    /// The overlay range: never a relay destination.
+    pub overlay: Option<IpNet>,
+    /// Peer ranges allowed despite the default filter (labs, tests).
+    pub allow_peers: Vec<IpNet>,
+    pub limits: udp::UdpLimits,
+    pub tcp: tcp::TcpOptions,
+}
+
+impl RelayConfig {
+    pub fn new(udp_listen: SocketAddr, public_ip: IpAddr, secret: Vec<u8>) -> Self {
+        RelayConfig {
+            udp_listen,
+            public_ip,
+            relay_bind_ip: if udp_listen.is_ipv4() {
+                IpAddr::from([0, 0, 0, 0])
+            } else {
+                IpAddr::from([0u16; 8])
+            },
+            min_port: 49152,
+            max_port: 65535,
+            realm: "tern".into(),
+            secret,
+            overlay: "100.64.0.0/10".parse().ok(),
+            allow_peers: vec![],
+            limits: udp::UdpLimits::default(),
+            tcp: tcp::TcpOptions::default(),
+        }
+    }
+}
+
+pub struct Relay {
+    pub metrics: Arc<Metrics>,
+    pub udp_addr: SocketAddr,
+    pub tcp: Arc<tcp::TcpRelay>,
+    turn: turn::server::Server,
+}
+
+impl Relay {
+    pub async fn start(cfg: RelayConfig) -> anyhow::Result<Relay> {
+        anyhow::ensure!(!cfg.secret.is_empty(), "relay secret must not be empty");
+        let metrics = Arc::new(Metrics::default());
+        let sock = UdpSocket::bind(cfg.udp_listen)
+            .await
+            .with_context(|| format!("binding UDP {}", cfg.udp_listen))?;
+        udp::size_buffers(&sock, 8 << 20);
+        let udp_addr = sock.local_addr()?;
+        let filter = filter::PeerFilter::new(cfg.overlay, cfg.allow_peers.clone());
+        let shared = udp::UdpShared::new(
+            metrics.clone(),
+            filter,
+            cfg.secret.clone(),
+            cfg.realm.clone(),
+            cfg.limits.clone(),
+        );
+        let front = udp::FrontConn::new(Arc::new(sock), shared.clone());
+        let turn = turn::server::Server::new(turn::server::config::ServerConfig {
+            conn_configs: vec![turn::server::config::ConnConfig {
+                conn: Arc::new(front),
+                relay_addr_generator: Box::new(udp::RelayGen {
+                    shared: shared.clone(),
+                    bind_ip: cfg.relay_bind_ip,
+                    public_ip: cfg.public_ip,
+                    min_port: cfg.min_port,
+                    max_port: cfg.max_port,
+                }),
+            }],
+            realm: cfg.realm.clone(),
+            auth_handler: Arc::new(udp::CoturnAuth { shared }),
+            channel_bind_timeout: Duration::from_secs(0),
+            alloc_close_notify: None,
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("starting TURN server: {e}"))?;
+        let tcp = tcp::TcpRelay::new(cfg.secret.clone(), metrics.clone(), cfg.tcp.clone());
+        tracing::info!(%udp_addr, public_ip = %cfg.public_ip, ports = %format!("{}-{}", cfg.min_port, cfg.max_port), "relay listening");
+        Ok(Relay {
+            metrics,
+            udp_addr,
+            tcp,
+            turn,
+        })
+    }
+
+    /// `/relay` (WebSocket datagram relay) and `/metrics`.
+    pub fn router(&self) -> Router {
+        let m = self.metrics.clone();
+        self.tcp.router().route(
+            "/metrics",
+            get(move || {
+                let m = m.clone();
+                async move { ([("content-type", "text/plain; version=0.0.4")], m.render()) }
+            }),
+        )
+    }
+
+    pub async fn close(&self) {
+        let _ = self.turn.close().await;
+    }
+}

@@ -1,0 +1,562 @@
+//! STUN and TURN over UDP. The `turn` crate runs the protocol; around it:
+//! - [`FrontConn`] wraps the listening socket and inspects every datagram before the TURN server
+//!   sees it: per-source rate limit on STUN/TURN requests (anti-amplification, and it bounds the
+//!   crate's nonce table, which grows by one entry per unauthenticated request), the peer-address
+//!   filter on CreatePermission/ChannelBind/Send (answered 403 here), allocation quotas (486), and
+//!   counters. Malformed datagrams are dropped and counted.
+//! - [`CoturnAuth`] verifies coturn-style time-limited credentials (the crate's own handler rejects
+//!   `<expiry>:<id>` usernames).
+//! - [`RelayGen`] allocates relay sockets in the configured port range and wraps them in
+//!   [`RelayConn`], which re-checks the peer filter on every send and counts relayed traffic.
+
+use crate::filter::PeerFilter;
+use crate::limiter::Limiter;
+use crate::metrics::Metrics;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use stun::attributes::{ATTR_USERNAME, ATTR_XOR_PEER_ADDRESS};
+use stun::error_code::{ErrorCode, ErrorCodeAttribute, CODE_ALLOC_QUOTA_REACHED, CODE_FORBIDDEN};
+use stun::message::{
+    Message, MessageType, Setter, CLASS_ERROR_RESPONSE, CLASS_INDICATION, CLASS_REQUEST,
+    MAGIC_COOKIE, METHOD_ALLOCATE, METHOD_BINDING, METHOD_CHANNEL_BIND, METHOD_CREATE_PERMISSION,
+    METHOD_SEND,
+};
+use tokio::net::UdpSocket;
+use tracing::{debug, warn};
+use webrtc_util::Conn;
+
+type UResult<T> = std::result::Result<T, webrtc_util::Error>;
+
+/// Limits applied by the UDP front.
+#[derive(Clone, Debug)]
+pub struct UdpLimits {
+    /// STUN/TURN requests per second per source IP (sustained), and burst.
+    pub requests_per_sec: f64,
+    pub requests_burst: f64,
+    pub max_allocations: u64,
+    pub max_allocations_per_user: u64,
+}
+
+impl Default for UdpLimits {
+    fn default() -> Self {
+        UdpLimits {
+            requests_per_sec: 20.0,
+            requests_burst: 60.0,
+            max_allocations: 10_000,
+            max_allocations_per_user: 16,
+        }
+    }
+}
+
+/// State shared by the front, the auth handler and the relay sockets.
+pub struct UdpShared {
+    pub metrics: Arc<Metrics>,
+    pub filter: PeerFilter,
+    pub secret: Vec<u8>,
+    pub realm: String,
+    pub limits: UdpLimits,
+    limiter: Mutex<Limiter<IpAddr>>,
+    /// User of the Allocate request being handled (the TURN server handles one datagram at a
+    /// time per listener, so the allocation that follows belongs to it).
+    current_user: Mutex<Option<String>>,
+    per_user: Mutex<HashMap<String, u64>>,
+    last_auth_warn: Mutex<Option<Instant>>,
+}
+
+impl UdpShared {
+    pub fn new(
+        metrics: Arc<Metrics>,
+        filter: PeerFilter,
+        secret: Vec<u8>,
+        realm: String,
+        limits: UdpLimits,
+    ) -> Arc<Self> {
+        Arc::new(UdpShared {
+            limiter: Mutex::new(Limiter::new(
+                limits.requests_per_sec,
+                limits.requests_burst,
+                65_536,
+            )),
+            metrics,
+            filter,
+            secret,
+            realm,
+            limits,
+            current_user: Mutex::new(None),
+            per_user: Mutex::new(HashMap::new()),
+            last_auth_warn: Mutex::new(None),
+        })
+    }
+
+    /// Counts an auth failure; warns at most once a minute so floods do not flood the log.
+    pub fn auth_failed(&self, user: &str, src: SocketAddr, why: &str) {
+        Metrics::inc(&self.metrics.auth_failures_total);
+        let mut last = lock(&self.last_auth_warn);
+        if last.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+            *last = Some(Instant::now());
+            warn!(%src, user, reason = why, total = Metrics::get(&self.metrics.auth_failures_total), "relay authentication failed (further failures this minute are only counted)");
+        } else {
+            debug!(%src, user, reason = why, "relay authentication failed");
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Socket buffers large enough for relayed bursts (the kernel default of 208 KiB overflows).
+pub fn size_buffers(sock: &UdpSocket, bytes: usize) {
+    let s = socket2::SockRef::from(sock);
+    // SO_*BUFFORCE needs CAP_NET_ADMIN; fall back to the capped ordinary option.
+    if crate::sockopt::force_buffers(sock, bytes).is_err() {
+        let _ = s.set_recv_buffer_size(bytes);
+        let _ = s.set_send_buffer_size(bytes);
+    }
+}
+
+/// What the front does with one datagram.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    Drop,
+    Reply(Vec<u8>),
+}
+
+pub struct FrontConn {
+    sock: Arc<UdpSocket>,
+    shared: Arc<UdpShared>,
+}
+
+impl FrontConn {
+    pub fn new(sock: Arc<UdpSocket>, shared: Arc<UdpShared>) -> Self {
+        FrontConn { sock, shared }
+    }
+}
+
+/// Decodes XOR-PEER-ADDRESS values (RFC 8656 §18.3) of a message; None if one is malformed.
+fn peer_addresses(m: &Message) -> Option<Vec<IpAddr>> {
+    let mut out = vec![];
+    for a in m
+        .attributes
+        .0
+        .iter()
+        .filter(|a| a.typ == ATTR_XOR_PEER_ADDRESS)
+    {
+        let v = &a.value;
+        if v.len() < 4 {
+            return None;
+        }
+        let cookie = MAGIC_COOKIE.to_be_bytes();
+        match (v[1], v.len()) {
+            (0x01, 8) => {
+                let b: [u8; 4] = std::array::from_fn(|i| v[4 + i] ^ cookie[i]);
+                out.push(IpAddr::V4(Ipv4Addr::from(b)));
+            }
+            (0x02, 20) => {
+                let mut key = [0u8; 16];
+                key[..4].copy_from_slice(&cookie);
+                key[4..].copy_from_slice(&m.transaction_id.0);
+                let b: [u8; 16] = std::array::from_fn(|i| v[4 + i] ^ key[i]);
+                out.push(IpAddr::V6(Ipv6Addr::from(b)));
+            }
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
+fn error_response(m: &Message, code: ErrorCode, reason: &str) -> Option<Vec<u8>> {
+    let mut r = Message::new();
+    let setters: Vec<Box<dyn Setter>> = vec![
+        Box::new(m.transaction_id),
+        Box::new(MessageType::new(m.typ.method, CLASS_ERROR_RESPONSE)),
+        Box::new(ErrorCodeAttribute {
+            code,
+            reason: reason.as_bytes().to_vec(),
+        }),
+    ];
+    r.build(&setters).ok()?;
+    Some(r.raw)
+}
+
+impl UdpShared {
+    /// Decides what to do with a datagram from `src` (pure apart from counters and tables).
+    pub fn inspect(&self, buf: &[u8], src: SocketAddr, now: Instant) -> Verdict {
+        if buf.len() >= 4 && (0x40..=0x7f).contains(&buf[0]) {
+            return Verdict::Pass; // ChannelData: counted by the relay socket.
+        }
+        if !stun::message::is_message(buf) {
+            Metrics::inc(&self.metrics.malformed_total);
+            return Verdict::Drop;
+        }
+        let mut m = Message::new();
+        m.raw = buf.to_vec();
+        if m.decode().is_err() {
+            Metrics::inc(&self.metrics.malformed_total);
+            return Verdict::Drop;
+        }
+        let (method, class) = (m.typ.method, m.typ.class);
+        if method == METHOD_BINDING && class == CLASS_REQUEST {
+            Metrics::inc(&self.metrics.stun_requests_total);
+        }
+        if class == CLASS_REQUEST && !lock(&self.limiter).allow(&src.ip(), now) {
+            Metrics::inc(&self.metrics.rate_limited_total);
+            return Verdict::Drop;
+        }
+        let checks_peer = (method == METHOD_CREATE_PERMISSION || method == METHOD_CHANNEL_BIND)
+            && class == CLASS_REQUEST
+            || method == METHOD_SEND && class == CLASS_INDICATION;
+        if checks_peer {
+            let Some(peers) = peer_addresses(&m) else {
+                Metrics::inc(&self.metrics.malformed_total);
+                return Verdict::Drop;
+            };
+            if let Some(bad) = peers.iter().find(|ip| !self.filter.allows(**ip)) {
+                Metrics::inc(&self.metrics.forbidden_peer_total);
+                debug!(%src, peer = %bad, "relaying to this peer address is not allowed");
+                if class == CLASS_REQUEST {
+                    return error_response(&m, CODE_FORBIDDEN, "Forbidden peer address")
+                        .map_or(Verdict::Drop, Verdict::Reply);
+                }
+                return Verdict::Drop;
+            }
+        }
+        if method == METHOD_ALLOCATE && class == CLASS_REQUEST {
+            let user = m
+                .get(ATTR_USERNAME)
+                .ok()
+                .map(|u| String::from_utf8_lossy(&u).into_owned());
+            if let Some(user) = &user {
+                let total = Metrics::get(&self.metrics.allocations_active);
+                let mine = lock(&self.per_user).get(user).copied().unwrap_or(0);
+                if total >= self.limits.max_allocations
+                    || mine >= self.limits.max_allocations_per_user
+                {
+                    Metrics::inc(&self.metrics.allocations_refused_total);
+                    return error_response(
+                        &m,
+                        CODE_ALLOC_QUOTA_REACHED,
+                        "Allocation Quota Reached",
+                    )
+                    .map_or(Verdict::Drop, Verdict::Reply);
+                }
+            }
+            *lock(&self.current_user) = user;
+        }
+        Verdict::Pass
+    }
+}
+
+#[async_trait::async_trait]
+impl Conn for FrontConn {
+    async fn connect(&self, _addr: SocketAddr) -> UResult<()> {
+        Err(webrtc_util::Error::Other("listener cannot connect".into()))
+    }
+    async fn recv(&self, _buf: &mut [u8]) -> UResult<usize> {
+        Err(webrtc_util::Error::Other("use recv_from".into()))
+    }
+    async fn recv_from(&self, buf: &mut [u8]) -> UResult<(usize, SocketAddr)> {
+        loop {
+            let (n, src) = self.sock.recv_from(buf).await?;
+            match self.shared.inspect(&buf[..n], src, Instant::now()) {
+                Verdict::Pass => return Ok((n, src)),
+                Verdict::Drop => continue,
+                Verdict::Reply(r) => {
+                    let _ = self.sock.send_to(&r, src).await;
+                }
+            }
+        }
+    }
+    async fn send(&self, _buf: &[u8]) -> UResult<usize> {
+        Err(webrtc_util::Error::Other("use send_to".into()))
+    }
+    async fn send_to(&self, buf: &[u8], target: SocketAddr) -> UResult<usize> {
+        Ok(self.sock.send_to(buf, target).await?)
+    }
+    fn local_addr(&self) -> UResult<SocketAddr> {
+        Ok(self.sock.local_addr()?)
+    }
+    fn remote_addr(&self) -> Option<SocketAddr> {
+        None
+    }
+    /// The crate closes the listener "turn socket" whenever one allocation ends; the listener
+    /// must outlive that, so closing is a no-op here.
+    async fn close(&self) -> UResult<()> {
+        Ok(())
+    }
+    fn as_any(&self) -> &(dyn std::any::Any + Send + Sync) {
+        self
+    }
+}
+
+/// Time-limited coturn-style credentials (`<expiry>:<peer-id>`, HMAC-SHA1 password).
+pub struct CoturnAuth {
+    pub shared: Arc<UdpShared>,
+}
+
+impl turn::auth::AuthHandler for CoturnAuth {
+    fn auth_handle(
+        &self,
+        username: &str,
+        realm: &str,
+        src: SocketAddr,
+    ) -> Result<Vec<u8>, turn::Error> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        if let Err(e) = tern_proto::relay_auth::check_username(username, now) {
+            self.shared.auth_failed(username, src, &e.to_string());
+            return Err(turn::Error::Other(e.to_string()));
+        }
+        let password = tern_proto::relay_auth::password_for(&self.shared.secret, username);
+        // A wrong password shows up as a failed MESSAGE-INTEGRITY check in the crate; it answers
+        // 400 and we cannot see it, so only malformed/expired names are counted here.
+        Ok(turn::auth::generate_auth_key(username, realm, &password))
+    }
+}
+
+/// Allocates relay sockets in `[min_port, max_port]` on `bind_ip`, advertised as `public_ip`.
+pub struct RelayGen {
+    pub shared: Arc<UdpShared>,
+    pub bind_ip: IpAddr,
+    pub public_ip: IpAddr,
+    pub min_port: u16,
+    pub max_port: u16,
+}
+
+#[async_trait::async_trait]
+impl turn::relay::RelayAddressGenerator for RelayGen {
+    fn validate(&self) -> Result<(), turn::Error> {
+        if self.min_port == 0 || self.max_port < self.min_port {
+            return Err(turn::Error::Other(format!(
+                "bad relay port range {}-{}",
+                self.min_port, self.max_port
+            )));
+        }
+        Ok(())
+    }
+
+    async fn allocate_conn(
+        &self,
+        use_ipv4: bool,
+        requested_port: u16,
+    ) -> Result<(Arc<dyn Conn + Send + Sync>, SocketAddr), turn::Error> {
+        let user = lock(&self.shared.current_user).take().unwrap_or_default();
+        let ip = if use_ipv4 == self.bind_ip.is_ipv4() {
+            self.bind_ip
+        } else {
+            return Err(turn::Error::Other(
+                "address family not served by this relay".into(),
+            ));
+        };
+        let span = u32::from(self.max_port - self.min_port) + 1;
+        let mut tries: Vec<u16> = if requested_port != 0 {
+            vec![requested_port]
+        } else {
+            (0..16)
+                .map(|_| self.min_port + (rand::random::<u32>() % span) as u16)
+                .collect()
+        };
+        // Then a linear sweep so a nearly full range still finds its free ports.
+        if requested_port == 0 {
+            tries.extend(self.min_port..=self.max_port);
+        }
+        for port in tries {
+            let Ok(sock) = UdpSocket::bind(SocketAddr::new(ip, port)).await else {
+                continue;
+            };
+            size_buffers(&sock, 4 << 20);
+            let local = sock.local_addr()?;
+            *lock(&self.shared.per_user).entry(user.clone()).or_insert(0) += 1;
+            Metrics::inc(&self.shared.metrics.allocations_active);
+            Metrics::inc(&self.shared.metrics.allocations_total);
+            let conn = RelayConn {
+                sock,
+                shared: self.shared.clone(),
+                user: user.clone(),
+                closed: AtomicBool::new(false),
+            };
+            return Ok((
+                Arc::new(conn),
+                SocketAddr::new(self.public_ip, local.port()),
+            ));
+        }
+        Err(turn::Error::ErrMaxRetriesExceeded)
+    }
+}
+
+pub struct RelayConn {
+    sock: UdpSocket,
+    shared: Arc<UdpShared>,
+    user: String,
+    closed: AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl Conn for RelayConn {
+    async fn connect(&self, addr: SocketAddr) -> UResult<()> {
+        Ok(self.sock.connect(addr).await?)
+    }
+    async fn recv(&self, buf: &mut [u8]) -> UResult<usize> {
+        Ok(self.sock.recv(buf).await?)
+    }
+    async fn recv_from(&self, buf: &mut [u8]) -> UResult<(usize, SocketAddr)> {
+        let (n, from) = self.sock.recv_from(buf).await?;
+        Metrics::inc(&self.shared.metrics.turn_packets_relayed_total);
+        Metrics::add(&self.shared.metrics.turn_bytes_relayed_total, n as u64);
+        Ok((n, from))
+    }
+    async fn send(&self, buf: &[u8]) -> UResult<usize> {
+        Ok(self.sock.send(buf).await?)
+    }
+    async fn send_to(&self, buf: &[u8], target: SocketAddr) -> UResult<usize> {
+        if !self.shared.filter.allows(target.ip()) {
+            Metrics::inc(&self.shared.metrics.forbidden_peer_total);
+            return Ok(buf.len());
+        }
+        let n = self.sock.send_to(buf, target).await?;
+        Metrics::inc(&self.shared.metrics.turn_packets_relayed_total);
+        Metrics::add(&self.shared.metrics.turn_bytes_relayed_total, n as u64);
+        Ok(n)
+    }
+    fn local_addr(&self) -> UResult<SocketAddr> {
+        Ok(self.sock.local_addr()?)
+    }
+    fn remote_addr(&self) -> Option<SocketAddr> {
+        None
+    }
+    async fn close(&self) -> UResult<()> {
+        if !self.closed.swap(true, Ordering::SeqCst) {
+            Metrics::dec(&self.shared.metrics.allocations_active);
+            let mut per_user = lock(&self.shared.per_user);
+            if let Some(n) = per_user.get_mut(&self.user) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    per_user.remove(&self.user);
+                }
+            }
+        }
+        Ok(())
+    }
+    fn as_any(&self) -> &(dyn std::any::Any + Send + Sync) {
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stun::agent::TransactionId;
+    use stun::message::BINDING_REQUEST;
+
+    fn shared() -> Arc<UdpShared> {
+        UdpShared::new(
+            Arc::new(Metrics::default()),
+            PeerFilter::new(None, vec![]),
+            b"s".to_vec(),
+            "tern".into(),
+            UdpLimits {
+                requests_per_sec: 1.0,
+                requests_burst: 2.0,
+                ..UdpLimits::default()
+            },
+        )
+    }
+
+    fn src() -> SocketAddr {
+        "198.51.100.7:5000".parse().expect("addr")
+    }
+
+    fn permission_to(ip: IpAddr) -> Vec<u8> {
+        let mut m = Message::new();
+        let setters: Vec<Box<dyn Setter>> = vec![
+            Box::new(TransactionId::new()),
+            Box::new(MessageType::new(METHOD_CREATE_PERMISSION, CLASS_REQUEST)),
+            Box::new(turn::proto::peeraddr::PeerAddress { ip, port: 9 }),
+        ];
+        m.build(&setters).expect("build");
+        m.raw
+    }
+
+    #[test]
+    fn binding_requests_are_rate_limited_per_source() {
+        let s = shared();
+        let mut m = Message::new();
+        m.build(&[Box::new(TransactionId::new()), Box::new(BINDING_REQUEST)])
+            .expect("build");
+        let t = Instant::now();
+        assert_eq!(s.inspect(&m.raw, src(), t), Verdict::Pass);
+        assert_eq!(s.inspect(&m.raw, src(), t), Verdict::Pass);
+        assert_eq!(
+            s.inspect(&m.raw, src(), t),
+            Verdict::Drop,
+            "burst of 2 spent"
+        );
+        assert_eq!(Metrics::get(&s.metrics.rate_limited_total), 1);
+        assert_eq!(
+            s.inspect(&m.raw, "198.51.100.8:1".parse().expect("addr"), t),
+            Verdict::Pass
+        );
+    }
+
+    #[test]
+    fn permissions_to_forbidden_peers_get_403() {
+        let s = shared();
+        let t = Instant::now();
+        match s.inspect(&permission_to("127.0.0.1".parse().expect("ip")), src(), t) {
+            Verdict::Reply(r) => {
+                let mut m = Message::new();
+                m.raw = r;
+                m.decode().expect("decode");
+                assert_eq!(m.typ.class, CLASS_ERROR_RESPONSE);
+                let mut e = ErrorCodeAttribute::default();
+                stun::message::Getter::get_from(&mut e, &m).expect("error code");
+                assert_eq!(e.code.0, CODE_FORBIDDEN.0);
+            }
+            v => panic!("expected 403, got {v:?}"),
+        }
+        assert_eq!(
+            s.inspect(
+                &permission_to("203.0.113.10".parse().expect("ip")),
+                src(),
+                t
+            ),
+            Verdict::Pass
+        );
+        let v6 = s.inspect(
+            &permission_to("::1".parse().expect("ip")),
+            "[2001:db8::1]:5".parse().expect("a"),
+            t,
+        );
+        assert!(matches!(v6, Verdict::Reply(_)), "IPv6 loopback refused too");
+    }
+
+    #[test]
+    fn garbage_never_panics_and_is_counted() {
+        let s = shared();
+        let t = Instant::now();
+        let mut rng_state = 0x1234_5678_u64;
+        for len in 0..2000usize {
+            let buf: Vec<u8> = (0..(len % 300))
+                .map(|_| {
+                    rng_state ^= rng_state << 13;
+                    rng_state ^= rng_state >> 7;
+                    rng_state ^= rng_state << 17;
+                    rng_state as u8
+                })
+                .collect();
+            let _ = s.inspect(&buf, src(), t);
+        }
+        // Truncations of a valid message.
+        let p = permission_to("203.0.113.10".parse().expect("ip"));
+        for cut in 0..p.len() {
+            let _ = s.inspect(&p[..cut], src(), t);
+        }
+        assert!(Metrics::get(&s.metrics.malformed_total) > 0);
+    }
+}
