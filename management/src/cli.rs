@@ -48,8 +48,30 @@ pub struct Args {
     /// Secret shared with a separately deployed signal service; generated and stored if not given.
     #[arg(long, env = "TERN_PEER_TOKEN_SECRET", hide_env_values = true)]
     pub peer_token_secret: Option<SecretString>,
+    /// PEM certificate chain: serve HTTPS (API, console, gRPC, relay WebSocket) on --listen.
+    #[arg(long, env = "TERN_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "TERN_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Do not run the embedded relay (tern-server only).
+    #[arg(long, env = "TERN_NO_RELAY")]
+    pub no_relay: bool,
+    /// STUN/TURN UDP listen address of the embedded relay.
+    #[arg(long, env = "TERN_RELAY_UDP_LISTEN", default_value = "0.0.0.0:3478")]
+    pub relay_udp_listen: SocketAddr,
+    /// Public IP of the relay (advertised to agents); default: the public URL's host if it is an
+    /// IP, else the listen IP, else 127.0.0.1 (local trials only).
+    #[arg(long, env = "TERN_RELAY_PUBLIC_IP")]
+    pub relay_public_ip: Option<std::net::IpAddr>,
+    /// TURN relay port range.
+    #[arg(long, env = "TERN_RELAY_PORTS", default_value = "49152-65535")]
+    pub relay_ports: String,
+    /// Peer ranges the relay may reach despite its default filter (labs only), comma-separated.
+    #[arg(long, env = "TERN_RELAY_ALLOW_PEERS", value_delimiter = ',')]
+    pub relay_allow_peers: Vec<ipnet::IpNet>,
     /// Log filter (tracing syntax), e.g. "info,tern_management=debug".
-    #[arg(long, env = "TERN_LOG", default_value = "info")]
+    #[arg(long, env = "TERN_LOG", default_value = "info,turn::server=off")]
     pub log: String,
 }
 
@@ -87,11 +109,41 @@ pub async fn run(args: Args, with_signal: bool) -> anyhow::Result<()> {
             .map(|s| s.expose_secret().as_bytes().to_vec()),
         ..ManagementOptions::default()
     };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => Some(tern_relay::tls::load_server_config(c, k)?),
+        _ => None,
+    };
+    let relay = if with_signal && !args.no_relay {
+        let (min_port, max_port) = parse_ports(&args.relay_ports)?;
+        let public_ip = args
+            .relay_public_ip
+            .or_else(|| {
+                let host = args.public_url.as_deref()?.parse::<axum::http::Uri>().ok()?.host()?.to_string();
+                host.trim_matches(['[', ']']).parse().ok()
+            })
+            .or_else(|| (!args.listen.ip().is_unspecified()).then(|| args.listen.ip()))
+            .unwrap_or_else(|| {
+                tracing::warn!("relay public IP unknown: advertising 127.0.0.1; set TERN_RELAY_PUBLIC_IP for real use");
+                std::net::IpAddr::from([127, 0, 0, 1])
+            });
+        Some(server::EmbeddedRelay {
+            udp_listen: args.relay_udp_listen,
+            public_ip,
+            min_port,
+            max_port,
+            allow_peers: args.relay_allow_peers.clone(),
+        })
+    } else {
+        None
+    };
     let cfg = ServerConfig {
         listen: args.listen,
         database_url,
         opts,
         signal: with_signal.then(tern_signal::SignalOptions::default),
+        relay,
+        tls,
+        public_url: args.public_url.clone(),
     };
     let running = server::start(cfg).await?;
     let first = crate::bootstrap::first_start(
@@ -112,6 +164,9 @@ pub async fn run(args: Args, with_signal: bool) -> anyhow::Result<()> {
     println!("Tern is running.");
     println!("  Console and API:  {url}/   (OpenAPI: {url}/api/openapi.json)");
     println!("  Agents join with: tern up --management-url {url} --setup-key <KEY>");
+    if let Some(r) = &running.relay {
+        println!("  Relay:            STUN/TURN udp {}  (TCP fallback {url}/relay, metrics {url}/metrics)", r.udp_addr);
+    }
     if let Some(f) = first {
         println!("First start: these are shown only once; store them now.");
         println!("  Admin user:       {}", f.admin_user);
@@ -128,6 +183,25 @@ pub async fn run(args: Args, with_signal: bool) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     running.stop(Duration::from_secs(5)).await;
     Ok(())
+}
+
+fn parse_ports(s: &str) -> anyhow::Result<(u16, u16)> {
+    let (a, b) = s
+        .split_once('-')
+        .context("relay ports must look like 49152-65535")?;
+    let (a, b): (u16, u16) = (
+        a.trim()
+            .parse()
+            .with_context(|| format!("bad port {a:?}"))?,
+        b.trim()
+            .parse()
+            .with_context(|| format!("bad port {b:?}"))?,
+    );
+    anyhow::ensure!(
+        a > 0 && a <= b,
+        "relay port range {s} is empty or starts at 0"
+    );
+    Ok((a, b))
 }
 
 async fn shutdown_signal() {

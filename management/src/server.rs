@@ -1,17 +1,33 @@
-//! Serves REST, the management gRPC service and (optionally) signal on one listener: HTTP/1.1 for
-//! the API and console, HTTP/2 for gRPC, so a deployment needs one TCP port.
+//! Serves REST, the management gRPC service, and optionally signal and the relay's WebSocket
+//! endpoint on one listener (HTTP/1.1 for the API and console, HTTP/2 for gRPC, plain or TLS), so
+//! a deployment needs one TCP port plus the relay's UDP port. The embedded relay shares the relay
+//! secret with management automatically, and its URLs go into every network map.
 
 use crate::state::{AppState, ManagementOptions};
 use crate::store::Store;
 use anyhow::Context;
-use std::net::SocketAddr;
+use ipnet::IpNet;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
+use tern_relay::{Relay, RelayConfig};
 use tern_signal::{Signal, SignalOptions};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
+
+/// The relay started inside the server process (`tern-server`).
+#[derive(Clone, Debug)]
+pub struct EmbeddedRelay {
+    pub udp_listen: SocketAddr,
+    /// Address clients reach the relay's UDP side at (advertised in relayed addresses and URLs).
+    pub public_ip: IpAddr,
+    pub min_port: u16,
+    pub max_port: u16,
+    /// Peer ranges allowed despite the default filter (labs only).
+    pub allow_peers: Vec<IpNet>,
+}
 
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
@@ -20,12 +36,34 @@ pub struct ServerConfig {
     pub opts: ManagementOptions,
     /// Also serve signal (the all-in-one server).
     pub signal: Option<SignalOptions>,
+    /// Also run the relay.
+    pub relay: Option<EmbeddedRelay>,
+    /// Serve HTTPS with this certificate.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// URL agents and admins use (default: derived from the bound address).
+    pub public_url: Option<String>,
+}
+
+impl ServerConfig {
+    pub fn new(listen: SocketAddr, database_url: String) -> Self {
+        ServerConfig {
+            listen,
+            database_url,
+            opts: ManagementOptions::default(),
+            signal: None,
+            relay: None,
+            tls: None,
+            public_url: None,
+        }
+    }
 }
 
 pub struct Running {
     pub addr: SocketAddr,
+    pub public_url: String,
     pub state: Arc<AppState>,
     pub signal: Option<Arc<Signal>>,
+    pub relay: Option<Arc<Relay>>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
     janitor: JoinHandle<()>,
@@ -41,7 +79,28 @@ impl Running {
         if tokio::time::timeout(grace, &mut task).await.is_err() {
             task.abort();
         }
+        if let Some(r) = &self.relay {
+            r.close().await;
+        }
         self.state.store.close().await;
+    }
+}
+
+/// `host[:port]` of a URL, and the host alone.
+fn url_authority(url: &str) -> anyhow::Result<(String, String)> {
+    let uri: axum::http::Uri = url
+        .parse()
+        .with_context(|| format!("public URL {url:?} is not a URL"))?;
+    let auth = uri
+        .authority()
+        .with_context(|| format!("public URL {url:?} has no host"))?;
+    Ok((auth.as_str().to_string(), auth.host().to_string()))
+}
+
+fn host_for_url(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V6(v6) => format!("[{v6}]"),
+        v4 => v4.to_string(),
     }
 }
 
@@ -53,7 +112,66 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Running> {
         .mark_all_disconnected()
         .await
         .context("resetting connection state")?;
-    let state = AppState::new(store, cfg.opts.clone())
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("binding {}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    let scheme = if cfg.tls.is_some() { "https" } else { "http" };
+    let public_url = cfg.public_url.clone().unwrap_or_else(|| {
+        let host = if addr.ip().is_unspecified() {
+            "localhost".to_string()
+        } else {
+            host_for_url(addr.ip())
+        };
+        format!("{scheme}://{host}:{}", addr.port())
+    });
+    let public_url = public_url.trim_end_matches('/').to_string();
+
+    let mut opts = cfg.opts.clone();
+    if opts.relay.secret.is_empty() {
+        opts.relay.secret = store
+            .secret_or_create("relay_secret", crate::state::random_secret_b64)
+            .await?
+            .into_bytes();
+    }
+    let relay = match &cfg.relay {
+        None => None,
+        Some(er) => {
+            let settings = store.settings().await?;
+            let mut rc = RelayConfig::new(er.udp_listen, er.public_ip, opts.relay.secret.clone());
+            rc.min_port = er.min_port;
+            rc.max_port = er.max_port;
+            rc.overlay = Some(settings.overlay_range);
+            rc.allow_peers = er.allow_peers.clone();
+            let relay = Arc::new(
+                Relay::start(rc)
+                    .await
+                    .context("starting the embedded relay")?,
+            );
+            let udp = format!("{}:{}", host_for_url(er.public_ip), relay.udp_addr.port());
+            if opts.relay.stun_urls.is_empty() {
+                opts.relay.stun_urls.push(format!("stun:{udp}"));
+            }
+            if opts.relay.turn_urls.is_empty() {
+                opts.relay
+                    .turn_urls
+                    .push(format!("turn:{udp}?transport=udp"));
+            }
+            if opts.relay.tcp_relay_urls.is_empty() {
+                let (authority, _) = url_authority(&public_url)?;
+                let ws = if public_url.starts_with("https") {
+                    "wss"
+                } else {
+                    "ws"
+                };
+                opts.relay
+                    .tcp_relay_urls
+                    .push(format!("{ws}://{authority}/relay"));
+            }
+            Some(relay)
+        }
+    };
+    let state = AppState::new(store, opts)
         .await
         .context("loading server keys")?;
     let mut router = crate::api::router(state.clone()).route_service(
@@ -67,28 +185,24 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Running> {
     if let Some(sig) = &signal {
         router = router.route_service("/tern.signal.v1.SignalService/{*method}", sig.service());
     }
-    let listener = TcpListener::bind(cfg.listen)
-        .await
-        .with_context(|| format!("binding {}", cfg.listen))?;
-    let addr = listener.local_addr()?;
-    let (shutdown, mut rx) = watch::channel(false);
-    let task = tokio::spawn(async move {
-        let stop = async move {
-            let _ = rx.wait_for(|s| *s).await;
-        };
-        if let Err(e) = axum::serve(listener, router)
-            .with_graceful_shutdown(stop)
-            .await
-        {
-            warn!(error = %e, "HTTP server ended with error");
-        }
-    });
+    if let Some(r) = &relay {
+        router = router.merge(r.router());
+    }
+    let (shutdown, rx) = watch::channel(false);
+    let task = tokio::spawn(tern_relay::tls::serve(
+        listener,
+        router,
+        cfg.tls.clone(),
+        rx,
+    ));
     let janitor = tokio::spawn(janitor(state.clone()));
-    info!(%addr, signal = signal.is_some(), "management listening");
+    info!(%addr, %public_url, signal = signal.is_some(), relay = relay.is_some(), tls = cfg.tls.is_some(), "management listening");
     Ok(Running {
         addr,
+        public_url,
         state,
         signal,
+        relay,
         shutdown,
         task,
         janitor,
@@ -136,5 +250,17 @@ mod tests {
             super::redact_url("sqlite://data/tern.db"),
             "sqlite://data/tern.db"
         );
+    }
+
+    #[test]
+    fn url_authority_keeps_the_port() {
+        assert_eq!(
+            super::url_authority("https://vpn.example.com:8443/x").expect("url"),
+            (
+                "vpn.example.com:8443".to_string(),
+                "vpn.example.com".to_string()
+            )
+        );
+        assert!(super::url_authority("not a url").is_err());
     }
 }

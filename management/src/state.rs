@@ -47,6 +47,11 @@ pub struct AppState {
     streams: std::sync::Mutex<HashMap<String, usize>>,
 }
 
+/// 32 random bytes, base64: the form of every generated server secret.
+pub fn random_secret_b64() -> String {
+    random_b64(32)
+}
+
 fn random_b64(n: usize) -> String {
     use rand::RngCore;
     let mut b = vec![0u8; n];

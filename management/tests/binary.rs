@@ -13,7 +13,13 @@ struct Server {
 impl Server {
     fn start(data_dir: &std::path::Path) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tern-server"))
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--relay-udp-listen",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
             .arg(data_dir)
             .env_remove("TERN_ADMIN_PASSWORD")
             .env_remove("TERN_DATABASE_URL")

@@ -45,7 +45,7 @@ struct Args {
     tls_cert: Option<PathBuf>,
     #[arg(long, env = "TERN_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
-    #[arg(long, env = "TERN_LOG", default_value = "info")]
+    #[arg(long, env = "TERN_LOG", default_value = "info,turn::server=off")]
     log: String,
 }
 

@@ -17,8 +17,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use stun::attributes::{ATTR_USERNAME, ATTR_XOR_PEER_ADDRESS};
-use stun::error_code::{ErrorCode, ErrorCodeAttribute, CODE_ALLOC_QUOTA_REACHED, CODE_FORBIDDEN};
+use stun::attributes::{ATTR_MESSAGE_INTEGRITY, ATTR_REALM, ATTR_USERNAME, ATTR_XOR_PEER_ADDRESS};
+use stun::error_code::{
+    ErrorCode, ErrorCodeAttribute, CODE_ALLOC_QUOTA_REACHED, CODE_FORBIDDEN, CODE_UNAUTHORIZED,
+};
 use stun::message::{
     Message, MessageType, Setter, CLASS_ERROR_RESPONSE, CLASS_INDICATION, CLASS_REQUEST,
     MAGIC_COOKIE, METHOD_ALLOCATE, METHOD_BINDING, METHOD_CHANNEL_BIND, METHOD_CREATE_PERMISSION,
@@ -184,6 +186,39 @@ fn error_response(m: &Message, code: ErrorCode, reason: &str) -> Option<Vec<u8>>
 }
 
 impl UdpShared {
+    /// Verifies USERNAME (form, expiry) and MESSAGE-INTEGRITY against our secret before the TURN
+    /// server sees the request, so failures are counted here and the crate logs nothing.
+    fn check_integrity(&self, m: &Message) -> Result<(), (String, &'static str)> {
+        let user = m
+            .get(ATTR_USERNAME)
+            .map(|u| String::from_utf8_lossy(&u).into_owned())
+            .map_err(|_| (String::new(), "no username"))?;
+        let realm = m
+            .get(ATTR_REALM)
+            .map(|r| String::from_utf8_lossy(&r).into_owned())
+            .map_err(|_| (user.clone(), "no realm"))?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        if let Err(e) = tern_proto::relay_auth::check_username(&user, now) {
+            return Err((
+                user,
+                if matches!(e, tern_proto::relay_auth::CredentialError::Expired(_)) {
+                    "expired"
+                } else {
+                    "malformed username"
+                },
+            ));
+        }
+        let password = tern_proto::relay_auth::password_for(&self.secret, &user);
+        let key = turn::auth::generate_auth_key(&user, &realm, &password);
+        let mut copy = m.clone();
+        stun::integrity::MessageIntegrity(key)
+            .check(&mut copy)
+            .map_err(|_| (user, "wrong password"))
+    }
+
     /// Decides what to do with a datagram from `src` (pure apart from counters and tables).
     pub fn inspect(&self, buf: &[u8], src: SocketAddr, now: Instant) -> Verdict {
         if buf.len() >= 4 && (0x40..=0x7f).contains(&buf[0]) {
@@ -223,6 +258,13 @@ impl UdpShared {
                         .map_or(Verdict::Drop, Verdict::Reply);
                 }
                 return Verdict::Drop;
+            }
+        }
+        if class == CLASS_REQUEST && m.contains(ATTR_MESSAGE_INTEGRITY) {
+            if let Err(why) = self.check_integrity(&m) {
+                self.auth_failed(&why.0, src, why.1);
+                return error_response(&m, CODE_UNAUTHORIZED, "Unauthorized")
+                    .map_or(Verdict::Drop, Verdict::Reply);
             }
         }
         if method == METHOD_ALLOCATE && class == CLASS_REQUEST {
@@ -314,8 +356,7 @@ impl turn::auth::AuthHandler for CoturnAuth {
             return Err(turn::Error::Other(e.to_string()));
         }
         let password = tern_proto::relay_auth::password_for(&self.shared.secret, username);
-        // A wrong password shows up as a failed MESSAGE-INTEGRITY check in the crate; it answers
-        // 400 and we cannot see it, so only malformed/expired names are counted here.
+        // The front already verified MESSAGE-INTEGRITY with the same key (and counted failures).
         Ok(turn::auth::generate_auth_key(username, realm, &password))
     }
 }

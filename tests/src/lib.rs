@@ -158,13 +158,20 @@ impl TestServer {
     }
 
     pub async fn start_with(database_url: &str, opts: ManagementOptions) -> anyhow::Result<Self> {
-        let running = server::start(ServerConfig {
-            listen: "127.0.0.1:0".parse()?,
-            database_url: database_url.to_string(),
-            opts,
-            signal: Some(tern_signal::SignalOptions::default()),
-        })
-        .await?;
+        let mut cfg = ServerConfig::new("127.0.0.1:0".parse()?, database_url.to_string());
+        cfg.opts = opts;
+        cfg.signal = Some(tern_signal::SignalOptions::default());
+        cfg.relay = Some(server::EmbeddedRelay {
+            udp_listen: "127.0.0.1:0".parse()?,
+            public_ip: "127.0.0.1".parse()?,
+            min_port: 40000 + (rand::random::<u16>() % 20000),
+            max_port: 0,
+            allow_peers: vec![],
+        });
+        if let Some(r) = cfg.relay.as_mut() {
+            r.max_port = r.min_port + 400;
+        }
+        let running = server::start(cfg).await?;
         let first = tern_management::bootstrap::first_start(
             &running.state.store,
             "admin",

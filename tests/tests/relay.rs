@@ -1,0 +1,587 @@
+//! Relay suite: coturn's own clients against Tern's STUN/TURN, credential and peer-filter checks
+//! with the `turn` crate's client, the WebSocket datagram relay through TLS, a slow receiver, and
+//! garbage input. Needs Debian's `coturn` package (turnutils_*), which scripts/test installs.
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+use tern_relay::client::RelayClient;
+use tern_relay::metrics::Metrics;
+use tern_relay::{Relay, RelayConfig};
+use tern_tests::init_tracing;
+use tokio::net::UdpSocket;
+use webrtc_util::Conn;
+
+const SECRET: &[u8] = b"relay-test-secret";
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// A relay on loopback; `lab` allows 127.0.0.0/8 as a peer (coturn's tools relay client to client
+/// through relayed addresses, which are loopback here).
+async fn relay(lab: bool) -> Relay {
+    let mut cfg = RelayConfig::new(
+        "127.0.0.1:0".parse().expect("addr"),
+        "127.0.0.1".parse().expect("ip"),
+        SECRET.to_vec(),
+    );
+    cfg.relay_bind_ip = "127.0.0.1".parse().expect("ip");
+    cfg.min_port = 40000 + (rand::random::<u16>() % 20000);
+    cfg.max_port = cfg.min_port + 400;
+    if lab {
+        cfg.allow_peers = vec!["127.0.0.0/8".parse().expect("net")];
+    }
+    Relay::start(cfg).await.expect("relay starts")
+}
+
+fn need(tool: &str) -> String {
+    let p = format!("/usr/bin/{tool}");
+    assert!(
+        std::path::Path::new(&p).exists(),
+        "{tool} missing: apt-get install coturn (scripts/test does)"
+    );
+    p
+}
+
+/// Runs a command with a time limit; returns (success, stdout+stderr).
+async fn run(mut cmd: Command, limit: Duration) -> (bool, String) {
+    let out = tokio::time::timeout(limit, tokio::task::spawn_blocking(move || cmd.output()))
+        .await
+        .expect("tool finished in time")
+        .expect("join")
+        .expect("tool ran");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn lost_packets(out: &str) -> Option<u64> {
+    let line = out.lines().find(|l| l.contains("Total lost packets"))?;
+    line.split("Total lost packets")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coturn_uclient_relays_between_its_clients_with_zero_loss() {
+    init_tracing();
+    let r = relay(true).await;
+    let port = r.udp_addr.port().to_string();
+    let mut cmd = Command::new(need("turnutils_uclient"));
+    // 4 clients paired client-to-client (-y), 200 messages of 1,200 bytes each, every 5 ms.
+    cmd.args([
+        "-y", "-c", "-n", "200", "-m", "4", "-l", "1200", "-z", "5", "-u", "tester", "-W",
+    ])
+    .arg(String::from_utf8_lossy(SECRET).to_string())
+    .args(["-p", &port, "127.0.0.1"]);
+    let (_, out) = run(cmd, Duration::from_secs(60)).await;
+    eprintln!("uclient output:\n{out}");
+    let lost =
+        lost_packets(&out).unwrap_or_else(|| panic!("uclient printed no loss figure:\n{out}"));
+    assert_eq!(lost, 0, "uclient lost packets:\n{out}");
+    assert!(
+        Metrics::get(&r.metrics.allocations_total) >= 4,
+        "allocations: {}",
+        r.metrics.render()
+    );
+    assert!(
+        Metrics::get(&r.metrics.turn_packets_relayed_total) >= 4 * 200,
+        "{}",
+        r.metrics.render()
+    );
+
+    // The same with a wrong secret: no allocation, no relayed message.
+    let before = Metrics::get(&r.metrics.allocations_total);
+    let mut cmd = Command::new(need("turnutils_uclient"));
+    cmd.args([
+        "-y",
+        "-c",
+        "-n",
+        "5",
+        "-m",
+        "2",
+        "-l",
+        "100",
+        "-u",
+        "tester",
+        "-W",
+        "wrong-secret",
+        "-p",
+        &port,
+        "127.0.0.1",
+    ]);
+    let (ok, out) = run(cmd, Duration::from_secs(60)).await;
+    eprintln!("uclient with a wrong secret:\n{out}");
+    assert!(
+        !ok || lost_packets(&out).is_none(),
+        "wrong secret must not relay:\n{out}"
+    );
+    assert_eq!(
+        Metrics::get(&r.metrics.allocations_total),
+        before,
+        "no allocation with a wrong secret"
+    );
+    assert!(
+        Metrics::get(&r.metrics.auth_failures_total) >= 1,
+        "wrong passwords are counted"
+    );
+    r.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stun_binding_returns_the_mapped_address() {
+    init_tracing();
+    let r = relay(false).await;
+    // coturn's STUN client.
+    let mut cmd = Command::new(need("turnutils_stunclient"));
+    cmd.args(["-p", &r.udp_addr.port().to_string(), "127.0.0.1"]);
+    let (ok, out) = run(cmd, Duration::from_secs(30)).await;
+    assert!(ok, "{out}");
+    assert!(out.contains("UDP reflexive addr: 127.0.0.1:"), "{out}");
+    // The stun crate (as agents use it), checking the exact port.
+    let sock = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
+    let local = sock.local_addr().expect("addr");
+    let client = turn_client(sock, &r.udp_addr, "", "").await;
+    let mapped = client.send_binding_request().await.expect("binding");
+    assert_eq!(mapped, local, "XOR-MAPPED-ADDRESS is the client's address");
+    assert!(Metrics::get(&r.metrics.stun_requests_total) >= 2);
+    client.close().await.expect("close");
+    r.close().await;
+}
+
+async fn turn_client(
+    sock: Arc<UdpSocket>,
+    server: &SocketAddr,
+    user: &str,
+    pass: &str,
+) -> turn::client::Client {
+    let c = turn::client::Client::new(turn::client::ClientConfig {
+        stun_serv_addr: server.to_string(),
+        turn_serv_addr: server.to_string(),
+        username: user.to_string(),
+        password: pass.to_string(),
+        realm: "tern".into(),
+        software: String::new(),
+        rto_in_ms: 0,
+        conn: sock,
+        vnet: None,
+    })
+    .await
+    .expect("client");
+    c.listen().await.expect("listen");
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_or_forged_credentials_and_loopback_peers_are_refused() {
+    init_tracing();
+    let r = relay(false).await;
+    let sock = || async { Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind")) };
+
+    // Expired.
+    let old = tern_proto::relay_auth::issue(SECRET, "peer-x", now() - 10);
+    let c = turn_client(sock().await, &r.udp_addr, &old.username, &old.password).await;
+    assert!(
+        c.allocate().await.is_err(),
+        "expired credentials must not allocate"
+    );
+    c.close().await.expect("close");
+    // Wrong secret.
+    let forged = tern_proto::relay_auth::issue(b"guess", "peer-x", now() + 600);
+    let c = turn_client(
+        sock().await,
+        &r.udp_addr,
+        &forged.username,
+        &forged.password,
+    )
+    .await;
+    assert!(
+        c.allocate().await.is_err(),
+        "forged credentials must not allocate"
+    );
+    c.close().await.expect("close");
+    assert!(
+        Metrics::get(&r.metrics.auth_failures_total) >= 2,
+        "expired and forged both counted"
+    );
+    assert_eq!(Metrics::get(&r.metrics.allocations_total), 0);
+
+    // Valid: allocates, but a permission to 127.0.0.1 is refused (default filter).
+    let good = tern_proto::relay_auth::issue(SECRET, "peer-x", now() + 600);
+    let c = turn_client(sock().await, &r.udp_addr, &good.username, &good.password).await;
+    let conn = c.allocate().await.expect("valid credentials allocate");
+    assert_eq!(Metrics::get(&r.metrics.allocations_active), 1);
+    let target = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let err = conn
+        .send_to(b"hello", target.local_addr().expect("addr"))
+        .await;
+    assert!(err.is_err(), "permission to loopback must be refused");
+    assert!(Metrics::get(&r.metrics.forbidden_peer_total) >= 1);
+    let mut buf = [0u8; 64];
+    let got = tokio::time::timeout(Duration::from_millis(500), target.recv_from(&mut buf)).await;
+    assert!(got.is_err(), "nothing reached the loopback target");
+    conn.close().await.expect("close");
+    c.close().await.expect("close");
+    r.close().await;
+}
+
+fn tls_pair() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
+    let cert = ck.cert.der().clone();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+    let server = tern_relay::tls::server_config(vec![cert.clone()], key).expect("server config");
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert).expect("root");
+    let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    (server, Arc::new(client))
+}
+
+/// Serves the relay's HTTP side over TLS on loopback; returns its wss base URL and a stopper.
+async fn serve_tls(r: &Relay) -> (String, tokio::sync::watch::Sender<bool>) {
+    let (server, _) = tls_pair_cached();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(tern_relay::tls::serve(
+        listener,
+        r.router(),
+        Some(server),
+        rx,
+    ));
+    (format!("wss://localhost:{port}/relay"), tx)
+}
+
+fn tls_pair_cached() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+    static P: std::sync::OnceLock<(Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>)> =
+        std::sync::OnceLock::new();
+    P.get_or_init(tls_pair).clone()
+}
+
+fn token(peer: &str, exp: i64, secret: &[u8]) -> String {
+    let c = tern_proto::relay_auth::issue(secret, peer, exp);
+    format!("{}:{}", c.username, c.password)
+}
+
+async fn recv_within(c: &mut RelayClient, d: Duration) -> (String, Vec<u8>) {
+    tokio::time::timeout(d, c.recv())
+        .await
+        .expect("datagram in time")
+        .expect("recv ok")
+        .expect("open")
+}
+
+async fn wait_connected(r: &Relay, n: usize) {
+    for _ in 0..200 {
+        if r.tcp.connected() >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{n} TCP relay clients did not register");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_relay_over_tls_carries_datagrams_both_ways_and_stamps_the_sender() {
+    init_tracing();
+    let r = relay(false).await;
+    let (url, stop) = serve_tls(&r).await;
+    let (_, tls) = tls_pair_cached();
+    let mut a = RelayClient::connect(
+        &url,
+        &token("peer-a", now() + 600, SECRET),
+        Some(tls.clone()),
+    )
+    .await
+    .expect("A connects");
+    let mut b = RelayClient::connect(
+        &url,
+        &token("peer-b", now() + 600, SECRET),
+        Some(tls.clone()),
+    )
+    .await
+    .expect("B connects");
+    wait_connected(&r, 2).await;
+    a.send("peer-b", b"from a").await.expect("send");
+    assert_eq!(
+        recv_within(&mut b, Duration::from_secs(5)).await,
+        ("peer-a".to_string(), b"from a".to_vec())
+    );
+    b.send("peer-a", b"from b").await.expect("send");
+    assert_eq!(
+        recv_within(&mut a, Duration::from_secs(5)).await,
+        ("peer-b".to_string(), b"from b".to_vec())
+    );
+    // A 1,400-byte datagram (a full-size WireGuard packet) arrives intact.
+    let big: Vec<u8> = (0..1400u32).map(|i| i as u8).collect();
+    a.send("peer-b", &big).await.expect("send");
+    assert_eq!(recv_within(&mut b, Duration::from_secs(5)).await.1, big);
+
+    // Bad, expired and missing tokens are refused with a reason.
+    for (t, why) in [
+        (token("peer-c", now() + 600, b"wrong"), "wrong password"),
+        (token("peer-c", now() - 5, SECRET), "expired"),
+        ("nonsense".to_string(), "token is not"),
+    ] {
+        let err = RelayClient::connect(&url, &t, Some(tls.clone()))
+            .await
+            .err()
+            .expect("refused");
+        assert!(
+            err.to_string().contains("401") && err.to_string().contains(why),
+            "{err}"
+        );
+    }
+    // Plain HTTP to the TLS port fails; a plain GET without upgrade is told what the endpoint is.
+    assert!(RelayClient::connect(
+        &url.replace("wss://", "ws://"),
+        &token("p", now() + 60, SECRET),
+        None
+    )
+    .await
+    .is_err());
+    assert!(Metrics::get(&r.metrics.auth_failures_total) >= 3);
+    assert!(Metrics::get(&r.metrics.tcp_packets_relayed_total) >= 3);
+    let _ = stop.send(true);
+    r.close().await;
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_receiver_causes_counted_drops_not_unbounded_memory() {
+    init_tracing();
+    let r = relay(false).await;
+    let (url, stop) = serve_tls(&r).await;
+    let (_, tls) = tls_pair_cached();
+    let mut fast =
+        RelayClient::connect(&url, &token("fast", now() + 600, SECRET), Some(tls.clone()))
+            .await
+            .expect("fast");
+    // The slow client connects and never reads.
+    let _slow = RelayClient::connect(&url, &token("slow", now() + 600, SECRET), Some(tls.clone()))
+        .await
+        .expect("slow");
+    wait_connected(&r, 2).await;
+    let before = rss_kib();
+    let payload = vec![7u8; 1200];
+    // 40,000 x 1,200 bytes = 48 MB offered to a receiver that reads nothing (bounded loop).
+    for _ in 0..40_000 {
+        fast.send("slow", &payload).await.expect("send");
+    }
+    // Let the relay work through what it has read.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let queued = r.tcp.queued("slow").expect("slow still connected");
+    assert!(queued <= 512, "queue is bounded, got {queued}");
+    assert!(
+        Metrics::get(&r.metrics.tcp_drops_total) > 10_000,
+        "excess is dropped and counted: {}",
+        r.metrics.render()
+    );
+    let grown = rss_kib().saturating_sub(before);
+    assert!(
+        grown < 40 * 1024,
+        "memory grew by {grown} KiB for 48 MB offered"
+    );
+    let _ = stop.send(true);
+    r.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_udp_and_websocket_input_never_breaks_the_relay() {
+    init_tracing();
+    let r = relay(false).await;
+    let sock = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut rnd = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    // Random datagrams, STUN-looking headers with random bodies, and truncated valid requests.
+    let mut valid = stun::message::Message::new();
+    valid
+        .build(&[
+            Box::new(stun::agent::TransactionId::new()),
+            Box::new(stun::message::BINDING_REQUEST),
+        ])
+        .expect("build");
+    for i in 0..3000usize {
+        let mut b: Vec<u8> = (0..(rnd() % 600) as usize).map(|_| rnd() as u8).collect();
+        match i % 3 {
+            0 => {}
+            1 if b.len() >= 20 => {
+                b[0] = 0x00;
+                b[1] = 0x03; // Allocate request type
+                b[4..8].copy_from_slice(&0x2112A442u32.to_be_bytes());
+            }
+            _ => b = valid.raw[..(rnd() as usize % valid.raw.len())].to_vec(),
+        }
+        let _ = sock.send_to(&b, r.udp_addr).await;
+        if i % 500 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    // Still answers a real binding request (from a fresh source, not rate-limited).
+    let s2 = Arc::new(UdpSocket::bind("127.0.0.2:0").await.expect("bind"));
+    let c = turn_client(s2, &r.udp_addr, "", "").await;
+    let mapped = tokio::time::timeout(Duration::from_secs(5), c.send_binding_request())
+        .await
+        .expect("in time")
+        .expect("binding");
+    assert_eq!(mapped.ip().to_string(), "127.0.0.2");
+    c.close().await.expect("close");
+    assert!(Metrics::get(&r.metrics.malformed_total) > 0);
+
+    // WebSocket: random binary frames, then the relay still relays.
+    let (url, stop) = serve_tls(&r).await;
+    let (_, tls) = tls_pair_cached();
+    let mut a = RelayClient::connect(&url, &token("fa", now() + 600, SECRET), Some(tls.clone()))
+        .await
+        .expect("a");
+    let mut b = RelayClient::connect(&url, &token("fb", now() + 600, SECRET), Some(tls.clone()))
+        .await
+        .expect("b");
+    wait_connected(&r, 2).await;
+    for _ in 0..500 {
+        let f: Vec<u8> = (0..(rnd() % 300) as usize).map(|_| rnd() as u8).collect();
+        a.send_raw(f).await.expect("send garbage");
+    }
+    a.send("fb", b"still works").await.expect("send");
+    loop {
+        let (from, d) = recv_within(&mut b, Duration::from_secs(5)).await;
+        // Random frames may happen to address "fb" correctly; skip those.
+        if d == b"still works" {
+            assert_eq!(from, "fa");
+            break;
+        }
+    }
+    let _ = stop.send(true);
+    r.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_map_hands_out_working_credentials_for_the_embedded_relay() {
+    init_tracing();
+    let db = tern_tests::TestDb::new(tern_tests::Backend::Sqlite)
+        .await
+        .expect("db");
+    let srv = tern_tests::TestServer::start(&db.url)
+        .await
+        .expect("server");
+    let relay_addr = srv
+        .running
+        .as_ref()
+        .and_then(|r| r.relay.as_ref())
+        .expect("embedded relay")
+        .udp_addr;
+    let a = tern_tests::TestAgent::new(&srv, "a").await;
+    let b = tern_tests::TestAgent::new(&srv, "b").await;
+    let la = a.login(Some(&srv.default_setup_key)).await.expect("a");
+    let lb = b.login(Some(&srv.default_setup_key)).await.expect("b");
+    let mut sa = a.sync(&la.peer_token).await.expect("sync a");
+    let mut sb = b.sync(&lb.peer_token).await.expect("sync b");
+    let ma = tern_tests::next_map(&mut sa, Duration::from_secs(5))
+        .await
+        .expect("map a");
+    let mb = tern_tests::next_map(&mut sb, Duration::from_secs(5))
+        .await
+        .expect("map b");
+    let ra = ma.relay.expect("relay section");
+    assert_eq!(
+        ra.stun[0].url,
+        format!("stun:127.0.0.1:{}", relay_addr.port())
+    );
+    assert_eq!(
+        ra.turn[0].url,
+        format!("turn:127.0.0.1:{}?transport=udp", relay_addr.port())
+    );
+    assert!(
+        ra.credentials_expire_unix > now() + 3600,
+        "credentials live for hours"
+    );
+
+    // TURN: the map's credentials allocate on the relay the server runs.
+    let sock = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
+    let c = turn_client(
+        sock,
+        &relay_addr,
+        &ra.turn[0].username,
+        &ra.turn[0].password,
+    )
+    .await;
+    let conn = c.allocate().await.expect("allocate with map credentials");
+    conn.close().await.expect("close");
+    c.close().await.expect("close");
+
+    // TCP relay: both agents connect with their tokens and exchange a datagram, addressed by peer id.
+    let url = &ra.tcp_relay[0].url;
+    assert_eq!(
+        url,
+        &format!("{}/relay", srv.base.replace("http://", "ws://"))
+    );
+    let mut ca = RelayClient::connect(url, &ra.tcp_relay[0].token, None)
+        .await
+        .expect("a connects");
+    let rb = mb.relay.expect("relay");
+    let mut cb = RelayClient::connect(&rb.tcp_relay[0].url, &rb.tcp_relay[0].token, None)
+        .await
+        .expect("b connects");
+    let relay = srv
+        .running
+        .as_ref()
+        .and_then(|r| r.relay.clone())
+        .expect("relay");
+    wait_connected(&relay, 2).await;
+    ca.send(&lb.peer_id, b"hello b").await.expect("send");
+    assert_eq!(
+        recv_within(&mut cb, Duration::from_secs(5)).await,
+        (la.peer_id.clone(), b"hello b".to_vec())
+    );
+
+    // Metrics are served on the same port.
+    let text = srv
+        .http
+        .get(srv.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("body");
+    assert!(text.contains("tern_relay_allocations_total 1"), "{text}");
+    assert!(
+        text.contains("tern_relay_tcp_packets_relayed_total 1"),
+        "{text}"
+    );
+    srv.stop().await;
+    db.cleanup().await;
+}
