@@ -1,0 +1,188 @@
+//! Talking to management: sealed login (registration with a setup key the first time), and the
+//! sync stream, reconnected with backoff; every new network map is published on a watch channel.
+
+use anyhow::{anyhow, Context};
+use prost::Message;
+use std::time::Duration;
+use tern_proto::management as pb;
+use tern_proto::management::management_service_client::ManagementServiceClient;
+use tern_proto::{PublicKey, SecretKey};
+use tokio::sync::watch;
+use tonic::transport::{Channel, Endpoint};
+use tracing::{info, warn};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoginError {
+    #[error("cannot reach management at {url}: {source}")]
+    Unreachable { url: String, source: anyhow::Error },
+    #[error("management refused the login: {0}")]
+    Refused(String),
+    #[error("{0}")]
+    Other(#[from] anyhow::Error),
+}
+
+pub fn channel(url: &str) -> anyhow::Result<Channel> {
+    let ep = Endpoint::from_shared(url.to_string())
+        .map_err(|_| anyhow!("management URL {url:?} is not a valid http(s) URL"))?
+        .connect_timeout(Duration::from_secs(10))
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true);
+    Ok(ep.connect_lazy())
+}
+
+pub struct Session {
+    pub peer_id: String,
+    pub token: String,
+    pub token_expires_unix: i64,
+    pub config: pb::PeerConfig,
+}
+
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+pub async fn login(
+    url: &str,
+    ch: &Channel,
+    key: &SecretKey,
+    setup_key: Option<&str>,
+    hostname: &str,
+) -> Result<Session, LoginError> {
+    let mut c = ManagementServiceClient::new(ch.clone());
+    let server = c
+        .get_server_key(pb::ServerKeyRequest {})
+        .await
+        .map_err(|s| LoginError::Unreachable {
+            url: url.to_string(),
+            source: anyhow!("{}", s.message()),
+        })?
+        .into_inner();
+    let server_pub = PublicKey::from_slice(&server.public_key).context("server key")?;
+    let req = pb::LoginRequest {
+        setup_key: setup_key.unwrap_or_default().to_string(),
+        meta: Some(pb::PeerMeta {
+            hostname: hostname.to_string(),
+            os: std::env::consts::OS.to_string(),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+        }),
+        timestamp_unix: now_unix(),
+    };
+    let sealed =
+        tern_proto::seal(key, &server_pub, &req.encode_to_vec()).context("sealing login")?;
+    let resp = c.login(sealed).await.map_err(|s| match s.code() {
+        tonic::Code::Unavailable => LoginError::Unreachable {
+            url: url.to_string(),
+            source: anyhow!("{}", s.message()),
+        },
+        _ => LoginError::Refused(s.message().to_string()),
+    })?;
+    let (from, body) =
+        tern_proto::open(key, &resp.into_inner()).context("opening login response")?;
+    if from != server_pub {
+        return Err(anyhow!("login response was not sealed by the server key").into());
+    }
+    let r = pb::LoginResponse::decode(body.as_slice()).context("decoding login response")?;
+    let config = r
+        .peer_config
+        .ok_or_else(|| anyhow!("login response without peer config"))?;
+    Ok(Session {
+        peer_id: r.peer_id,
+        token: r.peer_token,
+        token_expires_unix: r.token_expires_unix,
+        config,
+    })
+}
+
+/// Keeps a sync stream open (re-logging in for fresh tokens), publishing maps; reports whether
+/// management is reachable on `up`.
+pub async fn run_sync(
+    url: String,
+    ch: Channel,
+    key: SecretKey,
+    hostname: String,
+    maps: watch::Sender<Option<pb::NetworkMap>>,
+    token: watch::Sender<Option<String>>,
+    up: watch::Sender<bool>,
+) {
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let session = match login(&url, &ch, &key, None, &hostname).await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, retry_in = ?backoff, "management login failed");
+                up.send_replace(false);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                continue;
+            }
+        };
+        token.send_replace(Some(session.token.clone()));
+        let mut c = ManagementServiceClient::new(ch.clone());
+        let mut req = tonic::Request::new(pb::SyncRequest::default());
+        if let Ok(v) = format!("Bearer {}", session.token).parse() {
+            req.metadata_mut().insert("authorization", v);
+        }
+        let mut stream = match c.sync(req).await {
+            Ok(s) => s.into_inner(),
+            Err(e) => {
+                warn!(error = %e.message(), "sync stream refused");
+                up.send_replace(false);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                continue;
+            }
+        };
+        up.send_replace(true);
+        info!("management sync stream open");
+        // Re-login before the token expires (signal needs a valid one for reconnects).
+        let refresh =
+            Duration::from_secs(((session.token_expires_unix - now_unix()) * 3 / 4).max(30) as u64);
+        let mut deadline = tokio::time::Instant::now() + refresh;
+        loop {
+            let msg = tokio::select! {
+                m = stream.message() => m,
+                _ = tokio::time::sleep_until(deadline) => {
+                    deadline = tokio::time::Instant::now() + refresh;
+                    match login(&url, &ch, &key, None, &hostname).await {
+                        Ok(s) => { token.send_replace(Some(s.token)); }
+                        Err(e) => warn!(error = %e, "token refresh failed"),
+                    }
+                    continue;
+                }
+            };
+            match msg {
+                Ok(Some(m)) => {
+                    backoff = Duration::from_millis(500);
+                    if let Some(map) = m.network_map {
+                        let newer = maps
+                            .borrow()
+                            .as_ref()
+                            .is_none_or(|old| map.serial >= old.serial);
+                        if newer {
+                            maps.send_replace(Some(map));
+                        }
+                    }
+                }
+                Ok(None) => {
+                    warn!("management closed the sync stream");
+                    break;
+                }
+                Err(e) => {
+                    warn!(error = %e.message(), "sync stream failed");
+                    break;
+                }
+            }
+        }
+        up.send_replace(false);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}

@@ -1,0 +1,440 @@
+//! `tern`: the Tern agent (daemon + CLI). `tern up` joins the network and runs the tunnel in the
+//! foreground; `tern status` and `tern down` talk to the running daemon over a root-only socket.
+
+mod control;
+mod engine;
+mod signal;
+mod state;
+mod status;
+mod tunnel;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+#[derive(Parser, Debug)]
+#[command(name = "tern", version, about = "Tern mesh VPN agent")]
+struct Cli {
+    /// Where the private key and saved config live.
+    #[arg(
+        long,
+        global = true,
+        env = "TERN_STATE_DIR",
+        default_value = "/var/lib/tern"
+    )]
+    state_dir: PathBuf,
+    /// Where the control socket lives (root-only directory).
+    #[arg(long, global = true, env = "TERN_RUN_DIR", default_value = "/run/tern")]
+    run_dir: PathBuf,
+    /// TUN interface name.
+    #[arg(long, global = true, env = "TERN_INTERFACE", default_value = "tern0")]
+    interface: String,
+    #[arg(
+        long,
+        global = true,
+        env = "TERN_LOG",
+        default_value = "info,webrtc_ice=warn,turn=warn"
+    )]
+    log: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Join the network and run the tunnel (foreground). Later runs need no setup key.
+    Up {
+        /// Management URL, e.g. https://vpn.example.com (remembered after the first join).
+        #[arg(long, env = "TERN_MANAGEMENT_URL")]
+        management_url: Option<String>,
+        /// Setup key (first join only).
+        #[arg(long, env = "TERN_SETUP_KEY", hide_env_values = true)]
+        setup_key: Option<String>,
+        /// Name to register with (default: the host name).
+        #[arg(long, env = "TERN_HOSTNAME")]
+        hostname: Option<String>,
+        /// Tunnel MTU (default: the management setting, 1280).
+        #[arg(long, env = "TERN_MTU")]
+        mtu: Option<u32>,
+    },
+    /// Stop the running daemon (removes the interface).
+    Down,
+    /// Show the daemon's connections.
+    Status {
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        detail: bool,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let sock = status::socket_path(&cli.run_dir, &cli.interface);
+    match cli.cmd {
+        Cmd::Down => {
+            status::request(&sock, "down").await?;
+            println!("tern: {} going down", cli.interface);
+            Ok(())
+        }
+        Cmd::Status { json, detail } => {
+            let raw = status::request(&sock, "status").await?;
+            if json {
+                print!("{raw}");
+                return Ok(());
+            }
+            let s: status::Status =
+                serde_json::from_str(&raw).context("daemon sent a malformed status")?;
+            let yes = |b: bool| if b { "connected" } else { "unreachable" };
+            println!(
+                "Interface {}  address {}  key {}",
+                s.interface, s.overlay_address, s.public_key
+            );
+            println!(
+                "Management {}  Signal {}  TCP relay {}",
+                yes(s.management),
+                yes(s.signal),
+                yes(s.tcp_relay)
+            );
+            println!("Peers: {}", s.peers.len());
+            for p in &s.peers {
+                let g = |k: &str| {
+                    p.get(k)
+                        .map(|v| {
+                            v.as_str()
+                                .map(str::to_string)
+                                .unwrap_or_else(|| v.to_string())
+                        })
+                        .unwrap_or_default()
+                };
+                println!(
+                    "  {:<20} {:<15} {:<10} {:<10} rtt {} ms",
+                    g("name"),
+                    g("overlay_ip"),
+                    g("state"),
+                    g("connection"),
+                    g("latency_ms")
+                );
+                if detail {
+                    println!(
+                        "      local {}  remote {}  handshake {} s ago  rx {} B  tx {} B",
+                        g("local_candidate"),
+                        g("remote_candidate"),
+                        g("last_handshake_secs_ago"),
+                        g("bytes_rx"),
+                        g("bytes_tx")
+                    );
+                }
+            }
+            Ok(())
+        }
+        Cmd::Up {
+            management_url,
+            setup_key,
+            hostname,
+            mtu,
+        } => {
+            up(
+                &cli.state_dir,
+                sock,
+                &cli.interface,
+                management_url,
+                setup_key,
+                hostname,
+                mtu,
+            )
+            .await
+        }
+    }
+}
+
+async fn up(
+    state_dir: &std::path::Path,
+    sock: PathBuf,
+    iface: &str,
+    management_url: Option<String>,
+    setup_key: Option<String>,
+    hostname: Option<String>,
+    mtu: Option<u32>,
+) -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("tern up needs root (it creates a TUN device and routes)");
+    }
+    if status::request(&sock, "status").await.is_ok() {
+        bail!("a tern daemon is already running on {iface}; run `tern down` first");
+    }
+    let st = state::StateDir::new(state_dir)?;
+    let key = st.key()?;
+    let saved = st.load_config()?;
+    let url = management_url
+        .or_else(|| saved.as_ref().map(|s| s.management_url.clone()))
+        .context("no management URL: pass --management-url on the first join")?;
+    let hostname = hostname
+        .or_else(|| saved.as_ref().map(|s| s.hostname.clone()))
+        .or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+        })
+        .unwrap_or_else(|| "tern-peer".into());
+    let mtu = mtu.or(saved.as_ref().and_then(|s| s.mtu));
+    let ch = control::channel(&url)?;
+    let session = control::login(&url, &ch, &key, setup_key.as_deref(), &hostname)
+        .await
+        .map_err(|e| match e {
+            control::LoginError::Refused(m) if setup_key.is_none() && m.contains("setup key") => {
+                anyhow::anyhow!("management refused the login: {m} (pass --setup-key)")
+            }
+            e => anyhow::Error::new(e),
+        })?;
+    st.save_config(&state::SavedConfig {
+        management_url: url.clone(),
+        hostname: hostname.clone(),
+        interface: iface.to_string(),
+        mtu,
+    })?;
+    let mtu = mtu.unwrap_or(session.config.mtu);
+    let tun = tunnel::create(iface, &session.config.address, mtu)?;
+    info!(interface = iface, address = %session.config.address, mtu, peer_id = %session.peer_id, "tunnel up");
+    println!(
+        "tern: joined as {} with {} on {iface}",
+        session.config.name, session.config.address
+    );
+
+    let (maps_tx, mut maps_rx) = watch::channel(None);
+    let (token_tx, token_rx) = watch::channel(Some(session.token.clone()));
+    let (mgmt_up_tx, mgmt_up) = watch::channel(false);
+    let (sig_up_tx, sig_up) = watch::channel(false);
+    let (sig_out_tx, sig_out_rx) = mpsc::channel(256);
+    let (sig_in_tx, mut sig_in_rx) = mpsc::channel(256);
+    let engine = engine::Engine::new(key.clone(), tun, iface.to_string(), sig_out_tx);
+
+    tokio::spawn(control::run_sync(
+        url.clone(),
+        ch.clone(),
+        key.clone(),
+        hostname,
+        maps_tx,
+        token_tx,
+        mgmt_up_tx,
+    ));
+    tokio::spawn(signal::run(
+        ch.clone(),
+        key.clone(),
+        token_rx,
+        sig_out_rx,
+        sig_in_tx,
+        sig_up_tx,
+    ));
+    tokio::spawn(engine.clone().tun_loop());
+    tokio::spawn(engine.clone().timer_loop());
+    {
+        let e = engine.clone();
+        tokio::spawn(async move {
+            while let Some((from, msg)) = sig_in_rx.recv().await {
+                e.handle_signal(from, msg).await;
+            }
+        });
+    }
+    // Network maps -> engine, and the TCP relay connection that follows the map's URL/token.
+    let (relay_tx, relay_rx) = watch::channel::<Option<(String, String)>>(None);
+    {
+        let e = engine.clone();
+        tokio::spawn(async move {
+            while maps_rx.changed().await.is_ok() {
+                let Some(map) = maps_rx.borrow_and_update().clone() else {
+                    continue;
+                };
+                e.apply_map(&map);
+                let tcp = map
+                    .relay
+                    .as_ref()
+                    .and_then(|r| r.tcp_relay.first())
+                    .map(|t| (t.url.clone(), t.token.clone()));
+                relay_tx.send_if_modified(|cur| {
+                    let changed = cur.as_ref().map(|c| &c.0) != tcp.as_ref().map(|t| &t.0)
+                        || cur.is_none() != tcp.is_none();
+                    *cur = tcp.clone();
+                    changed
+                });
+            }
+        });
+    }
+    tokio::spawn(tcp_relay_loop(engine.clone(), relay_rx));
+    tokio::spawn(watch_addresses(engine.clone()));
+
+    let (down_tx, mut down_rx) = mpsc::channel(1);
+    let me = session.peer_id.clone();
+    let addr = session.config.address.clone();
+    let pubkey = key.public_key().to_base64();
+    let iface_s = iface.to_string();
+    let e = engine.clone();
+    status::serve(
+        sock.clone(),
+        move || status::Status {
+            interface: iface_s.clone(),
+            peer_id: me.clone(),
+            overlay_address: addr.clone(),
+            public_key: pubkey.clone(),
+            management: *mgmt_up.borrow(),
+            signal: *sig_up.borrow(),
+            tcp_relay: e.tcp_connected(),
+            peers: e
+                .status()
+                .into_iter()
+                .filter_map(|p| serde_json::to_value(p).ok())
+                .collect(),
+        },
+        down_tx,
+    )
+    .await?;
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => info!("interrupted"),
+        _ = term.recv() => info!("terminated"),
+        _ = down_rx.recv() => info!("tern down requested"),
+    }
+    let _ = std::fs::remove_file(&sock);
+    info!("tunnel down");
+    Ok(())
+}
+
+/// Keeps one TCP/WebSocket relay connection (the fallback path) while the map names a relay.
+async fn tcp_relay_loop(
+    engine: Arc<engine::Engine>,
+    mut cfg: watch::Receiver<Option<(String, String)>>,
+) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let Some((url, token)) = cfg.borrow_and_update().clone() else {
+            engine.set_tcp_out(None);
+            if cfg.changed().await.is_err() {
+                return;
+            }
+            continue;
+        };
+        let client =
+            match tern_relay::client::RelayClient::connect(&url, &token, Some(tls_roots())).await {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(%url, error = %e, "TCP relay connection failed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = cfg.changed() => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    continue;
+                }
+            };
+        backoff = Duration::from_secs(1);
+        info!(%url, "TCP relay connected");
+        let (tx, mut rx) = mpsc::channel::<(String, Vec<u8>)>(1024);
+        engine.set_tcp_out(Some(tx));
+        let mut client = client;
+        loop {
+            tokio::select! {
+                out = rx.recv() => {
+                    let Some((to, d)) = out else { break };
+                    if client.send(&to, &d).await.is_err() { break; }
+                }
+                inc = client.recv() => match inc {
+                    Ok(Some((from, d))) => engine.handle_tcp(&from, &d).await,
+                    _ => break,
+                },
+                _ = cfg.changed() => break,
+            }
+        }
+        engine.set_tcp_out(None);
+        warn!("TCP relay connection lost");
+    }
+}
+
+/// TLS trust for wss relay URLs: the system's roots (Debian's ca-certificates bundle) plus
+/// TERN_RELAY_CA (a PEM file) for private CAs and self-signed test certificates.
+fn tls_roots() -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    let mut files = vec![PathBuf::from("/etc/ssl/certs/ca-certificates.crt")];
+    if let Ok(extra) = std::env::var("TERN_RELAY_CA") {
+        files.push(PathBuf::from(extra));
+    }
+    for f in files {
+        if let Ok(iter) = rustls::pki_types::CertificateDer::pem_file_iter(&f) {
+            for c in iter.flatten() {
+                let _ = roots.add(c);
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map(|b| b.with_root_certificates(roots).with_no_client_auth());
+    Arc::new(cfg.unwrap_or_else(|_| {
+        rustls::ClientConfig::builder()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth()
+    }))
+}
+
+/// Retries ICE at once when the host's addresses change (new network, DHCP renew, roaming).
+async fn watch_addresses(engine: Arc<engine::Engine>) {
+    let mut last = addresses();
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let now = addresses();
+        if now != last {
+            info!("local addresses changed; retrying direct paths");
+            engine.retry_ice_now();
+            last = now;
+        }
+    }
+}
+
+fn addresses() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_to_string("/proc/net/if_inet6")
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    // IPv4 addresses: the kernel's fib trie lists local ones.
+    v.extend(
+        std::fs::read_to_string("/proc/net/fib_trie")
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string),
+    );
+    v.sort();
+    v
+}

@@ -1,0 +1,145 @@
+//! The agent's signal client: one authenticated stream, reconnected with backoff. Payloads are
+//! sealed end to end (crypto_box between the two WireGuard keys) before they leave the agent.
+
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+use tern_proto::signal as pb;
+use tern_proto::signal::signal_service_client::SignalServiceClient;
+use tern_proto::{PublicKey, SecretKey};
+use tokio::sync::{mpsc, watch};
+use tonic::transport::Channel;
+use tracing::{debug, info, warn};
+
+/// What peers tell each other to set up a path (sealed inside signal payloads).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub enum PeerMsg {
+    /// ICE credentials of a new session (from the controlling side).
+    Offer {
+        session: u64,
+        ufrag: String,
+        pwd: String,
+    },
+    /// ICE credentials of the controlled side for `session`.
+    Answer {
+        session: u64,
+        ufrag: String,
+        pwd: String,
+    },
+    /// One trickled ICE candidate.
+    Candidate { session: u64, candidate: String },
+}
+
+/// Seals a PeerMsg for `to` as the signal payload (prost-encoded SealedMessage).
+pub fn seal_msg(key: &SecretKey, to: &PublicKey, m: &PeerMsg) -> Option<Vec<u8>> {
+    use prost::Message;
+    let body = serde_json::to_vec(m).ok()?;
+    Some(tern_proto::seal(key, to, &body).ok()?.encode_to_vec())
+}
+
+/// Opens a payload from `from`; the sealed sender key must be the signal-stamped sender.
+pub fn open_msg(key: &SecretKey, from: &PublicKey, payload: &[u8]) -> Option<PeerMsg> {
+    use prost::Message;
+    let sealed = tern_proto::management::SealedMessage::decode(payload).ok()?;
+    let (sender, body) = tern_proto::open(key, &sealed).ok()?;
+    if &sender != from {
+        return None;
+    }
+    serde_json::from_slice(&body).ok()
+}
+
+/// Runs the signal stream forever: sends what arrives on `out`, delivers what comes in on `inc`.
+pub async fn run(
+    ch: Channel,
+    key: SecretKey,
+    mut token: watch::Receiver<Option<String>>,
+    mut out: mpsc::Receiver<(PublicKey, PeerMsg)>,
+    inc: mpsc::Sender<(PublicKey, PeerMsg)>,
+    up: watch::Sender<bool>,
+) {
+    let mut backoff = Duration::from_millis(500);
+    let mut id = 0u64;
+    loop {
+        let Some(t) = token.borrow_and_update().clone() else {
+            if token.changed().await.is_err() {
+                return;
+            }
+            continue;
+        };
+        let (tx, rx) = mpsc::channel::<pb::Outbound>(64);
+        let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        if let Ok(v) = format!("Bearer {t}").parse() {
+            req.metadata_mut().insert("authorization", v);
+        }
+        let mut stream = match SignalServiceClient::new(ch.clone()).open(req).await {
+            Ok(s) => s.into_inner(),
+            Err(e) => {
+                warn!(error = %e.message(), retry_in = ?backoff, "signal connection failed");
+                up.send_replace(false);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                continue;
+            }
+        };
+        up.send_replace(true);
+        info!("signal stream open");
+        backoff = Duration::from_millis(500);
+        loop {
+            tokio::select! {
+                m = out.recv() => {
+                    let Some((to, msg)) = m else { return };
+                    let Some(payload) = seal_msg(&key, &to, &msg) else { continue };
+                    id += 1;
+                    if tx.send(pb::Outbound { id, recipient: to.0.to_vec(), payload }).await.is_err() {
+                        break;
+                    }
+                }
+                m = stream.message() => match m {
+                    Ok(Some(pb::Inbound { kind: Some(pb::inbound::Kind::Delivery(d)) })) => {
+                        let Ok(from) = PublicKey::from_slice(&d.sender) else { continue };
+                        match open_msg(&key, &from, &d.payload) {
+                            Some(msg) => { let _ = inc.send((from, msg)).await; }
+                            None => debug!(%from, "dropping signal payload that does not open"),
+                        }
+                    }
+                    Ok(Some(pb::Inbound { kind: Some(pb::inbound::Kind::Result(r)) })) => {
+                        if r.status != pb::send_result::Status::Delivered as i32 {
+                            debug!(id = r.id, message = %r.message, "signal send not delivered");
+                        }
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => break,
+                },
+            }
+        }
+        warn!("signal stream lost; reconnecting");
+        up.send_replace(false);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sealed_peer_messages_open_only_from_the_stamped_sender() {
+        let a = SecretKey::generate();
+        let b = SecretKey::generate();
+        let m = PeerMsg::Offer {
+            session: 7,
+            ufrag: "u".into(),
+            pwd: "p".into(),
+        };
+        let wire = seal_msg(&a, &b.public_key(), &m).expect("seal");
+        assert_eq!(open_msg(&b, &a.public_key(), &wire), Some(m));
+        let c = SecretKey::generate();
+        assert_eq!(
+            open_msg(&b, &c.public_key(), &wire),
+            None,
+            "sender mismatch"
+        );
+        assert_eq!(open_msg(&b, &a.public_key(), b"garbage"), None);
+    }
+}

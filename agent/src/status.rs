@@ -1,0 +1,90 @@
+//! The local control socket: `tern status` and `tern down` talk to the daemon over a Unix socket
+//! in a root-only directory (mode 0700, socket 0600).
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub interface: String,
+    pub peer_id: String,
+    pub overlay_address: String,
+    pub public_key: String,
+    pub management: bool,
+    pub signal: bool,
+    pub tcp_relay: bool,
+    pub peers: Vec<serde_json::Value>,
+}
+
+pub fn socket_path(run_dir: &Path, iface: &str) -> PathBuf {
+    run_dir.join(format!("{iface}.sock"))
+}
+
+/// Serves requests: "status" -> JSON status; "down" -> answer, then `on_down` fires.
+pub async fn serve(
+    path: PathBuf,
+    status: impl Fn() -> Status + Send + Sync + 'static,
+    down: tokio::sync::mpsc::Sender<()>,
+) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)
+        .with_context(|| format!("binding control socket {}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    let status = std::sync::Arc::new(status);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                continue;
+            };
+            let status = status.clone();
+            let down = down.clone();
+            tokio::spawn(async move {
+                let (r, mut w) = s.split();
+                let mut line = String::new();
+                if BufReader::new(r).read_line(&mut line).await.is_err() {
+                    return;
+                }
+                let reply = match line.trim() {
+                    "status" => serde_json::to_string(&status()).unwrap_or_default(),
+                    "down" => {
+                        let _ = down.send(()).await;
+                        "{\"ok\":true}".to_string()
+                    }
+                    other => format!("{{\"error\":\"unknown command {other:?}\"}}"),
+                };
+                let _ = w.write_all(reply.as_bytes()).await;
+                let _ = w.write_all(b"\n").await;
+            });
+        }
+    });
+    Ok(())
+}
+
+pub async fn request(path: &Path, cmd: &str) -> anyhow::Result<String> {
+    let mut s = UnixStream::connect(path)
+        .await
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                anyhow::anyhow!(
+                    "the tern daemon is not running (no socket at {})",
+                    path.display()
+                )
+            }
+            std::io::ErrorKind::PermissionDenied => {
+                anyhow::anyhow!("permission denied on {}: run as root", path.display())
+            }
+            _ => anyhow::anyhow!("cannot reach the daemon at {}: {e}", path.display()),
+        })?;
+    s.write_all(format!("{cmd}\n").as_bytes()).await?;
+    let mut out = String::new();
+    BufReader::new(s).read_line(&mut out).await?;
+    Ok(out)
+}

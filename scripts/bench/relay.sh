@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Relay benchmark (prints figures; not a test). coturn's turnserver and tern-relay, side by side in
+# one run, each driven by the same turnutils_uclient load: client-to-client relaying (-y) of
+# 1,200-byte messages, so every message is relayed by the server once. Runs alternate between the
+# two servers; medians over REPEAT rounds. Then the TCP/WebSocket relay throughput (plain + TLS).
+# Everything stays on 127.0.0.1.
+#
+#   scripts/bench/relay.sh            # REPEAT=3 CLIENTS=10 MSGS=3000 INTERVAL_MS=1
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+REPEAT=${REPEAT:-3}
+CLIENTS=${CLIENTS:-10}
+MSGS=${MSGS:-3000}
+INTERVAL_MS=${INTERVAL_MS:-1}
+LEN=${LEN:-1200}
+SECRET=bench-secret-$$
+COTURN_PORT=34780
+TERN_PORT=34790
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+for t in turnserver turnutils_uclient; do
+  command -v $t >/dev/null || { echo "need $t: apt-get install coturn"; exit 1; }
+done
+cargo build -q --release -p tern-relay --bin tern-relay --example bench_tcp
+bin=${CARGO_TARGET_DIR:-target}/release
+
+turnserver -n --listening-ip=127.0.0.1 --listening-port=$COTURN_PORT --relay-ip=127.0.0.1 \
+  --min-port=50000 --max-port=54999 --use-auth-secret --static-auth-secret=$SECRET --realm=tern \
+  --no-tls --no-dtls --no-tcp --no-cli --allow-loopback-peers --no-multicast-peers \
+  --log-file="$work/coturn.log" --simple-log >/dev/null 2>&1 &
+pids+=($!); coturn_pid=$!
+TERN_RELAY_SECRET=$SECRET "$bin/tern-relay" --udp-listen 127.0.0.1:$TERN_PORT --http-listen 127.0.0.1:0 \
+  --public-ip 127.0.0.1 --ports 55000-59999 --allow-peers 127.0.0.0/8 --max-allocations-per-user 1000 \
+  --log warn,turn::server=off 2>"$work/tern.log" &
+pids+=($!); tern_pid=$!
+sleep 1
+
+cpu_s() { awk '{printf "%.2f", ($14+$15)/100}' "/proc/$1/stat"; }
+
+# One uclient run; prints "msgs_per_s loss_pct cpu_s".
+run_one() {
+  local port=$1 pid=$2 c0 c1 out t lost
+  c0=$(cpu_s "$pid")
+  out=$(timeout 300 turnutils_uclient -y -c -n "$MSGS" -m "$CLIENTS" -l "$LEN" -z "$INTERVAL_MS" \
+        -u bench -W $SECRET -p "$port" 127.0.0.1 2>&1 || true)
+  c1=$(cpu_s "$pid")
+  t=$(echo "$out" | sed -n 's/.*Total transmit time is \([0-9]*\).*/\1/p' | tail -1)
+  lost=$(echo "$out" | sed -n 's/.*Total lost packets [0-9]* (\([0-9.]*\)%.*/\1/p' | tail -1)
+  if [ -z "$t" ] || [ -z "$lost" ]; then echo "NA NA NA"; echo "$out" | tail -5 >&2; return; fi
+  [ "$t" -lt 1 ] && t=1
+  awk -v n=$((CLIENTS * MSGS)) -v t="$t" -v l="$lost" -v c0="$c0" -v c1="$c1" \
+    'BEGIN { printf "%.0f %.3f %.2f\n", n*(1-l/100)/t, l, c1-c0 }'
+}
+
+median() { sort -n | awk '{a[NR]=$1} END {if (NR==0) print "NA"; else print a[int((NR+1)/2)]}'; }
+
+echo "# relay benchmark $(date -u +%FT%TZ): $CLIENTS clients x $MSGS msgs x $LEN B, interval ${INTERVAL_MS} ms, $REPEAT rounds"
+: >"$work/coturn.txt"; : >"$work/tern.txt"
+for r in $(seq 1 "$REPEAT"); do
+  if [ $((r % 2)) -eq 1 ]; then order="coturn tern"; else order="tern coturn"; fi
+  for s in $order; do
+    if [ $s = coturn ]; then res=$(run_one $COTURN_PORT $coturn_pid); else res=$(run_one $TERN_PORT $tern_pid); fi
+    echo "round $r $s: msgs/s loss% cpu_s = $res"
+    echo "$res" >>"$work/$s.txt"
+  done
+done
+printf '\n%-10s %12s %10s %12s\n' server "msgs/s(med)" "loss%(med)" "cpu_s(med)"
+for s in coturn tern; do
+  printf '%-10s %12s %10s %12s\n' $s "$(cut -d' ' -f1 "$work/$s.txt" | median)" \
+    "$(cut -d' ' -f2 "$work/$s.txt" | median)" "$(cut -d' ' -f3 "$work/$s.txt" | median)"
+done
+paste -d' ' "$work/coturn.txt" "$work/tern.txt" | awk '$1 > 0 && $4 != "NA" { print $4/$1 }' | median \
+  | xargs printf 'ratio tern/coturn msgs/s (median of per-round ratios): %s\n'
+echo
+echo "# TCP/WebSocket relay throughput (two local clients, one direction)"
+"$bin/examples/bench_tcp"
