@@ -14,6 +14,8 @@ use tern_proto::signal::signal_service_client::SignalServiceClient;
 use tern_proto::SecretKey;
 use tonic::transport::Channel;
 
+pub mod netns;
+
 pub const ADMIN_PASSWORD: &str = "correct-horse-battery";
 
 /// Which store a test runs on.

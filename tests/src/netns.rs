@@ -1,0 +1,336 @@
+//! Network-namespace lab for end-to-end tests (after `shared/lab/netns.sh`):
+//!
+//! ```text
+//!            <p>-inet: bridge br0 = "the internet", 203.0.113.0/24
+//!      ┌──────────────────────┼──────────────────────┐
+//!  <p>-ra wan .11          <p>-srv .10            <p>-rb wan .12
+//!  NAT easy|hard           tern-server            NAT easy|hard
+//!      │ lan 192.0.2.1                               │ lan 198.51.100.1
+//!  <p>-ha 192.0.2.2                              <p>-hb 198.51.100.2
+//! ```
+//! Easy NAT: nft `masquerade` (port-preserving); hard NAT: `masquerade random,fully-random`.
+//! Both routers drop unsolicited inbound packets. Every name carries a random prefix so two runs
+//! never collide; `Drop` kills the processes it started (by PID) and deletes the namespaces, also
+//! when a test fails.
+
+use anyhow::{bail, Context};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const SERVER_IP: &str = "203.0.113.10";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Nat {
+    Easy,
+    Hard,
+}
+
+pub struct Lab {
+    pub prefix: String,
+    namespaces: Vec<String>,
+    children: Vec<(String, Child)>,
+    pub dir: tempfile::TempDir,
+    veths: u32,
+}
+
+/// Whether this machine can run the namespace suites (root + `ip`).
+pub fn available() -> bool {
+    nix_is_root() && Path::new("/usr/sbin/ip").exists()
+        || Path::new("/sbin/ip").exists() && nix_is_root()
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<Output> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out)
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    run(Command::new("ip").args(args)).map(|_| ())
+}
+
+/// Path of a workspace binary built next to the running test (target/<profile>/NAME).
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    dir.join(name)
+}
+
+impl Lab {
+    /// The internet bridge and the server namespace.
+    pub fn new() -> anyhow::Result<Lab> {
+        let prefix = format!("t{:04x}", rand::random::<u16>());
+        let mut lab = Lab {
+            prefix,
+            namespaces: vec![],
+            children: vec![],
+            dir: tempfile::tempdir()?,
+            veths: 0,
+        };
+        let inet = lab.add_ns("inet")?;
+        ip(&["-n", &inet, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &inet, "link", "set", "br0", "up"])?;
+        let _ = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &inet,
+                "sysctl",
+                "-qw",
+                "net.bridge.bridge-nf-call-iptables=0",
+                "net.bridge.bridge-nf-call-ip6tables=0",
+            ])
+            .output();
+        let srv = lab.add_ns("srv")?;
+        lab.link_to_bridge(&srv, "eth0", &format!("{SERVER_IP}/24"))?;
+        Ok(lab)
+    }
+
+    pub fn ns(&self, name: &str) -> String {
+        format!("{}-{name}", self.prefix)
+    }
+
+    fn add_ns(&mut self, name: &str) -> anyhow::Result<String> {
+        let n = self.ns(name);
+        ip(&["netns", "add", &n])?;
+        self.namespaces.push(n.clone());
+        ip(&["-n", &n, "link", "set", "lo", "up"])?;
+        Ok(n)
+    }
+
+    /// A veth pair between two namespaces, named `a_if`/`b_if` inside them.
+    fn veth(&mut self, a: &str, a_if: &str, b: &str, b_if: &str) -> anyhow::Result<()> {
+        self.veths += 1;
+        let (x, y) = (
+            format!("{}a{}", self.prefix, self.veths),
+            format!("{}b{}", self.prefix, self.veths),
+        );
+        ip(&["link", "add", &x, "type", "veth", "peer", "name", &y])?;
+        ip(&["link", "set", &x, "netns", a])?;
+        ip(&["link", "set", &y, "netns", b])?;
+        ip(&["-n", a, "link", "set", &x, "name", a_if])?;
+        ip(&["-n", b, "link", "set", &y, "name", b_if])?;
+        ip(&["-n", a, "link", "set", a_if, "up"])?;
+        ip(&["-n", b, "link", "set", b_if, "up"])?;
+        Ok(())
+    }
+
+    fn link_to_bridge(&mut self, ns: &str, ifname: &str, cidr: &str) -> anyhow::Result<()> {
+        let inet = self.ns("inet");
+        let port = format!("p{}", self.veths + 1);
+        self.veth(ns, ifname, &inet, &port)?;
+        ip(&["-n", &inet, "link", "set", &port, "master", "br0"])?;
+        ip(&["-n", ns, "addr", "add", cidr, "dev", ifname])?;
+        Ok(())
+    }
+
+    /// A home behind a NAT router: `tag` "a" uses WAN .11 and LAN 192.0.2.0/24, "b" uses .12 and
+    /// 198.51.100.0/24. Returns the home namespace name.
+    pub fn add_home(&mut self, tag: &str, nat: Nat) -> anyhow::Result<String> {
+        let (wan, lan) = match tag {
+            "a" => ("203.0.113.11", "192.0.2"),
+            "b" => ("203.0.113.12", "198.51.100"),
+            "c" => ("203.0.113.13", "192.0.2"),
+            _ => bail!("unknown home {tag:?}"),
+        };
+        let r = self.add_ns(&format!("r{tag}"))?;
+        let h = self.add_ns(&format!("h{tag}"))?;
+        self.link_to_bridge(&r, "eth0", &format!("{wan}/24"))?;
+        self.veth(&r, "eth1", &h, "eth0")?;
+        ip(&[
+            "-n",
+            &r,
+            "addr",
+            "add",
+            &format!("{lan}.1/24"),
+            "dev",
+            "eth1",
+        ])?;
+        ip(&[
+            "-n",
+            &h,
+            "addr",
+            "add",
+            &format!("{lan}.2/24"),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&[
+            "-n",
+            &h,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("{lan}.1"),
+        ])?;
+        run(Command::new("ip").args([
+            "netns",
+            "exec",
+            &r,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ]))?;
+        let masq = match nat {
+            Nat::Easy => "masquerade",
+            Nat::Hard => "masquerade random,fully-random",
+        };
+        let rules = r#"table ip tern_nat {
+  chain post {
+    type nat hook postrouting priority srcnat; policy accept;
+    oifname "eth0" MASQ
+  }
+}
+table inet tern_fw {
+  chain input {
+    type filter hook input priority filter; policy accept;
+    iifname "eth0" ct state established,related accept
+    iifname "eth0" drop
+  }
+  chain forward {
+    type filter hook forward priority filter; policy accept;
+    iifname "eth0" ct state new,invalid drop
+  }
+}
+"#
+        .replace("MASQ", masq);
+        self.nft(&r, &rules)?;
+        Ok(h)
+    }
+
+    /// Loads nftables rules into a namespace.
+    pub fn nft(&self, ns: &str, rules: &str) -> anyhow::Result<()> {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns, "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn()?;
+        if let Some(mut stdin) = child.stdin.take() {
+            use std::io::Write;
+            stdin.write_all(rules.as_bytes())?;
+        }
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "nft in {ns} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    /// Runs a command in a namespace and waits for it.
+    pub fn exec(&self, ns: &str, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("ip netns exec {ns} {args:?}: {e}"))
+    }
+
+    /// Starts a long-running process in a namespace, logging to `<dir>/<label>.log`.
+    pub fn spawn(
+        &mut self,
+        label: &str,
+        ns: &str,
+        program: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<u32> {
+        let log = std::fs::File::create(self.dir.path().join(format!("{label}.log")))?;
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns])
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let child = c.spawn().with_context(|| format!("starting {label}"))?;
+        let pid = child.id();
+        self.children.push((label.to_string(), child));
+        Ok(pid)
+    }
+
+    pub fn log(&self, label: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{label}.log"))).unwrap_or_default()
+    }
+
+    /// Stops a process started with `spawn` (SIGTERM, then SIGKILL after 5 s).
+    pub fn stop(&mut self, label: &str) {
+        if let Some(i) = self.children.iter().position(|(l, _)| l == label) {
+            let (_, mut child) = self.children.remove(i);
+            terminate(&mut child);
+        }
+    }
+
+    /// Waits until `cond` holds, polling every 200 ms, up to `limit`.
+    pub fn wait_for(
+        &self,
+        what: &str,
+        limit: Duration,
+        mut cond: impl FnMut() -> bool,
+    ) -> anyhow::Result<Duration> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if cond() {
+                return Ok(start.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        bail!("timed out after {limit:?} waiting for {what}")
+    }
+}
+
+fn terminate(child: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for (_, c) in self.children.iter_mut() {
+            terminate(c);
+        }
+        for n in self.namespaces.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
+}

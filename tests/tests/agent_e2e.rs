@@ -1,0 +1,338 @@
+//! End-to-end: real `tern-server` and `tern` agents on real TUN devices in network namespaces
+//! behind nftables NAT routers, with real traffic (ping, a 20 MB TCP transfer with checksum).
+//! Needs root (namespaces, TUN); skipped with a message otherwise. Run alone with
+//! `cargo nextest run -p tern-tests --test agent_e2e`.
+
+use serde_json::Value;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tern_tests::netns::{workspace_bin, Lab, Nat, SERVER_IP};
+
+const MB20: &str = "20000000";
+
+struct Mesh {
+    lab: Lab,
+    key: String,
+    homes: Vec<String>,
+}
+
+fn bin(name: &str) -> PathBuf {
+    let p = workspace_bin(name);
+    assert!(
+        p.exists(),
+        "{} not built (cargo build --workspace)",
+        p.display()
+    );
+    p
+}
+
+fn skip() -> bool {
+    if !tern_tests::netns::available() {
+        eprintln!("skipped: network-namespace tests need root and iproute2");
+        assert!(
+            std::env::var("CI").map(|v| v != "true").unwrap_or(true),
+            "CI must run the namespace suite"
+        );
+        return true;
+    }
+    false
+}
+
+impl Mesh {
+    fn new(nat_a: Nat, nat_b: Nat) -> Mesh {
+        let mut lab = Lab::new().expect("lab");
+        let ha = lab.add_home("a", nat_a).expect("home a");
+        let hb = lab.add_home("b", nat_b).expect("home b");
+        let data = lab.dir.path().join("server");
+        let srv = lab.ns("srv");
+        let listen = format!("{SERVER_IP}:443");
+        let relay = format!("{SERVER_IP}:3478");
+        lab.spawn(
+            "server",
+            &srv,
+            &bin("tern-server"),
+            &[
+                "--listen",
+                &listen,
+                "--data-dir",
+                data.to_str().expect("utf8"),
+                "--relay-udp-listen",
+                &relay,
+                "--relay-public-ip",
+                SERVER_IP,
+                "--relay-ports",
+                "50000-50999",
+                "--log",
+                "info,turn::server=off",
+            ],
+            &[("TERN_ADMIN_PASSWORD", "e2e-admin-password")],
+        )
+        .expect("server");
+        let mut key = String::new();
+        lab.wait_for("server setup key", Duration::from_secs(30), || {
+            key = lab
+                .log("server")
+                .lines()
+                .find_map(|l| {
+                    l.split_once("Setup key:")
+                        .map(|(_, v)| v.split_whitespace().next().unwrap_or("").to_string())
+                })
+                .unwrap_or_default();
+            !key.is_empty()
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", lab.log("server")));
+        Mesh {
+            lab,
+            key,
+            homes: vec![ha, hb],
+        }
+    }
+
+    fn agent_args(&self, who: &str) -> Vec<String> {
+        let st = self.lab.dir.path().join(who);
+        vec![
+            "--state-dir".into(),
+            st.join("state").display().to_string(),
+            "--run-dir".into(),
+            st.join("run").display().to_string(),
+            "--interface".into(),
+            "tern0".into(),
+        ]
+    }
+
+    fn up(&mut self, who: &str, ns: &str, with_key: bool) {
+        let mut args = self.agent_args(who);
+        args.extend([
+            "up".into(),
+            "--management-url".into(),
+            format!("http://{SERVER_IP}:443"),
+            "--hostname".into(),
+            who.into(),
+        ]);
+        if with_key {
+            args.extend(["--setup-key".into(), self.key.clone()]);
+        }
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let ns = ns.to_string();
+        self.lab
+            .spawn(
+                who,
+                &ns,
+                &bin("tern"),
+                &refs,
+                &[("TERN_LOG", "info,webrtc_ice=warn,turn=warn")],
+            )
+            .expect("agent");
+    }
+
+    fn status(&self, who: &str, ns: &str) -> Option<Value> {
+        let mut args = self.agent_args(who);
+        args.extend(["status".into(), "--json".into()]);
+        let mut full = vec![bin("tern").display().to_string()];
+        full.extend(args);
+        let refs: Vec<&str> = full.iter().map(String::as_str).collect();
+        let out = self.lab.exec(ns, &refs);
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    fn overlay_ip(&self, who: &str, ns: &str) -> String {
+        let s = self
+            .status(who, ns)
+            .unwrap_or_else(|| panic!("no status from {who}:\n{}", self.lab.log(who)));
+        s["overlay_address"]
+            .as_str()
+            .expect("address")
+            .split('/')
+            .next()
+            .expect("ip")
+            .to_string()
+    }
+
+    /// Waits until `who` reports a connected peer over `kind`; returns the peer's status.
+    fn wait_connection(&self, who: &str, ns: &str, kind: &str, limit: Duration) -> Value {
+        let mut last = Value::Null;
+        let r = self
+            .lab
+            .wait_for(&format!("{who} connected via {kind}"), limit, || {
+                if let Some(s) = self.status(who, ns) {
+                    last = s.clone();
+                    if let Some(p) = s["peers"].as_array().and_then(|a| a.first()) {
+                        return p["state"] == "connected" && p["connection"] == kind;
+                    }
+                }
+                false
+            });
+        if let Err(e) = r {
+            panic!(
+                "{e}\nlast status: {last:#}\n--- {who} log:\n{}\n--- server log:\n{}",
+                self.lab.log(who),
+                self.lab.log("server")
+            );
+        }
+        last["peers"][0].clone()
+    }
+
+    fn ping(&self, ns: &str, ip: &str) -> bool {
+        self.lab
+            .exec(ns, &["ping", "-c", "3", "-i", "0.2", "-W", "2", ip])
+            .status
+            .success()
+    }
+
+    /// Sends 20 MB from `from_ns` to `ip` (in `to_ns`) over TCP; checks the checksum matches.
+    fn transfer(&mut self, from_ns: &str, to_ns: &str, ip: &str, label: &str) {
+        let tool = PathBuf::from(env!("CARGO_BIN_EXE_tern-nettool"));
+        let to_ns = to_ns.to_string();
+        self.lab
+            .spawn(label, &to_ns, &tool, &["serve", "5001"], &[])
+            .expect("sink");
+        self.lab
+            .wait_for("sink listening", Duration::from_secs(10), || {
+                self.lab.log(label).contains("listening")
+            })
+            .expect("sink");
+        let out = self.lab.exec(
+            from_ns,
+            &[
+                tool.to_str().expect("utf8"),
+                "send",
+                &format!("{ip}:5001"),
+                MB20,
+            ],
+        );
+        let sent = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "send failed: {sent}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut got = String::new();
+        self.lab
+            .wait_for("sink result", Duration::from_secs(30), || {
+                got = self.lab.log(label).lines().nth(1).unwrap_or("").to_string();
+                !got.is_empty()
+            })
+            .expect("sink finished");
+        let (sent_hash, got_hash) = (
+            sent.split_whitespace().next(),
+            got.split_whitespace().next(),
+        );
+        assert_eq!(
+            sent_hash, got_hash,
+            "20 MB arrived intact (sent {sent}, got {got})"
+        );
+        assert_eq!(got.split_whitespace().nth(1), Some(MB20));
+        eprintln!(
+            "{label}: 20 MB in {}",
+            sent.split_whitespace().nth(2).unwrap_or("?")
+        );
+    }
+}
+
+fn first_ping(m: &Mesh, ns: &str, ip: &str, started: Instant) -> Duration {
+    m.lab
+        .wait_for("first ping", Duration::from_secs(60), || {
+            m.lab
+                .exec(ns, &["ping", "-c", "1", "-W", "1", ip])
+                .status
+                .success()
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    started.elapsed()
+}
+
+#[test]
+fn a_easy_nat_both_sides_gives_a_direct_path_and_g_restart_keeps_the_address() {
+    if skip() {
+        return;
+    }
+    let mut m = Mesh::new(Nat::Easy, Nat::Easy);
+    let (ha, hb) = (m.homes[0].clone(), m.homes[1].clone());
+    let t0 = Instant::now();
+    m.up("a", &ha, true);
+    m.up("b", &hb, true);
+    m.lab
+        .wait_for("agents up", Duration::from_secs(30), || {
+            m.status("a", &ha).is_some() && m.status("b", &hb).is_some()
+        })
+        .expect("up");
+    let ip_a = m.overlay_ip("a", &ha);
+    let ip_b = m.overlay_ip("b", &hb);
+    eprintln!(
+        "figure: tern up -> first ping (easy/easy): {:?}",
+        first_ping(&m, &ha, &ip_b, t0)
+    );
+    let p = m.wait_connection("a", &ha, "direct", Duration::from_secs(60));
+    eprintln!("a sees b: {p}");
+    assert!(m.ping(&ha, &ip_b), "ping a -> b");
+    assert!(m.ping(&hb, &ip_a), "ping b -> a");
+    m.transfer(&ha, &hb, &ip_b, "sink-a-b");
+
+    // g. restart A without the setup key: same overlay address, tunnel back.
+    m.lab.stop("a");
+    m.up("a", &ha, false);
+    m.lab
+        .wait_for("a back", Duration::from_secs(30), || {
+            m.status("a", &ha).is_some()
+        })
+        .expect("a back");
+    assert_eq!(
+        m.overlay_ip("a", &ha),
+        ip_a,
+        "same overlay IP after a restart without setup key"
+    );
+    first_ping(&m, &ha, &ip_b, Instant::now());
+}
+
+#[test]
+fn c_udp_blocked_on_one_side_falls_back_to_the_tcp_relay() {
+    if skip() {
+        return;
+    }
+    let mut m = Mesh::new(Nat::Easy, Nat::Easy);
+    let (ha, hb) = (m.homes[0].clone(), m.homes[1].clone());
+    // Home A's network lets no UDP out: only TCP (443 to the server) works.
+    let ra = m.lab.ns("ra");
+    m.lab.nft(&ra, "table inet tern_block {\n  chain forward {\n    type filter hook forward priority -10; policy accept;\n    iifname \"eth1\" meta l4proto udp drop\n  }\n}\n").expect("block udp");
+    let t0 = Instant::now();
+    m.up("a", &ha, true);
+    m.up("b", &hb, true);
+    m.lab
+        .wait_for("agents up", Duration::from_secs(30), || {
+            m.status("a", &ha).is_some() && m.status("b", &hb).is_some()
+        })
+        .expect("up");
+    let ip_b = m.overlay_ip("b", &hb);
+    eprintln!(
+        "figure: tern up -> first ping (UDP blocked): {:?}",
+        first_ping(&m, &ha, &ip_b, t0)
+    );
+    m.wait_connection("a", &ha, "tcp_relay", Duration::from_secs(60));
+    assert!(m.ping(&ha, &ip_b));
+    m.transfer(&ha, &hb, &ip_b, "sink-tcp");
+}
+
+#[test]
+fn b_hard_nat_both_sides_is_relayed_through_turn() {
+    if skip() {
+        return;
+    }
+    let mut m = Mesh::new(Nat::Hard, Nat::Hard);
+    let (ha, hb) = (m.homes[0].clone(), m.homes[1].clone());
+    let t0 = Instant::now();
+    m.up("a", &ha, true);
+    m.up("b", &hb, true);
+    m.lab
+        .wait_for("agents up", Duration::from_secs(30), || {
+            m.status("a", &ha).is_some() && m.status("b", &hb).is_some()
+        })
+        .expect("up");
+    let ip_b = m.overlay_ip("b", &hb);
+    eprintln!(
+        "figure: tern up -> first ping (hard/hard): {:?}",
+        first_ping(&m, &ha, &ip_b, t0)
+    );
+    m.wait_connection("a", &ha, "turn_relay", Duration::from_secs(90));
+    assert!(m.ping(&ha, &ip_b));
+    m.transfer(&ha, &hb, &ip_b, "sink-turn");
+}
