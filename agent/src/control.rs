@@ -120,7 +120,7 @@ pub async fn run_sync(
                 warn!(error = %e, retry_in = ?backoff, "management login failed");
                 up.send_replace(false);
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                backoff = (backoff * 2).min(Duration::from_secs(10));
                 continue;
             }
         };
@@ -136,7 +136,7 @@ pub async fn run_sync(
                 warn!(error = %e.message(), "sync stream refused");
                 up.send_replace(false);
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                backoff = (backoff * 2).min(Duration::from_secs(10));
                 continue;
             }
         };
@@ -183,6 +183,6 @@ pub async fn run_sync(
         }
         up.send_replace(false);
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(30));
+        backoff = (backoff * 2).min(Duration::from_secs(10));
     }
 }

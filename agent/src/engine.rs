@@ -29,6 +29,9 @@ use webrtc_ice::state::ConnectionState;
 use webrtc_ice::url::Url;
 use webrtc_util::Conn;
 
+/// Datagrams for the TCP relay: (recipient peer id, bytes).
+pub type TcpOut = mpsc::Sender<(String, Vec<u8>)>;
+
 /// WireGuard persistent keepalive (seconds).
 pub const KEEPALIVE: u16 = 25;
 /// Give up on an ICE attempt after this long and retry later.
@@ -108,7 +111,7 @@ pub struct Engine {
     by_id: RwLock<HashMap<String, Arc<Peer>>>,
     relay: RwLock<pb::RelayConfig>,
     signal_out: mpsc::Sender<(PublicKey, PeerMsg)>,
-    tcp_out: RwLock<Option<mpsc::Sender<(String, Vec<u8>)>>>,
+    tcp_out: RwLock<Option<TcpOut>>,
     next_index: AtomicU64,
     iface: String,
 }
@@ -160,7 +163,7 @@ impl Engine {
         })
     }
 
-    pub fn set_tcp_out(&self, tx: Option<mpsc::Sender<(String, Vec<u8>)>>) {
+    pub fn set_tcp_out(&self, tx: Option<TcpOut>) {
         *self.tcp_out.write().unwrap_or_else(|e| e.into_inner()) = tx;
     }
 
@@ -465,9 +468,11 @@ impl Engine {
             is_controlling: controlling,
             relay_acceptance_min_wait: Some(Duration::from_millis(500)),
             srflx_acceptance_min_wait: Some(Duration::from_millis(300)),
-            disconnected_timeout: Some(Duration::from_secs(5)),
-            failed_timeout: Some(Duration::from_secs(10)),
-            keepalive_interval: Some(Duration::from_secs(2)),
+            // Consent checks every second; a path silent for 3 s (NAT rebinding, dead link) is
+            // dropped and the relay fallback takes over while ICE is retried.
+            disconnected_timeout: Some(Duration::from_secs(3)),
+            failed_timeout: Some(Duration::from_secs(8)),
+            keepalive_interval: Some(Duration::from_secs(1)),
             check_interval: Duration::from_millis(200),
             interface_filter: Arc::new(Some(Box::new(move |name: &str| {
                 name != iface && !name.starts_with("tern")
@@ -723,6 +728,16 @@ impl Engine {
         };
         let (kind, local, remote) = match agent.get_selected_candidate_pair() {
             Some(p) => {
+                // The local socket of a host/srflx pair carries WireGuard from now on: tune it.
+                if let Some(sock) = p
+                    .local
+                    .get_conn()
+                    .and_then(|c| c.as_any().downcast_ref::<tokio::net::UdpSocket>())
+                {
+                    if let Err(e) = crate::sockopt::tune_udp(sock) {
+                        debug!(peer = %peer.name, error = %e, "could not tune the ICE socket");
+                    }
+                }
                 let relayed = p.local.candidate_type() == CandidateType::Relay
                     || p.remote.candidate_type() == CandidateType::Relay;
                 (

@@ -4,6 +4,7 @@
 mod control;
 mod engine;
 mod signal;
+mod sockopt;
 mod state;
 mod status;
 mod tunnel;
@@ -37,7 +38,7 @@ struct Cli {
         long,
         global = true,
         env = "TERN_LOG",
-        default_value = "info,webrtc_ice=warn,turn=warn"
+        default_value = "info,webrtc_ice=error,turn=warn"
     )]
     log: String,
     #[command(subcommand)]

@@ -77,7 +77,7 @@ pub async fn run(
                 warn!(error = %e.message(), retry_in = ?backoff, "signal connection failed");
                 up.send_replace(false);
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                backoff = (backoff * 2).min(Duration::from_secs(10));
                 continue;
             }
         };
@@ -115,7 +115,7 @@ pub async fn run(
         warn!("signal stream lost; reconnecting");
         up.send_replace(false);
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(30));
+        backoff = (backoff * 2).min(Duration::from_secs(10));
     }
 }
 

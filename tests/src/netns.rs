@@ -222,6 +222,58 @@ table inet tern_fw {
         Ok(h)
     }
 
+    /// Lowers the MTU of every "internet" link (router WANs, server, bridge) to `mtu` and makes the
+    /// routers drop the ICMP "fragmentation needed" / "packet too big" they would send or forward:
+    /// a path-MTU black hole.
+    pub fn pmtu_blackhole(&self, mtu: u32) -> anyhow::Result<()> {
+        let m = mtu.to_string();
+        let inet = self.ns("inet");
+        let ports =
+            String::from_utf8_lossy(&self.exec(&inet, &["ip", "-o", "link", "show"]).stdout)
+                .to_string();
+        for line in ports.lines() {
+            if let Some(name) = line
+                .split(':')
+                .nth(1)
+                .map(|s| s.trim().split('@').next().unwrap_or("").to_string())
+            {
+                if name != "lo" && !name.is_empty() {
+                    ip(&["-n", &inet, "link", "set", &name, "mtu", &m])?;
+                }
+            }
+        }
+        ip(&["-n", &self.ns("srv"), "link", "set", "eth0", "mtu", &m])?;
+        for r in self
+            .namespaces
+            .iter()
+            .filter(|n| n.ends_with("-ra") || n.ends_with("-rb") || n.ends_with("-rc"))
+        {
+            ip(&["-n", r, "link", "set", "eth0", "mtu", &m])?;
+            self.nft(
+                r,
+                "table inet tern_pmtu {
+  chain forward {
+    type filter hook forward priority -10; policy accept;
+    icmp type destination-unreachable icmp code frag-needed drop
+    icmpv6 type packet-too-big drop
+  }
+  chain output {
+    type filter hook output priority -10; policy accept;
+    icmp type destination-unreachable icmp code frag-needed drop
+    icmpv6 type packet-too-big drop
+  }
+}
+",
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Forgets every NAT mapping of a router (as a reboot or mapping timeout would).
+    pub fn flush_nat(&self, router: &str) -> anyhow::Result<()> {
+        run(Command::new("ip").args(["netns", "exec", router, "conntrack", "-F"])).map(|_| ())
+    }
+
     /// Loads nftables rules into a namespace.
     pub fn nft(&self, ns: &str, rules: &str) -> anyhow::Result<()> {
         let mut c = Command::new("ip");
