@@ -83,6 +83,8 @@ pub struct Peer {
     next_retry: Mutex<(Instant, Duration)>,
     rx_bytes: AtomicU64,
     tx_bytes: AtomicU64,
+    /// Last `connected` flag management reported for the peer.
+    online: std::sync::atomic::AtomicBool,
 }
 
 /// Everything `tern status` shows about one peer.
@@ -234,6 +236,15 @@ impl Engine {
         for (key, (rp, allowed)) in wanted {
             if let Some(p) = peers.get(&key) {
                 *p.allowed.write().unwrap_or_else(|e| e.into_inner()) = allowed;
+                // A peer that just came online: try the direct path now rather than at the next
+                // backoff step.
+                if rp.connected && !p.online.swap(true, Ordering::Relaxed) {
+                    let mut r = lock(&p.next_retry);
+                    r.0 = Instant::now();
+                    r.1 = Duration::from_secs(2);
+                } else if !rp.connected {
+                    p.online.store(false, Ordering::Relaxed);
+                }
                 continue;
             }
             let Ok(ip) = rp.overlay_ip.parse::<IpAddr>() else {
@@ -261,6 +272,7 @@ impl Engine {
                 next_retry: Mutex::new((Instant::now(), Duration::from_secs(2))),
                 rx_bytes: AtomicU64::new(0),
                 tx_bytes: AtomicU64::new(0),
+                online: std::sync::atomic::AtomicBool::new(rp.connected),
             });
             info!(peer = %peer.name, ip = %ip, controlling = peer.controlling, "peer added");
             by_id.insert(peer.id.clone(), peer.clone());
