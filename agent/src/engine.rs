@@ -470,6 +470,17 @@ impl Engine {
         urls
     }
 
+    /// Hosts of the TURN servers in the current map.
+    fn turn_hosts(&self) -> Vec<String> {
+        let relay = self.relay.read().unwrap_or_else(|e| e.into_inner()).clone();
+        relay
+            .turn
+            .iter()
+            .filter_map(|t| Url::parse_url(&t.url).ok())
+            .map(|u| u.host)
+            .collect()
+    }
+
     async fn new_agent(self: &Arc<Self>, controlling: bool) -> anyhow::Result<Arc<Agent>> {
         let iface = self.iface.clone();
         let overlay = *self.overlay.read().unwrap_or_else(|e| e.into_inner());
@@ -750,8 +761,12 @@ impl Engine {
                         debug!(peer = %peer.name, error = %e, "could not tune the ICE socket");
                     }
                 }
+                // The remote side's relay address shows up as peer-reflexive when its checks arrive
+                // before its relay candidate: an address on a TURN server is relayed all the same.
+                let turn_hosts = self.turn_hosts();
                 let relayed = p.local.candidate_type() == CandidateType::Relay
-                    || p.remote.candidate_type() == CandidateType::Relay;
+                    || p.remote.candidate_type() == CandidateType::Relay
+                    || turn_hosts.iter().any(|h| *h == p.remote.address());
                 (
                     if relayed {
                         PathKind::TurnRelay

@@ -8,6 +8,7 @@
 # Needs root, iperf3, jq; wireguard-go + wireguard-tools and boringtun-cli are optional references
 # (apt-get install wireguard-go wireguard-tools; cargo install boringtun-cli --locked).
 set -euo pipefail
+umask 077
 cd "$(dirname "$0")/../.."
 DUR=${DUR:-10}
 STREAMS=${STREAMS:-1 4}
@@ -26,6 +27,7 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
+trap "exit 130" INT TERM
 for t in iperf3 jq ip nft; do command -v $t >/dev/null || { echo "need $t"; exit 1; }; done
 
 cargo build -q --release -p tern-management -p tern-agent --bin tern-server --bin tern
@@ -47,14 +49,14 @@ for pair in "$S 203.0.113.10" "$A 203.0.113.1" "$B 203.0.113.2"; do
 done
 
 # tern: server in S, agents in A and B.
-nsx $S env TERN_ADMIN_PASSWORD=bench-admin-pw "$BIN/tern-server" --listen 203.0.113.10:443 \
+TERN_ADMIN_PASSWORD=bench-admin-pw ip netns exec $S "$BIN/tern-server" --listen 203.0.113.10:443 \
   --data-dir "$WORK/srv" --relay-udp-listen 203.0.113.10:3478 --relay-public-ip 203.0.113.10 \
   --relay-ports 50000-50999 --log warn,turn::server=off >"$WORK/server.log" 2>&1 &
-PIDS+=($!)
+PIDS+=($!); SERVER_PID=$!
 for _ in $(seq 100); do grep -q "Setup key:" "$WORK/server.log" && break; sleep 0.1; done
 KEY=$(sed -n 's/.*Setup key: *\([^ ]*\).*/\1/p' "$WORK/server.log")
-start_tern() { # NS NAME
-  nsx $1 "$BIN/tern" --state-dir "$WORK/$2" --run-dir "$WORK/$2/run" --interface tern0 --log warn \
+start_tern() { # NS NAME (ip netns exec execs tern: $! is tern's PID)
+  ip netns exec $1 "$BIN/tern" --state-dir "$WORK/$2" --run-dir "$WORK/$2/run" --interface tern0 --log warn \
     up --management-url http://203.0.113.10:443 --setup-key "$KEY" --hostname $2 >"$WORK/$2.log" 2>&1 &
   PIDS+=($!)
   eval "PID_$2=$!"
@@ -91,17 +93,21 @@ measure() { # LABEL DEST PIDS...
 }
 
 echo "# tunnel benchmark $(date -u +%FT%TZ): $(nproc) cores, iperf3 TCP ${DUR}s, tunnel MTU $MTU"
-printf 'path\tstreams\tGbit/s\tretrans\ttunnel_cpu_s\n'
+printf 'path\tstreams\tGbit/s\tretrans\ttunnel_cpu_s (both ends; tern-turn includes the relay)\n'
 measure veth 203.0.113.2
 wait_conn direct && measure tern-direct "$TB" $PID_a $PID_b
 # TURN: drop direct UDP between A and B so ICE settles on relay candidates.
 nsx $A nft -f - <<NFT
-table inet $P { chain output { type filter hook output priority 0; policy accept; ip daddr 203.0.113.2 meta l4proto udp drop; } }
+table inet $P {
+  chain output {
+    type filter hook output priority 0; policy accept;
+    ip daddr 203.0.113.2 meta l4proto udp drop
+  }
+}
 NFT
 for _ in $(seq 100); do [ "$(status $A a | jq -r '.peers[0].connection')" != direct ] && break; sleep 0.2; done
 if wait_conn turn_relay; then
-  SPID=$(pgrep -f "tern-server --listen 203.0.113.10:443" | head -1)
-  measure tern-turn "$TB" $PID_a $PID_b $SPID
+  measure tern-turn "$TB" $PID_a $PID_b $SERVER_PID
 fi
 nsx $A nft delete table inet $P
 
@@ -110,7 +116,7 @@ if command -v wireguard-go >/dev/null && command -v wg >/dev/null; then
   mkdir -p /var/run/wireguard
   start_wg() { # NS IF CMD...
     local ns=$1 ifn=$2; shift 2
-    nsx $ns "$@" $ifn >"$WORK/$ifn.log" 2>&1 &
+    ip netns exec $ns "$@" $ifn >"$WORK/$ifn.log" 2>&1 &
     PIDS+=($!); LASTPID=$!
     for _ in $(seq 50); do [ -S /var/run/wireguard/$ifn.sock ] && return 0; sleep 0.1; done
     return 1

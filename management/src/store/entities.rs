@@ -751,10 +751,19 @@ pub(crate) async fn policy_from(conn: &mut sqlx::AnyConnection, r: &AnyRow) -> R
             destinations.push(gid)
         }
     }
+    policy_row(r, sources, destinations)
+}
+
+/// A policy from its row and its source/destination group ids.
+pub(crate) fn policy_row(
+    r: &AnyRow,
+    sources: Vec<String>,
+    destinations: Vec<String>,
+) -> Result<Policy> {
     let proto: String = col(r, "protocol")?;
     let ports: String = col(r, "ports")?;
     Ok(Policy {
-        id,
+        id: col(r, "id")?,
         name: col(r, "name")?,
         description: col(r, "description")?,
         enabled: col(r, "enabled")?,

@@ -436,26 +436,7 @@ impl Store {
         {
             let id: String = col(&r, "id")?;
             let (sources, destinations) = pl.remove(&id).unwrap_or_default();
-            let proto: String = col(&r, "protocol")?;
-            let ports: String = col(&r, "ports")?;
-            policies.push(Policy {
-                id,
-                name: col(&r, "name")?,
-                description: col(&r, "description")?,
-                enabled: col(&r, "enabled")?,
-                protocol: proto
-                    .parse()
-                    .map_err(|e: String| StoreError::invalid("protocol", e))?,
-                ports: ports
-                    .split(',')
-                    .filter(|p| !p.is_empty())
-                    .map(str::to_string)
-                    .collect(),
-                bidirectional: col(&r, "bidirectional")?,
-                sources,
-                destinations,
-                created_at: col(&r, "created_at")?,
-            });
+            policies.push(super::entities::policy_row(&r, sources, destinations)?);
         }
         let mut routes = vec![];
         for r in sqlx::query("SELECT * FROM routes ORDER BY id")
