@@ -12,7 +12,7 @@ use crate::signal::PeerMsg;
 use boringtun::noise::{Tunn, TunnResult};
 use ipnet::IpNet;
 use serde::Serialize;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -76,6 +76,8 @@ pub struct Peer {
     pub key: PublicKey,
     pub overlay_ip: IpAddr,
     allowed: RwLock<Vec<IpNet>>,
+    /// Routed networks this peer serves for us (chosen by the route selection).
+    routed: RwLock<Vec<IpNet>>,
     tunn: Mutex<Tunn>,
     ice_path: RwLock<Option<IcePath>>,
     ice: Mutex<Option<IceSession>>,
@@ -116,6 +118,8 @@ pub struct Engine {
     tcp_out: RwLock<Option<TcpOut>>,
     next_index: AtomicU64,
     iface: String,
+    routes: Mutex<BTreeMap<String, crate::routes::RouteChoice>>,
+    served: Mutex<Vec<(String, bool)>>,
 }
 
 fn dst_ip(pkt: &[u8]) -> Option<IpAddr> {
@@ -162,6 +166,8 @@ impl Engine {
             tcp_out: RwLock::new(None),
             next_index: AtomicU64::new(1),
             iface,
+            routes: Mutex::new(BTreeMap::new()),
+            served: Mutex::new(vec![]),
         })
     }
 
@@ -187,6 +193,7 @@ impl Engine {
                     .read()
                     .unwrap_or_else(|e| e.into_inner())
                     .iter()
+                    .chain(p.routed.read().unwrap_or_else(|e| e.into_inner()).iter())
                     .filter(|n| n.contains(&ip))
                     .map(|n| n.prefix_len())
                     .max();
@@ -265,6 +272,7 @@ impl Engine {
                 key,
                 overlay_ip: ip,
                 allowed: RwLock::new(allowed),
+                routed: RwLock::new(vec![]),
                 tunn: Mutex::new(tunn),
                 ice_path: RwLock::new(None),
                 ice: Mutex::new(None),
@@ -278,6 +286,129 @@ impl Engine {
             by_id.insert(peer.id.clone(), peer.clone());
             peers.insert(key, peer);
         }
+    }
+
+    /// Chooses a routing peer per routed network, installs kernel routes through the TUN device
+    /// (not where they would shadow a network this host is attached to), and, on a routing peer,
+    /// applies forwarding/masquerade rules for the networks it serves.
+    pub fn apply_routes(&self, map: &pb::NetworkMap) {
+        use crate::routes;
+        let connected: HashMap<String, bool> = map
+            .remote_peers
+            .iter()
+            .map(|p| (p.id.clone(), p.connected))
+            .collect();
+        let mut cur = lock(&self.routes);
+        let current: BTreeMap<String, String> = cur
+            .iter()
+            .map(|(n, c)| (n.clone(), c.peer_id.clone()))
+            .collect();
+        let picks = routes::select(&map.routes, &connected, &current);
+        let locals = routes::local_networks(&self.iface);
+        let mut next = BTreeMap::new();
+        let mut per_peer: HashMap<String, Vec<IpNet>> = HashMap::new();
+        for (net, pick) in picks {
+            let Ok(parsed) = net.parse::<IpNet>() else {
+                continue;
+            };
+            let (peer_id, metric, key) = match &pick {
+                Some((id, m, k)) => (id.clone(), *m, PublicKey::from_slice(k).ok()),
+                None => (String::new(), 0, None),
+            };
+            let state = if let Some(c) = routes::conflict(&parsed, &locals) {
+                c
+            } else if pick.is_none() {
+                "no connected routing peer".to_string()
+            } else {
+                per_peer.entry(peer_id.clone()).or_default().push(parsed);
+                match routes::install(&net, &self.iface) {
+                    Ok(()) => "installed".to_string(),
+                    Err(e) => format!("kernel refused the route: {e}"),
+                }
+            };
+            if cur.get(&net).map(|c| (&c.peer_id, &c.state)) != Some((&peer_id, &state)) {
+                info!(network = %net, via = %peer_id, %state, "route");
+            }
+            next.insert(
+                net.clone(),
+                routes::RouteChoice {
+                    network: net,
+                    peer_id,
+                    peer_key: key,
+                    metric,
+                    state,
+                },
+            );
+        }
+        for (net, old) in cur.iter() {
+            if old.state == "installed" && next.get(net).is_none_or(|n| n.state != "installed") {
+                routes::uninstall(net, &self.iface);
+            }
+        }
+        for p in self
+            .peers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            *p.routed.write().unwrap_or_else(|e| e.into_inner()) =
+                per_peer.remove(&p.id).unwrap_or_default();
+        }
+        *cur = next;
+        drop(cur);
+        let served: Vec<(String, bool)> = map
+            .served_routes
+            .iter()
+            .map(|r| (r.network.clone(), r.masquerade))
+            .collect();
+        let mut prev = lock(&self.served);
+        if *prev != served {
+            let overlay = map
+                .peer_config
+                .as_ref()
+                .map(|c| c.overlay_range.clone())
+                .unwrap_or_default();
+            if let Err(e) = routes::serve(&self.iface, &overlay, &served) {
+                warn!(error = %e, "could not apply routing-peer rules");
+            }
+            *prev = served;
+        }
+    }
+
+    /// True if `addr` is reached through the tunnel (overlay or a routed network).
+    fn tunnelled(&self, addr: &str) -> bool {
+        let Ok(ip) = addr.parse::<IpAddr>() else {
+            return false;
+        };
+        if self
+            .overlay
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|o| o.contains(&ip))
+        {
+            return true;
+        }
+        lock(&self.routes)
+            .keys()
+            .filter_map(|n| n.parse::<IpNet>().ok())
+            .any(|n| n.contains(&ip))
+    }
+
+    pub fn route_status(&self) -> Vec<crate::routes::RouteChoice> {
+        lock(&self.routes).values().cloned().collect()
+    }
+
+    pub fn served_status(&self) -> Vec<String> {
+        lock(&self.served)
+            .iter()
+            .map(|(n, m)| {
+                if *m {
+                    format!("{n} (masquerade)")
+                } else {
+                    n.clone()
+                }
+            })
+            .collect()
     }
 
     /// Sends one WireGuard datagram to a peer over its best path.
@@ -337,6 +468,7 @@ impl Engine {
                         .read()
                         .unwrap_or_else(|e| e.into_inner())
                         .iter()
+                        .chain(peer.routed.read().unwrap_or_else(|e| e.into_inner()).iter())
                         .any(|n| n.contains(&s))
                 });
                 if ok {
@@ -719,6 +851,10 @@ impl Engine {
                     }
                 };
                 match unmarshal_candidate(&candidate) {
+                    Ok(c) if self.tunnelled(&c.address()) => {
+                        // Reaching it would route WireGuard into its own tunnel.
+                        debug!(peer = %peer.name, candidate = %c.address(), "ignoring a candidate inside a routed network");
+                    }
                     Ok(c) => {
                         let c: Arc<dyn Candidate + Send + Sync> = Arc::new(c);
                         if let Err(e) = agent.add_remote_candidate(&c) {

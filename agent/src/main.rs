@@ -3,6 +3,7 @@
 
 mod control;
 mod engine;
+mod routes;
 mod signal;
 mod sockopt;
 mod state;
@@ -129,6 +130,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 yes(s.tcp_relay)
             );
             println!("Peers: {}", s.peers.len());
+            for r in &s.routes {
+                let g = |k: &str| {
+                    r.get(k)
+                        .and_then(|v| v.as_str())
+                        .unwrap_or_default()
+                        .to_string()
+                };
+                println!(
+                    "Route {:<18} via {:<34} {}",
+                    g("network"),
+                    g("peer_id"),
+                    g("state")
+                );
+            }
+            for n in &s.serving {
+                println!("Serving {n}");
+            }
             for p in &s.peers {
                 let g = |k: &str| {
                     p.get(k)
@@ -226,7 +244,21 @@ async fn up(
         mtu,
     })?;
     let mtu = mtu.unwrap_or(session.config.mtu);
+    // Rules a crashed earlier run may have left behind.
+    routes::remove_rules(iface);
     let tun = tunnel::create(iface, &session.config.address, mtu)?;
+    if let Some(c) = session
+        .config
+        .overlay_range
+        .parse::<ipnet::IpNet>()
+        .ok()
+        .and_then(|o| {
+            let locals = routes::local_networks(iface);
+            routes::conflict(&o, &locals)
+        })
+    {
+        warn!("overlay range: {c}");
+    }
     info!(interface = iface, address = %session.config.address, mtu, peer_id = %session.peer_id, "tunnel up");
     println!(
         "tern: joined as {} with {} on {iface}",
@@ -278,6 +310,7 @@ async fn up(
                     continue;
                 };
                 e.apply_map(&map);
+                e.apply_routes(&map);
                 let tcp = map
                     .relay
                     .as_ref()
@@ -316,6 +349,12 @@ async fn up(
                 .into_iter()
                 .filter_map(|p| serde_json::to_value(p).ok())
                 .collect(),
+            routes: e
+                .route_status()
+                .into_iter()
+                .filter_map(|r| serde_json::to_value(r).ok())
+                .collect(),
+            serving: e.served_status(),
         },
         down_tx,
     )
@@ -328,6 +367,7 @@ async fn up(
         _ = down_rx.recv() => info!("tern down requested"),
     }
     let _ = std::fs::remove_file(&sock);
+    routes::remove_rules(iface);
     info!("tunnel down");
     Ok(())
 }

@@ -18,6 +18,12 @@ pub struct Status {
     pub signal: bool,
     pub tcp_relay: bool,
     pub peers: Vec<serde_json::Value>,
+    /// Routed networks this peer uses, and through which routing peer.
+    #[serde(default)]
+    pub routes: Vec<serde_json::Value>,
+    /// Networks this peer routes for others.
+    #[serde(default)]
+    pub serving: Vec<String>,
 }
 
 pub fn socket_path(run_dir: &Path, iface: &str) -> PathBuf {

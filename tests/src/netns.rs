@@ -222,6 +222,24 @@ table inet tern_fw {
         Ok(h)
     }
 
+    /// A LAN behind home `home_ns` (which must forward): a device at 192.168.50.10 whose network
+    /// 192.168.50.0/24 the home reaches on its eth1 (192.168.50.1). Returns the LAN namespace.
+    pub fn add_lan(&mut self, home_ns: &str) -> anyhow::Result<String> {
+        let lan = self.add_ns("lan")?;
+        self.veth(home_ns, "eth1", &lan, "eth0")?;
+        ip(&[
+            "-n",
+            home_ns,
+            "addr",
+            "add",
+            "192.168.50.1/24",
+            "dev",
+            "eth1",
+        ])?;
+        ip(&["-n", &lan, "addr", "add", "192.168.50.10/24", "dev", "eth0"])?;
+        Ok(lan)
+    }
+
     /// Lowers the MTU of every "internet" link (router WANs, server, bridge) to `mtu` and makes the
     /// routers drop the ICMP "fragmentation needed" / "packet too big" they would send or forward:
     /// a path-MTU black hole.

@@ -195,7 +195,8 @@ impl Mesh {
     }
 
     /// Sends 20 MB from `from_ns` to `ip` (in `to_ns`) over TCP; checks the checksum matches.
-    fn transfer(&mut self, from_ns: &str, to_ns: &str, ip: &str, label: &str) {
+    /// Returns the source address the receiver saw.
+    fn transfer(&mut self, from_ns: &str, to_ns: &str, ip: &str, label: &str) -> String {
         let tool = PathBuf::from(env!("CARGO_BIN_EXE_tern-nettool"));
         let to_ns = to_ns.to_string();
         self.lab
@@ -241,6 +242,52 @@ impl Mesh {
             "{label}: 20 MB in {}",
             sent.split_whitespace().nth(2).unwrap_or("?")
         );
+        got.split_whitespace()
+            .nth(2)
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// An admin API call made from inside the server namespace (curl); returns the JSON reply.
+    fn api(&self, method: &str, path: &str, body: Option<&str>) -> Value {
+        let srv = self.lab.ns("srv");
+        let login_url = format!("http://{SERVER_IP}:443/api/auth/login");
+        let login = self.lab.exec(
+            &srv,
+            &[
+                "curl",
+                "-sS",
+                "-X",
+                "POST",
+                "-H",
+                "content-type: application/json",
+                "-d",
+                r#"{"username":"admin","password":"e2e-admin-password"}"#,
+                &login_url,
+            ],
+        );
+        let token: Value = serde_json::from_slice(&login.stdout).expect("login reply");
+        let auth = format!(
+            "authorization: Bearer {}",
+            token["token"].as_str().expect("token")
+        );
+        let url = format!("http://{SERVER_IP}:443{path}");
+        let mut args = vec![
+            "curl",
+            "-sS",
+            "-X",
+            method,
+            "-H",
+            &auth,
+            "-H",
+            "content-type: application/json",
+        ];
+        if let Some(b) = body {
+            args.extend(["-d", b]);
+        }
+        args.push(&url);
+        let out = self.lab.exec(&srv, &args);
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
     }
 }
 
@@ -468,4 +515,116 @@ fn e_tunnels_survive_a_control_plane_outage_and_f_nat_rebinding() {
         t0.elapsed()
     );
     resumed.unwrap_or_else(|e| panic!("{e}\n--- a:\n{}", m.lab.log("a")));
+}
+
+#[test]
+fn routing_peer_takes_a_nat_ed_laptop_into_the_factory_lan_and_conflicts_are_refused() {
+    if skip() {
+        return;
+    }
+    let mut m = Mesh::new(Nat::Hard, Nat::Easy);
+    let (ha, hb) = (m.homes[0].clone(), m.homes[1].clone());
+    let lan = m.lab.add_lan(&hb).expect("lan");
+    m.lab.exec(&hb, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    m.up("a", &ha, true);
+    m.up("b", &hb, true);
+    m.lab
+        .wait_for("agents up", Duration::from_secs(30), || {
+            m.status("a", &ha).is_some() && m.status("b", &hb).is_some()
+        })
+        .expect("up");
+    let b_id = m.status("b", &hb).expect("status")["peer_id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let r = m.api("POST", "/api/routes", Some(&format!(
+        r#"{{"network":"192.168.50.0/24","routing_peer":"{b_id}","groups":["all"],"masquerade":true,"description":"factory"}}"#
+    )));
+    assert_eq!(r["network"], "192.168.50.0/24", "route created: {r}");
+    // A route that overlaps the laptop's own LAN (192.0.2.0/24) must not be installed there.
+    let r2 = m.api(
+        "POST",
+        "/api/routes",
+        Some(&format!(
+            r#"{{"network":"192.0.2.0/24","routing_peer":"{b_id}","groups":["all"]}}"#
+        )),
+    );
+    assert_eq!(r2["network"], "192.0.2.0/24", "{r2}");
+    m.lab
+        .wait_for("route installed on a", Duration::from_secs(30), || {
+            m.status("a", &ha).is_some_and(|s| {
+                s["routes"].as_array().is_some_and(|rs| {
+                    rs.iter()
+                        .any(|r| r["network"] == "192.168.50.0/24" && r["state"] == "installed")
+                        && rs.iter().any(|r| r["network"] == "192.0.2.0/24")
+                })
+            })
+        })
+        .unwrap_or_else(|e| panic!("{e}: {:?}\n{}", m.status("a", &ha), m.lab.log("a")));
+    let s = m.status("a", &ha).expect("status");
+    let conflict = s["routes"]
+        .as_array()
+        .expect("routes")
+        .iter()
+        .find(|r| r["network"] == "192.0.2.0/24")
+        .expect("listed")
+        .clone();
+    assert!(
+        conflict["state"]
+            .as_str()
+            .expect("state")
+            .starts_with("conflict"),
+        "{conflict}"
+    );
+    let kernel = m.lab.exec(
+        &ha,
+        &["ip", "route", "show", "192.0.2.0/24", "dev", "tern0"],
+    );
+    assert!(
+        String::from_utf8_lossy(&kernel.stdout).trim().is_empty(),
+        "conflicting route not installed"
+    );
+    let b_status = m.status("b", &hb).expect("status");
+    assert!(
+        b_status["serving"].to_string().contains("192.168.50.0/24"),
+        "{b_status}"
+    );
+
+    let t0 = Instant::now();
+    m.lab
+        .wait_for(
+            "laptop pings the LAN device",
+            Duration::from_secs(60),
+            || {
+                m.lab
+                    .exec(&ha, &["ping", "-c", "1", "-W", "1", "192.168.50.10"])
+                    .status
+                    .success()
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}\n--- a\n{}\n--- b\n{}", m.lab.log("a"), m.lab.log("b")));
+    eprintln!(
+        "figure: laptop reached the LAN device {:?} after the route was installed",
+        t0.elapsed()
+    );
+    let seen = m.transfer(&ha, &lan, "192.168.50.10", "sink-lan");
+    assert_eq!(
+        seen, "192.168.50.1",
+        "with masquerade the LAN device sees the routing peer's LAN address"
+    );
+
+    // Clean removal: tern down on the routing peer deletes its nftables table.
+    let table = |m: &Mesh| {
+        String::from_utf8_lossy(&m.lab.exec(&hb, &["nft", "list", "tables"]).stdout)
+            .contains("tern_tern0")
+    };
+    assert!(table(&m), "routing peer has its table while up");
+    let mut down = vec![bin("tern").display().to_string()];
+    down.extend(m.agent_args("b"));
+    down.push("down".into());
+    let refs: Vec<&str> = down.iter().map(String::as_str).collect();
+    assert!(m.lab.exec(&hb, &refs).status.success());
+    m.lab
+        .wait_for("rules removed", Duration::from_secs(10), || !table(&m))
+        .expect("nft table removed on tern down");
 }

@@ -31,7 +31,7 @@ fn serve(port: &str) -> Result<(), String> {
     let l = TcpListener::bind(format!("0.0.0.0:{port}")).map_err(|e| e.to_string())?;
     println!("listening");
     std::io::stdout().flush().map_err(|e| e.to_string())?;
-    let (mut s, _) = l.accept().map_err(|e| e.to_string())?;
+    let (mut s, from) = l.accept().map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(60)))
         .map_err(|e| e.to_string())?;
     let mut h = Sha256::new();
@@ -45,7 +45,7 @@ fn serve(port: &str) -> Result<(), String> {
         h.update(&buf[..k]);
         n += k as u64;
     }
-    println!("{} {n}", hex::encode(h.finalize()));
+    println!("{} {n} {}", hex::encode(h.finalize()), from.ip());
     Ok(())
 }
 
