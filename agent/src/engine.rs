@@ -120,6 +120,7 @@ pub struct Engine {
     iface: String,
     routes: Mutex<BTreeMap<String, crate::routes::RouteChoice>>,
     served: Mutex<Vec<(String, bool)>>,
+    fw: Mutex<crate::firewall::Firewall>,
 }
 
 fn dst_ip(pkt: &[u8]) -> Option<IpAddr> {
@@ -168,6 +169,7 @@ impl Engine {
             iface,
             routes: Mutex::new(BTreeMap::new()),
             served: Mutex::new(vec![]),
+            fw: Mutex::new(crate::firewall::Firewall::default()),
         })
     }
 
@@ -213,6 +215,16 @@ impl Engine {
             *self.overlay.write().unwrap_or_else(|e| e.into_inner()) =
                 cfg.overlay_range.parse().ok();
         }
+        let local = map
+            .peer_config
+            .as_ref()
+            .and_then(|c| c.address.split('/').next()?.parse().ok());
+        let rules = map
+            .firewall_rules
+            .iter()
+            .filter_map(crate::firewall::Rule::from_map)
+            .collect();
+        lock(&self.fw).set_rules(local, rules);
         let mut wanted = HashMap::new();
         for rp in &map.remote_peers {
             let Ok(key) = PublicKey::from_slice(&rp.wg_public_key) else {
@@ -394,6 +406,11 @@ impl Engine {
             .any(|n| n.contains(&ip))
     }
 
+    /// Inbound packets the policy filter dropped.
+    pub fn firewall_dropped(&self) -> u64 {
+        lock(&self.fw).dropped
+    }
+
     pub fn route_status(&self) -> Vec<crate::routes::RouteChoice> {
         lock(&self.routes).values().cloned().collect()
     }
@@ -471,7 +488,9 @@ impl Engine {
                         .chain(peer.routed.read().unwrap_or_else(|e| e.into_inner()).iter())
                         .any(|n| n.contains(&s))
                 });
-                if ok {
+                if ok && !lock(&self.fw).inbound(&pkt, Instant::now()) {
+                    trace!(peer = %peer.name, "dropped by policy");
+                } else if ok {
                     let _ = self.tun.send(&pkt).await;
                 } else {
                     trace!(peer = %peer.name, "dropping packet from outside the peer's allowed IPs");
@@ -507,6 +526,7 @@ impl Engine {
                 trace!(%dst, "no peer for destination");
                 continue;
             };
+            lock(&self.fw).outbound(pkt, Instant::now());
             let wire = {
                 let mut t = lock(&peer.tunn);
                 match t.encapsulate(pkt, &mut out) {

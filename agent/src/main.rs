@@ -3,6 +3,7 @@
 
 mod control;
 mod engine;
+mod firewall;
 mod routes;
 mod signal;
 mod sockopt;
@@ -129,7 +130,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 yes(s.signal),
                 yes(s.tcp_relay)
             );
-            println!("Peers: {}", s.peers.len());
+            println!(
+                "Peers: {}  (packets dropped by policy: {})",
+                s.peers.len(),
+                s.firewall_dropped
+            );
             for r in &s.routes {
                 let g = |k: &str| {
                     r.get(k)
@@ -355,6 +360,7 @@ async fn up(
                 .filter_map(|r| serde_json::to_value(r).ok())
                 .collect(),
             serving: e.served_status(),
+            firewall_dropped: e.firewall_dropped(),
         },
         down_tx,
     )

@@ -24,6 +24,9 @@ pub struct Status {
     /// Networks this peer routes for others.
     #[serde(default)]
     pub serving: Vec<String>,
+    /// Inbound packets dropped by the policy filter.
+    #[serde(default)]
+    pub firewall_dropped: u64,
 }
 
 pub fn socket_path(run_dir: &Path, iface: &str) -> PathBuf {

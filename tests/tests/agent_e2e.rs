@@ -628,3 +628,107 @@ fn routing_peer_takes_a_nat_ed_laptop_into_the_factory_lan_and_conflicts_are_ref
         .wait_for("rules removed", Duration::from_secs(10), || !table(&m))
         .expect("nft table removed on tern down");
 }
+
+#[test]
+fn policies_are_enforced_by_the_agents() {
+    if skip() {
+        return;
+    }
+    let mut m = Mesh::new(Nat::Easy, Nat::Easy);
+    let (ha, hb) = (m.homes[0].clone(), m.homes[1].clone());
+    let hc = m.lab.add_home("c", Nat::Easy).expect("home c");
+    m.up("a", &ha, true);
+    m.up("b", &hb, true);
+    m.up("c", &hc, true);
+    m.lab
+        .wait_for("agents up", Duration::from_secs(30), || {
+            m.status("a", &ha).is_some()
+                && m.status("b", &hb).is_some()
+                && m.status("c", &hc).is_some()
+        })
+        .expect("up");
+    let id = |m: &Mesh, who: &str, ns: &str| {
+        m.status(who, ns).expect("status")["peer_id"]
+            .as_str()
+            .expect("id")
+            .to_string()
+    };
+    let (a_id, b_id) = (id(&m, "a", &ha), id(&m, "b", &hb));
+    let ip_b = m.overlay_ip("b", &hb);
+    let ip_a = m.overlay_ip("a", &ha);
+    // staff (a) -> servers (b): TCP 5001 only; the default All<->All policy goes away.
+    let staff = m.api("POST", "/api/groups", Some(r#"{"name":"staff"}"#))["id"]
+        .as_str()
+        .expect("group")
+        .to_string();
+    let servers = m.api("POST", "/api/groups", Some(r#"{"name":"servers"}"#))["id"]
+        .as_str()
+        .expect("group")
+        .to_string();
+    m.api(
+        "PUT",
+        &format!("/api/peers/{a_id}"),
+        Some(&format!(r#"{{"groups":["{staff}"]}}"#)),
+    );
+    m.api(
+        "PUT",
+        &format!("/api/peers/{b_id}"),
+        Some(&format!(r#"{{"groups":["{servers}"]}}"#)),
+    );
+    let p = m.api(
+        "POST",
+        "/api/policies",
+        Some(&format!(
+            r#"{{"name":"sink-only","protocol":"tcp","ports":["5001"],"bidirectional":false,"sources":["{staff}"],"destinations":["{servers}"]}}"#
+        )),
+    );
+    assert_eq!(p["name"], "sink-only", "{p}");
+    for pol in m
+        .api("GET", "/api/policies", None)
+        .as_array()
+        .expect("policies")
+    {
+        if pol["name"] == "default" {
+            m.api(
+                "DELETE",
+                &format!("/api/policies/{}", pol["id"].as_str().expect("id")),
+                None,
+            );
+        }
+    }
+    // c is in no policy: its map empties and it reaches nobody.
+    m.lab
+        .wait_for("c sees nobody", Duration::from_secs(20), || {
+            m.status("c", &hc)
+                .is_some_and(|s| s["peers"].as_array().is_some_and(|p| p.is_empty()))
+        })
+        .unwrap_or_else(|e| panic!("{e}: {:?}", m.status("c", &hc)));
+    assert!(
+        !m.lab
+            .exec(&hc, &["ping", "-c", "1", "-W", "1", &ip_b])
+            .status
+            .success(),
+        "c reaches nobody"
+    );
+    m.wait_connection("a", &ha, "direct", Duration::from_secs(60));
+    // a -> b: TCP 5001 works, ping does not; b -> a: nothing new.
+    m.transfer(&ha, &hb, &ip_b, "sink-policy");
+    assert!(
+        !m.lab
+            .exec(&ha, &["ping", "-c", "2", "-W", "1", &ip_b])
+            .status
+            .success(),
+        "ping is not allowed"
+    );
+    assert!(
+        !m.lab
+            .exec(&hb, &["ping", "-c", "2", "-W", "1", &ip_a])
+            .status
+            .success(),
+        "b may not open flows to a"
+    );
+    let dropped = m.status("b", &hb).expect("status")["firewall_dropped"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(dropped >= 2, "b counted the dropped pings: {dropped}");
+}

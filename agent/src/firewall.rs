@@ -1,0 +1,341 @@
+//! The agent's own stateful filter for packets that arrive through the tunnel (so enforcement does
+//! not depend on the host firewall). A new inbound flow passes only if an inbound rule from the
+//! network map allows it (source, protocol, destination port, and — on a routing peer — the routed
+//! network); replies to flows this host opened pass; everything else is dropped and counted.
+//! ICMP errors (unreachable, time exceeded) always pass: PMTU discovery needs them.
+//! Pure: the caller passes `now`, so tests are deterministic.
+
+use ipnet::IpNet;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+use tern_proto::management as pb;
+
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+const ICMP: u8 = 1;
+const ICMPV6: u8 = 58;
+/// Idle lifetime of a tracked flow.
+const FLOW_IDLE: Duration = Duration::from_secs(300);
+/// Most flows tracked; past it, idle ones go first, then the oldest half.
+const MAX_FLOWS: usize = 65_536;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub src: IpNet,
+    /// 0 = any.
+    pub proto: u8,
+    pub ports: Vec<(u16, u16)>,
+    /// Routed network the rule opens; None = this host's own address.
+    pub network: Option<IpNet>,
+}
+
+impl Rule {
+    pub fn from_map(r: &pb::FirewallRule) -> Option<Rule> {
+        if r.direction != pb::Direction::In as i32 {
+            return None;
+        }
+        let proto = match pb::Protocol::try_from(r.protocol).ok()? {
+            pb::Protocol::Any => 0,
+            pb::Protocol::Tcp => TCP,
+            pb::Protocol::Udp => UDP,
+            pb::Protocol::Icmp => ICMP,
+        };
+        Some(Rule {
+            src: r.peer_cidr.parse().ok()?,
+            proto,
+            ports: r
+                .ports
+                .iter()
+                .map(|p| (p.start as u16, p.end as u16))
+                .collect(),
+            network: if r.network.is_empty() {
+                None
+            } else {
+                Some(r.network.parse().ok()?)
+            },
+        })
+    }
+}
+
+/// The five-tuple of a packet, from the point of view of this host: (proto, local, local port,
+/// remote, remote port). ICMP echo uses its identifier as the local port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Flow {
+    proto: u8,
+    local: IpAddr,
+    lport: u16,
+    remote: IpAddr,
+    rport: u16,
+}
+
+/// Parsed header fields: (proto, src, dst, sport, dport, icmp error?).
+fn parse(pkt: &[u8]) -> Option<(u8, IpAddr, IpAddr, u16, u16, bool)> {
+    let (proto, src, dst, l4) = match pkt.first()? >> 4 {
+        4 => {
+            let ihl = ((pkt[0] & 0x0f) as usize) * 4;
+            if pkt.len() < 20 || ihl < 20 || pkt.len() < ihl {
+                return None;
+            }
+            let frag_offset = u16::from_be_bytes([pkt[6], pkt[7]]) & 0x1fff;
+            let src = IpAddr::from(<[u8; 4]>::try_from(&pkt[12..16]).ok()?);
+            let dst = IpAddr::from(<[u8; 4]>::try_from(&pkt[16..20]).ok()?);
+            if frag_offset != 0 {
+                // Non-first fragments carry no ports: judged as the flow's first fragment was
+                // (tracked as port 0 both ways).
+                return Some((pkt[9], src, dst, 0, 0, false));
+            }
+            (pkt[9], src, dst, &pkt[ihl..])
+        }
+        6 => {
+            if pkt.len() < 40 {
+                return None;
+            }
+            let src = IpAddr::from(<[u8; 16]>::try_from(&pkt[8..24]).ok()?);
+            let dst = IpAddr::from(<[u8; 16]>::try_from(&pkt[24..40]).ok()?);
+            (pkt[6], src, dst, &pkt[40..])
+        }
+        _ => return None,
+    };
+    match proto {
+        TCP | UDP if l4.len() >= 4 => Some((
+            proto,
+            src,
+            dst,
+            u16::from_be_bytes([l4[0], l4[1]]),
+            u16::from_be_bytes([l4[2], l4[3]]),
+            false,
+        )),
+        ICMP | ICMPV6 if l4.len() >= 8 => {
+            let t = l4[0];
+            let id = u16::from_be_bytes([l4[4], l4[5]]);
+            let error = if proto == ICMP {
+                matches!(t, 3 | 11 | 12)
+            } else {
+                t < 128
+            };
+            Some((ICMP, src, dst, id, id, error))
+        }
+        _ => Some((proto, src, dst, 0, 0, false)),
+    }
+}
+
+#[derive(Default)]
+pub struct Firewall {
+    rules: Vec<Rule>,
+    local: Option<IpAddr>,
+    flows: HashMap<Flow, Instant>,
+    pub dropped: u64,
+}
+
+impl Firewall {
+    pub fn set_rules(&mut self, local: Option<IpAddr>, rules: Vec<Rule>) {
+        self.local = local;
+        self.rules = rules;
+    }
+
+    /// A packet from the TUN device (leaving through the tunnel): remember its flow.
+    pub fn outbound(&mut self, pkt: &[u8], now: Instant) {
+        if let Some((proto, src, dst, sport, dport, error)) = parse(pkt) {
+            if !error {
+                self.track(
+                    Flow {
+                        proto,
+                        local: src,
+                        lport: sport,
+                        remote: dst,
+                        rport: dport,
+                    },
+                    now,
+                );
+            }
+        }
+    }
+
+    /// A decapsulated packet about to enter this host: true if it may pass.
+    pub fn inbound(&mut self, pkt: &[u8], now: Instant) -> bool {
+        let Some((proto, src, dst, sport, dport, error)) = parse(pkt) else {
+            self.dropped += 1;
+            return false;
+        };
+        if error {
+            return true;
+        }
+        let flow = Flow {
+            proto,
+            local: dst,
+            lport: dport,
+            remote: src,
+            rport: sport,
+        };
+        if let Some(seen) = self.flows.get_mut(&flow) {
+            if now.saturating_duration_since(*seen) < FLOW_IDLE {
+                *seen = now;
+                return true;
+            }
+        }
+        let to_me = self.local == Some(dst);
+        let allowed = self.rules.iter().any(|r| {
+            r.src.contains(&src)
+                && match r.network {
+                    None => to_me,
+                    Some(n) => n.contains(&dst),
+                }
+                && (r.proto == 0 || r.proto == proto)
+                && (r.ports.is_empty()
+                    || ((proto == TCP || proto == UDP)
+                        && r.ports.iter().any(|(a, b)| (*a..=*b).contains(&dport))))
+        });
+        if allowed {
+            self.track(flow, now);
+        } else {
+            self.dropped += 1;
+        }
+        allowed
+    }
+
+    fn track(&mut self, f: Flow, now: Instant) {
+        if self.flows.len() >= MAX_FLOWS && !self.flows.contains_key(&f) {
+            self.flows
+                .retain(|_, t| now.saturating_duration_since(*t) < FLOW_IDLE);
+            if self.flows.len() >= MAX_FLOWS {
+                let mut ages: Vec<Instant> = self.flows.values().copied().collect();
+                ages.sort();
+                let cutoff = ages[ages.len() / 2];
+                self.flows.retain(|_, t| *t > cutoff);
+            }
+        }
+        self.flows.insert(f, now);
+    }
+
+    #[cfg(test)]
+    pub fn flows(&self) -> usize {
+        self.flows.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v4(proto: u8, src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+        let mut p = vec![0u8; 40];
+        p[0] = 0x45;
+        p[9] = proto;
+        p[12..16].copy_from_slice(&src);
+        p[16..20].copy_from_slice(&dst);
+        p[20..22].copy_from_slice(&sport.to_be_bytes());
+        p[22..24].copy_from_slice(&dport.to_be_bytes());
+        p
+    }
+
+    fn icmp(src: [u8; 4], dst: [u8; 4], typ: u8, id: u16) -> Vec<u8> {
+        let mut p = v4(ICMP, src, dst, 0, 0);
+        p[20] = typ;
+        p[24..26].copy_from_slice(&id.to_be_bytes());
+        p
+    }
+
+    const ME: [u8; 4] = [100, 64, 0, 1];
+    const LAPTOP: [u8; 4] = [100, 64, 0, 2];
+    const OTHER: [u8; 4] = [100, 64, 0, 3];
+
+    fn ssh_only() -> Firewall {
+        let mut f = Firewall::default();
+        f.set_rules(
+            Some(IpAddr::from(ME)),
+            vec![Rule {
+                src: "100.64.0.2/32".parse().expect("net"),
+                proto: TCP,
+                ports: vec![(22, 22)],
+                network: None,
+            }],
+        );
+        f
+    }
+
+    #[test]
+    fn only_the_allowed_port_opens_new_flows() {
+        let mut f = ssh_only();
+        let t = Instant::now();
+        assert!(
+            f.inbound(&v4(TCP, LAPTOP, ME, 40000, 22), t),
+            "ssh from laptop"
+        );
+        assert!(!f.inbound(&v4(TCP, LAPTOP, ME, 40000, 80), t), "other port");
+        assert!(
+            !f.inbound(&v4(UDP, LAPTOP, ME, 40000, 22), t),
+            "other protocol"
+        );
+        assert!(!f.inbound(&icmp(LAPTOP, ME, 8, 7), t), "ping");
+        assert!(!f.inbound(&v4(TCP, OTHER, ME, 40000, 22), t), "other peer");
+        assert_eq!(f.dropped, 4);
+    }
+
+    #[test]
+    fn replies_to_our_own_flows_pass_and_expire() {
+        let mut f = ssh_only();
+        let t = Instant::now();
+        f.outbound(&v4(TCP, ME, OTHER, 50000, 443), t);
+        assert!(
+            f.inbound(&v4(TCP, OTHER, ME, 443, 50000), t),
+            "reply passes"
+        );
+        assert!(
+            !f.inbound(&v4(TCP, OTHER, ME, 443, 50001), t),
+            "not our flow"
+        );
+        f.outbound(&icmp(ME, OTHER, 8, 99), t);
+        assert!(f.inbound(&icmp(OTHER, ME, 0, 99), t), "echo reply");
+        assert!(
+            !f.inbound(
+                &v4(TCP, OTHER, ME, 443, 50000),
+                t + FLOW_IDLE + Duration::from_secs(1)
+            ),
+            "idle flow expired"
+        );
+    }
+
+    #[test]
+    fn routed_networks_and_icmp_errors() {
+        let mut f = Firewall::default();
+        f.set_rules(
+            Some(IpAddr::from(ME)),
+            vec![Rule {
+                src: "100.64.0.0/10".parse().expect("net"),
+                proto: 0,
+                ports: vec![],
+                network: Some("192.168.50.0/24".parse().expect("net")),
+            }],
+        );
+        let t = Instant::now();
+        assert!(
+            f.inbound(&v4(TCP, LAPTOP, [192, 168, 50, 10], 1, 22), t),
+            "into the routed LAN"
+        );
+        assert!(
+            !f.inbound(&v4(TCP, LAPTOP, ME, 1, 22), t),
+            "the rule opens the LAN, not this host"
+        );
+        assert!(
+            f.inbound(&icmp(LAPTOP, ME, 3, 0), t),
+            "ICMP unreachable always passes"
+        );
+        assert!(!f.inbound(&[0x45, 0, 0], t), "truncated");
+    }
+
+    #[test]
+    fn flow_table_is_bounded() {
+        let mut f = ssh_only();
+        let t = Instant::now();
+        for i in 0..(MAX_FLOWS as u32 + 5000) {
+            let port = (i % 60000) as u16 + 1;
+            let host = [10, (i >> 16) as u8, (i >> 8) as u8, i as u8];
+            f.outbound(
+                &v4(UDP, ME, host, port, 53),
+                t + Duration::from_micros(i as u64),
+            );
+        }
+        assert!(f.flows() <= MAX_FLOWS);
+    }
+}
