@@ -240,6 +240,43 @@ table inet tern_fw {
         Ok(lan)
     }
 
+    /// One LAN (a bridge) shared by several homes that can all route into it: the device is
+    /// 192.168.50.10, home i gets 192.168.50.(i+1). Returns the device's namespace.
+    pub fn add_shared_lan(&mut self, homes: &[&str]) -> anyhow::Result<String> {
+        let br = self.add_ns("lanbr")?;
+        ip(&["-n", &br, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &br, "link", "set", "br0", "up"])?;
+        let _ = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &br,
+                "sysctl",
+                "-qw",
+                "net.bridge.bridge-nf-call-iptables=0",
+            ])
+            .output();
+        let lan = self.add_ns("lan")?;
+        self.veth(&lan, "eth0", &br, "d0")?;
+        ip(&["-n", &br, "link", "set", "d0", "master", "br0"])?;
+        ip(&["-n", &lan, "addr", "add", "192.168.50.10/24", "dev", "eth0"])?;
+        for (i, h) in homes.iter().enumerate() {
+            let port = format!("h{i}");
+            self.veth(h, "eth1", &br, &port)?;
+            ip(&["-n", &br, "link", "set", &port, "master", "br0"])?;
+            ip(&[
+                "-n",
+                h,
+                "addr",
+                "add",
+                &format!("192.168.50.{}/24", i + 1),
+                "dev",
+                "eth1",
+            ])?;
+        }
+        Ok(lan)
+    }
+
     /// Lowers the MTU of every "internet" link (router WANs, server, bridge) to `mtu` and makes the
     /// routers drop the ICMP "fragmentation needed" / "packet too big" they would send or forward:
     /// a path-MTU black hole.

@@ -732,3 +732,95 @@ fn policies_are_enforced_by_the_agents() {
         .unwrap_or(0);
     assert!(dropped >= 2, "b counted the dropped pings: {dropped}");
 }
+
+#[test]
+fn ha_routing_peers_fail_over_within_ten_seconds() {
+    if skip() {
+        return;
+    }
+    let mut m = Mesh::new(Nat::Hard, Nat::Easy);
+    let (ha, hb) = (m.homes[0].clone(), m.homes[1].clone());
+    let hc = m.lab.add_home("c", Nat::Easy).expect("home c");
+    let lan = m.lab.add_shared_lan(&[&hb, &hc]).expect("lan");
+    m.up("a", &ha, true);
+    m.up("b", &hb, true);
+    m.up("c", &hc, true);
+    m.lab
+        .wait_for("agents up", Duration::from_secs(30), || {
+            m.status("a", &ha).is_some()
+                && m.status("b", &hb).is_some()
+                && m.status("c", &hc).is_some()
+        })
+        .expect("up");
+    let id = |m: &Mesh, who: &str, ns: &str| {
+        m.status(who, ns).expect("status")["peer_id"]
+            .as_str()
+            .expect("id")
+            .to_string()
+    };
+    let (b_id, c_id) = (id(&m, "b", &hb), id(&m, "c", &hc));
+    for (peer, metric) in [(&b_id, 10), (&c_id, 20)] {
+        let r = m.api(
+            "POST",
+            "/api/routes",
+            Some(&format!(r#"{{"network":"192.168.50.0/24","routing_peer":"{peer}","metric":{metric},"groups":["all"],"masquerade":true}}"#)),
+        );
+        assert_eq!(r["network"], "192.168.50.0/24", "{r}");
+    }
+    let via = |m: &Mesh| -> String {
+        m.status("a", &ha)
+            .and_then(|s| {
+                s["routes"]
+                    .as_array()?
+                    .iter()
+                    .find(|r| r["network"] == "192.168.50.0/24" && r["state"] == "installed")
+                    .cloned()
+            })
+            .map(|r| r["peer_id"].as_str().unwrap_or_default().to_string())
+            .unwrap_or_default()
+    };
+    m.lab
+        .wait_for(
+            "route via the preferred peer b",
+            Duration::from_secs(30),
+            || via(&m) == b_id,
+        )
+        .expect("via b");
+    m.lab
+        .wait_for("LAN reachable", Duration::from_secs(60), || {
+            m.lab
+                .exec(&ha, &["ping", "-c", "1", "-W", "1", "192.168.50.10"])
+                .status
+                .success()
+        })
+        .expect("ping via b");
+    assert_eq!(
+        m.transfer(&ha, &lan, "192.168.50.10", "sink-ha-b"),
+        "192.168.50.1",
+        "served by b"
+    );
+
+    // The preferred routing peer goes down.
+    m.lab.stop("b");
+    let t0 = Instant::now();
+    let took = m
+        .lab
+        .wait_for("traffic through c", Duration::from_secs(10), || {
+            m.lab
+                .exec(&ha, &["ping", "-c", "1", "-W", "1", "192.168.50.10"])
+                .status
+                .success()
+        })
+        .unwrap_or_else(|e| panic!("{e}: {:?}\n{}", m.status("a", &ha), m.lab.log("a")));
+    eprintln!("figure: failover to the second routing peer took {took:?}");
+    assert_eq!(via(&m), c_id, "route now via c");
+    assert!(t0.elapsed() <= Duration::from_secs(10));
+    assert_eq!(
+        m.transfer(&ha, &lan, "192.168.50.10", "sink-ha-c"),
+        "192.168.50.2",
+        "served by c"
+    );
+    // No flapping: stays on c.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(via(&m), c_id);
+}
