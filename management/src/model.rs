@@ -215,6 +215,9 @@ pub struct Route {
     pub enabled: bool,
     /// Distribution groups: peers in these groups receive the route.
     pub groups: Vec<String>,
+    /// Access groups: if set, only policies whose destinations include one of them open the
+    /// routed network (for what they allow); if empty, distribution alone grants access.
+    pub access_groups: Vec<String>,
     pub created_at: Millis,
 }
 

@@ -160,20 +160,40 @@ impl NetIndex {
             };
             if routers.contains(&me_idx) {
                 served.push(route_msg(me_idx));
-                // Clients of the route must be able to reach us, and we accept their routed traffic.
+                // Clients of the route must be able to reach us. Without access groups every
+                // client may use the whole network; with them, only what policies towards those
+                // groups allow (and only for clients the route is distributed to).
                 for q in self.members_of(&r.groups) {
                     if routers.contains(&q) {
                         continue;
                     }
                     visible.insert(q);
-                    rules.insert(RuleKey {
-                        cidr: host_cidr(&self.snap.peers[q].overlay_ip),
-                        direction: pb::Direction::In as i32,
-                        protocol: pb::Protocol::Any as i32,
-                        ports: vec![],
-                        policy_id: format!("route:{}", r.id),
-                        network: r.network.to_string(),
-                    });
+                    let cidr = host_cidr(&self.snap.peers[q].overlay_ip);
+                    if r.access_groups.is_empty() {
+                        rules.insert(RuleKey {
+                            cidr,
+                            direction: pb::Direction::In as i32,
+                            protocol: pb::Protocol::Any as i32,
+                            ports: vec![],
+                            policy_id: format!("route:{}", r.id),
+                            network: r.network.to_string(),
+                        });
+                        continue;
+                    }
+                    let client = &self.snap.peers[q];
+                    for pol in self.snap.policies.iter().filter(|p| p.enabled) {
+                        let opens = pol.destinations.iter().any(|g| r.access_groups.contains(g));
+                        if opens && self.in_any(client, &pol.sources) {
+                            rules.insert(RuleKey {
+                                cidr: cidr.clone(),
+                                direction: pb::Direction::In as i32,
+                                protocol: proto(pol.protocol) as i32,
+                                ports: self.ports.get(pol.id.as_str()).cloned().unwrap_or_default(),
+                                policy_id: pol.id.clone(),
+                                network: r.network.to_string(),
+                            });
+                        }
+                    }
                 }
             } else if self.in_any(me, &r.groups) {
                 for ri in routers {
@@ -510,6 +530,7 @@ mod tests {
             masquerade: true,
             enabled: true,
             groups: vec!["staff".into()],
+            access_groups: vec![],
             created_at: 0,
         };
         let s = snap(
@@ -536,6 +557,57 @@ mod tests {
         assert_eq!(gw1.firewall_rules[0].network, "192.168.50.0/24");
         let other = idx.map_for("other", &relay(), 100).expect("map");
         assert!(other.routes.is_empty() && other.remote_peers.is_empty());
+    }
+
+    #[test]
+    fn route_access_groups_limit_routed_traffic_to_what_policies_allow() {
+        let route = Route {
+            id: "r1".into(),
+            network: "192.168.50.0/24".parse().expect("cidr"),
+            description: String::new(),
+            routing_peer: Some("gw".into()),
+            routing_group: None,
+            metric: 10,
+            masquerade: true,
+            enabled: true,
+            groups: vec!["all".into()],
+            access_groups: vec!["lan-ssh".into()],
+            created_at: 0,
+        };
+        let s = snap(
+            vec![
+                peer("gw", "100.64.0.1", &[]),
+                peer("laptop", "100.64.0.2", &["staff"]),
+                peer("guest", "100.64.0.3", &[]),
+            ],
+            vec![policy(
+                "ssh",
+                &["staff"],
+                &["lan-ssh"],
+                Protocol::Tcp,
+                &["22"],
+                false,
+            )],
+            vec![route],
+        );
+        let idx = NetIndex::new(Arc::new(s));
+        let gw = idx.map_for("gw", &relay(), 100).expect("map");
+        let lan_rules: Vec<_> = gw
+            .firewall_rules
+            .iter()
+            .filter(|r| r.network == "192.168.50.0/24")
+            .collect();
+        assert_eq!(
+            lan_rules.len(),
+            1,
+            "only the staff laptop, only TCP 22: {lan_rules:?}"
+        );
+        assert_eq!(lan_rules[0].peer_cidr, "100.64.0.2/32");
+        assert_eq!(lan_rules[0].protocol, pb::Protocol::Tcp as i32);
+        assert_eq!(lan_rules[0].ports, [pb::PortRange { start: 22, end: 22 }]);
+        // The guest still receives the route (distribution) but the router opens nothing for it.
+        let guest = idx.map_for("guest", &relay(), 100).expect("map");
+        assert_eq!(guest.routes.len(), 1);
     }
 
     #[test]

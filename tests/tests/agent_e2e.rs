@@ -824,3 +824,112 @@ fn ha_routing_peers_fail_over_within_ten_seconds() {
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(via(&m), c_id);
 }
+
+#[test]
+fn route_access_follows_policies_tcp_only_for_staff() {
+    if skip() {
+        return;
+    }
+    let mut m = Mesh::new(Nat::Hard, Nat::Easy);
+    let (ha, hb) = (m.homes[0].clone(), m.homes[1].clone());
+    let hc = m.lab.add_home("c", Nat::Easy).expect("home c");
+    let lan = m.lab.add_lan(&hb).expect("lan");
+    m.up("a", &ha, true);
+    m.up("b", &hb, true);
+    m.up("c", &hc, true);
+    m.lab
+        .wait_for("agents up", Duration::from_secs(30), || {
+            m.status("a", &ha).is_some()
+                && m.status("b", &hb).is_some()
+                && m.status("c", &hc).is_some()
+        })
+        .expect("up");
+    let id = |m: &Mesh, who: &str, ns: &str| {
+        m.status(who, ns).expect("status")["peer_id"]
+            .as_str()
+            .expect("id")
+            .to_string()
+    };
+    let (a_id, b_id) = (id(&m, "a", &ha), id(&m, "b", &hb));
+    let staff = m.api("POST", "/api/groups", Some(r#"{"name":"staff"}"#))["id"]
+        .as_str()
+        .expect("group")
+        .to_string();
+    let access = m.api("POST", "/api/groups", Some(r#"{"name":"factory-ssh"}"#))["id"]
+        .as_str()
+        .expect("group")
+        .to_string();
+    m.api(
+        "PUT",
+        &format!("/api/peers/{a_id}"),
+        Some(&format!(r#"{{"groups":["{staff}"]}}"#)),
+    );
+    let r = m.api(
+        "POST",
+        "/api/routes",
+        Some(&format!(
+            r#"{{"network":"192.168.50.0/24","routing_peer":"{b_id}","groups":["all"],"access_groups":["{access}"],"masquerade":true}}"#
+        )),
+    );
+    assert_eq!(r["access_groups"][0], access.as_str(), "{r}");
+    let p = m.api(
+        "POST",
+        "/api/policies",
+        Some(&format!(
+            r#"{{"name":"staff-to-factory","protocol":"tcp","ports":["5001"],"bidirectional":false,"sources":["{staff}"],"destinations":["{access}"]}}"#
+        )),
+    );
+    assert_eq!(p["name"], "staff-to-factory", "{p}");
+    let installed = |m: &Mesh, who: &str, ns: &str| {
+        m.status(who, ns).is_some_and(|s| {
+            s["routes"]
+                .as_array()
+                .is_some_and(|rs| rs.iter().any(|r| r["state"] == "installed"))
+        })
+    };
+    m.lab
+        .wait_for("routes installed", Duration::from_secs(30), || {
+            installed(&m, "a", &ha) && installed(&m, "c", &hc)
+        })
+        .expect("routes");
+    // staff laptop: TCP 5001 into the LAN works (replies pass), ping does not.
+    let seen = m.transfer(&ha, &lan, "192.168.50.10", "sink-acl");
+    assert_eq!(seen, "192.168.50.1");
+    assert!(
+        !m.lab
+            .exec(&ha, &["ping", "-c", "2", "-W", "1", "192.168.50.10"])
+            .status
+            .success(),
+        "ping is not allowed"
+    );
+    // A peer outside staff gets nothing, not even TCP 5001.
+    let tool = PathBuf::from(env!("CARGO_BIN_EXE_tern-nettool"));
+    let lan2 = lan.clone();
+    m.lab
+        .spawn("sink-acl-c", &lan2, &tool, &["serve", "5001"], &[])
+        .expect("sink");
+    m.lab
+        .wait_for("sink", Duration::from_secs(10), || {
+            m.lab.log("sink-acl-c").contains("listening")
+        })
+        .expect("sink");
+    let out = m.lab.exec(
+        &hc,
+        &[
+            tool.to_str().expect("utf8"),
+            "send",
+            "192.168.50.10:5001",
+            "1000",
+        ],
+    );
+    assert!(
+        !out.status.success(),
+        "c must not reach the LAN: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(!m
+        .lab
+        .exec(&hc, &["ping", "-c", "2", "-W", "1", "192.168.50.10"])
+        .status
+        .success());
+}

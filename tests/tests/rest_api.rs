@@ -271,6 +271,9 @@ async fn crud_and_bad_input_on_every_entity() {
         bad["groups"] = json!(["ghost"]);
         assert_err(srv.post("/api/routes", bad.clone()).await, 422, "unknown group");
         bad["groups"] = json!([id(&staff)]);
+        bad["access_groups"] = json!(["ghost"]);
+        assert_err(srv.post("/api/routes", bad.clone()).await, 422, "unknown group");
+        bad["access_groups"] = json!([]);
         bad["routing_peer"] = json!("ghost-peer");
         assert_err(srv.post("/api/routes", bad.clone()).await, 422, "unknown peer");
         bad["routing_group"] = json!(id(&routers));

@@ -730,6 +730,10 @@ pub struct RouteBody {
     pub enabled: bool,
     /// Distribution groups: peers in them install the route.
     pub groups: Vec<String>,
+    /// Access groups: if set, only policies whose destinations include one of them open the
+    /// routed network, for what they allow. Empty: distribution alone grants full access.
+    #[serde(default)]
+    pub access_groups: Vec<String>,
 }
 
 fn default_metric() -> i64 {
@@ -765,6 +769,7 @@ fn route_input(b: RouteBody) -> ApiResult<RouteInput> {
         masquerade: b.masquerade,
         enabled: b.enabled,
         groups: b.groups,
+        access_groups: b.access_groups,
     })
 }
 

@@ -444,6 +444,7 @@ impl Store {
             ("SELECT p.name FROM policies p JOIN policy_groups pg ON pg.policy_id = p.id WHERE pg.group_id = $1", "policy"),
             ("SELECT r.network AS name FROM routes r WHERE r.routing_group_id = $1", "route"),
             ("SELECT r.network AS name FROM routes r JOIN route_groups rg ON rg.route_id = r.id WHERE rg.group_id = $1", "route"),
+            ("SELECT r.network AS name FROM routes r JOIN route_access_groups ag ON ag.route_id = r.id WHERE ag.group_id = $1", "route"),
             ("SELECT k.name FROM setup_keys k JOIN setup_key_groups kg ON kg.setup_key_id = k.id WHERE kg.group_id = $1", "setup key"),
         ];
         for (sql, what) in users {
@@ -675,6 +676,7 @@ pub(crate) enum Links {
     Peer,
     SetupKey,
     Route,
+    RouteAccess,
 }
 
 impl Links {
@@ -683,6 +685,7 @@ impl Links {
             Links::Peer => "DELETE FROM peer_groups WHERE peer_id = $1",
             Links::SetupKey => "DELETE FROM setup_key_groups WHERE setup_key_id = $1",
             Links::Route => "DELETE FROM route_groups WHERE route_id = $1",
+            Links::RouteAccess => "DELETE FROM route_access_groups WHERE route_id = $1",
         }
     }
     fn insert_sql(self) -> &'static str {
@@ -692,6 +695,9 @@ impl Links {
                 "INSERT INTO setup_key_groups (setup_key_id, group_id) VALUES ($1, $2)"
             }
             Links::Route => "INSERT INTO route_groups (route_id, group_id) VALUES ($1, $2)",
+            Links::RouteAccess => {
+                "INSERT INTO route_access_groups (route_id, group_id) VALUES ($1, $2)"
+            }
         }
     }
 }
@@ -914,6 +920,7 @@ pub struct RouteInput {
     pub masquerade: bool,
     pub enabled: bool,
     pub groups: Vec<String>,
+    pub access_groups: Vec<String>,
 }
 
 pub(crate) async fn route_from(conn: &mut sqlx::AnyConnection, r: &AnyRow) -> Result<Route> {
@@ -921,6 +928,12 @@ pub(crate) async fn route_from(conn: &mut sqlx::AnyConnection, r: &AnyRow) -> Re
     let groups = linked_groups(
         conn,
         "SELECT group_id FROM route_groups WHERE route_id = $1 ORDER BY group_id",
+        &id,
+    )
+    .await?;
+    let access_groups = linked_groups(
+        conn,
+        "SELECT group_id FROM route_access_groups WHERE route_id = $1 ORDER BY group_id",
         &id,
     )
     .await?;
@@ -940,6 +953,7 @@ pub(crate) async fn route_from(conn: &mut sqlx::AnyConnection, r: &AnyRow) -> Re
         masquerade: col(r, "masquerade")?,
         enabled: col(r, "enabled")?,
         groups,
+        access_groups,
         created_at: col(r, "created_at")?,
     })
 }
@@ -989,6 +1003,7 @@ impl Store {
             check_groups(c.conn(), "routing_group", std::slice::from_ref(g)).await?;
         }
         check_groups(c.conn(), "groups", &r.groups).await?;
+        check_groups(c.conn(), "access_groups", &r.access_groups).await?;
         let settings = read_settings(c.conn()).await?;
         if nets_overlap(&r.network, &settings.overlay_range) {
             return Err(StoreError::invalid(
@@ -1060,6 +1075,7 @@ impl Store {
             }
         };
         set_links(c.conn(), Links::Route, &id, &r.groups).await?;
+        set_links(c.conn(), Links::RouteAccess, &id, &r.access_groups).await?;
         let out = read_route(c.conn(), &id).await?;
         c.audit("route.put", "route", &id, json!(out)).await?;
         c.commit(self).await?;
