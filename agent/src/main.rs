@@ -4,6 +4,7 @@
 mod control;
 mod engine;
 mod firewall;
+mod nat64;
 mod routes;
 mod signal;
 mod sockopt;
@@ -63,6 +64,10 @@ enum Cmd {
         /// Tunnel MTU (default: the management setting, 1280).
         #[arg(long, env = "TERN_MTU")]
         mtu: Option<u32>,
+        /// NAT64 prefix of an IPv6-only uplink (e.g. 64:ff9b::/96): IPv4 relay addresses are
+        /// reached through it when the host has no IPv4 route.
+        #[arg(long, env = "TERN_NAT64_PREFIX")]
+        nat64_prefix: Option<ipnet::Ipv6Net>,
     },
     /// Stop the running daemon (removes the interface).
     Down,
@@ -188,30 +193,48 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             setup_key,
             hostname,
             mtu,
+            nat64_prefix,
         } => {
-            up(
-                &cli.state_dir,
-                sock,
-                &cli.interface,
+            if let Some(p) = nat64_prefix {
+                anyhow::ensure!(
+                    p.prefix_len() == 96,
+                    "the NAT64 prefix must be a /96, got /{}",
+                    p.prefix_len()
+                );
+            }
+            let opts = UpOptions {
                 management_url,
                 setup_key,
                 hostname,
                 mtu,
-            )
-            .await
+                nat64_prefix,
+            };
+            up(&cli.state_dir, sock, &cli.interface, opts).await
         }
     }
+}
+
+struct UpOptions {
+    management_url: Option<String>,
+    setup_key: Option<String>,
+    hostname: Option<String>,
+    mtu: Option<u32>,
+    nat64_prefix: Option<ipnet::Ipv6Net>,
 }
 
 async fn up(
     state_dir: &std::path::Path,
     sock: PathBuf,
     iface: &str,
-    management_url: Option<String>,
-    setup_key: Option<String>,
-    hostname: Option<String>,
-    mtu: Option<u32>,
+    o: UpOptions,
 ) -> anyhow::Result<()> {
+    let UpOptions {
+        management_url,
+        setup_key,
+        hostname,
+        mtu,
+        nat64_prefix,
+    } = o;
     if !nix::unistd::geteuid().is_root() {
         bail!("tern up needs root (it creates a TUN device and routes)");
     }
@@ -311,9 +334,14 @@ async fn up(
         let e = engine.clone();
         tokio::spawn(async move {
             while maps_rx.changed().await.is_ok() {
-                let Some(map) = maps_rx.borrow_and_update().clone() else {
+                let Some(mut map) = maps_rx.borrow_and_update().clone() else {
                     continue;
                 };
+                if let (Some(p), Some(relay)) = (nat64_prefix, map.relay.as_mut()) {
+                    if !nat64::has_ipv4_default_route() {
+                        nat64::rewrite_relay(relay, &p);
+                    }
+                }
                 e.apply_map(&map);
                 e.apply_routes(&map);
                 let tcp = map

@@ -19,6 +19,11 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub const SERVER_IP: &str = "203.0.113.10";
+/// Network-specific NAT64 prefix of the lab carrier (the well-known one refuses documentation
+/// addresses, RFC 6052).
+pub const NAT64_PREFIX: &str = "2001:db8:64:ff9b::/96";
+/// The server's IPv4-embedded address under `NAT64_PREFIX`.
+pub const SERVER_NAT64: &str = "2001:db8:64:ff9b::cb00:710a";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Nat {
@@ -238,6 +243,107 @@ table inet tern_fw {
         ])?;
         ip(&["-n", &lan, "addr", "add", "192.168.50.10/24", "dev", "eth0"])?;
         Ok(lan)
+    }
+
+    /// A home whose uplink is IPv6 only, behind a carrier NAT64 (tayga + NAT44 masquerade) with
+    /// the network-specific prefix `NAT64_PREFIX`; the gateway's IPv4 side is 203.0.113.14 on the
+    /// internet bridge. Returns the home namespace (2001:db8:64:1::2, no IPv4 route).
+    pub fn add_nat64_home(&mut self) -> anyhow::Result<String> {
+        let g = self.add_ns("g6")?;
+        let h = self.add_ns("h6")?;
+        self.link_to_bridge(&g, "eth0", "203.0.113.14/24")?;
+        self.veth(&g, "eth1", &h, "eth0")?;
+        ip(&[
+            "-n",
+            &h,
+            "-6",
+            "addr",
+            "add",
+            "2001:db8:64:1::2/64",
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        ip(&[
+            "-n",
+            &h,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            "2001:db8:64:1::1",
+        ])?;
+        ip(&[
+            "-n",
+            &g,
+            "-6",
+            "addr",
+            "add",
+            "2001:db8:64:1::1/64",
+            "dev",
+            "eth1",
+            "nodad",
+        ])?;
+        run(Command::new("ip").args([
+            "netns",
+            "exec",
+            &g,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
+        ]))?;
+        let conf = self.dir.path().join("tayga.conf");
+        let data = self.dir.path().join("tayga");
+        std::fs::create_dir_all(&data)?;
+        std::fs::write(
+            &conf,
+            format!(
+                "tun-device nat64\nipv4-addr 192.0.2.1\nipv6-addr 2001:db8:64:ff::1\nprefix {NAT64_PREFIX}\ndynamic-pool 192.0.2.0/24\ndata-dir {}\n",
+                data.display()
+            ),
+        )?;
+        let conf_s = conf.display().to_string();
+        run(Command::new("ip").args(["netns", "exec", &g, "tayga", "-c", &conf_s, "--mktun"]))?;
+        ip(&["-n", &g, "link", "set", "nat64", "up"])?;
+        ip(&["-n", &g, "addr", "add", "203.0.113.14/32", "dev", "nat64"])?;
+        ip(&[
+            "-n",
+            &g,
+            "-6",
+            "addr",
+            "add",
+            "2001:db8:64:1::1/128",
+            "dev",
+            "nat64",
+            "nodad",
+        ])?;
+        ip(&["-n", &g, "route", "add", "192.0.2.0/24", "dev", "nat64"])?;
+        ip(&["-n", &g, "-6", "route", "add", NAT64_PREFIX, "dev", "nat64"])?;
+        ip(&[
+            "-n",
+            &g,
+            "-6",
+            "route",
+            "add",
+            "2001:db8:64:ff::1/128",
+            "dev",
+            "nat64",
+        ])?;
+        self.nft(
+            &g,
+            r#"table ip tern_nat64 {
+  chain post {
+    type nat hook postrouting priority srcnat; policy accept;
+    oifname "eth0" ip saddr 192.0.2.0/24 masquerade
+  }
+}
+"#,
+        )?;
+        let tayga = PathBuf::from("/usr/sbin/tayga");
+        self.spawn("tayga", &g, &tayga, &["-c", &conf_s, "-d"], &[])?;
+        Ok(h)
     }
 
     /// One LAN (a bridge) shared by several homes that can all route into it: the device is

@@ -6,7 +6,7 @@
 use serde_json::Value;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use tern_tests::netns::{workspace_bin, Lab, Nat, SERVER_IP};
+use tern_tests::netns::{workspace_bin, Lab, Nat, NAT64_PREFIX, SERVER_IP, SERVER_NAT64};
 
 const MB20: &str = "20000000";
 
@@ -116,14 +116,19 @@ impl Mesh {
     }
 
     fn up(&mut self, who: &str, ns: &str, with_key: bool) {
+        self.up_with(who, ns, with_key, &format!("http://{SERVER_IP}:443"), &[]);
+    }
+
+    fn up_with(&mut self, who: &str, ns: &str, with_key: bool, url: &str, extra: &[&str]) {
         let mut args = self.agent_args(who);
         args.extend([
             "up".into(),
             "--management-url".into(),
-            format!("http://{SERVER_IP}:443"),
+            url.to_string(),
             "--hostname".into(),
             who.into(),
         ]);
+        args.extend(extra.iter().map(|s| s.to_string()));
         if with_key {
             args.extend(["--setup-key".into(), self.key.clone()]);
         }
@@ -932,4 +937,87 @@ fn route_access_follows_policies_tcp_only_for_staff() {
         .exec(&hc, &["ping", "-c", "2", "-W", "1", "192.168.50.10"])
         .status
         .success());
+}
+
+#[test]
+fn routing_peer_on_an_ipv6_only_uplink_behind_nat64_still_serves_the_lan() {
+    if skip() {
+        return;
+    }
+    assert!(
+        std::path::Path::new("/usr/sbin/tayga").exists(),
+        "tayga missing: apt-get install tayga (scripts/test does)"
+    );
+    let mut m = Mesh::new(Nat::Hard, Nat::Easy);
+    let ha = m.homes[0].clone();
+    let h6 = m.lab.add_nat64_home().expect("nat64 home");
+    let lan = m.lab.add_lan(&h6).expect("lan");
+    // The uplink really is IPv6 only: IPv4 literals are unreachable, the NAT64 address works.
+    assert!(!m
+        .lab
+        .exec(&h6, &["ping", "-c", "1", "-W", "1", SERVER_IP])
+        .status
+        .success());
+    m.lab
+        .wait_for("NAT64 path", Duration::from_secs(10), || {
+            m.lab
+                .exec(&h6, &["ping", "-6", "-c", "1", "-W", "1", SERVER_NAT64])
+                .status
+                .success()
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", m.lab.log("tayga")));
+    m.up("a", &ha, true);
+    m.up_with(
+        "gw",
+        &h6,
+        true,
+        &format!("http://[{SERVER_NAT64}]:443"),
+        &["--nat64-prefix", NAT64_PREFIX],
+    );
+    m.lab
+        .wait_for("agents up", Duration::from_secs(30), || {
+            m.status("a", &ha).is_some() && m.status("gw", &h6).is_some()
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", m.lab.log("gw")));
+    let gw_id = m.status("gw", &h6).expect("status")["peer_id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let r = m.api(
+        "POST",
+        "/api/routes",
+        Some(&format!(r#"{{"network":"192.168.50.0/24","routing_peer":"{gw_id}","groups":["all"],"masquerade":true}}"#)),
+    );
+    assert_eq!(r["network"], "192.168.50.0/24", "{r}");
+    let t0 = Instant::now();
+    m.lab
+        .wait_for(
+            "laptop reaches the LAN behind the IPv6-only router",
+            Duration::from_secs(90),
+            || {
+                m.lab
+                    .exec(&ha, &["ping", "-c", "1", "-W", "1", "192.168.50.10"])
+                    .status
+                    .success()
+            },
+        )
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}\n{:?}\n--- gw\n{}",
+                m.status("gw", &h6),
+                m.lab.log("gw")
+            )
+        });
+    eprintln!(
+        "figure: LAN behind NAT64 reachable {:?} after the route was created",
+        t0.elapsed()
+    );
+    eprintln!(
+        "gw sees a: {}",
+        m.status("gw", &h6)
+            .map(|s| s["peers"][0].to_string())
+            .unwrap_or_default()
+    );
+    let seen = m.transfer(&ha, &lan, "192.168.50.10", "sink-nat64");
+    assert_eq!(seen, "192.168.50.1");
 }
