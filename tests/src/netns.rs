@@ -504,6 +504,15 @@ table inet tern_fw {
         }
     }
 
+    /// Kills a process started with `spawn` with SIGKILL (a crash: no clean-up runs).
+    pub fn crash(&mut self, label: &str) {
+        if let Some(i) = self.children.iter().position(|(l, _)| l == label) {
+            let (_, mut child) = self.children.remove(i);
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Waits until `cond` holds, polling every 200 ms, up to `limit`.
     pub fn wait_for(
         &self,

@@ -618,12 +618,31 @@ fn routing_peer_takes_a_nat_ed_laptop_into_the_factory_lan_and_conflicts_are_ref
         "with masquerade the LAN device sees the routing peer's LAN address"
     );
 
-    // Clean removal: tern down on the routing peer deletes its nftables table.
-    let table = |m: &Mesh| {
+    // Crash and restart: the stale table is replaced, not piled up; the LAN is served again.
+    let tables = |m: &Mesh| {
         String::from_utf8_lossy(&m.lab.exec(&hb, &["nft", "list", "tables"]).stdout)
-            .contains("tern_tern0")
+            .matches("tern_tern0")
+            .count()
     };
-    assert!(table(&m), "routing peer has its table while up");
+    assert_eq!(tables(&m), 1, "routing peer has its table while up");
+    m.lab.crash("b");
+    assert_eq!(tables(&m), 1, "a crash leaves the table behind");
+    m.up("b", &hb, false);
+    m.lab
+        .wait_for(
+            "LAN served again after the crash",
+            Duration::from_secs(60),
+            || {
+                m.lab
+                    .exec(&ha, &["ping", "-c", "1", "-W", "1", "192.168.50.10"])
+                    .status
+                    .success()
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", m.lab.log("b")));
+    assert_eq!(tables(&m), 1, "one table after the restart");
+    // Clean removal: tern down on the routing peer deletes its nftables table.
+    let table = |m: &Mesh| tables(m) > 0;
     let mut down = vec![bin("tern").display().to_string()];
     down.extend(m.agent_args("b"));
     down.push("down".into());
