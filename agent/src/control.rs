@@ -21,14 +21,36 @@ pub enum LoginError {
     Other(#[from] anyhow::Error),
 }
 
+/// A lazily connecting channel to management (and signal, on the same server). `https` URLs are
+/// verified against the system's roots plus the PEM file named by `TERN_CA_FILE` (private CAs,
+/// self-signed trial certificates).
 pub fn channel(url: &str) -> anyhow::Result<Channel> {
-    let ep = Endpoint::from_shared(url.to_string())
+    let mut ep = Endpoint::from_shared(url.to_string())
         .map_err(|_| anyhow!("management URL {url:?} is not a valid http(s) URL"))?
         .connect_timeout(Duration::from_secs(10))
         .http2_keep_alive_interval(Duration::from_secs(20))
         .keep_alive_timeout(Duration::from_secs(10))
         .keep_alive_while_idle(true);
+    if url.starts_with("https://") {
+        let mut tls = tonic::transport::ClientTlsConfig::new().with_native_roots();
+        if let Some(path) = ca_file() {
+            let pem = std::fs::read(&path)
+                .with_context(|| format!("reading TERN_CA_FILE {}", path.display()))?;
+            tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+        }
+        ep = ep
+            .tls_config(tls)
+            .context("TLS configuration for management")?;
+    }
     Ok(ep.connect_lazy())
+}
+
+/// Extra trust anchor for TLS (management and the relay WebSocket).
+pub fn ca_file() -> Option<std::path::PathBuf> {
+    std::env::var("TERN_CA_FILE")
+        .or_else(|_| std::env::var("TERN_RELAY_CA"))
+        .ok()
+        .map(Into::into)
 }
 
 pub struct Session {

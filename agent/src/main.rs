@@ -457,13 +457,13 @@ async fn tcp_relay_loop(
 }
 
 /// TLS trust for wss relay URLs: the system's roots (Debian's ca-certificates bundle) plus
-/// TERN_RELAY_CA (a PEM file) for private CAs and self-signed test certificates.
+/// TERN_CA_FILE (a PEM file) for private CAs and self-signed test certificates.
 fn tls_roots() -> Arc<rustls::ClientConfig> {
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     let mut files = vec![PathBuf::from("/etc/ssl/certs/ca-certificates.crt")];
-    if let Ok(extra) = std::env::var("TERN_RELAY_CA") {
-        files.push(PathBuf::from(extra));
+    if let Some(extra) = control::ca_file() {
+        files.push(extra);
     }
     for f in files {
         if let Ok(iter) = rustls::pki_types::CertificateDer::pem_file_iter(&f) {
