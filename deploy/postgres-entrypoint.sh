@@ -11,7 +11,7 @@ if [ ! -s "$DATA/PG_VERSION" ]; then
   rm -f "$pw"
   echo "host all all 0.0.0.0/0 scram-sha-256" >>"$DATA/pg_hba.conf"
   su postgres -c "$BIN/pg_ctl -D $DATA -o '-c listen_addresses=127.0.0.1' -w start" >/dev/null
-  su postgres -c "$BIN/createdb -h 127.0.0.1 -U $POSTGRES_USER $POSTGRES_DB"
+  su postgres -c "$BIN/createdb -U $POSTGRES_USER $POSTGRES_DB"
   su postgres -c "$BIN/pg_ctl -D $DATA -w stop" >/dev/null
 fi
 exec su postgres -c "exec $BIN/postgres -D $DATA -c listen_addresses='*'"

@@ -11,7 +11,7 @@ if ! command -v docker >/dev/null 2>&1 || ! docker info >/dev/null 2>&1; then
 fi
 if command -v docker-compose >/dev/null 2>&1; then COMPOSE=(docker-compose); else COMPOSE=(docker compose); fi
 deploy/build-base.sh
-deploy/build-images.sh >/dev/null
+POSTGRES=1 deploy/build-images.sh >/dev/null
 P=terndt$(printf '%04x' $RANDOM)
 W=$(mktemp -d)
 cp deploy/docker-compose.yml "$W/"
@@ -99,4 +99,31 @@ compose down -v >/dev/null
 left=$(docker ps -a --format '{{.Names}}' | grep "^$P" || true; docker volume ls --format '{{.Name}}' | grep "^$P" || true)
 [ -z "$left" ] || fail "left behind: $left"
 echo "deploy: down -v left nothing behind"
+
+# The PostgreSQL profile: the server on PostgreSQL, healthy, data kept across a restart.
+cat >>"$W/.env" <<ENV
+POSTGRES_PASSWORD=deploy-test-pg
+TERN_DATABASE_URL=postgres://tern:deploy-test-pg@postgres/tern
+ENV
+compose --profile postgres up -d postgres >/dev/null
+PG=$(compose ps -q postgres)
+for _ in $(seq 60); do [ "$(docker inspect -f '{{.State.Health.Status}}' "$PG")" = healthy ] && break; sleep 1; done
+compose --profile postgres up -d >/dev/null
+SRV=$(compose ps -q tern-server)
+healthy
+login() {
+  curl -fsk "https://127.0.0.1:$HTTPS/api/auth/login" -H 'content-type: application/json' \
+    -d '{"username":"admin","password":"deploy-test-password"}' | sed -n 's/.*"token":"\([^"]*\)".*/\1/p'
+}
+TOKEN=$(login)
+curl -fsk "https://127.0.0.1:$HTTPS/api/groups" -H "authorization: Bearer $TOKEN" -H 'content-type: application/json' \
+  -d '{"name":"on-postgres"}' >/dev/null || fail "create group on PostgreSQL"
+compose --profile postgres restart >/dev/null
+healthy
+TOKEN=$(login)
+curl -fsk "https://127.0.0.1:$HTTPS/api/groups" -H "authorization: Bearer $TOKEN" | grep -q on-postgres \
+  || fail "group lost across a PostgreSQL-profile restart"
+docker logs "$SRV" 2>&1 | grep -q "postgres" || true
+compose --profile postgres down -v >/dev/null
+echo "deploy: PostgreSQL profile works and keeps data"
 echo "deploy test passed"
