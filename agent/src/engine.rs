@@ -61,6 +61,8 @@ struct IcePath {
     kind: PathKind,
     local: String,
     remote: String,
+    /// The remote candidate's address (a route installed later may capture it).
+    remote_addr: String,
 }
 
 struct IceSession {
@@ -368,6 +370,32 @@ impl Engine {
         }
         *cur = next;
         drop(cur);
+        // A route installed now may capture an ICE path (its remote address inside the routed
+        // network would send WireGuard through its own tunnel): drop such paths and restart ICE.
+        for p in self
+            .peers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            let captured = p
+                .ice_path
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .is_some_and(|i| self.tunnelled(&i.remote_addr));
+            if captured {
+                info!(peer = %p.name, "ICE path now inside a routed network; renegotiating");
+                *p.ice_path.write().unwrap_or_else(|e| e.into_inner()) = None;
+                if let Some(s) = lock(&p.ice).take() {
+                    tokio::spawn(async move {
+                        let _ = s.agent.close().await;
+                    });
+                }
+                let mut r = lock(&p.next_retry);
+                r.0 = Instant::now();
+            }
+        }
         let served: Vec<(String, bool)> = map
             .served_routes
             .iter()
@@ -905,6 +933,19 @@ impl Engine {
                 return;
             }
         };
+        let remote_addr = agent
+            .get_selected_candidate_pair()
+            .map(|p| p.remote.address())
+            .unwrap_or_default();
+        if self.tunnelled(&remote_addr) {
+            // Checks reached it through our own tunnel: never carry WireGuard that way.
+            info!(peer = %peer.name, remote = %remote_addr, "ICE pair runs through the tunnel itself; discarded");
+            let old = lock(&peer.ice).take();
+            if let Some(s) = old {
+                let _ = s.agent.close().await;
+            }
+            return;
+        }
         let (kind, local, remote) = match agent.get_selected_candidate_pair() {
             Some(p) => {
                 // The local socket of a host/srflx pair carries WireGuard from now on: tune it.
@@ -952,6 +993,7 @@ impl Engine {
             kind,
             local,
             remote,
+            remote_addr,
         });
         {
             let mut r = lock(&peer.next_retry);

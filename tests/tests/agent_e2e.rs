@@ -115,6 +115,36 @@ impl Mesh {
         ]
     }
 
+    /// Starts agents (with the setup key) and waits until each answers `tern status`.
+    fn start(&mut self, agents: &[(&str, &String)]) {
+        for (who, ns) in agents {
+            self.up(who, ns, true);
+        }
+        self.lab
+            .wait_for("agents up", Duration::from_secs(30), || {
+                agents
+                    .iter()
+                    .all(|(who, ns)| self.status(who, ns).is_some())
+            })
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{e}\n{}",
+                    agents
+                        .iter()
+                        .map(|(w, _)| self.lab.log(w))
+                        .collect::<Vec<_>>()
+                        .join("\n---\n")
+                )
+            });
+    }
+
+    fn peer_id(&self, who: &str, ns: &str) -> String {
+        self.status(who, ns).expect("status")["peer_id"]
+            .as_str()
+            .expect("peer id")
+            .to_string()
+    }
+
     fn up(&mut self, who: &str, ns: &str, with_key: bool) {
         self.up_with(who, ns, with_key, &format!("http://{SERVER_IP}:443"), &[]);
     }
@@ -316,13 +346,7 @@ fn a_easy_nat_both_sides_gives_a_direct_path_and_g_restart_keeps_the_address() {
     let mut m = Mesh::new(Nat::Easy, Nat::Easy);
     let (ha, hb) = (m.homes[0].clone(), m.homes[1].clone());
     let t0 = Instant::now();
-    m.up("a", &ha, true);
-    m.up("b", &hb, true);
-    m.lab
-        .wait_for("agents up", Duration::from_secs(30), || {
-            m.status("a", &ha).is_some() && m.status("b", &hb).is_some()
-        })
-        .expect("up");
+    m.start(&[("a", &ha), ("b", &hb)]);
     let ip_a = m.overlay_ip("a", &ha);
     let ip_b = m.overlay_ip("b", &hb);
     eprintln!(
@@ -362,13 +386,7 @@ fn c_udp_blocked_on_one_side_falls_back_to_the_tcp_relay() {
     let ra = m.lab.ns("ra");
     m.lab.nft(&ra, "table inet tern_block {\n  chain forward {\n    type filter hook forward priority -10; policy accept;\n    iifname \"eth1\" meta l4proto udp drop\n  }\n}\n").expect("block udp");
     let t0 = Instant::now();
-    m.up("a", &ha, true);
-    m.up("b", &hb, true);
-    m.lab
-        .wait_for("agents up", Duration::from_secs(30), || {
-            m.status("a", &ha).is_some() && m.status("b", &hb).is_some()
-        })
-        .expect("up");
+    m.start(&[("a", &ha), ("b", &hb)]);
     let ip_b = m.overlay_ip("b", &hb);
     eprintln!(
         "figure: tern up -> first ping (UDP blocked): {:?}",
@@ -387,13 +405,7 @@ fn b_hard_nat_both_sides_is_relayed_through_turn() {
     let mut m = Mesh::new(Nat::Hard, Nat::Hard);
     let (ha, hb) = (m.homes[0].clone(), m.homes[1].clone());
     let t0 = Instant::now();
-    m.up("a", &ha, true);
-    m.up("b", &hb, true);
-    m.lab
-        .wait_for("agents up", Duration::from_secs(30), || {
-            m.status("a", &ha).is_some() && m.status("b", &hb).is_some()
-        })
-        .expect("up");
+    m.start(&[("a", &ha), ("b", &hb)]);
     let ip_b = m.overlay_ip("b", &hb);
     eprintln!(
         "figure: tern up -> first ping (hard/hard): {:?}",
@@ -423,13 +435,7 @@ fn d_path_mtu_black_hole_does_not_stop_a_bulk_transfer() {
         !probe.status.success(),
         "a 1400-byte DF packet must not cross the 1280 path"
     );
-    m.up("a", &ha, true);
-    m.up("b", &hb, true);
-    m.lab
-        .wait_for("agents up", Duration::from_secs(30), || {
-            m.status("a", &ha).is_some() && m.status("b", &hb).is_some()
-        })
-        .expect("up");
+    m.start(&[("a", &ha), ("b", &hb)]);
     let ip_b = m.overlay_ip("b", &hb);
     m.wait_connection("a", &ha, "direct", Duration::from_secs(60));
     m.transfer(&ha, &hb, &ip_b, "sink-pmtu");
@@ -454,13 +460,7 @@ fn e_tunnels_survive_a_control_plane_outage_and_f_nat_rebinding() {
     }
     let mut m = Mesh::new(Nat::Easy, Nat::Easy);
     let (ha, hb) = (m.homes[0].clone(), m.homes[1].clone());
-    m.up("a", &ha, true);
-    m.up("b", &hb, true);
-    m.lab
-        .wait_for("agents up", Duration::from_secs(30), || {
-            m.status("a", &ha).is_some() && m.status("b", &hb).is_some()
-        })
-        .expect("up");
+    m.start(&[("a", &ha), ("b", &hb)]);
     let ip_b = m.overlay_ip("b", &hb);
     m.wait_connection("a", &ha, "direct", Duration::from_secs(60));
 
@@ -531,13 +531,7 @@ fn routing_peer_takes_a_nat_ed_laptop_into_the_factory_lan_and_conflicts_are_ref
     let (ha, hb) = (m.homes[0].clone(), m.homes[1].clone());
     let lan = m.lab.add_lan(&hb).expect("lan");
     m.lab.exec(&hb, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-    m.up("a", &ha, true);
-    m.up("b", &hb, true);
-    m.lab
-        .wait_for("agents up", Duration::from_secs(30), || {
-            m.status("a", &ha).is_some() && m.status("b", &hb).is_some()
-        })
-        .expect("up");
+    m.start(&[("a", &ha), ("b", &hb)]);
     let b_id = m.status("b", &hb).expect("status")["peer_id"]
         .as_str()
         .expect("id")
@@ -661,23 +655,8 @@ fn policies_are_enforced_by_the_agents() {
     let mut m = Mesh::new(Nat::Easy, Nat::Easy);
     let (ha, hb) = (m.homes[0].clone(), m.homes[1].clone());
     let hc = m.lab.add_home("c", Nat::Easy).expect("home c");
-    m.up("a", &ha, true);
-    m.up("b", &hb, true);
-    m.up("c", &hc, true);
-    m.lab
-        .wait_for("agents up", Duration::from_secs(30), || {
-            m.status("a", &ha).is_some()
-                && m.status("b", &hb).is_some()
-                && m.status("c", &hc).is_some()
-        })
-        .expect("up");
-    let id = |m: &Mesh, who: &str, ns: &str| {
-        m.status(who, ns).expect("status")["peer_id"]
-            .as_str()
-            .expect("id")
-            .to_string()
-    };
-    let (a_id, b_id) = (id(&m, "a", &ha), id(&m, "b", &hb));
+    m.start(&[("a", &ha), ("b", &hb), ("c", &hc)]);
+    let (a_id, b_id) = (m.peer_id("a", &ha), m.peer_id("b", &hb));
     let ip_b = m.overlay_ip("b", &hb);
     let ip_a = m.overlay_ip("a", &ha);
     // staff (a) -> servers (b): TCP 5001 only; the default All<->All policy goes away.
@@ -766,23 +745,8 @@ fn ha_routing_peers_fail_over_within_ten_seconds() {
     let (ha, hb) = (m.homes[0].clone(), m.homes[1].clone());
     let hc = m.lab.add_home("c", Nat::Easy).expect("home c");
     let lan = m.lab.add_shared_lan(&[&hb, &hc]).expect("lan");
-    m.up("a", &ha, true);
-    m.up("b", &hb, true);
-    m.up("c", &hc, true);
-    m.lab
-        .wait_for("agents up", Duration::from_secs(30), || {
-            m.status("a", &ha).is_some()
-                && m.status("b", &hb).is_some()
-                && m.status("c", &hc).is_some()
-        })
-        .expect("up");
-    let id = |m: &Mesh, who: &str, ns: &str| {
-        m.status(who, ns).expect("status")["peer_id"]
-            .as_str()
-            .expect("id")
-            .to_string()
-    };
-    let (b_id, c_id) = (id(&m, "b", &hb), id(&m, "c", &hc));
+    m.start(&[("a", &ha), ("b", &hb), ("c", &hc)]);
+    let (b_id, c_id) = (m.peer_id("b", &hb), m.peer_id("c", &hc));
     for (peer, metric) in [(&b_id, 10), (&c_id, 20)] {
         let r = m.api(
             "POST",
@@ -858,23 +822,8 @@ fn route_access_follows_policies_tcp_only_for_staff() {
     let (ha, hb) = (m.homes[0].clone(), m.homes[1].clone());
     let hc = m.lab.add_home("c", Nat::Easy).expect("home c");
     let lan = m.lab.add_lan(&hb).expect("lan");
-    m.up("a", &ha, true);
-    m.up("b", &hb, true);
-    m.up("c", &hc, true);
-    m.lab
-        .wait_for("agents up", Duration::from_secs(30), || {
-            m.status("a", &ha).is_some()
-                && m.status("b", &hb).is_some()
-                && m.status("c", &hc).is_some()
-        })
-        .expect("up");
-    let id = |m: &Mesh, who: &str, ns: &str| {
-        m.status(who, ns).expect("status")["peer_id"]
-            .as_str()
-            .expect("id")
-            .to_string()
-    };
-    let (a_id, b_id) = (id(&m, "a", &ha), id(&m, "b", &hb));
+    m.start(&[("a", &ha), ("b", &hb), ("c", &hc)]);
+    let (a_id, b_id) = (m.peer_id("a", &ha), m.peer_id("b", &hb));
     let staff = m.api("POST", "/api/groups", Some(r#"{"name":"staff"}"#))["id"]
         .as_str()
         .expect("group")
