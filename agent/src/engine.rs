@@ -115,6 +115,9 @@ pub struct Engine {
     overlay: RwLock<Option<IpNet>>,
     peers: RwLock<HashMap<PublicKey, Arc<Peer>>>,
     by_id: RwLock<HashMap<String, Arc<Peer>>>,
+    /// Overlay address -> peer: the per-packet lookup for mesh traffic (routed networks fall back
+    /// to a longest-prefix scan).
+    by_ip: RwLock<HashMap<IpAddr, Arc<Peer>>>,
     relay: RwLock<pb::RelayConfig>,
     signal_out: mpsc::Sender<(PublicKey, PeerMsg)>,
     tcp_out: RwLock<Option<TcpOut>>,
@@ -164,6 +167,7 @@ impl Engine {
             overlay: RwLock::new(None),
             peers: RwLock::new(HashMap::new()),
             by_id: RwLock::new(HashMap::new()),
+            by_ip: RwLock::new(HashMap::new()),
             relay: RwLock::new(pb::RelayConfig::default()),
             signal_out,
             tcp_out: RwLock::new(None),
@@ -188,6 +192,15 @@ impl Engine {
     }
 
     fn peer_by_ip(&self, ip: IpAddr) -> Option<Arc<Peer>> {
+        // A peer's own address is a full-length prefix: nothing can be more specific.
+        if let Some(p) = self
+            .by_ip
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&ip)
+        {
+            return Some(p.clone());
+        }
         let peers = self.peers.read().unwrap_or_else(|e| e.into_inner());
         peers
             .values()
@@ -241,11 +254,13 @@ impl Engine {
         }
         let mut peers = self.peers.write().unwrap_or_else(|e| e.into_inner());
         let mut by_id = self.by_id.write().unwrap_or_else(|e| e.into_inner());
+        let mut by_ip = self.by_ip.write().unwrap_or_else(|e| e.into_inner());
         peers.retain(|k, p| {
             let keep = wanted.contains_key(k);
             if !keep {
                 info!(peer = %p.name, "peer removed from the network map");
                 by_id.remove(&p.id);
+                by_ip.remove(&p.overlay_ip);
                 if let Some(s) = lock(&p.ice).take() {
                     tokio::spawn(async move {
                         let _ = s.agent.close().await;
@@ -298,6 +313,7 @@ impl Engine {
             });
             info!(peer = %peer.name, ip = %ip, controlling = peer.controlling, "peer added");
             by_id.insert(peer.id.clone(), peer.clone());
+            by_ip.insert(ip, peer.clone());
             peers.insert(key, peer);
         }
     }
@@ -770,7 +786,6 @@ impl Engine {
             ))
             .await;
         // Attempt timeout: the answer may never come (peer offline).
-        let me = self.clone();
         tokio::spawn(async move {
             tokio::time::sleep(ICE_ATTEMPT).await;
             let stale = {
@@ -789,7 +804,6 @@ impl Engine {
                     let _ = s.agent.close().await;
                 }
             }
-            drop(me);
         });
     }
 

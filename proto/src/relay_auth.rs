@@ -77,18 +77,12 @@ pub fn verify<'a>(
 ) -> Result<&'a str, CredentialError> {
     let (_, id) = check_username(username, now_unix)?;
     let expected = password_for(secret, username);
-    let ok: bool = subtle_eq(expected.as_bytes(), password.as_bytes());
+    use subtle::ConstantTimeEq;
+    let ok: bool = expected.as_bytes().ct_eq(password.as_bytes()).into();
     if !ok {
         return Err(CredentialError::BadPassword);
     }
     Ok(id)
-}
-
-fn subtle_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]

@@ -239,13 +239,12 @@ impl Store {
             return Ok(row.try_get(0)?);
         }
         let value = make();
+        // Another process may win the race; whatever was stored first is read back below.
         let _ = sqlx::query("INSERT INTO server_secrets (name, value) VALUES ($1, $2)")
             .bind(name)
             .bind(&value)
             .execute(&self.pool)
-            .await
-            .map_err(StoreError::from)
-            .map_err(|e| e.unique_as(String::new));
+            .await;
         let row = sqlx::query("SELECT value FROM server_secrets WHERE name = $1")
             .bind(name)
             .fetch_one(&self.pool)
