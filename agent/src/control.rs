@@ -9,7 +9,7 @@ use tern_proto::management::management_service_client::ManagementServiceClient;
 use tern_proto::{PublicKey, SecretKey};
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoginError {
@@ -206,5 +206,74 @@ pub async fn run_sync(
         up.send_replace(false);
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// The connection report sent to management: one entry per remote peer.
+pub fn connection_report(peers: &[crate::engine::PeerStatus]) -> Vec<pb::PeerConnection> {
+    use crate::engine::PathKind;
+    let mut out: Vec<pb::PeerConnection> = peers
+        .iter()
+        .map(|p| pb::PeerConnection {
+            peer_id: p.id.clone(),
+            kind: match p.connection {
+                PathKind::Direct => "direct",
+                PathKind::TurnRelay => "turn_relay",
+                PathKind::TcpRelay => "tcp_relay",
+                PathKind::None => "connecting",
+            }
+            .into(),
+            rtt_ms: p
+                .latency_ms
+                .map_or(0, |r| r.round().clamp(1.0, 60_000.0) as u32),
+        })
+        .collect();
+    out.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+    out
+}
+
+/// Reports how this agent reaches each peer: within 2 s of a change of path, and every 30 s
+/// (management forgets reports older than 75 s). RTT changes alone wait for the 30 s report.
+pub async fn run_status_reports(
+    ch: Channel,
+    engine: std::sync::Arc<crate::engine::Engine>,
+    token: watch::Receiver<Option<String>>,
+    up: watch::Receiver<bool>,
+) {
+    let mut last: Option<Vec<(String, String)>> = None;
+    let mut last_sent = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tick.tick().await;
+        if !*up.borrow() {
+            last = None;
+            continue;
+        }
+        let Some(t) = token.borrow().clone() else {
+            continue;
+        };
+        let conns = connection_report(&engine.status());
+        let shape: Vec<(String, String)> = conns
+            .iter()
+            .map(|c| (c.peer_id.clone(), c.kind.clone()))
+            .collect();
+        if last.as_ref() == Some(&shape) && last_sent.elapsed() < Duration::from_secs(30) {
+            continue;
+        }
+        let mut req = tonic::Request::new(pb::StatusReport { connections: conns });
+        if let Ok(v) = format!("Bearer {t}").parse() {
+            req.metadata_mut().insert("authorization", v);
+        }
+        req.set_timeout(Duration::from_secs(10));
+        match ManagementServiceClient::new(ch.clone())
+            .report_status(req)
+            .await
+        {
+            Ok(_) => {
+                last = Some(shape);
+                last_sent = tokio::time::Instant::now();
+            }
+            Err(e) => debug!(error = %e.message(), "status report failed"),
+        }
     }
 }

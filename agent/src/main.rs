@@ -310,6 +310,12 @@ async fn up(
         token_tx,
         mgmt_up_tx,
     ));
+    tokio::spawn(control::run_status_reports(
+        ch.clone(),
+        engine.clone(),
+        token_rx.clone(),
+        mgmt_up.clone(),
+    ));
     tokio::spawn(signal::run(
         ch.clone(),
         key.clone(),

@@ -61,6 +61,8 @@ pub struct AdminClaims {
     /// User id.
     pub sub: String,
     pub name: String,
+    /// Session id: the session must still be live in the store (sign-out ends it).
+    pub sid: String,
     pub aud: String,
     pub iat: i64,
     pub exp: i64,
@@ -70,12 +72,14 @@ pub fn issue_admin_token(
     secret: &[u8],
     user_id: &str,
     name: &str,
+    sid: &str,
     now: i64,
     ttl: i64,
 ) -> Result<(String, i64), AuthError> {
     let claims = AdminClaims {
         sub: user_id.into(),
         name: name.into(),
+        sid: sid.into(),
         aud: ADMIN_AUDIENCE.into(),
         iat: now,
         exp: now + ttl,
@@ -87,6 +91,11 @@ pub fn issue_admin_token(
     )
     .map_err(|_| AuthError::BadToken)?;
     Ok((t, now + ttl))
+}
+
+/// True if `token` is one of ours (HS256), as opposed to an identity provider's token.
+pub fn is_admin_token(token: &str) -> bool {
+    jsonwebtoken::decode_header(token).is_ok_and(|h| h.alg == Algorithm::HS256)
 }
 
 pub fn verify_admin_token(secret: &[u8], token: &str) -> Result<AdminClaims, AuthError> {
@@ -121,7 +130,8 @@ mod tests {
 
     #[test]
     fn admin_tokens_are_not_peer_tokens() {
-        let (t, _) = issue_admin_token(b"k", "u1", "admin", 2_000_000_000, 60).expect("issue");
+        let (t, _) =
+            issue_admin_token(b"k", "u1", "admin", "s1", 2_000_000_000, 60).expect("issue");
         assert_eq!(verify_admin_token(b"k", &t).expect("ok").sub, "u1");
         assert!(verify_admin_token(b"other", &t).is_err());
         let key = tern_proto::SecretKey::generate().public_key();

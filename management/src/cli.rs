@@ -1,6 +1,7 @@
 //! Command line of `tern-management` and `tern-server` (every flag also reads a `TERN_...` env var).
 
 use crate::netmap::RelaySettings;
+use crate::oidc::OidcConfig;
 use crate::server::{self, ServerConfig};
 use crate::state::ManagementOptions;
 use anyhow::Context;
@@ -70,9 +71,87 @@ pub struct Args {
     /// Peer ranges the relay may reach despite its default filter (labs only), comma-separated.
     #[arg(long, env = "TERN_RELAY_ALLOW_PEERS", value_delimiter = ',')]
     pub relay_allow_peers: Vec<ipnet::IpNet>,
+    /// Lifetime of a console sign-in session in seconds.
+    #[arg(long, env = "TERN_ADMIN_SESSION_TTL", default_value_t = 43_200)]
+    pub admin_session_ttl: u64,
+    /// OIDC single sign-on for admins: the identity provider's issuer URL (exactly as in `iss`).
+    #[arg(long, env = "TERN_OIDC_ISSUER", requires = "oidc_audience")]
+    pub oidc_issuer: Option<String>,
+    /// Accepted token audiences (the `aud` claim), comma-separated; usually the client id.
+    #[arg(long, env = "TERN_OIDC_AUDIENCE", value_delimiter = ',')]
+    pub oidc_audience: Vec<String>,
+    /// JWKS URL; default: `jwks_uri` from the issuer's discovery document.
+    #[arg(long, env = "TERN_OIDC_JWKS_URL")]
+    pub oidc_jwks_url: Option<String>,
+    /// CLAIM=VALUE that makes a signed-in user an admin (e.g. groups=tern-admins). Without it
+    /// every user the provider issues a token for this audience to is an admin.
+    #[arg(long, env = "TERN_OIDC_ADMIN_CLAIM")]
+    pub oidc_admin_claim: Option<String>,
+    /// Claim naming the account in Tern (falls back to email, preferred_username, sub).
+    #[arg(long, env = "TERN_OIDC_USERNAME_CLAIM", default_value = "email")]
+    pub oidc_username_claim: String,
+    /// Client id of the console (public client, authorization code + PKCE); shows the SSO button.
+    #[arg(long, env = "TERN_OIDC_CLIENT_ID")]
+    pub oidc_client_id: Option<String>,
+    /// Scopes the console asks for.
+    #[arg(long, env = "TERN_OIDC_SCOPES", default_value = "openid profile email")]
+    pub oidc_scopes: String,
     /// Log filter (tracing syntax), e.g. "info,tern_management=debug".
     #[arg(long, env = "TERN_LOG", default_value = "info,turn::server=off")]
     pub log: String,
+}
+
+fn oidc_config(args: &Args) -> anyhow::Result<Option<OidcConfig>> {
+    let Some(issuer) = args.oidc_issuer.clone() else {
+        return Ok(None);
+    };
+    for (flag, url) in [
+        ("--oidc-issuer", Some(&issuer)),
+        ("--oidc-jwks-url", args.oidc_jwks_url.as_ref()),
+    ] {
+        let Some(url) = url else { continue };
+        let uri: axum::http::Uri = url
+            .parse()
+            .with_context(|| format!("{flag} {url:?} is not a URL"))?;
+        let loopback = uri.host().is_some_and(|h| {
+            h == "localhost"
+                || h.trim_matches(['[', ']'])
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        });
+        match uri.scheme_str() {
+            Some("https") => {}
+            Some("http") if loopback => {}
+            _ => anyhow::bail!("{flag} {url:?} must be an https:// URL (http only on loopback)"),
+        }
+    }
+    let audiences: Vec<String> = args
+        .oidc_audience
+        .iter()
+        .map(|a| a.trim().to_string())
+        .filter(|a| !a.is_empty())
+        .collect();
+    if audiences.is_empty() {
+        anyhow::bail!("--oidc-audience is required with --oidc-issuer");
+    }
+    let admin_claim = args
+        .oidc_admin_claim
+        .as_deref()
+        .map(OidcConfig::parse_admin_claim)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    if admin_claim.is_none() {
+        tracing::warn!("--oidc-admin-claim not set: every account of the identity provider with a token for this audience is an admin");
+    }
+    Ok(Some(OidcConfig {
+        issuer,
+        audiences,
+        jwks_url: args.oidc_jwks_url.clone(),
+        admin_claim,
+        username_claim: args.oidc_username_claim.clone(),
+        client_id: args.oidc_client_id.clone(),
+        scopes: args.oidc_scopes.clone(),
+    }))
 }
 
 pub fn init_logging(filter: &str) {
@@ -107,6 +186,8 @@ pub async fn run(args: Args, with_signal: bool) -> anyhow::Result<()> {
             .peer_token_secret
             .as_ref()
             .map(|s| s.expose_secret().as_bytes().to_vec()),
+        admin_session_ttl: Duration::from_secs(args.admin_session_ttl.max(60)),
+        oidc: oidc_config(&args)?,
         ..ManagementOptions::default()
     };
     let tls = match (&args.tls_cert, &args.tls_key) {

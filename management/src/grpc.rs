@@ -55,6 +55,9 @@ fn meta_from(m: Option<pb::PeerMeta>) -> PeerMeta {
     }
 }
 
+/// Largest connection report accepted (one entry per remote peer).
+const MAX_REPORTED: usize = 10_000;
+
 type SyncStream = Pin<Box<dyn Stream<Item = Result<pb::SyncResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -127,6 +130,45 @@ impl ManagementService for AgentService {
     }
 
     type SyncStream = SyncStream;
+
+    async fn report_status(
+        &self,
+        req: Request<pb::StatusReport>,
+    ) -> Result<Response<pb::StatusAck>, Status> {
+        let token =
+            bearer(req.metadata()).ok_or_else(|| Status::unauthenticated("missing peer token"))?;
+        let id = verify_peer_token(&self.state.peer_token_secret, token)
+            .map_err(|e| Status::unauthenticated(e.to_string()))?;
+        let report = req.into_inner();
+        if report.connections.len() > MAX_REPORTED {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_REPORTED} connections per report"
+            )));
+        }
+        let mut conns = Vec::with_capacity(report.connections.len());
+        for c in report.connections {
+            if c.peer_id.is_empty() || c.peer_id.len() > 64 {
+                return Err(Status::invalid_argument("peer_id must be 1-64 characters"));
+            }
+            if !matches!(
+                c.kind.as_str(),
+                "direct" | "turn_relay" | "tcp_relay" | "connecting"
+            ) {
+                return Err(Status::invalid_argument(format!(
+                    "unknown connection kind {:?}",
+                    c.kind.chars().take(32).collect::<String>()
+                )));
+            }
+            conns.push(crate::model::PeerConnection {
+                peer_id: c.peer_id,
+                kind: c.kind,
+                rtt_ms: (c.rtt_ms > 0).then_some(c.rtt_ms),
+            });
+        }
+        debug!(peer = %id.peer_id, connections = conns.len(), "status report");
+        self.state.set_connections(&id.peer_id, conns);
+        Ok(Response::new(pb::StatusAck {}))
+    }
 
     async fn sync(&self, req: Request<pb::SyncRequest>) -> Result<Response<SyncStream>, Status> {
         let token =

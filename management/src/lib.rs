@@ -9,6 +9,8 @@ pub mod cli;
 pub mod grpc;
 pub mod model;
 pub mod netmap;
+pub mod oidc;
 pub mod server;
 pub mod state;
 pub mod store;
+pub mod web;

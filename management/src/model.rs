@@ -48,6 +48,8 @@ pub struct User {
     pub username: String,
     pub disabled: bool,
     pub created_at: Millis,
+    /// "local" (password) or "oidc" (signs in through the identity provider).
+    pub source: String,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -106,6 +108,19 @@ pub struct Peer {
     pub last_login: Millis,
     pub created_at: Millis,
     pub groups: Vec<String>,
+    /// How this peer reaches others right now, as its agent last reported (not stored; empty
+    /// while offline).
+    pub connections: Vec<PeerConnection>,
+}
+
+/// One peer-to-peer path as an agent reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct PeerConnection {
+    pub peer_id: String,
+    /// "direct", "turn_relay", "tcp_relay" or "connecting".
+    pub kind: String,
+    /// WireGuard handshake round trip; None = unknown.
+    pub rtt_ms: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]

@@ -372,6 +372,7 @@ mod tests {
                 .chain(groups.iter().copied())
                 .map(String::from)
                 .collect(),
+            connections: vec![],
         }
     }
 

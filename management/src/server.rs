@@ -174,6 +174,10 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Running> {
     let state = AppState::new(store, opts)
         .await
         .context("loading server keys")?;
+    if let Some(r) = &relay {
+        let _ = state.relay_metrics.set(r.metrics.clone());
+        let _ = state.relay_udp.set(r.udp_addr);
+    }
     let mut router = crate::api::router(state.clone()).route_service(
         "/tern.management.v1.ManagementService/{*method}",
         crate::grpc::service(state.clone()),

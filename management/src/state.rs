@@ -1,12 +1,13 @@
 //! Shared state of a running management service: store, keys and secrets, the snapshot cache the
 //! sync streams compute maps from, and the count of live sync streams per peer.
 
+use crate::model::{Peer, PeerConnection};
 use crate::netmap::{NetIndex, RelaySettings};
 use crate::store::{Store, StoreError};
 use base64::{engine::general_purpose::STANDARD, Engine as _};
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tern_proto::SecretKey;
 use tokio::sync::Mutex;
 
@@ -22,6 +23,8 @@ pub struct ManagementOptions {
     pub peer_token_secret: Option<Vec<u8>>,
     /// Debounce window for network-map pushes after a change.
     pub sync_debounce: Duration,
+    /// OIDC single sign-on for admins; off when None.
+    pub oidc: Option<crate::oidc::OidcConfig>,
 }
 
 impl Default for ManagementOptions {
@@ -33,6 +36,7 @@ impl Default for ManagementOptions {
             admin_session_ttl: Duration::from_secs(12 * 3600),
             peer_token_secret: None,
             sync_debounce: Duration::from_millis(150),
+            oidc: None,
         }
     }
 }
@@ -43,9 +47,20 @@ pub struct AppState {
     pub peer_token_secret: Vec<u8>,
     pub admin_secret: Vec<u8>,
     pub opts: ManagementOptions,
+    pub oidc: Option<crate::oidc::OidcVerifier>,
     maps: Mutex<Option<(i64, Arc<NetIndex>)>>,
     streams: std::sync::Mutex<HashMap<String, usize>>,
+    /// Latest connection report per peer (in memory: it is live state, not configuration).
+    connections: std::sync::Mutex<HashMap<String, (Instant, Vec<PeerConnection>)>>,
+    /// Counters of the relay running in this process, if any.
+    pub relay_metrics: std::sync::OnceLock<Arc<tern_relay::metrics::Metrics>>,
+    /// UDP address of the embedded relay, for the health probe.
+    pub relay_udp: std::sync::OnceLock<std::net::SocketAddr>,
+    relay_health: Mutex<Option<(Instant, bool)>>,
 }
+
+/// A report older than this is no longer shown (agents report at least every 30 s).
+const REPORT_TTL: Duration = Duration::from_secs(75);
 
 /// 32 random bytes, base64: the form of every generated server secret.
 pub fn random_secret_b64() -> String {
@@ -88,7 +103,14 @@ impl AppState {
                 .await?
                 .into_bytes();
         }
+        let oidc = match opts.oidc.clone() {
+            Some(c) => Some(crate::oidc::OidcVerifier::new(c).map_err(|e| {
+                StoreError::invalid("oidc", format!("cannot set up the OIDC client: {e}"))
+            })?),
+            None => None,
+        };
         Ok(Arc::new(AppState {
+            oidc,
             store,
             server_key,
             peer_token_secret,
@@ -96,6 +118,10 @@ impl AppState {
             opts,
             maps: Mutex::new(None),
             streams: std::sync::Mutex::new(HashMap::new()),
+            connections: std::sync::Mutex::new(HashMap::new()),
+            relay_metrics: std::sync::OnceLock::new(),
+            relay_udp: std::sync::OnceLock::new(),
+            relay_health: Mutex::new(None),
         }))
     }
 
@@ -132,9 +158,101 @@ impl AppState {
             }
             Some(_) => {
                 s.remove(peer_id);
+                self.connections
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(peer_id);
                 true
             }
             None => false,
         }
     }
+
+    /// Records an agent's connection report, replacing its previous one.
+    pub fn set_connections(&self, peer_id: &str, conns: Vec<PeerConnection>) {
+        self.connections
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(peer_id.to_string(), (Instant::now(), conns));
+    }
+
+    /// Fills in the reported connections of online peers (only to peers that still exist).
+    pub fn with_connections(&self, peers: &mut [Peer]) {
+        let known: std::collections::HashSet<String> = peers.iter().map(|p| p.id.clone()).collect();
+        let map = self.connections.lock().unwrap_or_else(|e| e.into_inner());
+        for p in peers.iter_mut().filter(|p| p.connected) {
+            if let Some((at, conns)) = map.get(&p.id) {
+                if at.elapsed() < REPORT_TTL {
+                    p.connections = conns
+                        .iter()
+                        .filter(|c| known.contains(&c.peer_id))
+                        .cloned()
+                        .collect();
+                }
+            }
+        }
+    }
+
+    /// Whether the embedded relay answers a STUN binding request (None: no embedded relay).
+    /// Probed at most every 5 s.
+    pub async fn relay_healthy(&self) -> Option<bool> {
+        let addr = *self.relay_udp.get()?;
+        let mut cached = self.relay_health.lock().await;
+        if let Some((at, ok)) = *cached {
+            if at.elapsed() < Duration::from_secs(5) {
+                return Some(ok);
+            }
+        }
+        let ok = stun_probe(addr).await;
+        if !ok {
+            tracing::warn!(%addr, "embedded relay did not answer a STUN probe");
+        }
+        *cached = Some((Instant::now(), ok));
+        Some(ok)
+    }
+}
+
+/// Sends one STUN Binding request (RFC 8489) and waits up to 1 s for the matching success reply.
+async fn stun_probe(mut addr: std::net::SocketAddr) -> bool {
+    use rand::RngCore;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    let bind: std::net::SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0".parse().expect("literal")
+    } else {
+        "[::]:0".parse().expect("literal")
+    };
+    let Ok(sock) = tokio::net::UdpSocket::bind(bind).await else {
+        return false;
+    };
+    let mut req = [0u8; 20];
+    req[0..2].copy_from_slice(&0x0001u16.to_be_bytes());
+    req[4..8].copy_from_slice(&0x2112_A442u32.to_be_bytes());
+    rand::rngs::OsRng.fill_bytes(&mut req[8..20]);
+    if sock.send_to(&req, addr).await.is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 1500];
+    let wait = async {
+        loop {
+            match sock.recv_from(&mut buf).await {
+                Ok((n, from)) if from.port() == addr.port() && n >= 20 => {
+                    // Binding success response with our transaction id.
+                    if buf[0..2] == [0x01, 0x01] && buf[8..20] == req[8..20] {
+                        return true;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(1), wait)
+        .await
+        .unwrap_or(false)
 }

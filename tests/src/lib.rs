@@ -15,6 +15,7 @@ use tern_proto::SecretKey;
 use tonic::transport::Channel;
 
 pub mod netns;
+pub mod webdriver;
 
 pub const ADMIN_PASSWORD: &str = "correct-horse-battery";
 

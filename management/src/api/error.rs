@@ -26,6 +26,9 @@ pub enum ApiError {
     BadRequest(String),
     #[error("request body is larger than {limit} bytes")]
     TooLarge { limit: usize },
+    /// A dependency (the identity provider) is unreachable.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("internal error; see the server log")]
     Internal(#[source] anyhow::Error),
 }
@@ -34,7 +37,7 @@ pub enum ApiError {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorBody {
     /// Machine-readable kind: unauthorized, forbidden, not_found, conflict, invalid, bad_request,
-    /// too_large, internal.
+    /// too_large, unavailable, internal.
     pub error: &'static str,
     /// What is wrong, in words.
     pub message: String,
@@ -60,6 +63,7 @@ impl ApiError {
             ApiError::Invalid { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ApiError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }

@@ -5,7 +5,7 @@ use super::error::{ApiError, ApiJson, ApiPath, ApiQuery, ErrorBody};
 use crate::auth::{self, PAT_PREFIX, SETUP_KEY_PREFIX};
 use crate::model::*;
 use crate::state::AppState;
-use crate::store::{hash_secret, AuditFilter, NewSetupKey, PolicyInput, RouteInput};
+use crate::store::{hash_secret, AuditFilter, NewSetupKey, PolicyInput, RouteInput, SignInMethod};
 use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
@@ -27,6 +27,8 @@ pub struct Admin {
     pub user: User,
     /// How the audit log names this actor.
     pub actor: String,
+    /// The console session the request belongs to (None for access tokens and IdP tokens).
+    pub session: Option<String>,
 }
 
 impl FromRequestParts<Arc<AppState>> for Admin {
@@ -49,7 +51,7 @@ impl FromRequestParts<Arc<AppState>> for Admin {
                 ApiError::Unauthorized("Authorization header must be \"Bearer <token>\"".into())
             })?
             .trim();
-        let (user, actor) = if token.starts_with(PAT_PREFIX) {
+        let (user, actor, session) = if token.starts_with(PAT_PREFIX) {
             let (t, user) = state
                 .store
                 .token_by_hash(&hash_secret(token))
@@ -62,15 +64,24 @@ impl FromRequestParts<Arc<AppState>> for Admin {
                 )));
             }
             let actor = format!("user:{} (token {})", user.username, t.name);
-            (user, actor)
-        } else {
+            (user, actor, None)
+        } else if auth::is_admin_token(token) || state.oidc.is_none() {
             let claims = auth::verify_admin_token(&state.admin_secret, token)
                 .map_err(|e| ApiError::Unauthorized(format!("{e}: sign in again")))?;
-            let user = state.store.user(&claims.sub).await.map_err(|_| {
-                ApiError::Unauthorized("the session's user no longer exists".into())
-            })?;
+            let user = state
+                .store
+                .session_user(&claims.sid, now_millis())
+                .await?
+                .filter(|u| u.id == claims.sub)
+                .ok_or_else(|| {
+                    ApiError::Unauthorized("the session has ended: sign in again".into())
+                })?;
             let actor = format!("user:{}", user.username);
-            (user, actor)
+            (user, actor, Some(claims.sid))
+        } else {
+            let user = oidc_admin(state, token).await?;
+            let actor = format!("user:{} (sso)", user.username);
+            (user, actor, None)
         };
         if user.disabled {
             return Err(ApiError::Forbidden(format!(
@@ -78,8 +89,33 @@ impl FromRequestParts<Arc<AppState>> for Admin {
                 user.username
             )));
         }
-        Ok(Admin { user, actor })
+        Ok(Admin {
+            user,
+            actor,
+            session,
+        })
     }
+}
+
+/// Validates an identity provider's token and returns the linked admin account.
+async fn oidc_admin(state: &AppState, token: &str) -> ApiResult<User> {
+    use crate::oidc::OidcError;
+    let Some(v) = &state.oidc else {
+        return Err(ApiError::Unauthorized(
+            "single sign-on is not configured on this server".into(),
+        ));
+    };
+    let id = v.verify(token).await.map_err(|e| {
+        tracing::info!(error = %e, "OIDC token refused");
+        match e {
+            OidcError::NotAdmin(..) => ApiError::Forbidden(e.to_string()),
+            OidcError::Fetch(_) => {
+                ApiError::Unavailable(format!("cannot check the sign-in: {e}; try again later"))
+            }
+            _ => ApiError::Unauthorized(format!("identity provider token refused: {e}")),
+        }
+    })?;
+    Ok(state.store.oidc_user(&id.subject, &id.username).await?)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -190,19 +226,120 @@ pub async fn login(State(s): St, ApiJson(b): ApiJson<LoginBody>) -> ApiResult<Js
             c.user.username
         )));
     }
+    let ttl = s.opts.admin_session_ttl.as_secs() as i64;
+    open_session(&s, c.user, SignInMethod::Password, ttl).await
+}
+
+/// Opens a console session of `ttl` seconds and signs its token.
+async fn open_session(
+    s: &AppState,
+    user: User,
+    method: SignInMethod,
+    ttl: i64,
+) -> ApiResult<Json<LoginReply>> {
+    let now = now_millis();
+    let sid = s
+        .store
+        .create_session(&user, method, now, now + ttl * 1000)
+        .await?;
     let (token, exp) = auth::issue_admin_token(
         &s.admin_secret,
-        &c.user.id,
-        &c.user.username,
-        now_millis() / 1000,
-        s.opts.admin_session_ttl.as_secs() as i64,
+        &user.id,
+        &user.username,
+        &sid,
+        now / 1000,
+        ttl,
     )
     .map_err(|e| ApiError::Internal(e.into()))?;
     Ok(Json(LoginReply {
         token,
         expires_at: exp,
-        user: c.user,
+        user,
     }))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OidcLoginBody {
+    /// An ID token (or JWT access token) issued by the configured identity provider.
+    pub token: String,
+}
+
+/// Exchanges an identity provider's token for a console session (which ends no later than the
+/// provider's token would).
+#[utoipa::path(post, path = "/api/auth/oidc", security(), request_body = OidcLoginBody,
+    responses((status = 200, body = LoginReply), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+pub async fn login_oidc(
+    State(s): St,
+    ApiJson(b): ApiJson<OidcLoginBody>,
+) -> ApiResult<Json<LoginReply>> {
+    let token = b.token.trim();
+    if auth::is_admin_token(token) {
+        return Err(ApiError::invalid(
+            "token",
+            "this is a Tern session token, not one from the identity provider",
+        ));
+    }
+    let user = oidc_admin(&s, token).await?;
+    if user.disabled {
+        return Err(ApiError::Forbidden(format!(
+            "user {:?} is disabled",
+            user.username
+        )));
+    }
+    let ttl = s.opts.admin_session_ttl.as_secs() as i64;
+    open_session(&s, user, SignInMethod::Oidc, ttl).await
+}
+
+/// Ends the current console session; its token is refused from now on.
+#[utoipa::path(post, path = "/api/auth/logout", responses((status = 204), (status = 401, body = ErrorBody)))]
+pub async fn logout(State(s): St, a: Admin) -> ApiResult<StatusCode> {
+    if let Some(sid) = &a.session {
+        s.store.revoke_session(&a.actor, &a.user.id, sid).await?;
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct AuthConfig {
+    /// Local accounts with passwords are always available.
+    pub password: bool,
+    pub oidc: Option<OidcPublicConfig>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct OidcPublicConfig {
+    pub issuer: String,
+    pub client_id: String,
+    pub scopes: String,
+    pub authorization_endpoint: String,
+    pub token_endpoint: String,
+}
+
+/// How admins can sign in (for the console's sign-in page); public.
+#[utoipa::path(get, path = "/api/auth/config", security(), responses((status = 200, body = AuthConfig)))]
+pub async fn auth_config(State(s): St) -> Json<AuthConfig> {
+    let mut oidc = None;
+    if let Some(v) = &s.oidc {
+        if let Some(client_id) = &v.config.client_id {
+            match v.discovery().await {
+                Ok(d) => {
+                    oidc = Some(OidcPublicConfig {
+                        issuer: v.config.issuer.clone(),
+                        client_id: client_id.clone(),
+                        scopes: v.config.scopes.clone(),
+                        authorization_endpoint: d.authorization_endpoint,
+                        token_endpoint: d.token_endpoint,
+                    })
+                }
+                Err(e) => tracing::warn!(error = %e, "OIDC discovery failed; SSO button hidden"),
+            }
+        }
+    }
+    Json(AuthConfig {
+        password: true,
+        oidc,
+    })
 }
 
 /// The signed-in user.
@@ -258,6 +395,12 @@ pub async fn update_user(
     ApiPath(id): ApiPath,
     ApiJson(b): ApiJson<UpdateUserBody>,
 ) -> ApiResult<Json<User>> {
+    if b.password.is_some() && s.store.user(&id).await?.source == "oidc" {
+        return Err(ApiError::invalid(
+            "password",
+            "this account signs in through the identity provider and has no password",
+        ));
+    }
     let hash = b
         .password
         .as_deref()
@@ -547,12 +690,65 @@ pub struct UpdatePeerBody {
 
 #[utoipa::path(get, path = "/api/peers", responses((status = 200, body = [Peer])))]
 pub async fn list_peers(State(s): St, _a: Admin) -> ApiResult<Json<Vec<Peer>>> {
-    Ok(Json(s.store.peers().await?))
+    let mut peers = s.store.peers().await?;
+    s.with_connections(&mut peers);
+    Ok(Json(peers))
 }
 
 #[utoipa::path(get, path = "/api/peers/{id}", responses((status = 200, body = Peer), (status = 404, body = ErrorBody)))]
 pub async fn get_peer(State(s): St, _a: Admin, ApiPath(id): ApiPath) -> ApiResult<Json<Peer>> {
-    Ok(Json(s.store.peer(&id).await?))
+    // Connections name other peers; the whole list tells which of them still exist.
+    let mut peers = s.store.peers().await?;
+    s.with_connections(&mut peers);
+    peers
+        .into_iter()
+        .find(|p| p.id == id)
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("peer {id:?} not found")))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ServerStatus {
+    pub peers_total: usize,
+    pub peers_online: usize,
+    pub relay: RelayStatus,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct RelayStatus {
+    /// Whether the relay in this process answers STUN; None when the relay runs elsewhere.
+    pub healthy: Option<bool>,
+    pub allocations: u64,
+    pub tcp_clients: u64,
+    pub auth_failures: u64,
+    /// STUN, TURN and TCP-relay URLs handed to agents.
+    pub urls: Vec<String>,
+}
+
+/// Live status for the console's overview: peers online and the relay's health.
+#[utoipa::path(get, path = "/api/status", responses((status = 200, body = ServerStatus)))]
+pub async fn status(State(s): St, _a: Admin) -> ApiResult<Json<ServerStatus>> {
+    use tern_relay::metrics::Metrics;
+    let peers = s.store.peers().await?;
+    let m = s.relay_metrics.get();
+    let r = &s.opts.relay;
+    Ok(Json(ServerStatus {
+        peers_total: peers.len(),
+        peers_online: peers.iter().filter(|p| p.connected).count(),
+        relay: RelayStatus {
+            healthy: s.relay_healthy().await,
+            allocations: m.map_or(0, |m| Metrics::get(&m.allocations_active)),
+            tcp_clients: m.map_or(0, |m| Metrics::get(&m.tcp_connections_active)),
+            auth_failures: m.map_or(0, |m| Metrics::get(&m.auth_failures_total)),
+            urls: r
+                .stun_urls
+                .iter()
+                .chain(&r.turn_urls)
+                .chain(&r.tcp_relay_urls)
+                .cloned()
+                .collect(),
+        },
+    }))
 }
 
 #[utoipa::path(put, path = "/api/peers/{id}", request_body = UpdatePeerBody, responses((status = 200, body = Peer)))]

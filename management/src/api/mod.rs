@@ -24,6 +24,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/openapi.json", get(openapi_json))
         .route("/api/auth/login", post(login))
         .route("/api/auth/me", get(me))
+        .route("/api/auth/logout", post(logout))
+        .route("/api/auth/oidc", post(login_oidc))
+        .route("/api/auth/config", get(auth_config))
         .route("/api/users", get(list_users).post(create_user))
         .route(
             "/api/users/{id}",
@@ -47,6 +50,7 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .delete(delete_setup_key),
         )
         .route("/api/peers", get(list_peers))
+        .route("/api/status", get(status))
         .route(
             "/api/peers/{id}",
             get(get_peer).put(update_peer).delete(delete_peer),
@@ -63,6 +67,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/api/settings", get(get_settings).put(update_settings))
         .route("/api/audit", get(list_audit))
+        .merge(crate::web::router())
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
@@ -73,12 +78,12 @@ pub fn router(state: Arc<AppState>) -> Router {
     info(title = "Tern management API", description = "Admin API of the Tern mesh overlay."),
     paths(
         handlers::healthz,
-        handlers::login, handlers::me,
+        handlers::login, handlers::me, handlers::logout, handlers::login_oidc, handlers::auth_config,
         handlers::list_users, handlers::create_user, handlers::get_user, handlers::update_user, handlers::delete_user,
         handlers::list_tokens, handlers::create_token, handlers::delete_token,
         handlers::list_groups, handlers::create_group, handlers::get_group, handlers::update_group, handlers::delete_group,
         handlers::list_setup_keys, handlers::create_setup_key, handlers::get_setup_key, handlers::update_setup_key, handlers::delete_setup_key,
-        handlers::list_peers, handlers::get_peer, handlers::update_peer, handlers::delete_peer,
+        handlers::list_peers, handlers::get_peer, handlers::status, handlers::update_peer, handlers::delete_peer,
         handlers::list_policies, handlers::create_policy, handlers::get_policy, handlers::update_policy, handlers::delete_policy,
         handlers::list_routes, handlers::create_route, handlers::get_route, handlers::update_route, handlers::delete_route,
         handlers::get_settings, handlers::update_settings,

@@ -107,12 +107,14 @@ pub struct UserCredentials {
     pub password_hash: String,
 }
 
-fn user_from(r: &AnyRow) -> Result<User> {
+pub(crate) fn user_from(r: &AnyRow) -> Result<User> {
+    let subject: Option<String> = col(r, "oidc_subject")?;
     Ok(User {
         id: col(r, "id")?,
         username: col(r, "username")?,
         disabled: col(r, "disabled")?,
         created_at: col(r, "created_at")?,
+        source: if subject.is_some() { "oidc" } else { "local" }.into(),
     })
 }
 
@@ -147,6 +149,7 @@ impl Store {
             username: username.to_string(),
             disabled: false,
             created_at: now_millis(),
+            source: "local".into(),
         };
         sqlx::query("INSERT INTO users (id, username, password_hash, disabled, created_at) VALUES ($1, $2, $3, $4, $5)")
             .bind(&user.id)

@@ -5,9 +5,11 @@
 
 mod entities;
 mod peers;
+mod sessions;
 
 pub use entities::*;
 pub use peers::*;
+pub use sessions::*;
 
 use crate::model::{new_id, now_millis};
 use sqlx::any::{AnyPoolOptions, AnyRow};
@@ -83,7 +85,8 @@ pub struct Store {
 /// A change transaction: serial already bumped; call [`Change::commit`] to apply and notify.
 pub struct Change {
     tx: Transaction<'static, Any>,
-    serial: i64,
+    /// None for a quiet change (nothing a network map depends on).
+    serial: Option<i64>,
     actor: String,
     _guard: Option<OwnedMutexGuard<()>>,
 }
@@ -119,7 +122,9 @@ impl Change {
 
     async fn commit(self, store: &Store) -> Result<()> {
         self.tx.commit().await?;
-        store.changes.send_replace(self.serial);
+        if let Some(serial) = self.serial {
+            store.changes.send_replace(serial);
+        }
         Ok(())
     }
 }
@@ -219,7 +224,23 @@ impl Store {
             .try_get(0)?;
         Ok(Change {
             tx,
-            serial,
+            serial: Some(serial),
+            actor: actor.to_string(),
+            _guard: guard,
+        })
+    }
+
+    /// Starts a change that no network map depends on (sign-in sessions): audited, serialised
+    /// with other writers on SQLite, but the serial stays and no sync stream wakes.
+    pub async fn begin_quiet(&self, actor: &str) -> Result<Change> {
+        let guard = match &self.write_lock {
+            Some(l) => Some(l.clone().lock_owned().await),
+            None => None,
+        };
+        let tx = self.pool.begin().await?;
+        Ok(Change {
+            tx,
+            serial: None,
             actor: actor.to_string(),
             _guard: guard,
         })

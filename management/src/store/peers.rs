@@ -51,6 +51,7 @@ fn peer_from(r: &AnyRow, groups: Vec<String>) -> Result<Peer> {
         last_login: col(r, "last_login")?,
         created_at: col(r, "created_at")?,
         groups,
+        connections: Vec::new(),
     })
 }
 

@@ -1,0 +1,348 @@
+//! OIDC single sign-on: validates ID or access tokens of an external identity provider by its
+//! issuer, audience and signing keys (JWKS, from discovery or a configured URL), and decides from a
+//! configured claim whether the holder is a Tern admin.
+//!
+//! Only asymmetric algorithms are accepted (an HS256 token "signed" with a public key is the
+//! classic confusion attack), the issuer must match exactly, the audience must contain one of the
+//! configured values, and `exp` is required. Keys are cached; an unknown `kid` triggers one
+//! refresh at most every [`MIN_REFRESH`], so rotated keys are picked up without letting forged
+//! tokens hammer the provider.
+
+use jsonwebtoken::jwk::{Jwk, JwkSet};
+use jsonwebtoken::{decode, decode_header, Algorithm, DecodingKey, Validation};
+use serde::{Deserialize, Serialize};
+use std::time::{Duration, Instant};
+use tokio::sync::Mutex;
+
+/// Keys older than this are fetched again before use.
+const MAX_KEY_AGE: Duration = Duration::from_secs(3600);
+/// At most one refresh per this interval for tokens naming an unknown key.
+const MIN_REFRESH: Duration = Duration::from_secs(30);
+const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest discovery or JWKS document read.
+const MAX_DOC: usize = 256 * 1024;
+
+#[derive(Debug, Clone, Default)]
+pub struct OidcConfig {
+    /// Issuer URL, compared exactly with the token's `iss`.
+    pub issuer: String,
+    /// Accepted audiences (`aud` must contain one); usually the console's client id.
+    pub audiences: Vec<String>,
+    /// JWKS URL; when unset, the issuer's discovery document names it.
+    pub jwks_url: Option<String>,
+    /// `claim=value`: admin only if the claim equals the value or is a list containing it.
+    /// When unset, every valid token of the issuer for this audience is an admin.
+    pub admin_claim: Option<(String, String)>,
+    /// Claim naming the account (falls back to email, preferred_username, sub).
+    pub username_claim: String,
+    /// Client id the console uses for the authorization-code flow (PKCE, public client).
+    pub client_id: Option<String>,
+    pub scopes: String,
+}
+
+impl OidcConfig {
+    /// Parses `claim=value` as given on the command line.
+    pub fn parse_admin_claim(s: &str) -> Result<(String, String), String> {
+        match s.split_once('=') {
+            Some((c, v)) if !c.trim().is_empty() && !v.trim().is_empty() => {
+                Ok((c.trim().to_string(), v.trim().to_string()))
+            }
+            _ => Err(format!(
+                "--oidc-admin-claim {s:?} must be CLAIM=VALUE, e.g. groups=tern-admins"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum OidcError {
+    #[error("not a JWT")]
+    Malformed,
+    #[error("algorithm {0:?} is not accepted (asymmetric signatures only)")]
+    Algorithm(Algorithm),
+    #[error("the identity provider has no key {0:?}")]
+    UnknownKey(String),
+    #[error("bad signature")]
+    Signature,
+    #[error("token has expired")]
+    Expired,
+    #[error("token is not valid yet")]
+    NotYetValid,
+    #[error("wrong issuer")]
+    Issuer,
+    #[error("wrong audience")]
+    Audience,
+    #[error("token is invalid: {0}")]
+    Invalid(String),
+    #[error("token does not grant admin access (claim {0:?} lacks {1:?})")]
+    NotAdmin(String, String),
+    #[error("cannot fetch the identity provider's keys: {0}")]
+    Fetch(String),
+}
+
+/// Who a valid admin token names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OidcIdentity {
+    pub subject: String,
+    pub username: String,
+    /// Unix seconds.
+    pub expires_at: i64,
+}
+
+/// The endpoints the console needs for its sign-in redirect.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Discovery {
+    #[serde(default)]
+    pub issuer: String,
+    #[serde(default)]
+    pub jwks_uri: String,
+    #[serde(default)]
+    pub authorization_endpoint: String,
+    #[serde(default)]
+    pub token_endpoint: String,
+    #[serde(default)]
+    pub end_session_endpoint: Option<String>,
+}
+
+struct KeyCache {
+    keys: JwkSet,
+    fetched: Option<Instant>,
+    discovery: Option<Discovery>,
+}
+
+pub struct OidcVerifier {
+    pub config: OidcConfig,
+    http: reqwest::Client,
+    cache: Mutex<KeyCache>,
+}
+
+const ACCEPTED: &[Algorithm] = &[
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::PS256,
+    Algorithm::PS384,
+    Algorithm::PS512,
+    Algorithm::ES256,
+    Algorithm::ES384,
+    Algorithm::EdDSA,
+];
+
+#[derive(Deserialize)]
+struct Claims {
+    sub: String,
+    exp: i64,
+    #[serde(flatten)]
+    rest: serde_json::Map<String, serde_json::Value>,
+}
+
+impl OidcVerifier {
+    pub fn new(config: OidcConfig) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .timeout(FETCH_TIMEOUT)
+            .redirect(reqwest::redirect::Policy::limited(3))
+            .build()?;
+        Ok(OidcVerifier {
+            config,
+            http,
+            cache: Mutex::new(KeyCache {
+                keys: JwkSet { keys: vec![] },
+                fetched: None,
+                discovery: None,
+            }),
+        })
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(&self, url: &str) -> Result<T, OidcError> {
+        let fail = |e: String| OidcError::Fetch(format!("{url}: {e}"));
+        let resp = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        if !resp.status().is_success() {
+            return Err(fail(format!("HTTP {}", resp.status())));
+        }
+        let body = resp.bytes().await.map_err(|e| fail(e.to_string()))?;
+        if body.len() > MAX_DOC {
+            return Err(fail(format!("document larger than {MAX_DOC} bytes")));
+        }
+        serde_json::from_slice(&body).map_err(|e| fail(e.to_string()))
+    }
+
+    /// The provider's discovery document (fetched once, then cached).
+    pub async fn discovery(&self) -> Result<Discovery, OidcError> {
+        if let Some(d) = self.cache.lock().await.discovery.clone() {
+            return Ok(d);
+        }
+        let url = format!(
+            "{}/.well-known/openid-configuration",
+            self.config.issuer.trim_end_matches('/')
+        );
+        let d: Discovery = self.get_json(&url).await?;
+        if d.issuer.trim_end_matches('/') != self.config.issuer.trim_end_matches('/') {
+            return Err(OidcError::Fetch(format!(
+                "discovery document names issuer {:?}, configured {:?}",
+                d.issuer, self.config.issuer
+            )));
+        }
+        self.cache.lock().await.discovery = Some(d.clone());
+        Ok(d)
+    }
+
+    async fn refresh(&self) -> Result<(), OidcError> {
+        let url = match &self.config.jwks_url {
+            Some(u) => u.clone(),
+            None => self.discovery().await?.jwks_uri,
+        };
+        let keys: JwkSet = self.get_json(&url).await?;
+        tracing::info!(url = %url, keys = keys.keys.len(), "fetched OIDC signing keys");
+        let mut c = self.cache.lock().await;
+        c.keys = keys;
+        c.fetched = Some(Instant::now());
+        Ok(())
+    }
+
+    async fn key_for(&self, kid: Option<&str>) -> Result<Jwk, OidcError> {
+        let pick = |set: &JwkSet| -> Option<Jwk> {
+            match kid {
+                Some(k) => set.find(k).cloned(),
+                // Without a kid, a provider with one key is unambiguous.
+                None if set.keys.len() == 1 => set.keys.first().cloned(),
+                None => None,
+            }
+        };
+        let (found, age) = {
+            let c = self.cache.lock().await;
+            (pick(&c.keys), c.fetched.map(|t| t.elapsed()))
+        };
+        let stale = age.is_none_or(|a| a > MAX_KEY_AGE);
+        if let (Some(k), false) = (&found, stale) {
+            return Ok(k.clone());
+        }
+        if stale || age.is_some_and(|a| a > MIN_REFRESH) {
+            match self.refresh().await {
+                Ok(()) => {}
+                // A provider outage must not lock out admins whose key is still cached.
+                Err(e) if found.is_some() => tracing::warn!(error = %e, "OIDC key refresh failed"),
+                Err(e) => return Err(e),
+            }
+        }
+        let c = self.cache.lock().await;
+        pick(&c.keys)
+            .or(found)
+            .ok_or_else(|| OidcError::UnknownKey(kid.unwrap_or("").to_string()))
+    }
+
+    /// Validates a token and its admin claim.
+    pub async fn verify(&self, token: &str) -> Result<OidcIdentity, OidcError> {
+        let header = decode_header(token).map_err(|_| OidcError::Malformed)?;
+        if !ACCEPTED.contains(&header.alg) {
+            return Err(OidcError::Algorithm(header.alg));
+        }
+        let jwk = self.key_for(header.kid.as_deref()).await?;
+        let key = DecodingKey::from_jwk(&jwk)
+            .map_err(|e| OidcError::Invalid(format!("unusable key: {e}")))?;
+        let mut v = Validation::new(header.alg);
+        v.set_issuer(&[self.config.issuer.as_str()]);
+        v.set_audience(&self.config.audiences);
+        v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        v.validate_nbf = true;
+        v.leeway = 60;
+        let data = decode::<Claims>(token, &key, &v).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind as K;
+            match e.kind() {
+                K::InvalidSignature => OidcError::Signature,
+                K::ExpiredSignature => OidcError::Expired,
+                K::ImmatureSignature => OidcError::NotYetValid,
+                K::InvalidIssuer => OidcError::Issuer,
+                K::InvalidAudience => OidcError::Audience,
+                K::InvalidAlgorithm => OidcError::Algorithm(header.alg),
+                other => OidcError::Invalid(format!("{other:?}")),
+            }
+        })?;
+        let claims = data.claims;
+        if let Some((claim, value)) = &self.config.admin_claim {
+            if !claim_has(claims.rest.get(claim), value) {
+                return Err(OidcError::NotAdmin(claim.clone(), value.clone()));
+            }
+        }
+        let str_claim = |name: &str| {
+            claims
+                .rest
+                .get(name)
+                .and_then(|v| v.as_str())
+                .map(str::trim)
+                .filter(|s| !s.is_empty() && !s.chars().any(char::is_control))
+                .map(str::to_string)
+        };
+        let username = str_claim(&self.config.username_claim)
+            .or_else(|| str_claim("email"))
+            .or_else(|| str_claim("preferred_username"))
+            .unwrap_or_else(|| claims.sub.clone());
+        Ok(OidcIdentity {
+            subject: claims.sub,
+            username,
+            expires_at: claims.exp,
+        })
+    }
+}
+
+/// True if the claim is `value` or a list (or space-separated string, as `scope`) containing it.
+fn claim_has(claim: Option<&serde_json::Value>, value: &str) -> bool {
+    match claim {
+        Some(serde_json::Value::String(s)) => s == value || s.split(' ').any(|p| p == value),
+        Some(serde_json::Value::Array(items)) => items.iter().any(|i| i.as_str() == Some(value)),
+        Some(serde_json::Value::Bool(b)) => value == if *b { "true" } else { "false" },
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn admin_claim_matches_strings_lists_and_scopes() {
+        assert!(claim_has(Some(&json!("admins")), "admins"));
+        assert!(claim_has(Some(&json!(["staff", "admins"])), "admins"));
+        assert!(claim_has(Some(&json!("openid tern.admin")), "tern.admin"));
+        assert!(claim_has(Some(&json!(true)), "true"));
+        assert!(!claim_has(Some(&json!(["staff"])), "admins"));
+        assert!(!claim_has(Some(&json!("admins-not")), "admins"));
+        assert!(!claim_has(None, "admins"));
+    }
+
+    #[test]
+    fn admin_claim_flag_needs_both_halves() {
+        assert_eq!(
+            OidcConfig::parse_admin_claim("groups=tern-admins"),
+            Ok(("groups".into(), "tern-admins".into()))
+        );
+        assert!(OidcConfig::parse_admin_claim("groups").is_err());
+        assert!(OidcConfig::parse_admin_claim("=x").is_err());
+    }
+
+    #[tokio::test]
+    async fn symmetric_tokens_are_refused_before_any_fetch() {
+        let v = OidcVerifier::new(OidcConfig {
+            issuer: "http://127.0.0.1:9/".into(),
+            audiences: vec!["tern".into()],
+            ..Default::default()
+        })
+        .expect("verifier");
+        let t = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(Algorithm::HS256),
+            &json!({"sub": "x", "exp": 4_000_000_000i64}),
+            &jsonwebtoken::EncodingKey::from_secret(b"public key bytes"),
+        )
+        .expect("encode");
+        assert_eq!(
+            v.verify(&t).await,
+            Err(OidcError::Algorithm(Algorithm::HS256))
+        );
+        assert_eq!(v.verify("garbage").await, Err(OidcError::Malformed));
+    }
+}

@@ -1,0 +1,448 @@
+//! The admin console in headless Chromium (Debian's chromium + chromedriver): an admin signs in,
+//! hands out a setup key, watches a peer come online, writes a policy, meets a route error, and
+//! signs out. Screenshots of the main pages go to `artifacts/screenshots/` (README).
+//!
+//! Without Chromium the test says so and passes, except under CI=true, where it fails.
+
+use serde_json::{json, Value};
+use std::time::Duration;
+use tern_proto::management as pb;
+use tern_tests::webdriver::{screenshot_dir, Browser};
+use tern_tests::*;
+
+const T: Duration = Duration::from_secs(10);
+
+fn browser_available() -> bool {
+    match tern_tests::webdriver::locate() {
+        Ok(_) => true,
+        Err(e) if std::env::var_os("CI").is_some() => panic!("browser tests need Chromium: {e}"),
+        Err(e) => {
+            eprintln!("SKIPPED: {e}");
+            false
+        }
+    }
+}
+
+async fn sign_in(b: &Browser, base: &str, user: &str, password: &str) -> anyhow::Result<()> {
+    b.goto(&format!("{base}/")).await?;
+    let u = b.wait("#signin-form input[name=username]", T).await?;
+    b.clear(&u).await?;
+    b.type_into(&u, user).await?;
+    let p = b.wait("#signin-form input[name=password]", T).await?;
+    b.clear(&p).await?;
+    b.type_into(&p, password).await?;
+    // Enter submits, as on any sign-in form.
+    b.keys("\u{E007}").await?;
+    Ok(())
+}
+
+/// Opens a page from the navigation (no reload) and waits for its heading.
+async fn open(b: &Browser, route: &str, heading: &str) -> anyhow::Result<()> {
+    let link = b.wait(&format!("nav a[data-route={route}]"), T).await;
+    match link {
+        Ok(l) if b.displayed(&l).await.unwrap_or(false) => b.click(&l).await?,
+        // Phone-size window: the navigation sits behind the menu button.
+        _ => {
+            b.execute(&format!("location.hash = '#/{route}'"), vec![])
+                .await?;
+        }
+    }
+    b.wait_text(&format!(".page[data-page={route}] h1"), heading, T)
+        .await?;
+    Ok(())
+}
+
+async fn shot(b: &Browser, name: &str) -> anyhow::Result<()> {
+    let path = screenshot_dir().join(format!("{name}.png"));
+    b.screenshot(&path).await?;
+    let len = std::fs::metadata(&path)?.len();
+    assert!(len > 5_000, "{name}.png is only {len} bytes");
+    Ok(())
+}
+
+/// Picks an option of a <select> (as a user's choice: value set, change event fired).
+async fn choose(b: &Browser, css: &str, value: &str) -> anyhow::Result<()> {
+    b.wait(css, T).await?;
+    let ok = b
+        .execute(
+            "const s = document.querySelector(arguments[0]); \
+             if (![...s.options].some(o => o.value === arguments[1])) return false; \
+             s.value = arguments[1]; s.dispatchEvent(new Event('change')); return true;",
+            vec![json!(css), json!(value)],
+        )
+        .await?;
+    anyhow::ensure!(ok == json!(true), "{css} has no option {value:?}");
+    Ok(())
+}
+
+/// Fills the input `name` inside `scope`.
+async fn fill(b: &Browser, scope: &str, name: &str, value: &str) -> anyhow::Result<()> {
+    let e = b.wait(&format!("{scope} [name={name}]"), T).await?;
+    b.clear(&e).await?;
+    b.type_into(&e, value).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_admin_journey_in_chromium() {
+    if !browser_available() {
+        return;
+    }
+    let db = TestDb::new(Backend::Sqlite).await.expect("db");
+    let server = TestServer::start(&db.url).await.expect("server");
+    let base = server.base.clone();
+    let b = Browser::start(1280, 900).await.expect("browser");
+
+    // --- Sign-in: a wrong password is refused in words, the username stays typed.
+    sign_in(&b, &base, "admin", "not-the-password")
+        .await
+        .expect("sign-in form");
+    b.wait_text("#signin-form .form-error", "wrong username or password", T)
+        .await
+        .expect("sign-in error shown");
+    let u = b
+        .wait("#signin-form input[name=username]", T)
+        .await
+        .expect("username");
+    assert_eq!(
+        b.property(&u, "value").await.expect("value"),
+        json!("admin"),
+        "the form keeps what was typed"
+    );
+    shot(&b, "01-sign-in-error").await.expect("shot");
+    sign_in(&b, &base, "admin", ADMIN_PASSWORD)
+        .await
+        .expect("sign in");
+    b.wait_text(".page[data-page=overview] h1", "Overview", T)
+        .await
+        .expect("overview after sign-in");
+    b.wait_text("#relay-health", "healthy", T)
+        .await
+        .expect("embedded relay answers STUN");
+    shot(&b, "02-overview").await.expect("shot");
+
+    // --- Setup key: created with options, shown once with a copy button.
+    open(&b, "setup-keys", "Setup keys")
+        .await
+        .expect("keys page");
+    let new_key = b
+        .wait_text(".page-head button", "New setup key", T)
+        .await
+        .expect("new key button");
+    b.click(&new_key).await.expect("click");
+    fill(&b, "#setup-key-form", "name", "Factory gateway")
+        .await
+        .expect("name");
+    let reusable = b
+        .wait("#setup-key-form input[name=reusable]", T)
+        .await
+        .expect("reusable");
+    b.click(&reusable).await.expect("check reusable");
+    fill(&b, "#setup-key-form", "usage_limit", "5")
+        .await
+        .expect("limit");
+    let submit = b
+        .wait("#setup-key-form button[type=submit]", T)
+        .await
+        .expect("submit");
+    b.click(&submit).await.expect("create key");
+    let secret = b.wait("#new-key code.secret", T).await.expect("key shown");
+    let key = b.text(&secret).await.expect("key text");
+    assert!(
+        key.starts_with("tern_sk_") && key.len() > 20,
+        "key shown: {key:?}"
+    );
+    b.wait("#new-key button[data-action=copy]", T)
+        .await
+        .expect("copy button");
+    shot(&b, "03-setup-key-created").await.expect("shot");
+    let keys = server.get("/api/setup-keys").await;
+    let listed = keys
+        .as_array()
+        .expect("keys")
+        .iter()
+        .find(|k| k["name"] == "Factory gateway")
+        .expect("key listed by the API")
+        .clone();
+    assert_eq!(listed["reusable"], true);
+    assert_eq!(listed["usage_limit"], 5);
+    assert!(
+        key.starts_with(listed["key_prefix"].as_str().expect("prefix")),
+        "the shown key is the created one"
+    );
+    // Read once: after hiding it, neither the page nor the API has it any more.
+    let done = b
+        .wait_text("#new-key button", "Done", T)
+        .await
+        .expect("done");
+    b.click(&done).await.expect("hide");
+    b.goto(&format!("{base}/#/setup-keys"))
+        .await
+        .expect("reload keys page");
+    b.wait_text(".page[data-page=setup-keys] td", "Factory gateway", T)
+        .await
+        .expect("key listed");
+    let html = b
+        .execute("return document.documentElement.outerHTML", vec![])
+        .await
+        .expect("html");
+    assert!(
+        !html.as_str().unwrap_or("").contains(&key),
+        "the key must not be shown again"
+    );
+    assert!(!keys.to_string().contains(&key), "the API never returns it");
+
+    // --- A peer registers with that key; the peers page shows it online without a reload.
+    open(&b, "peers", "Peers").await.expect("peers page");
+    b.execute("window.__noReload = 42", vec![])
+        .await
+        .expect("mark page");
+    let agent = TestAgent::new(&server, "factory-gw").await;
+    let login = agent.login(Some(&key)).await.expect("register with key");
+    let _stream = agent.sync(&login.peer_token).await.expect("sync stream");
+    let row = b
+        .wait_text("tr[data-peer]", "factory-gw", Duration::from_secs(15))
+        .await
+        .expect("peer appears");
+    let _ = row;
+    b.wait_text("tr[data-peer] td.status", "online", Duration::from_secs(15))
+        .await
+        .expect("peer shown online");
+    // A second peer and a connection report: the console shows how they reach each other.
+    let agent2 = TestAgent::new(&server, "laptop-anna").await;
+    let login2 = agent2.login(Some(&key)).await.expect("register 2");
+    let _stream2 = agent2.sync(&login2.peer_token).await.expect("sync 2");
+    let mut req = tonic::Request::new(pb::StatusReport {
+        connections: vec![pb::PeerConnection {
+            peer_id: login2.peer_id.clone(),
+            kind: "turn_relay".into(),
+            rtt_ms: 23,
+        }],
+    });
+    req.metadata_mut()
+        .insert("authorization", bearer_value(&login.peer_token));
+    agent.mgmt().report_status(req).await.expect("report");
+    b.wait_text(
+        "tr[data-peer] .conns",
+        "TURN relay",
+        Duration::from_secs(15),
+    )
+    .await
+    .expect("connection type shown");
+    let marker = b
+        .execute("return window.__noReload", vec![])
+        .await
+        .expect("marker");
+    assert_eq!(marker, json!(42), "updates arrived without a page reload");
+    shot(&b, "04-peers").await.expect("shot");
+    open(&b, "overview", "Overview").await.expect("overview");
+    b.wait_text("#peers-online", "2 / 2", T)
+        .await
+        .expect("overview counts");
+    b.wait_text(".card", "0 direct · 1 relayed", T)
+        .await
+        .expect("overview connections");
+
+    // --- Access policy: an invalid port is explained next to the field; then created.
+    open(&b, "policies", "Access policies")
+        .await
+        .expect("policies page");
+    let newp = b
+        .wait_text(".page-head button", "New policy", T)
+        .await
+        .expect("new policy");
+    b.click(&newp).await.expect("click");
+    fill(&b, "#policy-form", "name", "Anna to gateway SSH")
+        .await
+        .expect("name");
+    let all_src = b
+        .wait("#policy-form input[name=sources][value=all]", T)
+        .await
+        .expect("sources");
+    b.click(&all_src).await.expect("src");
+    let all_dst = b
+        .wait("#policy-form input[name=destinations][value=all]", T)
+        .await
+        .expect("dst");
+    b.click(&all_dst).await.expect("dst");
+    choose(&b, "#policy-form select[name=protocol]", "tcp")
+        .await
+        .expect("choose tcp");
+    fill(&b, "#policy-form", "ports", "22, 70000")
+        .await
+        .expect("ports");
+    let submit = b
+        .wait("#policy-form button[type=submit]", T)
+        .await
+        .expect("submit");
+    b.click(&submit).await.expect("submit");
+    b.wait_text(
+        "#policy-form .field[data-field=ports] .field-error",
+        "70000",
+        T,
+    )
+    .await
+    .expect("port error next to the ports field");
+    fill(&b, "#policy-form", "ports", "22")
+        .await
+        .expect("fix ports");
+    b.click(&submit).await.expect("submit again");
+    b.wait_text("tr[data-policy]", "Anna to gateway SSH", T)
+        .await
+        .expect("policy listed");
+    let policies = server.get("/api/policies").await;
+    let p = policies
+        .as_array()
+        .expect("policies")
+        .iter()
+        .find(|p| p["name"] == "Anna to gateway SSH")
+        .expect("policy created")
+        .clone();
+    assert_eq!(p["protocol"], "tcp");
+    assert_eq!(p["ports"], json!(["22"]));
+    shot(&b, "05-policies").await.expect("shot");
+
+    // --- Route: a malformed CIDR is refused next to the network field; input is kept.
+    open(&b, "routes", "Routes").await.expect("routes page");
+    let newr = b
+        .wait_text(".page-head button", "New route", T)
+        .await
+        .expect("new route");
+    b.click(&newr).await.expect("click");
+    fill(&b, "#route-form", "network", "192.168.50.300/24")
+        .await
+        .expect("network");
+    choose(&b, "#route-form select[name=routing_peer]", &login.peer_id)
+        .await
+        .expect("choose routing peer");
+    let all_dist = b
+        .wait("#route-form input[name=groups][value=all]", T)
+        .await
+        .expect("dist");
+    b.click(&all_dist).await.expect("dist");
+    let submit = b
+        .wait("#route-form button[type=submit]", T)
+        .await
+        .expect("submit");
+    b.click(&submit).await.expect("submit");
+    let err = b
+        .wait_text(
+            "#route-form .field[data-field=network] .field-error",
+            "CIDR",
+            T,
+        )
+        .await
+        .expect("CIDR error next to the network field");
+    let msg = b.text(&err).await.expect("text");
+    assert!(msg.contains("192.168.50.300/24"), "names the input: {msg}");
+    let net = b
+        .wait("#route-form input[name=network]", T)
+        .await
+        .expect("network input");
+    assert_eq!(
+        b.property(&net, "value").await.expect("value"),
+        json!("192.168.50.300/24")
+    );
+    assert_eq!(
+        b.property(&net, "ariaInvalid").await.expect("aria"),
+        json!("true")
+    );
+    shot(&b, "06-route-error").await.expect("shot");
+    fill(&b, "#route-form", "network", "192.168.50.0/24")
+        .await
+        .expect("fix");
+    b.click(&submit).await.expect("submit");
+    b.wait_text("tr[data-route]", "192.168.50.0/24", T)
+        .await
+        .expect("route listed");
+    shot(&b, "07-routes").await.expect("shot");
+
+    // --- The remaining pages render (and are captured).
+    for (route, heading, name) in [
+        ("groups", "Groups", "08-groups"),
+        ("audit", "Audit log", "09-audit"),
+        ("settings", "Settings", "10-settings"),
+        ("users", "Admins", "11-admins-tokens"),
+    ] {
+        open(&b, route, heading).await.expect(route);
+        shot(&b, name).await.expect("shot");
+    }
+    // The audit log filters by action.
+    open(&b, "audit", "Audit log").await.expect("audit");
+    fill(&b, "#audit-filter", "action", "policy.")
+        .await
+        .expect("filter");
+    let f = b
+        .wait("#audit-filter button[type=submit]", T)
+        .await
+        .expect("filter btn");
+    b.click(&f).await.expect("filter");
+    b.wait_text(".page[data-page=audit] td", "policy.", T)
+        .await
+        .expect("policy events");
+    let rows = b
+        .find_all(".page[data-page=audit] tbody tr")
+        .await
+        .expect("rows");
+    for r in &rows {
+        let t = b.text(r).await.expect("row");
+        assert!(t.contains("policy."), "filtered row: {t}");
+    }
+
+    // --- Phone-size window: navigation behind a menu, page still usable.
+    b.set_size(390, 844).await.expect("phone size");
+    open(&b, "peers", "Peers").await.expect("peers on phone");
+    shot(&b, "12-peers-phone").await.expect("shot");
+    let menu = b.wait("button.menu", T).await.expect("menu button");
+    b.click(&menu).await.expect("open menu");
+    b.wait("nav a[data-route=routes]", T)
+        .await
+        .expect("nav visible after menu");
+    shot(&b, "13-menu-phone").await.expect("shot");
+    b.set_size(1280, 900).await.expect("desktop");
+
+    // --- Sign out: back to the sign-in page, and the session token is dead on the server.
+    let token: Value = b
+        .execute(
+            "return JSON.parse(sessionStorage.getItem('tern.session')).token",
+            vec![],
+        )
+        .await
+        .expect("token");
+    let token = token.as_str().expect("token string").to_string();
+    let ok = server
+        .http
+        .get(server.url("/api/auth/me"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("me");
+    assert_eq!(ok.status(), 200);
+    let out = b.wait("#signout", T).await.expect("sign-out button");
+    b.click(&out).await.expect("sign out");
+    b.wait_text("#signin-form", "You have signed out", T)
+        .await
+        .expect("signed out");
+    let after = server
+        .http
+        .get(server.url("/api/auth/me"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("me");
+    assert_eq!(after.status(), 401, "logout ends the session on the server");
+    let stored = b
+        .execute("return sessionStorage.getItem('tern.session')", vec![])
+        .await
+        .expect("storage");
+    assert_eq!(stored, Value::Null, "nothing left in the browser");
+    // Going back to a page needs a new sign-in.
+    b.goto(&format!("{base}/#/peers")).await.expect("goto");
+    b.wait("#signin-form", T)
+        .await
+        .expect("sign-in required again");
+
+    drop(b);
+    server.stop().await;
+    db.cleanup().await;
+}

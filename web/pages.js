@@ -1,0 +1,534 @@
+// The console's pages. Each page renders into `main` and may return { poll } for live updates.
+
+import { get, post, put, del } from "./api.js";
+import {
+  h, field, input, checkbox, select, groupPicker, checkedValues, onSubmit, formError, notify,
+  dialog, confirmAction, secretBox, fmtTime, ago, table, badge,
+} from "./ui.js";
+
+const groupNames = (groups, ids) =>
+  ids.map((id) => (groups.find((g) => g.id === id) || { name: id }).name);
+
+const chips = (names) => h("span", { class: "chips" }, names.map((n) => badge(n)));
+
+function header(title, ...actions) {
+  return h("div", { class: "page-head" }, h("h1", { tabindex: -1 }, title), h("div", { class: "actions" }, actions));
+}
+
+function liveRegion(render) {
+  const box = h("div", { class: "live" });
+  let last = "";
+  return {
+    box,
+    update(data, ...rest) {
+      const key = JSON.stringify(data);
+      if (key === last) return;
+      last = key;
+      box.replaceChildren(render(data, ...rest));
+    },
+  };
+}
+
+const CONN_LABEL = { direct: "direct", turn_relay: "TURN relay", tcp_relay: "TCP relay", connecting: "connecting" };
+const relayed = (k) => k === "turn_relay" || k === "tcp_relay";
+
+function connSummary(p, peers) {
+  const list = p.connections || [];
+  if (!p.connected) return h("span", { class: "muted" }, "—");
+  if (!list.length) return h("span", { class: "muted" }, "no peers in reach");
+  return h("ul", { class: "conns" }, list.map((c) => {
+    const other = peers.find((x) => x.id === c.peer_id);
+    return h("li", {},
+      badge(CONN_LABEL[c.kind] || c.kind, c.kind === "direct" ? "ok" : relayed(c.kind) ? "relay" : "warn"),
+      " ", other ? other.name : c.peer_id.slice(0, 8),
+      c.rtt_ms != null ? h("span", { class: "muted" }, ` ${c.rtt_ms} ms`) : null);
+  }));
+}
+
+// ------------------------------------------------------------------------------------------------
+// Overview
+
+export async function overview(main) {
+  const cards = liveRegion(({ peers, status }) => {
+    const online = peers.filter((p) => p.connected).length;
+    const seen = new Set();
+    let direct = 0, viaRelay = 0, connecting = 0;
+    for (const p of peers) for (const c of p.connections || []) {
+      const key = [p.id, c.peer_id].sort().join("|");
+      if (seen.has(key)) continue;
+      seen.add(key);
+      if (c.kind === "direct") direct++; else if (relayed(c.kind)) viaRelay++; else connecting++;
+    }
+    const relay = status && status.relay;
+    return h("div", { class: "cards" },
+      h("section", { class: "card", "aria-label": "Peers online" },
+        h("h2", {}, "Peers online"),
+        h("p", { class: "big", id: "peers-online" }, `${online} / ${peers.length}`),
+        h("p", { class: "muted" }, peers.length ? `${peers.length - online} offline` : "No peers yet: create a setup key")),
+      h("section", { class: "card", "aria-label": "Connections" },
+        h("h2", {}, "Connections"),
+        h("p", { class: "big" }, `${direct} direct · ${viaRelay} relayed`),
+        h("p", { class: "muted" }, connecting ? `${connecting} still connecting` : "peer-to-peer paths reported by agents")),
+      h("section", { class: "card", "aria-label": "Relay" },
+        h("h2", {}, "Relay"),
+        relay ? h("div", {},
+          h("p", { class: "big", id: "relay-health" }, relay.healthy === true ? badge("healthy", "ok")
+            : relay.healthy === false ? badge("not answering STUN", "bad") : badge("external, not monitored")),
+          h("p", { class: "muted" }, `${relay.allocations} TURN allocations · ${relay.tcp_clients} TCP relay clients`),
+          relay.urls.length ? h("ul", { class: "plain" }, relay.urls.map((u) => h("li", {}, h("code", {}, u)))) : null)
+          : h("p", { class: "muted" }, "No relay status available")));
+  });
+  main.append(header("Overview"), cards.box);
+  const poll = async () => {
+    const [peers, status] = await Promise.all([get("/api/peers"), get("/api/status")]);
+    cards.update({ peers, status });
+  };
+  await poll();
+  return { poll };
+}
+
+// ------------------------------------------------------------------------------------------------
+// Peers
+
+export async function peers(main) {
+  let groups = await get("/api/groups");
+  const region = liveRegion((list) => table(
+    ["Name", "Overlay IP", "Status", "Last seen", "OS", "Version", "Groups", "Connections", ""],
+    list.map((p) => h("tr", { dataset: { peer: p.id } },
+      h("td", {}, h("strong", {}, p.name), h("div", { class: "muted small" }, p.hostname)),
+      h("td", {}, h("code", {}, p.overlay_ip)),
+      h("td", { class: "status" }, p.connected ? badge("online", "ok") : badge("offline", "off")),
+      h("td", { title: fmtTime(p.last_seen) }, p.connected ? "now" : ago(p.last_seen)),
+      h("td", {}, p.os || "—"),
+      h("td", {}, p.agent_version || "—"),
+      h("td", {}, chips(groupNames(groups, p.groups))),
+      h("td", {}, connSummary(p, list)),
+      h("td", { class: "row-actions" },
+        h("button", { type: "button", onclick: () => editPeer(p) }, "Edit"),
+        h("button", { type: "button", class: "danger", onclick: () => removePeer(p) }, "Delete")))),
+    "No peers yet. Create a setup key and run `tern up` on a machine."));
+
+  const refresh = async () => region.update(await get("/api/peers"));
+
+  function editPeer(p) {
+    const form = h("form", { novalidate: true },
+      formError(),
+      field("Name", input("name", { value: p.name, required: true })),
+      h("fieldset", {}, h("legend", {}, "Groups"), groupPicker("groups", groups, p.groups, { skipAll: true }),
+        h("p", { class: "field-error", hidden: true })),
+      checkbox("login_expiration_enabled", "Require re-login when the login expires", p.login_expiration_enabled),
+      h("div", { class: "actions" }, h("button", { type: "submit", class: "primary" }, "Save")));
+    const d = dialog(`Edit ${p.name}`, form);
+    onSubmit(form, async (f) => {
+      const keep = p.groups.filter((g) => groups.find((x) => x.id === g && x.builtin));
+      await put(`/api/peers/${p.id}`, {
+        name: f.elements.name.value,
+        groups: [...keep, ...checkedValues(f, "groups")],
+        login_expiration_enabled: f.elements.login_expiration_enabled.checked,
+      });
+      d.close();
+      notify("Peer saved");
+      await refresh();
+    });
+  }
+
+  async function removePeer(p) {
+    if (!(await confirmAction(`Delete ${p.name} (${p.overlay_ip})? It must join again with a setup key.`))) return;
+    try { await del(`/api/peers/${p.id}`); notify("Peer deleted"); await refresh(); } catch (e) { notify(e.message, "error"); }
+  }
+
+  main.append(header("Peers"), region.box);
+  await refresh();
+  return { poll: async () => { groups = await get("/api/groups"); await refresh(); } };
+}
+
+// ------------------------------------------------------------------------------------------------
+// Setup keys
+
+export async function setupKeys(main) {
+  let groups = await get("/api/groups");
+  const shown = h("div", { id: "new-key" });
+  const region = liveRegion((keys) => table(
+    ["Name", "Key", "State", "Type", "Used", "Expires", "Auto groups", ""],
+    keys.map((k) => h("tr", { dataset: { key: k.id } },
+      h("td", {}, k.name),
+      h("td", {}, h("code", {}, `${k.key_prefix}…`)),
+      h("td", {}, badge(k.state, k.state === "valid" ? "ok" : "bad")),
+      h("td", {}, k.reusable ? "reusable" : "one-off", k.ephemeral ? " · ephemeral" : ""),
+      h("td", {}, k.usage_limit ? `${k.used_count} / ${k.usage_limit}` : `${k.used_count}`),
+      h("td", {}, k.expires_at ? fmtTime(k.expires_at) : "never"),
+      h("td", {}, chips(groupNames(groups, k.auto_groups))),
+      h("td", { class: "row-actions" },
+        k.revoked ? null : h("button", { type: "button", onclick: () => revoke(k) }, "Revoke"),
+        h("button", { type: "button", class: "danger", onclick: () => remove(k) }, "Delete")))),
+    "No setup keys."));
+  const refresh = async () => region.update(await get("/api/setup-keys"));
+
+  async function revoke(k) {
+    if (!(await confirmAction(`Revoke ${k.name}? Machines can no longer join with it; joined peers stay.`, "Revoke"))) return;
+    try { await put(`/api/setup-keys/${k.id}`, { revoked: true }); notify("Key revoked"); await refresh(); } catch (e) { notify(e.message, "error"); }
+  }
+  async function remove(k) {
+    if (!(await confirmAction(`Delete ${k.name}? Peers that joined with it stay.`))) return;
+    try { await del(`/api/setup-keys/${k.id}`); notify("Key deleted"); await refresh(); } catch (e) { notify(e.message, "error"); }
+  }
+
+  function create() {
+    const form = h("form", { novalidate: true, id: "setup-key-form" },
+      formError(),
+      field("Name", input("name", { required: true, placeholder: "Factory gateway" })),
+      checkbox("reusable", "Reusable (for many machines)", false),
+      field("Usage limit", input("usage_limit", { type: "number", min: 0, value: 0 }), "Reusable keys only; 0 = unlimited"),
+      field("Expires in days", input("expires_in_days", { type: "number", min: 0, value: 30 }), "0 = never"),
+      checkbox("ephemeral", "Ephemeral peers (removed some minutes after they disconnect)", false),
+      h("fieldset", { "data-field": "auto_groups" }, h("legend", {}, "Auto groups: peers that join are put in"),
+        groupPicker("auto_groups", groups, [], { skipAll: true }), h("p", { class: "field-error", hidden: true })),
+      h("div", { class: "actions" }, h("button", { type: "submit", class: "primary" }, "Create key")));
+    const d = dialog("New setup key", form);
+    onSubmit(form, async (f) => {
+      const days = Number(f.elements.expires_in_days.value || 0);
+      const reply = await post("/api/setup-keys", {
+        name: f.elements.name.value,
+        reusable: f.elements.reusable.checked,
+        usage_limit: Number(f.elements.usage_limit.value || 0),
+        expires_in_secs: days > 0 ? Math.round(days * 86400) : null,
+        ephemeral: f.elements.ephemeral.checked,
+        auto_groups: checkedValues(f, "auto_groups"),
+      });
+      d.close();
+      shown.replaceChildren(h("section", { class: "card" },
+        h("h2", {}, `Setup key “${reply.setup_key.name}”`),
+        secretBox("New setup key", reply.key, "Copy this key now: it is shown only once and cannot be read again."),
+        h("p", { class: "muted" }, "On the machine: ", h("code", {}, `sudo tern up --management-url ${location.origin} --setup-key <key>`)),
+        h("button", { type: "button", onclick: () => shown.replaceChildren() }, "Done, hide it")));
+      shown.querySelector("code.secret").focus();
+      await refresh();
+    });
+  }
+
+  main.append(header("Setup keys", h("button", { type: "button", class: "primary", onclick: create }, "New setup key")), shown, region.box);
+  await refresh();
+  return { poll: async () => { groups = await get("/api/groups"); await refresh(); } };
+}
+
+// ------------------------------------------------------------------------------------------------
+// Groups
+
+export async function groupsPage(main) {
+  const region = liveRegion((groups) => table(["Name", "Peers", ""],
+    groups.map((g) => h("tr", {},
+      h("td", {}, g.name, g.builtin ? h("span", { class: "muted" }, " (built in: every peer)") : null),
+      h("td", {}, String(g.peers)),
+      h("td", { class: "row-actions" }, g.builtin ? null : [
+        h("button", { type: "button", onclick: () => edit(g) }, "Rename"),
+        h("button", { type: "button", class: "danger", onclick: () => remove(g) }, "Delete")]))),
+    "No groups."));
+  const refresh = async () => region.update(await get("/api/groups"));
+
+  function edit(g) {
+    const form = h("form", { novalidate: true }, formError(),
+      field("Name", input("name", { value: g ? g.name : "", required: true })),
+      h("div", { class: "actions" }, h("button", { type: "submit", class: "primary" }, g ? "Save" : "Create group")));
+    const d = dialog(g ? `Rename ${g.name}` : "New group", form);
+    onSubmit(form, async (f) => {
+      const body = { name: f.elements.name.value };
+      if (g) await put(`/api/groups/${g.id}`, body); else await post("/api/groups", body);
+      d.close();
+      notify(g ? "Group renamed" : "Group created");
+      await refresh();
+    });
+  }
+  async function remove(g) {
+    if (!(await confirmAction(`Delete group ${g.name}?`))) return;
+    try { await del(`/api/groups/${g.id}`); notify("Group deleted"); await refresh(); } catch (e) { notify(e.message, "error"); }
+  }
+  main.append(header("Groups", h("button", { type: "button", class: "primary", onclick: () => edit(null) }, "New group")), region.box);
+  await refresh();
+  return { poll: refresh };
+}
+
+// ------------------------------------------------------------------------------------------------
+// Access policies
+
+export async function policies(main) {
+  let groups = await get("/api/groups");
+  const region = liveRegion((list) => table(
+    ["Name", "Sources", "", "Destinations", "Protocol", "Ports", "Enabled", ""],
+    list.map((p) => h("tr", { dataset: { policy: p.id } },
+      h("td", {}, h("strong", {}, p.name), p.description ? h("div", { class: "muted small" }, p.description) : null),
+      h("td", {}, chips(groupNames(groups, p.sources))),
+      h("td", { "aria-label": p.bidirectional ? "both ways" : "one way" }, p.bidirectional ? "⇄" : "→"),
+      h("td", {}, chips(groupNames(groups, p.destinations))),
+      h("td", {}, p.protocol.toUpperCase()),
+      h("td", {}, p.ports.length ? p.ports.join(", ") : "all"),
+      h("td", {}, h("label", { class: "switch" },
+        h("input", { type: "checkbox", checked: p.enabled, "aria-label": `Policy ${p.name} enabled`, onchange: (e) => toggle(p, e.target) }))),
+      h("td", { class: "row-actions" },
+        h("button", { type: "button", onclick: () => edit(p) }, "Edit"),
+        h("button", { type: "button", class: "danger", onclick: () => remove(p) }, "Delete")))),
+    "No policies: peers cannot reach each other."));
+  const refresh = async () => region.update(await get("/api/policies"));
+  const body = (p, patch) => ({
+    name: p.name, description: p.description, enabled: p.enabled, protocol: p.protocol,
+    ports: p.ports, bidirectional: p.bidirectional, sources: p.sources, destinations: p.destinations, ...patch,
+  });
+
+  async function toggle(p, box) {
+    try { await put(`/api/policies/${p.id}`, body(p, { enabled: box.checked })); notify(box.checked ? "Policy enabled" : "Policy disabled"); await refresh(); }
+    catch (e) { box.checked = !box.checked; notify(e.message, "error"); }
+  }
+
+  function edit(p) {
+    const form = h("form", { novalidate: true, id: "policy-form" }, formError(),
+      field("Name", input("name", { value: p ? p.name : "", required: true })),
+      field("Description", input("description", { value: p ? p.description : "" })),
+      h("fieldset", { "data-field": "sources" }, h("legend", {}, "Sources"),
+        groupPicker("sources", groups, p ? p.sources : []), h("p", { class: "field-error", hidden: true })),
+      h("fieldset", { "data-field": "destinations" }, h("legend", {}, "Destinations"),
+        groupPicker("destinations", groups, p ? p.destinations : []), h("p", { class: "field-error", hidden: true })),
+      field("Protocol", select("protocol", [["any", "Any"], ["tcp", "TCP"], ["udp", "UDP"], ["icmp", "ICMP"]], p ? p.protocol : "any")),
+      field("Ports", input("ports", { value: p ? p.ports.join(", ") : "", placeholder: "22, 8000-8080" }), "TCP/UDP only; empty = all ports"),
+      checkbox("bidirectional", "Both directions", p ? p.bidirectional : true),
+      checkbox("enabled", "Enabled", p ? p.enabled : true),
+      h("div", { class: "actions" }, h("button", { type: "submit", class: "primary" }, p ? "Save" : "Create policy")));
+    const d = dialog(p ? `Edit ${p.name}` : "New access policy", form, { wide: true });
+    onSubmit(form, async (f) => {
+      const b = {
+        name: f.elements.name.value,
+        description: f.elements.description.value,
+        protocol: f.elements.protocol.value,
+        ports: f.elements.ports.value.split(",").map((s) => s.trim()).filter(Boolean),
+        bidirectional: f.elements.bidirectional.checked,
+        enabled: f.elements.enabled.checked,
+        sources: checkedValues(f, "sources"),
+        destinations: checkedValues(f, "destinations"),
+      };
+      if (p) await put(`/api/policies/${p.id}`, b); else await post("/api/policies", b);
+      d.close();
+      notify(p ? "Policy saved" : "Policy created");
+      await refresh();
+    });
+  }
+  async function remove(p) {
+    if (!(await confirmAction(`Delete policy ${p.name}?`))) return;
+    try { await del(`/api/policies/${p.id}`); notify("Policy deleted"); await refresh(); } catch (e) { notify(e.message, "error"); }
+  }
+  main.append(header("Access policies", h("button", { type: "button", class: "primary", onclick: () => edit(null) }, "New policy")), region.box);
+  await refresh();
+  return { poll: async () => { groups = await get("/api/groups"); await refresh(); } };
+}
+
+// ------------------------------------------------------------------------------------------------
+// Routes
+
+export async function routes(main) {
+  let [groups, peerList] = await Promise.all([get("/api/groups"), get("/api/peers")]);
+  const peerName = (id) => (peerList.find((p) => p.id === id) || { name: id }).name;
+  const region = liveRegion((list) => table(
+    ["Network", "Routed by", "Metric", "Masquerade", "Distribution", "Access", "Enabled", ""],
+    list.map((r) => h("tr", { dataset: { route: r.id } },
+      h("td", {}, h("code", {}, r.network), r.description ? h("div", { class: "muted small" }, r.description) : null),
+      h("td", {}, r.routing_peer ? peerName(r.routing_peer) : `group ${groupNames(groups, [r.routing_group])[0]}`),
+      h("td", {}, String(r.metric)),
+      h("td", {}, r.masquerade ? "yes" : "no"),
+      h("td", {}, chips(groupNames(groups, r.groups))),
+      h("td", {}, r.access_groups.length ? chips(groupNames(groups, r.access_groups)) : h("span", { class: "muted" }, "distribution")),
+      h("td", {}, r.enabled ? badge("on", "ok") : badge("off", "off")),
+      h("td", { class: "row-actions" },
+        h("button", { type: "button", onclick: () => edit(r) }, "Edit"),
+        h("button", { type: "button", class: "danger", onclick: () => remove(r) }, "Delete")))),
+    "No routes. A route lets peers reach a LAN behind a routing peer."));
+  const refresh = async () => region.update(await get("/api/routes"));
+
+  function edit(r) {
+    const by = r && r.routing_group ? "group" : "peer";
+    const peerSel = select("routing_peer", [["", "— choose a peer —"], ...peerList.map((p) => [p.id, `${p.name} (${p.overlay_ip})`])], r ? r.routing_peer || "" : "");
+    const groupSel = select("routing_group", [["", "— choose a group —"], ...groups.map((g) => [g.id, g.name])], r ? r.routing_group || "" : "");
+    const peerField = field("Routing peer", peerSel);
+    const groupField = field("Routing group (high availability)", groupSel);
+    const mode = select("routed_by", [["peer", "One routing peer"], ["group", "A group of routing peers"]], by);
+    const sync = () => { peerField.hidden = mode.value !== "peer"; groupField.hidden = mode.value !== "group"; };
+    mode.addEventListener("change", sync);
+    const form = h("form", { novalidate: true, id: "route-form" }, formError(),
+      field("Network (CIDR)", input("network", { value: r ? r.network : "", required: true, placeholder: "192.168.50.0/24" })),
+      field("Description", input("description", { value: r ? r.description : "" })),
+      field("Routed by", mode), peerField, groupField,
+      field("Metric", input("metric", { type: "number", min: 1, max: 9999, value: r ? r.metric : 9999 }), "Lower wins when several peers route the network"),
+      checkbox("masquerade", "Masquerade (LAN hosts see the routing peer's address)", r ? r.masquerade : true),
+      checkbox("enabled", "Enabled", r ? r.enabled : true),
+      h("fieldset", { "data-field": "groups" }, h("legend", {}, "Distribution groups: peers that get this route"),
+        groupPicker("groups", groups, r ? r.groups : []), h("p", { class: "field-error", hidden: true })),
+      h("fieldset", { "data-field": "access_groups" }, h("legend", {}, "Access groups (optional): only policies towards these groups open the network"),
+        groupPicker("access_groups", groups, r ? r.access_groups : [], { skipAll: true }), h("p", { class: "field-error", hidden: true })),
+      h("div", { class: "actions" }, h("button", { type: "submit", class: "primary" }, r ? "Save" : "Create route")));
+    sync();
+    const d = dialog(r ? `Edit route ${r.network}` : "New route", form, { wide: true });
+    onSubmit(form, async (f) => {
+      const b = {
+        network: f.elements.network.value,
+        description: f.elements.description.value,
+        routing_peer: mode.value === "peer" ? (peerSel.value || null) : null,
+        routing_group: mode.value === "group" ? (groupSel.value || null) : null,
+        metric: Number(f.elements.metric.value || 9999),
+        masquerade: f.elements.masquerade.checked,
+        enabled: f.elements.enabled.checked,
+        groups: checkedValues(f, "groups"),
+        access_groups: checkedValues(f, "access_groups"),
+      };
+      if (r) await put(`/api/routes/${r.id}`, b); else await post("/api/routes", b);
+      d.close();
+      notify(r ? "Route saved" : "Route created");
+      await refresh();
+    });
+  }
+  async function remove(r) {
+    if (!(await confirmAction(`Delete route ${r.network}?`))) return;
+    try { await del(`/api/routes/${r.id}`); notify("Route deleted"); await refresh(); } catch (e) { notify(e.message, "error"); }
+  }
+  main.append(header("Routes", h("button", { type: "button", class: "primary", onclick: () => edit(null) }, "New route")), region.box);
+  await refresh();
+  return { poll: async () => { [groups, peerList] = await Promise.all([get("/api/groups"), get("/api/peers")]); await refresh(); } };
+}
+
+// ------------------------------------------------------------------------------------------------
+// Audit log
+
+export async function audit(main) {
+  const toMs = (v) => (v ? new Date(v).getTime() : undefined);
+  const results = h("div", {});
+  const form = h("form", { class: "filters", novalidate: true, id: "audit-filter" }, formError(),
+    field("Actor", input("actor", { placeholder: "user:admin" })),
+    field("Action", input("action", { placeholder: "peer. or policy.put" })),
+    field("Since", input("since", { type: "datetime-local" })),
+    field("Until", input("until", { type: "datetime-local" })),
+    h("div", { class: "actions" }, h("button", { type: "submit", class: "primary" }, "Filter")));
+  const load = async () => {
+    const q = new URLSearchParams();
+    const f = form.elements;
+    if (f.actor.value.trim()) q.set("actor", f.actor.value.trim());
+    if (f.action.value.trim()) q.set("action", f.action.value.trim());
+    if (toMs(f.since.value)) q.set("since", toMs(f.since.value));
+    if (toMs(f.until.value)) q.set("until", toMs(f.until.value));
+    q.set("limit", "300");
+    const events = await get(`/api/audit?${q}`);
+    results.replaceChildren(table(["Time", "Actor", "Action", "Target", "Detail"],
+      events.map((e) => h("tr", {},
+        h("td", {}, fmtTime(e.created_at)), h("td", {}, e.actor), h("td", {}, h("code", {}, e.action)),
+        h("td", {}, `${e.target_type} ${e.target_id.slice(0, 12)}`),
+        h("td", { class: "detail" }, h("code", {}, JSON.stringify(e.detail))))),
+      "No events match."));
+  };
+  onSubmit(form, load);
+  main.append(header("Audit log"), form, results);
+  await load();
+  return {};
+}
+
+// ------------------------------------------------------------------------------------------------
+// Settings
+
+export async function settings(main) {
+  const s = await get("/api/settings");
+  const form = h("form", { novalidate: true, id: "settings-form", class: "narrow" }, formError(),
+    field("Overlay range", input("overlay_range", { value: s.overlay_range }), "Peers get addresses from it; must contain every existing peer"),
+    field("MTU", input("mtu", { type: "number", value: s.mtu, min: 576, max: 9000 }), "Tunnel MTU; 1280 is safe on mobile and IPv6-only lines"),
+    field("Peer login expiry (seconds)", input("peer_login_expiry_secs", { type: "number", value: s.peer_login_expiry_secs, min: 0 }), "0 = never"),
+    field("Ephemeral peer lifetime (seconds)", input("ephemeral_ttl_secs", { type: "number", value: s.ephemeral_ttl_secs, min: 0 })),
+    h("div", { class: "actions" }, h("button", { type: "submit", class: "primary" }, "Save settings")));
+  onSubmit(form, async (f) => {
+    await put("/api/settings", {
+      overlay_range: f.elements.overlay_range.value,
+      mtu: Number(f.elements.mtu.value),
+      peer_login_expiry_secs: Number(f.elements.peer_login_expiry_secs.value),
+      ephemeral_ttl_secs: Number(f.elements.ephemeral_ttl_secs.value),
+    });
+    notify("Settings saved");
+  });
+  main.append(header("Settings"), form);
+  return {};
+}
+
+// ------------------------------------------------------------------------------------------------
+// Admin users and personal access tokens
+
+export async function users(main, ctx) {
+  const newToken = h("div", {});
+  const userRegion = liveRegion((list) => table(["User", "Sign-in", "State", "Created", ""],
+    list.map((u) => h("tr", { dataset: { user: u.id } },
+      h("td", {}, h("strong", {}, u.username), u.id === ctx.user.id ? h("span", { class: "muted" }, " (you)") : null),
+      h("td", {}, u.source === "oidc" ? "single sign-on" : "password"),
+      h("td", {}, u.disabled ? badge("disabled", "bad") : badge("active", "ok")),
+      h("td", {}, fmtTime(u.created_at)),
+      h("td", { class: "row-actions" },
+        u.source === "oidc" ? null : h("button", { type: "button", onclick: () => password(u) }, "Change password"),
+        h("button", { type: "button", onclick: () => setDisabled(u, !u.disabled) }, u.disabled ? "Enable" : "Disable"),
+        h("button", { type: "button", class: "danger", onclick: () => removeUser(u) }, "Delete")))),
+    "No users."));
+  const tokenRegion = liveRegion((list) => table(["Name", "Expires", "Last used", ""],
+    list.map((t) => h("tr", {},
+      h("td", {}, t.name), h("td", {}, t.expires_at ? fmtTime(t.expires_at) : "never"),
+      h("td", {}, ago(t.last_used_at)),
+      h("td", { class: "row-actions" }, h("button", { type: "button", class: "danger", onclick: () => removeToken(t) }, "Delete")))),
+    "You have no access tokens."));
+  const refresh = async () => {
+    const [u, t] = await Promise.all([get("/api/users"), get("/api/tokens")]);
+    userRegion.update(u);
+    tokenRegion.update(t);
+  };
+
+  function createUser() {
+    const form = h("form", { novalidate: true }, formError(),
+      field("Username", input("username", { required: true, autocomplete: "off" })),
+      field("Password", input("password", { type: "password", autocomplete: "new-password" }), "At least 10 characters"),
+      h("div", { class: "actions" }, h("button", { type: "submit", class: "primary" }, "Create admin")));
+    const d = dialog("New admin", form);
+    onSubmit(form, async (f) => {
+      await post("/api/users", { username: f.elements.username.value, password: f.elements.password.value });
+      d.close(); notify("Admin created"); await refresh();
+    });
+  }
+  function password(u) {
+    const form = h("form", { novalidate: true }, formError(),
+      field("New password", input("password", { type: "password", autocomplete: "new-password" }), "At least 10 characters"),
+      h("div", { class: "actions" }, h("button", { type: "submit", class: "primary" }, "Change password")));
+    const d = dialog(`Password of ${u.username}`, form);
+    onSubmit(form, async (f) => {
+      await put(`/api/users/${u.id}`, { password: f.elements.password.value });
+      d.close(); notify("Password changed");
+    });
+  }
+  async function setDisabled(u, disabled) {
+    try { await put(`/api/users/${u.id}`, { disabled }); notify(disabled ? "User disabled" : "User enabled"); await refresh(); } catch (e) { notify(e.message, "error"); }
+  }
+  async function removeUser(u) {
+    if (!(await confirmAction(`Delete admin ${u.username}?`))) return;
+    try { await del(`/api/users/${u.id}`); notify("User deleted"); await refresh(); } catch (e) { notify(e.message, "error"); }
+  }
+  function createToken() {
+    const form = h("form", { novalidate: true }, formError(),
+      field("Name", input("name", { required: true, placeholder: "backup script" })),
+      field("Expires in days", input("expires_in_days", { type: "number", min: 0, value: 90 }), "0 = never"),
+      h("div", { class: "actions" }, h("button", { type: "submit", class: "primary" }, "Create token")));
+    const d = dialog("New personal access token", form);
+    onSubmit(form, async (f) => {
+      const days = Number(f.elements.expires_in_days.value || 0);
+      const r = await post("/api/tokens", { name: f.elements.name.value, expires_in_days: days > 0 ? days : null });
+      d.close();
+      newToken.replaceChildren(h("section", { class: "card" }, h("h2", {}, `Token “${r.access_token.name}”`),
+        secretBox("New access token", r.token, "Copy this token now: it is shown only once. Use it as: Authorization: Bearer <token>"),
+        h("button", { type: "button", onclick: () => newToken.replaceChildren() }, "Done, hide it")));
+      await refresh();
+    });
+  }
+  async function removeToken(t) {
+    if (!(await confirmAction(`Delete token ${t.name}? Scripts using it stop working.`))) return;
+    try { await del(`/api/tokens/${t.id}`); notify("Token deleted"); await refresh(); } catch (e) { notify(e.message, "error"); }
+  }
+  main.append(
+    header("Admins", h("button", { type: "button", class: "primary", onclick: createUser }, "New admin")), userRegion.box,
+    h("div", { class: "page-head" }, h("h2", {}, "Your access tokens"),
+      h("div", { class: "actions" }, h("button", { type: "button", onclick: createToken }, "New token"))),
+    newToken, tokenRegion.box);
+  await refresh();
+  return { poll: refresh };
+}
