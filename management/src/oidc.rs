@@ -259,6 +259,7 @@ impl OidcVerifier {
                 K::InvalidIssuer => OidcError::Issuer,
                 K::InvalidAudience => OidcError::Audience,
                 K::InvalidAlgorithm => OidcError::Algorithm(header.alg),
+                K::MissingRequiredClaim(c) => OidcError::Invalid(format!("claim {c:?} is missing")),
                 other => OidcError::Invalid(format!("{other:?}")),
             }
         })?;

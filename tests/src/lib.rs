@@ -14,6 +14,7 @@ use tern_proto::signal::signal_service_client::SignalServiceClient;
 use tern_proto::SecretKey;
 use tonic::transport::Channel;
 
+pub mod idp;
 pub mod netns;
 pub mod webdriver;
 
