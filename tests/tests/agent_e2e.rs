@@ -359,6 +359,18 @@ fn a_easy_nat_both_sides_gives_a_direct_path_and_g_restart_keeps_the_address() {
     assert!(m.ping(&hb, &ip_a), "ping b -> a");
     m.transfer(&ha, &hb, &ip_b, "sink-a-b");
 
+    // The admin API (and console) show what the agent itself reports: a reaches b directly.
+    let (id_a, id_b) = (m.peer_id("a", &ha), m.peer_id("b", &hb));
+    m.lab
+        .wait_for("a's connection report", Duration::from_secs(15), || {
+            let peer = m.api("GET", &format!("/api/peers/{id_a}"), None);
+            peer["connections"].as_array().is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c["peer_id"] == id_b.as_str() && c["kind"] == "direct")
+            })
+        })
+        .expect("management shows a -> b as direct");
+
     // g. restart A without the setup key: same overlay address, tunnel back.
     m.lab.stop("a");
     m.up("a", &ha, false);
