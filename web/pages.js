@@ -97,13 +97,15 @@ export async function peers(main) {
     list.map((p) => h("tr", { dataset: { peer: p.id } },
       h("td", {}, h("strong", {}, p.name), h("div", { class: "muted small" }, p.hostname)),
       h("td", {}, h("code", {}, p.overlay_ip)),
-      h("td", { class: "status" }, p.connected ? badge("online", "ok") : badge("offline", "off")),
+      h("td", { class: "status" }, p.connected ? badge("online", "ok") : badge("offline", "off"),
+        p.approved ? null : h("div", {}, badge("awaiting approval", "warn"))),
       h("td", { title: fmtTime(p.last_seen) }, p.connected ? "now" : ago(p.last_seen)),
       h("td", {}, p.os || "—"),
       h("td", {}, p.agent_version || "—"),
       h("td", {}, chips(groupNames(groups, p.groups))),
       h("td", {}, connSummary(p, list)),
       h("td", { class: "row-actions" },
+        p.approved ? null : h("button", { type: "button", class: "primary", "data-action": "approve", onclick: () => approve(p) }, "Approve"),
         h("button", { type: "button", onclick: () => editPeer(p) }, "Edit"),
         h("button", { type: "button", class: "danger", onclick: () => removePeer(p) }, "Delete")))),
     "No peers yet. Create a setup key and run `tern up` on a machine."));
@@ -130,6 +132,10 @@ export async function peers(main) {
       notify("Peer saved");
       await refresh();
     });
+  }
+
+  async function approve(p) {
+    try { await put(`/api/peers/${p.id}`, { approved: true }); notify(`${p.name} approved`); await refresh(); } catch (e) { notify(e.message, "error"); }
   }
 
   async function removePeer(p) {
@@ -431,9 +437,10 @@ export async function settings(main) {
   const s = await get("/api/settings");
   const form = h("form", { novalidate: true, id: "settings-form", class: "narrow" }, formError(),
     field("Overlay range", input("overlay_range", { value: s.overlay_range }), "Peers get addresses from it; must contain every existing peer"),
-    field("MTU", input("mtu", { type: "number", value: s.mtu, min: 576, max: 9000 }), "Tunnel MTU; 1280 is safe on mobile and IPv6-only lines"),
+    field("MTU", input("mtu", { type: "number", value: s.mtu, min: 1280, max: 9000 }), "Tunnel MTU; 1280 is safe on mobile and IPv6-only lines"),
     field("Peer login expiry (seconds)", input("peer_login_expiry_secs", { type: "number", value: s.peer_login_expiry_secs, min: 0 }), "0 = never"),
     field("Ephemeral peer lifetime (seconds)", input("ephemeral_ttl_secs", { type: "number", value: s.ephemeral_ttl_secs, min: 0 })),
+    checkbox("peer_approval_required", "New peers need an admin's approval before they can reach anyone", s.peer_approval_required),
     h("div", { class: "actions" }, h("button", { type: "submit", class: "primary" }, "Save settings")));
   onSubmit(form, async (f) => {
     await put("/api/settings", {
@@ -441,6 +448,7 @@ export async function settings(main) {
       mtu: Number(f.elements.mtu.value),
       peer_login_expiry_secs: Number(f.elements.peer_login_expiry_secs.value),
       ephemeral_ttl_secs: Number(f.elements.ephemeral_ttl_secs.value),
+      peer_approval_required: f.elements.peer_approval_required.checked,
     });
     notify("Settings saved");
   });

@@ -135,6 +135,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 yes(s.signal),
                 yes(s.tcp_relay)
             );
+            if s.pending_approval {
+                println!("Awaiting approval: an admin must approve this peer in the console");
+            }
             println!(
                 "Peers: {}  (packets dropped by policy: {})",
                 s.peers.len(),
@@ -336,6 +339,7 @@ async fn up(
     }
     // Network maps -> engine, and the TCP relay connection that follows the map's URL/token.
     let (relay_tx, relay_rx) = watch::channel::<Option<(String, String)>>(None);
+    let (pending_tx, pending_rx) = watch::channel(false);
     {
         let e = engine.clone();
         tokio::spawn(async move {
@@ -346,6 +350,13 @@ async fn up(
                 if let (Some(p), Some(relay)) = (nat64_prefix, map.relay.as_mut()) {
                     if !nat64::has_ipv4_default_route() {
                         nat64::rewrite_relay(relay, &p);
+                    }
+                }
+                if pending_tx.send_replace(map.pending_approval) != map.pending_approval {
+                    if map.pending_approval {
+                        warn!("this peer awaits an admin's approval: it sees no other peer until then");
+                    } else {
+                        info!("this peer is approved");
                     }
                 }
                 e.apply_map(&map);
@@ -395,6 +406,7 @@ async fn up(
                 .collect(),
             serving: e.served_status(),
             firewall_dropped: e.firewall_dropped(),
+            pending_approval: *pending_rx.borrow(),
         },
         down_tx,
     )

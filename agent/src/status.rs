@@ -27,6 +27,9 @@ pub struct Status {
     /// Inbound packets dropped by the policy filter.
     #[serde(default)]
     pub firewall_dropped: u64,
+    /// Peer approval is required and an admin has not approved this peer yet.
+    #[serde(default)]
+    pub pending_approval: bool,
 }
 
 pub fn socket_path(run_dir: &Path, iface: &str) -> PathBuf {

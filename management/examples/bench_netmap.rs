@@ -64,7 +64,7 @@ async fn main() -> anyhow::Result<()> {
             groups[(i * 7 + 3) % n_groups].clone(),
         ];
         store
-            .update_peer("bench", &out.peer.id, None, Some(&gs), None)
+            .update_peer("bench", &out.peer.id, None, Some(&gs), None, None)
             .await?;
         peer_ids.push(out.peer.id);
     }

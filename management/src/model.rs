@@ -37,6 +37,9 @@ pub struct Settings {
     pub peer_login_expiry_secs: i64,
     /// Ephemeral peers are removed this long after they disconnect.
     pub ephemeral_ttl_secs: i64,
+    /// New peers must be approved by an admin before they see or are seen by anyone.
+    #[serde(default)]
+    pub peer_approval_required: bool,
     /// Serial of the current network state; bumped by every change that can affect a map.
     #[serde(default)]
     pub network_serial: i64,
@@ -103,6 +106,8 @@ pub struct Peer {
     pub setup_key_id: Option<String>,
     pub ephemeral: bool,
     pub connected: bool,
+    /// False while the peer awaits an admin's approval (see settings.peer_approval_required).
+    pub approved: bool,
     pub login_expiration_enabled: bool,
     pub last_seen: Millis,
     pub last_login: Millis,

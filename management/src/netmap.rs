@@ -48,6 +48,10 @@ impl NetIndex {
         let mut members: HashMap<String, Vec<usize>> = HashMap::new();
         for (i, p) in snap.peers.iter().enumerate() {
             by_id.insert(p.id.clone(), i);
+            // A peer awaiting approval is in no group: no policy or route reaches it.
+            if !p.approved {
+                continue;
+            }
             for g in &p.groups {
                 members.entry(g.clone()).or_default().push(i);
             }
@@ -87,7 +91,13 @@ impl NetIndex {
     /// Routing peers of a route (by index).
     fn routers(&self, r: &crate::model::Route) -> Vec<usize> {
         match (&r.routing_peer, &r.routing_group) {
-            (Some(p), _) => self.by_id.get(p.as_str()).copied().into_iter().collect(),
+            (Some(p), _) => self
+                .by_id
+                .get(p.as_str())
+                .copied()
+                .filter(|&i| self.snap.peers[i].approved)
+                .into_iter()
+                .collect(),
             (None, Some(g)) => self.members.get(g.as_str()).cloned().unwrap_or_default(),
             (None, None) => vec![],
         }
@@ -106,7 +116,13 @@ impl NetIndex {
         let mut visible: BTreeSet<usize> = BTreeSet::new();
         let mut rules: BTreeSet<RuleKey> = BTreeSet::new();
 
-        for pol in self.snap.policies.iter().filter(|p| p.enabled) {
+        // A peer awaiting approval sees no one (and gets no relay credentials).
+        let policies = self
+            .snap
+            .policies
+            .iter()
+            .filter(|p| p.enabled && me.approved);
+        for pol in policies {
             let ports = self.ports.get(pol.id.as_str()).cloned().unwrap_or_default();
             let in_src = self.in_any(me, &pol.sources);
             let in_dst = self.in_any(me, &pol.destinations);
@@ -144,7 +160,7 @@ impl NetIndex {
 
         let mut routes = vec![];
         let mut served = vec![];
-        for r in self.snap.routes.iter().filter(|r| r.enabled) {
+        for r in self.snap.routes.iter().filter(|r| r.enabled && me.approved) {
             let routers = self.routers(r);
             let route_msg = |ri: usize| {
                 let rp = &self.snap.peers[ri];
@@ -251,7 +267,10 @@ impl NetIndex {
             firewall_rules,
             routes,
             served_routes: served,
-            relay: Some(relay_config(&me.id, relay, creds_expire_unix)),
+            relay: me
+                .approved
+                .then(|| relay_config(&me.id, relay, creds_expire_unix)),
+            pending_approval: !me.approved,
         })
     }
 }
@@ -364,6 +383,7 @@ mod tests {
             setup_key_id: None,
             ephemeral: false,
             connected: true,
+            approved: true,
             login_expiration_enabled: false,
             last_seen: 0,
             last_login: 0,
@@ -405,6 +425,7 @@ mod tests {
                 mtu: 1280,
                 peer_login_expiry_secs: 0,
                 ephemeral_ttl_secs: 600,
+                peer_approval_required: false,
                 network_serial: 7,
             },
             peers,
@@ -452,6 +473,33 @@ mod tests {
             .collect();
         assert_eq!(inbound, ["100.64.0.2/32", "100.64.0.3/32"]);
         assert_eq!(m.remote_peers[0].allowed_ips, ["100.64.0.2/32"]);
+    }
+
+    #[test]
+    fn a_peer_awaiting_approval_sees_no_one_and_is_seen_by_no_one() {
+        let mut pending = peer("c", "100.64.0.3", &[]);
+        pending.approved = false;
+        let s = snap(
+            vec![
+                peer("a", "100.64.0.1", &[]),
+                peer("b", "100.64.0.2", &[]),
+                pending,
+            ],
+            vec![policy("p", &["all"], &["all"], Protocol::Any, &[], true)],
+            vec![],
+        );
+        let idx = NetIndex::new(Arc::new(s));
+        let a = idx.map_for("a", &relay(), 100).expect("map");
+        assert_eq!(names(&a), ["b"]);
+        assert!(!a.pending_approval);
+        assert!(a.relay.is_some());
+        let c = idx
+            .map_for("c", &relay(), 100)
+            .expect("map of the pending peer");
+        assert!(c.pending_approval);
+        assert!(c.remote_peers.is_empty() && c.firewall_rules.is_empty());
+        assert!(c.relay.is_none(), "no relay credentials before approval");
+        assert!(c.peer_config.is_some(), "it still learns its own address");
     }
 
     #[test]

@@ -357,11 +357,79 @@ async fn console_admin_journey_in_chromium() {
         .expect("route listed");
     shot(&b, "07-routes").await.expect("shot");
 
+    // --- Settings: an MTU below 1280 is explained at the field; peer approval switched on.
+    open(&b, "settings", "Settings").await.expect("settings");
+    fill(&b, "#settings-form", "mtu", "1000")
+        .await
+        .expect("mtu");
+    let approval = b
+        .wait("#settings-form input[name=peer_approval_required]", T)
+        .await
+        .expect("approval box");
+    b.click(&approval).await.expect("check");
+    let save = b
+        .wait("#settings-form button[type=submit]", T)
+        .await
+        .expect("save");
+    b.click(&save).await.expect("save");
+    b.wait_text(
+        "#settings-form .field[data-field=mtu] .field-error",
+        "1280",
+        T,
+    )
+    .await
+    .expect("MTU error at the field");
+    assert_eq!(
+        server.get("/api/settings").await["peer_approval_required"],
+        false,
+        "nothing saved from a refused form"
+    );
+    fill(&b, "#settings-form", "mtu", "1280")
+        .await
+        .expect("mtu");
+    b.click(&save).await.expect("save");
+    b.wait_text(".notice", "Settings saved", T)
+        .await
+        .expect("saved");
+    assert_eq!(
+        server.get("/api/settings").await["peer_approval_required"],
+        true
+    );
+    shot(&b, "10-settings").await.expect("shot");
+
+    // --- A peer joining now waits for approval; the admin approves it from the peers page.
+    open(&b, "peers", "Peers").await.expect("peers");
+    let agent3 = TestAgent::new(&server, "contractor-pc").await;
+    let login3 = agent3.login(Some(&key)).await.expect("register 3");
+    let _stream3 = agent3.sync(&login3.peer_token).await.expect("sync 3");
+    b.wait_text(
+        &format!("tr[data-peer=\"{}\"]", login3.peer_id),
+        "awaiting approval",
+        Duration::from_secs(15),
+    )
+    .await
+    .expect("pending peer flagged");
+    let approve = b
+        .wait(
+            &format!(
+                "tr[data-peer=\"{}\"] button[data-action=approve]",
+                login3.peer_id
+            ),
+            T,
+        )
+        .await
+        .expect("approve button");
+    b.click(&approve).await.expect("approve");
+    b.wait_text(".notice", "approved", T)
+        .await
+        .expect("approved notice");
+    let p3 = server.get(&format!("/api/peers/{}", login3.peer_id)).await;
+    assert_eq!(p3["approved"], true);
+
     // --- The remaining pages render (and are captured).
     for (route, heading, name) in [
         ("groups", "Groups", "08-groups"),
         ("audit", "Audit log", "09-audit"),
-        ("settings", "Settings", "10-settings"),
         ("users", "Admins", "11-admins-tokens"),
     ] {
         open(&b, route, heading).await.expect(route);

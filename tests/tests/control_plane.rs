@@ -255,6 +255,92 @@ async fn sync_stream_follows_registrations_and_policies_within_a_second() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_approval_required_a_new_peer_is_isolated_until_an_admin_approves_it() {
+    init_tracing();
+    on_each_backend(|_backend, url| async move {
+        let srv = TestServer::start(&url).await.expect("server");
+        // A joined before approval was switched on: it stays approved.
+        let a = TestAgent::new(&srv, "alpha").await;
+        let la = a
+            .login(Some(&srv.default_setup_key))
+            .await
+            .expect("register A");
+        let mut sa = a.sync(&la.peer_token).await.expect("sync A");
+        next_map(&mut sa, Duration::from_secs(5))
+            .await
+            .expect("A's first map");
+
+        let settings = srv.get("/api/settings").await;
+        assert_eq!(settings["peer_approval_required"], false, "off by default");
+        let mut body = settings.clone();
+        let obj = body.as_object_mut().expect("object");
+        obj.remove("network_serial");
+        obj.insert("peer_approval_required".into(), json!(true));
+        let (s, v) = srv.put("/api/settings", body).await;
+        assert_eq!(s, 200, "{v}");
+        // A PUT without the field keeps it.
+        let (s, v) = srv
+            .put(
+                "/api/settings",
+                json!({"overlay_range": settings["overlay_range"], "mtu": 1280,
+                "peer_login_expiry_secs": 0, "ephemeral_ttl_secs": settings["ephemeral_ttl_secs"]}),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["peer_approval_required"], true);
+
+        let b = TestAgent::new(&srv, "bravo").await;
+        let lb = b
+            .login(Some(&srv.default_setup_key))
+            .await
+            .expect("register B");
+        let peer_b = srv.get(&format!("/api/peers/{}", lb.peer_id)).await;
+        assert_eq!(peer_b["approved"], false);
+        let mut sb = b.sync(&lb.peer_token).await.expect("sync B");
+        let mb = next_map(&mut sb, Duration::from_secs(5))
+            .await
+            .expect("B's map");
+        assert!(mb.pending_approval, "B is told it awaits approval");
+        assert!(
+            mb.remote_peers.is_empty() && mb.relay.is_none(),
+            "B sees no one, gets no relay"
+        );
+        // A does not see B (any map A gets meanwhile still lists no one).
+        let early = wait_map(&mut sa, Duration::from_millis(700), |m| {
+            !m.remote_peers.is_empty()
+        })
+        .await;
+        assert!(
+            early.is_err(),
+            "A must not see B before approval: {early:?}"
+        );
+
+        let (s, v) = srv
+            .put(
+                &format!("/api/peers/{}", lb.peer_id),
+                json!({"approved": true}),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["approved"], true);
+        wait_map(&mut sa, Duration::from_secs(2), |m| {
+            m.remote_peers.len() == 1
+        })
+        .await
+        .expect("A sees B after approval");
+        let mb = wait_map(&mut sb, Duration::from_secs(2), |m| !m.pending_approval)
+            .await
+            .expect("B approved");
+        assert_eq!(mb.remote_peers.len(), 1, "B sees A");
+        assert!(mb.relay.is_some());
+        let audit = srv.get("/api/audit?action=peer.update").await;
+        assert!(audit.to_string().contains("\"approved\":true"), "{audit}");
+        srv.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_concurrent_registrations_get_distinct_addresses() {
     init_tracing();
     on_each_backend(|backend, url| async move {

@@ -686,6 +686,8 @@ pub struct UpdatePeerBody {
     /// Group ids (the peer always stays in "All").
     pub groups: Option<Vec<String>>,
     pub login_expiration_enabled: Option<bool>,
+    /// Approve (true) a peer awaiting approval, or take the approval back (false).
+    pub approved: Option<bool>,
 }
 
 #[utoipa::path(get, path = "/api/peers", responses((status = 200, body = [Peer])))]
@@ -767,6 +769,7 @@ pub async fn update_peer(
                 n.as_deref(),
                 b.groups.as_deref(),
                 b.login_expiration_enabled,
+                b.approved,
             )
             .await?,
     ))
@@ -1024,6 +1027,8 @@ pub struct SettingsBody {
     pub mtu: u32,
     pub peer_login_expiry_secs: i64,
     pub ephemeral_ttl_secs: i64,
+    /// New peers wait for an admin's approval; omitted = unchanged.
+    pub peer_approval_required: Option<bool>,
 }
 
 #[utoipa::path(get, path = "/api/settings", responses((status = 200, body = Settings)))]
@@ -1070,11 +1075,16 @@ pub async fn update_settings(
             "must be within 60 s and 30 days",
         ));
     }
+    let peer_approval_required = match b.peer_approval_required {
+        Some(v) => v,
+        None => s.store.settings().await?.peer_approval_required,
+    };
     let new = Settings {
         overlay_range: range,
         mtu: b.mtu,
         peer_login_expiry_secs: b.peer_login_expiry_secs,
         ephemeral_ttl_secs: b.ephemeral_ttl_secs,
+        peer_approval_required,
         network_serial: 0,
     };
     Ok(Json(s.store.update_settings(&a.actor, &new).await?))

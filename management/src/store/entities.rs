@@ -55,12 +55,13 @@ impl Store {
         }
         sqlx::query(
             "UPDATE settings SET overlay_range = $1, mtu = $2, peer_login_expiry_secs = $3, \
-             ephemeral_ttl_secs = $4 WHERE id = 1",
+             ephemeral_ttl_secs = $4, peer_approval_required = $5 WHERE id = 1",
         )
         .bind(s.overlay_range.to_string())
         .bind(s.mtu as i64)
         .bind(s.peer_login_expiry_secs)
         .bind(s.ephemeral_ttl_secs)
+        .bind(s.peer_approval_required as i64)
         .execute(c.conn())
         .await?;
         c.audit("settings.update", "settings", "settings", json!(s))
@@ -73,8 +74,8 @@ impl Store {
 
 pub(crate) async fn read_settings(conn: &mut sqlx::AnyConnection) -> Result<Settings> {
     let r = sqlx::query(
-        "SELECT overlay_range, mtu, peer_login_expiry_secs, ephemeral_ttl_secs, network_serial \
-         FROM settings WHERE id = 1",
+        "SELECT overlay_range, mtu, peer_login_expiry_secs, ephemeral_ttl_secs, network_serial, \
+         peer_approval_required FROM settings WHERE id = 1",
     )
     .fetch_one(&mut *conn)
     .await?;
@@ -89,6 +90,7 @@ pub(crate) async fn read_settings(conn: &mut sqlx::AnyConnection) -> Result<Sett
         mtu: col::<i64>(&r, "mtu")? as u32,
         peer_login_expiry_secs: col(&r, "peer_login_expiry_secs")?,
         ephemeral_ttl_secs: col(&r, "ephemeral_ttl_secs")?,
+        peer_approval_required: col(&r, "peer_approval_required")?,
         network_serial: col(&r, "network_serial")?,
     })
 }

@@ -46,6 +46,7 @@ fn peer_from(r: &AnyRow, groups: Vec<String>) -> Result<Peer> {
         setup_key_id: col(r, "setup_key_id")?,
         ephemeral: col(r, "ephemeral")?,
         connected: col(r, "connected")?,
+        approved: col(r, "approved")?,
         login_expiration_enabled: col(r, "login_expiration_enabled")?,
         last_seen: col(r, "last_seen")?,
         last_login: col(r, "last_login")?,
@@ -224,8 +225,8 @@ impl Store {
         let name = unique_name(&meta.hostname, &names);
         sqlx::query(
             "INSERT INTO peers (id, name, wg_public_key, overlay_ip, hostname, os, agent_version, setup_key_id, \
-             ephemeral, connected, login_expiration_enabled, last_seen, last_login, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+             ephemeral, connected, login_expiration_enabled, last_seen, last_login, created_at, approved) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
         )
         .bind(&id)
         .bind(&name)
@@ -241,6 +242,7 @@ impl Store {
         .bind(now)
         .bind(now)
         .bind(now)
+        .bind(!settings.peer_approval_required as i64)
         .execute(c.conn())
         .await
         .map_err(|e| StoreError::from(e).unique_as(|| "this WireGuard key is already registered".into()))?;
@@ -291,6 +293,7 @@ impl Store {
         name: Option<&str>,
         groups: Option<&[String]>,
         login_expiration_enabled: Option<bool>,
+        approved: Option<bool>,
     ) -> Result<Peer> {
         let mut c = self.begin_change(actor).await?;
         read_peer_where(c.conn(), "id", id)
@@ -320,7 +323,14 @@ impl Store {
                 .execute(c.conn())
                 .await?;
         }
-        c.audit("peer.update", "peer", id, json!({ "name": name, "groups": groups, "login_expiration_enabled": login_expiration_enabled })).await?;
+        if let Some(a) = approved {
+            sqlx::query("UPDATE peers SET approved = $1 WHERE id = $2")
+                .bind(a as i64)
+                .bind(id)
+                .execute(c.conn())
+                .await?;
+        }
+        c.audit("peer.update", "peer", id, json!({ "name": name, "groups": groups, "login_expiration_enabled": login_expiration_enabled, "approved": approved })).await?;
         let p = read_peer_where(c.conn(), "id", id)
             .await?
             .ok_or_else(|| StoreError::not_found("peer", id))?;
