@@ -107,9 +107,121 @@ pub fn verify_admin_token(secret: &[u8], token: &str) -> Result<AdminClaims, Aut
         .map_err(|_| AuthError::BadToken)
 }
 
+/// Password guessing brake (pure state machine; the caller passes the clock): after
+/// [`SignInThrottle::MAX_FAILURES`] failed sign-ins for one username within
+/// [`SignInThrottle::WINDOW`], that username is locked for [`SignInThrottle::LOCK`] — checked
+/// before the (deliberately slow) password hash runs.
+#[derive(Default)]
+pub struct SignInThrottle {
+    entries: std::collections::HashMap<String, Attempts>,
+}
+
+#[derive(Clone, Copy)]
+struct Attempts {
+    failures: u32,
+    first: std::time::Instant,
+    locked_until: Option<std::time::Instant>,
+}
+
+impl SignInThrottle {
+    pub const MAX_FAILURES: u32 = 5;
+    pub const WINDOW: std::time::Duration = std::time::Duration::from_secs(300);
+    pub const LOCK: std::time::Duration = std::time::Duration::from_secs(300);
+    /// Entries kept at most (old ones are dropped first).
+    const MAX_ENTRIES: usize = 10_000;
+
+    fn key(username: &str) -> String {
+        username.trim().to_lowercase().chars().take(64).collect()
+    }
+
+    /// Err(wait) while the username is locked.
+    pub fn check(
+        &self,
+        username: &str,
+        now: std::time::Instant,
+    ) -> Result<(), std::time::Duration> {
+        match self
+            .entries
+            .get(&Self::key(username))
+            .and_then(|a| a.locked_until)
+        {
+            Some(until) if until > now => Err(until - now),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn failed(&mut self, username: &str, now: std::time::Instant) {
+        if self.entries.len() >= Self::MAX_ENTRIES {
+            self.entries.retain(|_, a| {
+                now.duration_since(a.first) < Self::WINDOW
+                    || a.locked_until.is_some_and(|u| u > now)
+            });
+        }
+        let a = self.entries.entry(Self::key(username)).or_insert(Attempts {
+            failures: 0,
+            first: now,
+            locked_until: None,
+        });
+        if now.duration_since(a.first) >= Self::WINDOW || a.locked_until.is_some_and(|u| u <= now) {
+            *a = Attempts {
+                failures: 0,
+                first: now,
+                locked_until: None,
+            };
+        }
+        a.failures += 1;
+        if a.failures >= Self::MAX_FAILURES {
+            a.locked_until = Some(now + Self::LOCK);
+        }
+    }
+
+    pub fn succeeded(&mut self, username: &str) {
+        self.entries.remove(&Self::key(username));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn five_failures_lock_the_username_for_a_while() {
+        let t0 = std::time::Instant::now();
+        let mut t = SignInThrottle::default();
+        for i in 0..4 {
+            t.failed("Admin", t0 + std::time::Duration::from_secs(i));
+            assert!(
+                t.check("admin", t0).is_ok(),
+                "not locked after {} failures",
+                i + 1
+            );
+        }
+        t.failed(" admin ", t0 + std::time::Duration::from_secs(10));
+        let wait = t
+            .check("ADMIN", t0 + std::time::Duration::from_secs(10))
+            .expect_err("locked");
+        assert_eq!(wait, SignInThrottle::LOCK);
+        assert!(t.check("other", t0).is_ok(), "other names are not affected");
+        let later = t0 + std::time::Duration::from_secs(10) + SignInThrottle::LOCK;
+        assert!(t.check("admin", later).is_ok(), "lock ends");
+        // After the lock, counting starts again.
+        t.failed("admin", later);
+        assert!(t.check("admin", later).is_ok());
+        // Failures spread beyond the window never lock.
+        let mut t = SignInThrottle::default();
+        for i in 0..10 {
+            t.failed("slow", t0 + SignInThrottle::WINDOW * i);
+        }
+        assert!(t.check("slow", t0 + SignInThrottle::WINDOW * 10).is_ok());
+        // Success clears the count.
+        let mut t = SignInThrottle::default();
+        for _ in 0..4 {
+            t.failed("x", t0);
+        }
+        t.succeeded("x");
+        t.failed("x", t0);
+        assert!(t.check("x", t0).is_ok());
+    }
 
     #[test]
     fn password_hash_verifies_only_the_right_password() {

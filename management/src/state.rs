@@ -57,6 +57,8 @@ pub struct AppState {
     /// UDP address of the embedded relay, for the health probe.
     pub relay_udp: std::sync::OnceLock<std::net::SocketAddr>,
     relay_health: Mutex<Option<(Instant, bool)>>,
+    /// Password sign-in attempts per username.
+    pub sign_in_throttle: std::sync::Mutex<crate::auth::SignInThrottle>,
 }
 
 /// A report older than this is no longer shown (agents report at least every 30 s).
@@ -122,6 +124,7 @@ impl AppState {
             relay_metrics: std::sync::OnceLock::new(),
             relay_udp: std::sync::OnceLock::new(),
             relay_health: Mutex::new(None),
+            sign_in_throttle: std::sync::Mutex::new(Default::default()),
         }))
     }
 

@@ -40,6 +40,13 @@ pub struct Browser {
 #[derive(Clone, Debug)]
 pub struct Element(String);
 
+impl Element {
+    /// The element as a script argument.
+    pub fn as_arg(&self) -> Value {
+        json!({ ELEMENT_KEY: self.0 })
+    }
+}
+
 impl Browser {
     /// Starts chromedriver and a headless Chromium window of `width` x `height`.
     pub async fn start(width: u32, height: u32) -> anyhow::Result<Self> {

@@ -514,3 +514,79 @@ async fn console_admin_journey_in_chromium() {
     server.stop().await;
     db.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyboard_only_sign_in_and_an_expiring_session() {
+    if !browser_available() {
+        return;
+    }
+    let db = TestDb::new(Backend::Sqlite).await.expect("db");
+    let mut opts = fast_options();
+    opts.admin_session_ttl = Duration::from_secs(4);
+    let server = TestServer::start_with(&db.url, opts).await.expect("server");
+    let b = Browser::start(1024, 768).await.expect("browser");
+
+    // Keyboard only: the username field has focus; Tab to the password, Enter to submit.
+    b.goto(&format!("{}/", server.base)).await.expect("open");
+    b.wait("#signin-form input[name=username]", T)
+        .await
+        .expect("form");
+    let focused = b
+        .execute("return document.activeElement.name", vec![])
+        .await
+        .expect("focus");
+    assert_eq!(
+        focused,
+        json!("username"),
+        "sign-in starts in the username field"
+    );
+    b.keys("admin\u{E004}").await.expect("type + tab");
+    b.keys(ADMIN_PASSWORD).await.expect("password");
+    b.keys("\u{E007}").await.expect("enter");
+    b.wait_text(".page[data-page=overview] h1", "Overview", T)
+        .await
+        .expect("signed in by keyboard");
+    let signed_in_at = std::time::Instant::now();
+
+    // A dialog opens from the keyboard, traps focus in its first field, and Escape closes it.
+    b.execute("location.hash = '#/groups'", vec![])
+        .await
+        .expect("groups");
+    let new_group = b
+        .wait_text(".page-head button", "New group", T)
+        .await
+        .expect("button");
+    b.execute("arguments[0].focus()", vec![new_group.as_arg()])
+        .await
+        .expect("focus button");
+    b.keys("\u{E007}").await.expect("enter opens the dialog");
+    b.wait("dialog[open] input[name=name]", T)
+        .await
+        .expect("dialog open");
+    let focused = b
+        .execute("return document.activeElement.name", vec![])
+        .await
+        .expect("focus");
+    assert_eq!(focused, json!("name"), "focus moves into the dialog");
+    b.keys("\u{E00C}").await.expect("escape");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        b.find_all("dialog[open]")
+            .await
+            .expect("dialogs")
+            .is_empty(),
+        "Escape closes the dialog"
+    );
+
+    // The session ends on its own: the console returns to sign-in and says why.
+    b.wait_text("#signin-form", "expired", Duration::from_secs(15))
+        .await
+        .expect("expiry shown");
+    assert!(
+        signed_in_at.elapsed() >= Duration::from_secs(3),
+        "not before the session's lifetime"
+    );
+    drop(b);
+    server.stop().await;
+    db.cleanup().await;
+}

@@ -27,6 +27,54 @@ fn assert_err(got: (u16, Value), status: u16, needle: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_guessing_locks_the_username_not_everyone() {
+    init_tracing();
+    let db = TestDb::new(Backend::Sqlite).await.expect("db");
+    let srv = TestServer::start(&db.url).await.expect("server");
+    let (s, v) = srv
+        .post(
+            "/api/users",
+            json!({"username": "second", "password": "second-admin-pw"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let http = reqwest::Client::new();
+    let attempt = |user: &'static str, pw: &'static str| {
+        let http = http.clone();
+        let url = srv.url("/api/auth/login");
+        async move {
+            let r = http
+                .post(url)
+                .json(&json!({"username": user, "password": pw}))
+                .send()
+                .await
+                .expect("login");
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    for _ in 0..5 {
+        assert_eq!(attempt("admin", "guess-guess-guess").await.0, 401);
+    }
+    let (status, body) = attempt("admin", "guess-guess-guess").await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"], "rate_limited");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("try again in"),
+        "{body}"
+    );
+    // Locked means locked, even with the right password ...
+    assert_eq!(attempt("admin", ADMIN_PASSWORD).await.0, 429);
+    // ... for that username only.
+    assert_eq!(attempt("second", "second-admin-pw").await.0, 200);
+    srv.stop().await;
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authentication_is_required_and_tokens_work() {
     init_tracing();
     let db = TestDb::new(Backend::Sqlite).await.expect("db");

@@ -26,6 +26,9 @@ pub enum ApiError {
     BadRequest(String),
     #[error("request body is larger than {limit} bytes")]
     TooLarge { limit: usize },
+    /// Too many attempts; try again later.
+    #[error("{0}")]
+    TooManyRequests(String),
     /// A dependency (the identity provider) is unreachable.
     #[error("{0}")]
     Unavailable(String),
@@ -37,7 +40,7 @@ pub enum ApiError {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorBody {
     /// Machine-readable kind: unauthorized, forbidden, not_found, conflict, invalid, bad_request,
-    /// too_large, unavailable, internal.
+    /// too_large, rate_limited, unavailable, internal.
     pub error: &'static str,
     /// What is wrong, in words.
     pub message: String,
@@ -63,6 +66,7 @@ impl ApiError {
             ApiError::Invalid { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ApiError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            ApiError::TooManyRequests(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }

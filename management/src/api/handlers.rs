@@ -208,8 +208,16 @@ pub struct LoginReply {
 
 /// Sign in with an admin account; returns a session JWT.
 #[utoipa::path(post, path = "/api/auth/login", security(), request_body = LoginBody,
-    responses((status = 200, body = LoginReply), (status = 401, body = ErrorBody)))]
+    responses((status = 200, body = LoginReply), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn login(State(s): St, ApiJson(b): ApiJson<LoginBody>) -> ApiResult<Json<LoginReply>> {
+    let throttle = || s.sign_in_throttle.lock().unwrap_or_else(|e| e.into_inner());
+    if let Err(wait) = throttle().check(&b.username, std::time::Instant::now()) {
+        tracing::warn!(username = %b.username.trim(), "admin sign-in refused: too many failed attempts");
+        return Err(ApiError::TooManyRequests(format!(
+            "too many failed sign-ins for this user; try again in {} s",
+            wait.as_secs().max(1)
+        )));
+    }
     let creds = s.store.user_credentials(b.username.trim()).await?;
     let hash = creds
         .as_ref()
@@ -218,6 +226,7 @@ pub async fn login(State(s): St, ApiJson(b): ApiJson<LoginBody>) -> ApiResult<Js
     let ok = auth::verify_password(&b.password, hash);
     let Some(c) = creds.filter(|_| ok) else {
         tracing::info!(username = %b.username.trim(), "admin sign-in refused");
+        throttle().failed(&b.username, std::time::Instant::now());
         return Err(ApiError::Unauthorized("wrong username or password".into()));
     };
     if c.user.disabled {
@@ -226,6 +235,7 @@ pub async fn login(State(s): St, ApiJson(b): ApiJson<LoginBody>) -> ApiResult<Js
             c.user.username
         )));
     }
+    throttle().succeeded(&b.username);
     let ttl = s.opts.admin_session_ttl.as_secs() as i64;
     open_session(&s, c.user, SignInMethod::Password, ttl).await
 }
