@@ -93,6 +93,12 @@ TOKEN=$(curl -fsk "https://127.0.0.1:$HTTPS/api/auth/login" -H 'content-type: ap
 PEERS=$(curl -fsk "https://127.0.0.1:$HTTPS/api/peers" -H "authorization: Bearer $TOKEN")
 echo "$PEERS" | grep -q '"agent1"' && echo "$PEERS" | grep -q '"agent2"' || fail "peers lost across the restart: $PEERS"
 echo "deploy: peers survived a stack restart"
+# The console is served by the image over TLS, with its assets and a strict CSP.
+curl -fsk "https://127.0.0.1:$HTTPS/" | grep -q '<title>Tern</title>' || fail "console page not served"
+curl -fsk -o /dev/null "https://127.0.0.1:$HTTPS/assets/app.js" || fail "console script not served"
+curl -fsk -D - -o /dev/null "https://127.0.0.1:$HTTPS/" | grep -qi "content-security-policy: default-src 'self'" \
+  || fail "console served without its CSP"
+echo "deploy: console served over TLS"
 
 docker rm -f "$P-a1" "$P-a2" >/dev/null
 compose down -v >/dev/null
