@@ -171,6 +171,11 @@ impl OidcVerifier {
         serde_json::from_slice(&body).map_err(|e| fail(e.to_string()))
     }
 
+    /// The discovery document if it was fetched already (never waits on the network).
+    pub async fn discovery_cached(&self) -> Option<Discovery> {
+        self.cache.lock().await.discovery.clone()
+    }
+
     /// The provider's discovery document (fetched once, then cached).
     pub async fn discovery(&self) -> Result<Discovery, OidcError> {
         if let Some(d) = self.cache.lock().await.discovery.clone() {

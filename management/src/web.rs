@@ -67,12 +67,11 @@ async fn index(State(s): State<Arc<AppState>>) -> Response {
     let mut connect = String::from("'self'");
     if let Some(v) = &s.oidc {
         if v.config.client_id.is_some() {
-            if let Some(o) = v
-                .discovery()
-                .await
-                .ok()
-                .and_then(|d| origin(&d.token_endpoint))
-            {
+            // Cached only: a slow provider must not delay the console. The sign-in page fetches
+            // the document (/api/auth/config) before the redirect, so the page load that
+            // completes the sign-in has it.
+            let cached = v.discovery_cached().await;
+            if let Some(o) = cached.and_then(|d| origin(&d.token_endpoint)) {
                 connect.push(' ');
                 connect.push_str(&o);
             }

@@ -159,6 +159,27 @@ async fn authentication_is_required_and_tokens_work() {
     let ops_token = admin_login(&http, &srv.base, "ops", "ops-password-1")
         .await
         .expect("ops login");
+    // A password change ends the user's other sessions, not the one that made the change.
+    let ops_other = admin_login(&http, &srv.base, "ops", "ops-password-1")
+        .await
+        .expect("second ops session");
+    let r = http
+        .put(srv.url(&format!("/api/users/{}", id(&u))))
+        .bearer_auth(&ops_token)
+        .json(&json!({ "password": "ops-password-2" }))
+        .send()
+        .await
+        .expect("change password");
+    assert_eq!(r.status(), 200);
+    for (token, want) in [(&ops_token, 200), (&ops_other, 401)] {
+        let r = http
+            .get(srv.url("/api/auth/me"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("me");
+        assert_eq!(r.status(), want);
+    }
     assert_err(
         srv.post(
             "/api/users",
@@ -190,11 +211,11 @@ async fn authentication_is_required_and_tokens_work() {
         .send()
         .await
         .expect("req");
-    assert_eq!(
-        r.status(),
-        403,
-        "disabled user's session is refused at once"
-    );
+    assert_eq!(r.status(), 401, "disabled user's session is ended at once");
+    let err = admin_login(&http, &srv.base, "ops", "ops-password-2")
+        .await
+        .expect_err("disabled user cannot sign in");
+    assert!(err.to_string().contains("disabled"), "{err}");
     let me = srv.get("/api/auth/me").await;
     assert_err(
         srv.put(

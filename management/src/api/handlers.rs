@@ -248,9 +248,12 @@ async fn open_session(
     ttl: i64,
 ) -> ApiResult<Json<LoginReply>> {
     let now = now_millis();
+    // The session row ends exactly when the token's `exp` says (whole seconds), so the console's
+    // timer and the server agree; the JWT's leeway does not extend it.
+    let expires_at = (now / 1000 + ttl) * 1000;
     let sid = s
         .store
-        .create_session(&user, method, now, now + ttl * 1000)
+        .create_session(&user, method, now, expires_at)
         .await?;
     let (token, exp) = auth::issue_admin_token(
         &s.admin_secret,
@@ -416,11 +419,22 @@ pub async fn update_user(
         .as_deref()
         .map(|p| password("password", p))
         .transpose()?;
-    Ok(Json(
-        s.store
-            .update_user(&a.actor, &id, b.disabled, hash.as_deref())
-            .await?,
-    ))
+    let user = s
+        .store
+        .update_user(&a.actor, &id, b.disabled, hash.as_deref())
+        .await?;
+    // A new password or a disabled account ends the user's other sessions (a password changed
+    // because it leaked must lock out whoever used it).
+    if hash.is_some() || b.disabled == Some(true) {
+        let keep = if a.user.id == id {
+            a.session.as_deref()
+        } else {
+            None
+        };
+        let n = s.store.revoke_user_sessions(&id, keep).await?;
+        tracing::info!(user = %user.username, sessions = n, "ended sessions after an account change");
+    }
+    Ok(Json(user))
 }
 
 #[utoipa::path(delete, path = "/api/users/{id}", responses((status = 204), (status = 409, body = ErrorBody)))]

@@ -83,6 +83,18 @@ impl Store {
         c.commit(self).await
     }
 
+    /// Ends every session of a user except `keep` (after a password change or when disabled).
+    pub async fn revoke_user_sessions(&self, user_id: &str, keep: Option<&str>) -> Result<u64> {
+        Ok(sqlx::query(
+            "UPDATE admin_sessions SET revoked = 1 WHERE user_id = $1 AND id <> $2 AND revoked = 0",
+        )
+        .bind(user_id)
+        .bind(keep.unwrap_or(""))
+        .execute(self.pool())
+        .await?
+        .rows_affected())
+    }
+
     /// The account linked to an OIDC subject, created on its first sign-in. Its username is the
     /// preferred name, suffixed when a (local) account already has that name; it has no password.
     pub async fn oidc_user(&self, subject: &str, preferred_name: &str) -> Result<User> {
