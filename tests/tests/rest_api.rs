@@ -127,6 +127,20 @@ async fn authentication_is_required_and_tokens_work() {
         .await
         .expect("req");
     assert_eq!(r.status(), 200);
+    // Changes made with the token are the admin's, named with the token, and the audit filter
+    // for the admin finds them (but not another user whose name merely starts the same).
+    let r = http
+        .post(srv.url("/api/groups"))
+        .bearer_auth(&pat)
+        .json(&json!({ "name": "made-by-token" }))
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(r.status(), 201);
+    let ev = srv.get("/api/audit?actor=user:admin&action=group.").await;
+    assert_eq!(ev[0]["actor"], "user:admin (token ci)", "{ev}");
+    let none = srv.get("/api/audit?actor=user:adm").await;
+    assert_eq!(none, json!([]), "a partial name matches nothing");
     let listed = srv.get("/api/tokens").await;
     assert!(!listed.to_string().contains(&pat), "token is never listed");
     assert_eq!(

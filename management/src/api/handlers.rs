@@ -1117,7 +1117,7 @@ pub async fn update_settings(
 #[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct AuditQuery {
-    /// Exact actor, e.g. "user:admin".
+    /// Actor, e.g. "user:admin" (also matches that user's tokens and SSO sign-ins).
     pub actor: Option<String>,
     /// Action prefix, e.g. "peer." or "policy.put".
     pub action: Option<String>,

@@ -1125,7 +1125,8 @@ impl Store {
     /// Newest first. `action` matches a prefix ("peer." matches all peer events).
     pub async fn audit_events(&self, f: &AuditFilter) -> Result<Vec<AuditEvent>> {
         let rows = sqlx::query(
-            "SELECT * FROM audit_events WHERE ($1 = '' OR actor = $2) AND ($3 = '' OR action LIKE $4) \
+            "SELECT * FROM audit_events WHERE ($1 = '' OR actor = $2 OR actor LIKE $8) \
+             AND ($3 = '' OR action LIKE $4) \
              AND created_at >= $5 AND created_at <= $6 ORDER BY id DESC LIMIT $7",
         )
         .bind(f.actor.clone().unwrap_or_default())
@@ -1135,6 +1136,8 @@ impl Store {
         .bind(f.since.unwrap_or(0))
         .bind(f.until.unwrap_or(i64::MAX))
         .bind(f.limit.clamp(1, 1000))
+        // "user:anna" also finds "user:anna (token ci)" and "user:anna (sso)".
+        .bind(format!("{} (%", f.actor.clone().unwrap_or_default().replace('%', "")))
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
