@@ -41,7 +41,8 @@ export async function api(method, path, body, { anonymous = false } = {}) {
   try {
     resp = await fetch(path, {
       method, headers, body: body === undefined ? undefined : JSON.stringify(body),
-      cache: "no-store", credentials: "omit",
+      // Revalidate every time: the peer list answers 304 when nothing changed.
+      cache: "no-cache", credentials: "omit",
     });
   } catch (e) {
     throw new ApiError(0, { error: "network", message: "cannot reach the server; check your connection" });

@@ -49,22 +49,15 @@ function connSummary(p, peers) {
 // Overview
 
 export async function overview(main) {
-  const cards = liveRegion(({ peers, status }) => {
-    const online = peers.filter((p) => p.connected).length;
-    const seen = new Set();
-    let direct = 0, viaRelay = 0, connecting = 0;
-    for (const p of peers) for (const c of p.connections || []) {
-      const key = [p.id, c.peer_id].sort().join("|");
-      if (seen.has(key)) continue;
-      seen.add(key);
-      if (c.kind === "direct") direct++; else if (relayed(c.kind)) viaRelay++; else connecting++;
-    }
-    const relay = status && status.relay;
+  const cards = liveRegion((status) => {
+    const total = status.peers_total, online = status.peers_online;
+    const { direct, relayed: viaRelay, connecting } = status.connections;
+    const relay = status.relay;
     return h("div", { class: "cards" },
       h("section", { class: "card", "aria-label": "Peers online" },
         h("h2", {}, "Peers online"),
-        h("p", { class: "big", id: "peers-online" }, `${online} / ${peers.length}`),
-        h("p", { class: "muted" }, peers.length ? `${peers.length - online} offline` : "No peers yet: create a setup key")),
+        h("p", { class: "big", id: "peers-online" }, `${online} / ${total}`),
+        h("p", { class: "muted" }, total ? `${total - online} offline` : "No peers yet: create a setup key")),
       h("section", { class: "card", "aria-label": "Connections" },
         h("h2", {}, "Connections"),
         h("p", { class: "big" }, `${direct} direct · ${viaRelay} relayed`),
@@ -79,10 +72,7 @@ export async function overview(main) {
           : h("p", { class: "muted" }, "No relay status available")));
   });
   main.append(header("Overview"), cards.box);
-  const poll = async () => {
-    const [peers, status] = await Promise.all([get("/api/peers"), get("/api/status")]);
-    cards.update({ peers, status });
-  };
+  const poll = async () => cards.update(await get("/api/status"));
   await poll();
   return { poll };
 }

@@ -52,6 +52,9 @@ pub struct AppState {
     streams: std::sync::Mutex<HashMap<String, usize>>,
     /// Latest connection report per peer (in memory: it is live state, not configuration).
     connections: std::sync::Mutex<HashMap<String, (Instant, Vec<PeerConnection>)>>,
+    /// Bumped when a report changes which path any pair uses (not for RTT alone).
+    conn_version: std::sync::atomic::AtomicU64,
+    conn_summary: std::sync::Mutex<Option<((u64, i64), (u64, u64, u64))>>,
     /// Counters of the relay running in this process, if any.
     pub relay_metrics: std::sync::OnceLock<Arc<tern_relay::metrics::Metrics>>,
     /// UDP address of the embedded relay, for the health probe.
@@ -121,6 +124,8 @@ impl AppState {
             maps: Mutex::new(None),
             streams: std::sync::Mutex::new(HashMap::new()),
             connections: std::sync::Mutex::new(HashMap::new()),
+            conn_version: std::sync::atomic::AtomicU64::new(0),
+            conn_summary: std::sync::Mutex::new(None),
             relay_metrics: std::sync::OnceLock::new(),
             relay_udp: std::sync::OnceLock::new(),
             relay_health: Mutex::new(None),
@@ -161,10 +166,16 @@ impl AppState {
             }
             Some(_) => {
                 s.remove(peer_id);
-                self.connections
+                if self
+                    .connections
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .remove(peer_id);
+                    .remove(peer_id)
+                    .is_some()
+                {
+                    self.conn_version
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 true
             }
             None => false,
@@ -173,10 +184,66 @@ impl AppState {
 
     /// Records an agent's connection report, replacing its previous one.
     pub fn set_connections(&self, peer_id: &str, conns: Vec<PeerConnection>) {
-        self.connections
+        let shape = |cs: &[PeerConnection]| {
+            cs.iter()
+                .map(|c| (c.peer_id.clone(), c.kind.clone()))
+                .collect::<Vec<_>>()
+        };
+        let new_shape = shape(&conns);
+        let old = self
+            .connections
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(peer_id.to_string(), (Instant::now(), conns));
+        if old.is_none_or(|(_, o)| shape(&o) != new_shape) {
+            self.conn_version
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Validator of the peer list: changes with every network change, every change of path
+    /// between peers, and at least every 30 s (RTTs, last login details).
+    pub fn peers_etag(&self) -> String {
+        let serial = *self.store.subscribe().borrow();
+        let paths = self.conn_version.load(std::sync::atomic::Ordering::Relaxed);
+        let bucket = crate::model::now_millis() / 30_000;
+        format!("\"p{serial}-{paths}-{bucket}\"")
+    }
+
+    /// Distinct peer pairs by path kind (direct, relayed, connecting), from live reports.
+    /// Recomputed when a path changes, and at most every 5 s otherwise (reports age out).
+    pub fn connection_summary(&self) -> (u64, u64, u64) {
+        let key = (
+            self.conn_version.load(std::sync::atomic::Ordering::Relaxed),
+            crate::model::now_millis() / 5_000,
+        );
+        let mut cached = self.conn_summary.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((k, v)) = *cached {
+            if k == key {
+                return v;
+            }
+        }
+        let map = self.connections.lock().unwrap_or_else(|e| e.into_inner());
+        let mut seen: std::collections::HashSet<(&str, &str)> = std::collections::HashSet::new();
+        let (mut direct, mut relayed, mut connecting) = (0, 0, 0);
+        for (peer, (at, conns)) in map.iter() {
+            if at.elapsed() >= REPORT_TTL {
+                continue;
+            }
+            for c in conns {
+                let (a, b) = (peer.as_str(), c.peer_id.as_str());
+                if !seen.insert(if a < b { (a, b) } else { (b, a) }) {
+                    continue;
+                }
+                match c.kind.as_str() {
+                    "direct" => direct += 1,
+                    "turn_relay" | "tcp_relay" => relayed += 1,
+                    _ => connecting += 1,
+                }
+            }
+        }
+        *cached = Some((key, (direct, relayed, connecting)));
+        (direct, relayed, connecting)
     }
 
     /// Fills in the reported connections of online peers (only to peers that still exist).

@@ -416,3 +416,103 @@ async fn crud_and_bad_input_on_every_entity() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_list_answers_not_modified_until_something_changes() {
+    init_tracing();
+    let db = TestDb::new(Backend::Sqlite).await.expect("db");
+    let srv = TestServer::start(&db.url).await.expect("server");
+    let get = |etag: Option<String>| {
+        let mut r = srv.http.get(srv.url("/api/peers")).bearer_auth(&srv.token);
+        if let Some(e) = etag {
+            r = r.header("if-none-match", e);
+        }
+        async move {
+            let resp = r.send().await.expect("peers");
+            let etag = resp
+                .headers()
+                .get("etag")
+                .and_then(|v| v.to_str().ok())
+                .map(String::from);
+            (resp.status().as_u16(), etag)
+        }
+    };
+    // 304 for an unchanged list. The validator also rolls over every 30 s; should that happen
+    // between two requests, the second try (milliseconds later) cannot meet another rollover.
+    let not_modified = |etag: String| {
+        let get = &get;
+        async move {
+            match get(Some(etag)).await {
+                (304, _) => true,
+                (200, Some(fresh)) => get(Some(fresh)).await.0 == 304,
+                _ => false,
+            }
+        }
+    };
+    let (s, etag) = get(None).await;
+    assert_eq!(s, 200);
+    let etag = etag.expect("ETag on the peer list");
+    assert!(not_modified(etag.clone()).await, "nothing changed");
+    // Without a valid session the validator does not leak anything.
+    let r = srv
+        .http
+        .get(srv.url("/api/peers"))
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .expect("anon");
+    assert_eq!(r.status(), 401);
+
+    // A peer registers: the list changes.
+    let a = TestAgent::new(&srv, "alpha").await;
+    let la = a
+        .login(Some(&srv.default_setup_key))
+        .await
+        .expect("register");
+    let (s, etag2) = get(Some(etag.clone())).await;
+    assert_eq!(s, 200, "a new peer invalidates the list");
+    let etag2 = etag2.expect("etag");
+    assert!(not_modified(etag2).await);
+
+    // A connection report that changes a path invalidates it; the same report again does not.
+    let b = TestAgent::new(&srv, "bravo").await;
+    let lb = b
+        .login(Some(&srv.default_setup_key))
+        .await
+        .expect("register b");
+    let (_, etag3) = get(None).await;
+    let etag3 = etag3.expect("etag");
+    let report = |kind: &str| {
+        let mut req = tonic::Request::new(tern_proto::management::StatusReport {
+            connections: vec![tern_proto::management::PeerConnection {
+                peer_id: lb.peer_id.clone(),
+                kind: kind.into(),
+                rtt_ms: 5,
+            }],
+        });
+        req.metadata_mut()
+            .insert("authorization", bearer_value(&la.peer_token));
+        req
+    };
+    a.mgmt()
+        .report_status(report("direct"))
+        .await
+        .expect("report");
+    let (s, etag4) = get(Some(etag3.clone())).await;
+    assert_eq!(s, 200, "a new path shows at once");
+    let etag4 = etag4.expect("etag");
+    a.mgmt()
+        .report_status(report("direct"))
+        .await
+        .expect("same report");
+    assert!(not_modified(etag4).await, "unchanged report");
+    // A report naming an unknown kind is refused in words.
+    let err = a
+        .mgmt()
+        .report_status(report("carrier-pigeon"))
+        .await
+        .expect_err("bad kind");
+    assert!(err.message().contains("unknown connection kind"), "{err}");
+    srv.stop().await;
+    db.cleanup().await;
+}

@@ -715,10 +715,28 @@ pub struct UpdatePeerBody {
 }
 
 #[utoipa::path(get, path = "/api/peers", responses((status = 200, body = [Peer])))]
-pub async fn list_peers(State(s): St, _a: Admin) -> ApiResult<Json<Vec<Peer>>> {
+pub async fn list_peers(
+    State(s): St,
+    _a: Admin,
+    headers: axum::http::HeaderMap,
+) -> ApiResult<axum::response::Response> {
+    use axum::http::header;
+    // The console polls this every few seconds; most polls change nothing and get a 304.
+    let etag = s.peers_etag();
+    let cache = [
+        (header::ETAG, etag.clone()),
+        (header::CACHE_CONTROL, "private, no-cache".to_string()),
+    ];
+    let fresh = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag));
+    if fresh {
+        return Ok((StatusCode::NOT_MODIFIED, cache).into_response());
+    }
     let mut peers = s.store.peers().await?;
     s.with_connections(&mut peers);
-    Ok(Json(peers))
+    Ok((cache, Json(peers)).into_response())
 }
 
 #[utoipa::path(get, path = "/api/peers/{id}", responses((status = 200, body = Peer), (status = 404, body = ErrorBody)))]
@@ -735,9 +753,19 @@ pub async fn get_peer(State(s): St, _a: Admin, ApiPath(id): ApiPath) -> ApiResul
 
 #[derive(Serialize, ToSchema)]
 pub struct ServerStatus {
-    pub peers_total: usize,
-    pub peers_online: usize,
+    pub peers_total: i64,
+    pub peers_online: i64,
+    /// Peer pairs by path, as the agents report them.
+    pub connections: ConnectionSummary,
     pub relay: RelayStatus,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ConnectionSummary {
+    pub direct: u64,
+    /// Through TURN or the TCP relay.
+    pub relayed: u64,
+    pub connecting: u64,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -755,12 +783,18 @@ pub struct RelayStatus {
 #[utoipa::path(get, path = "/api/status", responses((status = 200, body = ServerStatus)))]
 pub async fn status(State(s): St, _a: Admin) -> ApiResult<Json<ServerStatus>> {
     use tern_relay::metrics::Metrics;
-    let peers = s.store.peers().await?;
+    let (peers_total, peers_online) = s.store.peer_counts().await?;
+    let (direct, relayed, connecting) = s.connection_summary();
     let m = s.relay_metrics.get();
     let r = &s.opts.relay;
     Ok(Json(ServerStatus {
-        peers_total: peers.len(),
-        peers_online: peers.iter().filter(|p| p.connected).count(),
+        peers_total,
+        peers_online,
+        connections: ConnectionSummary {
+            direct,
+            relayed,
+            connecting,
+        },
         relay: RelayStatus {
             healthy: s.relay_healthy().await,
             allocations: m.map_or(0, |m| Metrics::get(&m.allocations_active)),

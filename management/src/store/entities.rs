@@ -1132,12 +1132,18 @@ impl Store {
         .bind(f.actor.clone().unwrap_or_default())
         .bind(f.actor.clone().unwrap_or_default())
         .bind(f.action.clone().unwrap_or_default())
-        .bind(format!("{}%", f.action.clone().unwrap_or_default().replace('%', "")))
+        .bind(format!(
+            "{}%",
+            f.action.clone().unwrap_or_default().replace('%', "")
+        ))
         .bind(f.since.unwrap_or(0))
         .bind(f.until.unwrap_or(i64::MAX))
         .bind(f.limit.clamp(1, 1000))
         // "user:anna" also finds "user:anna (token ci)" and "user:anna (sso)".
-        .bind(format!("{} (%", f.actor.clone().unwrap_or_default().replace('%', "")))
+        .bind(format!(
+            "{} (%",
+            f.actor.clone().unwrap_or_default().replace('%', "")
+        ))
         .fetch_all(&self.pool)
         .await?;
         rows.iter()

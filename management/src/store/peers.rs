@@ -357,6 +357,17 @@ impl Store {
         c.commit(self).await
     }
 
+    /// (all peers, connected peers)
+    pub async fn peer_counts(&self) -> Result<(i64, i64)> {
+        let r = sqlx::query(
+            "SELECT COUNT(*) AS total, COUNT(CASE WHEN connected = 1 THEN 1 END) AS online \
+             FROM peers",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((col(&r, "total")?, col(&r, "online")?))
+    }
+
     /// Marks a peer connected (sync stream open) or disconnected (stream ended), updating last seen.
     pub async fn set_peer_connected(&self, id: &str, connected: bool) -> Result<()> {
         let mut c = self.begin_change(&format!("peer:{id}")).await?;
