@@ -54,7 +54,7 @@ pub struct AppState {
     connections: std::sync::Mutex<HashMap<String, (Instant, Vec<PeerConnection>)>>,
     /// Bumped when a report changes which path any pair uses (not for RTT alone).
     conn_version: std::sync::atomic::AtomicU64,
-    conn_summary: std::sync::Mutex<Option<((u64, i64), (u64, u64, u64))>>,
+    conn_summary: std::sync::Mutex<Option<(SummaryKey, (u64, u64, u64))>>,
     /// Counters of the relay running in this process, if any.
     pub relay_metrics: std::sync::OnceLock<Arc<tern_relay::metrics::Metrics>>,
     /// UDP address of the embedded relay, for the health probe.
@@ -63,6 +63,9 @@ pub struct AppState {
     /// Password sign-in attempts per username.
     pub sign_in_throttle: std::sync::Mutex<crate::auth::SignInThrottle>,
 }
+
+/// (path-change version, 5-s time bucket) a cached connection summary was computed for.
+type SummaryKey = (u64, i64);
 
 /// A report older than this is no longer shown (agents report at least every 30 s).
 const REPORT_TTL: Duration = Duration::from_secs(75);
