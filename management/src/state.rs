@@ -54,7 +54,7 @@ pub struct AppState {
     connections: std::sync::Mutex<HashMap<String, (Instant, Vec<PeerConnection>)>>,
     /// Bumped when a report changes which path any pair uses (not for RTT alone).
     conn_version: std::sync::atomic::AtomicU64,
-    conn_summary: std::sync::Mutex<Option<(SummaryKey, (u64, u64, u64))>>,
+    conn_summary: std::sync::Mutex<Option<CachedSummary>>,
     /// Counters of the relay running in this process, if any.
     pub relay_metrics: std::sync::OnceLock<Arc<tern_relay::metrics::Metrics>>,
     /// UDP address of the embedded relay, for the health probe.
@@ -66,6 +66,8 @@ pub struct AppState {
 
 /// (path-change version, 5-s time bucket) a cached connection summary was computed for.
 type SummaryKey = (u64, i64);
+/// (direct, relayed, connecting) pairs, with the key they were computed for.
+type CachedSummary = (SummaryKey, (u64, u64, u64));
 
 /// A report older than this is no longer shown (agents report at least every 30 s).
 const REPORT_TTL: Duration = Duration::from_secs(75);
