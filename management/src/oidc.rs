@@ -54,7 +54,7 @@ impl OidcConfig {
     }
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum OidcError {
     #[error("not a JWT")]
     Malformed,
@@ -108,6 +108,7 @@ struct KeyCache {
     keys: JwkSet,
     fetched: Option<Instant>,
     discovery: Option<Discovery>,
+    discovery_failure: Option<(Instant, OidcError)>,
 }
 
 pub struct OidcVerifier {
@@ -149,6 +150,7 @@ impl OidcVerifier {
                 keys: JwkSet { keys: vec![] },
                 fetched: None,
                 discovery: None,
+                discovery_failure: None,
             }),
         })
     }
@@ -176,11 +178,33 @@ impl OidcVerifier {
         self.cache.lock().await.discovery.clone()
     }
 
-    /// The provider's discovery document (fetched once, then cached).
+    /// The provider's discovery document (fetched once, then cached). A failure is remembered
+    /// for [`MIN_REFRESH`], so public endpoints cannot make us hammer an ailing provider.
     pub async fn discovery(&self) -> Result<Discovery, OidcError> {
-        if let Some(d) = self.cache.lock().await.discovery.clone() {
-            return Ok(d);
+        {
+            let c = self.cache.lock().await;
+            if let Some(d) = c.discovery.clone() {
+                return Ok(d);
+            }
+            if let Some((at, e)) = &c.discovery_failure {
+                if at.elapsed() < MIN_REFRESH {
+                    return Err(e.clone());
+                }
+            }
         }
+        let r = self.fetch_discovery().await;
+        let mut c = self.cache.lock().await;
+        match &r {
+            Ok(d) => {
+                c.discovery = Some(d.clone());
+                c.discovery_failure = None;
+            }
+            Err(e) => c.discovery_failure = Some((Instant::now(), e.clone())),
+        }
+        r
+    }
+
+    async fn fetch_discovery(&self) -> Result<Discovery, OidcError> {
         let url = format!(
             "{}/.well-known/openid-configuration",
             self.config.issuer.trim_end_matches('/')
@@ -192,7 +216,6 @@ impl OidcVerifier {
                 d.issuer, self.config.issuer
             )));
         }
-        self.cache.lock().await.discovery = Some(d.clone());
         Ok(d)
     }
 
@@ -329,6 +352,46 @@ mod tests {
         );
         assert!(OidcConfig::parse_admin_claim("groups").is_err());
         assert!(OidcConfig::parse_admin_claim("=x").is_err());
+    }
+
+    #[tokio::test]
+    async fn a_failed_discovery_is_not_retried_at_once() {
+        // A "provider" that answers every connection with a 500.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let h = hits.clone();
+        let server = tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Ok((mut s, _)) = l.accept().await {
+                h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 500 Oops\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                    )
+                    .await;
+            }
+        });
+        let v = OidcVerifier::new(OidcConfig {
+            issuer: format!("http://{addr}"),
+            audiences: vec!["tern".into()],
+            ..Default::default()
+        })
+        .expect("verifier");
+        let first = v.discovery().await.expect_err("provider fails");
+        assert!(first.to_string().contains("500"), "{first}");
+        let second = v.discovery().await.expect_err("still failing");
+        assert_eq!(first, second, "the remembered failure");
+        assert_eq!(
+            hits.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "one request only"
+        );
+        server.abort();
     }
 
     #[tokio::test]
