@@ -19,6 +19,7 @@ async fn timed(
     url: &str,
     token: &str,
     if_none_match: Option<&str>,
+    gzip: bool,
 ) -> anyhow::Result<(Vec<f64>, usize)> {
     let mut times = vec![];
     let mut bytes = 0;
@@ -27,6 +28,10 @@ async fn timed(
         let mut req = http.get(url).bearer_auth(token);
         if let Some(e) = if_none_match {
             req = req.header("if-none-match", e);
+        }
+        if gzip {
+            // Bytes on the wire as a browser receives them (not decoded here).
+            req = req.header("accept-encoding", "gzip");
         }
         let body = req.send().await?.error_for_status()?.bytes().await?;
         times.push(t.elapsed().as_secs_f64() * 1e3);
@@ -93,11 +98,12 @@ async fn main() -> anyhow::Result<()> {
             .json()
             .await?;
         let token = login["token"].as_str().unwrap_or_default().to_string();
-        for (name, path, conditional) in [
-            ("/healthz", "/healthz", false),
-            ("/api/peers", "/api/peers", false),
-            ("  unchanged", "/api/peers", true),
-            ("/api/status", "/api/status", false),
+        for (name, path, conditional, gzip) in [
+            ("/healthz", "/healthz", false, false),
+            ("/api/peers", "/api/peers", false, false),
+            ("  gzip", "/api/peers", false, true),
+            ("  unchanged", "/api/peers", true, true),
+            ("/api/status", "/api/status", false, false),
         ] {
             // The validator the console's browser sends back on its next poll.
             let etag = if conditional {
@@ -113,7 +119,7 @@ async fn main() -> anyhow::Result<()> {
                 None
             };
             let cond = etag.as_deref();
-            let (t, bytes) = timed(&http, &format!("{base}{path}"), &token, cond).await?;
+            let (t, bytes) = timed(&http, &format!("{base}{path}"), &token, cond, gzip).await?;
             let p50 = t[t.len() / 2];
             let p90 = t[t.len() * 9 / 10];
             // One poll every 3 s = 20 per minute per open tab (wall time, an upper bound on CPU).

@@ -472,6 +472,21 @@ async fn peer_list_answers_not_modified_until_something_changes() {
     let (s, etag2) = get(Some(etag.clone())).await;
     assert_eq!(s, 200, "a new peer invalidates the list");
     let etag2 = etag2.expect("etag");
+    // Clients that accept gzip get it (the peer list is the console's largest response).
+    let raw = srv
+        .http
+        .get(srv.url("/api/peers"))
+        .bearer_auth(&srv.token)
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .expect("gzip request");
+    assert_eq!(
+        raw.headers()
+            .get("content-encoding")
+            .and_then(|v| v.to_str().ok()),
+        Some("gzip")
+    );
     assert!(not_modified(etag2).await);
 
     // A connection report that changes a path invalidates it; the same report again does not.

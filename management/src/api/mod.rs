@@ -70,6 +70,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(crate::web::router())
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        // JSON and console files are gzipped for clients that ask (small bodies are left alone); the
+        // fastest level keeps most of the gain (bench_console) at a fraction of the CPU.
+        .layer(
+            tower_http::compression::CompressionLayer::new()
+                .gzip(true)
+                .quality(tower_http::CompressionLevel::Fastest),
+        )
         .with_state(state)
 }
 
