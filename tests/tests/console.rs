@@ -60,6 +60,18 @@ async fn shot(b: &Browser, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Clicks the visible element matching `css`.
+async fn click(b: &Browser, css: &str) -> anyhow::Result<()> {
+    let e = b.wait(css, T).await?;
+    b.click(&e).await
+}
+
+/// Clicks the element matching `css` whose text contains `text`.
+async fn click_text(b: &Browser, css: &str, text: &str) -> anyhow::Result<()> {
+    let e = b.wait_text(css, text, T).await?;
+    b.click(&e).await
+}
+
 /// Picks an option of a <select> (as a user's choice: value set, change event fired).
 async fn choose(b: &Browser, css: &str, value: &str) -> anyhow::Result<()> {
     b.wait(css, T).await?;
@@ -125,27 +137,21 @@ async fn console_admin_journey_in_chromium() {
     open(&b, "setup-keys", "Setup keys")
         .await
         .expect("keys page");
-    let new_key = b
-        .wait_text(".page-head button", "New setup key", T)
+    click_text(&b, ".page-head button", "New setup key")
         .await
-        .expect("new key button");
-    b.click(&new_key).await.expect("click");
+        .expect("click");
     fill(&b, "#setup-key-form", "name", "Factory gateway")
         .await
         .expect("name");
-    let reusable = b
-        .wait("#setup-key-form input[name=reusable]", T)
+    click(&b, "#setup-key-form input[name=reusable]")
         .await
-        .expect("reusable");
-    b.click(&reusable).await.expect("check reusable");
+        .expect("check reusable");
     fill(&b, "#setup-key-form", "usage_limit", "5")
         .await
         .expect("limit");
-    let submit = b
-        .wait("#setup-key-form button[type=submit]", T)
+    click(&b, "#setup-key-form button[type=submit]")
         .await
-        .expect("submit");
-    b.click(&submit).await.expect("create key");
+        .expect("create key");
     let secret = b.wait("#new-key code.secret", T).await.expect("key shown");
     let key = b.text(&secret).await.expect("key text");
     assert!(
@@ -171,11 +177,9 @@ async fn console_admin_journey_in_chromium() {
         "the shown key is the created one"
     );
     // Read once: after hiding it, neither the page nor the API has it any more.
-    let done = b
-        .wait_text("#new-key button", "Done", T)
+    click_text(&b, "#new-key button", "Done")
         .await
-        .expect("done");
-    b.click(&done).await.expect("hide");
+        .expect("hide");
     b.goto(&format!("{base}/#/setup-keys"))
         .await
         .expect("reload keys page");
@@ -247,35 +251,27 @@ async fn console_admin_journey_in_chromium() {
     open(&b, "policies", "Access policies")
         .await
         .expect("policies page");
-    let newp = b
-        .wait_text(".page-head button", "New policy", T)
+    click_text(&b, ".page-head button", "New policy")
         .await
-        .expect("new policy");
-    b.click(&newp).await.expect("click");
+        .expect("click");
     fill(&b, "#policy-form", "name", "Anna to gateway SSH")
         .await
         .expect("name");
-    let all_src = b
-        .wait("#policy-form input[name=sources][value=all]", T)
+    click(&b, "#policy-form input[name=sources][value=all]")
         .await
-        .expect("sources");
-    b.click(&all_src).await.expect("src");
-    let all_dst = b
-        .wait("#policy-form input[name=destinations][value=all]", T)
+        .expect("src");
+    click(&b, "#policy-form input[name=destinations][value=all]")
         .await
         .expect("dst");
-    b.click(&all_dst).await.expect("dst");
     choose(&b, "#policy-form select[name=protocol]", "tcp")
         .await
         .expect("choose tcp");
     fill(&b, "#policy-form", "ports", "22, 70000")
         .await
         .expect("ports");
-    let submit = b
-        .wait("#policy-form button[type=submit]", T)
+    click(&b, "#policy-form button[type=submit]")
         .await
         .expect("submit");
-    b.click(&submit).await.expect("submit");
     b.wait_text(
         "#policy-form .field[data-field=ports] .field-error",
         "70000",
@@ -286,7 +282,9 @@ async fn console_admin_journey_in_chromium() {
     fill(&b, "#policy-form", "ports", "22")
         .await
         .expect("fix ports");
-    b.click(&submit).await.expect("submit again");
+    click(&b, "#policy-form button[type=submit]")
+        .await
+        .expect("submit again");
     b.wait_text("tr[data-policy]", "Anna to gateway SSH", T)
         .await
         .expect("policy listed");
@@ -304,27 +302,21 @@ async fn console_admin_journey_in_chromium() {
 
     // --- Route: a malformed CIDR is refused next to the network field; input is kept.
     open(&b, "routes", "Routes").await.expect("routes page");
-    let newr = b
-        .wait_text(".page-head button", "New route", T)
+    click_text(&b, ".page-head button", "New route")
         .await
-        .expect("new route");
-    b.click(&newr).await.expect("click");
+        .expect("click");
     fill(&b, "#route-form", "network", "192.168.50.300/24")
         .await
         .expect("network");
     choose(&b, "#route-form select[name=routing_peer]", &login.peer_id)
         .await
         .expect("choose routing peer");
-    let all_dist = b
-        .wait("#route-form input[name=groups][value=all]", T)
+    click(&b, "#route-form input[name=groups][value=all]")
         .await
         .expect("dist");
-    b.click(&all_dist).await.expect("dist");
-    let submit = b
-        .wait("#route-form button[type=submit]", T)
+    click(&b, "#route-form button[type=submit]")
         .await
         .expect("submit");
-    b.click(&submit).await.expect("submit");
     let err = b
         .wait_text(
             "#route-form .field[data-field=network] .field-error",
@@ -351,7 +343,9 @@ async fn console_admin_journey_in_chromium() {
     fill(&b, "#route-form", "network", "192.168.50.0/24")
         .await
         .expect("fix");
-    b.click(&submit).await.expect("submit");
+    click(&b, "#route-form button[type=submit]")
+        .await
+        .expect("submit");
     b.wait_text("tr[data-route]", "192.168.50.0/24", T)
         .await
         .expect("route listed");
@@ -362,16 +356,12 @@ async fn console_admin_journey_in_chromium() {
     fill(&b, "#settings-form", "mtu", "1000")
         .await
         .expect("mtu");
-    let approval = b
-        .wait("#settings-form input[name=peer_approval_required]", T)
+    click(&b, "#settings-form input[name=peer_approval_required]")
         .await
-        .expect("approval box");
-    b.click(&approval).await.expect("check");
-    let save = b
-        .wait("#settings-form button[type=submit]", T)
+        .expect("check");
+    click(&b, "#settings-form button[type=submit]")
         .await
         .expect("save");
-    b.click(&save).await.expect("save");
     b.wait_text(
         "#settings-form .field[data-field=mtu] .field-error",
         "1280",
@@ -387,7 +377,9 @@ async fn console_admin_journey_in_chromium() {
     fill(&b, "#settings-form", "mtu", "1280")
         .await
         .expect("mtu");
-    b.click(&save).await.expect("save");
+    click(&b, "#settings-form button[type=submit]")
+        .await
+        .expect("save");
     b.wait_text(".notice", "Settings saved", T)
         .await
         .expect("saved");
@@ -440,11 +432,9 @@ async fn console_admin_journey_in_chromium() {
     fill(&b, "#audit-filter", "action", "policy.")
         .await
         .expect("filter");
-    let f = b
-        .wait("#audit-filter button[type=submit]", T)
+    click(&b, "#audit-filter button[type=submit]")
         .await
-        .expect("filter btn");
-    b.click(&f).await.expect("filter");
+        .expect("filter");
     b.wait_text(".page[data-page=audit] td", "policy.", T)
         .await
         .expect("policy events");
