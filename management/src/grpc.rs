@@ -139,6 +139,12 @@ impl ManagementService for AgentService {
             bearer(req.metadata()).ok_or_else(|| Status::unauthenticated("missing peer token"))?;
         let id = verify_peer_token(&self.state.peer_token_secret, token)
             .map_err(|e| Status::unauthenticated(e.to_string()))?;
+        // Reports describe online peers; dropped with the stream, so none outlive their peer.
+        if !self.state.has_stream(&id.peer_id) {
+            return Err(Status::failed_precondition(
+                "open the sync stream before reporting connections",
+            ));
+        }
         let report = req.into_inner();
         if report.connections.len() > MAX_REPORTED {
             return Err(Status::invalid_argument(format!(

@@ -187,6 +187,14 @@ impl AppState {
         }
     }
 
+    /// Whether the peer has a live sync stream (it is online).
+    pub fn has_stream(&self, peer_id: &str) -> bool {
+        self.streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(peer_id)
+    }
+
     /// Records an agent's connection report, replacing its previous one.
     pub fn set_connections(&self, peer_id: &str, conns: Vec<PeerConnection>) {
         let shape = |cs: &[PeerConnection]| {

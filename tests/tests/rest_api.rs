@@ -495,8 +495,6 @@ async fn peer_list_answers_not_modified_until_something_changes() {
         .login(Some(&srv.default_setup_key))
         .await
         .expect("register b");
-    let (_, etag3) = get(None).await;
-    let etag3 = etag3.expect("etag");
     let report = |kind: &str| {
         let mut req = tonic::Request::new(tern_proto::management::StatusReport {
             connections: vec![tern_proto::management::PeerConnection {
@@ -509,6 +507,16 @@ async fn peer_list_answers_not_modified_until_something_changes() {
             .insert("authorization", bearer_value(&la.peer_token));
         req
     };
+    // Only online peers report (the report goes when the stream does).
+    let err = a
+        .mgmt()
+        .report_status(report("direct"))
+        .await
+        .expect_err("no sync stream yet");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+    let _sa = a.sync(&la.peer_token).await.expect("sync a");
+    let (_, etag3) = get(None).await;
+    let etag3 = etag3.expect("etag");
     a.mgmt()
         .report_status(report("direct"))
         .await
