@@ -11,6 +11,21 @@ const groupNames = (groups, ids) =>
 
 const chips = (names) => h("span", { class: "chips" }, names.map((n) => badge(n)));
 
+// A row action (approve, revoke, delete…), confirmed first when `question` is given; then the
+// list is refreshed. A refusal is shown as a notice; returns whether the action went through.
+async function rowAction(work, done, refresh, question, verb) {
+  if (question && !(await confirmAction(question, verb))) return false;
+  try {
+    await work();
+  } catch (e) {
+    notify(e.message, "error");
+    return false;
+  }
+  notify(done);
+  await refresh().catch(() => {});
+  return true;
+}
+
 function header(title, ...actions) {
   return h("div", { class: "page-head" }, h("h1", { tabindex: -1 }, title), h("div", { class: "actions" }, actions));
 }
@@ -125,12 +140,11 @@ export async function peers(main) {
   }
 
   async function approve(p) {
-    try { await put(`/api/peers/${p.id}`, { approved: true }); notify(`${p.name} approved`); await refresh(); } catch (e) { notify(e.message, "error"); }
+    await rowAction(() => put(`/api/peers/${p.id}`, { approved: true }), `${p.name} approved`, refresh);
   }
 
   async function removePeer(p) {
-    if (!(await confirmAction(`Delete ${p.name} (${p.overlay_ip})? It must join again with a setup key.`))) return;
-    try { await del(`/api/peers/${p.id}`); notify("Peer deleted"); await refresh(); } catch (e) { notify(e.message, "error"); }
+    await rowAction(() => del(`/api/peers/${p.id}`), "Peer deleted", refresh, `Delete ${p.name} (${p.overlay_ip})? It must join again with a setup key.`);
   }
 
   main.append(header("Peers"), region.box);
@@ -161,12 +175,10 @@ export async function setupKeys(main) {
   const refresh = async () => region.update(await get("/api/setup-keys"));
 
   async function revoke(k) {
-    if (!(await confirmAction(`Revoke ${k.name}? Machines can no longer join with it; joined peers stay.`, "Revoke"))) return;
-    try { await put(`/api/setup-keys/${k.id}`, { revoked: true }); notify("Key revoked"); await refresh(); } catch (e) { notify(e.message, "error"); }
+    await rowAction(() => put(`/api/setup-keys/${k.id}`, { revoked: true }), "Key revoked", refresh, `Revoke ${k.name}? Machines can no longer join with it; joined peers stay.`, "Revoke");
   }
   async function remove(k) {
-    if (!(await confirmAction(`Delete ${k.name}? Peers that joined with it stay.`))) return;
-    try { await del(`/api/setup-keys/${k.id}`); notify("Key deleted"); await refresh(); } catch (e) { notify(e.message, "error"); }
+    await rowAction(() => del(`/api/setup-keys/${k.id}`), "Key deleted", refresh, `Delete ${k.name}? Peers that joined with it stay.`);
   }
 
   function create() {
@@ -235,8 +247,7 @@ export async function groupsPage(main) {
     });
   }
   async function remove(g) {
-    if (!(await confirmAction(`Delete group ${g.name}?`))) return;
-    try { await del(`/api/groups/${g.id}`); notify("Group deleted"); await refresh(); } catch (e) { notify(e.message, "error"); }
+    await rowAction(() => del(`/api/groups/${g.id}`), "Group deleted", refresh, `Delete group ${g.name}?`);
   }
   main.append(header("Groups", h("button", { type: "button", class: "primary", onclick: () => edit(null) }, "New group")), region.box);
   await refresh();
@@ -270,8 +281,9 @@ export async function policies(main) {
   });
 
   async function toggle(p, box) {
-    try { await put(`/api/policies/${p.id}`, body(p, { enabled: box.checked })); notify(box.checked ? "Policy enabled" : "Policy disabled"); await refresh(); }
-    catch (e) { box.checked = !box.checked; notify(e.message, "error"); }
+    const ok = await rowAction(() => put(`/api/policies/${p.id}`, body(p, { enabled: box.checked })),
+      box.checked ? "Policy enabled" : "Policy disabled", refresh);
+    if (!ok) box.checked = !box.checked;
   }
 
   function edit(p) {
@@ -306,8 +318,7 @@ export async function policies(main) {
     });
   }
   async function remove(p) {
-    if (!(await confirmAction(`Delete policy ${p.name}?`))) return;
-    try { await del(`/api/policies/${p.id}`); notify("Policy deleted"); await refresh(); } catch (e) { notify(e.message, "error"); }
+    await rowAction(() => del(`/api/policies/${p.id}`), "Policy deleted", refresh, `Delete policy ${p.name}?`);
   }
   main.append(header("Access policies", h("button", { type: "button", class: "primary", onclick: () => edit(null) }, "New policy")), region.box);
   await refresh();
@@ -378,8 +389,7 @@ export async function routes(main) {
     });
   }
   async function remove(r) {
-    if (!(await confirmAction(`Delete route ${r.network}?`))) return;
-    try { await del(`/api/routes/${r.id}`); notify("Route deleted"); await refresh(); } catch (e) { notify(e.message, "error"); }
+    await rowAction(() => del(`/api/routes/${r.id}`), "Route deleted", refresh, `Delete route ${r.network}?`);
   }
   main.append(header("Routes", h("button", { type: "button", class: "primary", onclick: () => edit(null) }, "New route")), region.box);
   await refresh();
@@ -496,11 +506,10 @@ export async function users(main, ctx) {
     });
   }
   async function setDisabled(u, disabled) {
-    try { await put(`/api/users/${u.id}`, { disabled }); notify(disabled ? "User disabled" : "User enabled"); await refresh(); } catch (e) { notify(e.message, "error"); }
+    await rowAction(() => put(`/api/users/${u.id}`, { disabled }), disabled ? "User disabled" : "User enabled", refresh);
   }
   async function removeUser(u) {
-    if (!(await confirmAction(`Delete admin ${u.username}?`))) return;
-    try { await del(`/api/users/${u.id}`); notify("User deleted"); await refresh(); } catch (e) { notify(e.message, "error"); }
+    await rowAction(() => del(`/api/users/${u.id}`), "User deleted", refresh, `Delete admin ${u.username}?`);
   }
   function createToken() {
     const form = h("form", { novalidate: true }, formError(),
@@ -519,8 +528,7 @@ export async function users(main, ctx) {
     });
   }
   async function removeToken(t) {
-    if (!(await confirmAction(`Delete token ${t.name}? Scripts using it stop working.`))) return;
-    try { await del(`/api/tokens/${t.id}`); notify("Token deleted"); await refresh(); } catch (e) { notify(e.message, "error"); }
+    await rowAction(() => del(`/api/tokens/${t.id}`), "Token deleted", refresh, `Delete token ${t.name}? Scripts using it stop working.`);
   }
   main.append(
     header("Admins", h("button", { type: "button", class: "primary", onclick: createUser }, "New admin")), userRegion.box,
