@@ -205,6 +205,18 @@ impl Browser {
         }
     }
 
+    /// Waits up to `timeout` until no element matches `css`.
+    pub async fn wait_gone(&self, css: &str, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while !self.find_all(css).await?.is_empty() {
+            if Instant::now() > deadline {
+                bail!("{css:?} still present after {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
     pub async fn displayed(&self, e: &Element) -> anyhow::Result<bool> {
         Ok(self
             .call("GET", &format!("/element/{}/displayed", e.0), None)

@@ -6,6 +6,7 @@
 
 use serde_json::{json, Value};
 use std::time::Duration;
+use tern_management::state::ManagementOptions;
 use tern_proto::management as pb;
 use tern_tests::webdriver::{screenshot_dir, Browser};
 use tern_tests::*;
@@ -21,6 +22,43 @@ fn browser_available() -> bool {
             false
         }
     }
+}
+
+/// A fresh server (SQLite) and a browser window; None when Chromium is missing outside CI.
+struct Console {
+    db: TestDb,
+    server: TestServer,
+    b: Browser,
+}
+
+impl Console {
+    async fn start(opts: ManagementOptions, width: u32, height: u32) -> Option<Console> {
+        if !browser_available() {
+            return None;
+        }
+        let db = TestDb::new(Backend::Sqlite).await.expect("db");
+        let server = TestServer::start_with(&db.url, opts).await.expect("server");
+        let b = Browser::start(width, height).await.expect("browser");
+        Some(Console { db, server, b })
+    }
+
+    async fn finish(self) {
+        drop(self.b);
+        self.server.stop().await;
+        self.db.cleanup().await;
+    }
+}
+
+/// The console's session token, as the browser holds it.
+async fn session_token(b: &Browser) -> String {
+    let v = b
+        .execute(
+            "return JSON.parse(sessionStorage.getItem('tern.session')).token",
+            vec![],
+        )
+        .await
+        .expect("token");
+    v.as_str().expect("token string").to_string()
 }
 
 async fn sign_in(b: &Browser, base: &str, user: &str, password: &str) -> anyhow::Result<()> {
@@ -97,16 +135,14 @@ async fn fill(b: &Browser, scope: &str, name: &str, value: &str) -> anyhow::Resu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn console_admin_journey_in_chromium() {
-    if !browser_available() {
+    let Some(console) = Console::start(fast_options(), 1280, 900).await else {
         return;
-    }
-    let db = TestDb::new(Backend::Sqlite).await.expect("db");
-    let server = TestServer::start(&db.url).await.expect("server");
+    };
+    let (server, b) = (&console.server, &console.b);
     let base = server.base.clone();
-    let b = Browser::start(1280, 900).await.expect("browser");
 
     // --- Sign-in: a wrong password is refused in words, the username stays typed.
-    sign_in(&b, &base, "admin", "not-the-password")
+    sign_in(b, &base, "admin", "not-the-password")
         .await
         .expect("sign-in form");
     b.wait_text("#signin-form .form-error", "wrong username or password", T)
@@ -121,8 +157,8 @@ async fn console_admin_journey_in_chromium() {
         json!("admin"),
         "the form keeps what was typed"
     );
-    shot(&b, "01-sign-in-error").await.expect("shot");
-    sign_in(&b, &base, "admin", ADMIN_PASSWORD)
+    shot(b, "01-sign-in-error").await.expect("shot");
+    sign_in(b, &base, "admin", ADMIN_PASSWORD)
         .await
         .expect("sign in");
     b.wait_text(".page[data-page=overview] h1", "Overview", T)
@@ -131,25 +167,25 @@ async fn console_admin_journey_in_chromium() {
     b.wait_text("#relay-health", "healthy", T)
         .await
         .expect("embedded relay answers STUN");
-    shot(&b, "02-overview").await.expect("shot");
+    shot(b, "02-overview").await.expect("shot");
 
     // --- Setup key: created with options, shown once with a copy button.
-    open(&b, "setup-keys", "Setup keys")
+    open(b, "setup-keys", "Setup keys")
         .await
         .expect("keys page");
-    click_text(&b, ".page-head button", "New setup key")
+    click_text(b, ".page-head button", "New setup key")
         .await
         .expect("click");
-    fill(&b, "#setup-key-form", "name", "Factory gateway")
+    fill(b, "#setup-key-form", "name", "Factory gateway")
         .await
         .expect("name");
-    click(&b, "#setup-key-form input[name=reusable]")
+    click(b, "#setup-key-form input[name=reusable]")
         .await
         .expect("check reusable");
-    fill(&b, "#setup-key-form", "usage_limit", "5")
+    fill(b, "#setup-key-form", "usage_limit", "5")
         .await
         .expect("limit");
-    click(&b, "#setup-key-form button[type=submit]")
+    click(b, "#setup-key-form button[type=submit]")
         .await
         .expect("create key");
     let secret = b.wait("#new-key code.secret", T).await.expect("key shown");
@@ -161,7 +197,7 @@ async fn console_admin_journey_in_chromium() {
     b.wait("#new-key button[data-action=copy]", T)
         .await
         .expect("copy button");
-    shot(&b, "03-setup-key-created").await.expect("shot");
+    shot(b, "03-setup-key-created").await.expect("shot");
     let keys = server.get("/api/setup-keys").await;
     let listed = keys
         .as_array()
@@ -177,7 +213,7 @@ async fn console_admin_journey_in_chromium() {
         "the shown key is the created one"
     );
     // Read once: after hiding it, neither the page nor the API has it any more.
-    click_text(&b, "#new-key button", "Done")
+    click_text(b, "#new-key button", "Done")
         .await
         .expect("hide");
     b.goto(&format!("{base}/#/setup-keys"))
@@ -197,11 +233,11 @@ async fn console_admin_journey_in_chromium() {
     assert!(!keys.to_string().contains(&key), "the API never returns it");
 
     // --- A peer registers with that key; the peers page shows it online without a reload.
-    open(&b, "peers", "Peers").await.expect("peers page");
+    open(b, "peers", "Peers").await.expect("peers page");
     b.execute("window.__noReload = 42", vec![])
         .await
         .expect("mark page");
-    let agent = TestAgent::new(&server, "factory-gw").await;
+    let agent = TestAgent::new(server, "factory-gw").await;
     let login = agent.login(Some(&key)).await.expect("register with key");
     let _stream = agent.sync(&login.peer_token).await.expect("sync stream");
     let row = b
@@ -213,7 +249,7 @@ async fn console_admin_journey_in_chromium() {
         .await
         .expect("peer shown online");
     // A second peer and a connection report: the console shows how they reach each other.
-    let agent2 = TestAgent::new(&server, "laptop-anna").await;
+    let agent2 = TestAgent::new(server, "laptop-anna").await;
     let login2 = agent2.login(Some(&key)).await.expect("register 2");
     let _stream2 = agent2.sync(&login2.peer_token).await.expect("sync 2");
     let mut req = tonic::Request::new(pb::StatusReport {
@@ -238,8 +274,8 @@ async fn console_admin_journey_in_chromium() {
         .await
         .expect("marker");
     assert_eq!(marker, json!(42), "updates arrived without a page reload");
-    shot(&b, "04-peers").await.expect("shot");
-    open(&b, "overview", "Overview").await.expect("overview");
+    shot(b, "04-peers").await.expect("shot");
+    open(b, "overview", "Overview").await.expect("overview");
     b.wait_text("#peers-online", "2 / 2", T)
         .await
         .expect("overview counts");
@@ -248,28 +284,28 @@ async fn console_admin_journey_in_chromium() {
         .expect("overview connections");
 
     // --- Access policy: an invalid port is explained next to the field; then created.
-    open(&b, "policies", "Access policies")
+    open(b, "policies", "Access policies")
         .await
         .expect("policies page");
-    click_text(&b, ".page-head button", "New policy")
+    click_text(b, ".page-head button", "New policy")
         .await
         .expect("click");
-    fill(&b, "#policy-form", "name", "Anna to gateway SSH")
+    fill(b, "#policy-form", "name", "Anna to gateway SSH")
         .await
         .expect("name");
-    click(&b, "#policy-form input[name=sources][value=all]")
+    click(b, "#policy-form input[name=sources][value=all]")
         .await
         .expect("src");
-    click(&b, "#policy-form input[name=destinations][value=all]")
+    click(b, "#policy-form input[name=destinations][value=all]")
         .await
         .expect("dst");
-    choose(&b, "#policy-form select[name=protocol]", "tcp")
+    choose(b, "#policy-form select[name=protocol]", "tcp")
         .await
         .expect("choose tcp");
-    fill(&b, "#policy-form", "ports", "22, 70000")
+    fill(b, "#policy-form", "ports", "22, 70000")
         .await
         .expect("ports");
-    click(&b, "#policy-form button[type=submit]")
+    click(b, "#policy-form button[type=submit]")
         .await
         .expect("submit");
     b.wait_text(
@@ -279,10 +315,10 @@ async fn console_admin_journey_in_chromium() {
     )
     .await
     .expect("port error next to the ports field");
-    fill(&b, "#policy-form", "ports", "22")
+    fill(b, "#policy-form", "ports", "22")
         .await
         .expect("fix ports");
-    click(&b, "#policy-form button[type=submit]")
+    click(b, "#policy-form button[type=submit]")
         .await
         .expect("submit again");
     b.wait_text("tr[data-policy]", "Anna to gateway SSH", T)
@@ -298,23 +334,23 @@ async fn console_admin_journey_in_chromium() {
         .clone();
     assert_eq!(p["protocol"], "tcp");
     assert_eq!(p["ports"], json!(["22"]));
-    shot(&b, "05-policies").await.expect("shot");
+    shot(b, "05-policies").await.expect("shot");
 
     // --- Route: a malformed CIDR is refused next to the network field; input is kept.
-    open(&b, "routes", "Routes").await.expect("routes page");
-    click_text(&b, ".page-head button", "New route")
+    open(b, "routes", "Routes").await.expect("routes page");
+    click_text(b, ".page-head button", "New route")
         .await
         .expect("click");
-    fill(&b, "#route-form", "network", "192.168.50.300/24")
+    fill(b, "#route-form", "network", "192.168.50.300/24")
         .await
         .expect("network");
-    choose(&b, "#route-form select[name=routing_peer]", &login.peer_id)
+    choose(b, "#route-form select[name=routing_peer]", &login.peer_id)
         .await
         .expect("choose routing peer");
-    click(&b, "#route-form input[name=groups][value=all]")
+    click(b, "#route-form input[name=groups][value=all]")
         .await
         .expect("dist");
-    click(&b, "#route-form button[type=submit]")
+    click(b, "#route-form button[type=submit]")
         .await
         .expect("submit");
     let err = b
@@ -339,27 +375,25 @@ async fn console_admin_journey_in_chromium() {
         b.property(&net, "ariaInvalid").await.expect("aria"),
         json!("true")
     );
-    shot(&b, "06-route-error").await.expect("shot");
-    fill(&b, "#route-form", "network", "192.168.50.0/24")
+    shot(b, "06-route-error").await.expect("shot");
+    fill(b, "#route-form", "network", "192.168.50.0/24")
         .await
         .expect("fix");
-    click(&b, "#route-form button[type=submit]")
+    click(b, "#route-form button[type=submit]")
         .await
         .expect("submit");
     b.wait_text("tr[data-route]", "192.168.50.0/24", T)
         .await
         .expect("route listed");
-    shot(&b, "07-routes").await.expect("shot");
+    shot(b, "07-routes").await.expect("shot");
 
     // --- Settings: an MTU below 1280 is explained at the field; peer approval switched on.
-    open(&b, "settings", "Settings").await.expect("settings");
-    fill(&b, "#settings-form", "mtu", "1000")
-        .await
-        .expect("mtu");
-    click(&b, "#settings-form input[name=peer_approval_required]")
+    open(b, "settings", "Settings").await.expect("settings");
+    fill(b, "#settings-form", "mtu", "1000").await.expect("mtu");
+    click(b, "#settings-form input[name=peer_approval_required]")
         .await
         .expect("check");
-    click(&b, "#settings-form button[type=submit]")
+    click(b, "#settings-form button[type=submit]")
         .await
         .expect("save");
     b.wait_text(
@@ -374,10 +408,8 @@ async fn console_admin_journey_in_chromium() {
         false,
         "nothing saved from a refused form"
     );
-    fill(&b, "#settings-form", "mtu", "1280")
-        .await
-        .expect("mtu");
-    click(&b, "#settings-form button[type=submit]")
+    fill(b, "#settings-form", "mtu", "1280").await.expect("mtu");
+    click(b, "#settings-form button[type=submit]")
         .await
         .expect("save");
     b.wait_text(".notice", "Settings saved", T)
@@ -387,11 +419,11 @@ async fn console_admin_journey_in_chromium() {
         server.get("/api/settings").await["peer_approval_required"],
         true
     );
-    shot(&b, "10-settings").await.expect("shot");
+    shot(b, "10-settings").await.expect("shot");
 
     // --- A peer joining now waits for approval; the admin approves it from the peers page.
-    open(&b, "peers", "Peers").await.expect("peers");
-    let agent3 = TestAgent::new(&server, "contractor-pc").await;
+    open(b, "peers", "Peers").await.expect("peers");
+    let agent3 = TestAgent::new(server, "contractor-pc").await;
     let login3 = agent3.login(Some(&key)).await.expect("register 3");
     let _stream3 = agent3.sync(&login3.peer_token).await.expect("sync 3");
     b.wait_text(
@@ -424,15 +456,15 @@ async fn console_admin_journey_in_chromium() {
         ("audit", "Audit log", "09-audit"),
         ("users", "Admins", "11-admins-tokens"),
     ] {
-        open(&b, route, heading).await.expect(route);
-        shot(&b, name).await.expect("shot");
+        open(b, route, heading).await.expect(route);
+        shot(b, name).await.expect("shot");
     }
     // The audit log filters by action.
-    open(&b, "audit", "Audit log").await.expect("audit");
-    fill(&b, "#audit-filter", "action", "policy.")
+    open(b, "audit", "Audit log").await.expect("audit");
+    fill(b, "#audit-filter", "action", "policy.")
         .await
         .expect("filter");
-    click(&b, "#audit-filter button[type=submit]")
+    click(b, "#audit-filter button[type=submit]")
         .await
         .expect("filter");
     b.wait_text(".page[data-page=audit] td", "policy.", T)
@@ -449,25 +481,18 @@ async fn console_admin_journey_in_chromium() {
 
     // --- Phone-size window: navigation behind a menu, page still usable.
     b.set_size(390, 844).await.expect("phone size");
-    open(&b, "peers", "Peers").await.expect("peers on phone");
-    shot(&b, "12-peers-phone").await.expect("shot");
+    open(b, "peers", "Peers").await.expect("peers on phone");
+    shot(b, "12-peers-phone").await.expect("shot");
     let menu = b.wait("button.menu", T).await.expect("menu button");
     b.click(&menu).await.expect("open menu");
     b.wait("nav a[data-route=routes]", T)
         .await
         .expect("nav visible after menu");
-    shot(&b, "13-menu-phone").await.expect("shot");
+    shot(b, "13-menu-phone").await.expect("shot");
     b.set_size(1280, 900).await.expect("desktop");
 
     // --- Sign out: back to the sign-in page, and the session token is dead on the server.
-    let token: Value = b
-        .execute(
-            "return JSON.parse(sessionStorage.getItem('tern.session')).token",
-            vec![],
-        )
-        .await
-        .expect("token");
-    let token = token.as_str().expect("token string").to_string();
+    let token = session_token(b).await;
     let ok = server
         .http
         .get(server.url("/api/auth/me"))
@@ -500,19 +525,15 @@ async fn console_admin_journey_in_chromium() {
         .await
         .expect("sign-in required again");
 
-    drop(b);
-    server.stop().await;
-    db.cleanup().await;
+    console.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keyboard_only_sign_in_and_dialogs() {
-    if !browser_available() {
+    let Some(console) = Console::start(fast_options(), 1024, 768).await else {
         return;
-    }
-    let db = TestDb::new(Backend::Sqlite).await.expect("db");
-    let server = TestServer::start(&db.url).await.expect("server");
-    let b = Browser::start(1024, 768).await.expect("browser");
+    };
+    let (server, b) = (&console.server, &console.b);
 
     // Keyboard only: the username field has focus; Tab to the password, Enter to submit.
     b.goto(&format!("{}/", server.base)).await.expect("open");
@@ -556,42 +577,26 @@ async fn keyboard_only_sign_in_and_dialogs() {
         .expect("focus");
     assert_eq!(focused, json!("name"), "focus moves into the dialog");
     b.keys("\u{E00C}").await.expect("escape");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        b.find_all("dialog[open]")
-            .await
-            .expect("dialogs")
-            .is_empty(),
-        "Escape closes the dialog"
-    );
+    b.wait_gone("dialog[open]", T)
+        .await
+        .expect("Escape closes the dialog");
 
-    drop(b);
-    server.stop().await;
-    db.cleanup().await;
+    console.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_session_returns_to_sign_in_and_is_refused_by_the_api() {
-    if !browser_available() {
-        return;
-    }
-    let db = TestDb::new(Backend::Sqlite).await.expect("db");
     let mut opts = fast_options();
     opts.admin_session_ttl = Duration::from_secs(3);
-    let server = TestServer::start_with(&db.url, opts).await.expect("server");
-    let b = Browser::start(1024, 768).await.expect("browser");
-    sign_in(&b, &server.base, "admin", ADMIN_PASSWORD)
+    let Some(console) = Console::start(opts, 1024, 768).await else {
+        return;
+    };
+    let (server, b) = (&console.server, &console.b);
+    sign_in(b, &server.base, "admin", ADMIN_PASSWORD)
         .await
         .expect("sign in");
     b.wait("#signout", T).await.expect("signed in");
-    let token = b
-        .execute(
-            "return JSON.parse(sessionStorage.getItem('tern.session')).token",
-            vec![],
-        )
-        .await
-        .expect("token");
-    let token = token.as_str().expect("token").to_string();
+    let token = session_token(b).await;
     // The session ends on its own: the console returns to sign-in and says why.
     b.wait_text("#signin-form", "expired", Duration::from_secs(15))
         .await
@@ -608,7 +613,5 @@ async fn an_expired_session_returns_to_sign_in_and_is_refused_by_the_api() {
         401,
         "the server refuses the expired session too"
     );
-    drop(b);
-    server.stop().await;
-    db.cleanup().await;
+    console.finish().await;
 }
