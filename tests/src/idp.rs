@@ -285,8 +285,8 @@ async fn token(State(s): State<Arc<IdpState>>, Form(f): Form<TokenForm>) -> Resp
         .into_response()
 }
 
-/// Base64url of a JSON header + claims with a garbage signature (for "bad signature" cases that
-/// keep a known kid).
+/// The same token with one byte of its signature flipped (a "bad signature" case that keeps the
+/// header, its known kid and the claims).
 pub fn with_forged_signature(token: &str) -> anyhow::Result<String> {
     let (rest, sig) = token.rsplit_once('.').ok_or_else(|| anyhow!("not a JWT"))?;
     let mut bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(sig)?;

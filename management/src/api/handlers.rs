@@ -83,18 +83,24 @@ impl FromRequestParts<Arc<AppState>> for Admin {
             let actor = format!("user:{} (sso)", user.username);
             (user, actor, None)
         };
-        if user.disabled {
-            return Err(ApiError::Forbidden(format!(
-                "user {:?} is disabled",
-                user.username
-            )));
-        }
+        let user = enabled(user)?;
         Ok(Admin {
             user,
             actor,
             session,
         })
     }
+}
+
+/// The user, unless an admin disabled the account.
+fn enabled(user: User) -> ApiResult<User> {
+    if user.disabled {
+        return Err(ApiError::Forbidden(format!(
+            "user {:?} is disabled",
+            user.username
+        )));
+    }
+    Ok(user)
 }
 
 /// Validates an identity provider's token and returns the linked admin account.
@@ -229,15 +235,10 @@ pub async fn login(State(s): St, ApiJson(b): ApiJson<LoginBody>) -> ApiResult<Js
         throttle().failed(&b.username, std::time::Instant::now());
         return Err(ApiError::Unauthorized("wrong username or password".into()));
     };
-    if c.user.disabled {
-        return Err(ApiError::Forbidden(format!(
-            "user {:?} is disabled",
-            c.user.username
-        )));
-    }
+    let user = enabled(c.user)?;
     throttle().succeeded(&b.username);
     let ttl = s.opts.admin_session_ttl.as_secs() as i64;
-    open_session(&s, c.user, SignInMethod::Password, ttl).await
+    open_session(&s, user, SignInMethod::Password, ttl).await
 }
 
 /// Opens a console session of `ttl` seconds and signs its token.
@@ -293,13 +294,7 @@ pub async fn login_oidc(
             "this is a Tern session token, not one from the identity provider",
         ));
     }
-    let user = oidc_admin(&s, token).await?;
-    if user.disabled {
-        return Err(ApiError::Forbidden(format!(
-            "user {:?} is disabled",
-            user.username
-        )));
-    }
+    let user = enabled(oidc_admin(&s, token).await?)?;
     let ttl = s.opts.admin_session_ttl.as_secs() as i64;
     open_session(&s, user, SignInMethod::Oidc, ttl).await
 }
