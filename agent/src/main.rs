@@ -5,6 +5,7 @@ mod control;
 mod engine;
 mod firewall;
 mod nat64;
+mod publish;
 mod routes;
 mod signal;
 mod sockopt;
@@ -71,6 +72,21 @@ enum Cmd {
     },
     /// Stop the running daemon (removes the interface).
     Down,
+    /// Publish a port of this host on the server's public address while this command runs
+    /// (Ctrl-C ends it). An admin must allow one of this peer's groups (Settings).
+    Expose {
+        /// tcp or udp.
+        #[arg(value_parser = ["tcp", "udp"])]
+        protocol: String,
+        /// The port on this host (reached on 127.0.0.1).
+        port: u16,
+        /// Port on the server (default: the first free one it may publish).
+        #[arg(long)]
+        public_port: Option<u16>,
+        /// Sources allowed to connect (CIDR, repeatable); default: everyone.
+        #[arg(long = "allow")]
+        allow: Vec<String>,
+    },
     /// Show the daemon's connections.
     Status {
         #[arg(long)]
@@ -116,6 +132,47 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("tern: {} going down", cli.interface);
             Ok(())
         }
+        Cmd::Expose {
+            protocol,
+            port,
+            public_port,
+            allow,
+        } => {
+            let args = publish::ExposeArgs {
+                protocol: protocol.clone(),
+                local_port: port,
+                public_port,
+                allow,
+            };
+            let (x, mut conn) = status::expose(&sock, &args).await?;
+            println!(
+                "tern: publishing this host's {protocol} port {port} at {}",
+                x.public_address
+            );
+            let everyone = x
+                .allowed_sources
+                .iter()
+                .any(|s| s == "0.0.0.0/0" || s == "::/0");
+            if everyone {
+                println!("  open to everyone (restrict with --allow CIDR)");
+            } else {
+                println!("  open to {}", x.allowed_sources.join(", "));
+            }
+            println!("  shown in the console as {}", x.name);
+            println!("Press Ctrl-C to stop publishing.");
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {
+                    println!("tern: stopped publishing port {port}");
+                    Ok(())
+                }
+                _ = term.recv() => Ok(()),
+                _ = status::closed(&mut conn) => {
+                    bail!("the tern daemon stopped; port {port} is no longer published")
+                }
+            }
+        }
         Cmd::Status { json, detail } => {
             let raw = status::request(&sock, "status").await?;
             if json {
@@ -159,6 +216,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             for n in &s.serving {
                 println!("Serving {n}");
+            }
+            for p in &s.services {
+                println!(
+                    "Publishing {} {} -> {}{}  ({} active, {} total)",
+                    p.protocol,
+                    p.public_address,
+                    p.target,
+                    if p.ephemeral {
+                        format!("  [tern expose: {}]", p.name)
+                    } else {
+                        format!("  [{}]", p.name)
+                    },
+                    p.active,
+                    p.total
+                );
             }
             for p in &s.peers {
                 let g = |k: &str| {
@@ -322,7 +394,7 @@ async fn up(
     tokio::spawn(signal::run(
         ch.clone(),
         key.clone(),
-        token_rx,
+        token_rx.clone(),
         sig_out_rx,
         sig_in_tx,
         sig_up_tx,
@@ -339,6 +411,9 @@ async fn up(
     }
     // Network maps -> engine, and the TCP relay connection that follows the map's URL/token.
     let (relay_tx, relay_rx) = watch::channel::<Option<(String, String)>>(None);
+    let (services_tx, services_rx) = watch::channel(Arc::new(Vec::new()));
+    let publisher = publish::Publisher::new(&url, tls_roots(), token_rx.clone(), services_rx)?;
+    tokio::spawn(publisher.clone().run());
     let (pending_tx, pending_rx) = watch::channel(false);
     {
         let e = engine.clone();
@@ -361,6 +436,13 @@ async fn up(
                 }
                 e.apply_map(&map);
                 e.apply_routes(&map);
+                services_tx.send_if_modified(|cur| {
+                    let changed = **cur != map.served_services;
+                    if changed {
+                        *cur = Arc::new(map.served_services.clone());
+                    }
+                    changed
+                });
                 let tcp = map
                     .relay
                     .as_ref()
@@ -407,8 +489,13 @@ async fn up(
             serving: e.served_status(),
             firewall_dropped: e.firewall_dropped(),
             pending_approval: *pending_rx.borrow(),
+            services: publisher.status(),
         },
         down_tx,
+        Arc::new(publish::ExposeClient {
+            channel: ch.clone(),
+            token: token_rx.clone(),
+        }),
     )
     .await?;
 

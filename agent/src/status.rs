@@ -5,7 +5,7 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -30,17 +30,23 @@ pub struct Status {
     /// Peer approval is required and an admin has not approved this peer yet.
     #[serde(default)]
     pub pending_approval: bool,
+    /// Public services whose clients this peer carries to their target.
+    #[serde(default)]
+    pub services: Vec<crate::publish::ServiceStatus>,
 }
 
 pub fn socket_path(run_dir: &Path, iface: &str) -> PathBuf {
     run_dir.join(format!("{iface}.sock"))
 }
 
-/// Serves requests: "status" -> JSON status; "down" -> answer, then `on_down` fires.
+/// Serves requests: "status" -> JSON status; "down" -> answer, then `on_down` fires;
+/// "expose <json>" -> publishes a port through management and unpublishes it when the caller
+/// closes the connection (its `tern expose` ended).
 pub async fn serve(
     path: PathBuf,
     status: impl Fn() -> Status + Send + Sync + 'static,
     down: tokio::sync::mpsc::Sender<()>,
+    expose: std::sync::Arc<crate::publish::ExposeClient>,
 ) -> anyhow::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -58,10 +64,33 @@ pub async fn serve(
             };
             let status = status.clone();
             let down = down.clone();
+            let expose = expose.clone();
             tokio::spawn(async move {
                 let (r, mut w) = s.split();
+                let mut r = BufReader::new(r);
                 let mut line = String::new();
-                if BufReader::new(r).read_line(&mut line).await.is_err() {
+                if r.read_line(&mut line).await.is_err() {
+                    return;
+                }
+                if let Some(args) = line.trim().strip_prefix("expose ") {
+                    let reply = match serde_json::from_str::<crate::publish::ExposeArgs>(args) {
+                        Err(e) => Err(format!("malformed expose request: {e}")),
+                        Ok(a) => expose.expose(&a).await,
+                    };
+                    let (text, id) = match reply {
+                        Ok(x) => (
+                            serde_json::to_string(&x).unwrap_or_default(),
+                            Some(x.service_id),
+                        ),
+                        Err(e) => (serde_json::json!({ "error": e }).to_string(), None),
+                    };
+                    let _ = w.write_all(format!("{text}\n").as_bytes()).await;
+                    if let Some(id) = id {
+                        // Held until `tern expose` ends (Ctrl-C closes the connection).
+                        let mut sink = vec![];
+                        let _ = r.read_to_end(&mut sink).await;
+                        expose.unexpose(&id).await;
+                    }
                     return;
                 }
                 let reply = match line.trim() {
@@ -80,21 +109,56 @@ pub async fn serve(
     Ok(())
 }
 
+/// Asks the daemon to publish a port; the returned connection keeps it published.
+pub async fn expose(
+    path: &Path,
+    args: &crate::publish::ExposeArgs,
+) -> anyhow::Result<(crate::publish::Exposed, UnixStream)> {
+    let mut s = connect(path).await?;
+    s.write_all(format!("expose {}\n", serde_json::to_string(args)?).as_bytes())
+        .await?;
+    let mut line = vec![];
+    loop {
+        let mut b = [0u8; 1];
+        if s.read(&mut b).await? == 0 || b[0] == b'\n' {
+            break;
+        }
+        line.push(b[0]);
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&line).context("the daemon sent a malformed answer")?;
+    if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+        anyhow::bail!("{e}");
+    }
+    Ok((
+        serde_json::from_value(v).context("the daemon sent a malformed answer")?,
+        s,
+    ))
+}
+
+/// Resolves when the daemon closes the connection.
+pub async fn closed(s: &mut UnixStream) {
+    let mut b = [0u8; 64];
+    while matches!(s.read(&mut b).await, Ok(n) if n > 0) {}
+}
+
+async fn connect(path: &Path) -> anyhow::Result<UnixStream> {
+    UnixStream::connect(path).await.map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+            anyhow::anyhow!(
+                "the tern daemon is not running (no socket at {})",
+                path.display()
+            )
+        }
+        std::io::ErrorKind::PermissionDenied => {
+            anyhow::anyhow!("permission denied on {}: run as root", path.display())
+        }
+        _ => anyhow::anyhow!("cannot reach the daemon at {}: {e}", path.display()),
+    })
+}
+
 pub async fn request(path: &Path, cmd: &str) -> anyhow::Result<String> {
-    let mut s = UnixStream::connect(path)
-        .await
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
-                anyhow::anyhow!(
-                    "the tern daemon is not running (no socket at {})",
-                    path.display()
-                )
-            }
-            std::io::ErrorKind::PermissionDenied => {
-                anyhow::anyhow!("permission denied on {}: run as root", path.display())
-            }
-            _ => anyhow::anyhow!("cannot reach the daemon at {}: {e}", path.display()),
-        })?;
+    let mut s = connect(path).await?;
     s.write_all(format!("{cmd}\n").as_bytes()).await?;
     let mut out = String::new();
     BufReader::new(s).read_line(&mut out).await?;

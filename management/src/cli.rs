@@ -71,6 +71,19 @@ pub struct Args {
     /// Peer ranges the relay may reach despite its default filter (labs only), comma-separated.
     #[arg(long, env = "TERN_RELAY_ALLOW_PEERS", value_delimiter = ',')]
     pub relay_allow_peers: Vec<ipnet::IpNet>,
+    /// Ports the server may publish as public services (TCP and UDP), e.g. 10000-10999; "off"
+    /// switches public services off. Open (and publish, in Docker) the same range.
+    #[arg(long, env = "TERN_PUBLIC_PORTS", default_value = "10000-10999")]
+    pub public_ports: String,
+    /// Address public service ports listen on.
+    #[arg(long, env = "TERN_PUBLIC_BIND", default_value = "0.0.0.0")]
+    pub public_bind: std::net::IpAddr,
+    /// Open public-service connections plus UDP flows, all services together.
+    #[arg(long, env = "TERN_PUBLIC_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub public_max_connections: usize,
+    /// The same, per source address (one source cannot starve the others).
+    #[arg(long, env = "TERN_PUBLIC_MAX_PER_SOURCE", default_value_t = 256)]
+    pub public_max_per_source: usize,
     /// Lifetime of a console sign-in session in seconds.
     #[arg(long, env = "TERN_ADMIN_SESSION_TTL", default_value_t = 43_200)]
     pub admin_session_ttl: u64,
@@ -179,23 +192,38 @@ pub async fn run(args: Args, with_signal: bool) -> anyhow::Result<()> {
             .map(|s| s.expose_secret().as_bytes().to_vec())
             .unwrap_or_default(),
     };
-    let opts = ManagementOptions {
-        relay,
-        relay_credentials_ttl: Duration::from_secs(args.relay_credentials_ttl.max(120)),
-        peer_token_secret: args
-            .peer_token_secret
-            .as_ref()
-            .map(|s| s.expose_secret().as_bytes().to_vec()),
-        admin_session_ttl: Duration::from_secs(args.admin_session_ttl.max(60)),
-        oidc: oidc_config(&args)?,
-        ..ManagementOptions::default()
-    };
+    let opts =
+        ManagementOptions {
+            relay,
+            relay_credentials_ttl: Duration::from_secs(args.relay_credentials_ttl.max(120)),
+            peer_token_secret: args
+                .peer_token_secret
+                .as_ref()
+                .map(|s| s.expose_secret().as_bytes().to_vec()),
+            admin_session_ttl: Duration::from_secs(args.admin_session_ttl.max(60)),
+            oidc: oidc_config(&args)?,
+            public: crate::publish::PublicOptions {
+                ports: match args.public_ports.trim() {
+                    "off" | "" => None,
+                    r => Some(parse_ports(r).with_context(|| {
+                        format!("--public-ports {r:?} (e.g. 10000-10999 or off)")
+                    })?),
+                },
+                bind: args.public_bind,
+                max_connections: args.public_max_connections.max(1),
+                max_per_source: args.public_max_per_source.max(1),
+                ..Default::default()
+            },
+            ..ManagementOptions::default()
+        };
+    raise_fd_limit();
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(c), Some(k)) => Some(tern_relay::tls::load_server_config(c, k)?),
         _ => None,
     };
     let relay = if with_signal && !args.no_relay {
-        let (min_port, max_port) = parse_ports(&args.relay_ports)?;
+        let (min_port, max_port) = parse_ports(&args.relay_ports)
+            .with_context(|| format!("--relay-ports {:?}", args.relay_ports))?;
         let public_ip = args
             .relay_public_ip
             .or_else(|| {
@@ -248,6 +276,13 @@ pub async fn run(args: Args, with_signal: bool) -> anyhow::Result<()> {
     if let Some(r) = &running.relay {
         println!("  Relay:            STUN/TURN udp {}  (TCP fallback {url}/relay, metrics {url}/metrics)", r.udp_addr);
     }
+    match running.state.opts.public.ports {
+        Some((a, b)) => println!(
+            "  Public services:  tcp/udp ports {a}-{b} on {} (open them in the firewall)",
+            args.public_bind
+        ),
+        None => println!("  Public services:  off (--public-ports)"),
+    }
     if let Some(f) = first {
         println!("First start: these are shown only once; store them now.");
         println!("  Admin user:       {}", f.admin_user);
@@ -266,10 +301,22 @@ pub async fn run(args: Args, with_signal: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Public services hold two descriptors per connection: lift the soft limit to the hard one.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(error = %e, soft, "cannot raise the open-file limit");
+            }
+        }
+    }
+}
+
 fn parse_ports(s: &str) -> anyhow::Result<(u16, u16)> {
     let (a, b) = s
         .split_once('-')
-        .context("relay ports must look like 49152-65535")?;
+        .context("a port range must look like 49152-65535")?;
     let (a, b): (u16, u16) = (
         a.trim()
             .parse()
@@ -278,10 +325,7 @@ fn parse_ports(s: &str) -> anyhow::Result<(u16, u16)> {
             .parse()
             .with_context(|| format!("bad port {b:?}"))?,
     );
-    anyhow::ensure!(
-        a > 0 && a <= b,
-        "relay port range {s} is empty or starts at 0"
-    );
+    anyhow::ensure!(a > 0 && a <= b, "port range {s} is empty or starts at 0");
     Ok((a, b))
 }
 

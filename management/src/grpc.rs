@@ -60,6 +60,44 @@ const MAX_REPORTED: usize = 10_000;
 
 type SyncStream = Pin<Box<dyn Stream<Item = Result<pb::SyncResponse, Status>> + Send>>;
 
+impl AgentService {
+    /// The peer a request's token names, if its sync stream is open (it is online).
+    fn online_peer(&self, md: &tonic::metadata::MetadataMap) -> Result<String, Status> {
+        let token = bearer(md).ok_or_else(|| Status::unauthenticated("missing peer token"))?;
+        let id = verify_peer_token(&self.state.peer_token_secret, token)
+            .map_err(|e| Status::unauthenticated(e.to_string()))?;
+        if !self.state.has_stream(&id.peer_id) {
+            return Err(Status::failed_precondition(
+                "open the sync stream first (the agent is not connected)",
+            ));
+        }
+        Ok(id.peer_id)
+    }
+
+    fn publisher(&self) -> Result<&Arc<crate::publish::Publisher>, Status> {
+        self.state
+            .publisher
+            .get()
+            .ok_or_else(|| Status::unavailable("public services are not served by this process"))
+    }
+}
+
+/// A CIDR in canonical form, for `tern expose --allow`.
+fn source_net(s: &str) -> Result<ipnet::IpNet, Status> {
+    let n: ipnet::IpNet = s.trim().parse().map_err(|_| {
+        Status::invalid_argument(format!(
+            "{s:?} is not a network in CIDR notation, e.g. 198.51.100.0/24"
+        ))
+    })?;
+    if n.trunc() != n {
+        return Err(Status::invalid_argument(format!(
+            "{n} has host bits set; did you mean {}?",
+            n.trunc()
+        )));
+    }
+    Ok(n)
+}
+
 #[tonic::async_trait]
 impl ManagementService for AgentService {
     async fn get_server_key(
@@ -135,16 +173,8 @@ impl ManagementService for AgentService {
         &self,
         req: Request<pb::StatusReport>,
     ) -> Result<Response<pb::StatusAck>, Status> {
-        let token =
-            bearer(req.metadata()).ok_or_else(|| Status::unauthenticated("missing peer token"))?;
-        let id = verify_peer_token(&self.state.peer_token_secret, token)
-            .map_err(|e| Status::unauthenticated(e.to_string()))?;
         // Reports describe online peers; dropped with the stream, so none outlive their peer.
-        if !self.state.has_stream(&id.peer_id) {
-            return Err(Status::failed_precondition(
-                "open the sync stream before reporting connections",
-            ));
-        }
+        let peer_id = self.online_peer(req.metadata())?;
         let report = req.into_inner();
         if report.connections.len() > MAX_REPORTED {
             return Err(Status::invalid_argument(format!(
@@ -171,9 +201,98 @@ impl ManagementService for AgentService {
                 rtt_ms: (c.rtt_ms > 0).then_some(c.rtt_ms),
             });
         }
-        debug!(peer = %id.peer_id, connections = conns.len(), "status report");
-        self.state.set_connections(&id.peer_id, conns);
+        debug!(peer = %peer_id, connections = conns.len(), "status report");
+        self.state.set_connections(&peer_id, conns);
         Ok(Response::new(pb::StatusAck {}))
+    }
+
+    async fn expose(
+        &self,
+        req: Request<pb::ExposeRequest>,
+    ) -> Result<Response<pb::ExposeResponse>, Status> {
+        use crate::model::ServiceProtocol;
+        let peer_id = self.online_peer(req.metadata())?;
+        let p = self.publisher()?;
+        let r = req.into_inner();
+        let protocol: ServiceProtocol = r.protocol.parse().map_err(Status::invalid_argument)?;
+        let local_port = u16::try_from(r.local_port)
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| {
+                Status::invalid_argument(format!("{} is not a port (1-65535)", r.local_port))
+            })?;
+        let (first, last) = p.opts.ports.ok_or_else(|| {
+            Status::failed_precondition(
+                "public services are switched off on this server (--public-ports)",
+            )
+        })?;
+        let public_port = match r.public_port {
+            0 => None,
+            n => {
+                let n = u16::try_from(n)
+                    .map_err(|_| Status::invalid_argument(format!("{n} is not a port")))?;
+                p.opts
+                    .check_port(protocol, n)
+                    .and_then(|()| p.check_free(protocol, n))
+                    .map_err(Status::invalid_argument)?;
+                Some(n)
+            }
+        };
+        let mut allowed_sources = r
+            .allowed_sources
+            .iter()
+            .map(|s| source_net(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        if allowed_sources.is_empty() {
+            allowed_sources = vec![
+                "0.0.0.0/0".parse().map_err(|_| Status::internal("cidr"))?,
+                "::/0".parse().map_err(|_| Status::internal("cidr"))?,
+            ];
+        }
+        let taken = |proto: ServiceProtocol, port: u16| {
+            p.opts.check_port(proto, port).is_err() || p.check_free(proto, port).is_err()
+        };
+        let s = self
+            .state
+            .store
+            .expose(
+                &peer_id,
+                crate::store::ExposeInput {
+                    protocol,
+                    local_port,
+                    public_port,
+                    ports: first..=last,
+                    taken: &taken,
+                    allowed_sources,
+                },
+            )
+            .await
+            .map_err(status_from)?;
+        info!(peer = %peer_id, service = %s.name, port = s.public_port, protocol = protocol.as_str(), "port exposed");
+        Ok(Response::new(pb::ExposeResponse {
+            service_id: s.id,
+            name: s.name,
+            public_address: p.opts.address(s.public_port),
+            allowed_sources: s.allowed_sources.iter().map(|n| n.to_string()).collect(),
+        }))
+    }
+
+    async fn unexpose(
+        &self,
+        req: Request<pb::UnexposeRequest>,
+    ) -> Result<Response<pb::UnexposeResponse>, Status> {
+        let token =
+            bearer(req.metadata()).ok_or_else(|| Status::unauthenticated("missing peer token"))?;
+        let id = verify_peer_token(&self.state.peer_token_secret, token)
+            .map_err(|e| Status::unauthenticated(e.to_string()))?;
+        let r = req.into_inner();
+        self.state
+            .store
+            .unexpose(&id.peer_id, &r.service_id)
+            .await
+            .map_err(status_from)?;
+        info!(peer = %id.peer_id, service = %r.service_id, "port no longer exposed");
+        Ok(Response::new(pb::UnexposeResponse {}))
     }
 
     async fn sync(&self, req: Request<pb::SyncRequest>) -> Result<Response<SyncStream>, Status> {
@@ -214,6 +333,16 @@ impl ManagementService for AgentService {
                     Err(StoreError::NotFound { .. }) => {}
                     Err(e) => {
                         warn!(peer = %peer_id, error = ?e, "could not mark peer disconnected")
+                    }
+                }
+                // Its `tern expose` ports end with it.
+                match state.store.remove_ephemeral_services(Some(&peer_id)).await {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        info!(peer = %peer_id, removed = n, "ephemeral public services removed")
+                    }
+                    Err(e) => {
+                        warn!(peer = %peer_id, error = ?e, "could not remove ephemeral services")
                     }
                 }
             }

@@ -40,6 +40,9 @@ pub struct Settings {
     /// New peers must be approved by an admin before they see or are seen by anyone.
     #[serde(default)]
     pub peer_approval_required: bool,
+    /// Groups whose peers may publish their own ports with `tern expose` (none by default).
+    #[serde(default)]
+    pub expose_groups: Vec<String>,
     /// Serial of the current network state; bumped by every change that can affect a map.
     #[serde(default)]
     pub network_serial: i64,
@@ -252,4 +255,65 @@ pub struct AuditEvent {
     pub target_id: String,
     #[schema(value_type = Object)]
     pub detail: serde_json::Value,
+}
+
+pub use tern_proto::tunnel::Protocol as ServiceProtocol;
+
+/// A port on the server's public address carried to a target inside the mesh.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct PublicService {
+    pub id: String,
+    pub name: String,
+    #[schema(value_type = String, example = "tcp")]
+    pub protocol: ServiceProtocol,
+    pub public_port: u16,
+    /// Where outside clients connect, e.g. "vpn.example.com:10001".
+    pub public_address: String,
+    /// A peer's overlay address or an address inside a routed network.
+    #[schema(value_type = String, example = "192.168.50.10")]
+    pub target_ip: std::net::IpAddr,
+    pub target_port: u16,
+    /// Sources allowed to connect (CIDRs); 0.0.0.0/0 and ::/0 open the service to everyone.
+    #[schema(value_type = Vec<String>, example = json!(["198.51.100.0/24"]))]
+    pub allowed_sources: Vec<IpNet>,
+    pub enabled: bool,
+    /// TCP: send a PROXY protocol v2 header to the target so it sees the client's address.
+    pub proxy_protocol: bool,
+    /// A connection (TCP) or flow (UDP) with no traffic for this long is closed.
+    pub idle_timeout_secs: u32,
+    /// Published by an agent with `tern expose` (removed when it stops or disconnects).
+    pub ephemeral: bool,
+    /// The peer that published an ephemeral service.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner_peer: Option<String>,
+    pub created_at: Millis,
+    /// How the target is reached, in words (e.g. "peer factory-gw", "route 192.168.50.0/24 via
+    /// gw-1, gw-2"); filled by the API.
+    pub reached_via: String,
+    /// Live counters since the server started (not stored).
+    pub stats: ServiceStats,
+}
+
+/// Counters of one public service.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, ToSchema)]
+pub struct ServiceStats {
+    /// Open TCP connections or live UDP flows.
+    pub active: u64,
+    /// Connections (or flows) carried to the target since the server started.
+    pub connections_total: u64,
+    /// Bytes from outside clients to the target.
+    pub bytes_in: u64,
+    /// Bytes from the target to outside clients.
+    pub bytes_out: u64,
+    /// Connections refused because the source is outside `allowed_sources`.
+    pub refused_allowlist: u64,
+    /// Connections refused by the per-source or global limit.
+    pub refused_limit: u64,
+    /// Connections that could not reach the target.
+    pub failed: u64,
+    /// The last failure in words (omitted when there was none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error_at: Option<Millis>,
 }

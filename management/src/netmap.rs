@@ -3,7 +3,7 @@
 //! routes it installs or serves, and relay endpoints with time-limited credentials).
 //! [`NetIndex`] is built once per snapshot so computing many maps is cheap.
 
-use crate::model::{Peer, PortRange, Protocol as ModelProtocol};
+use crate::model::{Peer, PortRange, Protocol as ModelProtocol, PublicService};
 use crate::store::Snapshot;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -40,6 +40,9 @@ pub struct NetIndex {
     members: HashMap<String, Vec<usize>>,
     /// Parsed port ranges per policy id (invalid entries were refused on input; skipped here).
     ports: HashMap<String, Vec<PortRange>>,
+    /// Per enabled public service: the peers that can carry its clients to the target, best
+    /// first, or why none can.
+    carriers: HashMap<String, Result<Vec<usize>, String>>,
 }
 
 impl NetIndex {
@@ -66,11 +69,90 @@ impl NetIndex {
                 )
             })
             .collect();
-        NetIndex {
+        let mut idx = NetIndex {
             snap,
             by_id,
             members,
             ports,
+            carriers: HashMap::new(),
+        };
+        idx.carriers = idx
+            .snap
+            .services
+            .iter()
+            .filter(|s| s.enabled)
+            .map(|s| (s.id.clone(), idx.find_carriers(s)))
+            .collect();
+        idx
+    }
+
+    /// The peers that reach a service's target, best first: its owner (`tern expose`), the peer
+    /// with that overlay address, or the routing peers of the most specific enabled route that
+    /// contains it (by metric, then name: the HA order clients use).
+    fn find_carriers(&self, s: &PublicService) -> Result<Vec<usize>, String> {
+        let peers = &self.snap.peers;
+        let usable = |i: usize| -> Result<Vec<usize>, String> {
+            let p = &peers[i];
+            if p.approved {
+                Ok(vec![i])
+            } else {
+                Err(format!("peer {} awaits an admin's approval", p.name))
+            }
+        };
+        if let Some(owner) = &s.owner_peer {
+            let i = self
+                .by_id
+                .get(owner.as_str())
+                .copied()
+                .ok_or_else(|| "the publishing peer was deleted".to_string())?;
+            return usable(i);
+        }
+        if self.snap.settings.overlay_range.contains(&s.target_ip) {
+            let ip = s.target_ip.to_string();
+            let i = peers
+                .iter()
+                .position(|p| p.overlay_ip == ip)
+                .ok_or_else(|| format!("no peer has the overlay address {ip}"))?;
+            return usable(i);
+        }
+        let best = self
+            .snap
+            .routes
+            .iter()
+            .filter(|r| r.enabled && r.network.contains(&s.target_ip))
+            .map(|r| r.network.prefix_len())
+            .max()
+            .ok_or_else(|| format!("no enabled route contains {}", s.target_ip))?;
+        let mut routers: Vec<(i64, &str, usize)> = vec![];
+        for r in self
+            .snap
+            .routes
+            .iter()
+            .filter(|r| r.enabled && r.network.contains(&s.target_ip))
+            .filter(|r| r.network.prefix_len() == best)
+        {
+            for i in self.routers(r) {
+                if !routers.iter().any(|x| x.2 == i) {
+                    routers.push((r.metric, peers[i].name.as_str(), i));
+                }
+            }
+        }
+        if routers.is_empty() {
+            return Err(format!(
+                "the route containing {} has no approved routing peer",
+                s.target_ip
+            ));
+        }
+        routers.sort();
+        Ok(routers.into_iter().map(|(_, _, i)| i).collect())
+    }
+
+    /// Ids of the peers that carry `service_id`'s clients, best first (Err: why none can).
+    pub fn service_carriers(&self, service_id: &str) -> Result<Vec<&Peer>, String> {
+        match self.carriers.get(service_id) {
+            None => Err("the service is disabled or was deleted".into()),
+            Some(Err(e)) => Err(e.clone()),
+            Some(Ok(v)) => Ok(v.iter().map(|&i| &self.snap.peers[i]).collect()),
         }
     }
 
@@ -260,8 +342,27 @@ impl NetIndex {
                 network: k.network,
             })
             .collect();
+        let served_services = self
+            .snap
+            .services
+            .iter()
+            .filter(
+                |s| matches!(self.carriers.get(s.id.as_str()), Some(Ok(c)) if c.contains(&me_idx)),
+            )
+            .map(|s| pb::ServedService {
+                id: s.id.clone(),
+                name: s.name.clone(),
+                protocol: s.protocol.as_str().to_string(),
+                target: std::net::SocketAddr::new(s.target_ip, s.target_port).to_string(),
+                proxy_protocol: s.proxy_protocol,
+                idle_timeout_secs: s.idle_timeout_secs,
+                public_port: s.public_port as u32,
+                ephemeral: s.ephemeral,
+            })
+            .collect();
         Some(pb::NetworkMap {
             serial: settings.network_serial.max(0) as u64,
+            served_services,
             peer_config,
             remote_peers,
             firewall_rules,
@@ -363,6 +464,7 @@ pub fn summary(m: &pb::NetworkMap) -> BTreeMap<&'static str, usize> {
         ("firewall_rules", m.firewall_rules.len()),
         ("routes", m.routes.len()),
         ("served_routes", m.served_routes.len()),
+        ("served_services", m.served_services.len()),
     ])
 }
 
@@ -426,11 +528,13 @@ mod tests {
                 peer_login_expiry_secs: 0,
                 ephemeral_ttl_secs: 600,
                 peer_approval_required: false,
+                expose_groups: vec![],
                 network_serial: 7,
             },
             peers,
             policies,
             routes,
+            services: vec![],
         }
     }
 

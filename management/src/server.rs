@@ -67,6 +67,7 @@ pub struct Running {
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
     janitor: JoinHandle<()>,
+    publisher: JoinHandle<()>,
 }
 
 impl Running {
@@ -75,6 +76,7 @@ impl Running {
     pub async fn stop(self, grace: Duration) {
         let _ = self.shutdown.send(true);
         self.janitor.abort();
+        self.publisher.abort();
         let mut task = self.task;
         if tokio::time::timeout(grace, &mut task).await.is_err() {
             task.abort();
@@ -112,6 +114,11 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Running> {
         .mark_all_disconnected()
         .await
         .context("resetting connection state")?;
+    // No agent is connected yet, so no `tern expose` is running.
+    store
+        .remove_ephemeral_services(None)
+        .await
+        .context("removing ephemeral public services")?;
     let listener = TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
@@ -171,9 +178,33 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Running> {
             Some(relay)
         }
     };
+    opts.public.host = url_authority(&public_url)?.1;
+    opts.public.reserved.push(crate::publish::Reserved {
+        protocol: crate::model::ServiceProtocol::Tcp,
+        first: addr.port(),
+        last: addr.port(),
+        what: "API, console and agents",
+    });
+    if let Some(er) = &cfg.relay {
+        let udp = crate::model::ServiceProtocol::Udp;
+        opts.public.reserved.push(crate::publish::Reserved {
+            protocol: udp,
+            first: er.udp_listen.port(),
+            last: er.udp_listen.port(),
+            what: "STUN/TURN",
+        });
+        opts.public.reserved.push(crate::publish::Reserved {
+            protocol: udp,
+            first: er.min_port,
+            last: er.max_port,
+            what: "TURN relay port range",
+        });
+    }
+    let publisher = crate::publish::Publisher::new(opts.public.clone());
     let state = AppState::new(store, opts)
         .await
         .context("loading server keys")?;
+    let _ = state.publisher.set(publisher.clone());
     if let Some(r) = &relay {
         let _ = state.relay_metrics.set(r.metrics.clone());
         let _ = state.relay_udp.set(r.udp_addr);
@@ -192,6 +223,9 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Running> {
     if let Some(r) = &relay {
         router = router.merge(r.router());
     }
+    router = router
+        .merge(crate::publish::router(state.clone()))
+        .merge(metrics_router(state.clone()));
     let (shutdown, rx) = watch::channel(false);
     let task = tokio::spawn(tern_relay::tls::serve(
         listener,
@@ -200,6 +234,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Running> {
         rx,
     ));
     let janitor = tokio::spawn(janitor(state.clone()));
+    let publisher = tokio::spawn(publisher.run(state.clone()));
     info!(%addr, %public_url, signal = signal.is_some(), relay = relay.is_some(), tls = cfg.tls.is_some(), "management listening");
     Ok(Running {
         addr,
@@ -210,7 +245,31 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Running> {
         shutdown,
         task,
         janitor,
+        publisher,
     })
+}
+
+/// `/metrics`: the embedded relay's counters and those of public services (Prometheus text).
+fn metrics_router(state: Arc<AppState>) -> axum::Router {
+    async fn render(
+        axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+    ) -> impl axum::response::IntoResponse {
+        let mut out = state
+            .relay_metrics
+            .get()
+            .map(|m| m.render())
+            .unwrap_or_default();
+        if let Some(p) = state.publisher.get() {
+            match state.store.services().await {
+                Ok(services) => out.push_str(&crate::publish::render_metrics(p, &services)),
+                Err(e) => warn!(error = ?e, "metrics: cannot list public services"),
+            }
+        }
+        ([("content-type", "text/plain; version=0.0.4")], out)
+    }
+    axum::Router::new()
+        .route("/metrics", axum::routing::get(render))
+        .with_state(state)
 }
 
 /// Periodic clean-up: ephemeral peers that stayed disconnected past their TTL.

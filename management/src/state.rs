@@ -25,6 +25,8 @@ pub struct ManagementOptions {
     pub sync_debounce: Duration,
     /// OIDC single sign-on for admins; off when None.
     pub oidc: Option<crate::oidc::OidcConfig>,
+    /// Public services (ports on the server carried to targets in the mesh).
+    pub public: crate::publish::PublicOptions,
 }
 
 impl Default for ManagementOptions {
@@ -37,6 +39,7 @@ impl Default for ManagementOptions {
             peer_token_secret: None,
             sync_debounce: Duration::from_millis(150),
             oidc: None,
+            public: crate::publish::PublicOptions::default(),
         }
     }
 }
@@ -62,6 +65,8 @@ pub struct AppState {
     relay_health: Mutex<Option<(Instant, bool)>>,
     /// Password sign-in attempts per username.
     pub sign_in_throttle: std::sync::Mutex<crate::auth::SignInThrottle>,
+    /// Public services: listeners, tunnels to agents, counters (set by the server at start).
+    pub publisher: std::sync::OnceLock<Arc<crate::publish::Publisher>>,
 }
 
 /// (path-change version, 5-s time bucket) a cached connection summary was computed for.
@@ -135,6 +140,7 @@ impl AppState {
             relay_udp: std::sync::OnceLock::new(),
             relay_health: Mutex::new(None),
             sign_in_throttle: std::sync::Mutex::new(Default::default()),
+            publisher: std::sync::OnceLock::new(),
         }))
     }
 

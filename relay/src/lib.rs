@@ -117,8 +117,13 @@ impl Relay {
         })
     }
 
-    /// `/relay` (WebSocket datagram relay) and `/metrics`.
+    /// `/relay` (WebSocket datagram relay); an embedding server serves the counters itself.
     pub fn router(&self) -> Router {
+        self.tcp.router()
+    }
+
+    /// `/relay` and `/metrics` (the stand-alone relay).
+    pub fn router_with_metrics(&self) -> Router {
         let m = self.metrics.clone();
         self.tcp.router().route(
             "/metrics",

@@ -111,7 +111,7 @@ async fn try_main(args: Args) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(tern_relay::tls::serve(
         listener,
-        relay.router(),
+        relay.router_with_metrics(),
         tls,
         stop_rx,
     ));

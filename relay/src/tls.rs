@@ -52,6 +52,12 @@ pub async fn serve(
         let stop = async move {
             let _ = shutdown.wait_for(|s| *s).await;
         };
+        use axum::serve::ListenerExt;
+        // Small frames (gRPC, tunnel handshakes, interactive traffic in public-service tunnels)
+        // must not wait for Nagle.
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         if let Err(e) = axum::serve(listener, router)
             .with_graceful_shutdown(stop)
             .await
@@ -69,6 +75,7 @@ pub async fn serve(
             },
             _ = stopped(&mut shutdown) => return,
         };
+        let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let router = router.clone();
         let mut stop = shutdown.clone();

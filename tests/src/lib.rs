@@ -15,6 +15,7 @@ use tern_proto::SecretKey;
 use tonic::transport::Channel;
 
 pub mod idp;
+pub mod mesh;
 pub mod netns;
 pub mod webdriver;
 

@@ -230,19 +230,46 @@ table inet tern_fw {
     /// A LAN behind home `home_ns` (which must forward): a device at 192.168.50.10 whose network
     /// 192.168.50.0/24 the home reaches on its eth1 (192.168.50.1). Returns the LAN namespace.
     pub fn add_lan(&mut self, home_ns: &str) -> anyhow::Result<String> {
-        let lan = self.add_ns("lan")?;
+        self.add_lan_named(home_ns, "lan", "192.168.50")
+    }
+
+    /// A LAN `<net>.0/24` behind `home_ns` (on its eth1, `<net>.1`) with a device `<net>.10` in a
+    /// namespace called `name`.
+    pub fn add_lan_named(
+        &mut self,
+        home_ns: &str,
+        name: &str,
+        net: &str,
+    ) -> anyhow::Result<String> {
+        let lan = self.add_ns(name)?;
         self.veth(home_ns, "eth1", &lan, "eth0")?;
         ip(&[
             "-n",
             home_ns,
             "addr",
             "add",
-            "192.168.50.1/24",
+            &format!("{net}.1/24"),
             "dev",
             "eth1",
         ])?;
-        ip(&["-n", &lan, "addr", "add", "192.168.50.10/24", "dev", "eth0"])?;
+        ip(&[
+            "-n",
+            &lan,
+            "addr",
+            "add",
+            &format!("{net}.10/24"),
+            "dev",
+            "eth0",
+        ])?;
         Ok(lan)
+    }
+
+    /// A host on the "internet" bridge with no agent and no NAT (e.g. a supplier's server), at
+    /// `ip` in 203.0.113.0/24. Returns its namespace.
+    pub fn add_internet_host(&mut self, name: &str, ip: &str) -> anyhow::Result<String> {
+        let ns = self.add_ns(name)?;
+        self.link_to_bridge(&ns, "eth0", &format!("{ip}/24"))?;
+        Ok(ns)
     }
 
     /// A home whose uplink is IPv6 only, behind a carrier NAT64 (tayga + NAT44 masquerade) with

@@ -127,7 +127,7 @@ async fn oidc_admin(state: &AppState, token: &str) -> ApiResult<User> {
 // ---------------------------------------------------------------------------------------------
 // Validation helpers
 
-fn name(field: &str, s: &str) -> ApiResult<String> {
+pub(super) fn name(field: &str, s: &str) -> ApiResult<String> {
     let t = s.trim();
     if t.is_empty() {
         return Err(ApiError::invalid(field, "must not be empty"));
@@ -145,7 +145,7 @@ fn name(field: &str, s: &str) -> ApiResult<String> {
 }
 
 /// A CIDR in canonical form (no host bits set).
-fn cidr(field: &str, s: &str) -> ApiResult<IpNet> {
+pub(super) fn cidr(field: &str, s: &str) -> ApiResult<IpNet> {
     let n: IpNet = s.trim().parse().map_err(|_| {
         ApiError::invalid(
             field,
@@ -1082,6 +1082,8 @@ pub struct SettingsBody {
     pub ephemeral_ttl_secs: i64,
     /// New peers wait for an admin's approval; omitted = unchanged.
     pub peer_approval_required: Option<bool>,
+    /// Groups whose peers may publish their own ports with `tern expose`; omitted = unchanged.
+    pub expose_groups: Option<Vec<String>>,
 }
 
 #[utoipa::path(get, path = "/api/settings", responses((status = 200, body = Settings)))]
@@ -1128,16 +1130,18 @@ pub async fn update_settings(
             "must be within 60 s and 30 days",
         ));
     }
-    let peer_approval_required = match b.peer_approval_required {
-        Some(v) => v,
-        None => s.store.settings().await?.peer_approval_required,
-    };
+    let current = s.store.settings().await?;
+    let peer_approval_required = b
+        .peer_approval_required
+        .unwrap_or(current.peer_approval_required);
+    let expose_groups = b.expose_groups.unwrap_or(current.expose_groups);
     let new = Settings {
         overlay_range: range,
         mtu: b.mtu,
         peer_login_expiry_secs: b.peer_login_expiry_secs,
         ephemeral_ttl_secs: b.ephemeral_ttl_secs,
         peer_approval_required,
+        expose_groups,
         network_serial: 0,
     };
     Ok(Json(s.store.update_settings(&a.actor, &new).await?))

@@ -4,6 +4,7 @@
 
 mod error;
 mod handlers;
+mod services;
 
 pub use error::ApiError;
 
@@ -65,6 +66,16 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/api/routes/{id}",
             get(get_route).put(update_route).delete(delete_route),
         )
+        .route(
+            "/api/services",
+            get(services::list_services).post(services::create_service),
+        )
+        .route(
+            "/api/services/{id}",
+            get(services::get_service)
+                .put(services::update_service)
+                .delete(services::delete_service),
+        )
         .route("/api/settings", get(get_settings).put(update_settings))
         .route("/api/audit", get(list_audit))
         .merge(crate::web::router())
@@ -93,6 +104,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         handlers::list_peers, handlers::get_peer, handlers::status, handlers::update_peer, handlers::delete_peer,
         handlers::list_policies, handlers::create_policy, handlers::get_policy, handlers::update_policy, handlers::delete_policy,
         handlers::list_routes, handlers::create_route, handlers::get_route, handlers::update_route, handlers::delete_route,
+        services::list_services, services::create_service, services::get_service, services::update_service, services::delete_service,
         handlers::get_settings, handlers::update_settings,
         handlers::list_audit,
     ),

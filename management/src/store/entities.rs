@@ -64,6 +64,16 @@ impl Store {
         .bind(s.peer_approval_required as i64)
         .execute(c.conn())
         .await?;
+        check_groups(c.conn(), "expose_groups", &s.expose_groups).await?;
+        sqlx::query("DELETE FROM expose_groups")
+            .execute(c.conn())
+            .await?;
+        for g in &s.expose_groups {
+            sqlx::query("INSERT INTO expose_groups (group_id) VALUES ($1)")
+                .bind(g)
+                .execute(c.conn())
+                .await?;
+        }
         c.audit("settings.update", "settings", "settings", json!(s))
             .await?;
         let out = read_settings(c.conn()).await?;
@@ -80,6 +90,12 @@ pub(crate) async fn read_settings(conn: &mut sqlx::AnyConnection) -> Result<Sett
     .fetch_one(&mut *conn)
     .await?;
     let range: String = col(&r, "overlay_range")?;
+    let expose_groups = sqlx::query("SELECT group_id FROM expose_groups ORDER BY group_id")
+        .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(|r| col::<String>(r, "group_id"))
+        .collect::<Result<Vec<_>>>()?;
     Ok(Settings {
         overlay_range: range.parse().map_err(|_| {
             StoreError::invalid(
@@ -91,6 +107,7 @@ pub(crate) async fn read_settings(conn: &mut sqlx::AnyConnection) -> Result<Sett
         peer_login_expiry_secs: col(&r, "peer_login_expiry_secs")?,
         ephemeral_ttl_secs: col(&r, "ephemeral_ttl_secs")?,
         peer_approval_required: col(&r, "peer_approval_required")?,
+        expose_groups,
         network_serial: col(&r, "network_serial")?,
     })
 }

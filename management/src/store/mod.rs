@@ -5,10 +5,12 @@
 
 mod entities;
 mod peers;
+mod services;
 mod sessions;
 
 pub use entities::*;
 pub use peers::*;
+pub use services::*;
 pub use sessions::*;
 
 use crate::model::{new_id, now_millis};

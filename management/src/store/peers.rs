@@ -32,6 +32,7 @@ pub struct Snapshot {
     pub peers: Vec<Peer>,
     pub policies: Vec<Policy>,
     pub routes: Vec<Route>,
+    pub services: Vec<PublicService>,
 }
 
 fn peer_from(r: &AnyRow, groups: Vec<String>) -> Result<Peer> {
@@ -467,12 +468,14 @@ impl Store {
         {
             routes.push(super::entities::route_from(&mut tx, &r).await?);
         }
+        let services = super::services::load_services(&mut tx).await?;
         tx.commit().await?;
         Ok(Snapshot {
             settings,
             peers,
             policies,
             routes,
+            services,
         })
     }
 }

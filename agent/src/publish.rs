@@ -1,0 +1,623 @@
+//! Public services, the agent's side: while the network map says this peer carries a public
+//! service, keep a control tunnel and a few idle data tunnels to management (HTTP upgrades on
+//! the management URL, so they pass wherever management does); for every `Open` the server sends,
+//! check it against the map, connect to the target and pump bytes (TCP) or framed datagrams (UDP).
+//! A stream the map does not list is refused: the server cannot make this agent an open proxy.
+
+use anyhow::{anyhow, bail, Context};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tern_proto::management as pb;
+use tern_proto::tunnel::{self, Control, Open, Protocol, SpliceEnd, Status, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::sync::{watch, Notify};
+use tracing::{debug, info, warn};
+
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// Idle data tunnels kept ready, so a new client does not wait for one to be opened.
+const IDLE_TARGET: usize = 4;
+/// Streams carried at once; more are answered Busy.
+const MAX_STREAMS: usize = 2048;
+/// Connecting to a target gives up after this long.
+const TARGET_CONNECT: Duration = Duration::from_secs(5);
+
+/// One service of the map as `tern status` shows it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub protocol: String,
+    /// Where outside clients connect.
+    pub public_address: String,
+    pub target: String,
+    pub ephemeral: bool,
+    pub active: u64,
+    pub total: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    active: AtomicU64,
+    total: AtomicU64,
+}
+
+/// Management's address as the tunnel needs it.
+#[derive(Clone, Debug)]
+struct Endpoint {
+    tls: bool,
+    host: String,
+    port: u16,
+    authority: String,
+}
+
+impl Endpoint {
+    fn parse(url: &str) -> anyhow::Result<Endpoint> {
+        let uri: tonic::codegen::http::Uri = url
+            .parse()
+            .with_context(|| format!("management URL {url:?} is not a URL"))?;
+        let tls = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => bail!("management URL {url:?} must start with http:// or https://"),
+        };
+        let auth = uri
+            .authority()
+            .ok_or_else(|| anyhow!("management URL {url:?} has no host"))?;
+        Ok(Endpoint {
+            tls,
+            host: auth.host().trim_matches(['[', ']']).to_string(),
+            port: auth.port_u16().unwrap_or(if tls { 443 } else { 80 }),
+            authority: auth.as_str().to_string(),
+        })
+    }
+}
+
+pub struct Publisher {
+    ep: Endpoint,
+    tls: Arc<rustls::ClientConfig>,
+    token: watch::Receiver<Option<String>>,
+    services: watch::Receiver<Arc<Vec<pb::ServedService>>>,
+    counters: Mutex<HashMap<String, Arc<Counters>>>,
+    streams: AtomicUsize,
+}
+
+impl Publisher {
+    pub fn new(
+        url: &str,
+        tls: Arc<rustls::ClientConfig>,
+        token: watch::Receiver<Option<String>>,
+        services: watch::Receiver<Arc<Vec<pb::ServedService>>>,
+    ) -> anyhow::Result<Arc<Publisher>> {
+        Ok(Arc::new(Publisher {
+            ep: Endpoint::parse(url)?,
+            tls,
+            token,
+            services,
+            counters: Mutex::new(HashMap::new()),
+            streams: AtomicUsize::new(0),
+        }))
+    }
+
+    fn counters(&self, id: &str) -> Arc<Counters> {
+        self.counters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(id.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// The services this peer carries, with their streams.
+    pub fn status(&self) -> Vec<ServiceStatus> {
+        let host = if self.ep.host.contains(':') {
+            format!("[{}]", self.ep.host)
+        } else {
+            self.ep.host.clone()
+        };
+        self.services
+            .borrow()
+            .iter()
+            .map(|s| {
+                let c = self.counters(&s.id);
+                ServiceStatus {
+                    name: s.name.clone(),
+                    protocol: s.protocol.clone(),
+                    public_address: format!("{host}:{}", s.public_port),
+                    target: s.target.clone(),
+                    ephemeral: s.ephemeral,
+                    active: c.active.load(Relaxed),
+                    total: c.total.load(Relaxed),
+                }
+            })
+            .collect()
+    }
+
+    /// Keeps the control tunnel up while the map lists a service.
+    pub async fn run(self: Arc<Self>) {
+        let mut services = self.services.clone();
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            while services.borrow_and_update().is_empty() {
+                if services.changed().await.is_err() {
+                    return;
+                }
+            }
+            match self.connect(tunnel::ROLE_CONTROL).await {
+                Ok(io) => {
+                    backoff = Duration::from_secs(1);
+                    let n = services.borrow().len();
+                    info!(services = n, "carrying public services");
+                    let why = self.clone().session(io, &mut services).await;
+                    info!(reason = %why, "public-service tunnel closed");
+                }
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), retry_in = ?backoff, "public-service tunnel to management failed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = services.changed() => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+
+    /// One control connection: answers pings, opens data tunnels when asked and keeps
+    /// [`IDLE_TARGET`] idle. Ends when the connection or the last service goes.
+    async fn session(
+        self: Arc<Self>,
+        io: Box<dyn Io>,
+        services: &mut watch::Receiver<Arc<Vec<pb::ServedService>>>,
+    ) -> String {
+        let (stop_tx, stop) = watch::channel(false);
+        let pool = Arc::new(Pool::default());
+        let (mut r, mut w) = tokio::io::split(io);
+        let why = loop {
+            while pool.idle.load(Relaxed) < IDLE_TARGET {
+                self.spawn_data(&pool, &stop);
+            }
+            tokio::select! {
+                f = Control::read(&mut r) => match f {
+                    Ok(Control::Want(n)) => {
+                        for _ in 0..n.min(64) {
+                            self.spawn_data(&pool, &stop);
+                        }
+                    }
+                    Ok(Control::Ping) => {
+                        if let Err(e) = w.write_all(&Control::Pong.encode()).await {
+                            break e.to_string();
+                        }
+                    }
+                    Ok(Control::Pong) => {}
+                    Err(e) => break e.to_string(),
+                },
+                _ = pool.changed.notified() => {}
+                r = services.changed() => {
+                    if r.is_err() || services.borrow_and_update().is_empty() {
+                        break "no public service to carry".to_string();
+                    }
+                }
+            }
+        };
+        let _ = stop_tx.send(true);
+        why
+    }
+
+    fn spawn_data(self: &Arc<Self>, pool: &Arc<Pool>, stop: &watch::Receiver<bool>) {
+        pool.idle.fetch_add(1, Relaxed);
+        let (me, pool, mut stop) = (self.clone(), pool.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut io = match me.connect(tunnel::ROLE_DATA).await {
+                Ok(io) => io,
+                Err(e) => {
+                    debug!(error = %format!("{e:#}"), "data tunnel failed");
+                    // Do not reconnect in a tight loop while management is unreachable.
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    pool.release();
+                    return;
+                }
+            };
+            let open = tokio::select! {
+                o = Open::read(&mut io) => o,
+                _ = stop.changed() => { pool.release(); return; }
+            };
+            pool.release();
+            match open {
+                Ok(open) => me.carry(open, io).await,
+                Err(tunnel::TunnelError::Closed) => {}
+                Err(e) => debug!(error = %e, "bad open frame"),
+            }
+        });
+    }
+
+    /// One client: checks the request against the map, connects to the target, pumps.
+    async fn carry(&self, open: Open, mut io: Box<dyn Io>) {
+        let svc = self
+            .services
+            .borrow()
+            .iter()
+            .find(|s| s.id == open.service)
+            .cloned();
+        let refuse = |msg: String| Status::new(StatusCode::UnknownService, msg);
+        let svc = match svc {
+            None => Err(refuse(format!(
+                "this peer does not carry service {} (its network map may be out of date)",
+                open.service
+            ))),
+            Some(s) if s.protocol != open.protocol.as_str() => Err(refuse(format!(
+                "service {} is {} here, not {}",
+                s.name,
+                s.protocol,
+                open.protocol.as_str()
+            ))),
+            Some(s) if s.target.parse::<SocketAddr>().ok() != Some(open.target) => {
+                Err(refuse(format!(
+                    "service {} reaches {} here, not {}",
+                    s.name, s.target, open.target
+                )))
+            }
+            Some(s) => Ok(s),
+        };
+        let svc = match svc {
+            Ok(s) => s,
+            Err(st) => {
+                warn!(service = %open.service, target = %open.target, reason = %st.message, "refused a public-service stream");
+                let _ = io.write_all(&st.encode()).await;
+                return;
+            }
+        };
+        if self.streams.fetch_add(1, Relaxed) >= MAX_STREAMS {
+            self.streams.fetch_sub(1, Relaxed);
+            let st = Status::new(
+                StatusCode::Busy,
+                format!("the agent carries {MAX_STREAMS} streams already"),
+            );
+            let _ = io.write_all(&st.encode()).await;
+            return;
+        }
+        let c = self.counters(&svc.id);
+        c.active.fetch_add(1, Relaxed);
+        c.total.fetch_add(1, Relaxed);
+        let idle = Duration::from_secs(svc.idle_timeout_secs.max(1) as u64);
+        match open.protocol {
+            Protocol::Tcp => carry_tcp(&open, svc.proxy_protocol, idle, &mut io).await,
+            Protocol::Udp => carry_udp(&open, idle, io).await,
+        }
+        c.active.fetch_sub(1, Relaxed);
+        self.streams.fetch_sub(1, Relaxed);
+    }
+
+    /// A tunnel: TCP (TLS for https URLs) to management, upgraded to a raw stream.
+    async fn connect(&self, role: &str) -> anyhow::Result<Box<dyn Io>> {
+        let token = self
+            .token
+            .borrow()
+            .clone()
+            .ok_or_else(|| anyhow!("not logged in to management yet"))?;
+        let ep = &self.ep;
+        let tcp = tokio::time::timeout(
+            Duration::from_secs(10),
+            TcpStream::connect((ep.host.as_str(), ep.port)),
+        )
+        .await
+        .map_err(|_| anyhow!("no answer from {} within 10 s", ep.authority))?
+        .with_context(|| format!("connecting to {}", ep.authority))?;
+        let _ = tcp.set_nodelay(true);
+        let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(
+            &socket2::TcpKeepalive::new()
+                .with_time(Duration::from_secs(20))
+                .with_interval(Duration::from_secs(5)),
+        );
+        let mut io: Box<dyn Io> = if ep.tls {
+            let name = rustls::pki_types::ServerName::try_from(ep.host.clone())
+                .map_err(|_| anyhow!("{:?} is not a valid TLS server name", ep.host))?;
+            Box::new(
+                tokio_rustls::TlsConnector::from(self.tls.clone())
+                    .connect(name, tcp)
+                    .await
+                    .with_context(|| format!("TLS handshake with {}", ep.authority))?,
+            )
+        } else {
+            Box::new(tcp)
+        };
+        let req = format!(
+            "GET {} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: {}\r\n\
+             Authorization: Bearer {token}\r\n{}: {role}\r\n\r\n",
+            tunnel::PATH,
+            ep.authority,
+            tunnel::UPGRADE,
+            tunnel::ROLE_HEADER
+        );
+        io.write_all(req.as_bytes()).await?;
+        let head = tokio::time::timeout(Duration::from_secs(10), read_head(&mut io))
+            .await
+            .map_err(|_| anyhow!("management did not answer the tunnel request within 10 s"))??;
+        let status = head.lines().next().unwrap_or_default().to_string();
+        if !status.starts_with("HTTP/1.1 101") {
+            let mut body = vec![0u8; 512];
+            let n = tokio::time::timeout(Duration::from_secs(2), io.read(&mut body))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or(0);
+            let body = String::from_utf8_lossy(&body[..n]);
+            bail!(
+                "management refused the tunnel: {status}{}",
+                if body.trim().is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", body.trim())
+                }
+            );
+        }
+        Ok(io)
+    }
+}
+
+/// Count of idle (or connecting) data tunnels; `changed` wakes the session to top up.
+#[derive(Default)]
+struct Pool {
+    idle: AtomicUsize,
+    changed: Notify,
+}
+
+impl Pool {
+    fn release(&self) {
+        self.idle.fetch_sub(1, Relaxed);
+        self.changed.notify_one();
+    }
+}
+
+/// Reads an HTTP response head byte by byte (what follows belongs to the tunnel).
+async fn read_head(io: &mut Box<dyn Io>) -> anyhow::Result<String> {
+    let mut head = Vec::with_capacity(256);
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if io.read(&mut b).await? == 0 {
+            bail!(
+                "management closed the connection (is the URL right, and management up to date?)"
+            );
+        }
+        head.push(b[0]);
+        if head.len() > 8192 {
+            bail!("management sent an oversized response head");
+        }
+    }
+    Ok(String::from_utf8_lossy(&head).into_owned())
+}
+
+async fn carry_tcp(open: &Open, proxy: bool, idle: Duration, io: &mut Box<dyn Io>) {
+    let target = open.target;
+    let conn = tokio::time::timeout(TARGET_CONNECT, TcpStream::connect(target)).await;
+    let mut t = match conn {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            let st = if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                Status::new(
+                    StatusCode::TargetRefused,
+                    format!("target {target} refused the connection (is the service on that port running?)"),
+                )
+            } else {
+                Status::new(
+                    StatusCode::TargetUnreachable,
+                    format!("cannot reach target {target}: {e}"),
+                )
+            };
+            debug!(%target, reason = %st.message, "target connection failed");
+            let _ = io.write_all(&st.encode()).await;
+            return;
+        }
+        Err(_) => {
+            let st = Status::new(
+                StatusCode::TargetUnreachable,
+                format!("target {target} did not answer within {TARGET_CONNECT:?}"),
+            );
+            let _ = io.write_all(&st.encode()).await;
+            return;
+        }
+    };
+    let _ = t.set_nodelay(true);
+    if io.write_all(&Status::ok().encode()).await.is_err() {
+        return;
+    }
+    if proxy
+        && t.write_all(&tunnel::proxy_v2_header(open.client, open.public))
+            .await
+            .is_err()
+    {
+        return;
+    }
+    match tunnel::splice(io, &mut t, [None, None], [None, None], idle).await {
+        SpliceEnd::Closed => {}
+        SpliceEnd::Idle => debug!(%target, client = %open.client, "idle connection closed"),
+        SpliceEnd::Error(e) => debug!(%target, error = %e, "connection ended"),
+    }
+}
+
+async fn carry_udp(open: &Open, idle: Duration, mut io: Box<dyn Io>) {
+    let target = open.target;
+    let bind: SocketAddr = if target.is_ipv4() {
+        SocketAddr::from(([0, 0, 0, 0], 0))
+    } else {
+        SocketAddr::from(([0u16; 8], 0))
+    };
+    let sock = match UdpSocket::bind(bind).await {
+        Ok(s) => match s.connect(target).await {
+            Ok(()) => s,
+            Err(e) => {
+                let st = Status::new(
+                    StatusCode::TargetUnreachable,
+                    format!("cannot reach target {target}: {e}"),
+                );
+                let _ = io.write_all(&st.encode()).await;
+                return;
+            }
+        },
+        Err(e) => {
+            let _ = io
+                .write_all(&Status::new(StatusCode::Error, format!("no UDP socket: {e}")).encode())
+                .await;
+            return;
+        }
+    };
+    if io.write_all(&Status::ok().encode()).await.is_err() {
+        return;
+    }
+    let (mut r, mut w) = tokio::io::split(io);
+    let moved = AtomicU64::new(0);
+    let to_target = async {
+        let mut buf = vec![0u8; tunnel::MAX_DATAGRAM];
+        while let Ok(n) = tunnel::read_datagram(&mut r, &mut buf).await {
+            let _ = sock.send(&buf[..n]).await;
+            moved.fetch_add(1, Relaxed);
+        }
+    };
+    let to_client = async {
+        let mut buf = vec![0u8; 65_536];
+        let mut frame = Vec::with_capacity(2048);
+        loop {
+            match sock.recv(&mut buf).await {
+                Ok(n) => {
+                    frame.clear();
+                    if tunnel::encode_datagram(&buf[..n], &mut frame).is_some()
+                        && w.write_all(&frame).await.is_err()
+                    {
+                        return;
+                    }
+                    moved.fetch_add(1, Relaxed);
+                }
+                // ICMP port unreachable from the target: nothing listens right now; keep going.
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+                Err(_) => return,
+            }
+        }
+    };
+    let quiet = async {
+        let step = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+        let mut last = 0;
+        let mut since = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(step).await;
+            let now = moved.load(Relaxed);
+            if now != last {
+                last = now;
+                since = tokio::time::Instant::now();
+            } else if since.elapsed() >= idle {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = to_target => {}
+        _ = to_client => {}
+        _ = quiet => debug!(%target, client = %open.client, "idle UDP flow closed"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// `tern expose`: the daemon asks management for an ephemeral service and ends it when the
+// command's connection to the daemon closes.
+
+/// What `tern expose` asks the daemon for.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ExposeArgs {
+    pub protocol: String,
+    pub local_port: u16,
+    pub public_port: Option<u16>,
+    pub allow: Vec<String>,
+}
+
+/// The daemon's answer.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Exposed {
+    pub name: String,
+    pub public_address: String,
+    pub allowed_sources: Vec<String>,
+    #[serde(skip)]
+    pub service_id: String,
+}
+
+pub struct ExposeClient {
+    pub channel: tonic::transport::Channel,
+    pub token: watch::Receiver<Option<String>>,
+}
+
+impl ExposeClient {
+    fn request<T>(&self, body: T) -> Result<tonic::Request<T>, String> {
+        let t = self
+            .token
+            .borrow()
+            .clone()
+            .ok_or("the agent is not logged in to management yet; try again in a moment")?;
+        let mut req = tonic::Request::new(body);
+        if let Ok(v) = format!("Bearer {t}").parse() {
+            req.metadata_mut().insert("authorization", v);
+        }
+        req.set_timeout(Duration::from_secs(10));
+        Ok(req)
+    }
+
+    pub async fn expose(&self, a: &ExposeArgs) -> Result<Exposed, String> {
+        let req = self.request(pb::ExposeRequest {
+            protocol: a.protocol.clone(),
+            local_port: a.local_port as u32,
+            public_port: a.public_port.unwrap_or(0) as u32,
+            allowed_sources: a.allow.clone(),
+        })?;
+        let r = pb::management_service_client::ManagementServiceClient::new(self.channel.clone())
+            .expose(req)
+            .await
+            .map_err(|s| match s.code() {
+                tonic::Code::Unavailable => format!("management is unreachable: {}", s.message()),
+                _ => s.message().to_string(),
+            })?
+            .into_inner();
+        Ok(Exposed {
+            name: r.name,
+            public_address: r.public_address,
+            allowed_sources: r.allowed_sources,
+            service_id: r.service_id,
+        })
+    }
+
+    pub async fn unexpose(&self, service_id: &str) {
+        let Ok(req) = self.request(pb::UnexposeRequest {
+            service_id: service_id.to_string(),
+        }) else {
+            return;
+        };
+        match pb::management_service_client::ManagementServiceClient::new(self.channel.clone())
+            .unexpose(req)
+            .await
+        {
+            Ok(_) => info!(service = %service_id, "port no longer published"),
+            // Management also removes it when this agent disconnects.
+            Err(e) => {
+                warn!(service = %service_id, error = %e.message(), "could not unpublish the port")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn management_urls_give_the_tunnel_endpoint() {
+        let e = Endpoint::parse("https://vpn.example.com").expect("url");
+        assert!(e.tls);
+        assert_eq!((e.host.as_str(), e.port), ("vpn.example.com", 443));
+        let e = Endpoint::parse("http://[2001:db8:64:ff9b::cb00:710a]:443").expect("url");
+        assert!(!e.tls);
+        assert_eq!(e.host, "2001:db8:64:ff9b::cb00:710a");
+        assert_eq!(e.authority, "[2001:db8:64:ff9b::cb00:710a]:443");
+        assert!(Endpoint::parse("htp://x").is_err());
+        assert!(Endpoint::parse("not a url").is_err());
+    }
+}
