@@ -608,6 +608,117 @@ impl ExposeClient {
 mod tests {
     use super::*;
 
+    fn publisher(services: Vec<pb::ServedService>) -> Arc<Publisher> {
+        let (_t, token) = watch::channel(None);
+        // The map stays readable after its sender is gone.
+        let (_map, rx) = watch::channel(Arc::new(services));
+        let tls = Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .expect("tls")
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth(),
+        );
+        Publisher::new("http://127.0.0.1:1", tls, token, rx).expect("publisher")
+    }
+
+    fn served(id: &str, protocol: &str, target: SocketAddr) -> pb::ServedService {
+        pb::ServedService {
+            id: id.into(),
+            name: id.into(),
+            protocol: protocol.into(),
+            target: target.to_string(),
+            proxy_protocol: true,
+            idle_timeout_secs: 5,
+            public_port: 10001,
+            ephemeral: false,
+        }
+    }
+
+    fn open(service: &str, protocol: Protocol, target: SocketAddr) -> Open {
+        Open {
+            service: service.into(),
+            protocol,
+            target,
+            client: "203.0.113.20:40000".parse().expect("addr"),
+            public: "203.0.113.10:10001".parse().expect("addr"),
+        }
+    }
+
+    /// Runs `carry` on one end of an in-memory tunnel; returns the other end.
+    fn carry(p: &Arc<Publisher>, o: Open) -> tokio::io::DuplexStream {
+        let (server, agent) = tokio::io::duplex(1 << 16);
+        let p = p.clone();
+        tokio::spawn(async move { p.carry(o, Box::new(agent)).await });
+        server
+    }
+
+    #[tokio::test]
+    async fn streams_the_map_does_not_list_are_refused_and_nothing_is_dialled() {
+        let target = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = target.local_addr().expect("addr");
+        let other = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let other_addr = other.local_addr().expect("addr");
+        let p = publisher(vec![served("plc", "tcp", addr)]);
+        for (o, why) in [
+            (open("unknown", Protocol::Tcp, addr), "does not carry"),
+            (open("plc", Protocol::Tcp, other_addr), "reaches"),
+            (open("plc", Protocol::Udp, addr), "is tcp here"),
+        ] {
+            let mut s = carry(&p, o);
+            let st = Status::read(&mut s).await.expect("status");
+            assert_eq!(st.code, StatusCode::UnknownService);
+            assert!(st.message.contains(why), "{}", st.message);
+        }
+        // The listed target was never dialled for those, and neither was the other address.
+        for l in [&target, &other] {
+            let r = tokio::time::timeout(Duration::from_millis(100), l.accept()).await;
+            assert!(r.is_err(), "no connection was made");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_listed_stream_reaches_its_target_with_the_proxy_header_first() {
+        let target = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = target.local_addr().expect("addr");
+        let p = publisher(vec![served("plc", "tcp", addr)]);
+        let o = open("plc", Protocol::Tcp, addr);
+        let header = tunnel::proxy_v2_header(o.client, o.public);
+        let mut s = carry(&p, o);
+        let (mut t, _) = target.accept().await.expect("dialled");
+        assert_eq!(Status::read(&mut s).await.expect("status"), Status::ok());
+        s.write_all(b"ping").await.expect("write");
+        let mut got = vec![0u8; header.len() + 4];
+        t.read_exact(&mut got).await.expect("read");
+        assert_eq!(&got[..header.len()], &header[..]);
+        assert_eq!(&got[header.len()..], b"ping");
+        assert_eq!(p.status()[0].active, 1);
+    }
+
+    #[tokio::test]
+    async fn a_closed_target_port_is_reported_as_refused() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        drop(l);
+        let p = publisher(vec![served("plc", "tcp", addr)]);
+        let mut s = carry(&p, open("plc", Protocol::Tcp, addr));
+        let st = Status::read(&mut s).await.expect("status");
+        assert_eq!(st.code, StatusCode::TargetRefused, "{}", st.message);
+        assert!(
+            st.message.contains("refused the connection"),
+            "{}",
+            st.message
+        );
+    }
+
     #[test]
     fn management_urls_give_the_tunnel_endpoint() {
         let e = Endpoint::parse("https://vpn.example.com").expect("url");

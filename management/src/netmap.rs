@@ -671,6 +671,117 @@ mod tests {
         assert!(guest.remote_peers.is_empty(), "guest sees nobody");
     }
 
+    fn route_via(id: &str, net: &str, peer: &str, metric: i64) -> Route {
+        Route {
+            id: id.into(),
+            network: net.parse().expect("cidr"),
+            description: String::new(),
+            routing_peer: Some(peer.into()),
+            routing_group: None,
+            metric,
+            masquerade: true,
+            enabled: true,
+            groups: vec!["all".into()],
+            access_groups: vec![],
+            created_at: 0,
+        }
+    }
+
+    fn public_service(id: &str, target: &str, owner: Option<&str>) -> PublicService {
+        PublicService {
+            id: id.into(),
+            name: id.into(),
+            protocol: crate::model::ServiceProtocol::Tcp,
+            public_port: 10001,
+            public_address: String::new(),
+            target_ip: target.parse().expect("ip"),
+            target_port: 502,
+            allowed_sources: vec!["0.0.0.0/0".parse().expect("cidr")],
+            enabled: true,
+            proxy_protocol: false,
+            idle_timeout_secs: 60,
+            ephemeral: owner.is_some(),
+            owner_peer: owner.map(String::from),
+            created_at: 0,
+            reached_via: String::new(),
+            stats: Default::default(),
+        }
+    }
+
+    fn served(idx: &NetIndex, peer: &str) -> Vec<String> {
+        idx.map_for(peer, &relay(), 100)
+            .expect("map")
+            .served_services
+            .iter()
+            .map(|s| format!("{} {}", s.id, s.target))
+            .collect()
+    }
+
+    #[test]
+    fn public_services_go_to_the_peers_that_reach_their_target_best_first() {
+        let mut s = snap(
+            vec![
+                peer("gw1", "100.64.0.1", &[]),
+                peer("gw2", "100.64.0.2", &[]),
+                peer("nas", "100.64.0.3", &[]),
+                peer("laptop", "100.64.0.4", &[]),
+            ],
+            vec![],
+            vec![
+                // HA: the same network through two routing peers; gw2 has the better metric.
+                route_via("r1", "192.168.50.0/24", "gw1", 200),
+                route_via("r2", "192.168.50.0/24", "gw2", 100),
+                // A more specific route wins for addresses inside it.
+                route_via("r3", "192.168.50.128/25", "gw1", 500),
+            ],
+        );
+        s.services = vec![
+            public_service("plc", "192.168.50.10", None),
+            public_service("cam", "192.168.50.200", None),
+            public_service("files", "100.64.0.3", None),
+            public_service("dev", "127.0.0.1", Some("laptop")),
+            public_service("nowhere", "10.9.9.9", None),
+        ];
+        let mut off = public_service("off", "192.168.50.11", None);
+        off.enabled = false;
+        s.services.push(off);
+        let idx = NetIndex::new(Arc::new(s));
+        let ids = |r: Result<Vec<&Peer>, String>| -> Vec<String> {
+            r.expect("carriers").iter().map(|p| p.id.clone()).collect()
+        };
+        assert_eq!(ids(idx.service_carriers("plc")), ["gw2", "gw1"]);
+        assert_eq!(ids(idx.service_carriers("cam")), ["gw1"]);
+        assert_eq!(ids(idx.service_carriers("files")), ["nas"]);
+        assert_eq!(ids(idx.service_carriers("dev")), ["laptop"]);
+        assert_eq!(
+            idx.service_carriers("nowhere").err().as_deref(),
+            Some("no enabled route contains 10.9.9.9")
+        );
+        assert!(idx.service_carriers("off").is_err());
+        // Each carrier's map lists exactly what it must accept, nothing else.
+        assert_eq!(
+            served(&idx, "gw1"),
+            ["plc 192.168.50.10:502", "cam 192.168.50.200:502"]
+        );
+        assert_eq!(served(&idx, "gw2"), ["plc 192.168.50.10:502"]);
+        assert_eq!(served(&idx, "nas"), ["files 100.64.0.3:502"]);
+        assert_eq!(served(&idx, "laptop"), ["dev 127.0.0.1:502"]);
+    }
+
+    #[test]
+    fn a_service_whose_peer_awaits_approval_is_carried_by_no_one() {
+        let mut pending = peer("nas", "100.64.0.3", &[]);
+        pending.approved = false;
+        let mut s = snap(vec![pending], vec![], vec![]);
+        s.services = vec![public_service("files", "100.64.0.3", None)];
+        let idx = NetIndex::new(Arc::new(s));
+        assert_eq!(
+            idx.service_carriers("files").err().as_deref(),
+            Some("peer nas awaits an admin's approval")
+        );
+        assert!(served(&idx, "nas").is_empty());
+    }
+
     #[test]
     fn routes_reach_distribution_groups_and_routers_see_their_clients() {
         let route = Route {

@@ -539,3 +539,118 @@ async fn peer_list_answers_not_modified_until_something_changes() {
     srv.stop().await;
     db.cleanup().await;
 }
+
+/// Asserts a 422 naming `field`, whose message contains `needle`.
+fn assert_field(got: (u16, Value), field: &str, needle: &str) {
+    assert_eq!(got.1["field"], field, "{}", got.1);
+    assert_err(got, 422, needle);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_services_refuse_bad_input_field_by_field_and_are_audited() {
+    init_tracing();
+    on_each_backend(|_, url| async move {
+        // Ports inside the range the server may publish: two free ones and one another program
+        // holds.
+        let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let busy = held.local_addr().expect("addr").port();
+        let free: Vec<u16> = (0..2)
+            .map(|_| {
+                let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+                l.local_addr().expect("addr").port()
+            })
+            .collect();
+        let lo = *free.iter().chain([&busy]).min().expect("ports");
+        let hi = *free.iter().chain([&busy]).max().expect("ports");
+        let mut opts = fast_options();
+        opts.public.bind = "127.0.0.1".parse().expect("ip");
+        opts.public.ports = Some((lo, hi));
+        let srv = TestServer::start_with(&url, opts).await.expect("server");
+        let nas = TestAgent::new(&srv, "nas").await;
+        let login = nas.login(Some(&srv.default_setup_key)).await.expect("register");
+        let nas_ip = login
+            .peer_config
+            .expect("config")
+            .address
+            .split('/')
+            .next()
+            .expect("ip")
+            .to_string();
+        let (s, r) = srv
+            .post("/api/routes", json!({ "network": "192.168.50.0/24", "routing_peer": login.peer_id, "groups": ["all"] }))
+            .await;
+        assert_eq!(s, 201, "{r}");
+
+        let good = json!({ "name": "plc", "protocol": "tcp", "public_port": free[0],
+            "target_ip": "192.168.50.10", "target_port": 502, "allowed_sources": ["198.51.100.0/24"] });
+        let (s, plc) = srv.post("/api/services", good.clone()).await;
+        assert_eq!(s, 201, "{plc}");
+        assert_eq!(plc["public_address"], format!("127.0.0.1:{}", free[0]));
+        assert_eq!(plc["idle_timeout_secs"], 3600);
+        assert_eq!(plc["proxy_protocol"], false);
+        assert_eq!(plc["ephemeral"], false);
+        assert_eq!(plc["stats"]["active"], 0);
+        assert!(plc["stats"].get("last_error").is_none(), "no null fields: {plc}");
+
+        let with = |k: &str, v: Value| {
+            let mut b = good.clone();
+            b["name"] = json!("other");
+            b["public_port"] = json!(free[1]);
+            b[k] = v;
+            b
+        };
+        let post = |b: Value| srv.post("/api/services", b);
+        let mut dup = good.clone();
+        dup["public_port"] = json!(free[1]);
+        assert_field(post(dup).await, "name", "already exists");
+        assert_field(post(with("public_port", json!(free[0]))).await, "public_port", "already used by service \"plc\"");
+        assert_field(post(with("public_port", json!(busy))).await, "public_port", "cannot be opened");
+        assert_field(post(with("public_port", json!(80))).await, "public_port", "outside the ports this server may publish");
+        assert_field(post(with("public_port", json!(70000))).await, "public_port", "not a port");
+        assert_field(post(with("protocol", json!("sctp"))).await, "protocol", "tcp or udp");
+        assert_field(post(with("target_ip", json!("10.9.9.9"))).await, "target_ip", "add a route for its network");
+        assert_field(post(with("target_ip", json!("100.64.200.200"))).await, "target_ip", "no peer has the overlay address");
+        assert_field(post(with("target_ip", json!("plc.local"))).await, "target_ip", "not an IP address");
+        assert_field(post(with("target_port", json!(0))).await, "target_port", "not a port");
+        assert_field(post(with("allowed_sources", json!([]))).await, "allowed_sources", "0.0.0.0/0 opens the service to everyone");
+        assert_field(post(with("allowed_sources", json!(["198.51.100.0/33"]))).await, "allowed_sources", "CIDR");
+        assert_field(post(with("allowed_sources", json!(["198.51.100.7/24"]))).await, "allowed_sources", "did you mean 198.51.100.0/24");
+        assert_field(post(with("idle_timeout_secs", json!(1))).await, "idle_timeout_secs", "not within");
+        let mut udp = with("protocol", json!("udp"));
+        udp["proxy_protocol"] = json!(true);
+        assert_field(post(udp.clone()).await, "proxy_protocol", "TCP services only");
+        assert_eq!(srv.get("/api/services").await.as_array().map(Vec::len), Some(1), "nothing written on error");
+
+        // The same port number for UDP is another service; a peer's overlay address is a target.
+        udp["proxy_protocol"] = json!(false);
+        udp["public_port"] = json!(free[0]);
+        let (s, u) = post(udp).await;
+        assert_eq!(s, 201, "{u}");
+        assert_eq!(u["idle_timeout_secs"], 60, "UDP flows idle out sooner");
+        let mut peer = with("target_ip", json!(nas_ip));
+        peer["name"] = json!("nas-web");
+        peer["public_port"] = json!(free[1]);
+        let (s, p) = post(peer.clone()).await;
+        assert_eq!(s, 201, "{p}");
+
+        // Update, read back, delete; audited.
+        let pid = id(&p);
+        peer["allowed_sources"] = json!(["0.0.0.0/0", "::/0"]);
+        peer["enabled"] = json!(false);
+        let (s, upd) = srv.put(&format!("/api/services/{pid}"), peer.clone()).await;
+        assert_eq!(s, 200, "{upd}");
+        assert_eq!(upd["allowed_sources"], json!(["0.0.0.0/0", "::/0"]));
+        assert_eq!(upd["reached_via"], "disabled");
+        assert_err(srv.put("/api/services/nope", peer).await, 404, "not found");
+        assert_eq!(srv.delete(&format!("/api/services/{pid}")).await, 204);
+        assert_err(srv.api(Method::GET, &format!("/api/services/{pid}"), None).await, 404, "not found");
+        let audit = srv.get("/api/audit?action=service.").await;
+        let actions: Vec<&str> = audit.as_array().expect("events").iter().filter_map(|e| e["action"].as_str()).collect();
+        assert!(actions.contains(&"service.put") && actions.contains(&"service.delete"), "{actions:?}");
+        let doc = srv.get("/api/openapi.json").await;
+        assert!(doc["paths"]["/api/services/{id}"].is_object(), "documented");
+        drop(held);
+        srv.stop().await;
+    })
+    .await;
+}

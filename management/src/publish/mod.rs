@@ -874,7 +874,12 @@ async fn control(hub: &Hub, peer: &str, io: Tunnel) {
 }
 
 /// A metric family: name, type, help, and how to read it from a service's counters.
-type Family = (&'static str, &'static str, &'static str, fn(&ServiceStats) -> u64);
+type Family = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&ServiceStats) -> u64,
+);
 
 /// Prometheus lines for public services (appended to `/metrics`).
 pub fn render_metrics(p: &Publisher, services: &[PublicService]) -> String {
