@@ -12,6 +12,7 @@ const ROUTES = [
   ["groups", "Groups", pages.groupsPage],
   ["policies", "Access policies", pages.policies],
   ["routes", "Routes", pages.routes],
+  ["services", "Public services", pages.services],
   ["audit", "Audit log", pages.audit],
   ["settings", "Settings", pages.settings],
   ["users", "Admins & tokens", pages.users],

@@ -3,7 +3,7 @@
 import { get, post, put, del } from "./api.js";
 import {
   h, field, input, checkbox, select, groupPicker, checkedValues, onSubmit, formError, notify,
-  dialog, confirmAction, secretBox, fmtTime, ago, table, badge,
+  dialog, confirmAction, secretBox, fmtTime, ago, table, badge, fmtBytes,
 } from "./ui.js";
 
 const groupNames = (groups, ids) =>
@@ -397,6 +397,112 @@ export async function routes(main) {
 }
 
 // ------------------------------------------------------------------------------------------------
+// Public services
+
+const EVERYONE = ["0.0.0.0/0", "::/0"];
+
+function activity(st) {
+  const refused = st.refused_allowlist + st.refused_limit;
+  return h("div", {},
+    h("div", {}, h("strong", {}, String(st.active)), ` open · ${st.connections_total} total`),
+    h("div", { class: "muted" }, `${fmtBytes(st.bytes_in)} in · ${fmtBytes(st.bytes_out)} out`),
+    refused ? h("div", { class: "muted", title: "outside the allowed sources / over the connection limits" },
+      `refused ${st.refused_allowlist} by source, ${st.refused_limit} by limit`) : null);
+}
+
+function sourcesText(list) {
+  if (list.some((n) => EVERYONE.includes(n))) return h("span", {}, badge("everyone", "warn"));
+  return h("span", { class: "small" }, list.join(", "));
+}
+
+export async function services(main) {
+  let peerList = await get("/api/peers");
+  const region = liveRegion((list) => table(
+    ["Name", "Public address", "Target", "Allowed sources", "Activity", "Last error", "Enabled", ""],
+    list.map((s) => h("tr", { dataset: { service: s.id } },
+      h("td", {}, h("strong", {}, s.name), s.ephemeral ? h("div", {}, badge("tern expose", "relay")) : null),
+      h("td", {}, h("code", {}, s.public_address), h("div", { class: "muted small" }, s.protocol.toUpperCase())),
+      h("td", {}, h("code", {}, `${s.target_ip}:${s.target_port}`),
+        h("div", { class: "muted small" }, s.reached_via), s.proxy_protocol ? h("div", { class: "muted small" }, "PROXY protocol v2") : null),
+      h("td", {}, sourcesText(s.allowed_sources)),
+      h("td", { class: "num small" }, activity(s.stats)),
+      h("td", { class: "small" }, s.stats.last_error
+        ? h("span", {}, h("span", { class: "bad-text" }, s.stats.last_error), h("div", { class: "muted" }, ago(s.stats.last_error_at)))
+        : h("span", { class: "muted" }, "none")),
+      h("td", {}, s.ephemeral ? badge("on", "ok") : h("label", { class: "switch" },
+        h("input", { type: "checkbox", checked: s.enabled, "aria-label": `Service ${s.name} enabled`, onchange: (e) => toggle(s, e.target) }))),
+      h("td", { class: "row-actions" },
+        s.ephemeral ? null : h("button", { type: "button", onclick: () => edit(s) }, "Edit"),
+        h("button", { type: "button", class: "danger", onclick: () => remove(s) }, s.ephemeral ? "End" : "Delete")))),
+    "No public services. A public service lets a device without an agent (a supplier's server, a phone app) reach one port inside your network through this server."));
+  const refresh = async () => region.update(await get("/api/services"));
+  const body = (s, patch) => ({
+    name: s.name, protocol: s.protocol, public_port: s.public_port, target_ip: s.target_ip,
+    target_port: s.target_port, allowed_sources: s.allowed_sources, enabled: s.enabled,
+    proxy_protocol: s.proxy_protocol, idle_timeout_secs: s.idle_timeout_secs, ...patch,
+  });
+
+  async function toggle(s, box) {
+    const question = box.checked ? null
+      : `Disable ${s.name}? Port ${s.public_address} closes${s.stats.active ? ` and its ${s.stats.active} open connection(s) end` : ""}.`;
+    const ok = await rowAction(() => put(`/api/services/${s.id}`, body(s, { enabled: box.checked })),
+      box.checked ? `${s.name} enabled` : `${s.name} disabled`, refresh, question, "Disable");
+    if (!ok) box.checked = !box.checked;
+  }
+
+  function edit(s) {
+    const targets = h("datalist", { id: "service-targets" },
+      peerList.map((p) => h("option", { value: p.overlay_ip }, `peer ${p.name}`)));
+    const proto = select("protocol", [["tcp", "TCP"], ["udp", "UDP"]], s ? s.protocol : "tcp");
+    const proxy = checkbox("proxy_protocol", "Send a PROXY protocol v2 header (the target sees the client's address)", s ? s.proxy_protocol : false);
+    const proxyField = h("div", { class: "field", dataset: { field: "proxy_protocol" } }, proxy, h("p", { class: "field-error", hidden: true }));
+    const sync = () => { proxyField.hidden = proto.value !== "tcp"; };
+    proto.addEventListener("change", sync);
+    const form = h("form", { novalidate: true, id: "service-form" }, formError(), targets,
+      field("Name", input("name", { value: s ? s.name : "", required: true, placeholder: "plc-modbus" })),
+      field("Protocol", proto),
+      field("Public port", input("public_port", { type: "number", min: 1, max: 65535, value: s ? s.public_port : "", required: true }),
+        "Outside devices connect to this port on the server; it must be within the server's --public-ports range"),
+      field("Target address", input("target_ip", { value: s ? s.target_ip : "", required: true, list: "service-targets", placeholder: "192.168.50.10" }),
+        "A peer's overlay address, or an address inside a route's network (reached through its routing peer)"),
+      field("Target port", input("target_port", { type: "number", min: 1, max: 65535, value: s ? s.target_port : "", required: true, placeholder: "502" })),
+      field("Allowed sources", input("allowed_sources", { value: s ? s.allowed_sources.join(", ") : "", required: true, placeholder: "198.51.100.0/24, 203.0.113.7/32" }),
+        "Networks that may connect, comma-separated. 0.0.0.0/0 opens the port to everyone on the internet."),
+      proxyField,
+      field("Idle timeout (seconds)", input("idle_timeout_secs", { type: "number", min: 10, value: s ? s.idle_timeout_secs : "", placeholder: "3600 for TCP, 60 for UDP" })),
+      checkbox("enabled", "Enabled", s ? s.enabled : true),
+      h("div", { class: "actions" }, h("button", { type: "submit", class: "primary" }, s ? "Save" : "Publish")));
+    sync();
+    const d = dialog(s ? `Edit ${s.name}` : "New public service", form, { wide: true });
+    onSubmit(form, async (f) => {
+      const num = (v) => (v.trim() === "" ? null : Number(v));
+      const b = {
+        name: f.elements.name.value,
+        protocol: proto.value,
+        public_port: num(f.elements.public_port.value) ?? 0,
+        target_ip: f.elements.target_ip.value,
+        target_port: num(f.elements.target_port.value) ?? 0,
+        allowed_sources: f.elements.allowed_sources.value.split(",").map((x) => x.trim()).filter(Boolean),
+        proxy_protocol: proto.value === "tcp" && f.elements.proxy_protocol.checked,
+        idle_timeout_secs: num(f.elements.idle_timeout_secs.value),
+        enabled: f.elements.enabled.checked,
+      };
+      const saved = s ? await put(`/api/services/${s.id}`, b) : await post("/api/services", b);
+      d.close();
+      notify(s ? "Service saved" : `Published at ${saved.public_address}`);
+      await refresh();
+    });
+  }
+  async function remove(s) {
+    const what = s.ephemeral ? `End ${s.name}, published by its agent with tern expose?` : `Delete ${s.name}? Port ${s.public_address} closes.`;
+    await rowAction(() => del(`/api/services/${s.id}`), s.ephemeral ? "Service ended" : "Service deleted", refresh, what, s.ephemeral ? "End" : "Delete");
+  }
+  main.append(header("Public services", h("button", { type: "button", class: "primary", onclick: () => edit(null) }, "New public service")), region.box);
+  await refresh();
+  return { poll: async () => { peerList = await get("/api/peers"); await refresh(); } };
+}
+
+// ------------------------------------------------------------------------------------------------
 // Audit log
 
 export async function audit(main) {
@@ -434,13 +540,16 @@ export async function audit(main) {
 // Settings
 
 export async function settings(main) {
-  const s = await get("/api/settings");
+  const [s, groups] = await Promise.all([get("/api/settings"), get("/api/groups")]);
   const form = h("form", { novalidate: true, id: "settings-form", class: "narrow" }, formError(),
     field("Overlay range", input("overlay_range", { value: s.overlay_range }), "Peers get addresses from it; must contain every existing peer"),
     field("MTU", input("mtu", { type: "number", value: s.mtu, min: 1280, max: 9000 }), "Tunnel MTU; 1280 is safe on mobile and IPv6-only lines"),
     field("Peer login expiry (seconds)", input("peer_login_expiry_secs", { type: "number", value: s.peer_login_expiry_secs, min: 0 }), "0 = never"),
     field("Ephemeral peer lifetime (seconds)", input("ephemeral_ttl_secs", { type: "number", value: s.ephemeral_ttl_secs, min: 0 })),
     checkbox("peer_approval_required", "New peers need an admin's approval before they can reach anyone", s.peer_approval_required),
+    h("fieldset", { "data-field": "expose_groups" }, h("legend", {}, "Groups allowed to use tern expose"),
+      h("p", { class: "hint" }, "Peers in these groups may publish a port of their own host on the server while `tern expose` runs."),
+      groupPicker("expose_groups", groups, s.expose_groups), h("p", { class: "field-error", hidden: true })),
     h("div", { class: "actions" }, h("button", { type: "submit", class: "primary" }, "Save settings")));
   onSubmit(form, async (f) => {
     await put("/api/settings", {
@@ -449,6 +558,7 @@ export async function settings(main) {
       peer_login_expiry_secs: Number(f.elements.peer_login_expiry_secs.value),
       ephemeral_ttl_secs: Number(f.elements.ephemeral_ttl_secs.value),
       peer_approval_required: f.elements.peer_approval_required.checked,
+      expose_groups: checkedValues(f, "expose_groups"),
     });
     notify("Settings saved");
   });

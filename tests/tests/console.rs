@@ -135,7 +135,15 @@ async fn fill(b: &Browser, scope: &str, name: &str, value: &str) -> anyhow::Resu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn console_admin_journey_in_chromium() {
-    let Some(console) = Console::start(fast_options(), 1280, 900).await else {
+    // Public services bind on loopback, in a range around a port known to be free.
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let mut opts = fast_options();
+    opts.public.bind = "127.0.0.1".parse().expect("ip");
+    opts.public.ports = Some((free, free.saturating_add(10)));
+    let Some(console) = Console::start(opts, 1280, 900).await else {
         return;
     };
     let (server, b) = (&console.server, &console.b);
@@ -386,6 +394,69 @@ async fn console_admin_journey_in_chromium() {
         .await
         .expect("route listed");
     shot(b, "07-routes").await.expect("shot");
+
+    // --- Public service: a port outside the server's range is explained at the field; then the
+    // service is published and listed with its address and the peer that carries it; disabling
+    // asks first.
+    open(b, "services", "Public services")
+        .await
+        .expect("services page");
+    click_text(b, ".page-head button", "New public service")
+        .await
+        .expect("click");
+    fill(b, "#service-form", "name", "PLC Modbus")
+        .await
+        .expect("name");
+    fill(b, "#service-form", "public_port", "80")
+        .await
+        .expect("port");
+    fill(b, "#service-form", "target_ip", "192.168.50.10")
+        .await
+        .expect("target");
+    fill(b, "#service-form", "target_port", "502")
+        .await
+        .expect("target port");
+    fill(b, "#service-form", "allowed_sources", "198.51.100.0/24")
+        .await
+        .expect("sources");
+    click(b, "#service-form button[type=submit]")
+        .await
+        .expect("submit");
+    b.wait_text(
+        "#service-form .field[data-field=public_port] .field-error",
+        "outside the ports this server may publish",
+        T,
+    )
+    .await
+    .expect("port error next to the public port field");
+    fill(b, "#service-form", "public_port", &free.to_string())
+        .await
+        .expect("fix port");
+    click(b, "#service-form button[type=submit]")
+        .await
+        .expect("submit again");
+    b.wait_text("tr[data-service]", &format!("127.0.0.1:{free}"), T)
+        .await
+        .expect("service listed with its address");
+    b.wait_text("tr[data-service]", "routing peer factory-gw", T)
+        .await
+        .expect("the routing peer that carries it");
+    shot(b, "07b-public-services").await.expect("shot");
+    click(b, "tr[data-service] .switch input")
+        .await
+        .expect("switch");
+    b.wait_text("dialog", "closes", T)
+        .await
+        .expect("disabling asks first");
+    click_text(b, "dialog button", "Disable")
+        .await
+        .expect("confirm");
+    b.wait_text(".notice", "PLC Modbus disabled", T)
+        .await
+        .expect("disabled");
+    let svc = server.get("/api/services").await;
+    assert_eq!(svc[0]["enabled"], false, "{svc}");
+    assert_eq!(svc[0]["allowed_sources"], json!(["198.51.100.0/24"]));
 
     // --- Settings: an MTU below 1280 is explained at the field; peer approval switched on.
     open(b, "settings", "Settings").await.expect("settings");
