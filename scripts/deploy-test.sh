@@ -20,6 +20,7 @@ HOST_IP=$(ip -4 -o addr show docker0 | awk '{print $4}' | cut -d/ -f1 | head -1)
 [ -n "$HOST_IP" ] || { echo "deploy test: docker0 has no IPv4 address"; exit 1; }
 HTTPS=$((20000 + RANDOM % 9000))
 RMIN=$((HTTPS + 1)) RMAX=$((HTTPS + 40))
+PUB=$((HTTPS + 41))
 deploy/gen-selfsigned.sh "$HOST_IP" "$W/certs" >/dev/null
 cat >"$W/.env" <<ENV
 TERN_PUBLIC_URL=https://$HOST_IP:$HTTPS
@@ -30,6 +31,8 @@ TERN_HTTPS_PORT=$HTTPS
 TERN_TURN_PORT=3478
 TERN_RELAY_PORT_MIN=$RMIN
 TERN_RELAY_PORT_MAX=$RMAX
+TERN_PUBLIC_PORT_MIN=$PUB
+TERN_PUBLIC_PORT_MAX=$((PUB + 1))
 TERN_CERT_DIR=$W/certs
 ENV
 compose() { (cd "$W" && "${COMPOSE[@]}" -p "$P" "$@"); }
@@ -84,6 +87,25 @@ docker exec "$P-a2" ping -c 3 -W 2 "$A1" >/dev/null || fail "agent2 cannot ping 
 echo "deploy: agents $A1 <-> $A2 ping through the compose stack ($(docker exec "$P-a1" tern status --json | sed -n 's/.*"connection":"\([a-z_]*\)".*/\1/p'))"
 
 # Restart with data intact: the registered peers are still there.
+# A public service: the server in its container carries a connection from outside to an echo
+# server in agent 1's container (perl-base is in every Debian image), through the published range.
+docker exec -d "$P-a1" perl -MIO::Socket::INET -e '
+  my $l = IO::Socket::INET->new(LocalPort => 7000, Listen => 5, ReuseAddr => 1) or die;
+  while (my $c = $l->accept) { while (my $x = <$c>) { print $c "echo: $x" } close $c }'
+TOKEN=$(curl -fsk "https://127.0.0.1:$HTTPS/api/auth/login" -H 'content-type: application/json' \
+  -d '{"username":"admin","password":"deploy-test-password"}' | sed -n 's/.*"token":"\([^"]*\)".*/\1/p')
+curl -fsk "https://127.0.0.1:$HTTPS/api/services" -H "authorization: Bearer $TOKEN" -H 'content-type: application/json' \
+  -d "{\"name\":\"agent1-echo\",\"protocol\":\"tcp\",\"public_port\":$PUB,\"target_ip\":\"$A1\",\"target_port\":7000,\"allowed_sources\":[\"0.0.0.0/0\"]}" \
+  >/dev/null || fail "create a public service"
+echoed=""
+for _ in $(seq 30); do
+  echoed=$(timeout 5 bash -c "exec 3<>/dev/tcp/127.0.0.1/$PUB; echo hello >&3; read -t 4 -r line <&3; echo \"\$line\"" 2>/dev/null || true)
+  [ "$echoed" = "echo: hello" ] && break
+  sleep 1
+done
+[ "$echoed" = "echo: hello" ] || { docker logs "$SRV" | tail -20; fail "public service through the container: got '$echoed'"; }
+echo "deploy: public service port $PUB reaches agent1's port 7000 through the server container"
+
 compose down >/dev/null
 compose up -d >/dev/null
 SRV=$(compose ps -q tern-server)

@@ -467,7 +467,7 @@ export async function services(main) {
         "A peer's overlay address, or an address inside a route's network (reached through its routing peer)"),
       field("Target port", input("target_port", { type: "number", min: 1, max: 65535, value: s ? s.target_port : "", required: true, placeholder: "502" })),
       field("Allowed sources", input("allowed_sources", { value: s ? s.allowed_sources.join(", ") : "", required: true, placeholder: "198.51.100.0/24, 203.0.113.7/32" }),
-        "Networks that may connect, comma-separated. 0.0.0.0/0 opens the port to everyone on the internet."),
+        "Networks or addresses that may connect, comma-separated. 0.0.0.0/0 opens the port to everyone on the internet."),
       proxyField,
       field("Idle timeout (seconds)", input("idle_timeout_secs", { type: "number", min: 10, value: s ? s.idle_timeout_secs : "", placeholder: "3600 for TCP, 60 for UDP" })),
       checkbox("enabled", "Enabled", s ? s.enabled : true),

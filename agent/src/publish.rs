@@ -22,6 +22,8 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
 /// Idle data tunnels kept ready, so a new client does not wait for one to be opened.
 const IDLE_TARGET: usize = 4;
+/// How long a used idle tunnel waits to be replaced while others are still idle.
+const REFILL_DELAY: Duration = Duration::from_millis(50);
 /// Streams carried at once; more are answered Busy.
 const MAX_STREAMS: usize = 2048;
 /// Connecting to a target gives up after this long.
@@ -177,11 +179,28 @@ impl Publisher {
         let (stop_tx, stop) = watch::channel(false);
         let pool = Arc::new(Pool::default());
         let (mut r, mut w) = tokio::io::split(io);
+        // Used tunnels are replaced a moment later unless none is left, so that opening the
+        // replacement (a TCP and HTTP handshake on both ends) does not compete with the connection
+        // that just took one; a burst that empties the pool refills at once, and the server asks
+        // (`Want`) for any client left waiting.
+        let refill = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(refill);
+        let mut refill_armed = false;
         let why = loop {
-            while pool.idle.load(Relaxed) < IDLE_TARGET {
-                self.spawn_data(&pool, &stop);
+            let idle = pool.idle.load(Relaxed);
+            if idle == 0 || (refill_armed && refill.is_elapsed()) {
+                refill_armed = false;
+                while pool.idle.load(Relaxed) < IDLE_TARGET {
+                    self.spawn_data(&pool, &stop);
+                }
+            } else if idle < IDLE_TARGET && !refill_armed {
+                refill
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + REFILL_DELAY);
+                refill_armed = true;
             }
             tokio::select! {
+                _ = &mut refill, if refill_armed => {}
                 f = Control::read(&mut r) => match f {
                     Ok(Control::Want(n)) => {
                         for _ in 0..n.min(64) {
@@ -334,7 +353,7 @@ impl Publisher {
             tunnel::ROLE_HEADER
         );
         io.write_all(req.as_bytes()).await?;
-        let head = tokio::time::timeout(Duration::from_secs(10), read_head(&mut io))
+        let (head, rest) = tokio::time::timeout(Duration::from_secs(10), read_head(&mut io))
             .await
             .map_err(|_| anyhow!("management did not answer the tunnel request within 10 s"))??;
         let status = head.lines().next().unwrap_or_default().to_string();
@@ -346,6 +365,7 @@ impl Publisher {
                 .and_then(Result::ok)
                 .unwrap_or(0);
             let body = String::from_utf8_lossy(&body[..n]);
+            let body = format!("{}{body}", String::from_utf8_lossy(&rest));
             bail!(
                 "management refused the tunnel: {status}{}",
                 if body.trim().is_empty() {
@@ -355,7 +375,14 @@ impl Publisher {
                 }
             );
         }
-        Ok(io)
+        if rest.is_empty() {
+            return Ok(io);
+        }
+        Ok(Box::new(Prefixed {
+            rest,
+            pos: 0,
+            inner: io,
+        }))
     }
 }
 
@@ -373,22 +400,72 @@ impl Pool {
     }
 }
 
-/// Reads an HTTP response head byte by byte (what follows belongs to the tunnel).
-async fn read_head(io: &mut Box<dyn Io>) -> anyhow::Result<String> {
-    let mut head = Vec::with_capacity(256);
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if io.read(&mut b).await? == 0 {
+/// Reads an HTTP response head; returns it and the bytes read past it (the tunnel's first bytes).
+async fn read_head(io: &mut Box<dyn Io>) -> anyhow::Result<(String, Vec<u8>)> {
+    let mut buf = Vec::with_capacity(512);
+    let mut chunk = [0u8; 512];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let rest = buf.split_off(end + 4);
+            return Ok((String::from_utf8_lossy(&buf).into_owned(), rest));
+        }
+        if buf.len() > 8192 {
+            bail!("management sent an oversized response head");
+        }
+        let n = io.read(&mut chunk).await?;
+        if n == 0 {
             bail!(
                 "management closed the connection (is the URL right, and management up to date?)"
             );
         }
-        head.push(b[0]);
-        if head.len() > 8192 {
-            bail!("management sent an oversized response head");
-        }
+        buf.extend_from_slice(&chunk[..n]);
     }
-    Ok(String::from_utf8_lossy(&head).into_owned())
+}
+
+/// A stream whose first bytes were already read (past an HTTP head): they are read again first.
+struct Prefixed {
+    rest: Vec<u8>,
+    pos: usize,
+    inner: Box<dyn Io>,
+}
+
+impl tokio::io::AsyncRead for Prefixed {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let me = self.get_mut();
+        if me.pos < me.rest.len() {
+            let n = (me.rest.len() - me.pos).min(buf.remaining());
+            buf.put_slice(&me.rest[me.pos..me.pos + n]);
+            me.pos += n;
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut me.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Prefixed {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
 }
 
 async fn carry_tcp(open: &Open, proxy: bool, idle: Duration, io: &mut Box<dyn Io>) {
@@ -717,6 +794,26 @@ mod tests {
             "{}",
             st.message
         );
+    }
+
+    #[tokio::test]
+    async fn bytes_read_past_the_response_head_are_not_lost() {
+        let (mut server, client) = tokio::io::duplex(4096);
+        server
+            .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\nO\0\x02{}")
+            .await
+            .expect("write");
+        let mut io: Box<dyn Io> = Box::new(client);
+        let (head, rest) = read_head(&mut io).await.expect("head");
+        assert!(head.starts_with("HTTP/1.1 101") && head.ends_with("\r\n\r\n"));
+        let mut p = Prefixed {
+            rest,
+            pos: 0,
+            inner: io,
+        };
+        let mut got = [0u8; 5];
+        p.read_exact(&mut got).await.expect("read");
+        assert_eq!(&got, b"O\0\x02{}");
     }
 
     #[test]

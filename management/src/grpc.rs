@@ -82,8 +82,11 @@ impl AgentService {
     }
 }
 
-/// A CIDR in canonical form, for `tern expose --allow`.
+/// A CIDR in canonical form (a bare address: that host), for `tern expose --allow`.
 fn source_net(s: &str) -> Result<ipnet::IpNet, Status> {
+    if let Ok(ip) = s.trim().parse::<std::net::IpAddr>() {
+        return Ok(ip.into());
+    }
     let n: ipnet::IpNet = s.trim().parse().map_err(|_| {
         Status::invalid_argument(format!(
             "{s:?} is not a network in CIDR notation, e.g. 198.51.100.0/24"

@@ -235,6 +235,26 @@ impl Status {
             message: String::from_utf8_lossy(&body).into_owned(),
         })
     }
+
+    /// How long the frame starting with `prefix` is, once its 3-byte head is there.
+    pub fn frame_len(prefix: &[u8]) -> Result<Option<usize>, TunnelError> {
+        if prefix.len() < 3 {
+            return Ok(None);
+        }
+        let len = u16::from_be_bytes([prefix[1], prefix[2]]) as usize;
+        if len > MAX_FRAME {
+            return Err(TunnelError::Malformed(format!("frame of {len} bytes")));
+        }
+        Ok(Some(3 + len))
+    }
+
+    /// Decodes a whole frame (as measured by [`Status::frame_len`]).
+    pub fn decode(frame: &[u8]) -> Status {
+        Status {
+            code: StatusCode::from_byte(frame.first().copied().unwrap_or(u8::MAX)),
+            message: String::from_utf8_lossy(frame.get(3..).unwrap_or_default()).into_owned(),
+        }
+    }
 }
 
 /// A UDP datagram on a data connection: u16 length, payload. None if it is too large.
@@ -467,6 +487,14 @@ mod tests {
             assert_eq!(s.code, StatusCode::TargetRefused);
             assert_eq!(s.message, "refused");
             assert_eq!(Status::read(&mut r).await.expect("ok"), Status::ok());
+            let frame = Status::new(StatusCode::Busy, "busy").encode();
+            assert_eq!(Status::frame_len(&frame[..2]).expect("short"), None);
+            assert_eq!(Status::frame_len(&frame).expect("len"), Some(frame.len()));
+            assert_eq!(
+                Status::decode(&frame),
+                Status::new(StatusCode::Busy, "busy")
+            );
+            assert!(Status::frame_len(b"\0\xff\xff").is_err());
             assert!(matches!(
                 Status::read(&mut r).await,
                 Err(TunnelError::Closed)

@@ -635,11 +635,11 @@ async fn public_services_refuse_bad_input_field_by_field_and_are_audited() {
 
         // Update, read back, delete; audited.
         let pid = id(&p);
-        peer["allowed_sources"] = json!(["0.0.0.0/0", "::/0"]);
+        peer["allowed_sources"] = json!(["0.0.0.0/0", "::/0", "203.0.113.7"]);
         peer["enabled"] = json!(false);
         let (s, upd) = srv.put(&format!("/api/services/{pid}"), peer.clone()).await;
         assert_eq!(s, 200, "{upd}");
-        assert_eq!(upd["allowed_sources"], json!(["0.0.0.0/0", "::/0"]));
+        assert_eq!(upd["allowed_sources"], json!(["0.0.0.0/0", "::/0", "203.0.113.7/32"]), "a bare address is one host");
         assert_eq!(upd["reached_via"], "disabled");
         assert_err(srv.put("/api/services/nope", peer).await, 404, "not found");
         assert_eq!(srv.delete(&format!("/api/services/{pid}")).await, 204);

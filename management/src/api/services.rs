@@ -12,6 +12,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
+use ipnet::IpNet;
 use serde::Deserialize;
 use std::sync::Arc;
 use utoipa::ToSchema;
@@ -30,7 +31,8 @@ pub struct ServiceBody {
     /// A peer's overlay address, or an address inside a routed network.
     pub target_ip: String,
     pub target_port: i64,
-    /// CIDRs allowed to connect; give 0.0.0.0/0 (and ::/0) to open to everyone.
+    /// CIDRs (or single addresses) allowed to connect; give 0.0.0.0/0 (and ::/0) to open to
+    /// everyone.
     pub allowed_sources: Vec<String>,
     #[serde(default = "yes")]
     pub enabled: bool,
@@ -99,10 +101,14 @@ fn input(
             "at most 100 source networks",
         ));
     }
+    // A bare address means that one host.
     let allowed_sources = b
         .allowed_sources
         .iter()
-        .map(|s| cidr("allowed_sources", s))
+        .map(|s| match s.trim().parse::<std::net::IpAddr>() {
+            Ok(ip) => Ok(IpNet::from(ip)),
+            Err(_) => cidr("allowed_sources", s),
+        })
         .collect::<ApiResult<Vec<_>>>()?;
     if b.proxy_protocol && protocol == ServiceProtocol::Udp {
         return Err(ApiError::invalid(

@@ -409,7 +409,12 @@ impl Publisher {
 
     /// A tunnel to an agent that reaches the service's target, with the agent's Ok; Err says in
     /// words why there is none.
-    async fn open_tunnel(&self, svc: &Service, open: &Open) -> Result<Tunnel, String> {
+    async fn open_tunnel(
+        &self,
+        svc: &Service,
+        open: &Open,
+        mut client: Option<&mut TcpStream>,
+    ) -> Result<Tunnel, String> {
         let idx = self
             .index
             .read()
@@ -447,17 +452,30 @@ impl Publisher {
                 if t.write_all(&frame).await.is_err() {
                     continue;
                 }
-                match tokio::time::timeout(STATUS_WAIT, Status::read(&mut t)).await {
-                    Ok(Ok(st)) if st.code == TunnelStatus::Ok => return Ok(t),
-                    Ok(Ok(st)) if st.code == TunnelStatus::TargetRefused => {
+                let (status, consumed) = match tokio::time::timeout(
+                    STATUS_WAIT,
+                    status_with_early_data(&mut t, client.as_deref_mut()),
+                )
+                .await
+                {
+                    Ok(r) => r,
+                    Err(_) => (Err(None), false),
+                };
+                match status {
+                    Ok(st) if st.code == TunnelStatus::Ok => return Ok(t),
+                    Ok(st) if st.code == TunnelStatus::TargetRefused => {
                         return Err(st.message);
                     }
-                    Ok(Ok(st)) => {
+                    Ok(st) => {
                         last = format!("{} (via {})", st.message, p.name);
                         break;
                     }
-                    Ok(Err(_)) => continue,
-                    Err(_) => {
+                    // A dead idle tunnel: the next one, unless the client's bytes went into it.
+                    Err(Some(_)) if !consumed => continue,
+                    Err(Some(e)) => {
+                        return Err(format!("the tunnel to target agent {} broke: {e}", p.name));
+                    }
+                    Err(None) => {
                         last = format!(
                             "target agent {} did not answer within {STATUS_WAIT:?}",
                             p.name
@@ -515,7 +533,10 @@ impl Publisher {
             public: stream.local_addr().unwrap_or(client),
         };
         let mut stop = svc.stop.clone();
-        let setup = tokio::time::timeout(self.opts.setup_timeout, self.open_tunnel(svc, &open));
+        let setup = tokio::time::timeout(
+            self.opts.setup_timeout,
+            self.open_tunnel(svc, &open, Some(&mut stream)),
+        );
         let mut tunnel = tokio::select! {
             _ = stop.changed() => return,
             r = setup => match r {
@@ -619,7 +640,8 @@ impl Publisher {
             public: sock.local_addr().unwrap_or(client),
         };
         let mut stop = svc.stop.clone();
-        let setup = tokio::time::timeout(self.opts.setup_timeout, self.open_tunnel(svc, &open));
+        let setup =
+            tokio::time::timeout(self.opts.setup_timeout, self.open_tunnel(svc, &open, None));
         let tunnel = tokio::select! {
             _ = stop.changed() => return false,
             r = setup => match r {
@@ -697,6 +719,83 @@ async fn idle(moved: &AtomicU64, limit: Duration) {
             quiet = Duration::ZERO;
         }
     }
+}
+
+/// Waits for the agent's status frame while passing what the client sends on to the tunnel (the
+/// agent reads it once the target is connected), so a client that speaks first waits no longer
+/// than through a plain reverse tunnel. Returns the status (Err(None): never; the caller's timeout
+/// decides) and whether any client byte was consumed (then the connection cannot move to another
+/// tunnel).
+async fn status_with_early_data(
+    t: &mut Tunnel,
+    mut client: Option<&mut TcpStream>,
+) -> (Result<Status, Option<String>>, bool) {
+    use std::pin::Pin;
+    use std::task::Poll;
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+    let mut frame: Vec<u8> = Vec::with_capacity(64);
+    let mut buf = vec![0u8; 16 << 10];
+    let (mut lo, mut hi) = (0usize, 0usize);
+    let mut consumed = false;
+    let mut client_done = client.is_none();
+    let status = std::future::poll_fn(|cx| {
+        // The status frame, read exactly: what follows it is the target's data.
+        loop {
+            let want = match Status::frame_len(&frame) {
+                Ok(Some(n)) if frame.len() == n => return Poll::Ready(Ok(Status::decode(&frame))),
+                Ok(Some(n)) => n,
+                Ok(None) => 3,
+                Err(e) => return Poll::Ready(Err(Some(e.to_string()))),
+            };
+            let mut tmp = [0u8; 512];
+            let room = (want - frame.len()).min(tmp.len());
+            let mut rb = ReadBuf::new(&mut tmp[..room]);
+            match Pin::new(&mut *t).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) if rb.filled().is_empty() => {
+                    return Poll::Ready(Err(Some("closed".into())))
+                }
+                Poll::Ready(Ok(())) => frame.extend_from_slice(rb.filled()),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(Some(e.to_string()))),
+                Poll::Pending => break,
+            }
+        }
+        // Meanwhile: client bytes into the tunnel.
+        if let Some(c) = client.as_deref_mut() {
+            loop {
+                if lo < hi {
+                    match Pin::new(&mut *t).poll_write(cx, &buf[lo..hi]) {
+                        Poll::Ready(Ok(0)) => return Poll::Ready(Err(Some("closed".into()))),
+                        Poll::Ready(Ok(n)) => lo += n,
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(Some(e.to_string()))),
+                        Poll::Pending => break,
+                    }
+                } else if !client_done {
+                    let mut rb = ReadBuf::new(&mut buf);
+                    match Pin::new(&mut *c).poll_read(cx, &mut rb) {
+                        Poll::Ready(Ok(())) if rb.filled().is_empty() => client_done = true,
+                        Poll::Ready(Ok(())) => {
+                            (lo, hi) = (0, rb.filled().len());
+                            consumed = true;
+                        }
+                        // The splice meets the same error (or EOF) again and ends.
+                        Poll::Ready(Err(_)) => client_done = true,
+                        Poll::Pending => break,
+                    }
+                } else {
+                    break;
+                }
+            }
+        }
+        Poll::Pending
+    })
+    .await;
+    // Bytes read from the client but not yet written go first.
+    if status.is_ok() && lo < hi {
+        if let Err(e) = t.write_all(&buf[lo..hi]).await {
+            return (Err(Some(e.to_string())), true);
+        }
+    }
+    (status, consumed)
 }
 
 fn names(peers: &[&crate::model::Peer]) -> String {
