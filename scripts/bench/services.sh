@@ -158,7 +158,9 @@ iperf() { # LABEL DEST_IP DEST_PORT SERVER_NS STREAMS PIDS...
   local g; g=$(echo "$out" | jq -r '(.end.sum_received.bits_per_second // 0) / 1e9 * 100 | round / 100')
   local bytes; bytes=$(echo "$out" | jq -r '(.end.sum_received.bytes // 0)')
   GBPS[$label/$st]+="$g "
-  CPU[$label/$st]+="$(awk -v t=$((t1 - t0)) -v hz=$HZ -v b="$bytes" 'BEGIN{ if (b > 0) printf "%.2f", t/hz/(b/1e9); else print "-" }') "
+  if [ $# -gt 0 ]; then
+    CPU[$label/$st]+="$(awk -v t=$((t1 - t0)) -v hz=$HZ -v b="$bytes" 'BEGIN{ if (b > 0) printf "%.2f", t/hz/(b/1e9); else print "-" }') "
+  fi
 }
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END{ if (NR==0) print "-"; else print a[int((NR+1)/2)] }'; }
 
