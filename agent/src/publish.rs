@@ -574,25 +574,10 @@ async fn carry_udp(open: &Open, idle: Duration, mut io: Box<dyn Io>) {
             }
         }
     };
-    let quiet = async {
-        let step = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
-        let mut last = 0;
-        let mut since = tokio::time::Instant::now();
-        loop {
-            tokio::time::sleep(step).await;
-            let now = moved.load(Relaxed);
-            if now != last {
-                last = now;
-                since = tokio::time::Instant::now();
-            } else if since.elapsed() >= idle {
-                return;
-            }
-        }
-    };
     tokio::select! {
         _ = to_target => {}
         _ = to_client => {}
-        _ = quiet => debug!(%target, client = %open.client, "idle UDP flow closed"),
+        _ = tunnel::quiet_for(&moved, idle) => debug!(%target, client = %open.client, "idle UDP flow closed"),
     }
 }
 

@@ -351,27 +351,29 @@ where
         moved: &moved,
     };
     let copy = tokio::io::copy_bidirectional_with_sizes(&mut ca, &mut cb, SPLICE_BUF, SPLICE_BUF);
-    tokio::pin!(copy);
-    let check = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
-    let mut tick = tokio::time::interval(check);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last = 0;
-    let mut quiet_since = tokio::time::Instant::now();
+    tokio::select! {
+        r = copy => match r {
+            Ok(_) => SpliceEnd::Closed,
+            Err(e) => SpliceEnd::Error(e),
+        },
+        _ = quiet_for(&moved, idle) => SpliceEnd::Idle,
+    }
+}
+
+/// Resolves once `moved` (a count of bytes or datagrams) has not changed for `limit`; checked
+/// a few times per `limit`, at most every 5 s.
+pub async fn quiet_for(moved: &AtomicU64, limit: Duration) {
+    let step = (limit / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    let mut last = moved.load(Ordering::Relaxed);
+    let mut since = tokio::time::Instant::now();
     loop {
-        tokio::select! {
-            r = &mut copy => return match r {
-                Ok(_) => SpliceEnd::Closed,
-                Err(e) => SpliceEnd::Error(e),
-            },
-            _ = tick.tick() => {
-                let now = moved.load(Ordering::Relaxed);
-                if now != last {
-                    last = now;
-                    quiet_since = tokio::time::Instant::now();
-                } else if quiet_since.elapsed() >= idle {
-                    return SpliceEnd::Idle;
-                }
-            }
+        tokio::time::sleep(step).await;
+        let now = moved.load(Ordering::Relaxed);
+        if now != last {
+            last = now;
+            since = tokio::time::Instant::now();
+        } else if since.elapsed() >= limit {
+            return;
         }
     }
 }

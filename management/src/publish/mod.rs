@@ -523,36 +523,48 @@ impl Publisher {
         }
     }
 
-    async fn tcp_connection(&self, svc: &Service, mut stream: TcpStream, client: SocketAddr) {
-        let _ = stream.set_nodelay(true);
+    /// Sets up the tunnel for one client, or records why there is none. None also when the
+    /// service stops meanwhile. `early`: the TCP client, whose first bytes may go ahead.
+    async fn setup(
+        &self,
+        svc: &Service,
+        protocol: ServiceProtocol,
+        client: SocketAddr,
+        public: SocketAddr,
+        early: Option<&mut TcpStream>,
+    ) -> Option<Tunnel> {
         let open = Open {
             service: svc.id.clone(),
-            protocol: ServiceProtocol::Tcp,
+            protocol,
             target: svc.spec.target,
             client,
-            public: stream.local_addr().unwrap_or(client),
+            public,
         };
         let mut stop = svc.stop.clone();
-        let setup = tokio::time::timeout(
-            self.opts.setup_timeout,
-            self.open_tunnel(svc, &open, Some(&mut stream)),
-        );
-        let mut tunnel = tokio::select! {
-            _ = stop.changed() => return,
-            r = setup => match r {
-                Ok(Ok(t)) => t,
-                Ok(Err(why)) => {
-                    svc.stats.fail(&svc.name, &why);
-                    reset(stream);
-                    return;
-                }
-                Err(_) => {
-                    svc.stats.fail(&svc.name, &format!("no tunnel to the target within {:?}", self.opts.setup_timeout));
-                    reset(stream);
-                    return;
-                }
+        let limit = self.opts.setup_timeout;
+        let why = tokio::select! {
+            _ = stop.changed() => return None,
+            r = tokio::time::timeout(limit, self.open_tunnel(svc, &open, early)) => match r {
+                Ok(Ok(t)) => return Some(t),
+                Ok(Err(why)) => why,
+                Err(_) => format!("no tunnel to the target within {limit:?}"),
             },
         };
+        svc.stats.fail(&svc.name, &why);
+        None
+    }
+
+    async fn tcp_connection(&self, svc: &Service, mut stream: TcpStream, client: SocketAddr) {
+        let _ = stream.set_nodelay(true);
+        let public = stream.local_addr().unwrap_or(client);
+        let tunnel = self
+            .setup(svc, ServiceProtocol::Tcp, client, public, Some(&mut stream))
+            .await;
+        let Some(mut tunnel) = tunnel else {
+            reset(stream);
+            return;
+        };
+        let mut stop = svc.stop.clone();
         let _active = Active::new(&svc.stats);
         let s = &svc.stats;
         let end = tokio::select! {
@@ -632,27 +644,14 @@ impl Publisher {
         client: SocketAddr,
         mut rx: mpsc::Receiver<Vec<u8>>,
     ) -> bool {
-        let open = Open {
-            service: svc.id.clone(),
-            protocol: ServiceProtocol::Udp,
-            target: svc.spec.target,
-            client,
-            public: sock.local_addr().unwrap_or(client),
+        let public = sock.local_addr().unwrap_or(client);
+        let Some(tunnel) = self
+            .setup(svc, ServiceProtocol::Udp, client, public, None)
+            .await
+        else {
+            return true;
         };
         let mut stop = svc.stop.clone();
-        let setup =
-            tokio::time::timeout(self.opts.setup_timeout, self.open_tunnel(svc, &open, None));
-        let tunnel = tokio::select! {
-            _ = stop.changed() => return false,
-            r = setup => match r {
-                Ok(Ok(t)) => t,
-                Ok(Err(why)) => { svc.stats.fail(&svc.name, &why); return true; }
-                Err(_) => {
-                    svc.stats.fail(&svc.name, &format!("no tunnel to the target within {:?}", self.opts.setup_timeout));
-                    return true;
-                }
-            },
-        };
         let _active = Active::new(&svc.stats);
         let (r, w) = tokio::io::split(tunnel);
         let moved = AtomicU64::new(0);
@@ -660,7 +659,7 @@ impl Publisher {
             _ = stop.changed() => {}
             _ = flow_to_tunnel(&mut rx, w, &svc.stats.bytes_in, &moved) => {}
             _ = tunnel_to_client(r, sock, client, &svc.stats.bytes_out, &moved) => {}
-            _ = idle(&moved, svc.spec.idle) => debug!(service = %svc.name, %client, "idle UDP flow closed"),
+            _ = tunnel::quiet_for(&moved, svc.spec.idle) => debug!(service = %svc.name, %client, "idle UDP flow closed"),
         }
         false
     }
@@ -698,26 +697,6 @@ async fn tunnel_to_client(
         let _ = sock.send_to(&buf[..n], client).await;
         bytes.fetch_add(n as u64, Relaxed);
         moved.fetch_add(1, Relaxed);
-    }
-}
-
-/// Resolves once `moved` has not changed for `limit`.
-async fn idle(moved: &AtomicU64, limit: Duration) {
-    let step = (limit / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
-    let mut last = moved.load(Relaxed);
-    let mut quiet = Duration::ZERO;
-    loop {
-        tokio::time::sleep(step).await;
-        let now = moved.load(Relaxed);
-        if now == last {
-            quiet += step;
-            if quiet >= limit {
-                return;
-            }
-        } else {
-            last = now;
-            quiet = Duration::ZERO;
-        }
     }
 }
 
