@@ -1,24 +1,27 @@
-//! The data path and per-peer connection management.
+//! The data-plane shell: the TUN device, the ICE sessions (webrtc-ice) and the TCP relay around
+//! the sans-IO core ([`tern_tunnel::Node`], one lock). The core decides; this module moves bytes
+//! and runs what the core asks for:
 //!
-//! - One boringtun `Tunn` per peer; packets from the TUN device are routed to a peer by
-//!   destination (the peer's allowed IPs), encapsulated, and sent over the peer's current path.
-//! - Paths, best first: an ICE connection (direct host/srflx/prflx pair, or a TURN relay pair),
-//!   then the TCP/WebSocket relay. Until ICE connects (or while it is down) the TCP relay carries
-//!   the traffic, so a tunnel comes up even where UDP is blocked; ICE is retried with capped
-//!   backoff and the tunnel moves to it as soon as it connects.
-//! - Decapsulated packets are accepted only if their source is in the peer's allowed IPs.
+//! - TUN packets are encapsulated by the core and sent over the path it names: the peer's ICE
+//!   connection (direct or via TURN) or the TCP relay.
+//! - Datagrams from a peer's ICE connection or the TCP relay are decapsulated by the core, which
+//!   checks that the inner source belongs to that peer and that the policy lets it in.
+//! - Every 250 ms the core's timers run; the ICE attempts it schedules (with backoff) are started
+//!   here, and their outcome goes back to it.
+//! - Routed networks: routing-peer selection (core) decides, this module installs kernel routes
+//!   and, on a routing peer, the forwarding rules.
 
 use crate::signal::PeerMsg;
-use boringtun::noise::{Tunn, TunnResult};
 use ipnet::IpNet;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tern_proto::management as pb;
 use tern_proto::{PublicKey, SecretKey};
+use tern_tunnel::firewall::{Rule, ICMP, TCP, UDP};
+use tern_tunnel::{Decap, Event, IceEvent, IcePath, Node, PathKind as CorePath, PeerId, PeerSpec};
 use tokio::sync::mpsc;
 use tracing::{debug, info, trace, warn};
 use webrtc_ice::agent::agent_config::AgentConfig;
@@ -29,20 +32,26 @@ use webrtc_ice::state::ConnectionState;
 use webrtc_ice::url::Url;
 use webrtc_util::Conn;
 
+/// A connected ICE pair's connection.
+type IceConn = Arc<dyn Conn + Send + Sync>;
+
 /// Datagrams for the TCP relay: (recipient peer id, bytes).
 pub type TcpOut = mpsc::Sender<(String, Vec<u8>)>;
 
-/// WireGuard persistent keepalive (seconds).
-pub const KEEPALIVE: u16 = 25;
-/// Give up on an ICE attempt after this long and retry later.
-const ICE_ATTEMPT: Duration = Duration::from_secs(20);
-/// Cap of the ICE retry backoff while relayed.
-const ICE_RETRY_MAX: Duration = Duration::from_secs(120);
-/// Room boringtun needs around a packet (it panics on short buffers).
-const OVERHEAD: usize = 148;
+/// Largest packet read from the TUN device, and the buffers around it.
+const MAX_PACKET: usize = 65_536;
+const BUF: usize = MAX_PACKET + 256;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(|e| e.into_inner())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -54,41 +63,15 @@ pub enum PathKind {
     None,
 }
 
-#[derive(Clone)]
-struct IcePath {
-    conn: Arc<dyn Conn + Send + Sync>,
-    session: u64,
-    kind: PathKind,
-    local: String,
-    remote: String,
-    /// The remote candidate's address (a route installed later may capture it).
-    remote_addr: String,
-}
-
-struct IceSession {
-    id: u64,
-    agent: Arc<Agent>,
-    /// Dropping it cancels a pending dial/accept.
-    _cancel: mpsc::Sender<()>,
-}
-
-pub struct Peer {
-    pub id: String,
-    pub name: String,
-    pub key: PublicKey,
-    pub overlay_ip: IpAddr,
-    allowed: RwLock<Vec<IpNet>>,
-    /// Routed networks this peer serves for us (chosen by the route selection).
-    routed: RwLock<Vec<IpNet>>,
-    tunn: Mutex<Tunn>,
-    ice_path: RwLock<Option<IcePath>>,
-    ice: Mutex<Option<IceSession>>,
-    controlling: bool,
-    next_retry: Mutex<(Instant, Duration)>,
-    rx_bytes: AtomicU64,
-    tx_bytes: AtomicU64,
-    /// Last `connected` flag management reported for the peer.
-    online: std::sync::atomic::AtomicBool,
+impl From<CorePath> for PathKind {
+    fn from(k: CorePath) -> Self {
+        match k {
+            CorePath::Direct => PathKind::Direct,
+            CorePath::TurnRelay => PathKind::TurnRelay,
+            CorePath::TcpRelay => PathKind::TcpRelay,
+            CorePath::None => PathKind::None,
+        }
+    }
 }
 
 /// Everything `tern status` shows about one peer.
@@ -100,6 +83,8 @@ pub struct PeerStatus {
     pub overlay_ip: String,
     pub state: String,
     pub connection: PathKind,
+    /// Why the path is what it is (e.g. why not direct), in words.
+    pub path_reason: String,
     pub local_candidate: Option<String>,
     pub remote_candidate: Option<String>,
     pub latency_ms: Option<f64>,
@@ -109,39 +94,28 @@ pub struct PeerStatus {
     pub allowed_ips: Vec<String>,
 }
 
+/// An ICE session run for a peer; dropping it cancels a pending dial/accept.
+struct IceSession {
+    id: u64,
+    agent: Arc<Agent>,
+    _cancel: mpsc::Sender<()>,
+    /// Offering side: the cancel receiver the dial takes once the answer arrives.
+    dial_cancel: Option<mpsc::Receiver<()>>,
+}
+
 pub struct Engine {
-    key: SecretKey,
+    node: Mutex<Node>,
     tun: Arc<tun_rs::AsyncDevice>,
-    overlay: RwLock<Option<IpNet>>,
-    peers: RwLock<HashMap<PublicKey, Arc<Peer>>>,
-    by_id: RwLock<HashMap<String, Arc<Peer>>>,
-    /// Overlay address -> peer: the per-packet lookup for mesh traffic (routed networks fall back
-    /// to a longest-prefix scan).
-    by_ip: RwLock<HashMap<IpAddr, Arc<Peer>>>,
-    relay: RwLock<pb::RelayConfig>,
+    iface: String,
+    relay: Mutex<pb::RelayConfig>,
     signal_out: mpsc::Sender<(PublicKey, PeerMsg)>,
     tcp_out: RwLock<Option<TcpOut>>,
-    next_index: AtomicU64,
-    iface: String,
+    /// ICE sessions under way or connected, per peer.
+    ice: Mutex<HashMap<PeerId, IceSession>>,
+    /// Connected ICE connections (the per-packet lookup).
+    conns: RwLock<HashMap<PeerId, (u64, IceConn)>>,
     routes: Mutex<BTreeMap<String, crate::routes::RouteChoice>>,
     served: Mutex<Vec<(String, bool)>>,
-    fw: Mutex<crate::firewall::Firewall>,
-}
-
-fn dst_ip(pkt: &[u8]) -> Option<IpAddr> {
-    match pkt.first()? >> 4 {
-        4 if pkt.len() >= 20 => Some(IpAddr::from(<[u8; 4]>::try_from(&pkt[16..20]).ok()?)),
-        6 if pkt.len() >= 40 => Some(IpAddr::from(<[u8; 16]>::try_from(&pkt[24..40]).ok()?)),
-        _ => None,
-    }
-}
-
-fn src_ip(pkt: &[u8]) -> Option<IpAddr> {
-    match pkt.first()? >> 4 {
-        4 if pkt.len() >= 20 => Some(IpAddr::from(<[u8; 4]>::try_from(&pkt[12..16]).ok()?)),
-        6 if pkt.len() >= 40 => Some(IpAddr::from(<[u8; 16]>::try_from(&pkt[8..24]).ok()?)),
-        _ => None,
-    }
 }
 
 fn candidate_kind(t: CandidateType) -> &'static str {
@@ -154,6 +128,33 @@ fn candidate_kind(t: CandidateType) -> &'static str {
     }
 }
 
+/// A firewall rule of the network map as the core's policy filter takes it (inbound only).
+fn rule_from_map(r: &pb::FirewallRule) -> Option<Rule> {
+    if r.direction != pb::Direction::In as i32 {
+        return None;
+    }
+    let proto = match pb::Protocol::try_from(r.protocol).ok()? {
+        pb::Protocol::Any => 0,
+        pb::Protocol::Tcp => TCP,
+        pb::Protocol::Udp => UDP,
+        pb::Protocol::Icmp => ICMP,
+    };
+    Some(Rule {
+        src: r.peer_cidr.parse().ok()?,
+        proto,
+        ports: r
+            .ports
+            .iter()
+            .map(|p| (p.start as u16, p.end as u16))
+            .collect(),
+        network: if r.network.is_empty() {
+            None
+        } else {
+            Some(r.network.parse().ok()?)
+        },
+    })
+}
+
 impl Engine {
     pub fn new(
         key: SecretKey,
@@ -162,73 +163,35 @@ impl Engine {
         signal_out: mpsc::Sender<(PublicKey, PeerMsg)>,
     ) -> Arc<Self> {
         Arc::new(Engine {
-            key,
+            node: Mutex::new(Node::new(key.to_bytes())),
             tun,
-            overlay: RwLock::new(None),
-            peers: RwLock::new(HashMap::new()),
-            by_id: RwLock::new(HashMap::new()),
-            by_ip: RwLock::new(HashMap::new()),
-            relay: RwLock::new(pb::RelayConfig::default()),
+            iface,
+            relay: Mutex::new(pb::RelayConfig::default()),
             signal_out,
             tcp_out: RwLock::new(None),
-            next_index: AtomicU64::new(1),
-            iface,
+            ice: Mutex::new(HashMap::new()),
+            conns: RwLock::new(HashMap::new()),
             routes: Mutex::new(BTreeMap::new()),
             served: Mutex::new(vec![]),
-            fw: Mutex::new(crate::firewall::Firewall::default()),
         })
     }
 
-    pub fn set_tcp_out(&self, tx: Option<TcpOut>) {
-        *self.tcp_out.write().unwrap_or_else(|e| e.into_inner()) = tx;
+    pub fn set_tcp_out(self: &Arc<Self>, tx: Option<TcpOut>) {
+        let up = tx.is_some();
+        *write(&self.tcp_out) = tx;
+        lock(&self.node).set_tcp_relay(up);
+        self.run_events();
     }
 
     pub fn tcp_connected(&self) -> bool {
-        self.tcp_out
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .is_some_and(|t| !t.is_closed())
+        read(&self.tcp_out).as_ref().is_some_and(|t| !t.is_closed())
     }
 
-    fn peer_by_ip(&self, ip: IpAddr) -> Option<Arc<Peer>> {
-        // A peer's own address is a full-length prefix: nothing can be more specific.
-        if let Some(p) = self
-            .by_ip
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&ip)
-        {
-            return Some(p.clone());
-        }
-        let peers = self.peers.read().unwrap_or_else(|e| e.into_inner());
-        peers
-            .values()
-            .filter_map(|p| {
-                let best = p
-                    .allowed
-                    .read()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .iter()
-                    .chain(p.routed.read().unwrap_or_else(|e| e.into_inner()).iter())
-                    .filter(|n| n.contains(&ip))
-                    .map(|n| n.prefix_len())
-                    .max();
-                best.map(|b| (b, p))
-            })
-            .max_by_key(|(b, _)| *b)
-            .map(|(_, p)| p.clone())
-    }
-
-    /// Applies a network map: adds new peers, removes gone ones, updates allowed IPs and relays.
-    /// Peers that stay are not disturbed.
+    /// Applies a network map: peers come and go (others keep their sessions), rules and relays
+    /// are replaced.
     pub fn apply_map(self: &Arc<Self>, map: &pb::NetworkMap) {
         if let Some(relay) = &map.relay {
-            *self.relay.write().unwrap_or_else(|e| e.into_inner()) = relay.clone();
-        }
-        if let Some(cfg) = &map.peer_config {
-            *self.overlay.write().unwrap_or_else(|e| e.into_inner()) =
-                cfg.overlay_range.parse().ok();
+            *lock(&self.relay) = relay.clone();
         }
         let local = map
             .peer_config
@@ -237,120 +200,87 @@ impl Engine {
         let rules = map
             .firewall_rules
             .iter()
-            .filter_map(crate::firewall::Rule::from_map)
+            .filter_map(rule_from_map)
             .collect();
-        lock(&self.fw).set_rules(local, rules);
-        let mut wanted = HashMap::new();
-        for rp in &map.remote_peers {
-            let Ok(key) = PublicKey::from_slice(&rp.wg_public_key) else {
-                continue;
-            };
-            let allowed: Vec<IpNet> = rp
-                .allowed_ips
-                .iter()
-                .filter_map(|s| s.parse().ok())
-                .collect();
-            wanted.insert(key, (rp, allowed));
-        }
-        let mut peers = self.peers.write().unwrap_or_else(|e| e.into_inner());
-        let mut by_id = self.by_id.write().unwrap_or_else(|e| e.into_inner());
-        let mut by_ip = self.by_ip.write().unwrap_or_else(|e| e.into_inner());
-        peers.retain(|k, p| {
-            let keep = wanted.contains_key(k);
-            if !keep {
-                info!(peer = %p.name, "peer removed from the network map");
-                by_id.remove(&p.id);
-                by_ip.remove(&p.overlay_ip);
-                if let Some(s) = lock(&p.ice).take() {
-                    tokio::spawn(async move {
-                        let _ = s.agent.close().await;
-                    });
+        let specs: Vec<PeerSpec> = map
+            .remote_peers
+            .iter()
+            .filter_map(|rp| {
+                Some(PeerSpec {
+                    key: PublicKey::from_slice(&rp.wg_public_key).ok()?.0,
+                    id: rp.id.clone(),
+                    name: rp.name.clone(),
+                    overlay_ip: rp.overlay_ip.parse().ok()?,
+                    allowed: rp
+                        .allowed_ips
+                        .iter()
+                        .filter_map(|s| s.parse().ok())
+                        .collect(),
+                    online: rp.connected,
+                })
+            })
+            .collect();
+        {
+            let mut n = lock(&self.node);
+            if let Some(cfg) = &map.peer_config {
+                n.set_overlay(cfg.overlay_range.parse().ok());
+            }
+            n.set_rules(local, rules);
+            let before: Vec<PeerId> = n.peer_ids().collect();
+            n.apply_peers(&specs, Instant::now());
+            for id in n.peer_ids().filter(|id| !before.contains(id)) {
+                if let Some(s) = n.spec(id) {
+                    info!(peer = %s.name, ip = %s.overlay_ip, controlling = n.controlling(id), "peer added");
                 }
             }
-            keep
-        });
-        for (key, (rp, allowed)) in wanted {
-            if let Some(p) = peers.get(&key) {
-                *p.allowed.write().unwrap_or_else(|e| e.into_inner()) = allowed;
-                // A peer that just came online: try the direct path now rather than at the next
-                // backoff step.
-                if rp.connected && !p.online.swap(true, Ordering::Relaxed) {
-                    let mut r = lock(&p.next_retry);
-                    r.0 = Instant::now();
-                    r.1 = Duration::from_secs(2);
-                } else if !rp.connected {
-                    p.online.store(false, Ordering::Relaxed);
-                }
-                continue;
-            }
-            let Ok(ip) = rp.overlay_ip.parse::<IpAddr>() else {
-                continue;
-            };
-            let index = (self.next_index.fetch_add(1, Ordering::Relaxed) as u32) << 8;
-            let tunn = Tunn::new(
-                boringtun::x25519::StaticSecret::from(self.key.to_bytes()),
-                boringtun::x25519::PublicKey::from(key.0),
-                None,
-                Some(KEEPALIVE),
-                index,
-                None,
-            );
-            let peer = Arc::new(Peer {
-                id: rp.id.clone(),
-                name: rp.name.clone(),
-                key,
-                overlay_ip: ip,
-                allowed: RwLock::new(allowed),
-                routed: RwLock::new(vec![]),
-                tunn: Mutex::new(tunn),
-                ice_path: RwLock::new(None),
-                ice: Mutex::new(None),
-                controlling: self.key.public_key() > key,
-                next_retry: Mutex::new((Instant::now(), Duration::from_secs(2))),
-                rx_bytes: AtomicU64::new(0),
-                tx_bytes: AtomicU64::new(0),
-                online: std::sync::atomic::AtomicBool::new(rp.connected),
-            });
-            info!(peer = %peer.name, ip = %ip, controlling = peer.controlling, "peer added");
-            by_id.insert(peer.id.clone(), peer.clone());
-            by_ip.insert(ip, peer.clone());
-            peers.insert(key, peer);
         }
+        self.run_events();
     }
 
     /// Chooses a routing peer per routed network, installs kernel routes through the TUN device
     /// (not where they would shadow a network this host is attached to), and, on a routing peer,
     /// applies forwarding/masquerade rules for the networks it serves.
-    pub fn apply_routes(&self, map: &pb::NetworkMap) {
+    pub fn apply_routes(self: &Arc<Self>, map: &pb::NetworkMap) {
         use crate::routes;
         let connected: HashMap<String, bool> = map
             .remote_peers
             .iter()
             .map(|p| (p.id.clone(), p.connected))
             .collect();
+        let offers: Vec<tern_tunnel::routing::Offer> = map
+            .routes
+            .iter()
+            .map(|r| tern_tunnel::routing::Offer {
+                network: r.network.clone(),
+                peer_id: r.routing_peer_id.clone(),
+                metric: r.metric,
+            })
+            .collect();
+        let keys: HashMap<&str, &[u8]> = map
+            .routes
+            .iter()
+            .map(|r| (r.routing_peer_id.as_str(), r.routing_peer_key.as_slice()))
+            .collect();
         let mut cur = lock(&self.routes);
         let current: BTreeMap<String, String> = cur
             .iter()
             .map(|(n, c)| (n.clone(), c.peer_id.clone()))
             .collect();
-        let picks = routes::select(&map.routes, &connected, &current);
+        let picks = tern_tunnel::routing::select(&offers, &connected, &current);
         let locals = routes::local_networks(&self.iface);
         let mut next = BTreeMap::new();
-        let mut per_peer: HashMap<String, Vec<IpNet>> = HashMap::new();
+        let mut assigned: Vec<(IpNet, String)> = vec![];
         for (net, pick) in picks {
             let Ok(parsed) = net.parse::<IpNet>() else {
                 continue;
             };
-            let (peer_id, metric, key) = match &pick {
-                Some((id, m, k)) => (id.clone(), *m, PublicKey::from_slice(k).ok()),
-                None => (String::new(), 0, None),
-            };
+            let (peer_id, metric) = pick.clone().unwrap_or_default();
             let state = if let Some(c) = routes::conflict(&parsed, &locals) {
                 c
             } else if pick.is_none() {
                 "no connected routing peer".to_string()
             } else {
-                per_peer.entry(peer_id.clone()).or_default().push(parsed);
+                assigned.push((parsed, peer_id.clone()));
                 match routes::install(&net, &self.iface) {
                     Ok(()) => "installed".to_string(),
                     Err(e) => format!("kernel refused the route: {e}"),
@@ -363,8 +293,10 @@ impl Engine {
                 net.clone(),
                 routes::RouteChoice {
                     network: net,
+                    peer_key: keys
+                        .get(peer_id.as_str())
+                        .and_then(|k| PublicKey::from_slice(k).ok()),
                     peer_id,
-                    peer_key: key,
                     metric,
                     state,
                 },
@@ -375,43 +307,17 @@ impl Engine {
                 routes::uninstall(net, &self.iface);
             }
         }
-        for p in self
-            .peers
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-        {
-            *p.routed.write().unwrap_or_else(|e| e.into_inner()) =
-                per_peer.remove(&p.id).unwrap_or_default();
-        }
         *cur = next;
         drop(cur);
-        // A route installed now may capture an ICE path (its remote address inside the routed
-        // network would send WireGuard through its own tunnel): drop such paths and restart ICE.
-        for p in self
-            .peers
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
         {
-            let captured = p
-                .ice_path
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_ref()
-                .is_some_and(|i| self.tunnelled(&i.remote_addr));
-            if captured {
-                info!(peer = %p.name, "ICE path now inside a routed network; renegotiating");
-                *p.ice_path.write().unwrap_or_else(|e| e.into_inner()) = None;
-                if let Some(s) = lock(&p.ice).take() {
-                    tokio::spawn(async move {
-                        let _ = s.agent.close().await;
-                    });
-                }
-                let mut r = lock(&p.next_retry);
-                r.0 = Instant::now();
-            }
+            let mut n = lock(&self.node);
+            let by_peer: Vec<(IpNet, PeerId)> = assigned
+                .iter()
+                .filter_map(|(net, id)| Some((*net, n.peer_by_mgmt_id(id)?)))
+                .collect();
+            n.set_routes(by_peer, Instant::now());
         }
+        self.run_events();
         let served: Vec<(String, bool)> = map
             .served_routes
             .iter()
@@ -431,28 +337,9 @@ impl Engine {
         }
     }
 
-    /// True if `addr` is reached through the tunnel (overlay or a routed network).
-    fn tunnelled(&self, addr: &str) -> bool {
-        let Ok(ip) = addr.parse::<IpAddr>() else {
-            return false;
-        };
-        if self
-            .overlay
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some_and(|o| o.contains(&ip))
-        {
-            return true;
-        }
-        lock(&self.routes)
-            .keys()
-            .filter_map(|n| n.parse::<IpNet>().ok())
-            .any(|n| n.contains(&ip))
-    }
-
     /// Inbound packets the policy filter dropped.
     pub fn firewall_dropped(&self) -> u64 {
-        lock(&self.fw).dropped
+        lock(&self.node).dropped().0
     }
 
     pub fn route_status(&self) -> Vec<crate::routes::RouteChoice> {
@@ -472,89 +359,79 @@ impl Engine {
             .collect()
     }
 
-    /// Sends one WireGuard datagram to a peer over its best path.
-    async fn send_wire(&self, peer: &Peer, data: &[u8]) {
-        let ice = peer
-            .ice_path
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        if let Some(p) = ice {
-            match p.conn.send(data).await {
-                Ok(_) => {
-                    peer.tx_bytes
-                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+    /// Sends one datagram over the path the core chose.
+    async fn send(&self, peer: PeerId, path: CorePath, data: &[u8]) {
+        match path {
+            CorePath::Direct | CorePath::TurnRelay => {
+                let conn = read(&self.conns).get(&peer).map(|c| c.1.clone());
+                if let Some(c) = conn {
+                    if let Err(e) = c.send(data).await {
+                        debug!(error = %e, "ICE send failed");
+                    }
                     return;
                 }
-                Err(e) => debug!(peer = %peer.name, error = %e, "ICE send failed"),
+                // The pair just went away: the relay is the fallback.
+                self.send_tcp(peer, data);
             }
-        }
-        let tcp = self
-            .tcp_out
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        if let Some(tx) = tcp {
-            if tx.try_send((peer.id.clone(), data.to_vec())).is_ok() {
-                peer.tx_bytes
-                    .fetch_add(data.len() as u64, Ordering::Relaxed);
-            }
+            CorePath::TcpRelay => self.send_tcp(peer, data),
+            CorePath::None => trace!(peer, "no path: datagram dropped"),
         }
     }
 
-    /// Handles a WireGuard datagram that arrived from `peer` on any path.
-    pub async fn handle_wire(&self, peer: &Arc<Peer>, data: &[u8]) {
-        peer.rx_bytes
-            .fetch_add(data.len() as u64, Ordering::Relaxed);
-        let mut buf = vec![0u8; data.len().max(1500) + OVERHEAD];
-        let mut input: &[u8] = data;
+    fn send_tcp(&self, peer: PeerId, data: &[u8]) {
+        let Some(tx) = read(&self.tcp_out).clone() else {
+            return;
+        };
+        let Some(id) = lock(&self.node).spec(peer).map(|s| s.id.clone()) else {
+            return;
+        };
+        let _ = tx.try_send((id, data.to_vec()));
+    }
+
+    /// Sends what the core has queued (after a handshake, or timers).
+    async fn flush(&self, buf: &mut [u8]) {
         loop {
-            let (to_net, to_tun) = {
-                let mut t = lock(&peer.tunn);
-                match t.decapsulate(None, input, &mut buf) {
-                    TunnResult::WriteToNetwork(p) => (Some(p.to_vec()), None),
-                    TunnResult::WriteToTunnelV4(p, _) | TunnResult::WriteToTunnelV6(p, _) => {
-                        (None, Some(p.to_vec()))
-                    }
-                    TunnResult::Done => (None, None),
-                    TunnResult::Err(e) => {
-                        trace!(peer = %peer.name, error = ?e, "decapsulate");
-                        (None, None)
-                    }
+            let (peer, path, n) = {
+                let mut node = lock(&self.node);
+                match node.poll_transmit(buf) {
+                    Some(t) => (t.peer, t.path, t.payload.len()),
+                    None => return,
                 }
             };
-            if let Some(pkt) = to_tun {
-                let ok = src_ip(&pkt).is_some_and(|s| {
-                    peer.allowed
-                        .read()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .iter()
-                        .chain(peer.routed.read().unwrap_or_else(|e| e.into_inner()).iter())
-                        .any(|n| n.contains(&s))
-                });
-                if ok && !lock(&self.fw).inbound(&pkt, Instant::now()) {
-                    trace!(peer = %peer.name, "dropped by policy");
-                } else if ok {
-                    let _ = self.tun.send(&pkt).await;
-                } else {
-                    trace!(peer = %peer.name, "dropping packet from outside the peer's allowed IPs");
-                }
-                return;
+            self.send(peer, path, &buf[..n]).await;
+        }
+    }
+
+    /// A WireGuard datagram that arrived from `peer` on any path.
+    async fn handle_wire(&self, peer: PeerId, data: &[u8], out: &mut [u8]) {
+        let r = {
+            let mut node = lock(&self.node);
+            match node.decapsulate(peer, data, Instant::now(), out) {
+                Ok(Decap::Tunnel(p)) => Ok(Some((true, p.len(), 0, CorePath::None))),
+                Ok(Decap::Network(t)) => Ok(Some((false, t.payload.len(), t.peer, t.path))),
+                Ok(Decap::Nothing) => Ok(None),
+                Err(e) => Err(e),
             }
-            match to_net {
-                Some(p) => {
-                    self.send_wire(peer, &p).await;
-                    input = &[]; // drain queued packets after a handshake
+        };
+        match r {
+            Ok(Some((true, n, _, _))) => {
+                if let Err(e) = self.tun.send(&out[..n]).await {
+                    debug!(error = %e, "TUN write failed");
                 }
-                None => return,
             }
+            Ok(Some((false, n, to, path))) => {
+                self.send(to, path, &out[..n]).await;
+                self.flush(out).await;
+            }
+            Ok(None) => {}
+            Err(e) => trace!(peer, error = %e, "datagram dropped"),
         }
     }
 
     /// Reads the TUN device forever and sends packets to their peers.
     pub async fn tun_loop(self: Arc<Self>) {
-        let mut buf = vec![0u8; 65536];
-        let mut out = vec![0u8; 65536 + OVERHEAD];
+        let mut buf = vec![0u8; MAX_PACKET];
+        let mut out = vec![0u8; BUF];
         loop {
             let n = match self.tun.recv(&mut buf).await {
                 Ok(n) => n,
@@ -564,92 +441,88 @@ impl Engine {
                     continue;
                 }
             };
-            let pkt = &buf[..n];
-            let Some(dst) = dst_ip(pkt) else { continue };
-            let Some(peer) = self.peer_by_ip(dst) else {
-                trace!(%dst, "no peer for destination");
-                continue;
-            };
-            lock(&self.fw).outbound(pkt, Instant::now());
-            let wire = {
-                let mut t = lock(&peer.tunn);
-                match t.encapsulate(pkt, &mut out) {
-                    TunnResult::WriteToNetwork(p) => Some(p.to_vec()),
-                    _ => None,
+            let t = {
+                let mut node = lock(&self.node);
+                match node.encapsulate(&buf[..n], Instant::now(), &mut out) {
+                    Ok(Some(t)) => Some((t.peer, t.path, t.payload.len())),
+                    Ok(None) => None,
+                    Err(e) => {
+                        trace!(error = %e, "packet not sent");
+                        None
+                    }
                 }
             };
-            if let Some(w) = wire {
-                self.send_wire(&peer, &w).await;
+            if let Some((peer, path, len)) = t {
+                self.send(peer, path, &out[..len]).await;
             }
         }
     }
 
-    /// WireGuard timers (every 250 ms) and ICE (re)starts.
+    /// The core's timers every 250 ms, and the ICE work they schedule.
     pub async fn timer_loop(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         let mut buf = vec![0u8; 2048];
         loop {
             tick.tick().await;
-            let peers: Vec<Arc<Peer>> = self
-                .peers
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .values()
-                .cloned()
-                .collect();
-            for p in peers {
-                let wire = {
-                    let mut t = lock(&p.tunn);
-                    match t.update_timers(&mut buf) {
-                        TunnResult::WriteToNetwork(w) => Some(w.to_vec()),
-                        _ => None,
-                    }
-                };
-                if let Some(w) = wire {
-                    self.send_wire(&p, &w).await;
+            lock(&self.node).handle_timeout(Instant::now());
+            self.flush(&mut buf).await;
+            self.run_events();
+        }
+    }
+
+    /// Carries out what the core asked for.
+    fn run_events(self: &Arc<Self>) {
+        loop {
+            let Some(ev) = lock(&self.node).poll_event() else {
+                return;
+            };
+            match ev {
+                Event::StartIce { peer } => {
+                    let me = self.clone();
+                    tokio::spawn(async move { me.start_offer(peer).await });
                 }
-                if p.controlling
-                    && p.ice_path
-                        .read()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .is_none()
-                {
-                    let due = {
-                        let mut r = lock(&p.next_retry);
-                        if Instant::now() >= r.0 && lock(&p.ice).is_none() {
-                            let wait = r.1;
-                            r.0 = Instant::now() + ICE_ATTEMPT + wait;
-                            r.1 = (wait * 2).min(ICE_RETRY_MAX);
-                            true
-                        } else {
-                            false
-                        }
-                    };
-                    if due {
-                        let me = self.clone();
-                        tokio::spawn(async move { me.start_offer(p).await });
-                    }
+                Event::StopIce { peer, session } => self.stop_ice(peer, session),
+                Event::PathChanged { peer, kind } => {
+                    let name = lock(&self.node).spec(peer).map(|s| s.name.clone());
+                    info!(peer = %name.unwrap_or_default(), path = ?PathKind::from(kind), "path");
                 }
             }
         }
     }
 
-    /// Retries ICE now for every relayed peer (e.g. after a local address change).
-    pub fn retry_ice_now(&self) {
-        for p in self
-            .peers
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-        {
-            let mut r = lock(&p.next_retry);
-            r.0 = Instant::now();
-            r.1 = Duration::from_secs(2);
+    fn stop_ice(&self, peer: PeerId, session: u64) {
+        let mut conns = write(&self.conns);
+        if conns.get(&peer).is_some_and(|c| c.0 == session) {
+            conns.remove(&peer);
+        }
+        drop(conns);
+        let old = {
+            let mut ice = lock(&self.ice);
+            match ice.get(&peer) {
+                Some(s) if s.id == session => ice.remove(&peer),
+                _ => None,
+            }
+        };
+        if let Some(s) = old {
+            tokio::spawn(async move {
+                let _ = s.agent.close().await;
+            });
         }
     }
 
+    /// Reports an ICE outcome to the core and runs what follows.
+    fn ice_event(self: &Arc<Self>, peer: PeerId, ev: IceEvent) {
+        lock(&self.node).handle_ice_event(peer, ev, Instant::now());
+        self.run_events();
+    }
+
+    /// Retries ICE now for every peer without a pair (e.g. after a local address change).
+    pub fn retry_ice_now(&self) {
+        lock(&self.node).retry_ice_now(Instant::now());
+    }
+
     fn ice_urls(&self) -> Vec<Url> {
-        let relay = self.relay.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let relay = lock(&self.relay).clone();
         let mut urls = vec![];
         for s in &relay.stun {
             if let Ok(u) = Url::parse_url(&s.url) {
@@ -668,8 +541,7 @@ impl Engine {
 
     /// Hosts of the TURN servers in the current map.
     fn turn_hosts(&self) -> Vec<String> {
-        let relay = self.relay.read().unwrap_or_else(|e| e.into_inner()).clone();
-        relay
+        lock(&self.relay)
             .turn
             .iter()
             .filter_map(|t| Url::parse_url(&t.url).ok())
@@ -677,9 +549,9 @@ impl Engine {
             .collect()
     }
 
-    async fn new_agent(self: &Arc<Self>, controlling: bool) -> anyhow::Result<Arc<Agent>> {
+    async fn new_agent(&self, controlling: bool) -> anyhow::Result<Arc<Agent>> {
         let iface = self.iface.clone();
-        let overlay = *self.overlay.read().unwrap_or_else(|e| e.into_inner());
+        let overlay = lock(&self.node).overlay();
         let cfg = AgentConfig {
             urls: self.ice_urls(),
             network_types: vec![NetworkType::Udp4, NetworkType::Udp6],
@@ -704,9 +576,39 @@ impl Engine {
         Ok(Arc::new(Agent::new(cfg).await?))
     }
 
-    fn wire_agent_events(self: &Arc<Self>, peer: &Arc<Peer>, agent: &Arc<Agent>, session: u64) {
+    /// Registers a new ICE session for `peer` with the core and the shell; returns its cancel
+    /// receiver (dropped with the session).
+    fn begin_session(
+        self: &Arc<Self>,
+        peer: PeerId,
+        agent: &Arc<Agent>,
+        session: u64,
+    ) -> mpsc::Receiver<()> {
+        let (cancel, cancel_rx) = mpsc::channel(1);
+        let old = lock(&self.ice).insert(
+            peer,
+            IceSession {
+                id: session,
+                agent: agent.clone(),
+                _cancel: cancel,
+                dial_cancel: None,
+            },
+        );
+        if let Some(old) = old.filter(|o| o.id != session) {
+            tokio::spawn(async move {
+                let _ = old.agent.close().await;
+            });
+        }
+        self.wire_agent_events(peer, agent, session);
+        self.ice_event(peer, IceEvent::Started { session });
+        cancel_rx
+    }
+
+    fn wire_agent_events(self: &Arc<Self>, peer: PeerId, agent: &Arc<Agent>, session: u64) {
         let out = self.signal_out.clone();
-        let to = peer.key;
+        let Some(to) = lock(&self.node).spec(peer).map(|s| PublicKey(s.key)) else {
+            return;
+        };
         agent.on_candidate(Box::new(
             move |c: Option<Arc<dyn Candidate + Send + Sync>>| {
                 let out = out.clone();
@@ -725,26 +627,17 @@ impl Engine {
                 })
             },
         ));
-        let weak_peer = Arc::downgrade(peer);
+        let weak = Arc::downgrade(self);
         agent.on_connection_state_change(Box::new(move |s: ConnectionState| {
-            if matches!(s, ConnectionState::Failed | ConnectionState::Disconnected | ConnectionState::Closed) {
-                if let Some(p) = weak_peer.upgrade() {
-                    let mut path = p.ice_path.write().unwrap_or_else(|e| e.into_inner());
-                    if path.as_ref().is_some_and(|x| x.session == session) {
-                        info!(peer = %p.name, state = %s, "ICE path lost; using the relay fallback");
-                        *path = None;
+            if matches!(
+                s,
+                ConnectionState::Failed | ConnectionState::Disconnected | ConnectionState::Closed
+            ) {
+                if let Some(me) = weak.upgrade() {
+                    if read(&me.conns).get(&peer).is_some_and(|c| c.0 == session) {
+                        info!(peer, state = %s, "ICE path lost; using the relay fallback");
                     }
-                    drop(path);
-                    let mut ice = lock(&p.ice);
-                    if ice.as_ref().is_some_and(|x| x.id == session) {
-                        if let Some(old) = ice.take() {
-                            tokio::spawn(async move {
-                                let _ = old.agent.close().await;
-                            });
-                        }
-                    }
-                    let mut r = lock(&p.next_retry);
-                    r.0 = r.0.min(Instant::now() + Duration::from_secs(1));
+                    me.ice_event(peer, IceEvent::Lost { session });
                 }
             }
             Box::pin(async {})
@@ -752,32 +645,36 @@ impl Engine {
     }
 
     /// Controlling side: a new ICE session with a fresh offer.
-    async fn start_offer(self: Arc<Self>, peer: Arc<Peer>) {
+    async fn start_offer(self: Arc<Self>, peer: PeerId) {
+        let Some(key) = lock(&self.node).spec(peer).map(|s| PublicKey(s.key)) else {
+            return;
+        };
         let agent = match self.new_agent(true).await {
             Ok(a) => a,
             Err(e) => {
-                warn!(peer = %peer.name, error = %e, "cannot create ICE agent");
+                warn!(peer, error = %e, "cannot create ICE agent");
+                self.ice_event(
+                    peer,
+                    IceEvent::Failed {
+                        session: 0,
+                        why: format!("cannot create an ICE agent: {e}"),
+                    },
+                );
                 return;
             }
         };
         let session: u64 = rand::random();
-        self.wire_agent_events(&peer, &agent, session);
-        let (cancel, _rx) = mpsc::channel(1);
-        if let Some(old) = lock(&peer.ice).replace(IceSession {
-            id: session,
-            agent: agent.clone(),
-            _cancel: cancel,
-        }) {
-            tokio::spawn(async move {
-                let _ = old.agent.close().await;
-            });
+        let cancel = self.begin_session(peer, &agent, session);
+        // Kept with the session until the answer arrives (the dial takes it there).
+        if let Some(s) = lock(&self.ice).get_mut(&peer).filter(|s| s.id == session) {
+            s.dial_cancel = Some(cancel);
         }
         let (ufrag, pwd) = agent.get_local_user_credentials().await;
-        debug!(peer = %peer.name, session, "sending ICE offer");
+        debug!(peer, session, "sending ICE offer");
         let _ = self
             .signal_out
             .send((
-                peer.key,
+                key,
                 PeerMsg::Offer {
                     session,
                     ufrag,
@@ -785,39 +682,17 @@ impl Engine {
                 },
             ))
             .await;
-        // Attempt timeout: the answer may never come (peer offline).
-        tokio::spawn(async move {
-            tokio::time::sleep(ICE_ATTEMPT).await;
-            let stale = {
-                let ice = lock(&peer.ice);
-                ice.as_ref().is_some_and(|s| s.id == session)
-                    && peer
-                        .ice_path
-                        .read()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .is_none()
-            };
-            if stale {
-                debug!(peer = %peer.name, session, "ICE attempt timed out");
-                let old = lock(&peer.ice).take();
-                if let Some(s) = old {
-                    let _ = s.agent.close().await;
-                }
-            }
-        });
     }
 
     /// Handles a message from another peer (through signal).
     pub async fn handle_signal(self: &Arc<Self>, from: PublicKey, msg: PeerMsg) {
-        let Some(peer) = self
-            .peers
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&from)
-            .cloned()
-        else {
-            debug!(%from, "signal from a peer not in our map");
-            return;
+        let (peer, controlling) = {
+            let n = lock(&self.node);
+            let Some(peer) = n.peer_by_key(&from.0) else {
+                debug!(%from, "signal from a peer not in our map");
+                return;
+            };
+            (peer, n.controlling(peer))
         };
         match msg {
             PeerMsg::Offer {
@@ -825,32 +700,22 @@ impl Engine {
                 ufrag,
                 pwd,
             } => {
-                if peer.controlling {
+                if controlling {
                     return; // we offer to this peer, not the other way round
                 }
                 let agent = match self.new_agent(false).await {
                     Ok(a) => a,
                     Err(e) => {
-                        warn!(peer = %peer.name, error = %e, "cannot create ICE agent");
+                        warn!(peer, error = %e, "cannot create ICE agent");
                         return;
                     }
                 };
-                self.wire_agent_events(&peer, &agent, session);
-                let (cancel_tx, cancel_rx) = mpsc::channel(1);
-                if let Some(old) = lock(&peer.ice).replace(IceSession {
-                    id: session,
-                    agent: agent.clone(),
-                    _cancel: cancel_tx,
-                }) {
-                    tokio::spawn(async move {
-                        let _ = old.agent.close().await;
-                    });
-                }
+                let cancel = self.begin_session(peer, &agent, session);
                 let (lu, lp) = agent.get_local_user_credentials().await;
                 let _ = self
                     .signal_out
                     .send((
-                        peer.key,
+                        from,
                         PeerMsg::Answer {
                             session,
                             ufrag: lu,
@@ -859,19 +724,16 @@ impl Engine {
                     ))
                     .await;
                 if let Err(e) = agent.gather_candidates() {
-                    warn!(peer = %peer.name, error = %e, "ICE gathering failed");
+                    warn!(peer, error = %e, "ICE gathering failed");
                 }
                 let me = self.clone();
                 tokio::spawn(async move {
-                    let r = tokio::time::timeout(ICE_ATTEMPT, agent.accept(cancel_rx, ufrag, pwd))
-                        .await;
-                    me.ice_result(
-                        &peer,
-                        &agent,
-                        session,
-                        r.ok().map(|x| x.map(|c| c as Arc<dyn Conn + Send + Sync>)),
+                    let r = tokio::time::timeout(
+                        tern_tunnel::ICE_ATTEMPT,
+                        agent.accept(cancel, ufrag, pwd),
                     )
                     .await;
+                    me.ice_result(peer, &agent, session, r).await;
                 });
             }
             PeerMsg::Answer {
@@ -879,216 +741,212 @@ impl Engine {
                 ufrag,
                 pwd,
             } => {
-                let agent = {
-                    let ice = lock(&peer.ice);
-                    match ice.as_ref() {
-                        Some(s) if s.id == session => s.agent.clone(),
+                let (agent, cancel) = {
+                    let mut ice = lock(&self.ice);
+                    match ice.get_mut(&peer) {
+                        Some(s) if s.id == session => match s.dial_cancel.take() {
+                            Some(c) => (s.agent.clone(), c),
+                            None => return, // a repeated answer
+                        },
                         _ => return,
                     }
                 };
                 if let Err(e) = agent.gather_candidates() {
-                    warn!(peer = %peer.name, error = %e, "ICE gathering failed");
+                    warn!(peer, error = %e, "ICE gathering failed");
                 }
-                let (_cancel_tx, cancel_rx) = mpsc::channel(1);
                 let me = self.clone();
                 tokio::spawn(async move {
-                    let _keep = _cancel_tx;
-                    let r =
-                        tokio::time::timeout(ICE_ATTEMPT, agent.dial(cancel_rx, ufrag, pwd)).await;
-                    me.ice_result(
-                        &peer,
-                        &agent,
-                        session,
-                        r.ok().map(|x| x.map(|c| c as Arc<dyn Conn + Send + Sync>)),
+                    let r = tokio::time::timeout(
+                        tern_tunnel::ICE_ATTEMPT,
+                        agent.dial(cancel, ufrag, pwd),
                     )
                     .await;
+                    me.ice_result(peer, &agent, session, r).await;
                 });
             }
             PeerMsg::Candidate { session, candidate } => {
-                let agent = {
-                    let ice = lock(&peer.ice);
-                    match ice.as_ref() {
-                        Some(s) if s.id == session => s.agent.clone(),
-                        _ => return,
-                    }
+                let Some(agent) = self.session_agent(peer, session) else {
+                    return;
                 };
                 match unmarshal_candidate(&candidate) {
-                    Ok(c) if self.tunnelled(&c.address()) => {
-                        // Reaching it would route WireGuard into its own tunnel.
-                        debug!(peer = %peer.name, candidate = %c.address(), "ignoring a candidate inside a routed network");
-                    }
                     Ok(c) => {
+                        let inside = c
+                            .address()
+                            .parse::<IpAddr>()
+                            .is_ok_and(|ip| lock(&self.node).tunnelled(ip));
+                        if inside {
+                            // Reaching it would route WireGuard into its own tunnel.
+                            debug!(peer, candidate = %c.address(), "ignoring a candidate inside a routed network");
+                            return;
+                        }
                         let c: Arc<dyn Candidate + Send + Sync> = Arc::new(c);
                         if let Err(e) = agent.add_remote_candidate(&c) {
-                            debug!(peer = %peer.name, error = %e, "remote candidate refused");
+                            debug!(peer, error = %e, "remote candidate refused");
                         }
                     }
-                    Err(e) => debug!(peer = %peer.name, error = %e, "malformed remote candidate"),
+                    Err(e) => debug!(peer, error = %e, "malformed remote candidate"),
                 }
             }
+        }
+    }
+
+    fn session_agent(&self, peer: PeerId, session: u64) -> Option<Arc<Agent>> {
+        match lock(&self.ice).get(&peer) {
+            Some(s) if s.id == session => Some(s.agent.clone()),
+            _ => None,
         }
     }
 
     async fn ice_result(
         self: &Arc<Self>,
-        peer: &Arc<Peer>,
+        peer: PeerId,
         agent: &Arc<Agent>,
         session: u64,
-        r: Option<Result<Arc<dyn Conn + Send + Sync>, webrtc_ice::Error>>,
+        r: Result<
+            Result<Arc<impl Conn + Send + Sync + 'static>, webrtc_ice::Error>,
+            tokio::time::error::Elapsed,
+        >,
     ) {
-        let conn = match r {
-            Some(Ok(c)) => c,
-            Some(Err(e)) => {
-                debug!(peer = %peer.name, error = %e, "ICE failed");
+        let conn: Arc<dyn Conn + Send + Sync> = match r {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                debug!(peer, error = %e, "ICE failed");
+                self.ice_event(
+                    peer,
+                    IceEvent::Failed {
+                        session,
+                        why: format!("ICE checks failed: {e}"),
+                    },
+                );
                 return;
             }
-            None => {
-                debug!(peer = %peer.name, "ICE attempt timed out");
+            Err(_) => {
+                self.ice_event(
+                    peer,
+                    IceEvent::Failed {
+                        session,
+                        why: format!(
+                            "no ICE pair within {} s",
+                            tern_tunnel::ICE_ATTEMPT.as_secs()
+                        ),
+                    },
+                );
                 return;
             }
         };
-        let remote_addr = agent
-            .get_selected_candidate_pair()
-            .map(|p| p.remote.address())
-            .unwrap_or_default();
-        if self.tunnelled(&remote_addr) {
-            // Checks reached it through our own tunnel: never carry WireGuard that way.
-            info!(peer = %peer.name, remote = %remote_addr, "ICE pair runs through the tunnel itself; discarded");
-            let old = lock(&peer.ice).take();
-            if let Some(s) = old {
-                let _ = s.agent.close().await;
+        let Some(pair) = agent.get_selected_candidate_pair() else {
+            self.ice_event(
+                peer,
+                IceEvent::Failed {
+                    session,
+                    why: "ICE connected without a selected pair".into(),
+                },
+            );
+            return;
+        };
+        let Ok(remote_addr) = pair.remote.address().parse::<IpAddr>() else {
+            self.ice_event(
+                peer,
+                IceEvent::Failed {
+                    session,
+                    why: format!("unusable remote address {}", pair.remote.address()),
+                },
+            );
+            return;
+        };
+        // The local socket of a host/srflx pair carries WireGuard from now on: tune it.
+        if let Some(sock) = pair
+            .local
+            .get_conn()
+            .and_then(|c| c.as_any().downcast_ref::<tokio::net::UdpSocket>())
+        {
+            if let Err(e) = crate::sockopt::tune_udp(sock) {
+                debug!(peer, error = %e, "could not tune the ICE socket");
             }
+        }
+        // The remote side's relay address shows up as peer-reflexive when its checks arrive
+        // before its relay candidate: an address on a TURN server is relayed all the same.
+        let turn_hosts = self.turn_hosts();
+        let relayed = pair.local.candidate_type() == CandidateType::Relay
+            || pair.remote.candidate_type() == CandidateType::Relay
+            || turn_hosts.iter().any(|h| *h == pair.remote.address());
+        let path = IcePath {
+            session,
+            kind: if relayed {
+                CorePath::TurnRelay
+            } else {
+                CorePath::Direct
+            },
+            local: format!(
+                "{} {}:{}",
+                candidate_kind(pair.local.candidate_type()),
+                pair.local.address(),
+                pair.local.port()
+            ),
+            remote: format!(
+                "{} {}:{}",
+                candidate_kind(pair.remote.candidate_type()),
+                pair.remote.address(),
+                pair.remote.port()
+            ),
+            remote_addr,
+        };
+        let (local, remote, kind) = (path.local.clone(), path.remote.clone(), path.kind);
+        // The conn is in place before the core switches to it, so no packet finds it missing.
+        write(&self.conns).insert(peer, (session, conn.clone()));
+        self.ice_event(peer, IceEvent::Connected(path));
+        if lock(&self.node).ice_session(peer) != Some(session) {
+            // Refused (stale, or its pair runs through the tunnel): StopIce removed the conn.
+            info!(peer, remote = %remote, "ICE pair discarded");
             return;
         }
-        let (kind, local, remote) = match agent.get_selected_candidate_pair() {
-            Some(p) => {
-                // The local socket of a host/srflx pair carries WireGuard from now on: tune it.
-                if let Some(sock) = p
-                    .local
-                    .get_conn()
-                    .and_then(|c| c.as_any().downcast_ref::<tokio::net::UdpSocket>())
-                {
-                    if let Err(e) = crate::sockopt::tune_udp(sock) {
-                        debug!(peer = %peer.name, error = %e, "could not tune the ICE socket");
-                    }
-                }
-                // The remote side's relay address shows up as peer-reflexive when its checks arrive
-                // before its relay candidate: an address on a TURN server is relayed all the same.
-                let turn_hosts = self.turn_hosts();
-                let relayed = p.local.candidate_type() == CandidateType::Relay
-                    || p.remote.candidate_type() == CandidateType::Relay
-                    || turn_hosts.iter().any(|h| *h == p.remote.address());
-                (
-                    if relayed {
-                        PathKind::TurnRelay
-                    } else {
-                        PathKind::Direct
-                    },
-                    format!(
-                        "{} {}:{}",
-                        candidate_kind(p.local.candidate_type()),
-                        p.local.address(),
-                        p.local.port()
-                    ),
-                    format!(
-                        "{} {}:{}",
-                        candidate_kind(p.remote.candidate_type()),
-                        p.remote.address(),
-                        p.remote.port()
-                    ),
-                )
-            }
-            None => (PathKind::Direct, String::new(), String::new()),
-        };
-        info!(peer = %peer.name, path = ?kind, %local, %remote, "ICE connected");
-        *peer.ice_path.write().unwrap_or_else(|e| e.into_inner()) = Some(IcePath {
-            conn: conn.clone(),
-            session,
-            kind,
-            local,
-            remote,
-            remote_addr,
-        });
-        {
-            let mut r = lock(&peer.next_retry);
-            r.1 = Duration::from_secs(2);
-        }
+        info!(peer, path = ?PathKind::from(kind), %local, %remote, "ICE connected");
         let me = self.clone();
-        let peer = peer.clone();
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 65536];
+            let mut buf = vec![0u8; BUF];
+            let mut out = vec![0u8; BUF];
             loop {
-                match conn.recv(&mut buf).await {
-                    Ok(n) => me.handle_wire(&peer, &buf[..n]).await,
+                let n = match conn.recv(&mut buf).await {
+                    Ok(n) => n,
                     Err(_) => break,
-                }
-                let current = peer
-                    .ice_path
-                    .read()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .as_ref()
-                    .map(|p| p.session);
-                if current != Some(session) {
+                };
+                if read(&me.conns).get(&peer).is_none_or(|c| c.0 != session) {
                     break;
                 }
+                me.handle_wire(peer, &buf[..n], &mut out).await;
             }
         });
     }
 
     /// Handles a datagram from the TCP relay.
-    pub async fn handle_tcp(&self, from_peer_id: &str, data: &[u8]) {
-        let peer = self
-            .by_id
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(from_peer_id)
-            .cloned();
+    pub async fn handle_tcp(&self, from_peer_id: &str, data: &[u8], out: &mut [u8]) {
+        let peer = lock(&self.node).peer_by_mgmt_id(from_peer_id);
         if let Some(p) = peer {
-            self.handle_wire(&p, data).await;
+            self.handle_wire(p, data, out).await;
         }
     }
 
     pub fn status(&self) -> Vec<PeerStatus> {
-        let tcp = self.tcp_connected();
-        let mut out: Vec<PeerStatus> = self
-            .peers
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .map(|p| {
-                let (hs, _, _, _, rtt) = lock(&p.tunn).stats();
-                let ice = p.ice_path.read().unwrap_or_else(|e| e.into_inner()).clone();
-                let connection = match &ice {
-                    Some(i) => i.kind,
-                    None if tcp => PathKind::TcpRelay,
-                    None => PathKind::None,
-                };
-                let up = hs.is_some_and(|d| d < Duration::from_secs(180));
-                PeerStatus {
-                    name: p.name.clone(),
-                    id: p.id.clone(),
-                    public_key: p.key.to_base64(),
-                    overlay_ip: p.overlay_ip.to_string(),
-                    state: if up { "connected" } else { "connecting" }.into(),
-                    connection: if up { connection } else { PathKind::None },
-                    local_candidate: ice.as_ref().map(|i| i.local.clone()),
-                    remote_candidate: ice.as_ref().map(|i| i.remote.clone()),
-                    latency_ms: rtt.map(|r| r as f64),
-                    last_handshake_secs_ago: hs.map(|d| d.as_secs()),
-                    bytes_rx: p.rx_bytes.load(Ordering::Relaxed),
-                    bytes_tx: p.tx_bytes.load(Ordering::Relaxed),
-                    allowed_ips: p
-                        .allowed
-                        .read()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .iter()
-                        .map(|n| n.to_string())
-                        .collect(),
-                }
+        lock(&self.node)
+            .status(Instant::now())
+            .into_iter()
+            .map(|s| PeerStatus {
+                name: s.spec.name.clone(),
+                id: s.spec.id.clone(),
+                public_key: PublicKey(s.spec.key).to_base64(),
+                overlay_ip: s.spec.overlay_ip.to_string(),
+                state: if s.up { "connected" } else { "connecting" }.into(),
+                connection: if s.up { s.path.into() } else { PathKind::None },
+                path_reason: s.reason.clone(),
+                local_candidate: s.ice.as_ref().map(|i| i.local.clone()),
+                remote_candidate: s.ice.as_ref().map(|i| i.remote.clone()),
+                latency_ms: s.rtt_ms.map(|r| r as f64),
+                last_handshake_secs_ago: s.last_handshake.map(|d| d.as_secs()),
+                bytes_rx: s.rx_bytes,
+                bytes_tx: s.tx_bytes,
+                allowed_ips: s.spec.allowed.iter().map(|n| n.to_string()).collect(),
             })
-            .collect();
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        out
+            .collect()
     }
 }
 
@@ -1097,18 +955,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn addresses_are_read_from_ip_headers() {
-        let mut v4 = vec![0u8; 20];
-        v4[0] = 0x45;
-        v4[12..16].copy_from_slice(&[100, 64, 0, 1]);
-        v4[16..20].copy_from_slice(&[100, 64, 0, 2]);
-        assert_eq!(src_ip(&v4), Some("100.64.0.1".parse().expect("ip")));
-        assert_eq!(dst_ip(&v4), Some("100.64.0.2".parse().expect("ip")));
-        assert_eq!(dst_ip(&v4[..10]), None, "truncated");
-        assert_eq!(dst_ip(&[]), None);
-        let mut v6 = vec![0u8; 40];
-        v6[0] = 0x60;
-        v6[39] = 1;
-        assert_eq!(dst_ip(&v6), Some("::1".parse().expect("ip")));
+    fn map_rules_become_inbound_filter_rules() {
+        let r = pb::FirewallRule {
+            peer_cidr: "100.64.0.2/32".into(),
+            direction: pb::Direction::In as i32,
+            protocol: pb::Protocol::Tcp as i32,
+            ports: vec![pb::PortRange { start: 22, end: 22 }],
+            policy_id: "p".into(),
+            network: "192.168.50.0/24".into(),
+        };
+        let rule = rule_from_map(&r).expect("rule");
+        assert_eq!(rule.proto, TCP);
+        assert_eq!(rule.ports, vec![(22, 22)]);
+        assert_eq!(rule.network, Some("192.168.50.0/24".parse().expect("net")));
+        let out = pb::FirewallRule {
+            direction: pb::Direction::Out as i32,
+            ..r.clone()
+        };
+        assert!(
+            rule_from_map(&out).is_none(),
+            "outbound rules are not filters here"
+        );
+        let bad = pb::FirewallRule {
+            peer_cidr: "nonsense".into(),
+            ..r
+        };
+        assert!(rule_from_map(&bad).is_none());
     }
 }

@@ -3,7 +3,6 @@
 
 mod control;
 mod engine;
-mod firewall;
 mod nat64;
 mod publish;
 mod routes;
@@ -543,6 +542,7 @@ async fn tcp_relay_loop(
         let (tx, mut rx) = mpsc::channel::<(String, Vec<u8>)>(1024);
         engine.set_tcp_out(Some(tx));
         let mut client = client;
+        let mut out = vec![0u8; 65_536 + 256];
         loop {
             tokio::select! {
                 out = rx.recv() => {
@@ -550,7 +550,7 @@ async fn tcp_relay_loop(
                     if client.send(&to, &d).await.is_err() { break; }
                 }
                 inc = client.recv() => match inc {
-                    Ok(Some((from, d))) => engine.handle_tcp(&from, &d).await,
+                    Ok(Some((from, d))) => engine.handle_tcp(&from, &d, &mut out).await,
                     _ => break,
                 },
                 _ = cfg.changed() => break,

@@ -1,14 +1,14 @@
-//! Routes: on clients, which routing peer serves each routed network (lowest metric among the
-//! connected ones, sticky so equal choices never flap), kernel routes through the TUN device, and
-//! conflicts with networks the host is attached to (reported, not installed). On a routing peer:
+//! Routes: on clients, kernel routes through the TUN device for the routed networks (which routing
+//! peer serves each is the core's choice, `tern_tunnel::routing`), and conflicts with networks
+//! the host is attached to (reported, not installed). On a routing peer:
 //! IP forwarding, masquerade and TCP MSS clamping with one nftables table owned by the agent
 //! (replaced atomically, deleted on exit and at the next start after a crash).
 
 use ipnet::IpNet;
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap};
+
 use std::process::{Command, Stdio};
-use tern_proto::management as pb;
+
 use tern_proto::PublicKey;
 use tracing::{info, warn};
 
@@ -22,41 +22,6 @@ pub struct RouteChoice {
     pub metric: i64,
     /// "installed", or why not ("conflict: ...", "no connected routing peer").
     pub state: String,
-}
-
-/// Picks a routing peer per network. `current` keeps an existing choice while it is still
-/// connected and as good as the best, so equal routers never flap.
-pub fn select(
-    routes: &[pb::Route],
-    connected: &HashMap<String, bool>,
-    current: &BTreeMap<String, String>,
-) -> BTreeMap<String, Option<(String, i64, Vec<u8>)>> {
-    let mut by_net: BTreeMap<String, Vec<&pb::Route>> = BTreeMap::new();
-    for r in routes {
-        by_net.entry(r.network.clone()).or_default().push(r);
-    }
-    let mut out = BTreeMap::new();
-    for (net, rs) in by_net {
-        let mut up: Vec<&&pb::Route> = rs
-            .iter()
-            .filter(|r| connected.get(&r.routing_peer_id).copied().unwrap_or(false))
-            .collect();
-        up.sort_by(|a, b| (a.metric, &a.routing_peer_id).cmp(&(b.metric, &b.routing_peer_id)));
-        let choice = up.first().map(|best| {
-            let keep = current.get(&net).and_then(|cur| {
-                up.iter()
-                    .find(|r| &r.routing_peer_id == cur && r.metric == best.metric)
-            });
-            let r = keep.unwrap_or(best);
-            (
-                r.routing_peer_id.clone(),
-                r.metric,
-                r.routing_peer_key.clone(),
-            )
-        });
-        out.insert(net, choice);
-    }
-    out
 }
 
 /// Networks the host is directly attached to, except on `skip_iface` (from `ip -o addr`).
@@ -188,61 +153,6 @@ pub fn remove_rules(iface: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn route(net: &str, peer: &str, metric: i64) -> pb::Route {
-        pb::Route {
-            network: net.into(),
-            routing_peer_id: peer.into(),
-            metric,
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn picks_the_lowest_metric_connected_router_and_fails_over() {
-        let routes = vec![
-            route("192.168.50.0/24", "gw1", 10),
-            route("192.168.50.0/24", "gw2", 20),
-        ];
-        let mut up = HashMap::from([("gw1".to_string(), true), ("gw2".to_string(), true)]);
-        let s = select(&routes, &up, &BTreeMap::new());
-        assert_eq!(
-            s["192.168.50.0/24"].as_ref().map(|c| c.0.as_str()),
-            Some("gw1")
-        );
-        up.insert("gw1".into(), false);
-        let s = select(&routes, &up, &BTreeMap::new());
-        assert_eq!(
-            s["192.168.50.0/24"].as_ref().map(|c| c.0.as_str()),
-            Some("gw2"),
-            "failover"
-        );
-        up.insert("gw2".into(), false);
-        assert_eq!(
-            select(&routes, &up, &BTreeMap::new())["192.168.50.0/24"],
-            None
-        );
-    }
-
-    #[test]
-    fn equal_metrics_do_not_flap() {
-        let routes = vec![route("10.9.0.0/16", "a", 10), route("10.9.0.0/16", "b", 10)];
-        let up = HashMap::from([("a".to_string(), true), ("b".to_string(), true)]);
-        let cur = BTreeMap::from([("10.9.0.0/16".to_string(), "b".to_string())]);
-        assert_eq!(
-            select(&routes, &up, &cur)["10.9.0.0/16"]
-                .as_ref()
-                .map(|c| c.0.as_str()),
-            Some("b"),
-            "keeps b"
-        );
-        assert_eq!(
-            select(&routes, &up, &BTreeMap::new())["10.9.0.0/16"]
-                .as_ref()
-                .map(|c| c.0.as_str()),
-            Some("a")
-        );
-    }
 
     #[test]
     fn overlapping_local_networks_are_conflicts() {

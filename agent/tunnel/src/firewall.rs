@@ -2,18 +2,20 @@
 //! not depend on the host firewall). A new inbound flow passes only if an inbound rule from the
 //! network map allows it (source, protocol, destination port, and — on a routing peer — the routed
 //! network); replies to flows this host opened pass; everything else is dropped and counted.
-//! ICMP errors (unreachable, time exceeded) always pass: PMTU discovery needs them.
+//! ICMP errors (unreachable, packet too big, time exceeded) pass when the packet they quote
+//! belongs to a flow this side sent (as conntrack's RELATED): PMTU discovery needs them, and a
+//! peer cannot use them to reach anything else.
 //! Pure: the caller passes `now`, so tests are deterministic.
 
 use ipnet::IpNet;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
-use tern_proto::management as pb;
 
-const TCP: u8 = 6;
-const UDP: u8 = 17;
-const ICMP: u8 = 1;
+/// IP protocol numbers the rules name.
+pub const TCP: u8 = 6;
+pub const UDP: u8 = 17;
+pub const ICMP: u8 = 1;
 const ICMPV6: u8 = 58;
 /// Idle lifetime of a tracked flow.
 const FLOW_IDLE: Duration = Duration::from_secs(300);
@@ -28,34 +30,6 @@ pub struct Rule {
     pub ports: Vec<(u16, u16)>,
     /// Routed network the rule opens; None = this host's own address.
     pub network: Option<IpNet>,
-}
-
-impl Rule {
-    pub fn from_map(r: &pb::FirewallRule) -> Option<Rule> {
-        if r.direction != pb::Direction::In as i32 {
-            return None;
-        }
-        let proto = match pb::Protocol::try_from(r.protocol).ok()? {
-            pb::Protocol::Any => 0,
-            pb::Protocol::Tcp => TCP,
-            pb::Protocol::Udp => UDP,
-            pb::Protocol::Icmp => ICMP,
-        };
-        Some(Rule {
-            src: r.peer_cidr.parse().ok()?,
-            proto,
-            ports: r
-                .ports
-                .iter()
-                .map(|p| (p.start as u16, p.end as u16))
-                .collect(),
-            network: if r.network.is_empty() {
-                None
-            } else {
-                Some(r.network.parse().ok()?)
-            },
-        })
-    }
 }
 
 /// The five-tuple of a packet, from the point of view of this host: (proto, local, local port,
@@ -120,6 +94,23 @@ fn parse(pkt: &[u8]) -> Option<(u8, IpAddr, IpAddr, u16, u16, bool)> {
     }
 }
 
+/// The flow of the packet an ICMP error quotes (a packet this side sent, seen from here).
+fn quoted_flow(pkt: &[u8]) -> Option<Flow> {
+    let icmp_at = match pkt.first()? >> 4 {
+        4 => ((pkt[0] & 0x0f) as usize) * 4,
+        _ => 40,
+    };
+    let quoted = pkt.get(icmp_at + 8..)?;
+    let (proto, src, dst, sport, dport, _) = parse(quoted)?;
+    Some(Flow {
+        proto,
+        local: src,
+        lport: sport,
+        remote: dst,
+        rport: dport,
+    })
+}
+
 #[derive(Default)]
 pub struct Firewall {
     rules: Vec<Rule>,
@@ -159,7 +150,15 @@ impl Firewall {
             return false;
         };
         if error {
-            return true;
+            let related = quoted_flow(pkt).is_some_and(|f| {
+                self.flows
+                    .get(&f)
+                    .is_some_and(|seen| now.saturating_duration_since(*seen) < FLOW_IDLE)
+            });
+            if !related {
+                self.dropped += 1;
+            }
+            return related;
         }
         let flow = Flow {
             proto,
@@ -318,8 +317,24 @@ mod tests {
             "the rule opens the LAN, not this host"
         );
         assert!(
-            f.inbound(&icmp(LAPTOP, ME, 3, 0), t),
-            "ICMP unreachable always passes"
+            !f.inbound(&icmp(LAPTOP, ME, 3, 0), t),
+            "an ICMP error about nothing this host sent is dropped"
+        );
+        // An ICMP "fragmentation needed" quoting a packet this host sent passes (PMTU).
+        let sent = v4(TCP, ME, [192, 168, 50, 10], 40000, 502);
+        f.outbound(&sent, t);
+        let mut err = icmp([192, 168, 50, 1], ME, 3, 0);
+        err[21] = 4;
+        err.truncate(28); // IP header + ICMP header, then the quoted packet
+        err.extend_from_slice(&sent[..28]);
+        assert!(f.inbound(&err, t), "related to our own flow");
+        let other = v4(TCP, ME, [192, 168, 50, 10], 40001, 502);
+        let mut forged = icmp([192, 168, 50, 1], ME, 3, 0);
+        forged.truncate(28);
+        forged.extend_from_slice(&other[..28]);
+        assert!(
+            !f.inbound(&forged, t),
+            "quoting a flow this host never sent"
         );
         assert!(!f.inbound(&[0x45, 0, 0], t), "truncated");
     }

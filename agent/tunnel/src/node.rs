@@ -1,0 +1,780 @@
+//! [`Node`]: the agent's data plane without I/O. It owns the peers and their WireGuard sessions
+//! (boringtun `Tunn`), the allowed-IPs trie (each peer's overlay address plus the routed networks
+//! it serves for us), the policy filter, and per peer the path in use (an ICE pair, direct or via
+//! TURN, else the TCP relay) with the reason, and the schedule of ICE attempts.
+//!
+//! The shell (the `tern` binary) reads packets and datagrams, calls [`Node::encapsulate`] and
+//! [`Node::decapsulate`] with its own buffers, sends what [`Node::poll_transmit`] yields, runs the
+//! ICE sessions [`Node::poll_event`] asks for and reports their outcome with
+//! [`Node::handle_ice_event`]. Time comes in as `now`; nothing here blocks, locks or allocates per
+//! packet (boringtun queues packets in its own buffers only while a handshake is under way).
+
+use crate::allowed_ips::AllowedIps;
+use crate::backoff::Backoff;
+use crate::firewall::{Firewall, Rule};
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::{Tunn, TunnResult};
+use boringtun::x25519;
+use ipnet::IpNet;
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+/// A peer's handle inside one [`Node`] (also its WireGuard session index, below 2^24).
+pub type PeerId = u32;
+
+/// WireGuard persistent keepalive (seconds).
+pub const KEEPALIVE: u16 = 25;
+/// An ICE attempt with no connected pair by then has failed.
+pub const ICE_ATTEMPT: Duration = Duration::from_secs(20);
+/// First delay before retrying ICE; doubles per failure up to [`ICE_RETRY_MAX`].
+pub const ICE_RETRY_MIN: Duration = Duration::from_secs(2);
+pub const ICE_RETRY_MAX: Duration = Duration::from_secs(120);
+/// After an ICE path is lost, the next attempt starts this soon.
+const ICE_RETRY_AFTER_LOSS: Duration = Duration::from_secs(1);
+/// A session whose last handshake is older than this is not up (WireGuard's reject-after-time).
+const SESSION_UP: Duration = Duration::from_secs(180);
+/// Smallest buffer boringtun may write into (a handshake initiation), and its data overhead.
+pub const MIN_BUF: usize = 148;
+pub const DATA_OVERHEAD: usize = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("not an IP packet")]
+    NotIp,
+    #[error("no peer for destination {0}")]
+    NoRoute(IpAddr),
+    #[error("unknown peer")]
+    UnknownPeer,
+    #[error("output buffer too small")]
+    BufferTooSmall,
+    #[error("source {0} is not among the sending peer's addresses")]
+    NotAllowed(IpAddr),
+    #[error("dropped by policy")]
+    Policy,
+    #[error("WireGuard: {0:?}")]
+    WireGuard(WireGuardError),
+}
+
+/// A remote peer as the network map describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerSpec {
+    /// WireGuard public key.
+    pub key: [u8; 32],
+    /// Management's id for the peer.
+    pub id: String,
+    pub name: String,
+    pub overlay_ip: IpAddr,
+    /// The peer's own addresses (its overlay /32 or /128).
+    pub allowed: Vec<IpNet>,
+    /// The peer has a live connection to management.
+    pub online: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathKind {
+    /// An ICE pair without a relay (host, server- or peer-reflexive addresses).
+    Direct,
+    /// An ICE pair through a TURN relay.
+    TurnRelay,
+    /// The TCP/TLS relay (no ICE pair, or ICE not yet connected).
+    TcpRelay,
+    None,
+}
+
+/// A connected ICE pair.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IcePath {
+    pub session: u64,
+    /// [`PathKind::Direct`] or [`PathKind::TurnRelay`].
+    pub kind: PathKind,
+    /// e.g. "host 192.0.2.2:40000".
+    pub local: String,
+    pub remote: String,
+    /// The remote candidate's address (must not be reached through the tunnel itself).
+    pub remote_addr: IpAddr,
+}
+
+/// What the shell reports about the ICE session of a peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IceEvent {
+    /// An attempt started: this side sent an offer, or answered the peer's offer.
+    Started {
+        session: u64,
+    },
+    Connected(IcePath),
+    /// The attempt ended without a pair.
+    Failed {
+        session: u64,
+        why: String,
+    },
+    /// A connected pair stopped working (consent lost, peer gone).
+    Lost {
+        session: u64,
+    },
+}
+
+/// What the core asks of the shell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Start an ICE attempt with this peer (this side offers).
+    StartIce { peer: PeerId },
+    /// Close this ICE session (superseded, failed, or its pair runs through the tunnel).
+    StopIce { peer: PeerId, session: u64 },
+    /// The path to a peer changed.
+    PathChanged { peer: PeerId, kind: PathKind },
+}
+
+/// A datagram to send to `peer` over `path`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Transmit<'a> {
+    pub peer: PeerId,
+    pub path: PathKind,
+    pub payload: &'a [u8],
+}
+
+/// What a datagram from the network turned into.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decap<'a> {
+    /// An IP packet for the TUN device (allowed by cryptokey routing and policy).
+    Tunnel(&'a [u8]),
+    /// A handshake message to send back; then drain [`Node::poll_transmit`] (queued packets).
+    Network(Transmit<'a>),
+    /// Nothing to do (a keepalive, a duplicate).
+    Nothing,
+}
+
+/// Everything `tern status` shows about one peer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerStatus {
+    pub peer: PeerId,
+    pub spec: PeerSpec,
+    /// A session with a handshake in the last 180 s.
+    pub up: bool,
+    pub path: PathKind,
+    /// Why the path is what it is, in words.
+    pub reason: String,
+    pub ice: Option<IcePath>,
+    pub last_handshake: Option<Duration>,
+    pub rtt_ms: Option<u32>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub routed: Vec<IpNet>,
+}
+
+struct Peer {
+    spec: PeerSpec,
+    tunn: Tunn,
+    /// This side offers (the greater public key does).
+    controlling: bool,
+    ice: Option<IcePath>,
+    /// The ICE attempt under way: (session, started).
+    attempt: Option<(u64, Instant)>,
+    retry: Backoff,
+    failures: u32,
+    last_failure: Option<String>,
+    reported: PathKind,
+    rx_bytes: u64,
+    tx_bytes: u64,
+}
+
+pub struct Node {
+    secret: x25519::StaticSecret,
+    public: [u8; 32],
+    peers: HashMap<PeerId, Peer>,
+    by_key: HashMap<[u8; 32], PeerId>,
+    by_mgmt_id: HashMap<String, PeerId>,
+    next_id: PeerId,
+    allowed: AllowedIps<PeerId>,
+    /// Routed networks and the peer that serves each for us.
+    routed: Vec<(IpNet, PeerId)>,
+    overlay: Option<IpNet>,
+    firewall: Firewall,
+    tcp_relay_up: bool,
+    events: VecDeque<Event>,
+    /// Peers whose queued packets are due after a handshake.
+    flush: Vec<PeerId>,
+    /// Peers whose WireGuard timers are due.
+    timers: Vec<PeerId>,
+    dropped_not_allowed: u64,
+}
+
+/// Offset and length of `part` inside the buffer starting at `base` (boringtun returns
+/// sub-slices of our buffer).
+fn span(base: usize, part: &[u8]) -> (usize, usize) {
+    ((part.as_ptr() as usize).saturating_sub(base), part.len())
+}
+
+impl Node {
+    pub fn new(secret: [u8; 32]) -> Node {
+        let secret = x25519::StaticSecret::from(secret);
+        let public = x25519::PublicKey::from(&secret).to_bytes();
+        Node {
+            secret,
+            public,
+            peers: HashMap::new(),
+            by_key: HashMap::new(),
+            by_mgmt_id: HashMap::new(),
+            next_id: 1,
+            allowed: AllowedIps::default(),
+            routed: vec![],
+            overlay: None,
+            firewall: Firewall::default(),
+            tcp_relay_up: false,
+            events: VecDeque::new(),
+            flush: vec![],
+            timers: vec![],
+            dropped_not_allowed: 0,
+        }
+    }
+
+    pub fn public_key(&self) -> [u8; 32] {
+        self.public
+    }
+
+    /// The overlay range: addresses inside it are never reached through an ICE pair.
+    pub fn set_overlay(&mut self, overlay: Option<IpNet>) {
+        self.overlay = overlay;
+    }
+
+    pub fn overlay(&self) -> Option<IpNet> {
+        self.overlay
+    }
+
+    /// The policy filter's rules and this host's overlay address.
+    pub fn set_rules(&mut self, local: Option<IpAddr>, rules: Vec<Rule>) {
+        self.firewall.set_rules(local, rules);
+    }
+
+    /// Whether the TCP relay is connected (the fallback path).
+    pub fn set_tcp_relay(&mut self, up: bool) {
+        if self.tcp_relay_up != up {
+            self.tcp_relay_up = up;
+            self.report_paths();
+        }
+    }
+
+    fn new_id(&mut self) -> PeerId {
+        // Session indexes are 24 bits (boringtun shifts them by 8): reuse freed ids after a wrap.
+        loop {
+            let id = self.next_id;
+            self.next_id = (self.next_id % 0x00ff_ffff) + 1;
+            if !self.peers.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// Brings the peer table in line with the network map: new peers get a session, gone ones
+    /// lose theirs (and their ICE session), the others keep their sessions and paths untouched.
+    pub fn apply_peers(&mut self, specs: &[PeerSpec], now: Instant) {
+        let wanted: HashMap<[u8; 32], &PeerSpec> = specs.iter().map(|s| (s.key, s)).collect();
+        let gone: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| !wanted.contains_key(&p.spec.key))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            if let Some(p) = self.peers.remove(&id) {
+                self.by_key.remove(&p.spec.key);
+                self.by_mgmt_id.remove(&p.spec.id);
+                for s in p
+                    .attempt
+                    .map(|a| a.0)
+                    .into_iter()
+                    .chain(p.ice.map(|i| i.session))
+                {
+                    self.events.push_back(Event::StopIce {
+                        peer: id,
+                        session: s,
+                    });
+                }
+            }
+        }
+        for spec in specs {
+            if let Some(&id) = self.by_key.get(&spec.key) {
+                let Some(p) = self.peers.get_mut(&id) else {
+                    continue;
+                };
+                // A peer that just came online: try the direct path now, not at the next step.
+                if spec.online && !p.spec.online {
+                    p.retry.retry_by(now);
+                }
+                if p.spec.id != spec.id {
+                    self.by_mgmt_id.remove(&p.spec.id);
+                    self.by_mgmt_id.insert(spec.id.clone(), id);
+                }
+                p.spec = spec.clone();
+                continue;
+            }
+            let id = self.new_id();
+            let tunn = Tunn::new(
+                self.secret.clone(),
+                x25519::PublicKey::from(spec.key),
+                None,
+                Some(KEEPALIVE),
+                id,
+                None,
+            );
+            self.peers.insert(
+                id,
+                Peer {
+                    spec: spec.clone(),
+                    tunn,
+                    controlling: self.public > spec.key,
+                    ice: None,
+                    attempt: None,
+                    retry: Backoff::new(ICE_RETRY_MIN, ICE_RETRY_MAX, now),
+                    failures: 0,
+                    last_failure: None,
+                    reported: PathKind::None,
+                    rx_bytes: 0,
+                    tx_bytes: 0,
+                },
+            );
+            self.by_key.insert(spec.key, id);
+            self.by_mgmt_id.insert(spec.id.clone(), id);
+        }
+        self.routed.retain(|(_, id)| self.peers.contains_key(id));
+        self.rebuild_allowed();
+    }
+
+    /// The routed networks and the peer that serves each for us (from routing-peer selection).
+    /// An ICE pair whose remote address falls inside one would carry WireGuard through its own
+    /// tunnel: it is dropped and ICE retried.
+    pub fn set_routes(&mut self, routes: Vec<(IpNet, PeerId)>, now: Instant) {
+        self.routed = routes
+            .into_iter()
+            .filter(|(_, id)| self.peers.contains_key(id))
+            .collect();
+        self.rebuild_allowed();
+        let captured: Vec<(PeerId, u64)> = self
+            .peers
+            .iter()
+            .filter_map(|(id, p)| {
+                let i = p.ice.as_ref()?;
+                self.tunnelled(i.remote_addr).then_some((*id, i.session))
+            })
+            .collect();
+        for (id, session) in captured {
+            if let Some(p) = self.peers.get_mut(&id) {
+                p.ice = None;
+                p.last_failure = Some("the ICE pair ran through a routed network".into());
+                p.retry.retry_by(now);
+            }
+            self.events.push_back(Event::StopIce { peer: id, session });
+        }
+        self.report_paths();
+    }
+
+    fn rebuild_allowed(&mut self) {
+        let mut a = AllowedIps::default();
+        for (id, p) in &self.peers {
+            for n in &p.spec.allowed {
+                a.insert(*n, *id);
+            }
+        }
+        for (n, id) in &self.routed {
+            a.insert(*n, *id);
+        }
+        self.allowed = a;
+    }
+
+    /// True if `addr` is reached through the tunnel (the overlay or a routed network).
+    pub fn tunnelled(&self, addr: IpAddr) -> bool {
+        self.overlay.is_some_and(|o| o.contains(&addr))
+            || self.routed.iter().any(|(n, _)| n.contains(&addr))
+    }
+
+    pub fn peer_by_key(&self, key: &[u8; 32]) -> Option<PeerId> {
+        self.by_key.get(key).copied()
+    }
+
+    pub fn peer_by_mgmt_id(&self, id: &str) -> Option<PeerId> {
+        self.by_mgmt_id.get(id).copied()
+    }
+
+    pub fn spec(&self, peer: PeerId) -> Option<&PeerSpec> {
+        self.peers.get(&peer).map(|p| &p.spec)
+    }
+
+    pub fn controlling(&self, peer: PeerId) -> bool {
+        self.peers.get(&peer).is_some_and(|p| p.controlling)
+    }
+
+    /// The session of the peer's ICE attempt or connected pair.
+    pub fn ice_session(&self, peer: PeerId) -> Option<u64> {
+        let p = self.peers.get(&peer)?;
+        p.attempt
+            .map(|a| a.0)
+            .or_else(|| p.ice.as_ref().map(|i| i.session))
+    }
+
+    fn path_of(p: &Peer, tcp_relay_up: bool) -> PathKind {
+        match &p.ice {
+            Some(i) => i.kind,
+            None if tcp_relay_up => PathKind::TcpRelay,
+            None => PathKind::None,
+        }
+    }
+
+    fn report_paths(&mut self) {
+        for (id, p) in self.peers.iter_mut() {
+            let k = Self::path_of(p, self.tcp_relay_up);
+            if k != p.reported {
+                p.reported = k;
+                self.events
+                    .push_back(Event::PathChanged { peer: *id, kind: k });
+            }
+        }
+    }
+
+    /// An IP packet from the TUN device: the datagram for the peer that owns its destination.
+    pub fn encapsulate<'o>(
+        &mut self,
+        packet: &[u8],
+        now: Instant,
+        out: &'o mut [u8],
+    ) -> Result<Option<Transmit<'o>>, Error> {
+        let dst = crate::packet::dst(packet).ok_or(Error::NotIp)?;
+        let id = *self.allowed.get(dst).ok_or(Error::NoRoute(dst))?;
+        if out.len() < (packet.len() + DATA_OVERHEAD).max(MIN_BUF) {
+            return Err(Error::BufferTooSmall);
+        }
+        self.firewall.outbound(packet, now);
+        let tcp = self.tcp_relay_up;
+        let p = self.peers.get_mut(&id).ok_or(Error::UnknownPeer)?;
+        let base = out.as_ptr() as usize;
+        let (off, n) = match p.tunn.encapsulate(packet, out) {
+            TunnResult::WriteToNetwork(w) => span(base, w),
+            TunnResult::Err(e) => return Err(Error::WireGuard(e)),
+            _ => return Ok(None),
+        };
+        p.tx_bytes += n as u64;
+        Ok(Some(Transmit {
+            peer: id,
+            path: Self::path_of(p, tcp),
+            payload: &out[off..off + n],
+        }))
+    }
+
+    /// A datagram from `peer` (the path it arrived on names the peer): an IP packet for the TUN
+    /// device if its source belongs to that peer and the policy lets it in, or a handshake reply.
+    pub fn decapsulate<'o>(
+        &mut self,
+        peer: PeerId,
+        datagram: &[u8],
+        now: Instant,
+        out: &'o mut [u8],
+    ) -> Result<Decap<'o>, Error> {
+        if out.len() < datagram.len().max(MIN_BUF) {
+            return Err(Error::BufferTooSmall);
+        }
+        let tcp = self.tcp_relay_up;
+        let p = self.peers.get_mut(&peer).ok_or(Error::UnknownPeer)?;
+        p.rx_bytes += datagram.len() as u64;
+        let base = out.as_ptr() as usize;
+        let (off, n, src) = match p.tunn.decapsulate(None, datagram, out) {
+            TunnResult::WriteToNetwork(w) => {
+                let (off, n) = span(base, w);
+                let path = Self::path_of(p, tcp);
+                if !self.flush.contains(&peer) {
+                    self.flush.push(peer);
+                }
+                return Ok(Decap::Network(Transmit {
+                    peer,
+                    path,
+                    payload: &out[off..off + n],
+                }));
+            }
+            TunnResult::WriteToTunnelV4(w, src) => {
+                let (off, n) = span(base, w);
+                (off, n, IpAddr::V4(src))
+            }
+            TunnResult::WriteToTunnelV6(w, src) => {
+                let (off, n) = span(base, w);
+                (off, n, IpAddr::V6(src))
+            }
+            TunnResult::Done => return Ok(Decap::Nothing),
+            TunnResult::Err(e) => return Err(Error::WireGuard(e)),
+        };
+        // Cryptokey routing: the inner source must be an address this peer owns.
+        if self.allowed.get(src) != Some(&peer) {
+            self.dropped_not_allowed += 1;
+            return Err(Error::NotAllowed(src));
+        }
+        let pkt = &out[off..off + n];
+        if !self.firewall.inbound(pkt, now) {
+            return Err(Error::Policy);
+        }
+        Ok(Decap::Tunnel(pkt))
+    }
+
+    /// Work due at `now`: ICE attempts to start or give up, and WireGuard timers (handshakes,
+    /// keepalives) whose datagrams [`Node::poll_transmit`] then yields. Call it at least every
+    /// 250 ms (boringtun's timer resolution).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let mut failed = vec![];
+        for (id, p) in self.peers.iter_mut() {
+            if let Some((session, started)) = p.attempt {
+                if now >= started + ICE_ATTEMPT {
+                    failed.push((*id, session));
+                }
+            }
+            if p.controlling
+                && p.ice.is_none()
+                && p.attempt.is_none()
+                && p.spec.online
+                && p.retry.is_due(now)
+            {
+                // Not again until the shell reports the attempt (or it times out).
+                p.retry.hold_until(now + ICE_ATTEMPT);
+                self.events.push_back(Event::StartIce { peer: *id });
+            }
+        }
+        for (id, session) in failed {
+            self.handle_ice_event(
+                id,
+                IceEvent::Failed {
+                    session,
+                    why: format!("no ICE pair within {} s", ICE_ATTEMPT.as_secs()),
+                },
+                now,
+            );
+        }
+        self.timers.clear();
+        self.timers.extend(self.peers.keys().copied());
+    }
+
+    /// The next instant [`Node::handle_timeout`] has work for (besides the 250 ms tick).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.peers
+            .values()
+            .filter_map(|p| match p.attempt {
+                Some((_, started)) => Some(started + ICE_ATTEMPT),
+                None if p.controlling && p.ice.is_none() && p.spec.online => Some(p.retry.due_at()),
+                None => None,
+            })
+            .min()
+    }
+
+    /// The next datagram to send: packets queued during a handshake, then timer messages.
+    pub fn poll_transmit<'o>(&mut self, out: &'o mut [u8]) -> Option<Transmit<'o>> {
+        if out.len() < MIN_BUF {
+            return None;
+        }
+        let tcp = self.tcp_relay_up;
+        while let Some(&id) = self.flush.last() {
+            let Some(p) = self.peers.get_mut(&id) else {
+                self.flush.pop();
+                continue;
+            };
+            let base = out.as_ptr() as usize;
+            let (off, n) = match p.tunn.decapsulate(None, &[], out) {
+                TunnResult::WriteToNetwork(w) => span(base, w),
+                _ => {
+                    self.flush.pop();
+                    continue;
+                }
+            };
+            p.tx_bytes += n as u64;
+            let path = Self::path_of(p, tcp);
+            return Some(Transmit {
+                peer: id,
+                path,
+                payload: &out[off..off + n],
+            });
+        }
+        while let Some(id) = self.timers.pop() {
+            let Some(p) = self.peers.get_mut(&id) else {
+                continue;
+            };
+            let base = out.as_ptr() as usize;
+            let (off, n) = match p.tunn.update_timers(out) {
+                TunnResult::WriteToNetwork(w) => span(base, w),
+                _ => continue,
+            };
+            p.tx_bytes += n as u64;
+            let path = Self::path_of(p, tcp);
+            return Some(Transmit {
+                peer: id,
+                path,
+                payload: &out[off..off + n],
+            });
+        }
+        None
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// The outcome of an ICE session, as the shell saw it.
+    pub fn handle_ice_event(&mut self, peer: PeerId, ev: IceEvent, now: Instant) {
+        let tunnelled = match &ev {
+            IceEvent::Connected(i) => self.tunnelled(i.remote_addr),
+            _ => false,
+        };
+        let Some(p) = self.peers.get_mut(&peer) else {
+            if let IceEvent::Started { session } | IceEvent::Connected(IcePath { session, .. }) = ev
+            {
+                self.events.push_back(Event::StopIce { peer, session });
+            }
+            return;
+        };
+        match ev {
+            IceEvent::Started { session } => {
+                // A new attempt replaces the old one and any pair of an older session.
+                let old = p
+                    .attempt
+                    .replace((session, now))
+                    .map(|a| a.0)
+                    .into_iter()
+                    .chain(p.ice.take().map(|i| i.session))
+                    .filter(|s| *s != session);
+                for s in old {
+                    self.events.push_back(Event::StopIce { peer, session: s });
+                }
+            }
+            IceEvent::Connected(path) => {
+                let session = path.session;
+                if p.attempt.map(|a| a.0) != Some(session) {
+                    // Stale: a newer attempt replaced it.
+                    self.events.push_back(Event::StopIce { peer, session });
+                } else if tunnelled {
+                    p.attempt = None;
+                    p.failures += 1;
+                    p.last_failure = Some(format!(
+                        "the only ICE pair ({}) ran through the tunnel itself",
+                        path.remote
+                    ));
+                    p.retry.failed(now);
+                    self.events.push_back(Event::StopIce { peer, session });
+                } else {
+                    p.attempt = None;
+                    p.failures = 0;
+                    p.last_failure = None;
+                    p.retry.succeeded();
+                    p.ice = Some(path);
+                }
+            }
+            IceEvent::Failed { session, why } => {
+                if p.attempt.map(|a| a.0) == Some(session) {
+                    p.attempt = None;
+                    p.failures += 1;
+                    p.last_failure = Some(why);
+                    p.retry.failed(now);
+                    self.events.push_back(Event::StopIce { peer, session });
+                }
+            }
+            IceEvent::Lost { session } => {
+                if p.ice.as_ref().is_some_and(|i| i.session == session) {
+                    p.ice = None;
+                    p.last_failure = Some("the ICE pair stopped answering".into());
+                    p.retry.retry_by(now + ICE_RETRY_AFTER_LOSS);
+                    self.events.push_back(Event::StopIce { peer, session });
+                } else if p.attempt.map(|a| a.0) == Some(session) {
+                    p.attempt = None;
+                    p.failures += 1;
+                    p.last_failure = Some("the ICE session closed before a pair worked".into());
+                    p.retry.failed(now);
+                    self.events.push_back(Event::StopIce { peer, session });
+                }
+            }
+        }
+        self.report_paths();
+    }
+
+    /// The host's addresses changed: retry ICE with every peer without a pair now.
+    pub fn retry_ice_now(&mut self, now: Instant) {
+        for p in self.peers.values_mut().filter(|p| p.ice.is_none()) {
+            p.retry.retry_by(now);
+        }
+    }
+
+    /// Inbound packets the policy dropped, and packets whose source was not the sender's.
+    pub fn dropped(&self) -> (u64, u64) {
+        (self.firewall.dropped, self.dropped_not_allowed)
+    }
+
+    pub fn peer_ids(&self) -> impl Iterator<Item = PeerId> + '_ {
+        self.peers.keys().copied()
+    }
+
+    fn reason(p: &Peer, now: Instant, tcp: bool) -> String {
+        if let Some(i) = &p.ice {
+            return match i.kind {
+                PathKind::TurnRelay => {
+                    "no direct pair got through the NATs; ICE relays through TURN".into()
+                }
+                _ => "direct ICE pair".into(),
+            };
+        }
+        let fallback = if tcp {
+            "; the TCP relay carries traffic meanwhile"
+        } else {
+            "; no relay is connected either"
+        };
+        if !p.spec.online {
+            return format!("the peer is not connected to management{fallback}");
+        }
+        let last = p
+            .last_failure
+            .as_ref()
+            .map(|w| format!(" (last: {w})"))
+            .unwrap_or_default();
+        if p.attempt.is_some() {
+            return if p.failures == 0 {
+                format!("ICE is connecting{fallback}")
+            } else {
+                format!(
+                    "ICE is connecting after {} failed attempts{last}{fallback}",
+                    p.failures
+                )
+            };
+        }
+        if !p.controlling {
+            return format!("waiting for the peer's ICE offer{last}{fallback}");
+        }
+        if p.failures == 0 {
+            return format!("ICE is starting{fallback}");
+        }
+        let wait = p.retry.due_at().saturating_duration_since(now).as_secs();
+        format!(
+            "ICE failed {} times{last}; next attempt in {wait} s{fallback}",
+            p.failures
+        )
+    }
+
+    pub fn status(&self, now: Instant) -> Vec<PeerStatus> {
+        let mut out: Vec<PeerStatus> = self
+            .peers
+            .iter()
+            .map(|(id, p)| {
+                let (hs, tx, rx, _, rtt) = p.tunn.stats();
+                let _ = (tx, rx);
+                PeerStatus {
+                    peer: *id,
+                    spec: p.spec.clone(),
+                    up: hs.is_some_and(|d| d < SESSION_UP),
+                    path: Self::path_of(p, self.tcp_relay_up),
+                    reason: Self::reason(p, now, self.tcp_relay_up),
+                    ice: p.ice.clone(),
+                    last_handshake: hs,
+                    rtt_ms: rtt,
+                    rx_bytes: p.rx_bytes,
+                    tx_bytes: p.tx_bytes,
+                    routed: self
+                        .routed
+                        .iter()
+                        .filter(|(_, r)| r == id)
+                        .map(|(n, _)| *n)
+                        .collect(),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
+        out
+    }
+}

@@ -1,0 +1,671 @@
+//! The core with no root and no sockets: two (or more) `Node`s wired back to back through a
+//! simulated wire, time passed in.
+
+use rand::{Rng, RngCore};
+use std::collections::VecDeque;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+use tern_tunnel::firewall::{Rule, TCP, UDP};
+use tern_tunnel::*;
+
+const BUF: usize = 2048;
+
+fn key() -> [u8; 32] {
+    let mut k = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut k);
+    k
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("ip")
+}
+
+/// An IPv4 packet with a UDP (or TCP) header and `payload`.
+fn packet(proto: u8, src: &str, dst: &str, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let (IpAddr::V4(s), IpAddr::V4(d)) = (ip(src), ip(dst)) else {
+        panic!("v4 only")
+    };
+    let l4 = if proto == TCP { 20 } else { 8 };
+    let total = 20 + l4 + payload.len();
+    let mut p = vec![0u8; total];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    p[8] = 64;
+    p[9] = proto;
+    p[12..16].copy_from_slice(&s.octets());
+    p[16..20].copy_from_slice(&d.octets());
+    p[20..22].copy_from_slice(&sport.to_be_bytes());
+    p[22..24].copy_from_slice(&dport.to_be_bytes());
+    if proto == TCP {
+        p[32] = 5 << 4;
+        p[33] = 0x02; // SYN
+    } else {
+        p[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    }
+    p[20 + l4..].copy_from_slice(payload);
+    p
+}
+
+struct Side {
+    node: Node,
+    ip: &'static str,
+    secret: [u8; 32],
+}
+
+fn spec(s: &Side, name: &str) -> PeerSpec {
+    PeerSpec {
+        key: s.node.public_key(),
+        id: name.into(),
+        name: name.into(),
+        overlay_ip: ip(s.ip),
+        allowed: vec![format!("{}/32", s.ip).parse().expect("net")],
+        online: true,
+    }
+}
+
+fn allow_all_from(src: &str) -> Rule {
+    Rule {
+        src: format!("{src}/32").parse().expect("net"),
+        proto: 0,
+        ports: vec![],
+        network: None,
+    }
+}
+
+/// Two nodes that know each other, each allowing everything from the other, relay "up".
+fn pair(now: Instant) -> (Side, Side) {
+    let (ka, kb) = (key(), key());
+    let mut a = Side {
+        node: Node::new(ka),
+        ip: "100.64.0.1",
+        secret: ka,
+    };
+    let mut b = Side {
+        node: Node::new(kb),
+        ip: "100.64.0.2",
+        secret: kb,
+    };
+    let (sa, sb) = (spec(&a, "a"), spec(&b, "b"));
+    a.node.apply_peers(&[sb], now);
+    b.node.apply_peers(&[sa], now);
+    a.node.set_rules(Some(ip(a.ip)), vec![allow_all_from(b.ip)]);
+    b.node.set_rules(Some(ip(b.ip)), vec![allow_all_from(a.ip)]);
+    a.node.set_tcp_relay(true);
+    b.node.set_tcp_relay(true);
+    (a, b)
+}
+
+/// Delivers datagrams between the nodes until the wire is empty; returns the packets each side
+/// wrote to its TUN device, and the errors decapsulation reported.
+fn pump(
+    sides: &mut [&mut Side],
+    wire: &mut VecDeque<(usize, [u8; 32], Vec<u8>)>,
+    now: Instant,
+) -> (Vec<Vec<Vec<u8>>>, Vec<String>) {
+    let mut tun = vec![vec![]; sides.len()];
+    let mut errors = vec![];
+    let mut buf = vec![0u8; BUF];
+    let mut guard = 0;
+    while let Some((to, from_key, d)) = wire.pop_front() {
+        guard += 1;
+        assert!(guard < 10_000, "the wire never settles");
+        let from_idx = sides
+            .iter()
+            .position(|s| s.node.public_key() == from_key)
+            .expect("sender");
+        let me = sides[to].node.public_key();
+        let Some(peer) = sides[to].node.peer_by_key(&from_key) else {
+            continue;
+        };
+        match sides[to].node.decapsulate(peer, &d, now, &mut buf) {
+            Ok(Decap::Tunnel(p)) => tun[to].push(p.to_vec()),
+            Ok(Decap::Network(t)) => wire.push_back((from_idx, me, t.payload.to_vec())),
+            Ok(Decap::Nothing) => {}
+            Err(e) => errors.push(e.to_string()),
+        }
+        while let Some(t) = sides[to].node.poll_transmit(&mut buf) {
+            let dest = sides
+                .iter()
+                .position(|s| {
+                    s.node.peer_by_key(&me).is_some()
+                        && Some(t.peer) == sides[to].node.peer_by_key(&s.node.public_key())
+                })
+                .expect("destination");
+            wire.push_back((dest, me, t.payload.to_vec()));
+        }
+    }
+    (tun, errors)
+}
+
+/// Encapsulates `pkt` on side `from` and puts what comes out on the wire towards `to`.
+fn send(
+    sides: &mut [&mut Side],
+    from: usize,
+    to: usize,
+    pkt: &[u8],
+    wire: &mut VecDeque<(usize, [u8; 32], Vec<u8>)>,
+    now: Instant,
+) -> Result<(), Error> {
+    let mut buf = vec![0u8; BUF];
+    let me = sides[from].node.public_key();
+    if let Some(t) = sides[from].node.encapsulate(pkt, now, &mut buf)? {
+        wire.push_back((to, me, t.payload.to_vec()));
+    }
+    Ok(())
+}
+
+#[test]
+fn two_cores_handshake_and_carry_packets_both_ways() {
+    let now = Instant::now();
+    let (mut a, mut b) = pair(now);
+    let mut wire = VecDeque::new();
+    let ping = packet(UDP, a.ip, b.ip, 4000, 5000, b"hello b");
+    let mut sides = [&mut a, &mut b];
+    send(&mut sides, 0, 1, &ping, &mut wire, now).expect("encapsulate");
+    assert_eq!(wire.len(), 1, "a handshake initiation");
+    assert_eq!(wire[0].2[0], 1, "message type 1");
+    let (tun, errors) = pump(&mut sides, &mut wire, now);
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(
+        tun[1],
+        vec![ping.clone()],
+        "b received the queued packet after the handshake"
+    );
+    let pong = packet(UDP, b.ip, a.ip, 5000, 4000, b"hello a");
+    let mut sides = [&mut a, &mut b];
+    send(&mut sides, 1, 0, &pong, &mut wire, now).expect("encapsulate");
+    assert_eq!(
+        wire[0].2[0], 4,
+        "data straight away on the established session"
+    );
+    let (tun, _) = pump(&mut sides, &mut wire, now);
+    assert_eq!(tun[0], vec![pong]);
+    let st = a.node.status(now);
+    assert!(st[0].up && st[0].path == PathKind::TcpRelay, "{st:?}");
+    assert!(st[0].rx_bytes > 0 && st[0].tx_bytes > 0);
+}
+
+#[test]
+fn sources_outside_the_peers_addresses_and_policy_refusals_are_dropped() {
+    let now = Instant::now();
+    let (mut a, mut b) = pair(now);
+    // b lets in only TCP 22 from a.
+    b.node.set_rules(
+        Some(ip(b.ip)),
+        vec![Rule {
+            src: "100.64.0.1/32".parse().expect("net"),
+            proto: TCP,
+            ports: vec![(22, 22)],
+            network: None,
+        }],
+    );
+    let mut wire = VecDeque::new();
+    let mut sides = [&mut a, &mut b];
+    let ssh = packet(TCP, "100.64.0.1", "100.64.0.2", 40000, 22, b"");
+    send(&mut sides, 0, 1, &ssh, &mut wire, now).expect("send");
+    let (tun, errors) = pump(&mut sides, &mut wire, now);
+    assert_eq!(tun[1].len(), 1, "TCP 22 passes: {errors:?}");
+    for (pkt, why) in [
+        (
+            packet(UDP, "100.64.0.1", "100.64.0.2", 1, 53, b"q"),
+            "policy",
+        ),
+        (
+            packet(TCP, "100.64.0.1", "100.64.0.2", 40000, 80, b""),
+            "policy",
+        ),
+        (
+            packet(TCP, "10.9.9.9", "100.64.0.2", 40000, 22, b""),
+            "not among",
+        ),
+    ] {
+        send(&mut sides, 0, 1, &pkt, &mut wire, now).expect("send");
+        let (tun, errors) = pump(&mut sides, &mut wire, now);
+        assert!(tun[1].is_empty(), "dropped: {why}");
+        assert!(errors.iter().any(|e| e.contains(why)), "{why}: {errors:?}");
+    }
+    assert_eq!(
+        b.node.dropped(),
+        (2, 1),
+        "counted: (policy, not the sender's)"
+    );
+    // Nothing leaves for an address no peer owns.
+    let mut buf = vec![0u8; BUF];
+    assert!(matches!(
+        a.node
+            .encapsulate(&packet(UDP, a.ip, "100.64.9.9", 1, 2, b"x"), now, &mut buf),
+        Err(Error::NoRoute(_))
+    ));
+}
+
+#[test]
+fn routed_networks_go_to_the_chosen_routing_peer_and_fail_over() {
+    let now = Instant::now();
+    let (mut a, mut gw1) = pair(now);
+    let kc = key();
+    let mut gw2 = Side {
+        node: Node::new(kc),
+        ip: "100.64.0.3",
+        secret: kc,
+    };
+    let specs = [spec(&gw1, "gw1"), spec(&gw2, "gw2")];
+    a.node.apply_peers(&specs, now);
+    gw2.node.apply_peers(&[spec(&a, "a")], now);
+    gw2.node
+        .set_rules(Some(ip(gw2.ip)), vec![allow_all_from(a.ip)]);
+    gw2.node.set_tcp_relay(true);
+    let g1 = a.node.peer_by_mgmt_id("gw1").expect("gw1");
+    let g2 = a.node.peer_by_mgmt_id("gw2").expect("gw2");
+    let lan: ipnet::IpNet = "192.168.50.0/24".parse().expect("net");
+    a.node.set_routes(vec![(lan, g1)], now);
+    let mut buf = vec![0u8; BUF];
+    let to_lan = packet(UDP, a.ip, "192.168.50.10", 1, 502, b"modbus");
+    assert_eq!(
+        a.node
+            .encapsulate(&to_lan, now, &mut buf)
+            .expect("ok")
+            .expect("tx")
+            .peer,
+        g1
+    );
+    // Replies from the LAN come from gw1, and only gw1 may send them.
+    let mut wire = VecDeque::new();
+    let mut sides = [&mut a, &mut gw1, &mut gw2];
+    send(
+        &mut sides,
+        0,
+        1,
+        &packet(UDP, "100.64.0.1", "100.64.0.2", 1, 2, b"hi"),
+        &mut wire,
+        now,
+    )
+    .expect("send");
+    send(
+        &mut sides,
+        0,
+        2,
+        &packet(UDP, "100.64.0.1", "100.64.0.3", 1, 2, b"hi"),
+        &mut wire,
+        now,
+    )
+    .expect("send");
+    pump(&mut sides, &mut wire, now);
+    let reply = packet(UDP, "192.168.50.10", "100.64.0.1", 502, 1, b"ok");
+    send(&mut sides, 1, 0, &reply, &mut wire, now).expect("send");
+    let (tun, errors) = pump(&mut sides, &mut wire, now);
+    // a's policy only knows gw1's own address; LAN replies are replies to a's own flow.
+    assert_eq!(tun[0], vec![reply.clone()], "{errors:?}");
+    send(&mut sides, 2, 0, &reply, &mut wire, now).expect("send");
+    let (tun, errors) = pump(&mut sides, &mut wire, now);
+    assert!(
+        tun[0].is_empty() && errors.iter().any(|e| e.contains("not among")),
+        "{errors:?}"
+    );
+    // Failover: gw2 now serves the network.
+    a.node.set_routes(vec![(lan, g2)], now);
+    assert_eq!(
+        a.node
+            .encapsulate(&to_lan, now, &mut buf)
+            .expect("ok")
+            .expect("tx")
+            .peer,
+        g2
+    );
+    let st = a.node.status(now);
+    assert_eq!(
+        st.iter().find(|s| s.peer == g2).expect("gw2").routed,
+        vec![lan]
+    );
+}
+
+/// The side of the pair that offers (the greater public key).
+fn offering(now: Instant) -> (Side, PeerId) {
+    let (a, b) = pair(now);
+    let (x, other) = if a
+        .node
+        .controlling(a.node.peer_by_key(&b.node.public_key()).expect("b"))
+    {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    let peer = x.node.peer_by_key(&other.node.public_key()).expect("peer");
+    (x, peer)
+}
+
+fn events(n: &mut Node) -> Vec<Event> {
+    std::iter::from_fn(|| n.poll_event()).collect()
+}
+
+fn ice(session: u64, kind: PathKind, remote: &str) -> IceEvent {
+    IceEvent::Connected(IcePath {
+        session,
+        kind,
+        local: "host 192.0.2.2:40000".into(),
+        remote: format!("srflx {remote}:41000"),
+        remote_addr: ip(remote),
+    })
+}
+
+#[test]
+fn path_choice_and_reason_follow_ice_success_failure_and_lateness() {
+    let t0 = Instant::now();
+    let (mut x, peer) = offering(t0);
+    let status = |x: &Side, t: Instant| {
+        x.node
+            .status(t)
+            .into_iter()
+            .find(|s| s.peer == peer)
+            .expect("peer")
+    };
+    x.node.handle_timeout(t0);
+    assert!(events(&mut x.node).contains(&Event::StartIce { peer }));
+    x.node.handle_timeout(t0 + Duration::from_secs(1));
+    assert!(
+        !events(&mut x.node).contains(&Event::StartIce { peer }),
+        "one start at a time"
+    );
+    x.node
+        .handle_ice_event(peer, IceEvent::Started { session: 1 }, t0);
+    let s = status(&x, t0);
+    assert_eq!(s.path, PathKind::TcpRelay);
+    assert!(
+        s.reason.contains("ICE is connecting") && s.reason.contains("TCP relay carries"),
+        "{}",
+        s.reason
+    );
+    // Success: direct.
+    x.node
+        .handle_ice_event(peer, ice(1, PathKind::Direct, "203.0.113.12"), t0);
+    assert!(events(&mut x.node).contains(&Event::PathChanged {
+        peer,
+        kind: PathKind::Direct
+    }));
+    assert_eq!(status(&x, t0).reason, "direct ICE pair");
+    // A stale session's result is refused and closed.
+    x.node
+        .handle_ice_event(peer, ice(99, PathKind::TurnRelay, "203.0.113.10"), t0);
+    assert_eq!(
+        events(&mut x.node),
+        vec![Event::StopIce { peer, session: 99 }]
+    );
+    assert_eq!(status(&x, t0).path, PathKind::Direct);
+    // Lost (e.g. NAT rebinding): back to the relay at once, ICE again within a second.
+    x.node
+        .handle_ice_event(peer, IceEvent::Lost { session: 1 }, t0);
+    let ev = events(&mut x.node);
+    assert!(
+        ev.contains(&Event::StopIce { peer, session: 1 })
+            && ev.contains(&Event::PathChanged {
+                peer,
+                kind: PathKind::TcpRelay
+            }),
+        "{ev:?}"
+    );
+    x.node.handle_timeout(t0 + Duration::from_millis(500));
+    assert!(events(&mut x.node).is_empty());
+    x.node.handle_timeout(t0 + Duration::from_secs(1));
+    assert!(
+        events(&mut x.node).contains(&Event::StartIce { peer }),
+        "retried after the loss"
+    );
+    // Late: an attempt with no pair within 20 s fails by itself.
+    let t1 = t0 + Duration::from_secs(1);
+    x.node
+        .handle_ice_event(peer, IceEvent::Started { session: 2 }, t1);
+    x.node.handle_timeout(t1 + ICE_ATTEMPT);
+    let ev = events(&mut x.node);
+    assert!(ev.contains(&Event::StopIce { peer, session: 2 }), "{ev:?}");
+    let s = status(&x, t1 + ICE_ATTEMPT);
+    assert!(
+        s.reason.contains("ICE failed 1 times") && s.reason.contains("no ICE pair within 20 s"),
+        "{}",
+        s.reason
+    );
+    // Via TURN is named as such.
+    let t2 = t1 + ICE_ATTEMPT + Duration::from_secs(10);
+    x.node
+        .handle_ice_event(peer, IceEvent::Started { session: 3 }, t2);
+    x.node
+        .handle_ice_event(peer, ice(3, PathKind::TurnRelay, "203.0.113.10"), t2);
+    assert_eq!(status(&x, t2).path, PathKind::TurnRelay);
+    assert!(status(&x, t2).reason.contains("TURN"));
+}
+
+#[test]
+fn failed_attempts_back_off_and_a_new_chance_resets_the_delay() {
+    let t0 = Instant::now();
+    let (mut x, peer) = offering(t0);
+    let mut t = t0;
+    let mut starts = vec![];
+    let mut session = 0;
+    // Simulated 15 minutes in 250 ms steps; every attempt fails at once.
+    while t < t0 + Duration::from_secs(900) {
+        x.node.handle_timeout(t);
+        for e in events(&mut x.node) {
+            if e == (Event::StartIce { peer }) {
+                starts.push(t.duration_since(t0).as_secs());
+                session += 1;
+                x.node
+                    .handle_ice_event(peer, IceEvent::Started { session }, t);
+                x.node.handle_ice_event(
+                    peer,
+                    IceEvent::Failed {
+                        session,
+                        why: "checks failed".into(),
+                    },
+                    t,
+                );
+            }
+        }
+        t += Duration::from_millis(250);
+    }
+    let gaps: Vec<u64> = starts.windows(2).map(|w| w[1] - w[0]).collect();
+    assert_eq!(&gaps[..6], &[2, 4, 8, 16, 32, 64], "doubling: {starts:?}");
+    assert!(
+        gaps[6..].iter().all(|g| *g == 120),
+        "capped at 120 s: {gaps:?}"
+    );
+    // Relayed -> direct: a new chance (address change) retries now, from the minimum delay.
+    x.node.retry_ice_now(t);
+    x.node.handle_timeout(t);
+    assert!(events(&mut x.node).contains(&Event::StartIce { peer }));
+    session += 1;
+    x.node
+        .handle_ice_event(peer, IceEvent::Started { session }, t);
+    x.node
+        .handle_ice_event(peer, ice(session, PathKind::Direct, "203.0.113.12"), t);
+    assert_eq!(x.node.status(t)[0].path, PathKind::Direct);
+    // An offline peer is not tried at all.
+    let mut s = x.node.status(t)[0].spec.clone();
+    s.online = false;
+    x.node.apply_peers(&[s], t);
+    x.node.handle_ice_event(peer, IceEvent::Lost { session }, t);
+    for i in 0..100 {
+        x.node.handle_timeout(t + Duration::from_secs(i));
+    }
+    assert!(!events(&mut x.node).contains(&Event::StartIce { peer }));
+    assert!(x.node.status(t)[0]
+        .reason
+        .contains("not connected to management"));
+}
+
+#[test]
+fn an_ice_pair_through_the_tunnel_itself_is_refused() {
+    let t0 = Instant::now();
+    let (mut x, peer) = offering(t0);
+    let other = x.node.peer_ids().next().expect("peer");
+    x.node
+        .set_routes(vec![("198.51.100.0/24".parse().expect("net"), other)], t0);
+    x.node
+        .handle_ice_event(peer, IceEvent::Started { session: 7 }, t0);
+    x.node
+        .handle_ice_event(peer, ice(7, PathKind::Direct, "198.51.100.2"), t0);
+    assert!(events(&mut x.node).contains(&Event::StopIce { peer, session: 7 }));
+    let s = &x.node.status(t0)[0];
+    assert_eq!(s.path, PathKind::TcpRelay);
+    assert!(
+        s.reason.contains("through the tunnel itself"),
+        "{}",
+        s.reason
+    );
+    // A route installed later captures a working pair: dropped, retried.
+    x.node.set_routes(vec![], t0);
+    x.node
+        .handle_ice_event(peer, IceEvent::Started { session: 8 }, t0);
+    x.node
+        .handle_ice_event(peer, ice(8, PathKind::Direct, "198.51.100.2"), t0);
+    assert_eq!(x.node.status(t0)[0].path, PathKind::Direct);
+    events(&mut x.node);
+    x.node
+        .set_routes(vec![("198.51.100.0/24".parse().expect("net"), other)], t0);
+    assert!(events(&mut x.node).contains(&Event::StopIce { peer, session: 8 }));
+}
+
+#[test]
+fn a_thousand_peers_come_and_go_without_touching_an_established_session() {
+    let now = Instant::now();
+    let (mut a, mut b) = pair(now);
+    let mut wire = VecDeque::new();
+    let mut sides = [&mut a, &mut b];
+    send(
+        &mut sides,
+        0,
+        1,
+        &packet(UDP, "100.64.0.1", "100.64.0.2", 1, 2, b"x"),
+        &mut wire,
+        now,
+    )
+    .expect("send");
+    pump(&mut sides, &mut wire, now);
+    let b_spec = spec(&b, "b");
+    let mut many = vec![b_spec.clone()];
+    for i in 0..1000u32 {
+        let k = key();
+        let addr = IpAddr::from([100, 65, (i >> 8) as u8, i as u8]);
+        many.push(PeerSpec {
+            key: k,
+            id: format!("p{i}"),
+            name: format!("p{i}"),
+            overlay_ip: addr,
+            allowed: vec![ipnet::IpNet::from(addr)],
+            online: true,
+        });
+    }
+    let before = a.node.peer_by_key(&b.node.public_key());
+    a.node.apply_peers(&many, now);
+    assert_eq!(a.node.peer_ids().count(), 1001);
+    let mut buf = vec![0u8; BUF];
+    let t = a
+        .node
+        .encapsulate(
+            &packet(UDP, "100.64.0.1", "100.64.0.2", 1, 2, b"y"),
+            now,
+            &mut buf,
+        )
+        .expect("ok")
+        .expect("tx");
+    assert_eq!(t.payload[0], 4, "data on the old session, no new handshake");
+    a.node.apply_peers(&[b_spec], now);
+    assert_eq!(a.node.peer_ids().count(), 1);
+    assert_eq!(
+        a.node.peer_by_key(&b.node.public_key()),
+        before,
+        "same peer, same session"
+    );
+    let t = a
+        .node
+        .encapsulate(
+            &packet(UDP, "100.64.0.1", "100.64.0.2", 1, 2, b"z"),
+            now,
+            &mut buf,
+        )
+        .expect("ok")
+        .expect("tx");
+    assert_eq!(t.payload[0], 4);
+    let _ = &a.secret;
+}
+
+#[test]
+fn random_datagrams_and_packets_never_panic_and_nothing_forbidden_gets_through() {
+    let now = Instant::now();
+    let (mut a, mut b) = pair(now);
+    b.node.set_rules(
+        Some(ip(b.ip)),
+        vec![Rule {
+            src: "100.64.0.1/32".parse().expect("net"),
+            proto: TCP,
+            ports: vec![(22, 22)],
+            network: None,
+        }],
+    );
+    let mut rng = rand::thread_rng();
+    let mut buf = vec![0u8; BUF];
+    let peer_a = b.node.peer_by_key(&a.node.public_key()).expect("a");
+    // Garbage from the network: nothing reaches the TUN device.
+    for _ in 0..20_000 {
+        let len = rng.gen_range(0..1600);
+        let mut d = vec![0u8; len];
+        rng.fill_bytes(&mut d);
+        if len >= 4 && rng.gen_bool(0.7) {
+            d[0] = rng.gen_range(1..=4);
+            d[1..4].fill(0);
+        }
+        if let Ok(Decap::Tunnel(p)) = b.node.decapsulate(peer_a, &d, now, &mut buf) {
+            panic!("garbage delivered: {p:?}");
+        }
+        while b.node.poll_transmit(&mut buf).is_some() {}
+    }
+    // Random inner packets over a real session: only TCP 22 from a's own address is delivered.
+    let mut wire = VecDeque::new();
+    let mut sides = [&mut a, &mut b];
+    for i in 0..3000 {
+        let proto = [TCP, UDP, 1, 0, 255][rng.gen_range(0..5)];
+        let src = if rng.gen_bool(0.8) {
+            "100.64.0.1"
+        } else {
+            "100.64.7.7"
+        };
+        let dport = if rng.gen_bool(0.5) { 22 } else { rng.gen() };
+        let mut pkt = packet(
+            if proto == TCP { TCP } else { UDP },
+            src,
+            "100.64.0.2",
+            rng.gen(),
+            dport,
+            &[i as u8; 16],
+        );
+        pkt[9] = proto;
+        if rng.gen_bool(0.1) {
+            let cut = rng.gen_range(1..pkt.len());
+            pkt.truncate(cut);
+        }
+        let _ = send(&mut sides, 0, 1, &pkt, &mut wire, now);
+        let (tun, _) = pump(&mut sides, &mut wire, now);
+        for p in &tun[1] {
+            assert_eq!(
+                packet::src(p),
+                Some(ip("100.64.0.1")),
+                "only a's own address"
+            );
+            assert_eq!(p[9], TCP, "only TCP");
+            assert_eq!(u16::from_be_bytes([p[22], p[23]]), 22, "only port 22");
+        }
+    }
+    // Garbage from the TUN device: errors, no panic.
+    for _ in 0..20_000 {
+        let len = rng.gen_range(0..1500);
+        let mut p = vec![0u8; len];
+        rng.fill_bytes(&mut p);
+        let _ = a.node.encapsulate(&p, now, &mut buf);
+    }
+    let mut small = [0u8; 64];
+    assert!(matches!(
+        a.node.encapsulate(
+            &packet(UDP, "100.64.0.1", "100.64.0.2", 1, 2, &[0; 100]),
+            now,
+            &mut small
+        ),
+        Err(Error::BufferTooSmall)
+    ));
+}
