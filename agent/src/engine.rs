@@ -105,6 +105,9 @@ struct IceSession {
 
 pub struct Engine {
     node: Mutex<Node>,
+    /// The one UDP port for WireGuard and ICE, and webrtc-ice's view of it.
+    shared: Arc<crate::socket::Shared>,
+    mux: Arc<webrtc_ice::udp_mux::UDPMuxDefault>,
     tun: Arc<tun_rs::AsyncDevice>,
     iface: String,
     relay: Mutex<pb::RelayConfig>,
@@ -161,9 +164,13 @@ impl Engine {
         tun: Arc<tun_rs::AsyncDevice>,
         iface: String,
         signal_out: mpsc::Sender<(PublicKey, PeerMsg)>,
+        shared: Arc<crate::socket::Shared>,
+        mux: Arc<webrtc_ice::udp_mux::UDPMuxDefault>,
     ) -> Arc<Self> {
         Arc::new(Engine {
             node: Mutex::new(Node::new(key.to_bytes())),
+            shared,
+            mux,
             tun,
             iface,
             relay: Mutex::new(pb::RelayConfig::default()),
@@ -360,8 +367,20 @@ impl Engine {
     }
 
     /// Sends one datagram over the path the core chose.
-    async fn send(&self, peer: PeerId, path: CorePath, data: &[u8]) {
+    async fn send(
+        &self,
+        peer: PeerId,
+        path: CorePath,
+        to: Option<std::net::SocketAddr>,
+        data: &[u8],
+    ) {
         match path {
+            CorePath::Direct | CorePath::TurnRelay if to.is_some() => {
+                let to = to.unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+                if let Err(e) = self.shared.send_to(data, to).await {
+                    debug!(%to, error = %e, "send failed");
+                }
+            }
             CorePath::Direct | CorePath::TurnRelay => {
                 let conn = read(&self.conns).get(&peer).map(|c| c.1.clone());
                 if let Some(c) = conn {
@@ -391,40 +410,76 @@ impl Engine {
     /// Sends what the core has queued (after a handshake, or timers).
     async fn flush(&self, buf: &mut [u8]) {
         loop {
-            let (peer, path, n) = {
+            let (peer, path, to, n) = {
                 let mut node = lock(&self.node);
                 match node.poll_transmit(buf) {
-                    Some(t) => (t.peer, t.path, t.payload.len()),
+                    Some(t) => (t.peer, t.path, t.to, t.payload.len()),
                     None => return,
                 }
             };
-            self.send(peer, path, &buf[..n]).await;
+            self.send(peer, path, to, &buf[..n]).await;
         }
     }
 
-    /// A WireGuard datagram that arrived from `peer` on any path.
-    async fn handle_wire(&self, peer: PeerId, data: &[u8], out: &mut [u8]) {
+    /// A WireGuard datagram from `peer` (its ICE connection or the TCP relay), or from an
+    /// address on the shared port (`peer` None: the core finds it).
+    async fn handle_wire(
+        &self,
+        peer: Option<PeerId>,
+        from: Option<std::net::SocketAddr>,
+        data: &[u8],
+        out: &mut [u8],
+    ) {
         let r = {
             let mut node = lock(&self.node);
-            match node.decapsulate(peer, data, Instant::now(), out) {
-                Ok(Decap::Tunnel(p)) => Ok(Some((true, p.len(), 0, CorePath::None))),
-                Ok(Decap::Network(t)) => Ok(Some((false, t.payload.len(), t.peer, t.path))),
+            let now = Instant::now();
+            let d = match (peer, from) {
+                (Some(p), _) => node.decapsulate(p, data, now, out),
+                (None, Some(f)) => node.decapsulate_from(f, data, now, out),
+                (None, None) => return,
+            };
+            match d {
+                Ok(Decap::Tunnel(p)) => Ok(Some((true, p.len(), 0, CorePath::None, None))),
+                Ok(Decap::Network(t)) => Ok(Some((false, t.payload.len(), t.peer, t.path, t.to))),
                 Ok(Decap::Nothing) => Ok(None),
                 Err(e) => Err(e),
             }
         };
         match r {
-            Ok(Some((true, n, _, _))) => {
+            Ok(Some((true, n, _, _, _))) => {
                 if let Err(e) = self.tun.send(&out[..n]).await {
                     debug!(error = %e, "TUN write failed");
                 }
             }
-            Ok(Some((false, n, to, path))) => {
-                self.send(to, path, &out[..n]).await;
+            Ok(Some((false, n, to, path, addr))) => {
+                self.send(to, path, addr, &out[..n]).await;
                 self.flush(out).await;
             }
             Ok(None) => {}
-            Err(e) => trace!(peer, error = %e, "datagram dropped"),
+            Err(e) => trace!(?peer, ?from, error = %e, "datagram dropped"),
+        }
+    }
+
+    /// Reads one of the shared port's sockets forever: WireGuard to the core, STUN to ICE.
+    pub async fn shared_loop(self: Arc<Self>, sock: Arc<tokio::net::UdpSocket>) {
+        use crate::socket::Kind;
+        let mut buf = vec![0u8; BUF];
+        let mut out = vec![0u8; BUF];
+        loop {
+            let (n, from) = match sock.recv_from(&mut buf).await {
+                Ok(x) => x,
+                Err(e) => {
+                    // ICMP errors surface here (port unreachable); nothing to do.
+                    trace!(error = %e, "UDP receive");
+                    continue;
+                }
+            };
+            let d = &buf[..n];
+            match crate::socket::classify(d) {
+                Kind::WireGuard => self.handle_wire(None, Some(from), d, &mut out).await,
+                Kind::Stun => self.shared.stun(d, from),
+                Kind::Other => trace!(%from, "unknown datagram on the shared port"),
+            }
         }
     }
 
@@ -444,7 +499,7 @@ impl Engine {
             let t = {
                 let mut node = lock(&self.node);
                 match node.encapsulate(&buf[..n], Instant::now(), &mut out) {
-                    Ok(Some(t)) => Some((t.peer, t.path, t.payload.len())),
+                    Ok(Some(t)) => Some((t.peer, t.path, t.to, t.payload.len())),
                     Ok(None) => None,
                     Err(e) => {
                         trace!(error = %e, "packet not sent");
@@ -452,8 +507,8 @@ impl Engine {
                     }
                 }
             };
-            if let Some((peer, path, len)) = t {
-                self.send(peer, path, &out[..len]).await;
+            if let Some((peer, path, to, len)) = t {
+                self.send(peer, path, to, &out[..len]).await;
             }
         }
     }
@@ -539,6 +594,64 @@ impl Engine {
         urls
     }
 
+    /// Tells the peer our server-reflexive address on the shared port (from a STUN binding to the
+    /// map's STUN server), as an ICE candidate of `session`: with it the peer's checks punch
+    /// through our NAT. webrtc-ice gathers none on a muxed port.
+    async fn signal_reflexive(self: Arc<Self>, to: PublicKey, session: u64) {
+        use webrtc_ice::candidate::candidate_base::CandidateBaseConfig;
+        use webrtc_ice::candidate::candidate_server_reflexive::CandidateServerReflexiveConfig;
+        let servers: Vec<(String, u16)> = lock(&self.relay)
+            .stun
+            .iter()
+            .filter_map(|s| Url::parse_url(&s.url).ok())
+            .map(|u| (u.host.trim_matches(['[', ']']).to_string(), u.port))
+            .collect();
+        let mut seen = vec![];
+        for (host, port) in servers {
+            let Ok(addrs) = tokio::net::lookup_host((host.as_str(), port)).await else {
+                continue;
+            };
+            for stun in addrs {
+                let Some(mapped) = self.shared.reflexive(stun).await else {
+                    debug!(%stun, "no STUN answer on the shared port");
+                    continue;
+                };
+                if seen.contains(&mapped) {
+                    continue;
+                }
+                seen.push(mapped);
+                let c = CandidateServerReflexiveConfig {
+                    base_config: CandidateBaseConfig {
+                        network: "udp".into(),
+                        address: mapped.ip().to_string(),
+                        port: mapped.port(),
+                        component: 1,
+                        ..Default::default()
+                    },
+                    rel_addr: if mapped.is_ipv4() { "0.0.0.0" } else { "::" }.into(),
+                    rel_port: self.shared.port(),
+                }
+                .new_candidate_server_reflexive();
+                match c {
+                    Ok(c) => {
+                        debug!(%mapped, session, "signalling our server-reflexive address");
+                        let _ = self
+                            .signal_out
+                            .send((
+                                to,
+                                PeerMsg::Candidate {
+                                    session,
+                                    candidate: c.marshal(),
+                                },
+                            ))
+                            .await;
+                    }
+                    Err(e) => debug!(error = %e, "server-reflexive candidate"),
+                }
+            }
+        }
+    }
+
     /// Hosts of the TURN servers in the current map.
     fn turn_hosts(&self) -> Vec<String> {
         lock(&self.relay)
@@ -571,6 +684,9 @@ impl Engine {
             ip_filter: Arc::new(Some(Box::new(move |ip: IpAddr| {
                 overlay.is_none_or(|o| !o.contains(&ip))
             }))),
+            // Host candidates on the shared port; the server-reflexive one is ours
+            // (signal_reflexive); relay candidates use the TURN client's own socket.
+            udp_network: webrtc_ice::udp_network::UDPNetwork::Muxed(self.mux.clone()),
             ..Default::default()
         };
         Ok(Arc::new(Agent::new(cfg).await?))
@@ -682,6 +798,7 @@ impl Engine {
                 },
             ))
             .await;
+        tokio::spawn(self.clone().signal_reflexive(key, session));
     }
 
     /// Handles a message from another peer (through signal).
@@ -726,6 +843,7 @@ impl Engine {
                 if let Err(e) = agent.gather_candidates() {
                     warn!(peer, error = %e, "ICE gathering failed");
                 }
+                tokio::spawn(self.clone().signal_reflexive(from, session));
                 let me = self.clone();
                 tokio::spawn(async move {
                     let r = tokio::time::timeout(
@@ -854,16 +972,6 @@ impl Engine {
             );
             return;
         };
-        // The local socket of a host/srflx pair carries WireGuard from now on: tune it.
-        if let Some(sock) = pair
-            .local
-            .get_conn()
-            .and_then(|c| c.as_any().downcast_ref::<tokio::net::UdpSocket>())
-        {
-            if let Err(e) = crate::sockopt::tune_udp(sock) {
-                debug!(peer, error = %e, "could not tune the ICE socket");
-            }
-        }
         // The remote side's relay address shows up as peer-reflexive when its checks arrive
         // before its relay candidate: an address on a TURN server is relayed all the same.
         let turn_hosts = self.turn_hosts();
@@ -890,8 +998,12 @@ impl Engine {
                 pair.remote.port()
             ),
             remote_addr,
+            // A pair on the shared port: WireGuard goes there directly, not through webrtc-ice.
+            endpoint: (pair.local.candidate_type() != CandidateType::Relay)
+                .then(|| std::net::SocketAddr::new(remote_addr, pair.remote.port())),
         };
         let (local, remote, kind) = (path.local.clone(), path.remote.clone(), path.kind);
+        let direct = path.endpoint.is_some();
         // The conn is in place before the core switches to it, so no packet finds it missing.
         write(&self.conns).insert(peer, (session, conn.clone()));
         self.ice_event(peer, IceEvent::Connected(path));
@@ -901,6 +1013,9 @@ impl Engine {
             return;
         }
         info!(peer, path = ?PathKind::from(kind), %local, %remote, "ICE connected");
+        if direct {
+            return; // its datagrams arrive on the shared port
+        }
         let me = self.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; BUF];
@@ -913,7 +1028,7 @@ impl Engine {
                 if read(&me.conns).get(&peer).is_none_or(|c| c.0 != session) {
                     break;
                 }
-                me.handle_wire(peer, &buf[..n], &mut out).await;
+                me.handle_wire(Some(peer), None, &buf[..n], &mut out).await;
             }
         });
     }
@@ -922,7 +1037,7 @@ impl Engine {
     pub async fn handle_tcp(&self, from_peer_id: &str, data: &[u8], out: &mut [u8]) {
         let peer = lock(&self.node).peer_by_mgmt_id(from_peer_id);
         if let Some(p) = peer {
-            self.handle_wire(p, data, out).await;
+            self.handle_wire(Some(p), None, data, out).await;
         }
     }
 

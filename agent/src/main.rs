@@ -7,6 +7,7 @@ mod nat64;
 mod publish;
 mod routes;
 mod signal;
+mod socket;
 mod sockopt;
 mod state;
 mod status;
@@ -373,7 +374,18 @@ async fn up(
     let (sig_up_tx, sig_up) = watch::channel(false);
     let (sig_out_tx, sig_out_rx) = mpsc::channel(256);
     let (sig_in_tx, mut sig_in_rx) = mpsc::channel(256);
-    let engine = engine::Engine::new(key.clone(), tun, iface.to_string(), sig_out_tx);
+    let (shared, mux) = socket::Shared::bind()?;
+    let engine = engine::Engine::new(
+        key.clone(),
+        tun,
+        iface.to_string(),
+        sig_out_tx,
+        shared.clone(),
+        mux,
+    );
+    for sock in shared.sockets() {
+        tokio::spawn(engine.clone().shared_loop(sock));
+    }
 
     tokio::spawn(control::run_sync(
         url.clone(),

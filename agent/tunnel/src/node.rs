@@ -13,11 +13,12 @@ use crate::allowed_ips::AllowedIps;
 use crate::backoff::Backoff;
 use crate::firewall::{Firewall, Rule};
 use boringtun::noise::errors::WireGuardError;
-use boringtun::noise::{Tunn, TunnResult};
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519;
 use ipnet::IpNet;
 use std::collections::{HashMap, VecDeque};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 /// A peer's handle inside one [`Node`] (also its WireGuard session index, below 2^24).
@@ -93,6 +94,9 @@ pub struct IcePath {
     pub remote: String,
     /// The remote candidate's address (must not be reached through the tunnel itself).
     pub remote_addr: IpAddr,
+    /// A direct pair on the agent's shared socket: WireGuard goes to this address (and follows
+    /// the peer when its address changes). None: through the ICE connection (TURN).
+    pub endpoint: Option<SocketAddr>,
 }
 
 /// What the shell reports about the ICE session of a peer.
@@ -125,11 +129,12 @@ pub enum Event {
     PathChanged { peer: PeerId, kind: PathKind },
 }
 
-/// A datagram to send to `peer` over `path`.
+/// A datagram to send to `peer` over `path` (to `to` on the shared socket, when set).
 #[derive(Debug, PartialEq, Eq)]
 pub struct Transmit<'a> {
     pub peer: PeerId,
     pub path: PathKind,
+    pub to: Option<SocketAddr>,
     pub payload: &'a [u8],
 }
 
@@ -419,6 +424,54 @@ impl Node {
         }
     }
 
+    fn endpoint_of(p: &Peer) -> Option<SocketAddr> {
+        p.ice.as_ref().and_then(|i| i.endpoint)
+    }
+
+    /// The peer a WireGuard datagram from the shared socket belongs to: by our session index
+    /// (responses, cookies, data), or by the static key inside a handshake initiation.
+    pub fn peer_for_datagram(&self, datagram: &[u8]) -> Option<PeerId> {
+        match Tunn::parse_incoming_packet(datagram).ok()? {
+            Packet::HandshakeInit(init) => {
+                let public = x25519::PublicKey::from(self.public);
+                let half = parse_handshake_anon(&self.secret, &public, &init).ok()?;
+                self.by_key.get(&half.peer_static_public).copied()
+            }
+            Packet::HandshakeResponse(r) => self.known(r.receiver_idx >> 8),
+            Packet::PacketCookieReply(c) => self.known(c.receiver_idx >> 8),
+            Packet::PacketData(d) => self.known(d.receiver_idx >> 8),
+        }
+    }
+
+    fn known(&self, id: PeerId) -> Option<PeerId> {
+        self.peers.contains_key(&id).then_some(id)
+    }
+
+    /// A datagram that arrived on the shared socket from `from`: finds its peer, and once it
+    /// authenticates, follows the peer's direct path to that address (NAT rebinding, roaming).
+    pub fn decapsulate_from<'o>(
+        &mut self,
+        from: SocketAddr,
+        datagram: &[u8],
+        now: Instant,
+        out: &'o mut [u8],
+    ) -> Result<Decap<'o>, Error> {
+        let peer = self.peer_for_datagram(datagram).ok_or(Error::UnknownPeer)?;
+        let r = self.decapsulate(peer, datagram, now, out)?;
+        if let Some(i) = self.peers.get_mut(&peer).and_then(|p| p.ice.as_mut()) {
+            if i.endpoint.is_some_and(|e| e != from) {
+                i.endpoint = Some(from);
+            }
+        }
+        Ok(match r {
+            Decap::Network(t) => Decap::Network(Transmit {
+                to: self.peers.get(&peer).and_then(Self::endpoint_of),
+                ..t
+            }),
+            other => other,
+        })
+    }
+
     fn report_paths(&mut self) {
         for (id, p) in self.peers.iter_mut() {
             let k = Self::path_of(p, self.tcp_relay_up);
@@ -455,6 +508,7 @@ impl Node {
         Ok(Some(Transmit {
             peer: id,
             path: Self::path_of(p, tcp),
+            to: Self::endpoint_of(p),
             payload: &out[off..off + n],
         }))
     }
@@ -479,12 +533,14 @@ impl Node {
             TunnResult::WriteToNetwork(w) => {
                 let (off, n) = span(base, w);
                 let path = Self::path_of(p, tcp);
+                let to = Self::endpoint_of(p);
                 if !self.flush.contains(&peer) {
                     self.flush.push(peer);
                 }
                 return Ok(Decap::Network(Transmit {
                     peer,
                     path,
+                    to,
                     payload: &out[off..off + n],
                 }));
             }
@@ -583,6 +639,7 @@ impl Node {
             return Some(Transmit {
                 peer: id,
                 path,
+                to: Self::endpoint_of(p),
                 payload: &out[off..off + n],
             });
         }
@@ -600,6 +657,7 @@ impl Node {
             return Some(Transmit {
                 peer: id,
                 path,
+                to: Self::endpoint_of(p),
                 payload: &out[off..off + n],
             });
         }

@@ -344,6 +344,7 @@ fn ice(session: u64, kind: PathKind, remote: &str) -> IceEvent {
         local: "host 192.0.2.2:40000".into(),
         remote: format!("srflx {remote}:41000"),
         remote_addr: ip(remote),
+        endpoint: Some(std::net::SocketAddr::new(ip(remote), 41000)),
     })
 }
 
@@ -668,4 +669,81 @@ fn random_datagrams_and_packets_never_panic_and_nothing_forbidden_gets_through()
         ),
         Err(Error::BufferTooSmall)
     ));
+}
+
+#[test]
+fn datagrams_on_the_shared_socket_find_their_peer_and_the_path_follows_a_rebinding() {
+    let t0 = Instant::now();
+    let (mut a, mut b) = pair(t0);
+    let pb_on_a = a.node.peer_by_key(&b.node.public_key()).expect("b");
+    let pa_on_b = b.node.peer_by_key(&a.node.public_key()).expect("a");
+    let e1: std::net::SocketAddr = "203.0.113.12:41000".parse().expect("addr");
+    let e2: std::net::SocketAddr = "203.0.113.12:53999".parse().expect("addr");
+    // A direct pair to b at e1.
+    a.node
+        .handle_ice_event(pb_on_a, IceEvent::Started { session: 1 }, t0);
+    a.node
+        .handle_ice_event(pb_on_a, ice(1, PathKind::Direct, "203.0.113.12"), t0);
+    let mut buf = vec![0u8; BUF];
+    let mut out = vec![0u8; BUF];
+    // Handshake: a's initiation is found on b by its static key, b's answer on a by index.
+    let init = a
+        .node
+        .encapsulate(&packet(UDP, a.ip, b.ip, 1, 2, b"x"), t0, &mut buf)
+        .expect("ok")
+        .expect("tx");
+    assert_eq!(init.to, Some(e1));
+    let init = init.payload.to_vec();
+    assert_eq!(b.node.peer_for_datagram(&init), Some(pa_on_b));
+    let Ok(Decap::Network(resp)) = b.node.decapsulate(pa_on_b, &init, t0, &mut out) else {
+        panic!("a handshake response");
+    };
+    let resp = resp.payload.to_vec();
+    assert_eq!(a.node.peer_for_datagram(&resp), Some(pb_on_a));
+    assert!(a.node.decapsulate_from(e1, &resp, t0, &mut out).is_ok());
+    // a's queued packet confirms the session to b.
+    while let Some(t) = a.node.poll_transmit(&mut out) {
+        let d = t.payload.to_vec();
+        let _ = b.node.decapsulate(pa_on_b, &d, t0, &mut buf);
+    }
+    // b's NAT rebinds: its data now comes from e2, and a answers there.
+    let data = b
+        .node
+        .encapsulate(&packet(UDP, b.ip, a.ip, 2, 1, b"y"), t0, &mut buf)
+        .expect("ok")
+        .expect("tx")
+        .payload
+        .to_vec();
+    assert_eq!(a.node.peer_for_datagram(&data), Some(pb_on_a));
+    assert!(matches!(
+        a.node.decapsulate_from(e2, &data, t0, &mut out),
+        Ok(Decap::Tunnel(_))
+    ));
+    let next = a
+        .node
+        .encapsulate(&packet(UDP, a.ip, b.ip, 1, 2, b"z"), t0, &mut buf)
+        .expect("ok")
+        .expect("tx");
+    assert_eq!(next.to, Some(e2), "the path follows the peer");
+    // Forged or stale datagrams find no peer and move nothing.
+    let mut forged = data.clone();
+    forged[6] ^= 0x5a; // another receiver index (bytes 4..8, the low byte is the session)
+    assert_eq!(a.node.peer_for_datagram(&forged), None);
+    assert!(a.node.decapsulate_from(e1, &forged, t0, &mut out).is_err());
+    let mut tampered = data;
+    let last = tampered.len() - 1;
+    tampered[last] ^= 1;
+    assert!(a
+        .node
+        .decapsulate_from(e1, &tampered, t0, &mut out)
+        .is_err());
+    assert_eq!(
+        a.node
+            .encapsulate(&packet(UDP, a.ip, b.ip, 1, 2, b"w"), t0, &mut buf)
+            .expect("ok")
+            .expect("tx")
+            .to,
+        Some(e2),
+        "unauthenticated input moves nothing"
+    );
 }

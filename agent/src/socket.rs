@@ -1,0 +1,361 @@
+//! The agent's one UDP port for WireGuard and ICE (as NetBird shares its WireGuard socket with
+//! ICE): an IPv4 and an IPv6 socket bound to the same port. Each datagram is sorted by its first
+//! bytes: WireGuard (message types 1-4 followed by three zero bytes) goes straight to the data
+//! plane; STUN goes to webrtc-ice through its `UDPMux` (the connectivity checks), except the
+//! answers to our own binding requests, which tell us our server-reflexive address (webrtc-ice
+//! gathers none in muxed mode). TURN-relayed traffic keeps to the TURN client's own socket.
+
+use async_trait::async_trait;
+use rand::RngCore;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info};
+use webrtc_ice::udp_mux::{UDPMuxDefault, UDPMuxParams};
+
+/// STUN's magic cookie (RFC 8489 §5).
+const MAGIC: [u8; 4] = [0x21, 0x12, 0xa4, 0x42];
+
+/// What a datagram on the shared port is.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Kind {
+    WireGuard,
+    Stun,
+    Other,
+}
+
+pub fn classify(d: &[u8]) -> Kind {
+    if d.len() >= 4 && (1..=4).contains(&d[0]) && d[1..4] == [0, 0, 0] {
+        Kind::WireGuard
+    } else if d.len() >= 20 && d[0] & 0xc0 == 0 && d[4..8] == MAGIC {
+        Kind::Stun
+    } else {
+        Kind::Other
+    }
+}
+
+/// A STUN Binding request with a fresh transaction id.
+fn binding_request() -> ([u8; 20], [u8; 12]) {
+    let mut req = [0u8; 20];
+    req[0..2].copy_from_slice(&0x0001u16.to_be_bytes());
+    req[4..8].copy_from_slice(&MAGIC);
+    let mut tx = [0u8; 12];
+    rand::rngs::OsRng.fill_bytes(&mut tx);
+    req[8..20].copy_from_slice(&tx);
+    (req, tx)
+}
+
+/// The XOR-MAPPED-ADDRESS of a Binding success response (RFC 8489 §14.2), and its transaction.
+pub fn mapped_address(d: &[u8]) -> Option<([u8; 12], SocketAddr)> {
+    if d.len() < 20 || d[0..2] != [0x01, 0x01] || d[4..8] != MAGIC {
+        return None;
+    }
+    let tx: [u8; 12] = d[8..20].try_into().ok()?;
+    let len = u16::from_be_bytes([d[2], d[3]]) as usize;
+    let attrs = d.get(20..20 + len)?;
+    let mut i = 0;
+    while i + 4 <= attrs.len() {
+        let t = u16::from_be_bytes([attrs[i], attrs[i + 1]]);
+        let l = u16::from_be_bytes([attrs[i + 2], attrs[i + 3]]) as usize;
+        let v = attrs.get(i + 4..i + 4 + l)?;
+        if t == 0x0020 && v.len() >= 8 {
+            let port = u16::from_be_bytes([v[2], v[3]]) ^ 0x2112;
+            let ip = match v[1] {
+                0x01 => {
+                    let mut a: [u8; 4] = v[4..8].try_into().ok()?;
+                    a.iter_mut().zip(MAGIC).for_each(|(b, m)| *b ^= m);
+                    IpAddr::from(a)
+                }
+                0x02 if v.len() >= 20 => {
+                    let mut a: [u8; 16] = v[4..20].try_into().ok()?;
+                    let key: Vec<u8> = MAGIC.iter().chain(tx.iter()).copied().collect();
+                    a.iter_mut().zip(key).for_each(|(b, m)| *b ^= m);
+                    IpAddr::from(a)
+                }
+                _ => return None,
+            };
+            return Some((tx, SocketAddr::new(ip, port)));
+        }
+        i += 4 + l.div_ceil(4) * 4;
+    }
+    None
+}
+
+pub struct Shared {
+    v4: Option<Arc<UdpSocket>>,
+    v6: Option<Arc<UdpSocket>>,
+    port: u16,
+    to_ice: mpsc::Sender<(Vec<u8>, SocketAddr)>,
+    bindings: Mutex<HashMap<[u8; 12], oneshot::Sender<SocketAddr>>>,
+}
+
+fn udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    Ok(s.into())
+}
+
+impl Shared {
+    /// Binds the port (IPv4 and, when the host has it, IPv6) and the mux webrtc-ice uses.
+    pub fn bind() -> anyhow::Result<(Arc<Shared>, Arc<UDPMuxDefault>)> {
+        let mut last = None;
+        for _ in 0..10 {
+            let v4 = udp(SocketAddr::from(([0, 0, 0, 0], 0)));
+            let port = match &v4 {
+                Ok(s) => s.local_addr()?.port(),
+                Err(_) => 0,
+            };
+            let v6 = udp(SocketAddr::from(([0u16; 8], port)));
+            match (v4, v6) {
+                (Err(e4), Err(e6)) => anyhow::bail!("cannot open a UDP socket: {e4}; {e6}"),
+                // The IPv6 side took the port elsewhere: try another.
+                (Ok(_), Err(e)) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                    last = Some(e);
+                    continue;
+                }
+                (v4, v6) => return Self::new(v4.ok(), v6.ok()),
+            }
+        }
+        Err(anyhow::anyhow!(
+            "no UDP port free on both IPv4 and IPv6: {last:?}"
+        ))
+    }
+
+    fn new(
+        v4: Option<std::net::UdpSocket>,
+        v6: Option<std::net::UdpSocket>,
+    ) -> anyhow::Result<(Arc<Shared>, Arc<UDPMuxDefault>)> {
+        let tokio_sock =
+            |s: Option<std::net::UdpSocket>| -> anyhow::Result<Option<Arc<UdpSocket>>> {
+                let Some(s) = s else { return Ok(None) };
+                let s = UdpSocket::from_std(s)?;
+                if let Err(e) = crate::sockopt::tune_udp(&s) {
+                    debug!(error = %e, "could not size the UDP socket's buffers");
+                }
+                Ok(Some(Arc::new(s)))
+            };
+        let (v4, v6) = (tokio_sock(v4)?, tokio_sock(v6)?);
+        let port = v4
+            .as_ref()
+            .or(v6.as_ref())
+            .map(|s| s.local_addr().map(|a| a.port()))
+            .transpose()?
+            .unwrap_or(0);
+        let (to_ice, from_demux) = mpsc::channel(1024);
+        let shared = Arc::new(Shared {
+            v4,
+            v6,
+            port,
+            to_ice,
+            bindings: Mutex::new(HashMap::new()),
+        });
+        let conn = MuxConn {
+            shared: shared.clone(),
+            rx: tokio::sync::Mutex::new(from_demux),
+        };
+        let mux = UDPMuxDefault::new(UDPMuxParams::new(conn));
+        info!(
+            port,
+            ipv4 = shared.v4.is_some(),
+            ipv6 = shared.v6.is_some(),
+            "WireGuard and ICE share one UDP port"
+        );
+        Ok((shared, mux))
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The sockets and their families, for the receive loops.
+    pub fn sockets(&self) -> Vec<Arc<UdpSocket>> {
+        self.v4.iter().chain(self.v6.iter()).cloned().collect()
+    }
+
+    fn socket_for(&self, to: &SocketAddr) -> Option<&Arc<UdpSocket>> {
+        match to.ip() {
+            IpAddr::V4(_) => self.v4.as_ref(),
+            IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => self.v4.as_ref(),
+            IpAddr::V6(_) => self.v6.as_ref(),
+        }
+    }
+
+    pub async fn send_to(&self, data: &[u8], to: SocketAddr) -> std::io::Result<usize> {
+        let to = SocketAddr::new(to.ip().to_canonical(), to.port());
+        match self.socket_for(&to) {
+            Some(s) => s.send_to(data, to).await,
+            None => Err(std::io::Error::new(
+                std::io::ErrorKind::AddrNotAvailable,
+                format!(
+                    "no {} socket for {to}",
+                    if to.is_ipv4() { "IPv4" } else { "IPv6" }
+                ),
+            )),
+        }
+    }
+
+    /// This port's address as `stun` sees it (a Binding request; no answer within 1 s: None).
+    pub async fn reflexive(&self, stun: SocketAddr) -> Option<SocketAddr> {
+        let (req, tx) = binding_request();
+        let (done, answer) = oneshot::channel();
+        self.bindings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(tx, done);
+        let got = match self.send_to(&req, stun).await {
+            Ok(_) => tokio::time::timeout(Duration::from_secs(1), answer)
+                .await
+                .ok()
+                .and_then(Result::ok),
+            Err(e) => {
+                debug!(%stun, error = %e, "STUN binding not sent");
+                None
+            }
+        };
+        self.bindings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&tx);
+        got
+    }
+
+    /// A STUN message from the port: an answer to our own binding request, or ICE's.
+    pub fn stun(&self, data: &[u8], from: SocketAddr) {
+        if let Some((tx, mapped)) = mapped_address(data) {
+            let waiter = self
+                .bindings
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&tx);
+            if let Some(w) = waiter {
+                let _ = w.send(mapped);
+                return;
+            }
+        }
+        let from = SocketAddr::new(from.ip().to_canonical(), from.port());
+        let _ = self.to_ice.try_send((data.to_vec(), from));
+    }
+}
+
+/// The connection webrtc-ice's mux reads STUN from (as sorted by the receive loops) and sends
+/// its checks through.
+struct MuxConn {
+    shared: Arc<Shared>,
+    rx: tokio::sync::Mutex<mpsc::Receiver<(Vec<u8>, SocketAddr)>>,
+}
+
+fn unsupported(what: &str) -> webrtc_util::Error {
+    webrtc_util::Error::Other(format!("{what} is not supported on the shared socket"))
+}
+
+#[async_trait]
+impl webrtc_util::Conn for MuxConn {
+    async fn connect(&self, _addr: SocketAddr) -> webrtc_util::Result<()> {
+        Err(unsupported("connect"))
+    }
+
+    async fn recv(&self, buf: &mut [u8]) -> webrtc_util::Result<usize> {
+        Ok(self.recv_from(buf).await?.0)
+    }
+
+    async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
+        let Some((d, from)) = self.rx.lock().await.recv().await else {
+            return Err(webrtc_util::Error::ErrAlreadyClosed);
+        };
+        let n = d.len().min(buf.len());
+        buf[..n].copy_from_slice(&d[..n]);
+        Ok((n, from))
+    }
+
+    async fn send(&self, _buf: &[u8]) -> webrtc_util::Result<usize> {
+        Err(unsupported("send without an address"))
+    }
+
+    async fn send_to(&self, buf: &[u8], target: SocketAddr) -> webrtc_util::Result<usize> {
+        self.shared
+            .send_to(buf, target)
+            .await
+            .map_err(|e| webrtc_util::Error::Other(e.to_string()))
+    }
+
+    fn local_addr(&self) -> webrtc_util::Result<SocketAddr> {
+        // Host candidates are the host's addresses with this port.
+        Ok(SocketAddr::from(([0, 0, 0, 0], self.shared.port)))
+    }
+
+    fn remote_addr(&self) -> Option<SocketAddr> {
+        None
+    }
+
+    async fn close(&self) -> webrtc_util::Result<()> {
+        Ok(())
+    }
+
+    fn as_any(&self) -> &(dyn std::any::Any + Send + Sync) {
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn datagrams_are_sorted_by_their_first_bytes() {
+        assert_eq!(classify(&[1, 0, 0, 0, 9]), Kind::WireGuard);
+        assert_eq!(classify(&[4, 0, 0, 0]), Kind::WireGuard);
+        assert_eq!(classify(&[5, 0, 0, 0]), Kind::Other);
+        assert_eq!(classify(&[1, 0, 0, 1]), Kind::Other);
+        let (req, _) = binding_request();
+        assert_eq!(classify(&req), Kind::Stun);
+        assert_eq!(
+            classify(&[0x40, 1, 0, 4, 1, 2, 3, 4]),
+            Kind::Other,
+            "TURN ChannelData"
+        );
+        assert_eq!(classify(&[]), Kind::Other);
+    }
+
+    #[test]
+    fn xor_mapped_addresses_are_decoded() {
+        let tx = [7u8; 12];
+        let resp = |attr: Vec<u8>| {
+            let mut d = vec![0x01, 0x01];
+            d.extend_from_slice(&(attr.len() as u16).to_be_bytes());
+            d.extend_from_slice(&MAGIC);
+            d.extend_from_slice(&tx);
+            d.extend(attr);
+            d
+        };
+        // 203.0.113.11:40000
+        let port = (40000u16 ^ 0x2112).to_be_bytes();
+        let mut a = [203u8, 0, 113, 11];
+        a.iter_mut().zip(MAGIC).for_each(|(b, m)| *b ^= m);
+        let mut attr = vec![0x00, 0x20, 0x00, 0x08, 0x00, 0x01, port[0], port[1]];
+        attr.extend_from_slice(&a);
+        // An unknown attribute first is skipped.
+        let mut with_other = vec![0x80, 0x22, 0x00, 0x03, b'x', b'y', b'z', 0];
+        with_other.extend_from_slice(&attr);
+        assert_eq!(
+            mapped_address(&resp(with_other)),
+            Some((tx, "203.0.113.11:40000".parse().expect("addr")))
+        );
+        assert_eq!(mapped_address(&resp(vec![])), None);
+        assert_eq!(mapped_address(&[0x01, 0x01, 0, 40]), None, "truncated");
+        let mut bad = resp(attr);
+        bad[0] = 0x01;
+        bad[1] = 0x11;
+        assert_eq!(mapped_address(&bad), None, "an error response");
+    }
+}
