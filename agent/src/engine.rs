@@ -41,6 +41,11 @@ pub type TcpOut = mpsc::Sender<(String, Vec<u8>)>;
 /// Largest packet read from the TUN device, and the buffers around it.
 const MAX_PACKET: usize = 65_536;
 const BUF: usize = MAX_PACKET + 256;
+/// Packets (or datagrams) handled per batch: one lock of the core, one coalesced TUN write.
+const BATCH: usize = tun_rs::IDEAL_BATCH_SIZE;
+/// Largest single packet after segmentation (the MTU is at most 9000) plus WireGuard's overhead.
+const SEGMENT: usize = 9216;
+use crate::tunnel::HEADROOM;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -433,9 +438,10 @@ impl Engine {
         let r = {
             let mut node = lock(&self.node);
             let now = Instant::now();
+            let room = &mut out[HEADROOM..];
             let d = match (peer, from) {
-                (Some(p), _) => node.decapsulate(p, data, now, out),
-                (None, Some(f)) => node.decapsulate_from(f, data, now, out),
+                (Some(p), _) => node.decapsulate(p, data, now, room),
+                (None, Some(f)) => node.decapsulate_from(f, data, now, room),
                 (None, None) => return,
             };
             match d {
@@ -446,13 +452,10 @@ impl Engine {
             }
         };
         match r {
-            Ok(Some((true, n, _, _, _))) => {
-                if let Err(e) = self.tun.send(&out[..n]).await {
-                    debug!(error = %e, "TUN write failed");
-                }
-            }
+            Ok(Some((true, n, _, _, _))) => self.tun_write_one(out, n).await,
             Ok(Some((false, n, to, path, addr))) => {
-                self.send(to, path, addr, &out[..n]).await;
+                self.send(to, path, addr, &out[HEADROOM..HEADROOM + n])
+                    .await;
                 self.flush(out).await;
             }
             Ok(None) => {}
@@ -460,35 +463,134 @@ impl Engine {
         }
     }
 
-    /// Reads one of the shared port's sockets forever: WireGuard to the core, STUN to ICE.
+    /// Writes one packet that sits at `buf[HEADROOM..HEADROOM + n]` to the TUN device.
+    async fn tun_write_one(&self, buf: &mut [u8], n: usize) {
+        let r = if self.tun.tcp_gso() {
+            buf[..HEADROOM].fill(0); // virtio-net header: no offload for this one
+            self.tun.send(&buf[..HEADROOM + n]).await
+        } else {
+            self.tun.send(&buf[HEADROOM..HEADROOM + n]).await
+        };
+        if let Err(e) = r {
+            debug!(error = %e, "TUN write failed");
+        }
+    }
+
+    /// Reads one of the shared port's sockets forever, a batch at a time: WireGuard to the core
+    /// (decrypted under one lock, then coalesced into few TUN writes), STUN to ICE.
     pub async fn shared_loop(self: Arc<Self>, sock: Arc<tokio::net::UdpSocket>) {
         use crate::socket::Kind;
-        let mut buf = vec![0u8; BUF];
+        // Up to RECVS reads per batch; with UDP GRO one read brings a run of datagrams.
+        const RECVS: usize = 16;
+        let mut rx = vec![vec![0u8; MAX_PACKET]; RECVS];
+        let mut cmsg = nix::cmsg_space!(libc::c_int);
+        // (buffer, offset, length, sender) of each datagram of the batch.
+        let mut got: Vec<(usize, usize, usize, std::net::SocketAddr)> = Vec::with_capacity(BATCH);
         let mut out = vec![0u8; BUF];
+        let mut to_tun: Vec<Vec<u8>> = (0..BATCH)
+            .map(|_| Vec::with_capacity(HEADROOM + SEGMENT))
+            .collect();
+        let mut replies: Vec<(PeerId, CorePath, Option<std::net::SocketAddr>, Vec<u8>)> = vec![];
+        let mut gro = tun_rs::GROTable::default();
         loop {
-            let (n, from) = match sock.recv_from(&mut buf).await {
-                Ok(x) => x,
-                Err(e) => {
+            if sock.readable().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            got.clear();
+            let mut reads = 0;
+            while reads < RECVS && got.len() < BATCH {
+                match crate::sockopt::try_recv_gro(&sock, &mut rx[reads], &mut cmsg) {
+                    Ok((n, from, seg)) => {
+                        let seg = seg.unwrap_or(n).max(1);
+                        let mut off = 0;
+                        while off < n {
+                            let len = seg.min(n - off);
+                            got.push((reads, off, len, from));
+                            off += len;
+                        }
+                        reads += 1;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                     // ICMP errors surface here (port unreachable); nothing to do.
-                    trace!(error = %e, "UDP receive");
-                    continue;
+                    Err(e) => {
+                        trace!(error = %e, "UDP receive");
+                        break;
+                    }
                 }
-            };
-            let d = &buf[..n];
-            match crate::socket::classify(d) {
-                Kind::WireGuard => self.handle_wire(None, Some(from), d, &mut out).await,
-                Kind::Stun => self.shared.stun(d, from),
-                Kind::Other => trace!(%from, "unknown datagram on the shared port"),
+            }
+            let mut packets = 0;
+            let mut flush = false;
+            {
+                let mut node = lock(&self.node);
+                let now = Instant::now();
+                for &(b, off, len, ref from) in &got {
+                    let d = &rx[b][off..off + len];
+                    match crate::socket::classify(d) {
+                        Kind::WireGuard => match node.decapsulate_from(*from, d, now, &mut out) {
+                            Ok(Decap::Tunnel(p)) => {
+                                // A GRO read brings up to 64 datagrams: the pool follows the batch.
+                                if packets == to_tun.len() {
+                                    to_tun.push(Vec::with_capacity(HEADROOM + SEGMENT));
+                                }
+                                let b = &mut to_tun[packets];
+                                b.clear();
+                                b.resize(HEADROOM, 0);
+                                b.extend_from_slice(p);
+                                packets += 1;
+                            }
+                            Ok(Decap::Network(t)) => {
+                                replies.push((t.peer, t.path, t.to, t.payload.to_vec()));
+                                flush = true;
+                            }
+                            Ok(Decap::Nothing) => {}
+                            Err(e) => trace!(%from, error = %e, "datagram dropped"),
+                        },
+                        Kind::Stun => self.shared.stun(d, *from),
+                        Kind::Other => trace!(%from, "unknown datagram on the shared port"),
+                    }
+                }
+            }
+            if packets > 0 {
+                if let Err(e) = self
+                    .tun
+                    .send_multiple(&mut gro, &mut to_tun[..packets], HEADROOM)
+                    .await
+                {
+                    debug!(error = %e, "TUN write failed");
+                }
+            }
+            for (peer, path, to, d) in replies.drain(..) {
+                self.send(peer, path, to, &d).await;
+            }
+            if flush {
+                self.flush(&mut out).await;
             }
         }
     }
 
-    /// Reads the TUN device forever and sends packets to their peers.
+    /// Reads the TUN device forever (a burst per read with offloads) and sends each packet to
+    /// its peer, encrypted under one lock of the core per batch.
     pub async fn tun_loop(self: Arc<Self>) {
-        let mut buf = vec![0u8; MAX_PACKET];
-        let mut out = vec![0u8; BUF];
+        let mut original = vec![0u8; HEADROOM + MAX_PACKET];
+        let mut bufs = vec![vec![0u8; SEGMENT]; BATCH];
+        let mut sizes = vec![0usize; BATCH];
+        let mut outs = vec![vec![0u8; SEGMENT + 256]; BATCH];
+        let mut sends: Vec<(
+            PeerId,
+            CorePath,
+            Option<std::net::SocketAddr>,
+            usize,
+            usize,
+            usize,
+        )> = Vec::with_capacity(BATCH);
+        let mut gso: Vec<u8> = Vec::with_capacity(crate::sockopt::GSO_MAX_BYTES);
         loop {
-            let n = match self.tun.recv(&mut buf).await {
+            let n = match self
+                .tun
+                .recv_multiple(&mut original, &mut bufs, &mut sizes, 0)
+                .await
+            {
                 Ok(n) => n,
                 Err(e) => {
                     warn!(error = %e, "TUN read failed");
@@ -496,19 +598,54 @@ impl Engine {
                     continue;
                 }
             };
-            let t = {
+            sends.clear();
+            {
                 let mut node = lock(&self.node);
-                match node.encapsulate(&buf[..n], Instant::now(), &mut out) {
-                    Ok(Some(t)) => Some((t.peer, t.path, t.to, t.payload.len())),
-                    Ok(None) => None,
-                    Err(e) => {
-                        trace!(error = %e, "packet not sent");
-                        None
+                let now = Instant::now();
+                for (i, out) in outs.iter_mut().enumerate().take(n) {
+                    let base = out.as_ptr() as usize;
+                    match node.encapsulate(&bufs[i][..sizes[i]], now, out) {
+                        Ok(Some(t)) => {
+                            let off = t.payload.as_ptr() as usize - base;
+                            sends.push((t.peer, t.path, t.to, i, off, t.payload.len()));
+                        }
+                        Ok(None) => {}
+                        Err(e) => trace!(error = %e, "packet not sent"),
                     }
                 }
-            };
-            if let Some((peer, path, to, len)) = t {
-                self.send(peer, path, to, &out[..len]).await;
+            }
+            // Runs of datagrams to one address, all of one size but the last: one GSO send.
+            let mut i = 0;
+            while i < sends.len() {
+                let (peer, path, to, b, off, seg) = sends[i];
+                let direct = matches!(path, CorePath::Direct | CorePath::TurnRelay);
+                let mut j = i + 1;
+                if let (true, Some(addr)) = (direct, to) {
+                    let mut bytes = seg;
+                    while j < sends.len()
+                        && j - i < crate::sockopt::GSO_MAX_SEGMENTS
+                        && sends[j].2 == Some(addr)
+                        && sends[j - 1].5 == seg
+                        && sends[j].5 <= seg
+                        && bytes + sends[j].5 <= crate::sockopt::GSO_MAX_BYTES
+                    {
+                        bytes += sends[j].5;
+                        j += 1;
+                    }
+                    if j - i > 1 {
+                        gso.clear();
+                        for &(_, _, _, b, off, len) in &sends[i..j] {
+                            gso.extend_from_slice(&outs[b][off..off + len]);
+                        }
+                        if let Err(e) = self.shared.send_segments(&gso, seg, addr).await {
+                            debug!(to = %addr, error = %e, "send failed");
+                        }
+                        i = j;
+                        continue;
+                    }
+                }
+                self.send(peer, path, to, &outs[b][off..off + seg]).await;
+                i = j;
             }
         }
     }
@@ -681,8 +818,14 @@ impl Engine {
             interface_filter: Arc::new(Some(Box::new(move |name: &str| {
                 name != iface && !name.starts_with("tern")
             }))),
+            // Not the overlay, and not link-local: a candidate carries no interface scope, so a
+            // link-local pair works by chance at best.
             ip_filter: Arc::new(Some(Box::new(move |ip: IpAddr| {
-                overlay.is_none_or(|o| !o.contains(&ip))
+                let link_local = match ip {
+                    IpAddr::V4(v4) => v4.is_link_local(),
+                    IpAddr::V6(v6) => v6.is_unicast_link_local(),
+                };
+                !link_local && overlay.is_none_or(|o| !o.contains(&ip))
             }))),
             // Host candidates on the shared port; the server-reflexive one is ours
             // (signal_reflexive); relay candidates use the TURN client's own socket.

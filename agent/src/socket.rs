@@ -88,6 +88,8 @@ pub struct Shared {
     v4: Option<Arc<UdpSocket>>,
     v6: Option<Arc<UdpSocket>>,
     port: u16,
+    /// UDP GSO works here (cleared, and logged, the first time the kernel refuses it).
+    gso: std::sync::atomic::AtomicBool,
     to_ice: mpsc::Sender<(Vec<u8>, SocketAddr)>,
     bindings: Mutex<HashMap<[u8; 12], oneshot::Sender<SocketAddr>>>,
 }
@@ -146,6 +148,10 @@ impl Shared {
                 Ok(Some(Arc::new(s)))
             };
         let (v4, v6) = (tokio_sock(v4)?, tokio_sock(v6)?);
+        let gro = v4
+            .iter()
+            .chain(v6.iter())
+            .all(|s| crate::sockopt::enable_gro(s));
         let port = v4
             .as_ref()
             .or(v6.as_ref())
@@ -157,6 +163,7 @@ impl Shared {
             v4,
             v6,
             port,
+            gso: std::sync::atomic::AtomicBool::new(true),
             to_ice,
             bindings: Mutex::new(HashMap::new()),
         });
@@ -169,6 +176,7 @@ impl Shared {
             port,
             ipv4 = shared.v4.is_some(),
             ipv6 = shared.v6.is_some(),
+            udp_gro = gro,
             "WireGuard and ICE share one UDP port"
         );
         Ok((shared, mux))
@@ -203,6 +211,46 @@ impl Shared {
                 ),
             )),
         }
+    }
+
+    /// Sends datagrams of `seg` bytes laid end to end in `data` (the last may be shorter) to
+    /// `to`: one `sendmsg` with UDP GSO, or one `sendto` each where the kernel refuses GSO.
+    pub async fn send_segments(
+        &self,
+        data: &[u8],
+        seg: usize,
+        to: SocketAddr,
+    ) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let to = SocketAddr::new(to.ip().to_canonical(), to.port());
+        let Some(sock) = self.socket_for(&to) else {
+            return self.send_to(data, to).await.map(drop);
+        };
+        if self.gso.load(Relaxed) && data.len() > seg {
+            loop {
+                sock.writable().await?;
+                match crate::sockopt::try_send_gso(sock, data, seg as u16, to) {
+                    Ok(_) => return Ok(()),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(e)
+                        if matches!(
+                            e.raw_os_error(),
+                            Some(libc::EIO | libc::EINVAL | libc::EOPNOTSUPP | libc::ENOPROTOOPT)
+                        ) =>
+                    {
+                        if self.gso.swap(false, Relaxed) {
+                            info!(error = %e, "UDP GSO refused by the kernel: one send per datagram");
+                        }
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        for d in data.chunks(seg) {
+            sock.send_to(d, to).await?;
+        }
+        Ok(())
     }
 
     /// This port's address as `stun` sees it (a Binding request; no answer within 1 s: None).

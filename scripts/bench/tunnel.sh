@@ -92,6 +92,7 @@ measure() { # LABEL DEST PIDS...
   done
 }
 
+if [ -n "${PAUSE:-}" ]; then echo "A=$A B=$B a=$PID_a b=$PID_b TB=$TB"; sleep $PAUSE; fi
 echo "# tunnel benchmark $(date -u +%FT%TZ): $(nproc) cores, iperf3 TCP ${DUR}s, tunnel MTU $MTU"
 printf 'path\tstreams\tGbit/s\tretrans\ttunnel_cpu_s (both ends; tern-turn includes the relay)\n'
 measure veth 203.0.113.2
