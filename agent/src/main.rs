@@ -537,7 +537,8 @@ async fn tcp_relay_loop(
             continue;
         };
         let client =
-            match tern_relay::client::RelayClient::connect(&url, &token, Some(tls_roots())).await {
+            match tern_proto::relay_ws::RelayClient::connect(&url, &token, Some(tls_roots())).await
+            {
                 Ok(c) => c,
                 Err(e) => {
                     warn!(%url, error = %e, "TCP relay connection failed");

@@ -11,7 +11,7 @@ pub const BUFFER_BYTES: usize = 4 << 20;
 
 /// Applies both options to a socket (best effort; failures are logged by the caller).
 pub fn tune_udp(sock: &tokio::net::UdpSocket) -> std::io::Result<()> {
-    let _ = tern_relay::sockopt::force_buffers(sock, BUFFER_BYTES);
+    let _ = tern_proto::sockopt::force_buffers(sock, BUFFER_BYTES);
     let is_v4 = sock.local_addr().map(|a| a.is_ipv4()).unwrap_or(true);
     let (level, name) = if is_v4 {
         (libc::IPPROTO_IP, libc::IP_MTU_DISCOVER)

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tern_relay::client::RelayClient;
+use tern_proto::relay_ws::RelayClient;
 use tern_relay::metrics::Metrics;
 use tern_relay::{Relay, RelayConfig};
 

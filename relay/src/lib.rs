@@ -3,11 +3,9 @@
 //! WebSocket datagram relay for networks that block UDP (reachable on 443, through TLS and reverse
 //! proxies), and Prometheus metrics.
 
-pub mod client;
 pub mod filter;
 pub mod limiter;
 pub mod metrics;
-pub mod sockopt;
 pub mod tcp;
 pub mod tls;
 pub mod udp;

@@ -114,7 +114,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub fn size_buffers(sock: &UdpSocket, bytes: usize) {
     let s = socket2::SockRef::from(sock);
     // SO_*BUFFORCE needs CAP_NET_ADMIN; fall back to the capped ordinary option.
-    if crate::sockopt::force_buffers(sock, bytes).is_err() {
+    if tern_proto::sockopt::force_buffers(sock, bytes).is_err() {
         let _ = s.set_recv_buffer_size(bytes);
         let _ = s.set_send_buffer_size(bytes);
     }

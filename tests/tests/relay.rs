@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
-use tern_relay::client::RelayClient;
+use tern_proto::relay_ws::RelayClient;
 use tern_relay::metrics::Metrics;
 use tern_relay::{Relay, RelayConfig};
 use tern_tests::init_tracing;

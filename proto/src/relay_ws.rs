@@ -1,6 +1,33 @@
-//! Client side of the WebSocket datagram relay (used by agents and tests).
+//! The TCP/TLS fallback relay's wire format and client (agents use it, the relay server speaks
+//! it): a WebSocket (`GET /relay`, `Authorization: Bearer <token>`) whose binary messages are
+//! frames `[len u8][peer id][datagram]`: to the relay the recipient's id, from it the sender's.
 
-use crate::tcp::{decode_frame, encode_frame};
+/// Largest datagram carried (WireGuard packets are far smaller).
+pub const MAX_DATAGRAM: usize = 65_535;
+
+/// Builds a frame: one length byte, the peer id, the datagram.
+pub fn encode_frame(peer_id: &str, datagram: &[u8]) -> Option<Vec<u8>> {
+    let id = peer_id.as_bytes();
+    if id.is_empty() || id.len() > 255 || datagram.len() > MAX_DATAGRAM {
+        return None;
+    }
+    let mut f = Vec::with_capacity(1 + id.len() + datagram.len());
+    f.push(id.len() as u8);
+    f.extend_from_slice(id);
+    f.extend_from_slice(datagram);
+    Some(f)
+}
+
+/// Splits a frame into (peer id, datagram); None if malformed.
+pub fn decode_frame(f: &[u8]) -> Option<(&str, &[u8])> {
+    let n = *f.first()? as usize;
+    if n == 0 || f.len() < 1 + n {
+        return None;
+    }
+    let id = std::str::from_utf8(&f[1..1 + n]).ok()?;
+    Some((id, &f[1 + n..]))
+}
+
 use anyhow::{anyhow, Context};
 use futures::{SinkExt, StreamExt};
 use rustls::pki_types::ServerName;
@@ -107,5 +134,26 @@ impl RelayClient {
             .send(Message::Binary(bytes.into()))
             .await
             .context("relay send")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_garbage_is_rejected() {
+        let f = encode_frame("peer-1", b"datagram").expect("encode");
+        assert_eq!(decode_frame(&f), Some(("peer-1", &b"datagram"[..])));
+        assert_eq!(decode_frame(&[]), None);
+        assert_eq!(decode_frame(&[0]), None);
+        assert_eq!(decode_frame(&[5, b'a']), None);
+        assert_eq!(
+            decode_frame(&[2, 0xff, 0xfe]),
+            None,
+            "peer id must be UTF-8"
+        );
+        assert!(encode_frame("", b"x").is_none());
+        assert!(encode_frame(&"x".repeat(256), b"x").is_none());
     }
 }
