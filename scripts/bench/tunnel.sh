@@ -2,8 +2,11 @@
 # Tunnel throughput benchmark (prints figures; not a test). iperf3 TCP between two network
 # namespaces A and B on one "internet" bridge, side by side in one run:
 #   veth (ceiling) | tern direct (ICE host pair) | tern via TURN (direct UDP A<->B dropped)
-#   | wireguard-go (Debian) | boringtun-cli (crates.io; same WireGuard engine as tern)
-# with CPU seconds used by the tunnel processes. Release binaries are built first.
+#   | tern via the TCP relay (all UDP from A dropped) | wireguard-go (Debian)
+#   | boringtun-cli -t 1 (crates.io; the WireGuard engine tern is built on)
+# with CPU seconds used by the tunnel processes (and per GB moved), and, for the direct tunnels,
+# packets per second of 64-byte UDP payloads (iperf3 -u -l 64, unlimited rate; delivered / s).
+# Release binaries are built first. PAUSE=N sleeps N s after set-up (to profile by hand).
 #   DUR=10 STREAMS="1 4" scripts/bench/tunnel.sh
 # Needs root, iperf3, jq; wireguard-go + wireguard-tools and boringtun-cli are optional references
 # (apt-get install wireguard-go wireguard-tools; cargo install boringtun-cli --locked).
@@ -83,8 +86,9 @@ measure() { # LABEL DEST PIDS...
     local t0; t0=$(ticks "$@")
     if nsx $A timeout $((DUR + 20)) iperf3 -c "$dest" -t "$DUR" -P "$st" -J >"$WORK/ip.json" 2>/dev/null; then
       local t1; t1=$(ticks "$@")
-      jq -r --arg l "$label" --arg s "$st" --arg cpu "$(awk -v a=$t0 -v b=$t1 -v hz=$HZ 'BEGIN{printf "%.1f", (b-a)/hz}')" \
-        '"\($l)\t\($s)\t\(.end.sum_received.bits_per_second/1e9*100|floor/100)\t\(.end.sum_sent.retransmits)\t\($cpu)"' "$WORK/ip.json"
+      local cpu; cpu=$(awk -v a=$t0 -v b=$t1 -v hz=$HZ 'BEGIN{printf "%.1f", (b-a)/hz}')
+      jq -r --arg l "$label" --arg s "$st" --arg cpu "$cpu" \
+        '"\($l)\t\($s)\t\(.end.sum_received.bits_per_second/1e9*100|floor/100)\t\(.end.sum_sent.retransmits)\t\($cpu)\t\(if ($cpu|tonumber) > 0 then (($cpu|tonumber) / (.end.sum_received.bytes/1e9) * 10 | round / 10) else "-" end)"' "$WORK/ip.json"
     else
       printf '%s\t%s\tfailed\n' "$label" "$st"
     fi
@@ -92,11 +96,25 @@ measure() { # LABEL DEST PIDS...
   done
 }
 
+# Packets per second of 64-byte UDP payloads through a tunnel (delivered at the receiver).
+PPS=()
+measure_pps() { # LABEL DEST
+  nsx $B timeout $((DUR + 20)) iperf3 -s -1 >/dev/null 2>&1 &
+  local srv=$!
+  sleep 0.5
+  if nsx $A timeout $((DUR + 20)) iperf3 -c "$2" -u -b 0 -l 64 -t "$DUR" -J >"$WORK/pps.json" 2>/dev/null; then
+    PPS+=("$(jq -r --arg l "$1" '"\($l)\t\((.end.sum.packets - .end.sum.lost_packets) / .end.sum.seconds | floor)\t\(.end.sum.lost_percent*10|round/10)%"' "$WORK/pps.json")")
+  else
+    PPS+=("$1	failed")
+  fi
+  wait $srv 2>/dev/null || true
+}
+
 if [ -n "${PAUSE:-}" ]; then echo "A=$A B=$B a=$PID_a b=$PID_b TB=$TB"; sleep $PAUSE; fi
 echo "# tunnel benchmark $(date -u +%FT%TZ): $(nproc) cores, iperf3 TCP ${DUR}s, tunnel MTU $MTU"
-printf 'path\tstreams\tGbit/s\tretrans\ttunnel_cpu_s (both ends; tern-turn includes the relay)\n'
+printf 'path\tstreams\tGbit/s\tretrans\ttunnel_cpu_s\tcpu_s_per_GB (both ends; tern-turn includes the relay)\n'
 measure veth 203.0.113.2
-wait_conn direct && measure tern-direct "$TB" $PID_a $PID_b
+wait_conn direct && measure tern-direct "$TB" $PID_a $PID_b && measure_pps tern-direct "$TB"
 # TURN: drop direct UDP between A and B so ICE settles on relay candidates.
 nsx $A nft -f - <<NFT
 table inet $P {
@@ -109,6 +127,20 @@ NFT
 for _ in $(seq 100); do [ "$(status $A a | jq -r '.peers[0].connection')" != direct ] && break; sleep 0.2; done
 if wait_conn turn_relay; then
   measure tern-turn "$TB" $PID_a $PID_b $SERVER_PID
+fi
+nsx $A nft delete table inet $P
+# TCP relay: A sends no UDP at all, so neither ICE nor TURN can work.
+nsx $A nft -f - <<NFT
+table inet $P {
+  chain output {
+    type filter hook output priority 0; policy accept;
+    meta l4proto udp drop
+  }
+}
+NFT
+for _ in $(seq 150); do [ "$(status $A a | jq -r '.peers[0].connection')" = tcp_relay ] && break; sleep 0.2; done
+if wait_conn tcp_relay; then
+  measure tern-tcp-relay "$TB" $PID_a $PID_b $SERVER_PID
 fi
 nsx $A nft delete table inet $P
 
@@ -132,6 +164,7 @@ if command -v wireguard-go >/dev/null && command -v wg >/dev/null; then
     nsx $B ip addr add $net.2/24 dev $ifb; nsx $B ip link set $ifb mtu $MTU up
     sleep 2
     measure "$label" $net.2 $pa $pb
+    measure_pps "$label" $net.2
   }
   setup_ref wireguard-go g 51820 10.77.1 wireguard-go -f
   BT=$(command -v boringtun-cli || echo "$HOME/.cargo/bin/boringtun-cli")
@@ -143,3 +176,7 @@ if command -v wireguard-go >/dev/null && command -v wg >/dev/null; then
 else
   echo "(wireguard-go/wg not installed: apt-get install wireguard-go wireguard-tools)"
 fi
+
+echo
+printf 'path\tpps (64-byte UDP payloads, delivered)\tloss\n'
+for l in "${PPS[@]}"; do echo "$l"; done
