@@ -17,6 +17,12 @@ pub enum LoginError {
     Unreachable { url: String, source: anyhow::Error },
     #[error("management refused the login: {0}")]
     Refused(String),
+    #[error("the management server at {url} presents key {got}, not the key {pinned} it had when this peer joined: refusing to talk to it. If the server was reinstalled on purpose, join again with `tern up --setup-key KEY`")]
+    ServerKeyChanged {
+        url: String,
+        pinned: String,
+        got: String,
+    },
     #[error("{0}")]
     Other(#[from] anyhow::Error),
 }
@@ -54,6 +60,8 @@ pub fn ca_file() -> Option<std::path::PathBuf> {
 }
 
 pub struct Session {
+    /// The server's key that sealed this session (pinned at the first join).
+    pub server_key: PublicKey,
     pub peer_id: String,
     pub token: String,
     pub token_expires_unix: i64,
@@ -73,6 +81,7 @@ pub async fn login(
     key: &SecretKey,
     setup_key: Option<&str>,
     hostname: &str,
+    pinned: Option<&PublicKey>,
 ) -> Result<Session, LoginError> {
     let mut c = ManagementServiceClient::new(ch.clone());
     let server = c
@@ -84,6 +93,13 @@ pub async fn login(
         })?
         .into_inner();
     let server_pub = PublicKey::from_slice(&server.public_key).context("server key")?;
+    if let Some(p) = pinned.filter(|p| **p != server_pub) {
+        return Err(LoginError::ServerKeyChanged {
+            url: url.to_string(),
+            pinned: p.to_base64(),
+            got: server_pub.to_base64(),
+        });
+    }
     let req = pb::LoginRequest {
         setup_key: setup_key.unwrap_or_default().to_string(),
         meta: Some(pb::PeerMeta {
@@ -116,6 +132,7 @@ pub async fn login(
         .peer_config
         .ok_or_else(|| anyhow!("login response without peer config"))?;
     Ok(Session {
+        server_key: server_pub,
         peer_id: r.peer_id,
         token: r.peer_token,
         token_expires_unix: r.token_expires_unix,
@@ -123,20 +140,33 @@ pub async fn login(
     })
 }
 
+/// What the agent needs to log in again on its own: where, as whom, and the pinned server key.
+pub struct Relogin {
+    pub url: String,
+    pub ch: Channel,
+    pub key: SecretKey,
+    pub hostname: String,
+    pub server_key: PublicKey,
+}
+
 /// Keeps a sync stream open (re-logging in for fresh tokens), publishing maps; reports whether
 /// management is reachable on `up`.
 pub async fn run_sync(
-    url: String,
-    ch: Channel,
-    key: SecretKey,
-    hostname: String,
+    who: Relogin,
     maps: watch::Sender<Option<pb::NetworkMap>>,
     token: watch::Sender<Option<String>>,
     up: watch::Sender<bool>,
 ) {
+    let Relogin {
+        url,
+        ch,
+        key,
+        hostname,
+        server_key,
+    } = who;
     let mut backoff = Duration::from_millis(500);
     loop {
-        let session = match login(&url, &ch, &key, None, &hostname).await {
+        let session = match login(&url, &ch, &key, None, &hostname, Some(&server_key)).await {
             Ok(s) => s,
             Err(e) => {
                 warn!(error = %e, retry_in = ?backoff, "management login failed");
@@ -173,7 +203,7 @@ pub async fn run_sync(
                 m = stream.message() => m,
                 _ = tokio::time::sleep_until(deadline) => {
                     deadline = tokio::time::Instant::now() + refresh;
-                    match login(&url, &ch, &key, None, &hostname).await {
+                    match login(&url, &ch, &key, None, &hostname, Some(&server_key)).await {
                         Ok(s) => { token.send_replace(Some(s.token)); }
                         Err(e) => warn!(error = %e, "token refresh failed"),
                     }

@@ -4,14 +4,13 @@
 mod control;
 mod engine;
 mod nat64;
+mod platform;
 mod publish;
 mod routes;
 mod signal;
 mod socket;
-mod sockopt;
 mod state;
 mod status;
-mod tunnel;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
@@ -233,32 +232,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             for p in &s.peers {
-                let g = |k: &str| {
-                    p.get(k)
-                        .map(|v| {
-                            v.as_str()
-                                .map(str::to_string)
-                                .unwrap_or_else(|| v.to_string())
-                        })
-                        .unwrap_or_default()
-                };
-                println!(
-                    "  {:<20} {:<15} {:<10} {:<10} rtt {} ms",
-                    g("name"),
-                    g("overlay_ip"),
-                    g("state"),
-                    g("connection"),
-                    g("latency_ms")
-                );
-                if detail {
-                    println!(
-                        "      local {}  remote {}  handshake {} s ago  rx {} B  tx {} B",
-                        g("local_candidate"),
-                        g("remote_candidate"),
-                        g("last_handshake_secs_ago"),
-                        g("bytes_rx"),
-                        g("bytes_tx")
-                    );
+                for line in peer_lines(p, detail) {
+                    println!("{line}");
                 }
             }
             Ok(())
@@ -289,6 +264,89 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Says so when the management URL is plain http:// to a host other than this one: sign-in
+/// secrets are sealed end to end, but the admin-visible metadata and tokens are not.
+fn warn_plain_http(url: &str) {
+    if let Some(rest) = url.strip_prefix("http://") {
+        let host = rest.split(['/', '?']).next().unwrap_or("");
+        let host = host
+            .rsplit_once(':')
+            .filter(|(h, p)| !h.is_empty() && p.chars().all(|c| c.is_ascii_digit()))
+            .map_or(host, |(h, _)| h)
+            .trim_matches(['[', ']']);
+        let local = host == "localhost"
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if !local {
+            warn!(%url, "management URL is plain http:// to another host: tokens and network maps travel unencrypted; use https://");
+            eprintln!("tern: warning: {url} is plain http:// to another host; peer tokens and network maps travel unencrypted. Use https:// for anything but a lab.");
+        }
+    }
+}
+
+/// The human lines for one peer of `tern status`: no raw nulls, sizes in units, the path's reason.
+fn peer_lines(p: &serde_json::Value, detail: bool) -> Vec<String> {
+    let text = |k: &str| p.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
+    let num = |k: &str| p.get(k).and_then(|v| v.as_f64());
+    let rtt = num("latency_ms")
+        .map(|r| format!("  rtt {r:.1} ms"))
+        .unwrap_or_default();
+    let connection = match text("connection").as_str() {
+        "turn_relay" => "via TURN".to_string(),
+        "tcp_relay" => "via TCP relay".to_string(),
+        "none" | "" => "-".to_string(),
+        c => c.to_string(),
+    };
+    let mut lines = vec![format!(
+        "  {:<20} {:<15} {:<10} {:<13}{rtt}",
+        text("name"),
+        text("overlay_ip"),
+        text("state"),
+        connection
+    )];
+    let reason = text("path_reason");
+    if !reason.is_empty() {
+        lines.push(format!("      {reason}"));
+    }
+    if detail {
+        let mut parts = vec![];
+        if let (Some(l), Some(r)) = (
+            p.get("local_candidate").and_then(|v| v.as_str()),
+            p.get("remote_candidate").and_then(|v| v.as_str()),
+        ) {
+            parts.push(format!("pair {l} <-> {r}"));
+        }
+        parts.push(match num("last_handshake_secs_ago") {
+            Some(s) => format!("handshake {s:.0} s ago"),
+            None => "no handshake yet".to_string(),
+        });
+        parts.push(format!(
+            "received {}, sent {}",
+            bytes(num("bytes_rx").unwrap_or(0.0)),
+            bytes(num("bytes_tx").unwrap_or(0.0))
+        ));
+        lines.push(format!("      {}", parts.join("  ")));
+    }
+    lines
+}
+
+/// A byte count in the largest unit that keeps it >= 1 (B, KiB, MiB, GiB, TiB).
+fn bytes(n: f64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < units.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{v:.0} B")
+    } else {
+        format!("{v:.1} {}", units[i])
+    }
+}
+
 struct UpOptions {
     management_url: Option<String>,
     setup_key: Option<String>,
@@ -310,6 +368,9 @@ async fn up(
         mtu,
         nat64_prefix,
     } = o;
+    if !platform::net::valid_iface(iface) {
+        bail!("--interface {iface:?} is not a valid interface name (1-15 letters, digits, '-', '_' or '.')");
+    }
     if !nix::unistd::geteuid().is_root() {
         bail!("tern up needs root (it creates a TUN device and routes)");
     }
@@ -331,32 +392,48 @@ async fn up(
         })
         .unwrap_or_else(|| "tern-peer".into());
     let mtu = mtu.or(saved.as_ref().and_then(|s| s.mtu));
+    warn_plain_http(&url);
     let ch = control::channel(&url)?;
-    let session = control::login(&url, &ch, &key, setup_key.as_deref(), &hostname)
-        .await
-        .map_err(|e| match e {
-            control::LoginError::Refused(m) if setup_key.is_none() && m.contains("setup key") => {
-                anyhow::anyhow!("management refused the login: {m} (pass --setup-key)")
-            }
-            e => anyhow::Error::new(e),
-        })?;
+    // The server's key is pinned at the first join; an explicit join with a setup key (a
+    // reinstalled server) pins the new one.
+    let pinned = saved
+        .as_ref()
+        .filter(|s| s.management_url == url && setup_key.is_none())
+        .and_then(|s| s.server_key.as_deref())
+        .and_then(|k| k.parse::<tern_proto::PublicKey>().ok());
+    let session = control::login(
+        &url,
+        &ch,
+        &key,
+        setup_key.as_deref(),
+        &hostname,
+        pinned.as_ref(),
+    )
+    .await
+    .map_err(|e| match e {
+        control::LoginError::Refused(m) if setup_key.is_none() && m.contains("setup key") => {
+            anyhow::anyhow!("management refused the login: {m} (pass --setup-key)")
+        }
+        e => anyhow::Error::new(e),
+    })?;
     st.save_config(&state::SavedConfig {
         management_url: url.clone(),
         hostname: hostname.clone(),
         interface: iface.to_string(),
         mtu,
+        server_key: Some(session.server_key.to_base64()),
     })?;
     let mtu = mtu.unwrap_or(session.config.mtu);
     // Rules a crashed earlier run may have left behind.
-    routes::remove_rules(iface);
-    let tun = tunnel::create(iface, &session.config.address, mtu)?;
+    platform::net::remove_rules(iface);
+    let tun = platform::tun::create(iface, &session.config.address, mtu)?;
     if let Some(c) = session
         .config
         .overlay_range
         .parse::<ipnet::IpNet>()
         .ok()
         .and_then(|o| {
-            let locals = routes::local_networks(iface);
+            let locals = platform::net::local_networks(iface);
             routes::conflict(&o, &locals)
         })
     {
@@ -388,10 +465,13 @@ async fn up(
     }
 
     tokio::spawn(control::run_sync(
-        url.clone(),
-        ch.clone(),
-        key.clone(),
-        hostname,
+        control::Relogin {
+            url: url.clone(),
+            ch: ch.clone(),
+            key: key.clone(),
+            hostname,
+            server_key: session.server_key,
+        },
         maps_tx,
         token_tx,
         mgmt_up_tx,
@@ -434,7 +514,7 @@ async fn up(
                     continue;
                 };
                 if let (Some(p), Some(relay)) = (nat64_prefix, map.relay.as_mut()) {
-                    if !nat64::has_ipv4_default_route() {
+                    if !platform::net::has_ipv4_default_route() {
                         nat64::rewrite_relay(relay, &p);
                     }
                 }
@@ -517,7 +597,7 @@ async fn up(
         _ = down_rx.recv() => info!("tern down requested"),
     }
     let _ = std::fs::remove_file(&sock);
-    routes::remove_rules(iface);
+    platform::net::remove_rules(iface);
     info!("tunnel down");
     Ok(())
 }
@@ -630,4 +710,40 @@ fn addresses() -> Vec<String> {
     );
     v.sort();
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_lines_have_no_raw_nulls_and_say_why() {
+        let p = serde_json::json!({
+            "name": "home-b", "overlay_ip": "100.64.0.3", "state": "connecting",
+            "connection": "none", "path_reason": "ICE is starting; the TCP relay carries traffic meanwhile",
+            "local_candidate": null, "remote_candidate": null, "latency_ms": null,
+            "last_handshake_secs_ago": null, "bytes_rx": 3_500_000u64, "bytes_tx": 12u64,
+        });
+        let lines = peer_lines(&p, true).join("\n");
+        assert!(!lines.contains("null"), "{lines}");
+        assert!(lines.contains("ICE is starting"), "{lines}");
+        assert!(lines.contains("no handshake yet"), "{lines}");
+        assert!(lines.contains("received 3.3 MiB, sent 12 B"), "{lines}");
+        let q = serde_json::json!({
+            "name": "gw", "overlay_ip": "100.64.0.4", "state": "connected",
+            "connection": "turn_relay", "path_reason": "no direct pair got through the NATs; ICE relays through TURN",
+            "local_candidate": "relay 203.0.113.1:50000", "remote_candidate": "srflx 198.51.100.2:4000",
+            "latency_ms": 12.34, "last_handshake_secs_ago": 3, "bytes_rx": 0, "bytes_tx": 0,
+        });
+        let lines = peer_lines(&q, true).join("\n");
+        assert!(
+            lines.contains("via TURN") && lines.contains("rtt 12.3 ms"),
+            "{lines}"
+        );
+        assert!(
+            lines.contains("pair relay 203.0.113.1:50000 <-> srflx 198.51.100.2:4000"),
+            "{lines}"
+        );
+        assert!(lines.contains("handshake 3 s ago"), "{lines}");
+    }
 }

@@ -42,17 +42,6 @@ pub fn rewrite_relay(relay: &mut pb::RelayConfig, prefix: &Ipv6Net) {
     }
 }
 
-/// True if the host has an IPv4 default route (then IPv4 literals work as they are).
-pub fn has_ipv4_default_route() -> bool {
-    std::fs::read_to_string("/proc/net/route")
-        .map(|s| {
-            s.lines()
-                .skip(1)
-                .any(|l| l.split_whitespace().nth(1) == Some("00000000"))
-        })
-        .unwrap_or(true)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -142,7 +142,7 @@ impl Shared {
             |s: Option<std::net::UdpSocket>| -> anyhow::Result<Option<Arc<UdpSocket>>> {
                 let Some(s) = s else { return Ok(None) };
                 let s = UdpSocket::from_std(s)?;
-                if let Err(e) = crate::sockopt::tune_udp(&s) {
+                if let Err(e) = crate::platform::sockopt::tune_udp(&s) {
                     debug!(error = %e, "could not size the UDP socket's buffers");
                 }
                 Ok(Some(Arc::new(s)))
@@ -151,7 +151,7 @@ impl Shared {
         let gro = v4
             .iter()
             .chain(v6.iter())
-            .all(|s| crate::sockopt::enable_gro(s));
+            .all(|s| crate::platform::sockopt::enable_gro(s));
         let port = v4
             .as_ref()
             .or(v6.as_ref())
@@ -229,7 +229,7 @@ impl Shared {
         if self.gso.load(Relaxed) && data.len() > seg {
             loop {
                 sock.writable().await?;
-                match crate::sockopt::try_send_gso(sock, data, seg as u16, to) {
+                match crate::platform::sockopt::try_send_gso(sock, data, seg as u16, to) {
                     Ok(_) => return Ok(()),
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                     Err(e)

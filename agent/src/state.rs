@@ -15,6 +15,10 @@ pub struct SavedConfig {
     pub interface: String,
     /// MTU override from the command line (None = the management setting).
     pub mtu: Option<u32>,
+    /// The management server's key at the first join (base64); a server presenting another key
+    /// is refused until the peer joins again with a setup key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_key: Option<String>,
 }
 
 pub struct StateDir {
@@ -130,6 +134,7 @@ mod tests {
             hostname: "h".into(),
             interface: "tern0".into(),
             mtu: None,
+            server_key: Some("AAAA".into()),
         };
         s.save_config(&c).expect("save");
         assert_eq!(s.load_config().expect("load"), Some(c));

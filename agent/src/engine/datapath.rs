@@ -1,0 +1,295 @@
+//! Moving packets: TUN reads are encapsulated in batches under one lock of the core and sent over
+//! the path it names (UDP GSO runs on the shared port, an ICE connection, the TCP relay); datagrams
+//! from the shared port (GRO reads), an ICE connection or the TCP relay are decapsulated and
+//! coalesced into few TUN writes.
+
+use super::*;
+
+impl Engine {
+    /// Sends one datagram over the path the core chose.
+    pub(super) async fn send(
+        &self,
+        peer: PeerId,
+        path: CorePath,
+        to: Option<std::net::SocketAddr>,
+        data: &[u8],
+    ) {
+        match path {
+            CorePath::Direct | CorePath::TurnRelay if to.is_some() => {
+                let to = to.unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+                if let Err(e) = self.shared.send_to(data, to).await {
+                    debug!(%to, error = %e, "send failed");
+                }
+            }
+            CorePath::Direct | CorePath::TurnRelay => {
+                let conn = read(&self.conns).get(&peer).map(|c| c.1.clone());
+                if let Some(c) = conn {
+                    if let Err(e) = c.send(data).await {
+                        debug!(error = %e, "ICE send failed");
+                    }
+                    return;
+                }
+                // The pair just went away: the relay is the fallback.
+                self.send_tcp(peer, data);
+            }
+            CorePath::TcpRelay => self.send_tcp(peer, data),
+            CorePath::None => trace!(peer, "no path: datagram dropped"),
+        }
+    }
+
+    pub(super) fn send_tcp(&self, peer: PeerId, data: &[u8]) {
+        let Some(tx) = read(&self.tcp_out).clone() else {
+            return;
+        };
+        let Some(id) = lock(&self.node).spec(peer).map(|s| s.id.clone()) else {
+            return;
+        };
+        let _ = tx.try_send((id, data.to_vec()));
+    }
+
+    /// Sends what the core has queued (after a handshake, or timers).
+    pub(super) async fn flush(&self, buf: &mut [u8]) {
+        loop {
+            let (peer, path, to, n) = {
+                let mut node = lock(&self.node);
+                match node.poll_transmit(buf) {
+                    Some(t) => (t.peer, t.path, t.to, t.payload.len()),
+                    None => return,
+                }
+            };
+            self.send(peer, path, to, &buf[..n]).await;
+        }
+    }
+
+    /// A WireGuard datagram from `peer` (its ICE connection or the TCP relay), or from an
+    /// address on the shared port (`peer` None: the core finds it).
+    pub(super) async fn handle_wire(
+        &self,
+        peer: Option<PeerId>,
+        from: Option<std::net::SocketAddr>,
+        data: &[u8],
+        out: &mut [u8],
+    ) {
+        let r = {
+            let mut node = lock(&self.node);
+            let now = Instant::now();
+            let room = &mut out[HEADROOM..];
+            let d = match (peer, from) {
+                (Some(p), _) => node.decapsulate(p, data, now, room),
+                (None, Some(f)) => node.decapsulate_from(f, data, now, room),
+                (None, None) => return,
+            };
+            match d {
+                Ok(Decap::Tunnel(p)) => Ok(Some((true, p.len(), 0, CorePath::None, None))),
+                Ok(Decap::Network(t)) => Ok(Some((false, t.payload.len(), t.peer, t.path, t.to))),
+                Ok(Decap::Nothing) => Ok(None),
+                Err(e) => Err(e),
+            }
+        };
+        match r {
+            Ok(Some((true, n, _, _, _))) => self.tun_write_one(out, n).await,
+            Ok(Some((false, n, to, path, addr))) => {
+                self.send(to, path, addr, &out[HEADROOM..HEADROOM + n])
+                    .await;
+                self.flush(out).await;
+            }
+            Ok(None) => {}
+            Err(e) => trace!(?peer, ?from, error = %e, "datagram dropped"),
+        }
+    }
+
+    /// Writes one packet that sits at `buf[HEADROOM..HEADROOM + n]` to the TUN device.
+    pub(super) async fn tun_write_one(&self, buf: &mut [u8], n: usize) {
+        let r = if self.tun.tcp_gso() {
+            buf[..HEADROOM].fill(0); // virtio-net header: no offload for this one
+            self.tun.send(&buf[..HEADROOM + n]).await
+        } else {
+            self.tun.send(&buf[HEADROOM..HEADROOM + n]).await
+        };
+        if let Err(e) = r {
+            debug!(error = %e, "TUN write failed");
+        }
+    }
+
+    /// Reads one of the shared port's sockets forever, a batch at a time: WireGuard to the core
+    /// (decrypted under one lock, then coalesced into few TUN writes), STUN to ICE.
+    pub async fn shared_loop(self: Arc<Self>, sock: Arc<tokio::net::UdpSocket>) {
+        use crate::socket::Kind;
+        // Up to RECVS reads per batch; with UDP GRO one read brings a run of datagrams.
+        const RECVS: usize = 16;
+        let mut rx = vec![vec![0u8; MAX_PACKET]; RECVS];
+        let mut cmsg = nix::cmsg_space!(libc::c_int);
+        // (buffer, offset, length, sender) of each datagram of the batch.
+        let mut got: Vec<(usize, usize, usize, std::net::SocketAddr)> = Vec::with_capacity(BATCH);
+        let mut out = vec![0u8; BUF];
+        let mut to_tun: Vec<Vec<u8>> = (0..BATCH)
+            .map(|_| Vec::with_capacity(HEADROOM + SEGMENT))
+            .collect();
+        let mut replies: Vec<(PeerId, CorePath, Option<std::net::SocketAddr>, Vec<u8>)> = vec![];
+        let mut gro = tun_rs::GROTable::default();
+        loop {
+            if sock.readable().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            got.clear();
+            let mut reads = 0;
+            while reads < RECVS && got.len() < BATCH {
+                match crate::platform::sockopt::try_recv_gro(&sock, &mut rx[reads], &mut cmsg) {
+                    Ok((n, from, seg)) => {
+                        let seg = seg.unwrap_or(n).max(1);
+                        let mut off = 0;
+                        while off < n {
+                            let len = seg.min(n - off);
+                            got.push((reads, off, len, from));
+                            off += len;
+                        }
+                        reads += 1;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    // ICMP errors surface here (port unreachable); nothing to do.
+                    Err(e) => {
+                        trace!(error = %e, "UDP receive");
+                        break;
+                    }
+                }
+            }
+            let mut packets = 0;
+            let mut flush = false;
+            {
+                let mut node = lock(&self.node);
+                let now = Instant::now();
+                for &(b, off, len, ref from) in &got {
+                    let d = &rx[b][off..off + len];
+                    match crate::socket::classify(d) {
+                        Kind::WireGuard => match node.decapsulate_from(*from, d, now, &mut out) {
+                            Ok(Decap::Tunnel(p)) => {
+                                // A GRO read brings up to 64 datagrams: the pool follows the batch.
+                                if packets == to_tun.len() {
+                                    to_tun.push(Vec::with_capacity(HEADROOM + SEGMENT));
+                                }
+                                let b = &mut to_tun[packets];
+                                b.clear();
+                                b.resize(HEADROOM, 0);
+                                b.extend_from_slice(p);
+                                packets += 1;
+                            }
+                            Ok(Decap::Network(t)) => {
+                                replies.push((t.peer, t.path, t.to, t.payload.to_vec()));
+                                flush = true;
+                            }
+                            Ok(Decap::Nothing) => {}
+                            Err(e) => trace!(%from, error = %e, "datagram dropped"),
+                        },
+                        Kind::Stun => self.shared.stun(d, *from),
+                        Kind::Other => trace!(%from, "unknown datagram on the shared port"),
+                    }
+                }
+            }
+            if packets > 0 {
+                if let Err(e) = self
+                    .tun
+                    .send_multiple(&mut gro, &mut to_tun[..packets], HEADROOM)
+                    .await
+                {
+                    debug!(error = %e, "TUN write failed");
+                }
+            }
+            for (peer, path, to, d) in replies.drain(..) {
+                self.send(peer, path, to, &d).await;
+            }
+            if flush {
+                self.flush(&mut out).await;
+            }
+        }
+    }
+
+    /// Reads the TUN device forever (a burst per read with offloads) and sends each packet to
+    /// its peer, encrypted under one lock of the core per batch.
+    pub async fn tun_loop(self: Arc<Self>) {
+        let mut original = vec![0u8; HEADROOM + MAX_PACKET];
+        let mut bufs = vec![vec![0u8; SEGMENT]; BATCH];
+        let mut sizes = vec![0usize; BATCH];
+        let mut outs = vec![vec![0u8; SEGMENT + 256]; BATCH];
+        let mut sends: Vec<(
+            PeerId,
+            CorePath,
+            Option<std::net::SocketAddr>,
+            usize,
+            usize,
+            usize,
+        )> = Vec::with_capacity(BATCH);
+        let mut gso: Vec<u8> = Vec::with_capacity(crate::platform::sockopt::GSO_MAX_BYTES);
+        loop {
+            let n = match self
+                .tun
+                .recv_multiple(&mut original, &mut bufs, &mut sizes, 0)
+                .await
+            {
+                Ok(n) => n,
+                Err(e) => {
+                    warn!(error = %e, "TUN read failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            sends.clear();
+            {
+                let mut node = lock(&self.node);
+                let now = Instant::now();
+                for (i, out) in outs.iter_mut().enumerate().take(n) {
+                    let base = out.as_ptr() as usize;
+                    match node.encapsulate(&bufs[i][..sizes[i]], now, out) {
+                        Ok(Some(t)) => {
+                            let off = t.payload.as_ptr() as usize - base;
+                            sends.push((t.peer, t.path, t.to, i, off, t.payload.len()));
+                        }
+                        Ok(None) => {}
+                        Err(e) => trace!(error = %e, "packet not sent"),
+                    }
+                }
+            }
+            // Runs of datagrams to one address, all of one size but the last: one GSO send.
+            let mut i = 0;
+            while i < sends.len() {
+                let (peer, path, to, b, off, seg) = sends[i];
+                let direct = matches!(path, CorePath::Direct | CorePath::TurnRelay);
+                let mut j = i + 1;
+                if let (true, Some(addr)) = (direct, to) {
+                    let mut bytes = seg;
+                    while j < sends.len()
+                        && j - i < crate::platform::sockopt::GSO_MAX_SEGMENTS
+                        && sends[j].2 == Some(addr)
+                        && sends[j - 1].5 == seg
+                        && sends[j].5 <= seg
+                        && bytes + sends[j].5 <= crate::platform::sockopt::GSO_MAX_BYTES
+                    {
+                        bytes += sends[j].5;
+                        j += 1;
+                    }
+                    if j - i > 1 {
+                        gso.clear();
+                        for &(_, _, _, b, off, len) in &sends[i..j] {
+                            gso.extend_from_slice(&outs[b][off..off + len]);
+                        }
+                        if let Err(e) = self.shared.send_segments(&gso, seg, addr).await {
+                            debug!(to = %addr, error = %e, "send failed");
+                        }
+                        i = j;
+                        continue;
+                    }
+                }
+                self.send(peer, path, to, &outs[b][off..off + seg]).await;
+                i = j;
+            }
+        }
+    }
+
+    /// Handles a datagram from the TCP relay.
+    pub async fn handle_tcp(&self, from_peer_id: &str, data: &[u8], out: &mut [u8]) {
+        let peer = lock(&self.node).peer_by_mgmt_id(from_peer_id);
+        if let Some(p) = peer {
+            self.handle_wire(Some(p), None, data, out).await;
+        }
+    }
+}

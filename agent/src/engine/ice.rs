@@ -1,0 +1,506 @@
+//! ICE sessions (webrtc-ice): started when the core schedules an attempt, offers/answers/
+//! candidates sealed over signal, our own server-reflexive candidate from the shared port, and the
+//! outcome (the pair and its endpoint, or why it failed) reported back to the core.
+
+use super::*;
+
+impl Engine {
+    pub(super) fn stop_ice(&self, peer: PeerId, session: u64) {
+        let mut conns = write(&self.conns);
+        if conns.get(&peer).is_some_and(|c| c.0 == session) {
+            conns.remove(&peer);
+        }
+        drop(conns);
+        let old = {
+            let mut ice = lock(&self.ice);
+            match ice.get(&peer) {
+                Some(s) if s.id == session => ice.remove(&peer),
+                _ => None,
+            }
+        };
+        if let Some(s) = old {
+            tokio::spawn(async move {
+                let _ = s.agent.close().await;
+            });
+        }
+    }
+
+    /// Reports an ICE outcome to the core and runs what follows.
+    pub(super) fn ice_event(self: &Arc<Self>, peer: PeerId, ev: IceEvent) {
+        lock(&self.node).handle_ice_event(peer, ev, Instant::now());
+        self.run_events();
+    }
+
+    /// Retries ICE now for every peer without a pair (e.g. after a local address change).
+    pub fn retry_ice_now(&self) {
+        lock(&self.node).retry_ice_now(Instant::now());
+    }
+
+    pub(super) fn ice_urls(&self) -> Vec<Url> {
+        let relay = lock(&self.relay).clone();
+        let mut urls = vec![];
+        for s in &relay.stun {
+            if let Ok(u) = Url::parse_url(&s.url) {
+                urls.push(u);
+            }
+        }
+        for t in &relay.turn {
+            if let Ok(mut u) = Url::parse_url(&t.url) {
+                u.username = t.username.clone();
+                u.password = t.password.clone();
+                urls.push(u);
+            }
+        }
+        urls
+    }
+
+    /// Tells the peer our server-reflexive address on the shared port (from a STUN binding to the
+    /// map's STUN server), as an ICE candidate of `session`: with it the peer's checks punch
+    /// through our NAT. webrtc-ice gathers none on a muxed port.
+    pub(super) async fn signal_reflexive(self: Arc<Self>, to: PublicKey, session: u64) {
+        use webrtc_ice::candidate::candidate_base::CandidateBaseConfig;
+        use webrtc_ice::candidate::candidate_server_reflexive::CandidateServerReflexiveConfig;
+        let servers: Vec<(String, u16)> = lock(&self.relay)
+            .stun
+            .iter()
+            .filter_map(|s| Url::parse_url(&s.url).ok())
+            .map(|u| (u.host.trim_matches(['[', ']']).to_string(), u.port))
+            .collect();
+        let mut seen = vec![];
+        for (host, port) in servers {
+            let Ok(addrs) = tokio::net::lookup_host((host.as_str(), port)).await else {
+                continue;
+            };
+            for stun in addrs {
+                let Some(mapped) = self.shared.reflexive(stun).await else {
+                    debug!(%stun, "no STUN answer on the shared port");
+                    continue;
+                };
+                if seen.contains(&mapped) {
+                    continue;
+                }
+                seen.push(mapped);
+                let c = CandidateServerReflexiveConfig {
+                    base_config: CandidateBaseConfig {
+                        network: "udp".into(),
+                        address: mapped.ip().to_string(),
+                        port: mapped.port(),
+                        component: 1,
+                        ..Default::default()
+                    },
+                    rel_addr: if mapped.is_ipv4() { "0.0.0.0" } else { "::" }.into(),
+                    rel_port: self.shared.port(),
+                }
+                .new_candidate_server_reflexive();
+                match c {
+                    Ok(c) => {
+                        debug!(%mapped, session, "signalling our server-reflexive address");
+                        let _ = self
+                            .signal_out
+                            .send((
+                                to,
+                                PeerMsg::Candidate {
+                                    session,
+                                    candidate: c.marshal(),
+                                },
+                            ))
+                            .await;
+                    }
+                    Err(e) => debug!(error = %e, "server-reflexive candidate"),
+                }
+            }
+        }
+    }
+
+    /// Hosts of the TURN servers in the current map.
+    pub(super) fn turn_hosts(&self) -> Vec<String> {
+        lock(&self.relay)
+            .turn
+            .iter()
+            .filter_map(|t| Url::parse_url(&t.url).ok())
+            .map(|u| u.host)
+            .collect()
+    }
+
+    pub(super) async fn new_agent(&self, controlling: bool) -> anyhow::Result<Arc<Agent>> {
+        let iface = self.iface.clone();
+        let overlay = lock(&self.node).overlay();
+        let cfg = AgentConfig {
+            urls: self.ice_urls(),
+            network_types: vec![NetworkType::Udp4, NetworkType::Udp6],
+            multicast_dns_mode: webrtc_ice::mdns::MulticastDnsMode::Disabled,
+            is_controlling: controlling,
+            relay_acceptance_min_wait: Some(Duration::from_millis(500)),
+            srflx_acceptance_min_wait: Some(Duration::from_millis(300)),
+            // Consent checks every second; a path silent for 3 s (NAT rebinding, dead link) is
+            // dropped and the relay fallback takes over while ICE is retried.
+            disconnected_timeout: Some(Duration::from_secs(3)),
+            failed_timeout: Some(Duration::from_secs(8)),
+            keepalive_interval: Some(Duration::from_secs(1)),
+            check_interval: Duration::from_millis(200),
+            interface_filter: Arc::new(Some(Box::new(move |name: &str| {
+                name != iface && !name.starts_with("tern")
+            }))),
+            // Not the overlay, and not link-local: a candidate carries no interface scope, so a
+            // link-local pair works by chance at best.
+            ip_filter: Arc::new(Some(Box::new(move |ip: IpAddr| {
+                let link_local = match ip {
+                    IpAddr::V4(v4) => v4.is_link_local(),
+                    IpAddr::V6(v6) => v6.is_unicast_link_local(),
+                };
+                !link_local && overlay.is_none_or(|o| !o.contains(&ip))
+            }))),
+            // Host candidates on the shared port; the server-reflexive one is ours
+            // (signal_reflexive); relay candidates use the TURN client's own socket.
+            udp_network: webrtc_ice::udp_network::UDPNetwork::Muxed(self.mux.clone()),
+            ..Default::default()
+        };
+        Ok(Arc::new(Agent::new(cfg).await?))
+    }
+
+    /// Registers a new ICE session for `peer` with the core and the shell; returns its cancel
+    /// receiver (dropped with the session).
+    pub(super) fn begin_session(
+        self: &Arc<Self>,
+        peer: PeerId,
+        agent: &Arc<Agent>,
+        session: u64,
+    ) -> mpsc::Receiver<()> {
+        let (cancel, cancel_rx) = mpsc::channel(1);
+        let old = lock(&self.ice).insert(
+            peer,
+            IceSession {
+                id: session,
+                agent: agent.clone(),
+                _cancel: cancel,
+                dial_cancel: None,
+            },
+        );
+        if let Some(old) = old.filter(|o| o.id != session) {
+            tokio::spawn(async move {
+                let _ = old.agent.close().await;
+            });
+        }
+        self.wire_agent_events(peer, agent, session);
+        self.ice_event(peer, IceEvent::Started { session });
+        cancel_rx
+    }
+
+    pub(super) fn wire_agent_events(
+        self: &Arc<Self>,
+        peer: PeerId,
+        agent: &Arc<Agent>,
+        session: u64,
+    ) {
+        let out = self.signal_out.clone();
+        let Some(to) = lock(&self.node).spec(peer).map(|s| PublicKey(s.key)) else {
+            return;
+        };
+        agent.on_candidate(Box::new(
+            move |c: Option<Arc<dyn Candidate + Send + Sync>>| {
+                let out = out.clone();
+                Box::pin(async move {
+                    if let Some(c) = c {
+                        let _ = out
+                            .send((
+                                to,
+                                PeerMsg::Candidate {
+                                    session,
+                                    candidate: c.marshal(),
+                                },
+                            ))
+                            .await;
+                    }
+                })
+            },
+        ));
+        let weak = Arc::downgrade(self);
+        agent.on_connection_state_change(Box::new(move |s: ConnectionState| {
+            if matches!(
+                s,
+                ConnectionState::Failed | ConnectionState::Disconnected | ConnectionState::Closed
+            ) {
+                if let Some(me) = weak.upgrade() {
+                    if read(&me.conns).get(&peer).is_some_and(|c| c.0 == session) {
+                        info!(peer, state = %s, "ICE path lost; using the relay fallback");
+                    }
+                    me.ice_event(peer, IceEvent::Lost { session });
+                }
+            }
+            Box::pin(async {})
+        }));
+    }
+
+    /// Controlling side: a new ICE session with a fresh offer.
+    pub(super) async fn start_offer(self: Arc<Self>, peer: PeerId) {
+        let Some(key) = lock(&self.node).spec(peer).map(|s| PublicKey(s.key)) else {
+            return;
+        };
+        let agent = match self.new_agent(true).await {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(peer, error = %e, "cannot create ICE agent");
+                self.ice_event(
+                    peer,
+                    IceEvent::Failed {
+                        session: 0,
+                        why: format!("cannot create an ICE agent: {e}"),
+                    },
+                );
+                return;
+            }
+        };
+        let session: u64 = rand::random();
+        let cancel = self.begin_session(peer, &agent, session);
+        // Kept with the session until the answer arrives (the dial takes it there).
+        if let Some(s) = lock(&self.ice).get_mut(&peer).filter(|s| s.id == session) {
+            s.dial_cancel = Some(cancel);
+        }
+        let (ufrag, pwd) = agent.get_local_user_credentials().await;
+        debug!(peer, session, "sending ICE offer");
+        let _ = self
+            .signal_out
+            .send((
+                key,
+                PeerMsg::Offer {
+                    session,
+                    ufrag,
+                    pwd,
+                },
+            ))
+            .await;
+        tokio::spawn(self.clone().signal_reflexive(key, session));
+    }
+
+    /// Handles a message from another peer (through signal).
+    pub async fn handle_signal(self: &Arc<Self>, from: PublicKey, msg: PeerMsg) {
+        let (peer, controlling) = {
+            let n = lock(&self.node);
+            let Some(peer) = n.peer_by_key(&from.0) else {
+                debug!(%from, "signal from a peer not in our map");
+                return;
+            };
+            (peer, n.controlling(peer))
+        };
+        match msg {
+            PeerMsg::Offer {
+                session,
+                ufrag,
+                pwd,
+            } => {
+                if controlling {
+                    return; // we offer to this peer, not the other way round
+                }
+                let agent = match self.new_agent(false).await {
+                    Ok(a) => a,
+                    Err(e) => {
+                        warn!(peer, error = %e, "cannot create ICE agent");
+                        return;
+                    }
+                };
+                let cancel = self.begin_session(peer, &agent, session);
+                let (lu, lp) = agent.get_local_user_credentials().await;
+                let _ = self
+                    .signal_out
+                    .send((
+                        from,
+                        PeerMsg::Answer {
+                            session,
+                            ufrag: lu,
+                            pwd: lp,
+                        },
+                    ))
+                    .await;
+                if let Err(e) = agent.gather_candidates() {
+                    warn!(peer, error = %e, "ICE gathering failed");
+                }
+                tokio::spawn(self.clone().signal_reflexive(from, session));
+                let me = self.clone();
+                tokio::spawn(async move {
+                    let r = tokio::time::timeout(
+                        tern_tunnel::ICE_ATTEMPT,
+                        agent.accept(cancel, ufrag, pwd),
+                    )
+                    .await;
+                    me.ice_result(peer, &agent, session, r).await;
+                });
+            }
+            PeerMsg::Answer {
+                session,
+                ufrag,
+                pwd,
+            } => {
+                let (agent, cancel) = {
+                    let mut ice = lock(&self.ice);
+                    match ice.get_mut(&peer) {
+                        Some(s) if s.id == session => match s.dial_cancel.take() {
+                            Some(c) => (s.agent.clone(), c),
+                            None => return, // a repeated answer
+                        },
+                        _ => return,
+                    }
+                };
+                if let Err(e) = agent.gather_candidates() {
+                    warn!(peer, error = %e, "ICE gathering failed");
+                }
+                let me = self.clone();
+                tokio::spawn(async move {
+                    let r = tokio::time::timeout(
+                        tern_tunnel::ICE_ATTEMPT,
+                        agent.dial(cancel, ufrag, pwd),
+                    )
+                    .await;
+                    me.ice_result(peer, &agent, session, r).await;
+                });
+            }
+            PeerMsg::Candidate { session, candidate } => {
+                let Some(agent) = self.session_agent(peer, session) else {
+                    return;
+                };
+                match unmarshal_candidate(&candidate) {
+                    Ok(c) => {
+                        let inside = c
+                            .address()
+                            .parse::<IpAddr>()
+                            .is_ok_and(|ip| lock(&self.node).tunnelled(ip));
+                        if inside {
+                            // Reaching it would route WireGuard into its own tunnel.
+                            debug!(peer, candidate = %c.address(), "ignoring a candidate inside a routed network");
+                            return;
+                        }
+                        let c: Arc<dyn Candidate + Send + Sync> = Arc::new(c);
+                        if let Err(e) = agent.add_remote_candidate(&c) {
+                            debug!(peer, error = %e, "remote candidate refused");
+                        }
+                    }
+                    Err(e) => debug!(peer, error = %e, "malformed remote candidate"),
+                }
+            }
+        }
+    }
+
+    pub(super) fn session_agent(&self, peer: PeerId, session: u64) -> Option<Arc<Agent>> {
+        match lock(&self.ice).get(&peer) {
+            Some(s) if s.id == session => Some(s.agent.clone()),
+            _ => None,
+        }
+    }
+
+    pub(super) async fn ice_result(
+        self: &Arc<Self>,
+        peer: PeerId,
+        agent: &Arc<Agent>,
+        session: u64,
+        r: Result<
+            Result<Arc<impl Conn + Send + Sync + 'static>, webrtc_ice::Error>,
+            tokio::time::error::Elapsed,
+        >,
+    ) {
+        let conn: Arc<dyn Conn + Send + Sync> = match r {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                debug!(peer, error = %e, "ICE failed");
+                self.ice_event(
+                    peer,
+                    IceEvent::Failed {
+                        session,
+                        why: format!("ICE checks failed: {e}"),
+                    },
+                );
+                return;
+            }
+            Err(_) => {
+                self.ice_event(
+                    peer,
+                    IceEvent::Failed {
+                        session,
+                        why: format!(
+                            "no ICE pair within {} s",
+                            tern_tunnel::ICE_ATTEMPT.as_secs()
+                        ),
+                    },
+                );
+                return;
+            }
+        };
+        let Some(pair) = agent.get_selected_candidate_pair() else {
+            self.ice_event(
+                peer,
+                IceEvent::Failed {
+                    session,
+                    why: "ICE connected without a selected pair".into(),
+                },
+            );
+            return;
+        };
+        let Ok(remote_addr) = pair.remote.address().parse::<IpAddr>() else {
+            self.ice_event(
+                peer,
+                IceEvent::Failed {
+                    session,
+                    why: format!("unusable remote address {}", pair.remote.address()),
+                },
+            );
+            return;
+        };
+        // The remote side's relay address shows up as peer-reflexive when its checks arrive
+        // before its relay candidate: an address on a TURN server is relayed all the same.
+        let turn_hosts = self.turn_hosts();
+        let relayed = pair.local.candidate_type() == CandidateType::Relay
+            || pair.remote.candidate_type() == CandidateType::Relay
+            || turn_hosts.iter().any(|h| *h == pair.remote.address());
+        let path = IcePath {
+            session,
+            kind: if relayed {
+                CorePath::TurnRelay
+            } else {
+                CorePath::Direct
+            },
+            local: format!(
+                "{} {}:{}",
+                candidate_kind(pair.local.candidate_type()),
+                pair.local.address(),
+                pair.local.port()
+            ),
+            remote: format!(
+                "{} {}:{}",
+                candidate_kind(pair.remote.candidate_type()),
+                pair.remote.address(),
+                pair.remote.port()
+            ),
+            remote_addr,
+            // A pair on the shared port: WireGuard goes there directly, not through webrtc-ice.
+            endpoint: (pair.local.candidate_type() != CandidateType::Relay)
+                .then(|| std::net::SocketAddr::new(remote_addr, pair.remote.port())),
+        };
+        let (local, remote, kind) = (path.local.clone(), path.remote.clone(), path.kind);
+        let direct = path.endpoint.is_some();
+        // The conn is in place before the core switches to it, so no packet finds it missing.
+        write(&self.conns).insert(peer, (session, conn.clone()));
+        self.ice_event(peer, IceEvent::Connected(path));
+        if lock(&self.node).ice_session(peer) != Some(session) {
+            // Refused (stale, or its pair runs through the tunnel): StopIce removed the conn.
+            info!(peer, remote = %remote, "ICE pair discarded");
+            return;
+        }
+        info!(peer, path = ?PathKind::from(kind), %local, %remote, "ICE connected");
+        if direct {
+            return; // its datagrams arrive on the shared port
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; BUF];
+            let mut out = vec![0u8; BUF];
+            loop {
+                let n = match conn.recv(&mut buf).await {
+                    Ok(n) => n,
+                    Err(_) => break,
+                };
+                if read(&me.conns).get(&peer).is_none_or(|c| c.0 != session) {
+                    break;
+                }
+                me.handle_wire(Some(peer), None, &buf[..n], &mut out).await;
+            }
+        });
+    }
+}

@@ -1,0 +1,473 @@
+//! The data-plane shell: the TUN device, the ICE sessions (webrtc-ice) and the TCP relay around
+//! the sans-IO core ([`tern_tunnel::Node`], one lock). The core decides; this module moves bytes
+//! and runs what the core asks for:
+//!
+//! - TUN packets are encapsulated by the core and sent over the path it names: the peer's ICE
+//!   connection (direct or via TURN) or the TCP relay.
+//! - Datagrams from a peer's ICE connection or the TCP relay are decapsulated by the core, which
+//!   checks that the inner source belongs to that peer and that the policy lets it in.
+//! - Every 250 ms the core's timers run; the ICE attempts it schedules (with backoff) are started
+//!   here, and their outcome goes back to it.
+//! - Routed networks: routing-peer selection (core) decides, this module installs kernel routes
+//!   and, on a routing peer, the forwarding rules.
+
+mod datapath;
+mod ice;
+
+use crate::signal::PeerMsg;
+use ipnet::IpNet;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+use tern_proto::management as pb;
+use tern_proto::{PublicKey, SecretKey};
+use tern_tunnel::firewall::{Rule, ICMP, TCP, UDP};
+use tern_tunnel::{Decap, Event, IceEvent, IcePath, Node, PathKind as CorePath, PeerId, PeerSpec};
+use tokio::sync::mpsc;
+use tracing::{debug, info, trace, warn};
+use webrtc_ice::agent::agent_config::AgentConfig;
+use webrtc_ice::agent::Agent;
+use webrtc_ice::candidate::{candidate_base::unmarshal_candidate, Candidate, CandidateType};
+use webrtc_ice::network_type::NetworkType;
+use webrtc_ice::state::ConnectionState;
+use webrtc_ice::url::Url;
+use webrtc_util::Conn;
+
+/// A connected ICE pair's connection.
+type IceConn = Arc<dyn Conn + Send + Sync>;
+
+/// Datagrams for the TCP relay: (recipient peer id, bytes).
+pub type TcpOut = mpsc::Sender<(String, Vec<u8>)>;
+
+/// Largest packet read from the TUN device, and the buffers around it.
+const MAX_PACKET: usize = 65_536;
+const BUF: usize = MAX_PACKET + 256;
+/// Packets (or datagrams) handled per batch: one lock of the core, one coalesced TUN write.
+const BATCH: usize = tun_rs::IDEAL_BATCH_SIZE;
+/// Largest single packet after segmentation (the MTU is at most 9000) plus WireGuard's overhead.
+const SEGMENT: usize = 9216;
+use crate::platform::tun::HEADROOM;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(|e| e.into_inner())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PathKind {
+    Direct,
+    TurnRelay,
+    TcpRelay,
+    None,
+}
+
+impl From<CorePath> for PathKind {
+    fn from(k: CorePath) -> Self {
+        match k {
+            CorePath::Direct => PathKind::Direct,
+            CorePath::TurnRelay => PathKind::TurnRelay,
+            CorePath::TcpRelay => PathKind::TcpRelay,
+            CorePath::None => PathKind::None,
+        }
+    }
+}
+
+/// Everything `tern status` shows about one peer.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerStatus {
+    pub name: String,
+    pub id: String,
+    pub public_key: String,
+    pub overlay_ip: String,
+    pub state: String,
+    pub connection: PathKind,
+    /// Why the path is what it is (e.g. why not direct), in words.
+    pub path_reason: String,
+    pub local_candidate: Option<String>,
+    pub remote_candidate: Option<String>,
+    pub latency_ms: Option<f64>,
+    pub last_handshake_secs_ago: Option<u64>,
+    pub bytes_rx: u64,
+    pub bytes_tx: u64,
+    pub allowed_ips: Vec<String>,
+}
+
+/// An ICE session run for a peer; dropping it cancels a pending dial/accept.
+struct IceSession {
+    id: u64,
+    agent: Arc<Agent>,
+    _cancel: mpsc::Sender<()>,
+    /// Offering side: the cancel receiver the dial takes once the answer arrives.
+    dial_cancel: Option<mpsc::Receiver<()>>,
+}
+
+pub struct Engine {
+    node: Mutex<Node>,
+    /// The one UDP port for WireGuard and ICE, and webrtc-ice's view of it.
+    shared: Arc<crate::socket::Shared>,
+    mux: Arc<webrtc_ice::udp_mux::UDPMuxDefault>,
+    tun: Arc<tun_rs::AsyncDevice>,
+    iface: String,
+    relay: Mutex<pb::RelayConfig>,
+    signal_out: mpsc::Sender<(PublicKey, PeerMsg)>,
+    tcp_out: RwLock<Option<TcpOut>>,
+    /// ICE sessions under way or connected, per peer.
+    ice: Mutex<HashMap<PeerId, IceSession>>,
+    /// Connected ICE connections (the per-packet lookup).
+    conns: RwLock<HashMap<PeerId, (u64, IceConn)>>,
+    routes: Mutex<BTreeMap<String, crate::routes::RouteChoice>>,
+    served: Mutex<Vec<(IpNet, bool)>>,
+}
+
+fn candidate_kind(t: CandidateType) -> &'static str {
+    match t {
+        CandidateType::Host => "host",
+        CandidateType::ServerReflexive => "srflx",
+        CandidateType::PeerReflexive => "prflx",
+        CandidateType::Relay => "relay",
+        CandidateType::Unspecified => "unknown",
+    }
+}
+
+/// A firewall rule of the network map as the core's policy filter takes it (inbound only).
+fn rule_from_map(r: &pb::FirewallRule) -> Option<Rule> {
+    if r.direction != pb::Direction::In as i32 {
+        return None;
+    }
+    let proto = match pb::Protocol::try_from(r.protocol).ok()? {
+        pb::Protocol::Any => 0,
+        pb::Protocol::Tcp => TCP,
+        pb::Protocol::Udp => UDP,
+        pb::Protocol::Icmp => ICMP,
+    };
+    Some(Rule {
+        src: r.peer_cidr.parse().ok()?,
+        proto,
+        ports: r
+            .ports
+            .iter()
+            .map(|p| (p.start as u16, p.end as u16))
+            .collect(),
+        network: if r.network.is_empty() {
+            None
+        } else {
+            Some(r.network.parse().ok()?)
+        },
+    })
+}
+
+impl Engine {
+    pub fn new(
+        key: SecretKey,
+        tun: Arc<tun_rs::AsyncDevice>,
+        iface: String,
+        signal_out: mpsc::Sender<(PublicKey, PeerMsg)>,
+        shared: Arc<crate::socket::Shared>,
+        mux: Arc<webrtc_ice::udp_mux::UDPMuxDefault>,
+    ) -> Arc<Self> {
+        Arc::new(Engine {
+            node: Mutex::new(Node::new(key.to_bytes())),
+            shared,
+            mux,
+            tun,
+            iface,
+            relay: Mutex::new(pb::RelayConfig::default()),
+            signal_out,
+            tcp_out: RwLock::new(None),
+            ice: Mutex::new(HashMap::new()),
+            conns: RwLock::new(HashMap::new()),
+            routes: Mutex::new(BTreeMap::new()),
+            served: Mutex::new(vec![]),
+        })
+    }
+
+    pub fn set_tcp_out(self: &Arc<Self>, tx: Option<TcpOut>) {
+        let up = tx.is_some();
+        *write(&self.tcp_out) = tx;
+        lock(&self.node).set_tcp_relay(up);
+        self.run_events();
+    }
+
+    pub fn tcp_connected(&self) -> bool {
+        read(&self.tcp_out).as_ref().is_some_and(|t| !t.is_closed())
+    }
+
+    /// Applies a network map: peers come and go (others keep their sessions), rules and relays
+    /// are replaced.
+    pub fn apply_map(self: &Arc<Self>, map: &pb::NetworkMap) {
+        if let Some(relay) = &map.relay {
+            *lock(&self.relay) = relay.clone();
+        }
+        let local = map
+            .peer_config
+            .as_ref()
+            .and_then(|c| c.address.split('/').next()?.parse().ok());
+        let rules = map
+            .firewall_rules
+            .iter()
+            .filter_map(rule_from_map)
+            .collect();
+        let specs: Vec<PeerSpec> = map
+            .remote_peers
+            .iter()
+            .filter_map(|rp| {
+                Some(PeerSpec {
+                    key: PublicKey::from_slice(&rp.wg_public_key).ok()?.0,
+                    id: rp.id.clone(),
+                    name: rp.name.clone(),
+                    overlay_ip: rp.overlay_ip.parse().ok()?,
+                    allowed: rp
+                        .allowed_ips
+                        .iter()
+                        .filter_map(|s| s.parse().ok())
+                        .collect(),
+                    online: rp.connected,
+                })
+            })
+            .collect();
+        {
+            let mut n = lock(&self.node);
+            if let Some(cfg) = &map.peer_config {
+                n.set_overlay(cfg.overlay_range.parse().ok());
+            }
+            n.set_rules(local, rules);
+            let before: Vec<PeerId> = n.peer_ids().collect();
+            n.apply_peers(&specs, Instant::now());
+            for id in n.peer_ids().filter(|id| !before.contains(id)) {
+                if let Some(s) = n.spec(id) {
+                    info!(peer = %s.name, ip = %s.overlay_ip, controlling = n.controlling(id), "peer added");
+                }
+            }
+        }
+        self.run_events();
+    }
+
+    /// Chooses a routing peer per routed network, installs kernel routes through the TUN device
+    /// (not where they would shadow a network this host is attached to), and, on a routing peer,
+    /// applies forwarding/masquerade rules for the networks it serves.
+    pub fn apply_routes(self: &Arc<Self>, map: &pb::NetworkMap) {
+        use crate::routes;
+        let connected: HashMap<String, bool> = map
+            .remote_peers
+            .iter()
+            .map(|p| (p.id.clone(), p.connected))
+            .collect();
+        let offers: Vec<tern_tunnel::routing::Offer> = map
+            .routes
+            .iter()
+            .map(|r| tern_tunnel::routing::Offer {
+                network: r.network.clone(),
+                peer_id: r.routing_peer_id.clone(),
+                metric: r.metric,
+            })
+            .collect();
+        let keys: HashMap<&str, &[u8]> = map
+            .routes
+            .iter()
+            .map(|r| (r.routing_peer_id.as_str(), r.routing_peer_key.as_slice()))
+            .collect();
+        let mut cur = lock(&self.routes);
+        let current: BTreeMap<String, String> = cur
+            .iter()
+            .map(|(n, c)| (n.clone(), c.peer_id.clone()))
+            .collect();
+        let picks = tern_tunnel::routing::select(&offers, &connected, &current);
+        let locals = crate::platform::net::local_networks(&self.iface);
+        let mut next = BTreeMap::new();
+        let mut assigned: Vec<(IpNet, String)> = vec![];
+        for (net, pick) in picks {
+            let Ok(parsed) = net.parse::<IpNet>() else {
+                continue;
+            };
+            let (peer_id, metric) = pick.clone().unwrap_or_default();
+            let state = if let Some(c) = routes::conflict(&parsed, &locals) {
+                c
+            } else if pick.is_none() {
+                "no connected routing peer".to_string()
+            } else {
+                assigned.push((parsed, peer_id.clone()));
+                match crate::platform::net::install(&parsed, &self.iface) {
+                    Ok(()) => "installed".to_string(),
+                    Err(e) => format!("kernel refused the route: {e}"),
+                }
+            };
+            if cur.get(&net).map(|c| (&c.peer_id, &c.state)) != Some((&peer_id, &state)) {
+                info!(network = %net, via = %peer_id, %state, "route");
+            }
+            next.insert(
+                net.clone(),
+                routes::RouteChoice {
+                    network: net,
+                    peer_key: keys
+                        .get(peer_id.as_str())
+                        .and_then(|k| PublicKey::from_slice(k).ok()),
+                    peer_id,
+                    metric,
+                    state,
+                },
+            );
+        }
+        for (net, old) in cur.iter() {
+            if old.state == "installed" && next.get(net).is_none_or(|n| n.state != "installed") {
+                if let Ok(n) = net.parse::<IpNet>() {
+                    crate::platform::net::uninstall(&n, &self.iface);
+                }
+            }
+        }
+        *cur = next;
+        drop(cur);
+        {
+            let mut n = lock(&self.node);
+            let by_peer: Vec<(IpNet, PeerId)> = assigned
+                .iter()
+                .filter_map(|(net, id)| Some((*net, n.peer_by_mgmt_id(id)?)))
+                .collect();
+            n.set_routes(by_peer, Instant::now());
+        }
+        self.run_events();
+        // Typed before anything reaches nftables: a malformed value from the map is dropped.
+        let served: Vec<(IpNet, bool)> = map
+            .served_routes
+            .iter()
+            .filter_map(|r| match r.network.parse::<IpNet>() {
+                Ok(n) => Some((n.trunc(), r.masquerade)),
+                Err(_) => {
+                    warn!(network = %r.network.escape_debug(), "management sent a malformed served network; ignored");
+                    None
+                }
+            })
+            .collect();
+        let mut prev = lock(&self.served);
+        if *prev != served {
+            let overlay = map
+                .peer_config
+                .as_ref()
+                .and_then(|c| c.overlay_range.parse::<IpNet>().ok());
+            if let Err(e) = crate::platform::net::serve(&self.iface, overlay, &served) {
+                warn!(error = %e, "could not apply routing-peer rules");
+            }
+            *prev = served;
+        }
+    }
+
+    /// Inbound packets the policy filter dropped.
+    pub fn firewall_dropped(&self) -> u64 {
+        lock(&self.node).dropped().0
+    }
+
+    pub fn route_status(&self) -> Vec<crate::routes::RouteChoice> {
+        lock(&self.routes).values().cloned().collect()
+    }
+
+    pub fn served_status(&self) -> Vec<String> {
+        lock(&self.served)
+            .iter()
+            .map(|(n, m)| {
+                if *m {
+                    format!("{n} (masquerade)")
+                } else {
+                    n.to_string()
+                }
+            })
+            .collect()
+    }
+
+    /// The core's timers every 250 ms, and the ICE work they schedule.
+    pub async fn timer_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let mut buf = vec![0u8; 2048];
+        loop {
+            tick.tick().await;
+            lock(&self.node).handle_timeout(Instant::now());
+            self.flush(&mut buf).await;
+            self.run_events();
+        }
+    }
+
+    /// Carries out what the core asked for.
+    fn run_events(self: &Arc<Self>) {
+        loop {
+            let Some(ev) = lock(&self.node).poll_event() else {
+                return;
+            };
+            match ev {
+                Event::StartIce { peer } => {
+                    let me = self.clone();
+                    tokio::spawn(async move { me.start_offer(peer).await });
+                }
+                Event::StopIce { peer, session } => self.stop_ice(peer, session),
+                Event::PathChanged { peer, kind } => {
+                    let name = lock(&self.node).spec(peer).map(|s| s.name.clone());
+                    info!(peer = %name.unwrap_or_default(), path = ?PathKind::from(kind), "path");
+                }
+            }
+        }
+    }
+
+    pub fn status(&self) -> Vec<PeerStatus> {
+        lock(&self.node)
+            .status(Instant::now())
+            .into_iter()
+            .map(|s| PeerStatus {
+                name: s.spec.name.clone(),
+                id: s.spec.id.clone(),
+                public_key: PublicKey(s.spec.key).to_base64(),
+                overlay_ip: s.spec.overlay_ip.to_string(),
+                state: if s.up { "connected" } else { "connecting" }.into(),
+                connection: if s.up { s.path.into() } else { PathKind::None },
+                path_reason: s.reason.clone(),
+                local_candidate: s.ice.as_ref().map(|i| i.local.clone()),
+                remote_candidate: s.ice.as_ref().map(|i| i.remote.clone()),
+                latency_ms: s.rtt_ms.map(|r| r as f64),
+                last_handshake_secs_ago: s.last_handshake.map(|d| d.as_secs()),
+                bytes_rx: s.rx_bytes,
+                bytes_tx: s.tx_bytes,
+                allowed_ips: s.spec.allowed.iter().map(|n| n.to_string()).collect(),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_rules_become_inbound_filter_rules() {
+        let r = pb::FirewallRule {
+            peer_cidr: "100.64.0.2/32".into(),
+            direction: pb::Direction::In as i32,
+            protocol: pb::Protocol::Tcp as i32,
+            ports: vec![pb::PortRange { start: 22, end: 22 }],
+            policy_id: "p".into(),
+            network: "192.168.50.0/24".into(),
+        };
+        let rule = rule_from_map(&r).expect("rule");
+        assert_eq!(rule.proto, TCP);
+        assert_eq!(rule.ports, vec![(22, 22)]);
+        assert_eq!(rule.network, Some("192.168.50.0/24".parse().expect("net")));
+        let out = pb::FirewallRule {
+            direction: pb::Direction::Out as i32,
+            ..r.clone()
+        };
+        assert!(
+            rule_from_map(&out).is_none(),
+            "outbound rules are not filters here"
+        );
+        let bad = pb::FirewallRule {
+            peer_cidr: "nonsense".into(),
+            ..r
+        };
+        assert!(rule_from_map(&bad).is_none());
+    }
+}
