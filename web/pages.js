@@ -169,11 +169,15 @@ export async function setupKeys(main) {
       h("td", {}, k.expires_at ? fmtTime(k.expires_at) : "never"),
       h("td", {}, chips(groupNames(groups, k.auto_groups))),
       h("td", { class: "row-actions" },
+        k.state === "valid" && k.expires_at ? h("button", { type: "button", onclick: () => keep(k), title: "Remove the expiry: the key works until revoked" }, "Keep") : null,
         k.revoked ? null : h("button", { type: "button", onclick: () => revoke(k) }, "Revoke"),
         h("button", { type: "button", class: "danger", onclick: () => remove(k) }, "Delete")))),
     "No setup keys."));
   const refresh = async () => region.update(await get("/api/setup-keys"));
 
+  async function keep(k) {
+    await rowAction(() => put(`/api/setup-keys/${k.id}`, { keep: true }), "Key kept: it no longer expires", refresh, `Keep ${k.name} without an expiry? Anyone holding it can join until you revoke it.`, "Keep");
+  }
   async function revoke(k) {
     await rowAction(() => put(`/api/setup-keys/${k.id}`, { revoked: true }), "Key revoked", refresh, `Revoke ${k.name}? Machines can no longer join with it; joined peers stay.`, "Revoke");
   }
@@ -606,12 +610,16 @@ export async function users(main, ctx) {
     });
   }
   function password(u) {
+    const own = u.id === ctx.user.id;
     const form = h("form", { novalidate: true }, formError(),
+      own ? field("Current password", input("current_password", { type: "password", autocomplete: "current-password" })) : null,
       field("New password", input("password", { type: "password", autocomplete: "new-password" }), "At least 10 characters"),
       h("div", { class: "actions" }, h("button", { type: "submit", class: "primary" }, "Change password")));
-    const d = dialog(`Password of ${u.username}`, form);
+    const d = dialog(own ? "Your password" : `Password of ${u.username}`, form);
     onSubmit(form, async (f) => {
-      await put(`/api/users/${u.id}`, { password: f.elements.password.value });
+      const body = { password: f.elements.password.value };
+      if (own) body.current_password = f.elements.current_password.value;
+      await put(`/api/users/${u.id}`, body);
       d.close(); notify("Password changed");
     });
   }

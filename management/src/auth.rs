@@ -107,10 +107,12 @@ pub fn verify_admin_token(secret: &[u8], token: &str) -> Result<AdminClaims, Aut
         .map_err(|_| AuthError::BadToken)
 }
 
-/// Password guessing brake (pure state machine; the caller passes the clock): after
-/// [`SignInThrottle::MAX_FAILURES`] failed sign-ins for one username within
-/// [`SignInThrottle::WINDOW`], that username is locked for [`SignInThrottle::LOCK`] — checked
-/// before the (deliberately slow) password hash runs.
+/// Password guessing brake (pure state machine; the caller passes the clock). Every sign-in
+/// attempt is counted *before* its password is checked (so concurrent attempts cannot slip past
+/// the limit while earlier ones are still hashing): at most [`SignInThrottle::MAX_FAILURES`]
+/// attempts per username and [`SignInThrottle::MAX_PER_SOURCE`] per source address within
+/// [`SignInThrottle::WINDOW`]; past that the username (or source) is locked for
+/// [`SignInThrottle::LOCK`]. A right password clears its username's count.
 #[derive(Default)]
 pub struct SignInThrottle {
     entries: std::collections::HashMap<String, Attempts>,
@@ -118,65 +120,220 @@ pub struct SignInThrottle {
 
 #[derive(Clone, Copy)]
 struct Attempts {
-    failures: u32,
+    count: u32,
     first: std::time::Instant,
     locked_until: Option<std::time::Instant>,
 }
 
+/// Why a sign-in was refused before its password was checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Throttled {
+    /// Until the lock ends.
+    pub wait: std::time::Duration,
+    /// The source address (not the username) hit its limit.
+    pub by_source: bool,
+}
+
 impl SignInThrottle {
     pub const MAX_FAILURES: u32 = 5;
+    pub const MAX_PER_SOURCE: u32 = 30;
     pub const WINDOW: std::time::Duration = std::time::Duration::from_secs(300);
     pub const LOCK: std::time::Duration = std::time::Duration::from_secs(300);
     /// Entries kept at most (old ones are dropped first).
     const MAX_ENTRIES: usize = 10_000;
 
-    fn key(username: &str) -> String {
-        username.trim().to_lowercase().chars().take(64).collect()
+    fn user_key(username: &str) -> String {
+        let name: String = username.trim().to_lowercase().chars().take(64).collect();
+        format!("u:{name}")
     }
 
-    /// Err(wait) while the username is locked.
-    pub fn check(
-        &self,
-        username: &str,
-        now: std::time::Instant,
-    ) -> Result<(), std::time::Duration> {
-        match self
-            .entries
-            .get(&Self::key(username))
-            .and_then(|a| a.locked_until)
-        {
-            Some(until) if until > now => Err(until - now),
-            _ => Ok(()),
+    fn source_key(ip: std::net::IpAddr) -> String {
+        // One IPv6 /64 is one source: a host usually owns the whole prefix.
+        match ip {
+            std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
+                let s = v6.segments();
+                format!("s:{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+            }
+            ip => format!("s:{}", ip.to_canonical()),
         }
     }
 
-    pub fn failed(&mut self, username: &str, now: std::time::Instant) {
+    fn locked(&self, key: &str, now: std::time::Instant) -> Option<std::time::Duration> {
+        match self.entries.get(key).and_then(|a| a.locked_until) {
+            Some(until) if until > now => Some(until - now),
+            _ => None,
+        }
+    }
+
+    fn count(&mut self, key: String, limit: u32, now: std::time::Instant) {
+        let a = self.entries.entry(key).or_insert(Attempts {
+            count: 0,
+            first: now,
+            locked_until: None,
+        });
+        if now.duration_since(a.first) >= Self::WINDOW || a.locked_until.is_some_and(|u| u <= now) {
+            *a = Attempts {
+                count: 0,
+                first: now,
+                locked_until: None,
+            };
+        }
+        a.count += 1;
+        if a.count >= limit {
+            a.locked_until = Some(now + Self::LOCK);
+        }
+    }
+
+    /// Counts one attempt for `username` from `source`, or refuses it while either is locked.
+    pub fn reserve(
+        &mut self,
+        username: &str,
+        source: Option<std::net::IpAddr>,
+        now: std::time::Instant,
+    ) -> Result<(), Throttled> {
+        let user = Self::user_key(username);
+        let src = source.map(Self::source_key);
+        if let Some(wait) = src.as_deref().and_then(|k| self.locked(k, now)) {
+            return Err(Throttled {
+                wait,
+                by_source: true,
+            });
+        }
+        if let Some(wait) = self.locked(&user, now) {
+            return Err(Throttled {
+                wait,
+                by_source: false,
+            });
+        }
         if self.entries.len() >= Self::MAX_ENTRIES {
             self.entries.retain(|_, a| {
                 now.duration_since(a.first) < Self::WINDOW
                     || a.locked_until.is_some_and(|u| u > now)
             });
         }
-        let a = self.entries.entry(Self::key(username)).or_insert(Attempts {
-            failures: 0,
-            first: now,
-            locked_until: None,
-        });
-        if now.duration_since(a.first) >= Self::WINDOW || a.locked_until.is_some_and(|u| u <= now) {
-            *a = Attempts {
-                failures: 0,
-                first: now,
-                locked_until: None,
-            };
+        self.count(user, Self::MAX_FAILURES, now);
+        if let Some(k) = src {
+            self.count(k, Self::MAX_PER_SOURCE, now);
         }
-        a.failures += 1;
-        if a.failures >= Self::MAX_FAILURES {
-            a.locked_until = Some(now + Self::LOCK);
+        Ok(())
+    }
+
+    /// The password was right: the username's count starts again, and the attempt is given
+    /// back to its source (so a busy office behind one address is limited by its failures only).
+    pub fn succeeded(&mut self, username: &str, source: Option<std::net::IpAddr>) {
+        self.entries.remove(&Self::user_key(username));
+        if let Some(a) = source.and_then(|ip| self.entries.get_mut(&Self::source_key(ip))) {
+            if a.locked_until.is_none() {
+                a.count = a.count.saturating_sub(1);
+            }
+        }
+    }
+}
+
+/// Sealed logins already seen (sender key + nonce), so a captured login cannot be played again
+/// within its timestamp window (pure; the caller passes the clock). Each entry lives
+/// [`ReplayCache::TTL`] from first sight, longer than any replay the timestamp check would let
+/// through; at most [`ReplayCache::MAX`] entries (the oldest go first).
+#[derive(Default)]
+pub struct ReplayCache {
+    seen: std::collections::HashSet<[u8; 56]>,
+    order: std::collections::VecDeque<(i64, [u8; 56])>,
+}
+
+impl ReplayCache {
+    pub const TTL: i64 = 2 * tern_proto::LOGIN_MAX_SKEW_SECS + 1;
+    pub const MAX: usize = 200_000;
+
+    /// The cache key of a sealed message, or None when its fields have the wrong sizes.
+    pub fn id(sender: &[u8], nonce: &[u8]) -> Option<[u8; 56]> {
+        if sender.len() != 32 || nonce.len() != 24 {
+            return None;
+        }
+        let mut id = [0u8; 56];
+        id[..32].copy_from_slice(sender);
+        id[32..].copy_from_slice(nonce);
+        Some(id)
+    }
+
+    /// True (and remembered) the first time `id` is seen within [`ReplayCache::TTL`].
+    pub fn first_use(&mut self, id: [u8; 56], now_unix: i64) -> bool {
+        while let Some((exp, k)) = self.order.front() {
+            if *exp > now_unix {
+                break;
+            }
+            self.seen.remove(k);
+            self.order.pop_front();
+        }
+        if self.seen.contains(&id) {
+            return false;
+        }
+        if self.order.len() >= Self::MAX {
+            if let Some((_, k)) = self.order.pop_front() {
+                self.seen.remove(&k);
+            }
+        }
+        self.seen.insert(id);
+        self.order.push_back((now_unix + Self::TTL, id));
+        true
+    }
+}
+
+/// Password hashing off the async workers: argon2 runs on the blocking pool, at most
+/// `permits` at a time (so sign-in floods cannot starve gRPC, STUN or the API); when all are
+/// busy for longer than [`PasswordPool::QUEUE_WAIT`] the caller answers 429.
+pub struct PasswordPool {
+    permits: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+/// The pool was busy for too long.
+#[derive(Debug, thiserror::Error)]
+#[error("the server is busy checking other passwords")]
+pub struct PoolBusy;
+
+impl PasswordPool {
+    pub const QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+    /// Half the cores (at least one): hashing never takes the whole machine.
+    pub fn new() -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self::with_permits((cores / 2).max(1))
+    }
+
+    pub fn with_permits(n: usize) -> Self {
+        Self {
+            permits: std::sync::Arc::new(tokio::sync::Semaphore::new(n)),
         }
     }
 
-    pub fn succeeded(&mut self, username: &str) {
-        self.entries.remove(&Self::key(username));
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, PoolBusy> {
+        let permit = tokio::time::timeout(Self::QUEUE_WAIT, self.permits.clone().acquire_owned())
+            .await
+            .map_err(|_| PoolBusy)?
+            .map_err(|_| PoolBusy)?;
+        tokio::task::spawn_blocking(move || {
+            let r = f();
+            drop(permit);
+            r
+        })
+        .await
+        .map_err(|_| PoolBusy)
+    }
+
+    pub async fn verify(&self, password: String, hash: String) -> Result<bool, PoolBusy> {
+        self.run(move || verify_password(&password, &hash)).await
+    }
+
+    pub async fn hash(&self, password: String) -> Result<Result<String, AuthError>, PoolBusy> {
+        self.run(move || hash_password(&password)).await
+    }
+}
+
+impl Default for PasswordPool {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -185,42 +342,102 @@ mod tests {
     use super::*;
 
     #[test]
-    fn five_failures_lock_the_username_for_a_while() {
+    fn attempts_are_counted_before_the_check_per_username_and_source() {
+        use std::time::Duration;
         let t0 = std::time::Instant::now();
+        let ip = |s: &str| Some(s.parse::<std::net::IpAddr>().expect("ip"));
         let mut t = SignInThrottle::default();
-        for i in 0..4 {
-            t.failed("Admin", t0 + std::time::Duration::from_secs(i));
+        // Five attempts pass (none has finished yet: counting does not wait for the outcome).
+        for i in 0..5 {
             assert!(
-                t.check("admin", t0).is_ok(),
-                "not locked after {} failures",
-                i + 1
+                t.reserve(" Admin ", ip("192.0.2.1"), t0).is_ok(),
+                "attempt {i}"
             );
         }
-        t.failed(" admin ", t0 + std::time::Duration::from_secs(10));
-        let wait = t
-            .check("ADMIN", t0 + std::time::Duration::from_secs(10))
-            .expect_err("locked");
-        assert_eq!(wait, SignInThrottle::LOCK);
-        assert!(t.check("other", t0).is_ok(), "other names are not affected");
-        let later = t0 + std::time::Duration::from_secs(10) + SignInThrottle::LOCK;
-        assert!(t.check("admin", later).is_ok(), "lock ends");
-        // After the lock, counting starts again.
-        t.failed("admin", later);
-        assert!(t.check("admin", later).is_ok());
-        // Failures spread beyond the window never lock.
-        let mut t = SignInThrottle::default();
-        for i in 0..10 {
-            t.failed("slow", t0 + SignInThrottle::WINDOW * i);
-        }
-        assert!(t.check("slow", t0 + SignInThrottle::WINDOW * 10).is_ok());
-        // Success clears the count.
+        let r = t
+            .reserve("admin", ip("192.0.2.2"), t0 + Duration::from_secs(10))
+            .expect_err("sixth attempt refused");
+        assert!(!r.by_source);
+        assert_eq!(r.wait, SignInThrottle::LOCK - Duration::from_secs(10));
+        assert!(
+            t.reserve("other", ip("192.0.2.3"), t0).is_ok(),
+            "other names are not affected"
+        );
+        let later = t0 + SignInThrottle::LOCK;
+        assert!(t.reserve("admin", None, later).is_ok(), "lock ends");
+        // A right password clears the username's count.
         let mut t = SignInThrottle::default();
         for _ in 0..4 {
-            t.failed("x", t0);
+            t.reserve("x", None, t0).expect("allowed");
         }
-        t.succeeded("x");
-        t.failed("x", t0);
-        assert!(t.check("x", t0).is_ok());
+        t.succeeded("x", None);
+        for _ in 0..4 {
+            t.reserve("x", None, t0).expect("allowed after success");
+        }
+        // Attempts spread beyond the window never lock.
+        let mut t = SignInThrottle::default();
+        for i in 0..10 {
+            t.reserve("slow", None, t0 + SignInThrottle::WINDOW * i)
+                .expect("allowed");
+        }
+        // One source guessing many usernames is stopped; one IPv6 /64 is one source.
+        let mut t = SignInThrottle::default();
+        for i in 0..SignInThrottle::MAX_PER_SOURCE {
+            let src = format!("2001:db8:1:2::{:x}", i + 1);
+            t.reserve(&format!("user{i}"), ip(&src), t0)
+                .expect("under the source limit");
+        }
+        let r = t
+            .reserve("fresh", ip("2001:db8:1:2::ffff"), t0)
+            .expect_err("source locked");
+        assert!(r.by_source);
+        assert!(t.reserve("fresh", ip("2001:db8:1:3::1"), t0).is_ok());
+        // Right passwords give their attempt back to the source.
+        let mut t = SignInThrottle::default();
+        for i in 0..SignInThrottle::MAX_PER_SOURCE * 2 {
+            let name = format!("user{i}");
+            t.reserve(&name, ip("192.0.2.9"), t0)
+                .expect("successes are not limited");
+            t.succeeded(&name, ip("192.0.2.9"));
+        }
+    }
+
+    #[test]
+    fn a_sealed_login_is_accepted_once_within_its_window() {
+        let mut c = ReplayCache::default();
+        let id = ReplayCache::id(&[1; 32], &[2; 24]).expect("sizes");
+        assert!(ReplayCache::id(&[1; 31], &[2; 24]).is_none());
+        assert!(c.first_use(id, 1000));
+        assert!(!c.first_use(id, 1000), "replayed at once");
+        assert!(
+            !c.first_use(id, 1000 + ReplayCache::TTL - 1),
+            "replayed late in the window"
+        );
+        let other = ReplayCache::id(&[1; 32], &[3; 24]).expect("sizes");
+        assert!(c.first_use(other, 1000), "another nonce is another login");
+        // After the window the timestamp check refuses it anyway; the entry is gone.
+        assert!(c.first_use(id, 1000 + ReplayCache::TTL));
+        assert!(c.seen.len() <= 2);
+    }
+
+    #[tokio::test]
+    async fn hashing_runs_off_the_async_workers_and_answers_busy_when_full() {
+        let pool = PasswordPool::with_permits(1);
+        let h = pool
+            .hash("correct horse".into())
+            .await
+            .expect("pool")
+            .expect("hash");
+        assert!(pool
+            .verify("correct horse".into(), h.clone())
+            .await
+            .expect("pool"));
+        assert!(!pool.verify("wrong".into(), h).await.expect("pool"));
+        // Hold the only permit: the next caller gives up after QUEUE_WAIT instead of queueing.
+        let _held = pool.permits.clone().acquire_owned().await.expect("permit");
+        let t = std::time::Instant::now();
+        assert!(pool.verify("x".into(), "y".into()).await.is_err());
+        assert!(t.elapsed() >= PasswordPool::QUEUE_WAIT);
     }
 
     #[test]

@@ -1,8 +1,13 @@
 //! First start: an admin account and a reusable setup key, returned once so the binary can print
-//! them (they are stored hashed and can never be shown again).
+//! them (they are stored hashed and can never be shown again). The key expires after
+//! [`FIRST_KEY_TTL`] unless an admin keeps it (console: Setup keys → Keep): a key printed in a
+//! log must not stay a way in for good.
 
 use crate::auth::{self, SETUP_KEY_PREFIX};
 use crate::store::{hash_secret, NewSetupKey, Store, StoreError};
+
+/// How long the setup key made at first start works, unless an admin keeps it.
+pub const FIRST_KEY_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 #[derive(Debug)]
 pub struct FirstStart {
@@ -39,7 +44,7 @@ pub async fn first_start(
         name: "default".into(),
         reusable: true,
         usage_limit: 0,
-        expires_at: None,
+        expires_at: Some(crate::model::now_millis() + FIRST_KEY_TTL.as_millis() as i64),
         ephemeral: false,
         auto_groups: vec![],
     };

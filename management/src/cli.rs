@@ -274,7 +274,7 @@ pub async fn run(args: Args, with_signal: bool) -> anyhow::Result<()> {
     println!("  Console and API:  {url}/   (OpenAPI: {url}/api/openapi.json)");
     println!("  Agents join with: tern up --management-url {url} --setup-key <KEY>");
     if let Some(r) = &running.relay {
-        println!("  Relay:            STUN/TURN udp {}  (TCP fallback {url}/relay, metrics {url}/metrics)", r.udp_addr);
+        println!("  Relay:            STUN/TURN udp {}  (TCP fallback {url}/relay, metrics {url}/metrics with an admin token)", r.udp_addr);
     }
     match running.state.opts.public.ports {
         Some((a, b)) => println!(
@@ -291,7 +291,7 @@ pub async fn run(args: Args, with_signal: bool) -> anyhow::Result<()> {
             None => println!("  Admin password:   (from TERN_ADMIN_PASSWORD)"),
         }
         println!(
-            "  Setup key:        {}   (reusable, no expiry; revoke it in the console)",
+            "  Setup key:        {}   (reusable; expires in 24 h unless you keep it under Setup keys in the console)",
             f.setup_key
         );
     }

@@ -133,6 +133,20 @@ impl ManagementService for AgentService {
                 tern_proto::LOGIN_MAX_SKEW_SECS
             )));
         }
+        let fresh = crate::auth::ReplayCache::id(&sealed.sender_public_key, &sealed.nonce)
+            .is_some_and(|id| {
+                self.state
+                    .login_replays
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .first_use(id, now_unix())
+            });
+        if !fresh {
+            info!(key = %agent_key, "login refused: a replayed message");
+            return Err(Status::unauthenticated(
+                "this login message was already used: an agent seals a fresh one for every login",
+            ));
+        }
         let setup_key = (!login.setup_key.is_empty()).then_some(login.setup_key.as_str());
         let out = self
             .state

@@ -155,6 +155,21 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Running> {
                     .await
                     .context("starting the embedded relay")?,
             );
+            // The relay refuses the overlay range as a peer address: follow settings changes.
+            let (filter, watched) = (relay.filter.clone(), store.clone());
+            tokio::spawn(async move {
+                let mut changes = watched.subscribe();
+                let mut current = Some(settings.overlay_range);
+                while changes.changed().await.is_ok() {
+                    if let Ok(s) = watched.settings().await {
+                        if current != Some(s.overlay_range) {
+                            tracing::info!(overlay = %s.overlay_range, "relay: overlay range changed");
+                            current = Some(s.overlay_range);
+                            filter.set_overlay(current);
+                        }
+                    }
+                }
+            });
             let udp = format!("{}:{}", host_for_url(er.public_ip), relay.udp_addr.port());
             if opts.relay.stun_urls.is_empty() {
                 opts.relay.stun_urls.push(format!("stun:{udp}"));
@@ -249,10 +264,13 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Running> {
     })
 }
 
-/// `/metrics`: the embedded relay's counters and those of public services (Prometheus text).
+/// `/metrics`: the embedded relay's counters and those of public services (Prometheus text),
+/// for admins only (a personal access token as the scraper's bearer token): service names,
+/// ports and traffic are not for everyone who can reach the API port.
 fn metrics_router(state: Arc<AppState>) -> axum::Router {
     async fn render(
         axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+        _admin: crate::api::Admin,
     ) -> impl axum::response::IntoResponse {
         let mut out = state
             .relay_metrics

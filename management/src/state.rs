@@ -63,8 +63,12 @@ pub struct AppState {
     /// UDP address of the embedded relay, for the health probe.
     pub relay_udp: std::sync::OnceLock<std::net::SocketAddr>,
     relay_health: Mutex<Option<(Instant, bool)>>,
-    /// Password sign-in attempts per username.
+    /// Password sign-in attempts per username and source.
     pub sign_in_throttle: std::sync::Mutex<crate::auth::SignInThrottle>,
+    /// argon2 off the async workers, bounded.
+    pub passwords: crate::auth::PasswordPool,
+    /// Sealed logins already used (replays are refused).
+    pub login_replays: std::sync::Mutex<crate::auth::ReplayCache>,
     /// Public services: listeners, tunnels to agents, counters (set by the server at start).
     pub publisher: std::sync::OnceLock<Arc<crate::publish::Publisher>>,
 }
@@ -140,6 +144,8 @@ impl AppState {
             relay_udp: std::sync::OnceLock::new(),
             relay_health: Mutex::new(None),
             sign_in_throttle: std::sync::Mutex::new(Default::default()),
+            passwords: crate::auth::PasswordPool::new(),
+            login_replays: std::sync::Mutex::new(Default::default()),
             publisher: std::sync::OnceLock::new(),
         }))
     }

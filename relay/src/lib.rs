@@ -64,6 +64,8 @@ impl RelayConfig {
 
 pub struct Relay {
     pub metrics: Arc<Metrics>,
+    /// The peer-address filter (shared with the UDP front; its overlay range can change).
+    pub filter: filter::PeerFilter,
     pub udp_addr: SocketAddr,
     pub tcp: Arc<tcp::TcpRelay>,
     turn: turn::server::Server,
@@ -81,7 +83,7 @@ impl Relay {
         let filter = filter::PeerFilter::new(cfg.overlay, cfg.allow_peers.clone());
         let shared = udp::UdpShared::new(
             metrics.clone(),
-            filter,
+            filter.clone(),
             cfg.secret.clone(),
             cfg.realm.clone(),
             cfg.limits.clone(),
@@ -109,6 +111,7 @@ impl Relay {
         tracing::info!(%udp_addr, public_ip = %cfg.public_ip, ports = %format!("{}-{}", cfg.min_port, cfg.max_port), "relay listening");
         Ok(Relay {
             metrics,
+            filter,
             udp_addr,
             tcp,
             turn,

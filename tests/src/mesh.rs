@@ -297,29 +297,20 @@ impl Mesh {
             .to_string()
     }
 
+    /// A GET as an admin from inside the server namespace (curl); returns the body as text.
+    pub fn api_text(&self, path: &str) -> String {
+        let auth = self.admin_auth();
+        let url = format!("http://{SERVER_IP}:443{path}");
+        let out = self
+            .lab
+            .exec(&self.lab.ns("srv"), &["curl", "-sS", "-H", &auth, &url]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// An admin API call made from inside the server namespace (curl); returns the JSON reply.
     pub fn api(&self, method: &str, path: &str, body: Option<&str>) -> Value {
         let srv = self.lab.ns("srv");
-        let login_url = format!("http://{SERVER_IP}:443/api/auth/login");
-        let login = self.lab.exec(
-            &srv,
-            &[
-                "curl",
-                "-sS",
-                "-X",
-                "POST",
-                "-H",
-                "content-type: application/json",
-                "-d",
-                &format!(r#"{{"username":"admin","password":"{ADMIN_PASSWORD}"}}"#),
-                &login_url,
-            ],
-        );
-        let token: Value = serde_json::from_slice(&login.stdout).expect("login reply");
-        let auth = format!(
-            "authorization: Bearer {}",
-            token["token"].as_str().expect("token")
-        );
+        let auth = self.admin_auth();
         let url = format!("http://{SERVER_IP}:443{path}");
         let mut args = vec![
             "curl",
@@ -337,5 +328,30 @@ impl Mesh {
         args.push(&url);
         let out = self.lab.exec(&srv, &args);
         serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    }
+
+    /// `authorization: Bearer ...` for the admin (signed in through the API).
+    fn admin_auth(&self) -> String {
+        let srv = self.lab.ns("srv");
+        let login_url = format!("http://{SERVER_IP}:443/api/auth/login");
+        let login = self.lab.exec(
+            &srv,
+            &[
+                "curl",
+                "-sS",
+                "-X",
+                "POST",
+                "-H",
+                "content-type: application/json",
+                "-d",
+                &format!(r#"{{"username":"admin","password":"{ADMIN_PASSWORD}"}}"#),
+                &login_url,
+            ],
+        );
+        let token: Value = serde_json::from_slice(&login.stdout).expect("login reply");
+        format!(
+            "authorization: Bearer {}",
+            token["token"].as_str().expect("token")
+        )
     }
 }

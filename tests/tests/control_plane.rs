@@ -140,6 +140,82 @@ async fn setup_keys_admit_exactly_what_they_allow() {
     .await;
 }
 
+/// Security issue item 3: an expired peer gets back in only with a valid setup key (any other
+/// string is refused) or after an admin turns its login expiry off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_peer_needs_a_valid_setup_key_or_an_admin() {
+    init_tracing();
+    on_each_backend(|_, url| async move {
+        let srv = TestServer::start(&url).await.expect("server");
+        let agent = TestAgent::new(&srv, "laptop").await;
+        let l = agent
+            .login(Some(&srv.default_setup_key))
+            .await
+            .expect("register");
+        let (s, v) = srv
+            .put(
+                &format!("/api/peers/{}", l.peer_id),
+                json!({ "login_expiration_enabled": true }),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        let settings = srv.get("/api/settings").await;
+        let (s, v) = srv
+            .put(
+                "/api/settings",
+                json!({"overlay_range": settings["overlay_range"], "mtu": settings["mtu"],
+                "peer_login_expiry_secs": 1, "ephemeral_ttl_secs": settings["ephemeral_ttl_secs"]}),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        let err = agent.login(None).await.expect_err("expired without a key");
+        assert!(err.message().contains("login expired"), "{}", err.message());
+        for bogus in ["x", "tern_sk_not-a-real-key-at-all-000000"] {
+            let err = agent
+                .login(Some(bogus))
+                .await
+                .expect_err("a made-up key is not enough");
+            assert!(
+                err.message().contains("not valid"),
+                "{bogus}: {}",
+                err.message()
+            );
+        }
+        // A revoked key is not enough either.
+        let (rev, rev_id) = srv
+            .setup_key(json!({ "name": "old", "reusable": true }))
+            .await;
+        let (s, _) = srv
+            .put(
+                &format!("/api/setup-keys/{rev_id}"),
+                json!({ "revoked": true }),
+            )
+            .await;
+        assert_eq!(s, 200);
+        let err = agent.login(Some(&rev)).await.expect_err("revoked key");
+        assert!(err.message().contains("revoked"), "{}", err.message());
+        // A valid key renews the login ...
+        agent
+            .login(Some(&srv.default_setup_key))
+            .await
+            .expect("a valid key renews the login");
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        agent.login(None).await.expect_err("expired again");
+        // ... and so does an admin turning expiry off for the peer.
+        let (s, v) = srv
+            .put(
+                &format!("/api/peers/{}", l.peer_id),
+                json!({ "login_expiration_enabled": false }),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        agent.login(None).await.expect("expiry off: back in");
+        srv.stop().await;
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn login_requires_holding_the_key_and_a_fresh_timestamp() {
     init_tracing();
@@ -174,6 +250,24 @@ async fn login_requires_holding_the_key_and_a_fresh_timestamp() {
     let sealed = tern_proto::seal(&a.key, &server_pub, &old.encode_to_vec()).expect("seal");
     let err = c.login(sealed).await.expect_err("stale");
     assert!(err.message().contains("clock"), "{}", err.message());
+    // A captured login played again within its window (security issue item 5): once the peer
+    // is deleted, the replay must not register it again.
+    let captured = tern_proto::seal(&a.key, &server_pub, &req.encode_to_vec()).expect("seal");
+    let first = c.login(captured.clone()).await.expect("first use");
+    let (_, body) = tern_proto::open(&a.key, &first.into_inner()).expect("open");
+    let peer_id = tern_proto::management::LoginResponse::decode(body.as_slice())
+        .expect("decode")
+        .peer_id;
+    assert_eq!(srv.delete(&format!("/api/peers/{peer_id}")).await, 204);
+    let err = c.login(captured).await.expect_err("replayed");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(err.message().contains("already used"), "{}", err.message());
+    let peers = srv.get("/api/peers").await;
+    assert_eq!(
+        peers.as_array().map(|p| p.len()),
+        Some(0),
+        "not registered again: {peers}"
+    );
     // Garbage.
     let err = c
         .login(tern_proto::management::SealedMessage::default())
@@ -562,6 +656,67 @@ async fn signal_rate_limits_a_flooding_peer() {
     assert!(
         limited >= 100,
         "expected the burst limit to refuse most of the excess, got {limited}"
+    );
+    srv.stop().await;
+    db.cleanup().await;
+}
+
+/// Security issue item 14: the agent pins the management server's key at the first join and
+/// refuses a server that presents another one (e.g. someone answering at the management URL),
+/// saying how to join again on purpose. Runs the real `tern` binary; the refusal comes before
+/// any TUN device or route is made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_refuses_a_management_server_whose_key_changed() {
+    init_tracing();
+    if tern_tests::mesh::skip() {
+        return;
+    }
+    let db = TestDb::new(Backend::Sqlite).await.expect("db");
+    let srv = TestServer::start(&db.url).await.expect("server");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let state = tmp.path().join("state");
+    std::fs::create_dir_all(&state).expect("state dir");
+    let someone_else = tern_proto::SecretKey::generate().public_key().to_base64();
+    std::fs::write(
+        state.join("config.json"),
+        serde_json::to_string(&json!({
+            "management_url": srv.base, "hostname": "pinned", "interface": "ternpin0",
+            "mtu": null, "server_key": someone_else,
+        }))
+        .expect("json"),
+    )
+    .expect("config");
+    let mut child = std::process::Command::new(tern_tests::mesh::bin("tern"))
+        .args(["--interface", "ternpin0", "up"])
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--run-dir")
+        .arg(tmp.path().join("run"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run tern");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = std::process::Command::new("ip")
+                .args(["link", "del", "ternpin0"])
+                .status();
+            panic!("tern up kept running against a server with another key");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = child.wait_with_output().expect("output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("presents key"), "{stderr}");
+    assert!(stderr.contains(&someone_else), "{stderr}");
+    assert!(stderr.contains("tern up --setup-key"), "{stderr}");
+    assert!(
+        !std::path::Path::new("/sys/class/net/ternpin0").exists(),
+        "no TUN device was made"
     );
     srv.stop().await;
     db.cleanup().await;

@@ -147,6 +147,10 @@ async fn provider_tokens_are_checked_for_issuer_audience_signature_expiry_and_cl
             .expect("session token")
             .to_string();
         assert_eq!(me(&server, &st).await.0, 200);
+        // The session ends when the provider's token does (10 minutes here), not after the
+        // server's 12-hour session lifetime (security issue item 6).
+        let ends = session["expires_at"].as_i64().expect("expires_at");
+        assert!(ends <= now() + 600 && ends >= now() + 590, "{session}");
         let out = server
             .http
             .post(server.url("/api/auth/logout"))

@@ -529,10 +529,6 @@ fn outside_hosts_reach_factory_ports_through_the_server() {
     both_ways(&mut m, &out, &lan6, 10060, 10061, "sink-nat64", false);
 
     // Metrics name every service.
-    let metrics = m.lab.exec(
-        &m.lab.ns("srv"),
-        &["curl", "-sS", &format!("http://{SERVER_IP}:443/metrics")],
-    );
-    let text = String::from_utf8_lossy(&metrics.stdout);
+    let text = m.api_text("/metrics");
     assert!(text.contains("tern_public_service_connections_total{service=\"plc\",protocol=\"tcp\",port=\"10001\"}"), "{text}");
 }

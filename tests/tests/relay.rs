@@ -567,10 +567,18 @@ async fn network_map_hands_out_working_credentials_for_the_embedded_relay() {
         (la.peer_id.clone(), b"hello b".to_vec())
     );
 
-    // Metrics are served on the same port.
+    // Metrics are served on the same port, to admins only.
+    let anonymous = srv
+        .http
+        .get(srv.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics");
+    assert_eq!(anonymous.status().as_u16(), 401, "metrics need a token");
     let text = srv
         .http
         .get(srv.url("/metrics"))
+        .bearer_auth(&srv.token)
         .send()
         .await
         .expect("metrics")

@@ -74,6 +74,224 @@ async fn password_guessing_locks_the_username_not_everyone() {
     db.cleanup().await;
 }
 
+/// Security issue items 1 and 11: concurrent guesses cannot outrun the per-username limit (each
+/// attempt is counted before its password is checked), one address guessing many usernames is
+/// stopped, and a client that sends half a request is cut off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_guesses_are_counted_before_the_check_and_slow_clients_are_cut_off() {
+    init_tracing();
+    let db = TestDb::new(Backend::Sqlite).await.expect("db");
+    let srv = TestServer::start(&db.url).await.expect("server");
+    let http = reqwest::Client::new();
+    let url = srv.url("/api/auth/login");
+    // 200 wrong guesses at once, the right password among them.
+    let mut tasks = vec![];
+    for i in 0..200 {
+        let http = http.clone();
+        let url = url.clone();
+        let pw = if i == 150 {
+            ADMIN_PASSWORD
+        } else {
+            "guess-guess-guess"
+        };
+        tasks.push(tokio::spawn(async move {
+            http.post(url)
+                .json(&json!({"username": "admin", "password": pw}))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        }));
+    }
+    let mut checked = 0;
+    for t in tasks {
+        let status = t.await.expect("task");
+        assert!(matches!(status, 200 | 401 | 429), "status {status}");
+        if status != 429 {
+            checked += 1;
+        }
+    }
+    assert!(
+        checked <= 5,
+        "{checked} passwords were checked; the limit is 5 per username"
+    );
+    // One address trying many usernames is stopped too (counted across usernames).
+    let mut last = (0, Value::Null);
+    for i in 0..40 {
+        let r = http
+            .post(&url)
+            .json(&json!({"username": format!("nobody{i}"), "password": "whatever-123"}))
+            .send()
+            .await
+            .expect("login");
+        last = (
+            r.status().as_u16(),
+            r.json::<Value>().await.unwrap_or(Value::Null),
+        );
+        if last.0 == 429 {
+            break;
+        }
+    }
+    assert_eq!(last.0, 429, "{}", last.1);
+    assert!(
+        last.1["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("from your address"),
+        "{}",
+        last.1
+    );
+    // Half a request: the server closes the connection instead of waiting forever.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = srv.base.trim_start_matches("http://").to_string();
+    let mut tcp = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    let mut buf = [0u8; 512];
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {} // a 408 before the close is fine
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "a partial request held its connection for 30 s"
+    );
+    // A connection that sends nothing at all is closed too.
+    let mut idle = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let closed =
+        tokio::time::timeout(std::time::Duration::from_secs(30), idle.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "an idle connection stayed open"
+    );
+    srv.stop().await;
+    db.cleanup().await;
+}
+
+/// Security issue item 7: the setup key made at first start expires after 24 h unless an admin
+/// keeps it; an expired key cannot be kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_setup_key_expires_unless_an_admin_keeps_it() {
+    init_tracing();
+    let db = TestDb::new(Backend::Sqlite).await.expect("db");
+    let srv = TestServer::start(&db.url).await.expect("server");
+    let keys = srv.get("/api/setup-keys").await;
+    let first = keys
+        .as_array()
+        .and_then(|k| k.iter().find(|k| k["name"] == "default"))
+        .cloned()
+        .expect("the first start's key");
+    let now = tern_management::model::now_millis();
+    let expires = first["expires_at"].as_i64().expect("it expires");
+    let day = 24 * 3600 * 1000;
+    assert!(
+        (now + day - 60_000..=now + day).contains(&expires),
+        "{first}"
+    );
+    let path = format!("/api/setup-keys/{}", id(&first));
+    let (s, kept) = srv.put(&path, json!({ "keep": true })).await;
+    assert_eq!(s, 200, "{kept}");
+    assert!(kept["expires_at"].is_null(), "{kept}");
+    assert_eq!(kept["state"], "valid");
+    // An expired key stays expired.
+    let new = tern_management::store::NewSetupKey {
+        name: "old".into(),
+        reusable: true,
+        usage_limit: 0,
+        expires_at: Some(now - 1000),
+        ephemeral: false,
+        auto_groups: vec![],
+    };
+    let old = srv
+        .state()
+        .store
+        .create_setup_key("test", &new, "0123", "tern_sk_0123")
+        .await
+        .expect("create");
+    assert_err(
+        srv.put(
+            &format!("/api/setup-keys/{}", old.id),
+            json!({ "keep": true }),
+        )
+        .await,
+        422,
+        "already expired",
+    );
+    srv.stop().await;
+    db.cleanup().await;
+}
+
+/// Security issue item 7: changing one's own password needs the current one (a stolen session is
+/// not enough); another admin's password can be reset without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_password_change_needs_the_current_password() {
+    init_tracing();
+    let db = TestDb::new(Backend::Sqlite).await.expect("db");
+    let srv = TestServer::start(&db.url).await.expect("server");
+    let users = srv.get("/api/users").await;
+    let me = users
+        .as_array()
+        .and_then(|a| a.iter().find(|u| u["username"] == "admin"))
+        .and_then(|u| u["id"].as_str())
+        .expect("admin user")
+        .to_string();
+    let path = format!("/api/users/{me}");
+    let (s, v) = srv
+        .put(&path, json!({"password": "new-password-123"}))
+        .await;
+    assert_eq!(s, 422, "{v}");
+    assert_eq!(v["field"], "current_password", "{v}");
+    let (s, v) = srv
+        .put(
+            &path,
+            json!({"password": "new-password-123", "current_password": "not-it-at-all"}),
+        )
+        .await;
+    assert_eq!(s, 422, "{v}");
+    assert!(
+        v.to_string().contains("is not your current password"),
+        "{v}"
+    );
+    let (s, v) = srv
+        .put(
+            &path,
+            json!({"password": "new-password-123", "current_password": ADMIN_PASSWORD}),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let http = reqwest::Client::new();
+    admin_login(&http, &srv.base, "admin", "new-password-123")
+        .await
+        .expect("the new password works");
+    // Another admin's password: no current password needed (they may have forgotten it).
+    let (s, other) = srv
+        .post(
+            "/api/users",
+            json!({"username": "second", "password": "second-admin-pw"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{other}");
+    let (s, v) = srv
+        .put(
+            &format!("/api/users/{}", other["id"].as_str().expect("id")),
+            json!({"password": "reset-by-admin-1"}),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    srv.stop().await;
+    db.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authentication_is_required_and_tokens_work() {
     init_tracing();
@@ -180,7 +398,7 @@ async fn authentication_is_required_and_tokens_work() {
     let r = http
         .put(srv.url(&format!("/api/users/{}", id(&u))))
         .bearer_auth(&ops_token)
-        .json(&json!({ "password": "ops-password-2" }))
+        .json(&json!({ "password": "ops-password-2", "current_password": "ops-password-1" }))
         .send()
         .await
         .expect("change password");

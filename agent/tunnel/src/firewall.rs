@@ -150,10 +150,14 @@ impl Firewall {
             return false;
         };
         if error {
+            // It must quote a flow this side sent (recently) and be addressed to that flow's
+            // sender (this host, or a host on a network it serves), not to anyone else here.
             let related = quoted_flow(pkt).is_some_and(|f| {
-                self.flows
-                    .get(&f)
-                    .is_some_and(|seen| now.saturating_duration_since(*seen) < FLOW_IDLE)
+                f.local == dst
+                    && self
+                        .flows
+                        .get(&f)
+                        .is_some_and(|seen| now.saturating_duration_since(*seen) < FLOW_IDLE)
             });
             if !related {
                 self.dropped += 1;
@@ -335,6 +339,14 @@ mod tests {
         assert!(
             !f.inbound(&forged, t),
             "quoting a flow this host never sent"
+        );
+        // Quoting our flow but addressed to another host (here a LAN host): dropped.
+        let mut misaddressed = icmp([192, 168, 50, 1], [192, 168, 50, 20], 3, 0);
+        misaddressed.truncate(28);
+        misaddressed.extend_from_slice(&sent[..28]);
+        assert!(
+            !f.inbound(&misaddressed, t),
+            "an ICMP error goes to the sender of the flow it quotes"
         );
         assert!(!f.inbound(&[0x45, 0, 0], t), "truncated");
     }

@@ -79,7 +79,7 @@ impl FromRequestParts<Arc<AppState>> for Admin {
             let actor = format!("user:{}", user.username);
             (user, actor, Some(claims.sid))
         } else {
-            let user = oidc_admin(state, token).await?;
+            let (user, _) = oidc_admin(state, token).await?;
             let actor = format!("user:{} (sso)", user.username);
             (user, actor, None)
         };
@@ -104,7 +104,8 @@ fn enabled(user: User) -> ApiResult<User> {
 }
 
 /// Validates an identity provider's token and returns the linked admin account.
-async fn oidc_admin(state: &AppState, token: &str) -> ApiResult<User> {
+/// The admin a provider's token names, and when that token expires (Unix seconds).
+async fn oidc_admin(state: &AppState, token: &str) -> ApiResult<(User, i64)> {
     use crate::oidc::OidcError;
     let Some(v) = &state.oidc else {
         return Err(ApiError::Unauthorized(
@@ -121,7 +122,10 @@ async fn oidc_admin(state: &AppState, token: &str) -> ApiResult<User> {
             _ => ApiError::Unauthorized(format!("identity provider token refused: {e}")),
         }
     })?;
-    Ok(state.store.oidc_user(&id.subject, &id.username).await?)
+    Ok((
+        state.store.oidc_user(&id.subject, &id.username).await?,
+        id.expires_at,
+    ))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -161,14 +165,18 @@ pub(super) fn cidr(field: &str, s: &str) -> ApiResult<IpNet> {
     Ok(n)
 }
 
-fn password(field: &str, p: &str) -> ApiResult<String> {
+async fn password(s: &AppState, field: &str, p: &str) -> ApiResult<String> {
     if p.chars().count() < 10 {
         return Err(ApiError::invalid(field, "must be at least 10 characters"));
     }
     if p.len() > 1024 {
         return Err(ApiError::invalid(field, "must be at most 1024 bytes"));
     }
-    auth::hash_password(p).map_err(|e| ApiError::Internal(e.into()))
+    s.passwords
+        .hash(p.to_string())
+        .await
+        .map_err(busy)?
+        .map_err(|e| ApiError::Internal(e.into()))
 }
 
 fn deleted() -> impl IntoResponse {
@@ -215,30 +223,75 @@ pub struct LoginReply {
 /// Sign in with an admin account; returns a session JWT.
 #[utoipa::path(post, path = "/api/auth/login", security(), request_body = LoginBody,
     responses((status = 200, body = LoginReply), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
-pub async fn login(State(s): St, ApiJson(b): ApiJson<LoginBody>) -> ApiResult<Json<LoginReply>> {
-    let throttle = || s.sign_in_throttle.lock().unwrap_or_else(|e| e.into_inner());
-    if let Err(wait) = throttle().check(&b.username, std::time::Instant::now()) {
-        tracing::warn!(username = %b.username.trim(), "admin sign-in refused: too many failed attempts");
-        return Err(ApiError::TooManyRequests(format!(
-            "too many failed sign-ins for this user; try again in {} s",
-            wait.as_secs().max(1)
-        )));
+pub async fn login(
+    State(s): St,
+    SourceAddr(source): SourceAddr,
+    ApiJson(b): ApiJson<LoginBody>,
+) -> ApiResult<Json<LoginReply>> {
+    let username = b.username.trim();
+    // Counted before any await: concurrent guesses cannot outrun the limit.
+    let reserved = s
+        .sign_in_throttle
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .reserve(username, source, std::time::Instant::now());
+    if let Err(t) = reserved {
+        let wait = t.wait.as_secs().max(1);
+        return Err(if t.by_source {
+            tracing::warn!(source = ?source, "admin sign-in refused: too many attempts from this address");
+            ApiError::TooManyRequests(format!(
+                "too many sign-in attempts from your address; try again in {wait} s"
+            ))
+        } else {
+            tracing::warn!(%username, "admin sign-in refused: too many failed attempts");
+            ApiError::TooManyRequests(format!(
+                "too many failed sign-ins for this user; try again in {wait} s"
+            ))
+        });
     }
-    let creds = s.store.user_credentials(b.username.trim()).await?;
+    if b.password.len() > 1024 {
+        return Err(ApiError::Unauthorized("wrong username or password".into()));
+    }
+    let creds = s.store.user_credentials(username).await?;
     let hash = creds
         .as_ref()
-        .map(|c| c.password_hash.as_str())
-        .unwrap_or_else(|| auth::dummy_hash());
-    let ok = auth::verify_password(&b.password, hash);
+        .map(|c| c.password_hash.clone())
+        .unwrap_or_else(|| auth::dummy_hash().to_string());
+    let ok = s.passwords.verify(b.password, hash).await.map_err(busy)?;
     let Some(c) = creds.filter(|_| ok) else {
-        tracing::info!(username = %b.username.trim(), "admin sign-in refused");
-        throttle().failed(&b.username, std::time::Instant::now());
+        tracing::info!(%username, "admin sign-in refused");
         return Err(ApiError::Unauthorized("wrong username or password".into()));
     };
     let user = enabled(c.user)?;
-    throttle().succeeded(&b.username);
+    s.sign_in_throttle
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .succeeded(username, source);
     let ttl = s.opts.admin_session_ttl.as_secs() as i64;
     open_session(&s, user, SignInMethod::Password, ttl).await
+}
+
+fn busy(e: auth::PoolBusy) -> ApiError {
+    ApiError::TooManyRequests(format!("{e}; try again in a few seconds"))
+}
+
+/// The client's address, when the listener recorded it (`ConnectInfo`).
+pub struct SourceAddr(pub Option<std::net::IpAddr>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for SourceAddr {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(SourceAddr(
+            parts
+                .extensions
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                .map(|c| c.0.ip()),
+        ))
+    }
 }
 
 /// Opens a console session of `ttl` seconds and signs its token.
@@ -294,8 +347,17 @@ pub async fn login_oidc(
             "this is a Tern session token, not one from the identity provider",
         ));
     }
-    let user = enabled(oidc_admin(&s, token).await?)?;
-    let ttl = s.opts.admin_session_ttl.as_secs() as i64;
+    let (user, token_expires) = oidc_admin(&s, token).await?;
+    let user = enabled(user)?;
+    // The session ends no later than the provider's token: signing out at the provider (or a
+    // short token lifetime there) must not leave a longer Tern session behind.
+    let left = token_expires - now_millis() / 1000;
+    let ttl = (s.opts.admin_session_ttl.as_secs() as i64).min(left);
+    if ttl < 1 {
+        return Err(ApiError::Unauthorized(
+            "identity provider token refused: it has expired; sign in again".into(),
+        ));
+    }
     open_session(&s, user, SignInMethod::Oidc, ttl).await
 }
 
@@ -371,6 +433,8 @@ pub struct NewUserBody {
 pub struct UpdateUserBody {
     pub disabled: Option<bool>,
     pub password: Option<String>,
+    /// Required when changing one's own password.
+    pub current_password: Option<String>,
 }
 
 #[utoipa::path(get, path = "/api/users", responses((status = 200, body = [User])))]
@@ -386,7 +450,7 @@ pub async fn create_user(
     ApiJson(b): ApiJson<NewUserBody>,
 ) -> ApiResult<impl IntoResponse> {
     let username = name("username", &b.username)?;
-    let hash = password("password", &b.password)?;
+    let hash = password(&s, "password", &b.password).await?;
     let u = s.store.create_user(&a.actor, &username, &hash).await?;
     Ok((StatusCode::CREATED, Json(u)))
 }
@@ -409,11 +473,27 @@ pub async fn update_user(
             "this account signs in through the identity provider and has no password",
         ));
     }
-    let hash = b
-        .password
-        .as_deref()
-        .map(|p| password("password", p))
-        .transpose()?;
+    if b.password.is_some() && a.user.id == id {
+        // A stolen session must not be enough to take the account over.
+        let Some(current) = b.current_password.clone().filter(|p| !p.is_empty()) else {
+            return Err(ApiError::invalid(
+                "current_password",
+                "enter your current password to change it",
+            ));
+        };
+        let creds = s.store.user_credentials(&a.user.username).await?;
+        let hash = creds.map(|c| c.password_hash).unwrap_or_default();
+        if current.len() > 1024 || !s.passwords.verify(current, hash).await.map_err(busy)? {
+            return Err(ApiError::invalid(
+                "current_password",
+                "is not your current password",
+            ));
+        }
+    }
+    let hash = match b.password.as_deref() {
+        Some(p) => Some(password(&s, "password", p).await?),
+        None => None,
+    };
     let user = s
         .store
         .update_user(&a.actor, &id, b.disabled, hash.as_deref())
@@ -595,6 +675,9 @@ pub struct UpdateSetupKeyBody {
     /// true revokes the key (cannot be undone).
     pub revoked: Option<bool>,
     pub auto_groups: Option<Vec<String>>,
+    /// true removes the key's expiry (e.g. keeps the key made at first start, which expires
+    /// after 24 h). An expired key cannot be kept.
+    pub keep: Option<bool>,
 }
 
 #[utoipa::path(get, path = "/api/setup-keys", responses((status = 200, body = [SetupKey])))]
@@ -680,6 +763,7 @@ pub async fn update_setup_key(
                 n.as_deref(),
                 b.revoked,
                 b.auto_groups.as_deref(),
+                b.keep == Some(true),
             )
             .await?,
     ))

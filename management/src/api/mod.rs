@@ -7,6 +7,7 @@ mod handlers;
 mod services;
 
 pub use error::ApiError;
+pub use handlers::Admin;
 
 use crate::state::AppState;
 use axum::extract::DefaultBodyLimit;

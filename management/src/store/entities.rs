@@ -622,9 +622,22 @@ impl Store {
         name: Option<&str>,
         revoked: Option<bool>,
         auto_groups: Option<&[String]>,
+        keep: bool,
     ) -> Result<SetupKey> {
         let mut c = self.begin_change(actor).await?;
         let before = read_setup_key(c.conn(), id).await?;
+        if keep {
+            if setup_key_state(&before, now_millis()) == "expired" {
+                return Err(StoreError::invalid(
+                    "keep",
+                    "this setup key has already expired; create a new one",
+                ));
+            }
+            sqlx::query("UPDATE setup_keys SET expires_at = NULL WHERE id = $1")
+                .bind(id)
+                .execute(c.conn())
+                .await?;
+        }
         if before.revoked && revoked == Some(false) {
             return Err(StoreError::invalid(
                 "revoked",
@@ -657,7 +670,7 @@ impl Store {
             },
             "setup_key",
             id,
-            json!({ "name": name, "revoked": revoked, "auto_groups": auto_groups }),
+            json!({ "name": name, "revoked": revoked, "auto_groups": auto_groups, "kept": keep }),
         )
         .await?;
         let k = read_setup_key(c.conn(), id).await?;

@@ -131,6 +131,67 @@ impl Change {
     }
 }
 
+/// The SQLite file holds the JWT secret, relay and peer-token secrets and the server's private
+/// key: its directory is created 0700 and the file 0600 before SQLite opens it (SQLite gives its
+/// WAL and shared-memory files the database file's mode). A directory that already exists with
+/// wider permissions is reported, not changed (it may be shared on purpose).
+fn private_files(db: &std::path::Path) -> std::result::Result<(), String> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| format!("cannot create database directory {}: {e}", dir.display()))?;
+        } else if let Ok(m) = std::fs::metadata(dir) {
+            let mode = m.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                tracing::warn!(
+                    dir = %dir.display(),
+                    mode = format!("{mode:o}"),
+                    "the data directory is readable by other users; it holds the server's secrets: chmod 700 {}",
+                    dir.display()
+                );
+            }
+        }
+    }
+    if !db.exists() {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(db)
+            .map_err(|e| format!("cannot create database file {}: {e}", db.display()))?;
+    }
+    Ok(())
+}
+
+/// Narrows the database file and its WAL/SHM companions to 0600 where an older version (or a
+/// copy) left them wider, saying so.
+fn tighten_files(db: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = db.as_os_str().to_owned();
+        p.push(suffix);
+        let p = std::path::PathBuf::from(p);
+        let Ok(m) = std::fs::metadata(&p) else {
+            continue;
+        };
+        let mode = m.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            match std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)) {
+                Ok(()) => {
+                    tracing::warn!(file = %p.display(), was = format!("{mode:o}"), "database file was readable by other users; now 600")
+                }
+                Err(e) => {
+                    tracing::warn!(file = %p.display(), mode = format!("{mode:o}"), error = %e, "database file is readable by other users and could not be narrowed: chmod 600 it")
+                }
+            }
+        }
+    }
+}
+
 impl Store {
     /// Opens `url` (`sqlite://path` or `postgres://...`) and applies migrations.
     pub async fn connect(url: &str) -> Result<Self> {
@@ -139,16 +200,8 @@ impl Store {
             (DbKind::Postgres, url.to_string())
         } else if let Some(path) = url.strip_prefix("sqlite://") {
             let path = path.split('?').next().unwrap_or(path);
-            if let Some(dir) = std::path::Path::new(path).parent() {
-                if !dir.as_os_str().is_empty() {
-                    std::fs::create_dir_all(dir).map_err(|e| {
-                        StoreError::Db(sqlx::Error::Configuration(
-                            format!("cannot create database directory {}: {e}", dir.display())
-                                .into(),
-                        ))
-                    })?;
-                }
-            }
+            private_files(std::path::Path::new(path))
+                .map_err(|e| StoreError::Db(sqlx::Error::Configuration(e.into())))?;
             let sep = if url.contains('?') { '&' } else { '?' };
             (DbKind::Sqlite, format!("{url}{sep}mode=rwc"))
         } else {
@@ -180,6 +233,12 @@ impl Store {
                 .await?;
         }
         MIGRATOR.run(&pool).await?;
+        if kind == DbKind::Sqlite {
+            if let Some(path) = url.strip_prefix("sqlite://") {
+                let path = path.split('?').next().unwrap_or(path);
+                tighten_files(std::path::Path::new(path));
+            }
+        }
         let serial: i64 = sqlx::query("SELECT network_serial FROM settings WHERE id = 1")
             .fetch_one(&pool)
             .await?
@@ -329,4 +388,40 @@ pub(crate) async fn check_groups(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod file_mode_tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(p: &std::path::Path) -> u32 {
+        std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777
+    }
+
+    #[tokio::test]
+    async fn the_database_and_its_directory_are_private() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path().join("data");
+        let db = dir.join("tern.db");
+        let store = Store::connect(&format!("sqlite://{}", db.display()))
+            .await
+            .expect("store");
+        store.settings().await.expect("a write-ahead read");
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&db), 0o600);
+        for companion in ["tern.db-wal", "tern.db-shm"] {
+            let p = dir.join(companion);
+            if p.exists() {
+                assert_eq!(mode(&p), 0o600, "{companion}");
+            }
+        }
+        drop(store);
+        // A file left world-readable (an older version, a copy) is narrowed at the next start.
+        std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let _store = Store::connect(&format!("sqlite://{}", db.display()))
+            .await
+            .expect("store");
+        assert_eq!(mode(&db), 0o600);
+    }
 }

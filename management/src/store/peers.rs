@@ -140,10 +140,42 @@ impl Store {
             let expired = peer.login_expiration_enabled
                 && settings.peer_login_expiry_secs > 0
                 && peer.last_login + settings.peer_login_expiry_secs * 1000 < now;
-            if expired && setup_key.is_none() {
-                return Err(StoreError::Denied(
-                    "peer login expired: log in again with a setup key".into(),
-                ));
+            if expired {
+                // Expired means: a valid setup key (counted as a use) or an admin's action
+                // (turning login expiry off for the peer). Any other string is not enough.
+                let Some(sk) = setup_key else {
+                    return Err(StoreError::Denied(
+                        "peer login expired: run tern up again with a valid setup key, or ask an admin to turn off login expiry for this peer".into(),
+                    ));
+                };
+                let kr = sqlx::query("SELECT * FROM setup_keys WHERE key_hash = $1")
+                    .bind(hash_secret(sk))
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                let Some(kr) = kr else {
+                    return Err(StoreError::Denied(
+                        "peer login expired and the setup key given is not valid: use a valid setup key".into(),
+                    ));
+                };
+                let key = setup_key_from(&mut conn, &kr).await?;
+                let state = setup_key_state(&key, now);
+                if state != "valid" {
+                    let why = match state {
+                        "overused" => "used up",
+                        other => other,
+                    };
+                    return Err(StoreError::Denied(format!(
+                        "peer login expired and setup key {:?} is {why}: use a valid setup key",
+                        key.name
+                    )));
+                }
+                sqlx::query(
+                    "UPDATE setup_keys SET used_count = used_count + 1, last_used_at = $1 WHERE id = $2",
+                )
+                .bind(now)
+                .bind(&key.id)
+                .execute(&mut *conn)
+                .await?;
             }
             sqlx::query("UPDATE peers SET hostname = $1, os = $2, agent_version = $3, last_login = $4 WHERE id = $5")
                 .bind(&meta.hostname)
