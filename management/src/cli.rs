@@ -49,6 +49,10 @@ pub struct Args {
     /// Secret shared with a separately deployed signal service; generated and stored if not given.
     #[arg(long, env = "TERN_PEER_TOKEN_SECRET", hide_env_values = true)]
     pub peer_token_secret: Option<SecretString>,
+    /// A separately deployed tern-signal (its gRPC URL, e.g. http://signal:10000), told at once
+    /// when a peer is removed or its login expires.
+    #[arg(long, env = "TERN_SIGNAL_URL")]
+    pub signal_url: Option<String>,
     /// PEM certificate chain: serve HTTPS (API, console, gRPC, relay WebSocket) on --listen.
     #[arg(long, env = "TERN_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -201,6 +205,7 @@ pub async fn run(args: Args, with_signal: bool) -> anyhow::Result<()> {
                 .as_ref()
                 .map(|s| s.expose_secret().as_bytes().to_vec()),
             admin_session_ttl: Duration::from_secs(args.admin_session_ttl.max(60)),
+            signal_url: args.signal_url.clone(),
             oidc: oidc_config(&args)?,
             public: crate::publish::PublicOptions {
                 ports: match args.public_ports.trim() {
@@ -216,6 +221,9 @@ pub async fn run(args: Args, with_signal: bool) -> anyhow::Result<()> {
             },
             ..ManagementOptions::default()
         };
+    if !with_signal && args.signal_url.is_none() {
+        tracing::warn!("no --signal-url: a separate signal service learns that a peer was removed only when its token lapses (up to 1 h)");
+    }
     raise_fd_limit();
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(c), Some(k)) => Some(tern_relay::tls::load_server_config(c, k)?),

@@ -340,7 +340,7 @@ impl ManagementService for AgentService {
         }
         tokio::spawn(async move {
             let peer_id = peer.id.clone();
-            if let Err(e) = run_sync(&state, &peer_id, &tx).await {
+            if let Err(e) = run_sync(&state, &peer_id, id.key, &tx).await {
                 debug!(peer = %peer_id, error = %e.message(), "sync stream ended with error");
                 let _ = tx.send(Err(e)).await;
             }
@@ -372,6 +372,7 @@ impl ManagementService for AgentService {
 async fn run_sync(
     state: &AppState,
     peer_id: &str,
+    key: tern_proto::PublicKey,
     tx: &mpsc::Sender<Result<pb::SyncResponse, Status>>,
 ) -> Result<(), Status> {
     let mut changes = state.store.subscribe();
@@ -380,7 +381,18 @@ async fn run_sync(
     let mut last: Option<pb::NetworkMap> = None;
     loop {
         let idx = state.net_index().await.map_err(status_from)?;
+        // Checked before every push and credential refresh: a deleted or expired peer gets
+        // nothing more, and signal forgets it.
+        let login_expires = idx.login_expires_at(peer_id);
+        if login_expires.is_some_and(|at| crate::model::now_millis() >= at) {
+            info!(peer = %peer_id, "peer login expired: sync stream closed");
+            state.revoke_peer(key);
+            return Err(Status::unauthenticated(
+                "peer login expired: run tern up again with a valid setup key, or ask an admin to turn off login expiry for this peer",
+            ));
+        }
         let Some(map) = idx.map_for(peer_id, &state.opts.relay, creds_expiry) else {
+            state.revoke_peer(key);
             return Err(Status::not_found(
                 "this peer was deleted by an administrator",
             ));
@@ -402,8 +414,11 @@ async fn run_sync(
             last = Some(map);
         }
         let refresh_in = Duration::from_secs((creds_expiry - ttl / 2 - now_unix()).max(1) as u64);
+        let expires_in = login_expires
+            .map(|at| Duration::from_millis((at - crate::model::now_millis()).max(0) as u64));
         tokio::select! {
             _ = tx.closed() => return Ok(()),
+            _ = tokio::time::sleep(expires_in.unwrap_or(Duration::from_secs(86_400))), if expires_in.is_some() => {}
             r = changes.changed() => {
                 if r.is_err() {
                     return Err(Status::unavailable("management is shutting down"));

@@ -160,6 +160,13 @@ impl NetIndex {
         &self.snap
     }
 
+    /// When `peer_id`'s login expires (Unix ms), if login expiry applies to it.
+    pub fn login_expires_at(&self, peer_id: &str) -> Option<crate::model::Millis> {
+        let p = &self.snap.peers[*self.by_id.get(peer_id)?];
+        let secs = self.snap.settings.peer_login_expiry_secs;
+        (p.login_expiration_enabled && secs > 0).then(|| p.last_login + secs * 1000)
+    }
+
     fn in_any(&self, peer: &Peer, groups: &[String]) -> bool {
         peer.groups.iter().any(|g| groups.contains(g))
     }

@@ -233,6 +233,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Running> {
         .clone()
         .map(|o| Signal::new(state.peer_token_secret.clone(), o));
     if let Some(sig) = &signal {
+        let _ = state.signal.set(sig.clone());
         router = router.route_service("/tern.signal.v1.SignalService/{*method}", sig.service());
     }
     if let Some(r) = &relay {

@@ -27,6 +27,8 @@ pub struct ManagementOptions {
     pub oidc: Option<crate::oidc::OidcConfig>,
     /// Public services (ports on the server carried to targets in the mesh).
     pub public: crate::publish::PublicOptions,
+    /// A separately deployed signal service (gRPC URL) to tell when peers are removed or expire.
+    pub signal_url: Option<String>,
 }
 
 impl Default for ManagementOptions {
@@ -40,6 +42,7 @@ impl Default for ManagementOptions {
             sync_debounce: Duration::from_millis(150),
             oidc: None,
             public: crate::publish::PublicOptions::default(),
+            signal_url: None,
         }
     }
 }
@@ -71,6 +74,8 @@ pub struct AppState {
     pub login_replays: std::sync::Mutex<crate::auth::ReplayCache>,
     /// Public services: listeners, tunnels to agents, counters (set by the server at start).
     pub publisher: std::sync::OnceLock<Arc<crate::publish::Publisher>>,
+    /// The signal service in this process, if any (told at once when a peer is revoked).
+    pub signal: std::sync::OnceLock<Arc<tern_signal::Signal>>,
 }
 
 /// (path-change version, 5-s time bucket) a cached connection summary was computed for.
@@ -94,6 +99,23 @@ fn random_b64(n: usize) -> String {
 }
 
 impl AppState {
+    /// A peer was deleted or its login expired: the signal service (in this process, and a
+    /// separate one at `signal_url`) closes its stream and refuses tokens issued until now.
+    pub fn revoke_peer(&self, key: tern_proto::PublicKey) {
+        let now = crate::grpc::now_unix();
+        if let Some(sig) = self.signal.get() {
+            sig.revoke(&[key], now);
+        }
+        if let Some(url) = self.opts.signal_url.clone() {
+            let secret = self.peer_token_secret.clone();
+            tokio::spawn(async move {
+                if let Err(e) = revoke_remote(&url, &secret, key, now).await {
+                    tracing::warn!(%url, error = %e, "could not tell the signal service about a removed peer; its token lapses within the token lifetime");
+                }
+            });
+        }
+    }
+
     /// Loads (or creates on first start) the server's keys and secrets from the store.
     pub async fn new(store: Store, mut opts: ManagementOptions) -> Result<Arc<Self>, StoreError> {
         let key = store
@@ -147,6 +169,7 @@ impl AppState {
             passwords: crate::auth::PasswordPool::new(),
             login_replays: std::sync::Mutex::new(Default::default()),
             publisher: std::sync::OnceLock::new(),
+            signal: std::sync::OnceLock::new(),
         }))
     }
 
@@ -350,4 +373,28 @@ async fn stun_probe(mut addr: std::net::SocketAddr) -> bool {
     tokio::time::timeout(Duration::from_secs(1), wait)
         .await
         .unwrap_or(false)
+}
+
+/// `Revoke` on a separately deployed signal service.
+async fn revoke_remote(
+    url: &str,
+    secret: &[u8],
+    key: tern_proto::PublicKey,
+    now: i64,
+) -> anyhow::Result<()> {
+    use tern_proto::signal::signal_service_client::SignalServiceClient;
+    let ch = tonic::transport::Endpoint::from_shared(url.to_string())?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await?;
+    let token = tern_proto::token::issue_revoke_token(secret, now)?;
+    let mut req = tonic::Request::new(tern_proto::signal::RevokeRequest {
+        keys: vec![key.0.to_vec()],
+        revoked_at_unix: now,
+    });
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse()?);
+    SignalServiceClient::new(ch).revoke(req).await?;
+    Ok(())
 }

@@ -33,6 +33,8 @@ pub enum TokenError {
 pub struct PeerIdentity {
     pub peer_id: String,
     pub key: PublicKey,
+    /// When the token was issued (Unix seconds): revocations refuse tokens issued before them.
+    pub issued_at: i64,
 }
 
 pub fn issue_peer_token(
@@ -67,7 +69,40 @@ pub fn verify_peer_token(secret: &[u8], token: &str) -> Result<PeerIdentity, Tok
     Ok(PeerIdentity {
         peer_id: data.claims.sub,
         key,
+        issued_at: data.claims.iat,
     })
+}
+
+/// Audience of the tokens management presents to a separate signal service's `Revoke`.
+pub const REVOKE_AUDIENCE: &str = "tern-signal-revoke";
+
+#[derive(Debug, Serialize, Deserialize)]
+struct RevokeClaims {
+    aud: String,
+    iat: i64,
+    exp: i64,
+}
+
+/// A one-minute token for `Revoke`, signed with the shared peer-token secret.
+pub fn issue_revoke_token(secret: &[u8], now_unix: i64) -> Result<String, TokenError> {
+    let claims = RevokeClaims {
+        aud: REVOKE_AUDIENCE.to_string(),
+        iat: now_unix,
+        exp: now_unix + 60,
+    };
+    Ok(encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret),
+    )?)
+}
+
+pub fn verify_revoke_token(secret: &[u8], token: &str) -> Result<(), TokenError> {
+    let mut v = Validation::new(Algorithm::HS256);
+    v.set_audience(&[REVOKE_AUDIENCE]);
+    v.leeway = 5;
+    decode::<RevokeClaims>(token, &DecodingKey::from_secret(secret), &v)?;
+    Ok(())
 }
 
 /// Reads `authorization: Bearer <token>` from gRPC metadata.
@@ -93,18 +128,39 @@ mod tests {
     #[test]
     fn token_round_trip_and_refusals() {
         let key = SecretKey::generate().public_key();
-        let (t, _) = issue_peer_token(b"secret", "p1", &key, now(), 60).expect("issue");
+        let t0 = now();
+        let (t, _) = issue_peer_token(b"secret", "p1", &key, t0, 60).expect("issue");
         let id = verify_peer_token(b"secret", &t).expect("verify");
         assert_eq!(
             id,
             PeerIdentity {
                 peer_id: "p1".into(),
-                key
+                key,
+                issued_at: t0,
             }
         );
         assert!(verify_peer_token(b"other", &t).is_err(), "wrong secret");
         let (old, _) = issue_peer_token(b"secret", "p1", &key, now() - 3600, 60).expect("issue");
         assert!(verify_peer_token(b"secret", &old).is_err(), "expired");
         assert!(verify_peer_token(b"secret", "garbage").is_err());
+    }
+
+    #[test]
+    fn revoke_tokens_and_peer_tokens_are_not_interchangeable() {
+        let r = issue_revoke_token(b"secret", now()).expect("issue");
+        assert!(verify_revoke_token(b"secret", &r).is_ok());
+        assert!(verify_revoke_token(b"other", &r).is_err(), "wrong secret");
+        assert!(
+            verify_peer_token(b"secret", &r).is_err(),
+            "not a peer token"
+        );
+        let key = SecretKey::generate().public_key();
+        let (p, _) = issue_peer_token(b"secret", "p1", &key, now(), 60).expect("issue");
+        assert!(
+            verify_revoke_token(b"secret", &p).is_err(),
+            "a peer cannot revoke"
+        );
+        let old = issue_revoke_token(b"secret", now() - 3600).expect("issue");
+        assert!(verify_revoke_token(b"secret", &old).is_err(), "expired");
     }
 }

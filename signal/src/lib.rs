@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tern_proto::signal as pb;
 use tern_proto::signal::send_result::Status as SendStatus;
 use tern_proto::signal::signal_service_server::{SignalService, SignalServiceServer};
-use tern_proto::token::{bearer, verify_peer_token};
+use tern_proto::token::{bearer, verify_peer_token, verify_revoke_token};
 use tern_proto::PublicKey;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -53,8 +53,15 @@ pub struct Signal {
     secret: Vec<u8>,
     opts: SignalOptions,
     peers: Mutex<HashMap<PublicKey, Registration>>,
+    /// Peers removed or expired (key -> when, Unix seconds): tokens issued before are refused.
+    revoked: Mutex<HashMap<PublicKey, i64>>,
     next_conn: AtomicU64,
 }
+
+/// How long a revocation is remembered: longer than any peer token lives.
+pub const REVOCATION_MEMORY_SECS: i64 = 24 * 3600;
+/// Revocations remembered at most (the oldest are forgotten first).
+const MAX_REVOCATIONS: usize = 100_000;
 
 impl Signal {
     pub fn new(peer_token_secret: Vec<u8>, opts: SignalOptions) -> Arc<Self> {
@@ -62,6 +69,7 @@ impl Signal {
             secret: peer_token_secret,
             opts,
             peers: Mutex::new(HashMap::new()),
+            revoked: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
         })
     }
@@ -74,6 +82,47 @@ impl Signal {
     /// Number of peers with a live stream.
     pub fn online(&self) -> usize {
         self.lock().len()
+    }
+
+    /// Peers removed or whose login expired: their live streams end now, and tokens issued up to
+    /// `at_unix` are refused from now on. Returns the number of streams closed.
+    pub fn revoke(&self, keys: &[PublicKey], at_unix: i64) -> usize {
+        {
+            let mut r = self.revoked.lock().unwrap_or_else(|e| e.into_inner());
+            if r.len() + keys.len() > MAX_REVOCATIONS {
+                r.retain(|_, t| *t > at_unix - REVOCATION_MEMORY_SECS);
+                while r.len() + keys.len() > MAX_REVOCATIONS {
+                    let Some(oldest) = r.iter().min_by_key(|(_, t)| **t).map(|(k, _)| *k) else {
+                        break;
+                    };
+                    r.remove(&oldest);
+                }
+            }
+            for k in keys {
+                let t = r.entry(*k).or_insert(at_unix);
+                *t = (*t).max(at_unix);
+            }
+        }
+        let mut closed = 0;
+        let mut peers = self.lock();
+        for k in keys {
+            if let Some(reg) = peers.remove(k) {
+                let _ = reg.tx.try_send(Err(Status::permission_denied(
+                    "this peer was removed or its login expired: run tern up again",
+                )));
+                closed += 1;
+                info!(key = %k, "signal stream closed: peer revoked");
+            }
+        }
+        closed
+    }
+
+    fn is_revoked(&self, key: &PublicKey, issued_at: i64) -> bool {
+        self.revoked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .is_some_and(|at| issued_at <= *at)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PublicKey, Registration>> {
@@ -168,6 +217,11 @@ impl SignalService for SignalHandle {
             bearer(req.metadata()).ok_or_else(|| Status::unauthenticated("missing peer token"))?;
         let me = verify_peer_token(&sig.secret, token)
             .map_err(|e| Status::unauthenticated(e.to_string()))?;
+        if sig.is_revoked(&me.key, me.issued_at) {
+            return Err(Status::permission_denied(
+                "this peer was removed or its login expired: run tern up again",
+            ));
+        }
         let mut incoming = req.into_inner();
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let conn = sig.next_conn.fetch_add(1, Ordering::Relaxed);
@@ -231,5 +285,29 @@ impl SignalService for SignalHandle {
             info!(peer = %me.peer_id, "signal stream closed");
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn revoke(
+        &self,
+        req: Request<pb::RevokeRequest>,
+    ) -> Result<Response<pb::RevokeReply>, Status> {
+        let token = bearer(req.metadata())
+            .ok_or_else(|| Status::unauthenticated("missing revocation token"))?;
+        verify_revoke_token(&self.0.secret, token)
+            .map_err(|e| Status::unauthenticated(e.to_string()))?;
+        let r = req.into_inner();
+        if r.keys.len() > 10_000 {
+            return Err(Status::invalid_argument("at most 10,000 keys per call"));
+        }
+        let keys: Vec<PublicKey> = r
+            .keys
+            .iter()
+            .map(|k| PublicKey::from_slice(k))
+            .collect::<Result<_, _>>()
+            .map_err(|_| Status::invalid_argument("every key must be 32 bytes"))?;
+        let closed = self.0.revoke(&keys, r.revoked_at_unix);
+        Ok(Response::new(pb::RevokeReply {
+            closed: closed as u32,
+        }))
     }
 }

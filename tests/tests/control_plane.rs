@@ -721,3 +721,147 @@ async fn the_agent_refuses_a_management_server_whose_key_changed() {
     srv.stop().await;
     db.cleanup().await;
 }
+
+/// Security issue item 4: deleting a peer or letting its login expire ends its open streams at
+/// once — the sync stream pushes nothing more (no fresh relay credentials), the signal service in
+/// the process and a separately deployed one close its stream and refuse its token — and only
+/// management (holding the shared secret) can tell a signal service to revoke.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_or_expired_peers_lose_their_streams_at_once() {
+    use tern_proto::signal::signal_service_client::SignalServiceClient;
+    init_tracing();
+    // A split signal service on loopback, sharing the peer-token secret.
+    let secret = b"a-shared-peer-token-secret-for-the-test".to_vec();
+    let split = tern_signal::Signal::new(secret.clone(), Default::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let split_url = format!("http://{}", listener.local_addr().expect("addr"));
+    let svc = split.service();
+    let split_task = tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await;
+    });
+    let db = TestDb::new(Backend::Sqlite).await.expect("db");
+    let mut opts = fast_options();
+    opts.peer_token_secret = Some(secret.clone());
+    opts.signal_url = Some(split_url.clone());
+    let srv = TestServer::start_with(&db.url, opts).await.expect("server");
+    let split_ch = tonic::transport::Channel::from_shared(split_url)
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect split signal");
+    let open_split = |token: String| {
+        let ch = split_ch.clone();
+        async move {
+            let (tx, rx) = tokio::sync::mpsc::channel::<spb::Outbound>(4);
+            let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+            req.metadata_mut()
+                .insert("authorization", bearer_value(&token));
+            SignalServiceClient::new(ch)
+                .open(req)
+                .await
+                .map(|r| (tx, r.into_inner()))
+        }
+    };
+    async fn ends_within<T>(s: &mut tonic::Streaming<T>, what: &str) -> tonic::Status {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, s.message()).await {
+                Err(_) => panic!("{what}: still open after 5 s"),
+                Ok(Err(e)) => return e,
+                Ok(Ok(None)) => return tonic::Status::cancelled("closed"),
+                Ok(Ok(Some(_))) => {}
+            }
+        }
+    }
+
+    // Deletion.
+    let a = TestAgent::new(&srv, "doomed").await;
+    let la = a
+        .login(Some(&srv.default_setup_key))
+        .await
+        .expect("register");
+    let (_a_tx, mut a_sig) = open_signal(&a, &la.peer_token).await.expect("signal");
+    let (_a_tx2, mut a_split) = open_split(la.peer_token.clone())
+        .await
+        .expect("split signal");
+    let mut a_sync = a.sync(&la.peer_token).await.expect("sync");
+    next_map(&mut a_sync, Duration::from_secs(5))
+        .await
+        .expect("first map");
+    tokio::time::sleep(Duration::from_millis(200)).await; // both registrations are in
+    assert_eq!(srv.delete(&format!("/api/peers/{}", la.peer_id)).await, 204);
+    let e = ends_within(&mut a_sig, "signal stream of a deleted peer").await;
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    let e = ends_within(&mut a_split, "split signal stream of a deleted peer").await;
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    let err = open_signal(&a, &la.peer_token)
+        .await
+        .expect_err("old token refused");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+    let err = open_split(la.peer_token.clone())
+        .await
+        .expect_err("refused by the split one too");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+    let e = ends_within(&mut a_sync, "sync stream of a deleted peer").await;
+    assert_eq!(e.code(), Code::NotFound, "{e}");
+
+    // Expiry while the streams are open.
+    let b = TestAgent::new(&srv, "expiring").await;
+    let lb = b
+        .login(Some(&srv.default_setup_key))
+        .await
+        .expect("register");
+    let (_b_tx, mut b_sig) = open_signal(&b, &lb.peer_token).await.expect("signal");
+    let mut b_sync = b.sync(&lb.peer_token).await.expect("sync");
+    next_map(&mut b_sync, Duration::from_secs(5))
+        .await
+        .expect("first map");
+    let (s, v) = srv
+        .put(
+            &format!("/api/peers/{}", lb.peer_id),
+            json!({ "login_expiration_enabled": true }),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let settings = srv.get("/api/settings").await;
+    let (s, v) = srv
+        .put(
+            "/api/settings",
+            json!({"overlay_range": settings["overlay_range"], "mtu": settings["mtu"],
+            "peer_login_expiry_secs": 3, "ephemeral_ttl_secs": settings["ephemeral_ttl_secs"]}),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let e = ends_within(&mut b_sync, "sync stream of an expired peer").await;
+    assert_eq!(e.code(), Code::Unauthenticated, "{e}");
+    assert!(e.message().contains("login expired"), "{e}");
+    let e = ends_within(&mut b_sig, "signal stream of an expired peer").await;
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+
+    // Only management can revoke: a peer's own token is not a revocation token.
+    let c = TestAgent::new(&srv, "curious").await;
+    let lc = c
+        .login(Some(&srv.default_setup_key))
+        .await
+        .expect("register");
+    let mut req = tonic::Request::new(spb::RevokeRequest {
+        keys: vec![lb.peer_id.as_bytes().to_vec()],
+        revoked_at_unix: tern_management::grpc::now_unix(),
+    });
+    req.metadata_mut()
+        .insert("authorization", bearer_value(&lc.peer_token));
+    let err = SignalServiceClient::new(split_ch.clone())
+        .revoke(req)
+        .await
+        .expect_err("a peer cannot revoke");
+    assert_eq!(err.code(), Code::Unauthenticated, "{err}");
+    srv.stop().await;
+    split_task.abort();
+    db.cleanup().await;
+}

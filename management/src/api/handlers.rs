@@ -918,7 +918,12 @@ pub async fn delete_peer(
     a: Admin,
     ApiPath(id): ApiPath,
 ) -> ApiResult<impl IntoResponse> {
+    let key = s.store.peer(&id).await?.wg_public_key;
     s.store.delete_peer(&a.actor, &id).await?;
+    // Its open streams end now (sync notices the deletion; signal is told here).
+    if let Ok(k) = key.parse::<tern_proto::PublicKey>() {
+        s.revoke_peer(k);
+    }
     Ok(deleted())
 }
 

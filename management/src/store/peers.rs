@@ -177,11 +177,15 @@ impl Store {
                 .execute(&mut *conn)
                 .await?;
             }
+            // `last_login` is when the peer last proved it may be here (registration, or renewal
+            // with a setup key after expiry); the agent's silent token refreshes do not move it,
+            // or login expiry would never come for a peer that stays online.
+            let last_login = if expired { now } else { peer.last_login };
             sqlx::query("UPDATE peers SET hostname = $1, os = $2, agent_version = $3, last_login = $4 WHERE id = $5")
                 .bind(&meta.hostname)
                 .bind(&meta.os)
                 .bind(&meta.agent_version)
-                .bind(now)
+                .bind(last_login)
                 .bind(&peer.id)
                 .execute(&mut *conn)
                 .await?;
