@@ -41,6 +41,7 @@ metrics! {
     tcp_bytes_relayed_total: "counter", "Payload bytes relayed between TCP-relay clients.";
     tcp_drops_total: "counter", "TCP-relay datagrams dropped: recipient offline or its queue full.";
     malformed_total: "counter", "Malformed packets or frames dropped.";
+    turn_nonces_issued_total: "counter", "Nonces the TURN server created (the front answers most unauthenticated requests with a current one).";
 }
 
 impl Metrics {

@@ -7,8 +7,10 @@
 //! the client only by the peer id in its verified token.
 //!
 //! Frames (binary messages): client -> server `[len u8][recipient peer id][datagram]`,
-//! server -> client `[len u8][sender peer id][datagram]`. Each client has a bounded send queue;
-//! when it is full, datagrams to it are dropped and counted (datagram semantics, bounded memory).
+//! server -> client `[len u8][sender peer id][datagram]`. Each client has a send queue bounded
+//! in bytes; when it is full, datagrams to it are dropped and counted (datagram semantics,
+//! bounded memory). One connection per peer: a new one closes the one it replaces (and frees
+//! its queue); a global cap bounds the connections.
 
 use crate::metrics::Metrics;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
@@ -20,7 +22,7 @@ use axum::Router;
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -30,24 +32,34 @@ pub use tern_proto::relay_ws::{decode_frame, encode_frame, MAX_DATAGRAM};
 
 #[derive(Clone, Debug)]
 pub struct TcpOptions {
-    /// Frames queued per receiving client before drops.
-    pub queue: usize,
+    /// Bytes queued per receiving client before drops.
+    pub queue_bytes: usize,
     /// A connection with no frame from the client for this long is closed.
     pub idle_timeout: Duration,
+    /// Clients connected at once (one connection per peer); more are answered 503.
+    pub max_clients: usize,
 }
 
 impl Default for TcpOptions {
     fn default() -> Self {
         TcpOptions {
-            queue: 512,
+            queue_bytes: 1 << 20,
             idle_timeout: Duration::from_secs(120),
+            max_clients: 10_000,
         }
     }
 }
 
+/// Frames per queue at most, whatever their size (the byte budget is the real bound).
+const QUEUE_FRAMES: usize = 4096;
+
 struct Client {
     conn: u64,
     tx: mpsc::Sender<Bytes>,
+    /// Bytes in `tx`'s queue.
+    queued: Arc<AtomicUsize>,
+    /// Fired when a newer connection of the same peer replaces this one.
+    replaced: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 pub struct TcpRelay {
@@ -96,15 +108,28 @@ impl TcpRelay {
 
     async fn serve(self: Arc<Self>, ws: WebSocket, me: String) {
         let conn = self.next.fetch_add(1, Ordering::Relaxed);
-        let (tx, mut rx) = mpsc::channel::<Bytes>(self.opts.queue);
-        if let Some(old) = self.lock().insert(me.clone(), Client { conn, tx }) {
-            drop(old); // its writer ends when the queue sender is gone
+        let (tx, mut rx) = mpsc::channel::<Bytes>(QUEUE_FRAMES);
+        let queued = Arc::new(AtomicUsize::new(0));
+        let (replaced_tx, mut replaced) = tokio::sync::oneshot::channel();
+        let client = Client {
+            conn,
+            tx,
+            queued: queued.clone(),
+            replaced: Some(replaced_tx),
+        };
+        if let Some(mut old) = self.lock().insert(me.clone(), client) {
+            // The older connection closes now and its queue goes with it.
+            if let Some(r) = old.replaced.take() {
+                let _ = r.send(());
+            }
+            info!(peer = %me, "TCP relay: a newer connection replaces the open one");
         }
         Metrics::inc(&self.metrics.tcp_connections_active);
         info!(peer = %me, "TCP relay client connected");
         let (mut sink, mut stream) = ws.split();
         let writer = tokio::spawn(async move {
             while let Some(frame) = rx.recv().await {
+                queued.fetch_sub(frame.len(), Ordering::Relaxed);
                 if sink.send(Message::Binary(frame)).await.is_err() {
                     break;
                 }
@@ -112,7 +137,14 @@ impl TcpRelay {
             let _ = sink.close().await;
         });
         loop {
-            let next = match tokio::time::timeout(self.opts.idle_timeout, stream.next()).await {
+            let read = tokio::select! {
+                r = tokio::time::timeout(self.opts.idle_timeout, stream.next()) => r,
+                _ = &mut replaced => {
+                    debug!(peer = %me, "TCP relay connection replaced; closing");
+                    break;
+                }
+            };
+            let next = match read {
                 Ok(Some(Ok(m))) => m,
                 Ok(Some(Err(e))) => {
                     debug!(peer = %me, error = %e, "TCP relay read error");
@@ -154,21 +186,44 @@ impl TcpRelay {
             Metrics::inc(&self.metrics.malformed_total);
             return;
         };
-        let tx = self.lock().get(to).map(|c| c.tx.clone());
-        match tx.map(|tx| tx.try_send(Bytes::from(out))) {
-            Some(Ok(())) => {
+        let target = self
+            .lock()
+            .get(to)
+            .map(|c| (c.tx.clone(), c.queued.clone()));
+        let Some((tx, queued)) = target else {
+            Metrics::inc(&self.metrics.tcp_drops_total);
+            return;
+        };
+        let len = out.len();
+        // Reserve room in the byte budget first; give it back if the frame is not queued.
+        if queued.fetch_add(len, Ordering::Relaxed) + len > self.opts.queue_bytes {
+            queued.fetch_sub(len, Ordering::Relaxed);
+            Metrics::inc(&self.metrics.tcp_drops_total);
+            return;
+        }
+        match tx.try_send(Bytes::from(out)) {
+            Ok(()) => {
                 Metrics::inc(&self.metrics.tcp_packets_relayed_total);
                 Metrics::add(&self.metrics.tcp_bytes_relayed_total, datagram.len() as u64);
             }
-            _ => Metrics::inc(&self.metrics.tcp_drops_total),
+            Err(_) => {
+                queued.fetch_sub(len, Ordering::Relaxed);
+                Metrics::inc(&self.metrics.tcp_drops_total);
+            }
         }
     }
 
-    /// Frames queued for `peer` (for tests and status).
+    /// Bytes queued for `peer` (for tests and status).
     pub fn queued(&self, peer: &str) -> Option<usize> {
         self.lock()
             .get(peer)
-            .map(|c| self.opts.queue - c.tx.capacity())
+            .map(|c| c.queued.load(Ordering::Relaxed))
+    }
+
+    /// Whether one more client may connect (the global cap).
+    fn has_room(&self, peer: &str) -> bool {
+        let clients = self.lock();
+        clients.len() < self.opts.max_clients || clients.contains_key(peer)
     }
 
     pub fn connected(&self) -> usize {
@@ -218,6 +273,17 @@ async fn upgrade(
         )
             .into_response();
     };
+    if !relay.has_room(&me) {
+        tracing::warn!(
+            limit = relay.opts.max_clients,
+            "TCP relay full: connection refused"
+        );
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the TCP relay is at its connection limit; try again later",
+        )
+            .into_response();
+    }
     ws.max_message_size(MAX_DATAGRAM + 512)
         .max_frame_size(MAX_DATAGRAM + 512)
         .on_upgrade(move |socket| relay.serve(socket, me))

@@ -3,7 +3,11 @@
 //!   sees it: per-source rate limit on STUN/TURN requests (anti-amplification, and it bounds the
 //!   crate's nonce table, which grows by one entry per unauthenticated request), the peer-address
 //!   filter on CreatePermission/ChannelBind/Send (answered 403 here), allocation quotas (486), and
-//!   counters. Malformed datagrams are dropped and counted.
+//!   counters. Malformed datagrams are dropped and counted. The crate keeps every nonce it
+//!   creates and never prunes them, so the front hands out the crate's current nonce itself
+//!   ([`NonceBook`]: 401 to unauthenticated requests, 438 to requests with a nonce the crate did
+//!   not issue recently): the crate creates about one nonce per 50 minutes instead of one per
+//!   unauthenticated request. A global request budget sits beside the per-source one.
 //! - [`CoturnAuth`] verifies coturn-style time-limited credentials (the crate's own handler rejects
 //!   `<expiry>:<id>` usernames).
 //! - [`RelayGen`] allocates relay sockets in the configured port range and wraps them in
@@ -17,9 +21,12 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use stun::attributes::{ATTR_MESSAGE_INTEGRITY, ATTR_REALM, ATTR_USERNAME, ATTR_XOR_PEER_ADDRESS};
+use stun::attributes::{
+    ATTR_MESSAGE_INTEGRITY, ATTR_NONCE, ATTR_REALM, ATTR_USERNAME, ATTR_XOR_PEER_ADDRESS,
+};
 use stun::error_code::{
-    ErrorCode, ErrorCodeAttribute, CODE_ALLOC_QUOTA_REACHED, CODE_FORBIDDEN, CODE_UNAUTHORIZED,
+    ErrorCode, ErrorCodeAttribute, CODE_ALLOC_QUOTA_REACHED, CODE_FORBIDDEN, CODE_STALE_NONCE,
+    CODE_UNAUTHORIZED,
 };
 use stun::message::{
     Message, MessageType, Setter, CLASS_ERROR_RESPONSE, CLASS_INDICATION, CLASS_REQUEST,
@@ -40,6 +47,8 @@ pub struct UdpLimits {
     pub requests_burst: f64,
     pub max_allocations: u64,
     pub max_allocations_per_user: u64,
+    /// STUN/TURN requests per second from all sources together (sustained); burst is twice.
+    pub global_requests_per_sec: f64,
 }
 
 impl Default for UdpLimits {
@@ -49,6 +58,7 @@ impl Default for UdpLimits {
             requests_burst: 60.0,
             max_allocations: 10_000,
             max_allocations_per_user: 16,
+            global_requests_per_sec: 20_000.0,
         }
     }
 }
@@ -61,6 +71,8 @@ pub struct UdpShared {
     pub realm: String,
     pub limits: UdpLimits,
     limiter: Mutex<Limiter<IpAddr>>,
+    global: Mutex<Limiter<()>>,
+    nonces: Mutex<NonceBook>,
     /// User of the Allocate request being handled (the TURN server handles one datagram at a
     /// time per listener, so the allocation that follows belongs to it).
     current_user: Mutex<Option<String>>,
@@ -82,6 +94,12 @@ impl UdpShared {
                 limits.requests_burst,
                 65_536,
             )),
+            global: Mutex::new(Limiter::new(
+                limits.global_requests_per_sec,
+                limits.global_requests_per_sec * 2.0,
+                1,
+            )),
+            nonces: Mutex::new(NonceBook::default()),
             metrics,
             filter,
             secret,
@@ -118,6 +136,76 @@ pub fn size_buffers(sock: &UdpSocket, bytes: usize) {
         let _ = s.set_recv_buffer_size(bytes);
         let _ = s.set_send_buffer_size(bytes);
     }
+}
+
+/// The nonces the TURN crate issued (seen in its outgoing 401/438 answers) and the one the front
+/// hands out. The crate accepts a nonce for an hour; the front hands one out for
+/// [`NonceBook::HAND_OUT_FOR`] and lets requests carry it for [`NonceBook::ACCEPT_FOR`], both
+/// inside that hour.
+#[derive(Default)]
+pub struct NonceBook {
+    current: Option<(String, Instant)>,
+    issued: HashMap<String, Instant>,
+}
+
+impl NonceBook {
+    pub const HAND_OUT_FOR: Duration = Duration::from_secs(50 * 60);
+    pub const ACCEPT_FOR: Duration = Duration::from_secs(59 * 60);
+    const MAX_ISSUED: usize = 1024;
+
+    /// The nonce to answer an unauthenticated request with, if a fresh one is known.
+    pub fn current(&self, now: Instant) -> Option<&str> {
+        self.current
+            .as_ref()
+            .filter(|(_, t)| now.saturating_duration_since(*t) < Self::HAND_OUT_FOR)
+            .map(|(n, _)| n.as_str())
+    }
+
+    /// Whether the crate issued `nonce` recently enough to accept it.
+    pub fn knows(&self, nonce: &str, now: Instant) -> bool {
+        self.issued
+            .get(nonce)
+            .is_some_and(|t| now.saturating_duration_since(*t) < Self::ACCEPT_FOR)
+    }
+
+    /// The crate issued `nonce` (seen going out).
+    pub fn record(&mut self, nonce: &str, now: Instant) {
+        if self.issued.contains_key(nonce) {
+            return;
+        }
+        self.issued
+            .retain(|_, t| now.saturating_duration_since(*t) < Self::ACCEPT_FOR);
+        while self.issued.len() >= Self::MAX_ISSUED {
+            let Some(oldest) = self
+                .issued
+                .iter()
+                .min_by_key(|(_, t)| **t)
+                .map(|(n, _)| n.clone())
+            else {
+                break;
+            };
+            self.issued.remove(&oldest);
+        }
+        self.issued.insert(nonce.to_string(), now);
+        self.current = Some((nonce.to_string(), now));
+    }
+}
+
+/// The NONCE of a 401/438 the crate sends, if `buf` is one (cheap header check first).
+fn issued_nonce(buf: &[u8]) -> Option<String> {
+    if buf.len() < 20 || !(0x01..=0x3f).contains(&buf[0]) {
+        return None; // ChannelData or not STUN
+    }
+    let t = u16::from_be_bytes([buf[0], buf[1]]);
+    let class_bits = ((t >> 7) & 0x2) | ((t >> 4) & 0x1);
+    if class_bits != 0b11 {
+        return None; // only error responses carry new nonces
+    }
+    let mut m = Message::new();
+    m.raw = buf.to_vec();
+    m.decode().ok()?;
+    let n = m.get(ATTR_NONCE).ok()?;
+    Some(String::from_utf8_lossy(&n).into_owned())
 }
 
 /// What the front does with one datagram.
@@ -185,6 +273,29 @@ fn error_response(m: &Message, code: ErrorCode, reason: &str) -> Option<Vec<u8>>
     Some(r.raw)
 }
 
+/// A 401 or 438 carrying `nonce` and `realm`, as the TURN server itself would answer.
+fn nonce_challenge(m: &Message, code: ErrorCode, nonce: &str, realm: &str) -> Option<Vec<u8>> {
+    let mut r = Message::new();
+    let setters: Vec<Box<dyn Setter>> = vec![
+        Box::new(m.transaction_id),
+        Box::new(MessageType::new(m.typ.method, CLASS_ERROR_RESPONSE)),
+        Box::new(ErrorCodeAttribute {
+            code,
+            reason: vec![],
+        }),
+        Box::new(stun::textattrs::TextAttribute::new(
+            ATTR_NONCE,
+            nonce.to_string(),
+        )),
+        Box::new(stun::textattrs::TextAttribute::new(
+            ATTR_REALM,
+            realm.to_string(),
+        )),
+    ];
+    r.build(&setters).ok()?;
+    Some(r.raw)
+}
+
 impl UdpShared {
     /// Verifies USERNAME (form, expiry) and MESSAGE-INTEGRITY against our secret before the TURN
     /// server sees the request, so failures are counted here and the crate logs nothing.
@@ -238,7 +349,9 @@ impl UdpShared {
         if method == METHOD_BINDING && class == CLASS_REQUEST {
             Metrics::inc(&self.metrics.stun_requests_total);
         }
-        if class == CLASS_REQUEST && !lock(&self.limiter).allow(&src.ip(), now) {
+        if class == CLASS_REQUEST
+            && !(lock(&self.limiter).allow(&src.ip(), now) && lock(&self.global).allow(&(), now))
+        {
             Metrics::inc(&self.metrics.rate_limited_total);
             return Verdict::Drop;
         }
@@ -265,6 +378,24 @@ impl UdpShared {
                 self.auth_failed(&why.0, src, why.1);
                 return error_response(&m, CODE_UNAUTHORIZED, "Unauthorized")
                     .map_or(Verdict::Drop, Verdict::Reply);
+            }
+        }
+        // Nonces: answered here from the crate's current one where possible (see NonceBook).
+        if class == CLASS_REQUEST && method != METHOD_BINDING {
+            let book = lock(&self.nonces);
+            if let Some(current) = book.current(now) {
+                if !m.contains(ATTR_MESSAGE_INTEGRITY) {
+                    return nonce_challenge(&m, CODE_UNAUTHORIZED, current, &self.realm)
+                        .map_or(Verdict::Drop, Verdict::Reply);
+                }
+                let carried = m
+                    .get(ATTR_NONCE)
+                    .map(|n| String::from_utf8_lossy(&n).into_owned())
+                    .unwrap_or_default();
+                if !book.knows(&carried, now) {
+                    return nonce_challenge(&m, CODE_STALE_NONCE, current, &self.realm)
+                        .map_or(Verdict::Drop, Verdict::Reply);
+                }
             }
         }
         if method == METHOD_ALLOCATE && class == CLASS_REQUEST {
@@ -317,6 +448,10 @@ impl Conn for FrontConn {
         Err(webrtc_util::Error::Other("use send_to".into()))
     }
     async fn send_to(&self, buf: &[u8], target: SocketAddr) -> UResult<usize> {
+        if let Some(n) = issued_nonce(buf) {
+            lock(&self.shared.nonces).record(&n, Instant::now());
+            Metrics::inc(&self.shared.metrics.turn_nonces_issued_total);
+        }
         Ok(self.sock.send_to(buf, target).await?)
     }
     fn local_addr(&self) -> UResult<SocketAddr> {
@@ -543,6 +678,96 @@ mod tests {
             s.inspect(&m.raw, "198.51.100.8:1".parse().expect("addr"), t),
             Verdict::Pass
         );
+    }
+
+    fn allocate() -> Vec<u8> {
+        let mut m = Message::new();
+        let setters: Vec<Box<dyn Setter>> = vec![
+            Box::new(TransactionId::new()),
+            Box::new(MessageType::new(METHOD_ALLOCATE, CLASS_REQUEST)),
+        ];
+        m.build(&setters).expect("build");
+        m.raw
+    }
+
+    fn nonce_of(v: Verdict, want: ErrorCode) -> String {
+        let Verdict::Reply(r) = v else {
+            panic!("expected a reply, got {v:?}")
+        };
+        let mut m = Message::new();
+        m.raw = r;
+        m.decode().expect("decode");
+        let mut e = ErrorCodeAttribute::default();
+        stun::message::Getter::get_from(&mut e, &m).expect("error code");
+        assert_eq!(e.code.0, want.0);
+        let realm = m.get(ATTR_REALM).expect("realm");
+        assert_eq!(realm, b"tern");
+        String::from_utf8(m.get(ATTR_NONCE).expect("nonce")).expect("utf8")
+    }
+
+    #[test]
+    fn unauthenticated_requests_get_the_crates_current_nonce_from_the_front() {
+        let s = UdpShared::new(
+            Arc::new(Metrics::default()),
+            PeerFilter::new(None, vec![]),
+            b"s".to_vec(),
+            "tern".into(),
+            UdpLimits::default(),
+        );
+        let t = Instant::now();
+        // No nonce known yet: the crate answers (and creates one).
+        assert_eq!(s.inspect(&allocate(), src(), t), Verdict::Pass);
+        let mut req = Message::new();
+        req.raw = allocate();
+        req.decode().expect("decode");
+        let crate_answer =
+            nonce_challenge(&req, CODE_UNAUTHORIZED, "nonce-from-the-crate", "tern").expect("401");
+        assert_eq!(
+            issued_nonce(&crate_answer).as_deref(),
+            Some("nonce-from-the-crate")
+        );
+        assert_eq!(
+            issued_nonce(&allocate()),
+            None,
+            "requests carry no new nonce"
+        );
+        assert_eq!(
+            issued_nonce(&[0x40, 0, 0, 4, 1, 2, 3, 4]),
+            None,
+            "ChannelData"
+        );
+        lock(&s.nonces).record("nonce-from-the-crate", t);
+        // From then on the front answers, from any number of sources: the crate sees none.
+        for i in 0..1000u32 {
+            let from = SocketAddr::from(([198, 51, (i / 250) as u8, (i % 250) as u8], 4000));
+            assert_eq!(
+                nonce_of(s.inspect(&allocate(), from, t), CODE_UNAUTHORIZED),
+                "nonce-from-the-crate"
+            );
+        }
+        // After 50 minutes the crate makes a fresh one (it accepts each for an hour).
+        let later = t + NonceBook::HAND_OUT_FOR;
+        assert_eq!(s.inspect(&allocate(), src(), later), Verdict::Pass);
+    }
+
+    #[test]
+    fn the_nonce_book_accepts_recent_crate_nonces_only_and_stays_small() {
+        let t = Instant::now();
+        let mut b = NonceBook::default();
+        assert!(b.current(t).is_none());
+        b.record("a", t);
+        assert_eq!(b.current(t), Some("a"));
+        assert!(b.knows("a", t + NonceBook::ACCEPT_FOR - Duration::from_secs(1)));
+        assert!(
+            !b.knows("a", t + NonceBook::ACCEPT_FOR),
+            "too old for the crate"
+        );
+        assert!(!b.knows("made-up", t));
+        for i in 0..5000 {
+            b.record(&format!("n{i}"), t + Duration::from_millis(i));
+        }
+        assert!(b.issued.len() <= NonceBook::MAX_ISSUED);
+        assert_eq!(b.current(t + Duration::from_secs(5)), Some("n4999"));
     }
 
     #[test]

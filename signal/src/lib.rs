@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tern_proto::signal as pb;
@@ -24,6 +24,8 @@ use tracing::{debug, info};
 pub const MAX_PAYLOAD: usize = 64 * 1024;
 /// Messages buffered per receiving stream before sends to it fail with RATE_LIMITED.
 pub const QUEUE_DEPTH: usize = 256;
+/// Payload bytes buffered per receiving stream before sends to it fail with RATE_LIMITED.
+pub const QUEUE_BYTES: usize = 1 << 20;
 
 #[derive(Clone, Debug)]
 pub struct SignalOptions {
@@ -47,6 +49,8 @@ type Outbox = mpsc::Sender<Result<pb::Inbound, Status>>;
 struct Registration {
     conn: u64,
     tx: Outbox,
+    /// Payload bytes in `tx`'s queue.
+    queued: Arc<AtomicUsize>,
 }
 
 pub struct Signal {
@@ -153,20 +157,35 @@ impl Signal {
                 ),
             );
         }
-        let tx = self.lock().get(&to).map(|r| r.tx.clone());
-        let Some(tx) = tx else {
+        let target = self
+            .lock()
+            .get(&to)
+            .map(|r| (r.tx.clone(), r.queued.clone()));
+        let Some((tx, queued)) = target else {
             return result(
                 SendStatus::Offline,
                 format!("peer {to} is not connected to signal"),
             );
         };
+        let len = msg.payload.len();
+        if queued.fetch_add(len, Ordering::Relaxed) + len > QUEUE_BYTES {
+            queued.fetch_sub(len, Ordering::Relaxed);
+            return result(
+                SendStatus::RateLimited,
+                format!("peer {to} is not keeping up; retry later"),
+            );
+        }
         let delivery = pb::Inbound {
             kind: Some(pb::inbound::Kind::Delivery(pb::Delivery {
                 sender: from.0.to_vec(),
                 payload: msg.payload,
             })),
         };
-        match tx.try_send(Ok(delivery)) {
+        let sent = tx.try_send(Ok(delivery));
+        if sent.is_err() {
+            queued.fetch_sub(len, Ordering::Relaxed);
+        }
+        match sent {
             Ok(()) => result(SendStatus::Delivered, String::new()),
             Err(mpsc::error::TrySendError::Full(_)) => result(
                 SendStatus::RateLimited,
@@ -224,12 +243,14 @@ impl SignalService for SignalHandle {
         }
         let mut incoming = req.into_inner();
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let queued = Arc::new(AtomicUsize::new(0));
         let conn = sig.next_conn.fetch_add(1, Ordering::Relaxed);
         if let Some(old) = sig.lock().insert(
             me.key,
             Registration {
                 conn,
                 tx: tx.clone(),
+                queued: queued.clone(),
             },
         ) {
             let _ = old.tx.try_send(Err(Status::aborted(
@@ -284,7 +305,17 @@ impl SignalService for SignalHandle {
             }
             info!(peer = %me.peer_id, "signal stream closed");
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        // Deliveries leave the byte budget as the client takes them.
+        let out = ReceiverStream::new(rx).map(move |item: Result<pb::Inbound, Status>| {
+            if let Ok(pb::Inbound {
+                kind: Some(pb::inbound::Kind::Delivery(d)),
+            }) = &item
+            {
+                queued.fetch_sub(d.payload.len(), Ordering::Relaxed);
+            }
+            item
+        });
+        Ok(Response::new(Box::pin(out)))
     }
 
     async fn revoke(

@@ -661,6 +661,62 @@ async fn signal_rate_limits_a_flooding_peer() {
     db.cleanup().await;
 }
 
+/// Security issue item 10: a peer that stops reading its signal stream pins at most 1 MiB of
+/// others' messages (not 256 x 64 KiB); past that, senders are told it is not keeping up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_signal_reader_pins_a_bounded_number_of_bytes() {
+    init_tracing();
+    let db = TestDb::new(Backend::Sqlite).await.expect("db");
+    let srv = TestServer::start(&db.url).await.expect("server");
+    let a = TestAgent::new(&srv, "a").await;
+    let b = TestAgent::new(&srv, "stalled").await;
+    let ta = a
+        .login(Some(&srv.default_setup_key))
+        .await
+        .expect("A")
+        .peer_token;
+    let tb = b
+        .login(Some(&srv.default_setup_key))
+        .await
+        .expect("B")
+        .peer_token;
+    let (a_tx, mut a_rx) = open_signal(&a, &ta).await.expect("A opens");
+    let (_b_tx, _b_rx_never_read) = open_signal(&b, &tb).await.expect("B opens");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let to_b = b.key.public_key().0.to_vec();
+    let mut delivered = 0;
+    let mut refused = 0;
+    // 200 x 60 KiB = 12 MB: under the old 256-message queue all of it would be accepted.
+    for id in 0..200u64 {
+        a_tx.send(spb::Outbound {
+            id,
+            recipient: to_b.clone(),
+            payload: vec![1u8; 60 * 1024],
+        })
+        .await
+        .expect("send");
+        if let spb::inbound::Kind::Result(r) = next_inbound(&mut a_rx).await {
+            match r.status() {
+                spb::send_result::Status::Delivered => delivered += 1,
+                spb::send_result::Status::RateLimited => {
+                    assert!(r.message.contains("not keeping up"), "{}", r.message);
+                    refused += 1
+                }
+                other => panic!("unexpected {other:?}: {}", r.message),
+            }
+        }
+    }
+    eprintln!("delivered {delivered}, refused {refused}");
+    // What the reader's HTTP/2 windows absorb comes on top of the 1 MiB queue.
+    assert!(
+        delivered * 60 <= 6 * 1024,
+        "{delivered} x 60 KiB accepted for a stalled reader"
+    );
+    assert!(refused >= 100, "the rest is refused, got {refused}");
+    srv.stop().await;
+    db.cleanup().await;
+}
+
 /// Security issue item 14: the agent pins the management server's key at the first join and
 /// refuses a server that presents another one (e.g. someone answering at the management URL),
 /// saying how to join again on purpose. Runs the real `tern` binary; the refusal comes before

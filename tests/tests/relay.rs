@@ -399,7 +399,10 @@ async fn slow_receiver_causes_counted_drops_not_unbounded_memory() {
     // Let the relay work through what it has read.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let queued = r.tcp.queued("slow").expect("slow still connected");
-    assert!(queued <= 512, "queue is bounded, got {queued}");
+    assert!(
+        queued <= 1 << 20,
+        "queue is bounded to 1 MiB, got {queued} bytes"
+    );
     assert!(
         Metrics::get(&r.metrics.tcp_drops_total) > 10_000,
         "excess is dropped and counted: {}",
@@ -410,6 +413,119 @@ async fn slow_receiver_causes_counted_drops_not_unbounded_memory() {
         grown < 40 * 1024,
         "memory grew by {grown} KiB for 48 MB offered"
     );
+    let _ = stop.send(true);
+    r.close().await;
+}
+
+/// Security issue item 9: a flood of unauthenticated TURN requests from a thousand sources is
+/// answered with the TURN server's current nonce by the front: the server creates one nonce, not
+/// one per request (its nonce table is never pruned), and every request still gets its 401.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unauthenticated_flood_does_not_grow_the_nonce_table() {
+    init_tracing();
+    let r = relay(false).await;
+    let to = r.udp_addr;
+    // Allocate requests without credentials: 20-byte header, random transaction id.
+    let allocate = || {
+        let mut m = vec![0x00, 0x03, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42];
+        m.extend((0..12).map(|_| rand::random::<u8>()));
+        m
+    };
+    let mut answered = 0;
+    for i in 0..1000u32 {
+        let ip = std::net::Ipv4Addr::new(127, 1, (i / 250) as u8, (i % 250 + 1) as u8);
+        let sock = UdpSocket::bind((ip, 0))
+            .await
+            .expect("bind a loopback source");
+        for _ in 0..20 {
+            sock.send_to(&allocate(), to).await.expect("send");
+        }
+        if i % 100 == 0 {
+            // Each source is answered (a 401 error response with a nonce).
+            let mut buf = [0u8; 1500];
+            let (n, _) = tokio::time::timeout(Duration::from_secs(2), sock.recv_from(&mut buf))
+                .await
+                .expect("a 401 within 2 s")
+                .expect("recv");
+            assert_eq!(&buf[..2], &[0x01, 0x13], "Allocate error response");
+            assert!(n > 20);
+            answered += 1;
+        }
+    }
+    assert_eq!(answered, 10);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let created = Metrics::get(&r.metrics.turn_nonces_issued_total);
+    assert!(
+        (1..=2).contains(&created),
+        "20,000 unauthenticated requests made the TURN server create {created} nonces"
+    );
+    r.close().await;
+}
+
+/// Security issue item 10: large datagrams to a stalled receiver pin at most the byte budget
+/// (not 512 x 64 KiB), a newer connection of the same peer closes the older one and frees its
+/// queue, and the relay refuses connections past its global cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queues_are_bounded_in_bytes_replaced_connections_close_and_clients_are_capped() {
+    init_tracing();
+    let mut cfg = RelayConfig::new(
+        "127.0.0.1:0".parse().expect("addr"),
+        "127.0.0.1".parse().expect("ip"),
+        SECRET.to_vec(),
+    );
+    cfg.relay_bind_ip = "127.0.0.1".parse().expect("ip");
+    cfg.min_port = 40000 + (rand::random::<u16>() % 20000);
+    cfg.max_port = cfg.min_port + 10;
+    cfg.tcp.max_clients = 3;
+    let r = Relay::start(cfg).await.expect("relay starts");
+    let (url, stop) = serve_tls(&r).await;
+    let (_, tls) = tls_pair_cached();
+    let connect = |peer: &'static str| {
+        let url = url.clone();
+        let tls = tls.clone();
+        async move { RelayClient::connect(&url, &token(peer, now() + 600, SECRET), Some(tls)).await }
+    };
+    let mut fast = connect("fast").await.expect("fast");
+    let mut stale = connect("dup").await.expect("first connection of dup");
+    wait_connected(&r, 2).await;
+    // 64 KiB datagrams (the largest) to a receiver that never reads: 300 of them = 19 MB offered.
+    let big = vec![9u8; 65_000];
+    for _ in 0..300 {
+        fast.send("dup", &big).await.expect("send");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let queued = r.tcp.queued("dup").expect("dup connected");
+    assert!(
+        queued <= 1 << 20,
+        "at most 1 MiB queued, got {queued} bytes"
+    );
+    // The same peer connects again: the stalled connection is closed, its queue freed.
+    let mut fresh = connect("dup").await.expect("second connection of dup");
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match stale.recv().await {
+                Ok(Some(_)) => {} // what was already in flight
+                _ => return,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the replaced connection is closed");
+    assert!(
+        r.tcp.queued("dup").unwrap_or(0) < 65_536,
+        "the old queue went with it"
+    );
+    fast.send("dup", b"to the new one").await.expect("send");
+    let got = tokio::time::timeout(Duration::from_secs(5), fresh.recv())
+        .await
+        .expect("delivered within 5 s")
+        .expect("recv");
+    assert_eq!(got, Some(("fast".to_string(), b"to the new one".to_vec())));
+    // The cap: fast, dup and one more; a fourth client is refused with a reason.
+    let _third = connect("third").await.expect("third");
+    wait_connected(&r, 3).await;
+    let err = connect("fourth").await.err().expect("over the cap");
+    assert!(format!("{err:#}").contains("503"), "{err:#}");
     let _ = stop.send(true);
     r.close().await;
 }
