@@ -113,6 +113,9 @@ measure_pps() { # LABEL DEST
 if [ -n "${PAUSE:-}" ]; then echo "A=$A B=$B a=$PID_a b=$PID_b TB=$TB"; sleep $PAUSE; fi
 echo "# tunnel benchmark $(date -u +%FT%TZ): $(nproc) cores, iperf3 TCP ${DUR}s, tunnel MTU $MTU"
 printf 'path\tstreams\tGbit/s\tretrans\ttunnel_cpu_s\tcpu_s_per_GB (both ends; tern-turn includes the relay)\n'
+# The tunnel settles first: ICE checks lost on a link saturated by the veth run could leave it
+# on TURN (the agent retries direct only when a path fails).
+wait_conn direct
 measure veth 203.0.113.2
 wait_conn direct && measure tern-direct "$TB" $PID_a $PID_b && measure_pps tern-direct "$TB"
 # TURN: drop direct UDP between A and B so ICE settles on relay candidates.

@@ -130,7 +130,10 @@ impl Engine {
             network_types: vec![NetworkType::Udp4, NetworkType::Udp6],
             multicast_dns_mode: webrtc_ice::mdns::MulticastDnsMode::Disabled,
             is_controlling: controlling,
-            relay_acceptance_min_wait: Some(Duration::from_millis(500)),
+            // A relayed pair is nominated only if no direct pair has succeeded for 2.5 s: a
+            // host pair whose first checks are lost on a busy link must not lose to TURN for
+            // the life of the session (the TCP relay carries traffic meanwhile).
+            relay_acceptance_min_wait: Some(Duration::from_millis(2500)),
             srflx_acceptance_min_wait: Some(Duration::from_millis(300)),
             // Consent checks every second; a path silent for 3 s (NAT rebinding, dead link) is
             // dropped and the relay fallback takes over while ICE is retried.
