@@ -169,14 +169,14 @@ export async function setupKeys(main) {
       h("td", {}, k.expires_at ? fmtTime(k.expires_at) : "never"),
       h("td", {}, chips(groupNames(groups, k.auto_groups))),
       h("td", { class: "row-actions" },
-        k.state === "valid" && k.expires_at ? h("button", { type: "button", onclick: () => keep(k), title: "Remove the expiry: the key works until revoked" }, "Keep") : null,
+        k.state === "valid" && k.expires_at ? h("button", { type: "button", onclick: () => keep(k), title: "Remove the expiry: the key works until revoked" }, "Never expire") : null,
         k.revoked ? null : h("button", { type: "button", onclick: () => revoke(k) }, "Revoke"),
         h("button", { type: "button", class: "danger", onclick: () => remove(k) }, "Delete")))),
     "No setup keys."));
   const refresh = async () => region.update(await get("/api/setup-keys"));
 
   async function keep(k) {
-    await rowAction(() => put(`/api/setup-keys/${k.id}`, { keep: true }), "Key kept: it no longer expires", refresh, `Keep ${k.name} without an expiry? Anyone holding it can join until you revoke it.`, "Keep");
+    await rowAction(() => put(`/api/setup-keys/${k.id}`, { keep: true }), "The key no longer expires", refresh, `Let ${k.name} never expire? Anyone holding it can join until you revoke it.`, "Never expire");
   }
   async function revoke(k) {
     await rowAction(() => put(`/api/setup-keys/${k.id}`, { revoked: true }), "Key revoked", refresh, `Revoke ${k.name}? Machines can no longer join with it; joined peers stay.`, "Revoke");

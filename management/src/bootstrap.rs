@@ -1,7 +1,7 @@
 //! First start: an admin account and a reusable setup key, returned once so the binary can print
 //! them (they are stored hashed and can never be shown again). The key expires after
-//! [`FIRST_KEY_TTL`] unless an admin keeps it (console: Setup keys → Keep): a key printed in a
-//! log must not stay a way in for good.
+//! [`FIRST_KEY_TTL`] unless an admin lifts the expiry (console: Setup keys → Never expire): a
+//! key printed in a log must not stay a way in for good.
 
 use crate::auth::{self, SETUP_KEY_PREFIX};
 use crate::store::{hash_secret, NewSetupKey, Store, StoreError};

@@ -299,7 +299,7 @@ pub async fn run(args: Args, with_signal: bool) -> anyhow::Result<()> {
             None => println!("  Admin password:   (from TERN_ADMIN_PASSWORD)"),
         }
         println!(
-            "  Setup key:        {}   (reusable; expires in 24 h unless you keep it under Setup keys in the console)",
+            "  Setup key:        {}   (reusable; expires in 24 h unless you choose \"Never expire\" under Setup keys in the console)",
             f.setup_key
         );
     }

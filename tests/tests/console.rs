@@ -239,6 +239,25 @@ async fn console_admin_journey_in_chromium() {
         "the key must not be shown again"
     );
     assert!(!keys.to_string().contains(&key), "the API never returns it");
+    // The first start's key expires in 24 h; "Never expire" lifts that, after asking.
+    click_text(b, "tr[data-key] button", "Never expire")
+        .await
+        .expect("never expire");
+    b.wait_text("dialog", "Anyone holding it can join", T)
+        .await
+        .expect("asks first");
+    click_text(b, "dialog button", "Never expire")
+        .await
+        .expect("confirm");
+    b.wait_text(".notice", "no longer expires", T)
+        .await
+        .expect("done");
+    let keys = server.get("/api/setup-keys").await;
+    let first = keys
+        .as_array()
+        .and_then(|k| k.iter().find(|k| k["name"] == "default"))
+        .expect("first key");
+    assert!(first["expires_at"].is_null(), "{first}");
 
     // --- A peer registers with that key; the peers page shows it online without a reload.
     open(b, "peers", "Peers").await.expect("peers page");
