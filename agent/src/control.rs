@@ -13,8 +13,8 @@ use tracing::{debug, info, warn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoginError {
-    #[error("cannot reach management at {url}: {source}")]
-    Unreachable { url: String, source: anyhow::Error },
+    #[error("cannot reach management at {url}: {why}")]
+    Unreachable { url: String, why: String },
     #[error("management refused the login: {0}")]
     Refused(String),
     #[error("the management server at {url} presents key {got}, not the key {pinned} it had when this peer joined: refusing to talk to it. If the server was reinstalled on purpose, join again with `tern up --setup-key KEY`")]
@@ -25,6 +25,116 @@ pub enum LoginError {
     },
     #[error("{0}")]
     Other(#[from] anyhow::Error),
+}
+
+/// Checks a management URL before anything dials it: `https://HOST[:PORT]` (or `http://` for a
+/// lab), each mistake named.
+pub fn check_url(url: &str) -> Result<(), String> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(format!(
+            "management URL {url:?} has no scheme: write https://{url} (or http:// for a lab without TLS)"
+        ));
+    };
+    if scheme != "https" && scheme != "http" {
+        return Err(format!(
+            "management URL {url:?} starts with {scheme}://; it must start with https:// (or http:// for a lab without TLS)"
+        ));
+    }
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    if host.is_empty() {
+        return Err(format!(
+            "management URL {url:?} has no host name or address"
+        ));
+    }
+    if let Some((_, port)) = authority
+        .rsplit_once(':')
+        .filter(|_| !authority.ends_with(']'))
+    {
+        if port.parse::<u16>().map_or(true, |p| p == 0) {
+            return Err(format!(
+                "management URL {url:?} has port {port:?}; a port is a number from 1 to 65535"
+            ));
+        }
+    }
+    if url.parse::<tonic::codegen::http::Uri>().is_err() {
+        return Err(format!("management URL {url:?} is not a valid URL"));
+    }
+    Ok(())
+}
+
+/// What went wrong reaching `url`, in words, from a gRPC status and the errors behind it (the
+/// transport repeats itself: "transport error: transport error: tcp connect error: ...").
+pub fn describe(url: &str, s: &tonic::Status) -> String {
+    let mut chain: Vec<String> = vec![s.message().to_string()];
+    let mut io_kind = None;
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(s);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            io_kind.get_or_insert(io.kind());
+        }
+        chain.push(e.to_string());
+        cur = e.source();
+    }
+    let all = chain.join(" | ");
+    let has = |needle: &str| all.to_lowercase().contains(&needle.to_lowercase());
+    let hostport = url.split_once("://").map_or(url, |(_, r)| r);
+    let hostport = hostport.split(['/', '?']).next().unwrap_or(hostport);
+    let tls = url.starts_with("https://");
+    if io_kind == Some(std::io::ErrorKind::ConnectionRefused) || has("connection refused") {
+        return format!(
+            "nothing accepts connections at {hostport} (connection refused): check the port, and that tern-server runs there"
+        );
+    }
+    if io_kind == Some(std::io::ErrorKind::TimedOut)
+        || has("timed out")
+        || has("deadline has elapsed")
+    {
+        return format!(
+            "no answer from {hostport} (timed out): check the address, and that no firewall drops the traffic"
+        );
+    }
+    if has("dns error") || has("failed to lookup address") || has("name or service not known") {
+        return format!("cannot resolve the host name in {url} (DNS): check its spelling");
+    }
+    if has("unknownissuer") || has("unknown issuer") || has("self-signed") || has("selfsigned") {
+        return format!(
+            "the certificate of {hostport} is not trusted (unknown issuer): use a certificate from a public CA, or point TERN_CA_FILE at the CA that signed it"
+        );
+    }
+    if has("notvalidforname") || has("not valid for name") {
+        return format!("the certificate of {hostport} is not valid for this host name: use the name it was issued for");
+    }
+    if has("certificate expired") || has("expired") && has("certificate") {
+        return format!("the certificate of {hostport} has expired: renew it on the server");
+    }
+    if tls && (has("invalidcontenttype") || has("corrupt message") || has("wrong version number")) {
+        return format!(
+            "{hostport} does not speak TLS: use http:// instead of https:// (or turn TLS on at the server)"
+        );
+    }
+    if !tls
+        && (has("frame with invalid size")
+            || has("invalid http version")
+            || has("connection reset")
+            || has("broken pipe")
+            || has("unexpected eof")
+            || has("connection closed"))
+    {
+        return format!(
+            "{hostport} did not answer as plain HTTP/2; if it serves TLS, use https:// instead of http://"
+        );
+    }
+    // Otherwise the most specific message, once.
+    let mut seen = std::collections::HashSet::new();
+    chain
+        .into_iter()
+        .rev()
+        .find(|m| !m.is_empty() && seen.insert(m.clone()))
+        .unwrap_or_else(|| "unknown error".into())
 }
 
 /// A lazily connecting channel to management (and signal, on the same server). `https` URLs are
@@ -89,7 +199,7 @@ pub async fn login(
         .await
         .map_err(|s| LoginError::Unreachable {
             url: url.to_string(),
-            source: anyhow!("{}", s.message()),
+            why: describe(url, &s),
         })?
         .into_inner();
     let server_pub = PublicKey::from_slice(&server.public_key).context("server key")?;
@@ -118,7 +228,7 @@ pub async fn login(
     let resp = c.login(sealed).await.map_err(|s| match s.code() {
         tonic::Code::Unavailable => LoginError::Unreachable {
             url: url.to_string(),
-            source: anyhow!("{}", s.message()),
+            why: describe(url, &s),
         },
         _ => LoginError::Refused(s.message().to_string()),
     })?;
@@ -147,6 +257,20 @@ pub struct Relogin {
     pub key: SecretKey,
     pub hostname: String,
     pub server_key: PublicKey,
+    /// Set when management refuses this peer for good: "removed" (an admin deleted it) or
+    /// "login_expired"; retrying stops until the peer joins again with a setup key.
+    pub refused: watch::Sender<String>,
+}
+
+/// Why management refuses a peer for good, as a status code, from its refusal message.
+pub fn refusal_code(message: &str) -> Option<&'static str> {
+    if message.contains("not registered") {
+        Some("removed")
+    } else if message.contains("login expired") {
+        Some("login_expired")
+    } else {
+        None
+    }
 }
 
 /// Keeps a sync stream open (re-logging in for fresh tokens), publishing maps; reports whether
@@ -163,11 +287,19 @@ pub async fn run_sync(
         key,
         hostname,
         server_key,
+        refused,
     } = who;
     let mut backoff = Duration::from_millis(500);
     loop {
         let session = match login(&url, &ch, &key, None, &hostname, Some(&server_key)).await {
             Ok(s) => s,
+            Err(LoginError::Refused(m)) if refusal_code(&m).is_some() => {
+                let code = refusal_code(&m).unwrap_or_default();
+                tracing::error!(reason = %m, "management refuses this peer: no more retries; join again with `tern up --setup-key KEY`");
+                up.send_replace(false);
+                refused.send_replace(code.to_string());
+                return;
+            }
             Err(e) => {
                 warn!(error = %e, retry_in = ?backoff, "management login failed");
                 up.send_replace(false);
@@ -305,5 +437,42 @@ pub async fn run_status_reports(
             }
             Err(e) => debug!(error = %e.message(), "status report failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_mistakes_are_named() {
+        assert!(check_url("https://tern.example.com").is_ok());
+        assert!(check_url("http://127.0.0.1:8080").is_ok());
+        assert!(check_url("https://[2001:db8::1]:443/").is_ok());
+        for (url, words) in [
+            ("tern.example.com:443", "has no scheme"),
+            ("htp://x", "must start with https://"),
+            ("grpc://x:1", "must start with https://"),
+            ("https://", "has no host"),
+            ("https://:443", "has no host"),
+            ("http://x:0", "a port is a number"),
+            ("http://x:http", "a port is a number"),
+        ] {
+            let e = check_url(url).expect_err(url);
+            assert!(e.contains(words), "{url}: {e}");
+        }
+    }
+
+    #[test]
+    fn permanent_refusals_are_told_apart_from_outages() {
+        assert_eq!(
+            refusal_code("peer is not registered: a setup key is required to join"),
+            Some("removed")
+        );
+        assert_eq!(
+            refusal_code("peer login expired: run tern up again with a valid setup key"),
+            Some("login_expired")
+        );
+        assert_eq!(refusal_code("invalid setup key"), None);
     }
 }

@@ -90,7 +90,8 @@ enum Cmd {
     Status {
         #[arg(long)]
         json: bool,
-        #[arg(long)]
+        /// Candidates, handshake and traffic per peer.
+        #[arg(short = 'd', long)]
         detail: bool,
     },
 }
@@ -185,12 +186,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "Interface {}  address {}  key {}",
                 s.interface, s.overlay_address, s.public_key
             );
-            println!(
-                "Management {}  Signal {}  TCP relay {}",
-                yes(s.management),
-                yes(s.signal),
-                yes(s.tcp_relay)
-            );
+            match s.management_refused.as_str() {
+                "removed" => println!(
+                    "Management: an admin removed this peer; it no longer retries. Join again with `tern down` and `tern up --setup-key KEY`"
+                ),
+                "login_expired" => println!(
+                    "Management: this peer's login expired; it no longer retries. Join again with `tern down` and `tern up --setup-key KEY`"
+                ),
+                _ => println!(
+                    "Management {}  Signal {}  TCP relay {}",
+                    yes(s.management),
+                    yes(s.signal),
+                    yes(s.tcp_relay)
+                ),
+            }
             if s.pending_approval {
                 println!("Awaiting approval: an admin must approve this peer in the console");
             }
@@ -206,12 +215,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         .unwrap_or_default()
                         .to_string()
                 };
-                println!(
-                    "Route {:<18} via {:<34} {}",
-                    g("network"),
-                    g("peer_id"),
-                    g("state")
-                );
+                let via = match g("peer_name") {
+                    n if !n.is_empty() => n,
+                    _ => "-".to_string(),
+                };
+                println!("Route {:<18} via {:<20} {}", g("network"), via, g("state"));
             }
             for n in &s.serving {
                 println!("Serving {n}");
@@ -392,6 +400,7 @@ async fn up(
         })
         .unwrap_or_else(|| "tern-peer".into());
     let mtu = mtu.or(saved.as_ref().and_then(|s| s.mtu));
+    control::check_url(&url).map_err(anyhow::Error::msg)?;
     warn_plain_http(&url);
     let ch = control::channel(&url)?;
     // The server's key is pinned at the first join; an explicit join with a setup key (a
@@ -448,6 +457,7 @@ async fn up(
     let (maps_tx, mut maps_rx) = watch::channel(None);
     let (token_tx, token_rx) = watch::channel(Some(session.token.clone()));
     let (mgmt_up_tx, mgmt_up) = watch::channel(false);
+    let (refused_tx, refused_rx) = watch::channel(String::new());
     let (sig_up_tx, sig_up) = watch::channel(false);
     let (sig_out_tx, sig_out_rx) = mpsc::channel(256);
     let (sig_in_tx, mut sig_in_rx) = mpsc::channel(256);
@@ -471,6 +481,7 @@ async fn up(
             key: key.clone(),
             hostname,
             server_key: session.server_key,
+            refused: refused_tx,
         },
         maps_tx,
         token_tx,
@@ -581,6 +592,7 @@ async fn up(
             firewall_dropped: e.firewall_dropped(),
             pending_approval: *pending_rx.borrow(),
             services: publisher.status(),
+            management_refused: refused_rx.borrow().clone(),
         },
         down_tx,
         Arc::new(publish::ExposeClient {

@@ -13,6 +13,8 @@ use tern_proto::PublicKey;
 pub struct RouteChoice {
     pub network: String,
     pub peer_id: String,
+    /// The routing peer's name (empty when no peer serves the network).
+    pub peer_name: String,
     #[serde(skip)]
     pub peer_key: Option<PublicKey>,
     pub metric: i64,

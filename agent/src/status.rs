@@ -33,6 +33,10 @@ pub struct Status {
     /// Public services whose clients this peer carries to their target.
     #[serde(default)]
     pub services: Vec<crate::publish::ServiceStatus>,
+    /// Present when management refuses this peer for good: `removed` (an admin deleted it) or
+    /// `login_expired`; the agent no longer retries.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub management_refused: String,
 }
 
 pub fn socket_path(run_dir: &Path, iface: &str) -> PathBuf {

@@ -271,6 +271,11 @@ impl Engine {
                 metric: r.metric,
             })
             .collect();
+        let names: HashMap<&str, &str> = map
+            .remote_peers
+            .iter()
+            .map(|p| (p.id.as_str(), p.name.as_str()))
+            .collect();
         let keys: HashMap<&str, &[u8]> = map
             .routes
             .iter()
@@ -308,6 +313,7 @@ impl Engine {
                 net.clone(),
                 routes::RouteChoice {
                     network: net,
+                    peer_name: names.get(peer_id.as_str()).unwrap_or(&"").to_string(),
                     peer_key: keys
                         .get(peer_id.as_str())
                         .and_then(|k| PublicKey::from_slice(k).ok()),

@@ -1,0 +1,142 @@
+//! The `tern` CLI as a user meets it when the management URL is wrong: every mistake gets its own
+//! message, in words, once (no "transport error: transport error"), and `tern up` exits instead
+//! of hanging. Runs the real binary (as root: `tern up` checks for root first) against servers on
+//! loopback; nothing here creates a TUN device, because every attempt fails before that.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tern_tests::*;
+
+/// `tern up` with `url`; returns (exited with success, stderr).
+async fn up(url: &str, extra_env: &[(&str, &str)]) -> (bool, String) {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut cmd = std::process::Command::new(tern_tests::mesh::bin("tern"));
+    cmd.args(["--interface", "terncli0", "up", "--management-url", url])
+        .arg("--state-dir")
+        .arg(tmp.path().join("state"))
+        .arg("--run-dir")
+        .arg(tmp.path().join("run"))
+        .env_remove("TERN_CA_FILE")
+        .env_remove("TERN_RELAY_CA")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("run tern");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = std::process::Command::new("ip")
+                .args(["link", "del", "terncli0"])
+                .status();
+            panic!("tern up {url} still running after 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let out = child.wait_with_output().expect("output");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A TLS listener with a self-signed certificate for "localhost" that serves an empty router.
+async fn tls_server() -> (
+    u16,
+    tempfile::NamedTempFile,
+    tokio::sync::watch::Sender<bool>,
+) {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
+    let mut ca = tempfile::NamedTempFile::new().expect("tmp");
+    std::io::Write::write_all(&mut ca, ck.cert.pem().as_bytes()).expect("write");
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+    let cfg: Arc<rustls::ServerConfig> =
+        tern_relay::tls::server_config(vec![ck.cert.der().clone()], key).expect("server config");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(tern_relay::tls::serve(
+        listener,
+        axum::Router::new(),
+        Some(cfg),
+        rx,
+    ));
+    (port, ca, tx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_management_url_mistake_gets_its_own_message() {
+    init_tracing();
+    if tern_tests::mesh::skip() {
+        return;
+    }
+    let db = TestDb::new(Backend::Sqlite).await.expect("db");
+    let srv = TestServer::start(&db.url).await.expect("server");
+    let plain = srv.base.trim_start_matches("http://").to_string();
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    }; // dropped: nothing listens there now
+    let (tls_port, ca, _stop) = tls_server().await;
+
+    let cases: Vec<(String, &str)> = vec![
+        ("htp://127.0.0.1:8080".into(), "must start with https://"),
+        ("127.0.0.1:8080".into(), "has no scheme"),
+        ("http://:8080".into(), "has no host"),
+        ("http://127.0.0.1:99999".into(), "a port is a number"),
+        (format!("http://127.0.0.1:{closed}"), "connection refused"),
+        (format!("https://{plain}"), "does not speak TLS"),
+        (format!("http://localhost:{tls_port}"), "use https://"),
+        (format!("https://localhost:{tls_port}"), "not trusted"),
+    ];
+    let mut messages = std::collections::HashSet::new();
+    for (url, words) in &cases {
+        let (ok, stderr) = up(url, &[]).await;
+        assert!(!ok, "{url}: tern up must fail");
+        assert!(
+            stderr.contains(words),
+            "{url}: expected {words:?} in:\n{stderr}"
+        );
+        for repeated in [
+            "transport error: transport error",
+            "tcp connect error: tcp connect error",
+        ] {
+            assert!(!stderr.contains(repeated), "{url}: {stderr}");
+        }
+        let line = stderr
+            .lines()
+            .find(|l| l.starts_with("error:"))
+            .unwrap_or(&stderr)
+            .to_string();
+        assert!(
+            messages.insert(line.clone()),
+            "{url}: same message as another mistake: {line}"
+        );
+        eprintln!("{url}\n  {line}");
+        // Said once: no part of the message repeats.
+        let parts: Vec<&str> = line.split(": ").map(str::trim).collect();
+        let distinct: std::collections::HashSet<&str> = parts.iter().copied().collect();
+        assert_eq!(
+            parts.len(),
+            distinct.len(),
+            "{url}: the message repeats itself: {line}"
+        );
+    }
+    // With the CA given, the certificate is trusted and the next problem is named instead
+    // (an empty server: not a Tern management service).
+    let ca_path = ca.path().display().to_string();
+    let (ok, stderr) = up(
+        &format!("https://localhost:{tls_port}"),
+        &[("TERN_CA_FILE", &ca_path)],
+    )
+    .await;
+    assert!(!ok);
+    assert!(!stderr.contains("not trusted"), "{stderr}");
+    srv.stop().await;
+    db.cleanup().await;
+}
