@@ -432,6 +432,23 @@ fn policies_are_enforced_by_the_agents() {
         .as_u64()
         .unwrap_or(0);
     assert!(dropped >= 2, "b counted the dropped pings: {dropped}");
+
+    // An admin removes c: its agent says so and stops retrying (it does not claim an outage).
+    let c_id = m.peer_id("c", &hc);
+    m.api("DELETE", &format!("/api/peers/{c_id}"), None);
+    m.lab
+        .wait_for("c says it was removed", Duration::from_secs(30), || {
+            m.status("c", &hc)
+                .is_some_and(|s| s["management_refused"] == "removed")
+        })
+        .unwrap_or_else(|e| panic!("{e}: {:?}\n{}", m.status("c", &hc), m.lab.log("c")));
+    let mut args = vec![bin("tern").display().to_string()];
+    args.extend(m.agent_args("c"));
+    args.push("status".into());
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let human = String::from_utf8_lossy(&m.lab.exec(&hc, &refs).stdout).into_owned();
+    assert!(human.contains("an admin removed this peer"), "{human}");
+    assert!(!human.contains("null"), "{human}");
 }
 
 #[test]
