@@ -155,8 +155,21 @@ export async function peers(main) {
 // ------------------------------------------------------------------------------------------------
 // Setup keys
 
+/// How a machine joins with `key`: once by hand, then as a service; or in Docker.
+function joinHint(url, key) {
+  const up = `sudo tern up --management-url ${url} --setup-key ${key}`;
+  return h("div", { class: "join-hint" },
+    h("p", { class: "muted" }, "On a Linux machine (once; later starts need no key):"),
+    h("pre", {}, h("code", {}, up)),
+    h("p", { class: "muted" }, "To keep it running, install the agent as a service (deploy/tern.service), then:"),
+    h("pre", {}, h("code", {}, "sudo systemctl enable --now tern")),
+    h("p", { class: "muted" }, "Or in Docker:"),
+    h("pre", {}, h("code", {}, `docker run -d --name tern --cap-add NET_ADMIN --device /dev/net/tun -v tern-state:/var/lib/tern tern/agent:local up --management-url ${url} --setup-key ${key}`)));
+}
+
 export async function setupKeys(main) {
   let groups = await get("/api/groups");
+  const publicUrl = (await get("/api/auth/config")).public_url || location.origin;
   const shown = h("div", { id: "new-key" });
   const region = liveRegion((keys) => table(
     ["Name", "Key", "State", "Type", "Used", "Expires", "Auto groups", ""],
@@ -211,7 +224,7 @@ export async function setupKeys(main) {
       shown.replaceChildren(h("section", { class: "card" },
         h("h2", {}, `Setup key “${reply.setup_key.name}”`),
         secretBox("New setup key", reply.key, "Copy this key now: it is shown only once and cannot be read again."),
-        h("p", { class: "muted" }, "On the machine: ", h("code", {}, `sudo tern up --management-url ${location.origin} --setup-key <key>`)),
+        joinHint(publicUrl, reply.key),
         h("button", { type: "button", onclick: () => shown.replaceChildren() }, "Done, hide it")));
       shown.querySelector("code.secret").focus();
       await refresh();
@@ -265,8 +278,9 @@ export async function policies(main) {
   let groups = await get("/api/groups");
   const region = liveRegion((list) => table(
     ["Name", "Sources", "", "Destinations", "Protocol", "Ports", "Enabled", ""],
-    list.map((p) => h("tr", { dataset: { policy: p.id } },
-      h("td", {}, h("strong", {}, p.name), p.description ? h("div", { class: "muted small" }, p.description) : null),
+    list.map((p) => h("tr", { dataset: { policy: p.id }, class: p.enabled ? null : "disabled" },
+      h("td", {}, h("strong", {}, p.name), p.enabled ? null : h("span", { class: "muted" }, " (disabled)"),
+        p.description ? h("div", { class: "muted small" }, p.description) : null),
       h("td", {}, chips(groupNames(groups, p.sources))),
       h("td", { "aria-label": p.bidirectional ? "both ways" : "one way" }, p.bidirectional ? "⇄" : "→"),
       h("td", {}, chips(groupNames(groups, p.destinations))),
@@ -284,9 +298,18 @@ export async function policies(main) {
     ports: p.ports, bidirectional: p.bidirectional, sources: p.sources, destinations: p.destinations, ...patch,
   });
 
+  // A policy between "All" and "All" is what lets peers reach each other at all.
+  const catchAll = (p) => p.sources.includes("all") || p.destinations.includes("all");
+  const everyone = (p) => p.sources.includes("all") && p.destinations.includes("all")
+    ? "every peer can reach every other peer through it"
+    : "it applies to every peer";
+
   async function toggle(p, box) {
+    const question = !box.checked && catchAll(p)
+      ? `Disable ${p.name}? ${everyone(p)[0].toUpperCase()}${everyone(p).slice(1)}; without it, peers reach only what other policies allow.`
+      : undefined;
     const ok = await rowAction(() => put(`/api/policies/${p.id}`, body(p, { enabled: box.checked })),
-      box.checked ? "Policy enabled" : "Policy disabled", refresh);
+      box.checked ? `${p.name} enabled` : `${p.name} disabled`, refresh, question, "Disable");
     if (!ok) box.checked = !box.checked;
   }
 
@@ -322,7 +345,8 @@ export async function policies(main) {
     });
   }
   async function remove(p) {
-    await rowAction(() => del(`/api/policies/${p.id}`), "Policy deleted", refresh, `Delete policy ${p.name}?`);
+    const why = catchAll(p) ? ` ${everyone(p)[0].toUpperCase()}${everyone(p).slice(1)}; without it, peers reach only what other policies allow.` : "";
+    await rowAction(() => del(`/api/policies/${p.id}`), "Policy deleted", refresh, `Delete policy ${p.name}?${why}`);
   }
   main.append(header("Access policies", h("button", { type: "button", class: "primary", onclick: () => edit(null) }, "New policy")), region.box);
   await refresh();
@@ -509,12 +533,36 @@ export async function services(main) {
 // ------------------------------------------------------------------------------------------------
 // Audit log
 
+const actorName = (a) => {
+  const [kind, name] = a.includes(":") ? [a.slice(0, a.indexOf(":")), a.slice(a.indexOf(":") + 1)] : ["", a];
+  return { user: name, token: `${name} (access token)`, setup_key: `setup key ${name}`, peer: "a peer", system: "Tern" }[kind] || a;
+};
+const actionWords = (a) => ({
+  "policy.create": "created policy", "policy.update": "changed policy", "policy.enabled": "enabled policy",
+  "policy.disabled": "disabled policy", "policy.delete": "deleted policy", "policy.put": "saved policy",
+  "group.create": "created group", "group.update": "changed group", "group.delete": "deleted group",
+  "route.put": "saved route", "route.delete": "deleted route", "peer.register": "registered peer",
+  "peer.update": "changed peer", "peer.delete": "deleted peer", "setup_key.create": "created setup key",
+  "setup_key.update": "changed setup key", "setup_key.revoke": "revoked setup key", "setup_key.delete": "deleted setup key",
+  "settings.update": "changed settings", "user.create": "created admin", "user.update": "changed admin",
+  "user.delete": "deleted admin", "service.put": "saved public service", "service.delete": "deleted public service",
+  "service.expose": "exposed a port", "service.unexpose": "stopped exposing a port", "auth.login": "signed in",
+  "auth.logout": "signed out", "token.create": "created access token", "token.delete": "deleted access token",
+}[a] || a);
+const targetName = (e) => {
+  const d = e.detail || {};
+  const name = d.name || d.username || d.network || d.hostname;
+  if (name) return `${e.target_type === "service" ? "public service" : e.target_type.replace("_", " ")} ${name}`;
+  if (e.target_type === "service") return "public service";
+  return e.target_type.replace("_", " ");
+};
+
 export async function audit(main) {
   const toMs = (v) => (v ? new Date(v).getTime() : undefined);
   const results = h("div", {});
   const form = h("form", { class: "filters", novalidate: true, id: "audit-filter" }, formError(),
     field("Actor", input("actor", { placeholder: "user:admin" })),
-    field("Action", input("action", { placeholder: "peer. or policy.put" })),
+    field("Action", input("action", { placeholder: "peer. or policy.disabled" })),
     field("Since", input("since", { type: "datetime-local" })),
     field("Until", input("until", { type: "datetime-local" })),
     h("div", { class: "actions" }, h("button", { type: "submit", class: "primary" }, "Filter")));
@@ -527,11 +575,14 @@ export async function audit(main) {
     if (toMs(f.until.value)) q.set("until", toMs(f.until.value));
     q.set("limit", "300");
     const events = await get(`/api/audit?${q}`);
-    results.replaceChildren(table(["Time", "Actor", "Action", "Target", "Detail"],
+    results.replaceChildren(table(["Time", "Who", "What", "On", ""],
       events.map((e) => h("tr", {},
-        h("td", {}, fmtTime(e.created_at)), h("td", {}, e.actor), h("td", {}, h("code", {}, e.action)),
-        h("td", {}, `${e.target_type} ${e.target_id.slice(0, 12)}`),
-        h("td", { class: "detail" }, h("code", {}, JSON.stringify(e.detail))))),
+        h("td", { title: fmtTime(e.created_at) }, ago(e.created_at)),
+        h("td", {}, actorName(e.actor)),
+        h("td", {}, actionWords(e.action)),
+        h("td", {}, targetName(e)),
+        h("td", { class: "detail" }, h("details", {}, h("summary", {}, "details"),
+          h("pre", {}, JSON.stringify(e.detail, null, 2)))))),
       "No events match."));
   };
   onSubmit(form, load);

@@ -209,7 +209,7 @@ impl FromStr for PortRange {
     }
 }
 
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct Policy {
     pub id: String,
     pub name: String,

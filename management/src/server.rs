@@ -220,6 +220,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Running> {
         .await
         .context("loading server keys")?;
     let _ = state.publisher.set(publisher.clone());
+    let _ = state.public_url.set(public_url.clone());
     if let Some(r) = &relay {
         let _ = state.relay_metrics.set(r.metrics.clone());
         let _ = state.relay_udp.set(r.udp_addr);

@@ -76,6 +76,8 @@ pub struct AppState {
     pub publisher: std::sync::OnceLock<Arc<crate::publish::Publisher>>,
     /// The signal service in this process, if any (told at once when a peer is revoked).
     pub signal: std::sync::OnceLock<Arc<tern_signal::Signal>>,
+    /// The URL agents and admins use for this server (set at start).
+    pub public_url: std::sync::OnceLock<String>,
 }
 
 /// (path-change version, 5-s time bucket) a cached connection summary was computed for.
@@ -170,6 +172,7 @@ impl AppState {
             login_replays: std::sync::Mutex::new(Default::default()),
             publisher: std::sync::OnceLock::new(),
             signal: std::sync::OnceLock::new(),
+            public_url: std::sync::OnceLock::new(),
         }))
     }
 

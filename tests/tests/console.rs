@@ -205,6 +205,19 @@ async fn console_admin_journey_in_chromium() {
     b.wait("#new-key button[data-action=copy]", T)
         .await
         .expect("copy button");
+    // The join line is ready to paste: the server's public URL and this very key.
+    let hint = b.wait("#new-key .join-hint", T).await.expect("join hint");
+    let hint = b.text(&hint).await.expect("hint text");
+    assert!(
+        hint.contains(&format!(
+            "tern up --management-url {base} --setup-key {key}"
+        )),
+        "{hint}"
+    );
+    assert!(
+        hint.contains("systemctl enable --now tern") && hint.contains("docker run"),
+        "{hint}"
+    );
     shot(b, "03-setup-key-created").await.expect("shot");
     let keys = server.get("/api/setup-keys").await;
     let listed = keys
@@ -361,7 +374,26 @@ async fn console_admin_journey_in_chromium() {
         .clone();
     assert_eq!(p["protocol"], "tcp");
     assert_eq!(p["ports"], json!(["22"]));
+    // Switching off the catch-all policy asks first, says what it means, and the row shows it.
+    let default_switch = ".page[data-page=policies] tr[data-policy] .switch input[aria-label='Policy default enabled']";
+    click(b, default_switch).await.expect("switch default off");
+    b.wait_text("dialog", "can reach every other peer", T)
+        .await
+        .expect("the catch-all asks first");
+    click_text(b, "dialog button", "Disable")
+        .await
+        .expect("confirm");
+    b.wait_text(".notice", "default disabled", T)
+        .await
+        .expect("disabled");
+    b.wait_text("tr.disabled", "(disabled)", T)
+        .await
+        .expect("the row looks disabled");
     shot(b, "05-policies").await.expect("shot");
+    click(b, default_switch).await.expect("switch default on");
+    b.wait_text(".notice", "default enabled", T)
+        .await
+        .expect("enabling needs no confirmation");
 
     // --- Route: a malformed CIDR is refused next to the network field; input is kept.
     open(b, "routes", "Routes").await.expect("routes page");
@@ -557,17 +589,33 @@ async fn console_admin_journey_in_chromium() {
     click(b, "#audit-filter button[type=submit]")
         .await
         .expect("filter");
-    b.wait_text(".page[data-page=audit] td", "policy.", T)
+    b.wait_text(".page[data-page=audit] td", "disabled policy", T)
         .await
-        .expect("policy events");
+        .expect("policy events in words");
     let rows = b
         .find_all(".page[data-page=audit] tbody tr")
         .await
         .expect("rows");
+    let hex_id = |t: &str| {
+        t.split(|c: char| !c.is_ascii_alphanumeric())
+            .any(|w| w.len() >= 12 && w.chars().all(|c| c.is_ascii_hexdigit()))
+    };
     for r in &rows {
         let t = b.text(r).await.expect("row");
-        assert!(t.contains("policy."), "filtered row: {t}");
+        assert!(t.contains("policy"), "filtered row: {t}");
+        assert!(!hex_id(&t), "an internal id in the audit log: {t}");
     }
+    let names = b
+        .find_all(".page[data-page=audit] td")
+        .await
+        .expect("cells");
+    let mut all = String::new();
+    for c in &names {
+        all.push_str(&b.text(c).await.expect("cell"));
+        all.push('\n');
+    }
+    assert!(all.contains("policy default"), "{all}");
+    assert!(all.contains("enabled policy"), "{all}");
 
     // --- Phone-size window: navigation behind a menu, page still usable.
     b.set_size(390, 844).await.expect("phone size");

@@ -624,7 +624,7 @@ async fn crud_and_bad_input_on_every_entity() {
         // Every change is in the audit log, attributed to the admin.
         let ev = srv.get("/api/audit?actor=user:admin&limit=1000").await;
         let actions: Vec<&str> = ev.as_array().expect("list").iter().filter_map(|e| e["action"].as_str()).collect();
-        for a in ["group.create", "group.update", "policy.put", "route.put", "settings.update", "peer.update", "peer.delete", "route.delete", "setup_key.delete"] {
+        for a in ["group.create", "group.update", "policy.create", "route.put", "settings.update", "peer.update", "peer.delete", "route.delete", "setup_key.delete"] {
             assert!(actions.contains(&a), "audit lacks {a}: {actions:?}");
         }
         let reg = srv.get("/api/audit?action=peer.register").await;

@@ -375,6 +375,8 @@ pub struct AuthConfig {
     /// Local accounts with passwords are always available.
     pub password: bool,
     pub oidc: Option<OidcPublicConfig>,
+    /// The server's public URL (what agents pass to `tern up --management-url`).
+    pub public_url: String,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -409,6 +411,7 @@ pub async fn auth_config(State(s): St) -> Json<AuthConfig> {
     Json(AuthConfig {
         password: true,
         oidc,
+        public_url: s.public_url.get().cloned().unwrap_or_default(),
     })
 }
 

@@ -858,9 +858,12 @@ impl Store {
             .collect::<Vec<_>>()
             .join(",");
         let dup = || format!("a policy named {:?} already exists", p.name);
+        let before = match id {
+            Some(id) => Some(read_policy(c.conn(), id).await?),
+            None => None,
+        };
         let id = match id {
             Some(id) => {
-                read_policy(c.conn(), id).await?;
                 sqlx::query(
                     "UPDATE policies SET name = $1, description = $2, enabled = $3, protocol = $4, ports = $5, \
                      bidirectional = $6 WHERE id = $7",
@@ -915,7 +918,25 @@ impl Store {
             }
         }
         let out = read_policy(c.conn(), &id).await?;
-        c.audit("policy.put", "policy", &id, json!(out)).await?;
+        // A switch flipped reads as what it is; anything else is an update.
+        let action = match &before {
+            None => "policy.create",
+            Some(b)
+                if b.enabled != out.enabled
+                    && Policy {
+                        enabled: out.enabled,
+                        ..b.clone()
+                    } == out =>
+            {
+                if out.enabled {
+                    "policy.enabled"
+                } else {
+                    "policy.disabled"
+                }
+            }
+            Some(_) => "policy.update",
+        };
+        c.audit(action, "policy", &id, json!(out)).await?;
         c.commit(self).await?;
         Ok(out)
     }
