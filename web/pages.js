@@ -241,10 +241,11 @@ export async function setupKeys(main) {
 
 export async function groupsPage(main) {
   const region = liveRegion((groups) => table(["Name", "Peers", ""],
-    groups.map((g) => h("tr", {},
+    groups.map((g) => h("tr", { dataset: { group: g.id } },
       h("td", {}, g.name, g.builtin ? h("span", { class: "muted" }, " (built in: every peer)") : null),
       h("td", {}, String(g.peers)),
       h("td", { class: "row-actions" }, g.builtin ? null : [
+        h("button", { type: "button", onclick: () => members(g) }, "Members"),
         h("button", { type: "button", onclick: () => edit(g) }, "Rename"),
         h("button", { type: "button", class: "danger", onclick: () => remove(g) }, "Delete")]))),
     "No groups."));
@@ -260,6 +261,31 @@ export async function groupsPage(main) {
       if (g) await put(`/api/groups/${g.id}`, body); else await post("/api/groups", body);
       d.close();
       notify(g ? "Group renamed" : "Group created");
+      await refresh();
+    });
+  }
+  async function members(g) {
+    const peers = await get("/api/peers");
+    const rows = peers.map((p) => h("label", { class: "chip-check member", dataset: { name: `${p.name} ${p.overlay_ip} ${p.hostname}`.toLowerCase() } },
+      h("input", { type: "checkbox", name: "peers", value: p.id, checked: p.groups.includes(g.id) }),
+      ` ${p.name} `, h("span", { class: "muted" }, p.overlay_ip)));
+    const filter = input("filter", { placeholder: "Filter by name or address", autocomplete: "off" });
+    filter.addEventListener("input", () => {
+      const q = filter.value.trim().toLowerCase();
+      for (const r of rows) r.hidden = q !== "" && !r.dataset.name.includes(q);
+    });
+    const form = h("form", { novalidate: true, id: "members-form" }, formError(),
+      peers.length > 8 ? field("Filter", filter) : null,
+      h("fieldset", { "data-field": "peers" }, h("legend", {}, "Peers in this group"),
+        peers.length ? h("div", { class: "picker" }, rows) : h("p", { class: "muted" }, "No peers yet."),
+        h("p", { class: "field-error", hidden: true })),
+      h("div", { class: "actions" }, h("button", { type: "submit", class: "primary" }, "Save members")));
+    const d = dialog(`Members of ${g.name}`, form);
+    onSubmit(form, async (f) => {
+      const chosen = checkedValues(f, "peers");
+      await put(`/api/groups/${g.id}/members`, { peers: chosen });
+      d.close();
+      notify(`${g.name}: ${chosen.length} ${chosen.length === 1 ? "peer" : "peers"}`);
       await refresh();
     });
   }
@@ -541,6 +567,7 @@ const actionWords = (a) => ({
   "policy.create": "created policy", "policy.update": "changed policy", "policy.enabled": "enabled policy",
   "policy.disabled": "disabled policy", "policy.delete": "deleted policy", "policy.put": "saved policy",
   "group.create": "created group", "group.update": "changed group", "group.delete": "deleted group",
+  "group.members": "set the members of group",
   "route.put": "saved route", "route.delete": "deleted route", "peer.register": "registered peer",
   "peer.update": "changed peer", "peer.delete": "deleted peer", "setup_key.create": "created setup key",
   "setup_key.update": "changed setup key", "setup_key.revoke": "revoked setup key", "setup_key.delete": "deleted setup key",

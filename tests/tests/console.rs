@@ -572,6 +572,32 @@ async fn console_admin_journey_in_chromium() {
     let p3 = server.get(&format!("/api/peers/{}", login3.peer_id)).await;
     assert_eq!(p3["approved"], true);
 
+    // --- Group members are chosen on the group's own page, in one dialog.
+    let (st, line) = server.post("/api/groups", json!({"name": "Line 2"})).await;
+    assert_eq!(st, 201, "{line}");
+    let line_id = line["id"].as_str().expect("id").to_string();
+    open(b, "groups", "Groups").await.expect("groups page");
+    click_text(b, &format!("tr[data-group='{line_id}'] button"), "Members")
+        .await
+        .expect("members");
+    click(
+        b,
+        &format!("#members-form input[name=peers][value='{}']", login.peer_id),
+    )
+    .await
+    .expect("pick factory-gw");
+    click(b, "#members-form button[type=submit]")
+        .await
+        .expect("save members");
+    b.wait_text(".notice", "Line 2: 1 peer", T)
+        .await
+        .expect("saved");
+    b.wait_text(&format!("tr[data-group='{line_id}'] td"), "1", T)
+        .await
+        .expect("the count follows");
+    let gw = server.get(&format!("/api/peers/{}", login.peer_id)).await;
+    assert!(gw["groups"].to_string().contains(&line_id), "{gw}");
+
     // --- The remaining pages render (and are captured).
     for (route, heading, name) in [
         ("groups", "Groups", "08-groups"),

@@ -178,6 +178,55 @@ async fn concurrent_guesses_are_counted_before_the_check_and_slow_clients_are_cu
     db.cleanup().await;
 }
 
+/// A group's members are set in one change; unknown peers and the built-in group are refused at
+/// the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_members_are_set_in_one_change() {
+    init_tracing();
+    let db = TestDb::new(Backend::Sqlite).await.expect("db");
+    let srv = TestServer::start(&db.url).await.expect("server");
+    let mut ids = vec![];
+    for host in ["plc-gw", "laptop"] {
+        let a = TestAgent::new(&srv, host).await;
+        ids.push(
+            a.login(Some(&srv.default_setup_key))
+                .await
+                .expect("register")
+                .peer_id,
+        );
+    }
+    let (s, g) = srv.post("/api/groups", json!({"name": "factory"})).await;
+    assert_eq!(s, 201, "{g}");
+    let path = format!("/api/groups/{}/members", id(&g));
+    let (s, g2) = srv
+        .put(&path, json!({"peers": [ids[0], ids[1], ids[0]]}))
+        .await;
+    assert_eq!(s, 200, "{g2}");
+    assert_eq!(g2["peers"], 2);
+    let (s, g3) = srv.put(&path, json!({"peers": [ids[1]]})).await;
+    assert_eq!(s, 200, "{g3}");
+    assert_eq!(g3["peers"], 1);
+    let gw = srv.get(&format!("/api/peers/{}", ids[0])).await;
+    assert!(!gw["groups"].to_string().contains(&id(&g)), "{gw}");
+    let laptop = srv.get(&format!("/api/peers/{}", ids[1])).await;
+    assert!(laptop["groups"].to_string().contains(&id(&g)), "{laptop}");
+    assert_err(
+        srv.put(&path, json!({"peers": ["ghost"]})).await,
+        422,
+        "no peer with id",
+    );
+    assert_err(
+        srv.put("/api/groups/all/members", json!({"peers": []}))
+            .await,
+        422,
+        "always in",
+    );
+    let ev = srv.get("/api/audit?action=group.members").await;
+    assert_eq!(ev.as_array().map(|a| a.len()), Some(2), "{ev}");
+    srv.stop().await;
+    db.cleanup().await;
+}
+
 /// Security issue item 7: the setup key made at first start expires after 24 h unless an admin
 /// keeps it; an expired key cannot be kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -631,6 +631,30 @@ pub async fn update_group(
     Ok(Json(s.store.rename_group(&a.actor, &id, &n).await?))
 }
 
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GroupMembersBody {
+    /// Peer ids: the group's members from now on (replacing the current ones).
+    pub peers: Vec<String>,
+}
+
+/// Sets a group's members in one change.
+#[utoipa::path(put, path = "/api/groups/{id}/members", request_body = GroupMembersBody,
+    responses((status = 200, body = Group), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub async fn set_group_members(
+    State(s): St,
+    a: Admin,
+    ApiPath(id): ApiPath,
+    ApiJson(b): ApiJson<GroupMembersBody>,
+) -> ApiResult<Json<Group>> {
+    if b.peers.len() > 100_000 {
+        return Err(ApiError::invalid("peers", "at most 100,000 peers"));
+    }
+    Ok(Json(
+        s.store.set_group_members(&a.actor, &id, &b.peers).await?,
+    ))
+}
+
 #[utoipa::path(delete, path = "/api/groups/{id}", responses((status = 204), (status = 409, body = ErrorBody)))]
 pub async fn delete_group(
     State(s): St,

@@ -42,6 +42,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(get_group).put(update_group).delete(delete_group),
         )
         .route(
+            "/api/groups/{id}/members",
+            axum::routing::put(set_group_members),
+        )
+        .route(
             "/api/setup-keys",
             get(list_setup_keys).post(create_setup_key),
         )
@@ -100,7 +104,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         handlers::login, handlers::me, handlers::logout, handlers::login_oidc, handlers::auth_config,
         handlers::list_users, handlers::create_user, handlers::get_user, handlers::update_user, handlers::delete_user,
         handlers::list_tokens, handlers::create_token, handlers::delete_token,
-        handlers::list_groups, handlers::create_group, handlers::get_group, handlers::update_group, handlers::delete_group,
+        handlers::list_groups, handlers::create_group, handlers::get_group, handlers::update_group, handlers::set_group_members, handlers::delete_group,
         handlers::list_setup_keys, handlers::create_setup_key, handlers::get_setup_key, handlers::update_setup_key, handlers::delete_setup_key,
         handlers::list_peers, handlers::get_peer, handlers::status, handlers::update_peer, handlers::delete_peer,
         handlers::list_policies, handlers::create_policy, handlers::get_policy, handlers::update_policy, handlers::delete_policy,

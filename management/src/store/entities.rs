@@ -423,6 +423,58 @@ impl Store {
         Ok(g)
     }
 
+    /// Sets who is in group `id` (peer ids), replacing its members at once.
+    pub async fn set_group_members(
+        &self,
+        actor: &str,
+        id: &str,
+        peers: &[String],
+    ) -> Result<Group> {
+        let mut c = self.begin_change(actor).await?;
+        let g = read_group(c.conn(), id).await?;
+        if g.builtin {
+            return Err(StoreError::invalid(
+                "peers",
+                format!("every peer is always in {:?}", g.name),
+            ));
+        }
+        let mut members = std::collections::BTreeSet::new();
+        for p in peers {
+            let known = sqlx::query("SELECT id FROM peers WHERE id = $1")
+                .bind(p)
+                .fetch_optional(c.conn())
+                .await?;
+            if known.is_none() {
+                return Err(StoreError::invalid(
+                    "peers",
+                    format!("no peer with id {p:?}"),
+                ));
+            }
+            members.insert(p.as_str());
+        }
+        sqlx::query("DELETE FROM peer_groups WHERE group_id = $1")
+            .bind(id)
+            .execute(c.conn())
+            .await?;
+        for p in &members {
+            sqlx::query("INSERT INTO peer_groups (peer_id, group_id) VALUES ($1, $2)")
+                .bind(*p)
+                .bind(id)
+                .execute(c.conn())
+                .await?;
+        }
+        c.audit(
+            "group.members",
+            "group",
+            id,
+            json!({ "name": g.name, "peers": members.len() }),
+        )
+        .await?;
+        let g = read_group(c.conn(), id).await?;
+        c.commit(self).await?;
+        Ok(g)
+    }
+
     pub async fn rename_group(&self, actor: &str, id: &str, name: &str) -> Result<Group> {
         let mut c = self.begin_change(actor).await?;
         let g = read_group(c.conn(), id).await?;
