@@ -196,7 +196,13 @@ impl AppState {
         let mut s = self.streams.lock().unwrap_or_else(|e| e.into_inner());
         let n = s.entry(peer_id.to_string()).or_insert(0);
         *n += 1;
-        *n == 1
+        let first = *n == 1;
+        if first {
+            // Paths between online peers are shown: who is online changed.
+            self.conn_version
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        first
     }
 
     /// Records a sync stream ending; true if it was the peer's last live stream.
@@ -209,16 +215,13 @@ impl AppState {
             }
             Some(_) => {
                 s.remove(peer_id);
-                if self
-                    .connections
+                self.connections
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .remove(peer_id)
-                    .is_some()
-                {
-                    self.conn_version
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
+                    .remove(peer_id);
+                // Its paths vanish, also from the reports of peers that still list it.
+                self.conn_version
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 true
             }
             None => false,
@@ -274,14 +277,23 @@ impl AppState {
                 return v;
             }
         }
+        // Only pairs of online peers: a peer that went offline takes its paths with it, also
+        // from the reports of the peers that still list it.
+        let online: std::collections::HashSet<String> = self
+            .streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
         let map = self.connections.lock().unwrap_or_else(|e| e.into_inner());
         let mut seen: std::collections::HashSet<(&str, &str)> = std::collections::HashSet::new();
         let (mut direct, mut relayed, mut connecting) = (0, 0, 0);
         for (peer, (at, conns)) in map.iter() {
-            if at.elapsed() >= REPORT_TTL {
+            if at.elapsed() >= REPORT_TTL || !online.contains(peer) {
                 continue;
             }
-            for c in conns {
+            for c in conns.iter().filter(|c| online.contains(&c.peer_id)) {
                 let (a, b) = (peer.as_str(), c.peer_id.as_str());
                 if !seen.insert(if a < b { (a, b) } else { (b, a) }) {
                     continue;
@@ -297,9 +309,14 @@ impl AppState {
         (direct, relayed, connecting)
     }
 
-    /// Fills in the reported connections of online peers (only to peers that still exist).
+    /// Fills in the reported connections of online peers (only to peers that exist and are
+    /// online: an offline peer's paths vanish from everyone's list at once).
     pub fn with_connections(&self, peers: &mut [Peer]) {
-        let known: std::collections::HashSet<String> = peers.iter().map(|p| p.id.clone()).collect();
+        let known: std::collections::HashSet<String> = peers
+            .iter()
+            .filter(|p| p.connected)
+            .map(|p| p.id.clone())
+            .collect();
         let map = self.connections.lock().unwrap_or_else(|e| e.into_inner());
         for p in peers.iter_mut().filter(|p| p.connected) {
             if let Some((at, conns)) = map.get(&p.id) {

@@ -796,6 +796,46 @@ async fn peer_list_answers_not_modified_until_something_changes() {
         .await
         .expect("same report");
     assert!(not_modified(etag4).await, "unchanged report");
+    // Paths are between online peers: B is not online, so A's path to it is not shown.
+    let peers = srv.get("/api/peers").await;
+    let a_row = peers
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["id"] == la.peer_id))
+        .cloned()
+        .expect("a listed");
+    assert_eq!(a_row["connections"], json!([]), "{a_row}");
+    // B comes online: the path shows; B goes offline: it vanishes at once, also from the counts.
+    let sb = b.sync(&lb.peer_token).await.expect("sync b");
+    let shows = |want: usize| {
+        let srv = &srv;
+        let id = la.peer_id.clone();
+        async move {
+            for _ in 0..100 {
+                let peers = srv.get("/api/peers").await;
+                let n = peers
+                    .as_array()
+                    .and_then(|ps| ps.iter().find(|p| p["id"] == id))
+                    .and_then(|p| p["connections"].as_array().map(|c| c.len()))
+                    .unwrap_or(0);
+                let st = srv.get("/api/status").await;
+                let counted = st["connections"]["direct"].as_u64().unwrap_or(0) as usize;
+                if n == want && counted == want {
+                    return true;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            false
+        }
+    };
+    assert!(
+        shows(1).await,
+        "the path between two online peers is listed and counted"
+    );
+    drop(sb);
+    assert!(
+        shows(0).await,
+        "an offline peer's path vanishes within 10 s"
+    );
     // A report naming an unknown kind is refused in words.
     let err = a
         .mgmt()
