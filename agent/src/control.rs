@@ -30,6 +30,14 @@ pub enum LoginError {
 /// Checks a management URL before anything dials it: `https://HOST[:PORT]` (or `http://` for a
 /// lab), each mistake named.
 pub fn check_url(url: &str) -> Result<(), String> {
+    if url.trim().is_empty() {
+        return Err("the management URL is empty: pass --management-url https://HOST".into());
+    }
+    if url.chars().any(char::is_whitespace) {
+        return Err(format!(
+            "management URL {url:?} is not a valid URL: it contains spaces"
+        ));
+    }
     let Some((scheme, rest)) = url.split_once("://") else {
         return Err(format!(
             "management URL {url:?} has no scheme: write https://{url} (or http:// for a lab without TLS)"
@@ -415,14 +423,19 @@ pub async fn run_status_reports(
             continue;
         };
         let conns = connection_report(&engine.status());
-        let shape: Vec<(String, String)> = conns
+        let networks = engine.reachable_networks();
+        let mut shape: Vec<(String, String)> = conns
             .iter()
             .map(|c| (c.peer_id.clone(), c.kind.clone()))
             .collect();
+        shape.extend(networks.iter().map(|n| (n.clone(), String::new())));
         if last.as_ref() == Some(&shape) && last_sent.elapsed() < Duration::from_secs(30) {
             continue;
         }
-        let mut req = tonic::Request::new(pb::StatusReport { connections: conns });
+        let mut req = tonic::Request::new(pb::StatusReport {
+            connections: conns,
+            reachable_networks: networks,
+        });
         if let Ok(v) = format!("Bearer {t}").parse() {
             req.metadata_mut().insert("authorization", v);
         }

@@ -218,8 +218,24 @@ impl ManagementService for AgentService {
                 rtt_ms: (c.rtt_ms > 0).then_some(c.rtt_ms),
             });
         }
-        debug!(peer = %peer_id, connections = conns.len(), "status report");
+        if report.reachable_networks.len() > 1024 {
+            return Err(Status::invalid_argument(
+                "at most 1024 reachable networks per report",
+            ));
+        }
+        let mut nets = Vec::with_capacity(report.reachable_networks.len());
+        for n in &report.reachable_networks {
+            let net: ipnet::IpNet = n.parse().map_err(|_| {
+                Status::invalid_argument(format!(
+                    "reachable network {:?} is not a CIDR",
+                    n.chars().take(64).collect::<String>()
+                ))
+            })?;
+            nets.push(net.trunc());
+        }
+        debug!(peer = %peer_id, connections = conns.len(), networks = nets.len(), "status report");
         self.state.set_connections(&peer_id, conns);
+        self.state.set_reachable(&peer_id, nets);
         Ok(Response::new(pb::StatusAck {}))
     }
 

@@ -242,6 +242,10 @@ pub struct Route {
     /// routed network (for what they allow); if empty, distribution alone grants access.
     pub access_groups: Vec<String>,
     pub created_at: Millis,
+    /// Whether a routing peer serves the network now, in words: "served by factory-gw", or
+    /// "not served: ..." with the reason (from the routing peers' own reports).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub serving: String,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]

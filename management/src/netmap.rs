@@ -691,6 +691,7 @@ mod tests {
             groups: vec!["all".into()],
             access_groups: vec![],
             created_at: 0,
+            serving: String::new(),
         }
     }
 
@@ -803,6 +804,7 @@ mod tests {
             groups: vec!["staff".into()],
             access_groups: vec![],
             created_at: 0,
+            serving: String::new(),
         };
         let s = snap(
             vec![
@@ -844,6 +846,7 @@ mod tests {
             groups: vec!["all".into()],
             access_groups: vec!["lan-ssh".into()],
             created_at: 0,
+            serving: String::new(),
         };
         let s = snap(
             vec![

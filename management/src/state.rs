@@ -58,6 +58,8 @@ pub struct AppState {
     streams: std::sync::Mutex<HashMap<String, usize>>,
     /// Latest connection report per peer (in memory: it is live state, not configuration).
     connections: std::sync::Mutex<HashMap<String, (Instant, Vec<PeerConnection>)>>,
+    /// Networks each online peer reaches without the tunnel (from its reports).
+    reachable: std::sync::Mutex<HashMap<String, Vec<ipnet::IpNet>>>,
     /// Bumped when a report changes which path any pair uses (not for RTT alone).
     conn_version: std::sync::atomic::AtomicU64,
     conn_summary: std::sync::Mutex<Option<CachedSummary>>,
@@ -162,6 +164,7 @@ impl AppState {
             maps: Mutex::new(None),
             streams: std::sync::Mutex::new(HashMap::new()),
             connections: std::sync::Mutex::new(HashMap::new()),
+            reachable: std::sync::Mutex::new(HashMap::new()),
             conn_version: std::sync::atomic::AtomicU64::new(0),
             conn_summary: std::sync::Mutex::new(None),
             relay_metrics: std::sync::OnceLock::new(),
@@ -219,6 +222,10 @@ impl AppState {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(peer_id);
+                self.reachable
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(peer_id);
                 // Its paths vanish, also from the reports of peers that still list it.
                 self.conn_version
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -234,6 +241,65 @@ impl AppState {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .contains_key(peer_id)
+    }
+
+    /// Records the networks a peer reaches without the tunnel (from its report).
+    pub fn set_reachable(&self, peer_id: &str, nets: Vec<ipnet::IpNet>) {
+        self.reachable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(peer_id.to_string(), nets);
+    }
+
+    /// Whether a routing peer serves `route` now, in words, from the routing peers' reports.
+    pub fn route_serving(&self, route: &crate::model::Route, peers: &[Peer]) -> String {
+        if !route.enabled {
+            return "not served: the route is disabled".into();
+        }
+        let candidates: Vec<&Peer> = match (&route.routing_peer, &route.routing_group) {
+            (Some(id), _) => peers.iter().filter(|p| &p.id == id).collect(),
+            (None, Some(g)) => peers.iter().filter(|p| p.groups.contains(g)).collect(),
+            (None, None) => vec![],
+        };
+        if candidates.is_empty() {
+            return "not served: no routing peer".into();
+        }
+        let reach = self.reachable.lock().unwrap_or_else(|e| e.into_inner());
+        let net = route.network;
+        let overlaps = |n: &ipnet::IpNet| n.contains(&net.network()) || net.contains(&n.network());
+        let mut why = vec![];
+        for p in &candidates {
+            if !p.approved {
+                why.push(format!("{} awaits approval", p.name));
+            } else if !self.has_stream(&p.id) {
+                why.push(format!("{} is offline", p.name));
+            } else {
+                match reach.get(&p.id) {
+                    None => why.push(format!("{} has not reported its networks yet", p.name)),
+                    Some(nets) if nets.iter().any(overlaps) => {
+                        return format!("served by {}", p.name);
+                    }
+                    Some(nets) => {
+                        let has: Vec<String> = nets
+                            .iter()
+                            .filter(|n| n.addr().is_ipv4() == net.addr().is_ipv4())
+                            .take(4)
+                            .map(|n| n.to_string())
+                            .collect();
+                        why.push(format!(
+                            "{} has no route to {net}{}",
+                            p.name,
+                            if has.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" (it reaches {})", has.join(", "))
+                            }
+                        ))
+                    }
+                }
+            }
+        }
+        format!("not served: {}", why.join("; "))
     }
 
     /// Records an agent's connection report, replacing its previous one.

@@ -286,6 +286,27 @@ fn routing_peer_takes_a_nat_ed_laptop_into_the_factory_lan_and_conflicts_are_ref
         b_status["serving"].to_string().contains("192.168.50.0/24"),
         "{b_status}"
     );
+    // Management checks routes against what the routing peer reports it reaches: b has the
+    // factory LAN, but no route to a's home network 192.0.2.0/24.
+    let serving = |net: &str| -> String {
+        m.api("GET", "/api/routes", None)
+            .as_array()
+            .and_then(|rs| rs.iter().find(|r| r["network"] == net).cloned())
+            .and_then(|r| r["serving"].as_str().map(str::to_string))
+            .unwrap_or_default()
+    };
+    m.lab
+        .wait_for(
+            "the route shows it is served by b",
+            Duration::from_secs(15),
+            || serving("192.168.50.0/24") == "served by b",
+        )
+        .unwrap_or_else(|e| panic!("{e}: {}", serving("192.168.50.0/24")));
+    let not_served = serving("192.0.2.0/24");
+    assert!(
+        not_served.starts_with("not served: b has no route to 192.0.2.0/24"),
+        "{not_served}"
+    );
 
     let t0 = Instant::now();
     m.lab

@@ -298,6 +298,8 @@ async fn console_admin_journey_in_chromium() {
             kind: "turn_relay".into(),
             rtt_ms: 23,
         }],
+        // factory-gw reaches the factory LAN (its route below is served).
+        reachable_networks: vec!["192.168.50.0/24".into()],
     });
     req.metadata_mut()
         .insert("authorization", bearer_value(&login.peer_token));
@@ -444,6 +446,10 @@ async fn console_admin_journey_in_chromium() {
     b.wait_text("tr[data-route]", "192.168.50.0/24", T)
         .await
         .expect("route listed");
+    // factory-gw reported that it reaches 192.168.50.0/24: the route says who serves it.
+    b.wait_text("tr[data-route] .serving", "served by factory-gw", T)
+        .await
+        .expect("served by the routing peer");
     shot(b, "07-routes").await.expect("shot");
 
     // --- Public service: a port outside the server's range is explained at the field; then the

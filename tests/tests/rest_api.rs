@@ -178,6 +178,65 @@ async fn concurrent_guesses_are_counted_before_the_check_and_slow_clients_are_cu
     db.cleanup().await;
 }
 
+/// Routes say whether a routing peer serves them now, from the routing peers' own reports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_say_whether_their_routing_peer_serves_them() {
+    init_tracing();
+    let db = TestDb::new(Backend::Sqlite).await.expect("db");
+    let srv = TestServer::start(&db.url).await.expect("server");
+    let gw = TestAgent::new(&srv, "factory-gw").await;
+    let l = gw
+        .login(Some(&srv.default_setup_key))
+        .await
+        .expect("register");
+    let route = |net: &str| json!({"network": net, "routing_peer": l.peer_id, "metric": 10, "groups": ["all"]});
+    let (s, lan) = srv.post("/api/routes", route("192.168.50.0/24")).await;
+    assert_eq!(s, 201, "{lan}");
+    let (s, other) = srv.post("/api/routes", route("10.99.0.0/24")).await;
+    assert_eq!(s, 201, "{other}");
+    let serving = |id: String| {
+        let srv = &srv;
+        async move {
+            srv.get(&format!("/api/routes/{id}")).await["serving"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        }
+    };
+    assert!(serving(id(&lan)).await.contains("factory-gw is offline"));
+    let _sync = gw.sync(&l.peer_token).await.expect("sync");
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(serving(id(&lan))
+        .await
+        .contains("has not reported its networks yet"));
+    let mut req = tonic::Request::new(tern_proto::management::StatusReport {
+        connections: vec![],
+        reachable_networks: vec!["192.168.50.0/24".into(), "10.0.0.0/24".into()],
+    });
+    req.metadata_mut()
+        .insert("authorization", bearer_value(&l.peer_token));
+    gw.mgmt().report_status(req).await.expect("report");
+    assert_eq!(serving(id(&lan)).await, "served by factory-gw");
+    let why = serving(id(&other)).await;
+    assert!(
+        why.starts_with("not served: factory-gw has no route to 10.99.0.0/24 (it reaches"),
+        "{why}"
+    );
+    let all = srv.get("/api/routes").await;
+    assert!(all.to_string().contains("served by factory-gw"), "{all}");
+    // A malformed report is refused in words.
+    let mut bad = tonic::Request::new(tern_proto::management::StatusReport {
+        connections: vec![],
+        reachable_networks: vec!["not-a-network".into()],
+    });
+    bad.metadata_mut()
+        .insert("authorization", bearer_value(&l.peer_token));
+    let err = gw.mgmt().report_status(bad).await.expect_err("refused");
+    assert!(err.message().contains("is not a CIDR"), "{err}");
+    srv.stop().await;
+    db.cleanup().await;
+}
+
 /// A group's members are set in one change; unknown peers and the built-in group are refused at
 /// the field.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -769,6 +828,7 @@ async fn peer_list_answers_not_modified_until_something_changes() {
                 kind: kind.into(),
                 rtt_ms: 5,
             }],
+            reachable_networks: vec![],
         });
         req.metadata_mut()
             .insert("authorization", bearer_value(&la.peer_token));

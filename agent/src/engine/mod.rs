@@ -366,6 +366,16 @@ impl Engine {
         }
     }
 
+    /// Networks this host reaches without the tunnel (reported to management, which checks the
+    /// routes this peer should serve against them).
+    pub fn reachable_networks(&self) -> Vec<String> {
+        crate::platform::net::reachable_networks(&self.iface)
+            .into_iter()
+            .take(1024)
+            .map(|n| n.to_string())
+            .collect()
+    }
+
     /// Inbound packets the policy filter dropped.
     pub fn firewall_dropped(&self) -> u64 {
         lock(&self.node).dropped().0

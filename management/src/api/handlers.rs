@@ -1143,7 +1143,12 @@ fn route_input(b: RouteBody) -> ApiResult<RouteInput> {
 
 #[utoipa::path(get, path = "/api/routes", responses((status = 200, body = [Route])))]
 pub async fn list_routes(State(s): St, _a: Admin) -> ApiResult<Json<Vec<Route>>> {
-    Ok(Json(s.store.routes().await?))
+    let mut routes = s.store.routes().await?;
+    let peers = s.store.peers().await?;
+    for r in &mut routes {
+        r.serving = s.route_serving(r, &peers);
+    }
+    Ok(Json(routes))
 }
 
 #[utoipa::path(post, path = "/api/routes", request_body = RouteBody,
@@ -1162,7 +1167,9 @@ pub async fn create_route(
 
 #[utoipa::path(get, path = "/api/routes/{id}", responses((status = 200, body = Route), (status = 404, body = ErrorBody)))]
 pub async fn get_route(State(s): St, _a: Admin, ApiPath(id): ApiPath) -> ApiResult<Json<Route>> {
-    Ok(Json(s.store.route(&id).await?))
+    let mut r = s.store.route(&id).await?;
+    r.serving = s.route_serving(&r, &s.store.peers().await?);
+    Ok(Json(r))
 }
 
 #[utoipa::path(put, path = "/api/routes/{id}", request_body = RouteBody, responses((status = 200, body = Route)))]

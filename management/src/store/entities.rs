@@ -1063,6 +1063,7 @@ pub(crate) async fn route_from(conn: &mut sqlx::AnyConnection, r: &AnyRow) -> Re
         groups,
         access_groups,
         created_at: col(r, "created_at")?,
+        serving: String::new(),
     })
 }
 

@@ -30,6 +30,65 @@ pub fn local_networks(skip_iface: &str) -> Vec<(String, IpNet)> {
         .collect()
 }
 
+/// Networks the host reaches without the tunnel: every route of the main tables (IPv4 and IPv6)
+/// except the default route, the tunnel's own and link-local ones (from `ip -o route`).
+pub fn reachable_networks(skip_iface: &str) -> Vec<IpNet> {
+    let mut out = vec![];
+    for fam in ["-4", "-6"] {
+        let Ok(o) = Command::new("ip")
+            .args([fam, "-o", "route", "show"])
+            .output()
+        else {
+            continue;
+        };
+        out.extend(parse_routes(
+            &String::from_utf8_lossy(&o.stdout),
+            skip_iface,
+        ));
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+fn parse_routes(text: &str, skip_iface: &str) -> Vec<IpNet> {
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let first = *f.first()?;
+            if matches!(
+                first,
+                "unreachable"
+                    | "blackhole"
+                    | "prohibit"
+                    | "throw"
+                    | "local"
+                    | "broadcast"
+                    | "multicast"
+                    | "default"
+            ) {
+                return None;
+            }
+            let dev = f
+                .iter()
+                .position(|w| *w == "dev")
+                .and_then(|i| f.get(i + 1));
+            if dev.is_some_and(|d| *d == skip_iface || *d == "lo") {
+                return None;
+            }
+            let net: IpNet = match first.parse() {
+                Ok(n) => n,
+                Err(_) => first.parse::<std::net::IpAddr>().ok()?.into(),
+            };
+            let link_local = match net {
+                IpNet::V4(n) => n.addr().is_link_local(),
+                IpNet::V6(n) => n.addr().is_unicast_link_local(),
+            };
+            (!link_local).then(|| net.trunc())
+        })
+        .collect()
+}
+
 /// True if the host has an IPv4 default route (then IPv4 literals work as they are).
 pub fn has_ipv4_default_route() -> bool {
     std::fs::read_to_string("/proc/net/route")
@@ -175,5 +234,30 @@ mod tests {
             assert!(!valid_iface(bad), "{bad:?}");
         }
         assert!(serve("x\"; flush ruleset", None, &[]).is_err());
+    }
+
+    #[test]
+    fn reachable_networks_come_from_the_routing_table_without_default_or_tunnel() {
+        let text = "default via 10.0.0.1 dev eth0 proto dhcp\n\
+            10.0.0.0/24 dev eth0 proto kernel scope link src 10.0.0.5\n\
+            192.168.50.0/24 dev eth1 proto kernel scope link src 192.168.50.1\n\
+            10.20.0.0/16 via 192.168.50.254 dev eth1\n\
+            100.64.0.0/10 dev tern0 proto kernel scope link src 100.64.0.1\n\
+            unreachable 10.99.0.0/16\n\
+            169.254.0.0/16 dev eth0 scope link\n\
+            203.0.113.7 via 10.0.0.1 dev eth0\n";
+        let nets: Vec<String> = parse_routes(text, "tern0")
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(
+            nets,
+            [
+                "10.0.0.0/24",
+                "192.168.50.0/24",
+                "10.20.0.0/16",
+                "203.0.113.7/32"
+            ]
+        );
     }
 }
