@@ -437,7 +437,15 @@ export async function routes(main) {
         groups: checkedValues(f, "groups"),
         access_groups: checkedValues(f, "access_groups"),
       };
-      if (r) await put(`/api/routes/${r.id}`, b); else await post("/api/routes", b);
+      const send = () => (r ? put(`/api/routes/${r.id}`, b) : post("/api/routes", b));
+      try {
+        await send();
+      } catch (err) {
+        // Probably a mistake, but allowed: say why and let the admin decide.
+        if (err.kind !== "needs_confirmation" || !(await confirmAction(err.message, r ? "Save anyway" : "Create anyway"))) throw err;
+        b.confirm_overlap = true;
+        await send();
+      }
       d.close();
       notify(r ? "Route saved" : "Route created");
       await refresh();

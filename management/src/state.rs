@@ -251,6 +251,16 @@ impl AppState {
             .insert(peer_id.to_string(), nets);
     }
 
+    /// The networks `peer_id` last reported reaching without the tunnel (empty if offline).
+    pub fn reachable_of(&self, peer_id: &str) -> Vec<ipnet::IpNet> {
+        self.reachable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(peer_id)
+            .cloned()
+            .unwrap_or_default()
+    }
+
     /// Whether a routing peer serves `route` now, in words, from the routing peers' reports.
     pub fn route_serving(&self, route: &crate::model::Route, peers: &[Peer]) -> String {
         if !route.enabled {

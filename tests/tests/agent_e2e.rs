@@ -3,6 +3,7 @@
 //! Needs root (namespaces, TUN); skipped with a message otherwise. Run alone with
 //! `cargo nextest run -p tern-tests --test agent_e2e`.
 
+use serde_json::Value;
 use std::time::{Duration, Instant};
 use tern_tests::mesh::{bin, skip, Mesh};
 use tern_tests::netns::{Nat, NAT64_PREFIX, SERVER_IP, SERVER_NAT64};
@@ -238,14 +239,35 @@ fn routing_peer_takes_a_nat_ed_laptop_into_the_factory_lan_and_conflicts_are_ref
         r#"{{"network":"192.168.50.0/24","routing_peer":"{b_id}","groups":["all"],"masquerade":true,"description":"factory"}}"#
     )));
     assert_eq!(r["network"], "192.168.50.0/24", "route created: {r}");
-    // A route that overlaps the laptop's own LAN (192.0.2.0/24) must not be installed there.
-    let r2 = m.api(
-        "POST",
-        "/api/routes",
-        Some(&format!(
-            r#"{{"network":"192.0.2.0/24","routing_peer":"{b_id}","groups":["all"]}}"#
-        )),
+    // A route that overlaps the laptop's own LAN (192.0.2.0/24): management warns (a reports
+    // that it reaches that network), and if the admin confirms, a does not install it.
+    let body = format!(r#"{{"network":"192.0.2.0/24","routing_peer":"{b_id}","groups":["all"]}}"#);
+    let mut warned = Value::Null;
+    m.lab
+        .wait_for(
+            "the overlap with a's LAN is flagged",
+            Duration::from_secs(20),
+            || {
+                warned = m.api("POST", "/api/routes", Some(&body));
+                if let Some(id) = warned["id"].as_str() {
+                    // a had not reported its networks yet: undo and ask again.
+                    m.api("DELETE", &format!("/api/routes/{id}"), None);
+                    return false;
+                }
+                warned["error"] == "needs_confirmation"
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}: {warned}"));
+    assert!(
+        warned["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("which a reaches directly"),
+        "{warned}"
     );
+    assert_eq!(warned["field"], "network");
+    let confirmed = body.replacen('{', r#"{"confirm_overlap":true,"#, 1);
+    let r2 = m.api("POST", "/api/routes", Some(&confirmed));
     assert_eq!(r2["network"], "192.0.2.0/24", "{r2}");
     m.lab
         .wait_for("route installed on a", Duration::from_secs(30), || {

@@ -224,6 +224,40 @@ async fn routes_say_whether_their_routing_peer_serves_them() {
     );
     let all = srv.get("/api/routes").await;
     assert!(all.to_string().contains("served by factory-gw"), "{all}");
+    // A network that a receiving peer reaches directly asks for confirmation (409
+    // needs_confirmation, at the field): that peer would not install the route.
+    let laptop = TestAgent::new(&srv, "laptop").await;
+    let ll = laptop
+        .login(Some(&srv.default_setup_key))
+        .await
+        .expect("register laptop");
+    let _lsync = laptop.sync(&ll.peer_token).await.expect("sync laptop");
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let mut req = tonic::Request::new(tern_proto::management::StatusReport {
+        connections: vec![],
+        reachable_networks: vec!["172.16.5.0/24".into()],
+    });
+    req.metadata_mut()
+        .insert("authorization", bearer_value(&ll.peer_token));
+    laptop.mgmt().report_status(req).await.expect("report");
+    let (s, v) = srv.post("/api/routes", route("172.16.0.0/16")).await;
+    assert_eq!(
+        (s, v["error"].clone()),
+        (409, json!("needs_confirmation")),
+        "{v}"
+    );
+    assert_eq!(v["field"], "network");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("which laptop reaches directly"),
+        "{v}"
+    );
+    let mut confirmed = route("172.16.0.0/16");
+    confirmed["confirm_overlap"] = json!(true);
+    let (s, v) = srv.post("/api/routes", confirmed).await;
+    assert_eq!(s, 201, "confirmed: {v}");
     // A malformed report is refused in words.
     let mut bad = tonic::Request::new(tern_proto::management::StatusReport {
         connections: vec![],

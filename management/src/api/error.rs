@@ -22,6 +22,10 @@ pub enum ApiError {
     Conflict(String),
     #[error("{field}: {message}")]
     Invalid { field: String, message: String },
+    /// Allowed, but probably a mistake: the same request with the named confirmation flag set
+    /// goes through (409, kind "needs_confirmation", with the field).
+    #[error("{field}: {message}")]
+    NeedsConfirmation { field: String, message: String },
     #[error("{0}")]
     BadRequest(String),
     #[error("request body is larger than {limit} bytes")]
@@ -64,6 +68,7 @@ impl ApiError {
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::Invalid { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
+            ApiError::NeedsConfirmation { .. } => (StatusCode::CONFLICT, "needs_confirmation"),
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ApiError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             ApiError::TooManyRequests(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
@@ -80,11 +85,15 @@ impl IntoResponse for ApiError {
             tracing::error!(error = ?e, "API request failed");
         }
         let field = match &self {
-            ApiError::Invalid { field, .. } => Some(field.clone()),
+            ApiError::Invalid { field, .. } | ApiError::NeedsConfirmation { field, .. } => {
+                Some(field.clone())
+            }
             _ => None,
         };
         let message = match &self {
-            ApiError::Invalid { message, .. } => message.clone(),
+            ApiError::Invalid { message, .. } | ApiError::NeedsConfirmation { message, .. } => {
+                message.clone()
+            }
             other => other.to_string(),
         };
         (

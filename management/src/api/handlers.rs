@@ -1102,10 +1102,57 @@ pub struct RouteBody {
     /// routed network, for what they allow. Empty: distribution alone grants full access.
     #[serde(default)]
     pub access_groups: Vec<String>,
+    /// Create or save the route although its network overlaps one that a distribution peer
+    /// reaches directly (otherwise 409 `needs_confirmation` says which).
+    #[serde(default)]
+    pub confirm_overlap: bool,
 }
 
 fn default_metric() -> i64 {
     100
+}
+
+/// A route that is probably a mistake: its network overlaps one that a peer receiving the route
+/// reaches directly (that peer will not install it). Duplicates and partial overlaps with other
+/// routes are refused by the store.
+async fn route_overlaps(s: &AppState, r: &RouteInput) -> ApiResult<()> {
+    let net = r.network;
+    let overlaps = |n: &IpNet| n.contains(&net.network()) || net.contains(&n.network());
+    let routes = s.store.routes().await?;
+    let peers = s.store.peers().await?;
+    // Peers that route this very network (this route or another one for failover) are expected
+    // to be attached to it.
+    let routes_it = |p: &crate::model::Peer| {
+        Some(&p.id) == r.routing_peer.as_ref()
+            || r.routing_group
+                .as_ref()
+                .is_some_and(|g| p.groups.contains(g))
+            || routes.iter().filter(|o| o.network == net).any(|o| {
+                o.routing_peer.as_ref() == Some(&p.id)
+                    || o.routing_group
+                        .as_ref()
+                        .is_some_and(|g| p.groups.contains(g))
+            })
+    };
+    for p in peers
+        .iter()
+        .filter(|p| !routes_it(p) && r.groups.iter().any(|g| p.groups.contains(g)))
+    {
+        if let Some(n) = s
+            .reachable_of(&p.id)
+            .into_iter()
+            .find(|n| overlaps(n) && n.prefix_len() > 0)
+        {
+            return Err(ApiError::NeedsConfirmation {
+                field: "network".into(),
+                message: format!(
+                    "{net} overlaps {n}, which {} reaches directly: that peer will not install the route. Confirm if that is intended",
+                    p.name
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn route_input(b: RouteBody) -> ApiResult<RouteInput> {
@@ -1158,7 +1205,11 @@ pub async fn create_route(
     a: Admin,
     ApiJson(b): ApiJson<RouteBody>,
 ) -> ApiResult<impl IntoResponse> {
+    let confirmed = b.confirm_overlap;
     let r = route_input(b)?;
+    if !confirmed {
+        route_overlaps(&s, &r).await?;
+    }
     Ok((
         StatusCode::CREATED,
         Json(s.store.put_route(&a.actor, None, &r).await?),
@@ -1179,7 +1230,11 @@ pub async fn update_route(
     ApiPath(id): ApiPath,
     ApiJson(b): ApiJson<RouteBody>,
 ) -> ApiResult<Json<Route>> {
+    let confirmed = b.confirm_overlap;
     let r = route_input(b)?;
+    if !confirmed {
+        route_overlaps(&s, &r).await?;
+    }
     Ok(Json(s.store.put_route(&a.actor, Some(&id), &r).await?))
 }
 
