@@ -4,6 +4,7 @@
 mod control;
 mod engine;
 mod nat64;
+mod ping;
 mod platform;
 mod publish;
 mod routes;
@@ -85,6 +86,15 @@ enum Cmd {
         /// Sources allowed to connect (CIDR, repeatable); default: everyone.
         #[arg(long = "allow")]
         allow: Vec<String>,
+    },
+    /// Echo requests to a peer (by name or overlay address) or a host in a routed network,
+    /// each reply with the path it took (direct, via TURN, via the TCP relay) and its RTT.
+    Ping {
+        /// Peer name, overlay address, or an address inside a routed network.
+        target: String,
+        /// How many requests (one per second).
+        #[arg(short = 'c', long, default_value_t = 5)]
+        count: u32,
     },
     /// Show the daemon's connections.
     Status {
@@ -173,6 +183,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Cmd::Ping { target, count } => ping::run(&sock, &target, count.min(3600)).await,
         Cmd::Status { json, detail } => {
             let raw = status::request(&sock, "status").await?;
             if json {

@@ -38,6 +38,13 @@ fn a_easy_nat_both_sides_gives_a_direct_path_and_g_restart_keeps_the_address() {
     let p = m.wait_connection("a", &ha, "direct", Duration::from_secs(60));
     eprintln!("a sees b: {p}");
     assert!(m.ping(&ha, &ip_b), "ping a -> b");
+    let (ok, out) = tern_ping(&m, "a", &ha, "b", 2);
+    assert!(
+        ok && out.contains(": direct,") && out.contains("2/2 answered"),
+        "{out}"
+    );
+    let (ok, out) = tern_ping(&m, "a", &ha, "nobody", 1);
+    assert!(!ok && out.contains("no peer named \"nobody\""), "{out}");
     assert!(m.ping(&hb, &ip_a), "ping b -> a");
     m.transfer(&ha, &hb, &ip_b, "sink-a-b");
 
@@ -91,6 +98,23 @@ fn c_udp_blocked_on_one_side_falls_back_to_the_tcp_relay() {
     m.transfer(&ha, &hb, &ip_b, "sink-tcp");
 }
 
+/// `tern ping TARGET -c N` run by `who` in `ns`: (exit success, stdout + stderr).
+fn tern_ping(m: &Mesh, who: &str, ns: &str, target: &str, n: u32) -> (bool, String) {
+    let mut args = vec![bin("tern").display().to_string()];
+    args.extend(m.agent_args(who));
+    args.extend(["ping".into(), target.into(), "-c".into(), n.to_string()]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = m.lab.exec(ns, &refs);
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
 #[test]
 fn b_hard_nat_both_sides_is_relayed_through_turn() {
     if skip() {
@@ -107,6 +131,12 @@ fn b_hard_nat_both_sides_is_relayed_through_turn() {
     );
     m.wait_connection("a", &ha, "turn_relay", Duration::from_secs(90));
     assert!(m.ping(&ha, &ip_b));
+    // `tern ping` names the path each reply took.
+    let (ok, out) = tern_ping(&m, "a", &ha, "b", 2);
+    assert!(
+        ok && out.contains("reply from b (") && out.contains("via TURN"),
+        "{out}"
+    );
     m.transfer(&ha, &hb, &ip_b, "sink-turn");
 }
 
