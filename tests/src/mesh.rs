@@ -28,6 +28,40 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// Runs `tern up` (with `args` and only the CA variables in `envs`, on interface `iface`) that
+/// is expected to give up on its own: waits up to `limit`; past that, kills it, removes the
+/// interface it may have made and panics.
+pub async fn tern_up_bounded(
+    args: &[&std::ffi::OsStr],
+    envs: &[(&str, &str)],
+    iface: &str,
+    limit: Duration,
+) -> std::process::Output {
+    let mut child = std::process::Command::new(bin("tern"))
+        .args(["--interface", iface, "up"])
+        .args(args)
+        .env_remove("TERN_CA_FILE")
+        .env_remove("TERN_RELAY_CA")
+        .envs(envs.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run tern");
+    let deadline = std::time::Instant::now() + limit;
+    while child.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = std::process::Command::new("ip")
+                .args(["link", "del", iface])
+                .status();
+            panic!("tern up {args:?} still running after {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    child.wait_with_output().expect("output")
+}
+
 pub fn skip() -> bool {
     if !crate::netns::available() {
         eprintln!("skipped: network-namespace tests need root and iproute2");

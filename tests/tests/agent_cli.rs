@@ -4,39 +4,27 @@
 //! loopback; nothing here creates a TUN device, because every attempt fails before that.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tern_tests::*;
 
 /// `tern up` with `url`; returns (exited with success, stderr).
 async fn up(url: &str, extra_env: &[(&str, &str)]) -> (bool, String) {
     let tmp = tempfile::tempdir().expect("tmp");
-    let mut cmd = std::process::Command::new(tern_tests::mesh::bin("tern"));
-    cmd.args(["--interface", "terncli0", "up", "--management-url", url])
-        .arg("--state-dir")
-        .arg(tmp.path().join("state"))
-        .arg("--run-dir")
-        .arg(tmp.path().join("run"))
-        .env_remove("TERN_CA_FILE")
-        .env_remove("TERN_RELAY_CA")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    for (k, v) in extra_env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().expect("run tern");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while child.try_wait().expect("wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            let _ = std::process::Command::new("ip")
-                .args(["link", "del", "terncli0"])
-                .status();
-            panic!("tern up {url} still running after 30 s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let out = child.wait_with_output().expect("output");
+    let (state, run) = (tmp.path().join("state"), tmp.path().join("run"));
+    let out = tern_tests::mesh::tern_up_bounded(
+        &[
+            "--management-url".as_ref(),
+            url.as_ref(),
+            "--state-dir".as_ref(),
+            state.as_os_str(),
+            "--run-dir".as_ref(),
+            run.as_os_str(),
+        ],
+        extra_env,
+        "terncli0",
+        Duration::from_secs(30),
+    )
+    .await;
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stderr).into_owned(),

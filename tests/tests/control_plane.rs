@@ -742,29 +742,19 @@ async fn the_agent_refuses_a_management_server_whose_key_changed() {
         .expect("json"),
     )
     .expect("config");
-    let mut child = std::process::Command::new(tern_tests::mesh::bin("tern"))
-        .args(["--interface", "ternpin0", "up"])
-        .arg("--state-dir")
-        .arg(&state)
-        .arg("--run-dir")
-        .arg(tmp.path().join("run"))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run tern");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while child.try_wait().expect("wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            let _ = std::process::Command::new("ip")
-                .args(["link", "del", "ternpin0"])
-                .status();
-            panic!("tern up kept running against a server with another key");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let out = child.wait_with_output().expect("output");
+    let run = tmp.path().join("run");
+    let out = tern_tests::mesh::tern_up_bounded(
+        &[
+            "--state-dir".as_ref(),
+            state.as_os_str(),
+            "--run-dir".as_ref(),
+            run.as_os_str(),
+        ],
+        &[],
+        "ternpin0",
+        Duration::from_secs(30),
+    )
+    .await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains("presents key"), "{stderr}");
