@@ -95,16 +95,7 @@ impl Engine {
                 match c {
                     Ok(c) => {
                         debug!(%mapped, session, "signalling our server-reflexive address");
-                        let _ = self
-                            .signal_out
-                            .send((
-                                to,
-                                PeerMsg::Candidate {
-                                    session,
-                                    candidate: c.marshal(),
-                                },
-                            ))
-                            .await;
+                        send_candidate(&self.signal_out, to, session, &c).await;
                     }
                     Err(e) => debug!(error = %e, "server-reflexive candidate"),
                 }
@@ -204,15 +195,7 @@ impl Engine {
                 let out = out.clone();
                 Box::pin(async move {
                     if let Some(c) = c {
-                        let _ = out
-                            .send((
-                                to,
-                                PeerMsg::Candidate {
-                                    session,
-                                    candidate: c.marshal(),
-                                },
-                            ))
-                            .await;
+                        send_candidate(&out, to, session, c.as_ref()).await;
                     }
                 })
             },
@@ -506,4 +489,17 @@ impl Engine {
             }
         });
     }
+}
+
+/// Trickles one of our candidates for `session` to `to` over signal.
+async fn send_candidate(
+    out: &mpsc::Sender<(PublicKey, PeerMsg)>,
+    to: PublicKey,
+    session: u64,
+    c: &(dyn Candidate + Send + Sync),
+) {
+    let candidate = c.marshal();
+    let _ = out
+        .send((to, PeerMsg::Candidate { session, candidate }))
+        .await;
 }

@@ -428,6 +428,24 @@ impl Node {
         p.ice.as_ref().and_then(|i| i.endpoint)
     }
 
+    /// `out[off..off + n]`, WireGuard's datagram to `p`, counted as sent, with its path.
+    fn outgoing<'o>(
+        id: PeerId,
+        p: &mut Peer,
+        tcp: bool,
+        out: &'o [u8],
+        off: usize,
+        n: usize,
+    ) -> Transmit<'o> {
+        p.tx_bytes += n as u64;
+        Transmit {
+            peer: id,
+            path: Self::path_of(p, tcp),
+            to: Self::endpoint_of(p),
+            payload: &out[off..off + n],
+        }
+    }
+
     /// The peer a WireGuard datagram from the shared socket belongs to: by our session index
     /// (responses, cookies, data), or by the static key inside a handshake initiation.
     pub fn peer_for_datagram(&self, datagram: &[u8]) -> Option<PeerId> {
@@ -504,13 +522,7 @@ impl Node {
             TunnResult::Err(e) => return Err(Error::WireGuard(e)),
             _ => return Ok(None),
         };
-        p.tx_bytes += n as u64;
-        Ok(Some(Transmit {
-            peer: id,
-            path: Self::path_of(p, tcp),
-            to: Self::endpoint_of(p),
-            payload: &out[off..off + n],
-        }))
+        Ok(Some(Self::outgoing(id, p, tcp, out, off, n)))
     }
 
     /// A datagram from `peer` (the path it arrived on names the peer): an IP packet for the TUN
@@ -634,14 +646,7 @@ impl Node {
                     continue;
                 }
             };
-            p.tx_bytes += n as u64;
-            let path = Self::path_of(p, tcp);
-            return Some(Transmit {
-                peer: id,
-                path,
-                to: Self::endpoint_of(p),
-                payload: &out[off..off + n],
-            });
+            return Some(Self::outgoing(id, p, tcp, out, off, n));
         }
         while let Some(id) = self.timers.pop() {
             let Some(p) = self.peers.get_mut(&id) else {
@@ -652,14 +657,7 @@ impl Node {
                 TunnResult::WriteToNetwork(w) => span(base, w),
                 _ => continue,
             };
-            p.tx_bytes += n as u64;
-            let path = Self::path_of(p, tcp);
-            return Some(Transmit {
-                peer: id,
-                path,
-                to: Self::endpoint_of(p),
-                payload: &out[off..off + n],
-            });
+            return Some(Self::outgoing(id, p, tcp, out, off, n));
         }
         None
     }
