@@ -202,6 +202,27 @@ impl TestServer {
         &self.running.as_ref().expect("server running").state
     }
 
+    /// Waits until `peer_id` has a live sync stream (reports are accepted from then on).
+    pub async fn wait_online(&self, peer_id: &str) {
+        wait_until("peer online", Duration::from_secs(5), || {
+            self.state().has_stream(peer_id)
+        })
+        .await;
+    }
+
+    /// Waits until `n` peers have a signal stream open on this server.
+    pub async fn wait_signal_streams(&self, n: usize) {
+        let sig = self
+            .running
+            .as_ref()
+            .and_then(|r| r.signal.clone())
+            .expect("signal runs here");
+        wait_until("signal streams registered", Duration::from_secs(5), || {
+            sig.online() >= n
+        })
+        .await;
+    }
+
     pub async fn stop(mut self) {
         if let Some(r) = self.running.take() {
             r.stop(Duration::from_secs(2)).await;
@@ -392,6 +413,41 @@ pub async fn wait_map(
             return Ok(m);
         }
     }
+}
+
+/// Polls `ready` every 20 ms until it holds; panics naming `what` after `limit`.
+pub async fn wait_until(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + limit;
+    while !ready() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// This process's resident memory in KiB (0 if unknown).
+pub fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// A fresh self-signed certificate for "localhost": (certificate, private key, certificate PEM).
+pub fn self_signed_localhost() -> (
+    rustls::pki_types::CertificateDer<'static>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+    String,
+) {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+    (ck.cert.der().clone(), key, ck.cert.pem())
 }
 
 pub fn init_tracing() {

@@ -37,12 +37,11 @@ async fn tls_server() -> (
     tempfile::NamedTempFile,
     tokio::sync::watch::Sender<bool>,
 ) {
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
+    let (cert, key, pem) = tern_tests::self_signed_localhost();
     let mut ca = tempfile::NamedTempFile::new().expect("tmp");
-    std::io::Write::write_all(&mut ca, ck.cert.pem().as_bytes()).expect("write");
-    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+    std::io::Write::write_all(&mut ca, pem.as_bytes()).expect("write");
     let cfg: Arc<rustls::ServerConfig> =
-        tern_relay::tls::server_config(vec![ck.cert.der().clone()], key).expect("server config");
+        tern_relay::tls::server_config(vec![cert], key).expect("server config");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");

@@ -140,6 +140,26 @@ async fn setup_keys_admit_exactly_what_they_allow() {
     .await;
 }
 
+/// Turns login expiry on for `peer_id` and sets the expiry to `secs` for every peer.
+async fn expire_logins(srv: &TestServer, peer_id: &str, secs: i64) {
+    let (s, v) = srv
+        .put(
+            &format!("/api/peers/{peer_id}"),
+            json!({ "login_expiration_enabled": true }),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let settings = srv.get("/api/settings").await;
+    let (s, v) = srv
+        .put(
+            "/api/settings",
+            json!({"overlay_range": settings["overlay_range"], "mtu": settings["mtu"],
+            "peer_login_expiry_secs": secs, "ephemeral_ttl_secs": settings["ephemeral_ttl_secs"]}),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+}
+
 /// Security issue item 3: an expired peer gets back in only with a valid setup key (any other
 /// string is refused) or after an admin turns its login expiry off.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -152,22 +172,7 @@ async fn an_expired_peer_needs_a_valid_setup_key_or_an_admin() {
             .login(Some(&srv.default_setup_key))
             .await
             .expect("register");
-        let (s, v) = srv
-            .put(
-                &format!("/api/peers/{}", l.peer_id),
-                json!({ "login_expiration_enabled": true }),
-            )
-            .await;
-        assert_eq!(s, 200, "{v}");
-        let settings = srv.get("/api/settings").await;
-        let (s, v) = srv
-            .put(
-                "/api/settings",
-                json!({"overlay_range": settings["overlay_range"], "mtu": settings["mtu"],
-                "peer_login_expiry_secs": 1, "ephemeral_ttl_secs": settings["ephemeral_ttl_secs"]}),
-            )
-            .await;
-        assert_eq!(s, 200, "{v}");
+        expire_logins(&srv, &l.peer_id, 1).await;
         tokio::time::sleep(Duration::from_millis(2100)).await;
         let err = agent.login(None).await.expect_err("expired without a key");
         assert!(err.message().contains("login expired"), "{}", err.message());
@@ -523,11 +528,10 @@ async fn signal_delivers_with_server_stamped_sender_and_refuses_impostors() {
         .signal
         .clone()
         .expect("signal");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while sig.online() < 2 {
-        assert!(Instant::now() < deadline, "streams not registered");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until("streams registered", Duration::from_secs(5), || {
+        sig.online() >= 2
+    })
+    .await;
 
     a_tx.send(spb::Outbound {
         id: 1,
@@ -682,7 +686,7 @@ async fn a_stalled_signal_reader_pins_a_bounded_number_of_bytes() {
         .peer_token;
     let (a_tx, mut a_rx) = open_signal(&a, &ta).await.expect("A opens");
     let (_b_tx, _b_rx_never_read) = open_signal(&b, &tb).await.expect("B opens");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    srv.wait_signal_streams(2).await;
     let to_b = b.key.public_key().0.to_vec();
     let mut delivered = 0;
     let mut refused = 0;
@@ -840,7 +844,13 @@ async fn deleted_or_expired_peers_lose_their_streams_at_once() {
     next_map(&mut a_sync, Duration::from_secs(5))
         .await
         .expect("first map");
-    tokio::time::sleep(Duration::from_millis(200)).await; // both registrations are in
+    srv.wait_signal_streams(1).await;
+    wait_until(
+        "the split signal has the stream",
+        Duration::from_secs(5),
+        || split.online() >= 1,
+    )
+    .await;
     assert_eq!(srv.delete(&format!("/api/peers/{}", la.peer_id)).await, 204);
     let e = ends_within(&mut a_sig, "signal stream of a deleted peer").await;
     assert_eq!(e.code(), Code::PermissionDenied, "{e}");
@@ -868,22 +878,7 @@ async fn deleted_or_expired_peers_lose_their_streams_at_once() {
     next_map(&mut b_sync, Duration::from_secs(5))
         .await
         .expect("first map");
-    let (s, v) = srv
-        .put(
-            &format!("/api/peers/{}", lb.peer_id),
-            json!({ "login_expiration_enabled": true }),
-        )
-        .await;
-    assert_eq!(s, 200, "{v}");
-    let settings = srv.get("/api/settings").await;
-    let (s, v) = srv
-        .put(
-            "/api/settings",
-            json!({"overlay_range": settings["overlay_range"], "mtu": settings["mtu"],
-            "peer_login_expiry_secs": 3, "ephemeral_ttl_secs": settings["ephemeral_ttl_secs"]}),
-        )
-        .await;
-    assert_eq!(s, 200, "{v}");
+    expire_logins(&srv, &lb.peer_id, 3).await;
     let e = ends_within(&mut b_sync, "sync stream of an expired peer").await;
     assert_eq!(e.code(), Code::Unauthenticated, "{e}");
     assert!(e.message().contains("login expired"), "{e}");

@@ -205,7 +205,7 @@ async fn routes_say_whether_their_routing_peer_serves_them() {
     };
     assert!(serving(id(&lan)).await.contains("factory-gw is offline"));
     let _sync = gw.sync(&l.peer_token).await.expect("sync");
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    srv.wait_online(&l.peer_id).await;
     assert!(serving(id(&lan))
         .await
         .contains("has not reported its networks yet"));
@@ -232,7 +232,7 @@ async fn routes_say_whether_their_routing_peer_serves_them() {
         .await
         .expect("register laptop");
     let _lsync = laptop.sync(&ll.peer_token).await.expect("sync laptop");
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    srv.wait_online(&ll.peer_id).await;
     let mut req = tonic::Request::new(tern_proto::management::StatusReport {
         connections: vec![],
         reachable_networks: vec!["172.16.5.0/24".into()],

@@ -14,17 +14,6 @@ use tern_proto::signal as spb;
 use tern_tests::*;
 use tonic::Code;
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// A mutation of `valid`: bytes flipped, cut, duplicated, or a value swapped for another type.
 fn mutate(rng: &mut StdRng, valid: &[u8]) -> Vec<u8> {
     let mut b = valid.to_vec();

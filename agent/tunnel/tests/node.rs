@@ -185,11 +185,8 @@ fn two_cores_handshake_and_carry_packets_both_ways() {
     assert!(st[0].rx_bytes > 0 && st[0].tx_bytes > 0);
 }
 
-#[test]
-fn sources_outside_the_peers_addresses_and_policy_refusals_are_dropped() {
-    let now = Instant::now();
-    let (mut a, mut b) = pair(now);
-    // b lets in only TCP 22 from a.
+/// `b` lets in only TCP 22 from a (100.64.0.1).
+fn ssh_from_a_only(b: &mut Side) {
     b.node.set_rules(
         Some(ip(b.ip)),
         vec![Rule {
@@ -199,6 +196,14 @@ fn sources_outside_the_peers_addresses_and_policy_refusals_are_dropped() {
             network: None,
         }],
     );
+}
+
+#[test]
+fn sources_outside_the_peers_addresses_and_policy_refusals_are_dropped() {
+    let now = Instant::now();
+    let (mut a, mut b) = pair(now);
+    // b lets in only TCP 22 from a.
+    ssh_from_a_only(&mut b);
     let mut wire = VecDeque::new();
     let mut sides = [&mut a, &mut b];
     let ssh = packet(TCP, "100.64.0.1", "100.64.0.2", 40000, 22, b"");
@@ -591,15 +596,7 @@ fn a_thousand_peers_come_and_go_without_touching_an_established_session() {
 fn random_datagrams_and_packets_never_panic_and_nothing_forbidden_gets_through() {
     let now = Instant::now();
     let (mut a, mut b) = pair(now);
-    b.node.set_rules(
-        Some(ip(b.ip)),
-        vec![Rule {
-            src: "100.64.0.1/32".parse().expect("net"),
-            proto: TCP,
-            ports: vec![(22, 22)],
-            network: None,
-        }],
-    );
+    ssh_from_a_only(&mut b);
     let mut rng = rand::thread_rng();
     let mut buf = vec![0u8; BUF];
     let peer_a = b.node.peer_by_key(&a.node.public_key()).expect("a");
