@@ -46,6 +46,16 @@ function liveRegion(render) {
 
 const CONN_LABEL = { direct: "direct", turn_relay: "TURN relay", tcp_relay: "TCP relay", connecting: "connecting" };
 const relayed = (k) => k === "turn_relay" || k === "tcp_relay";
+// Why a path is relayed (the agents' reason codes; README lists them under `tern diagnose`).
+const REASON_WORDS = {
+  ice_no_direct_pair: "no direct pair got through the NATs",
+  ice_failed: "direct attempts failed; retrying",
+  ice_retrying: "retrying a direct path",
+  ice_connecting: "trying a direct path",
+  ice_waiting_for_offer: "waiting for the other side's offer",
+  ice_starting: "starting a direct attempt",
+  peer_offline: "the other peer is offline",
+};
 
 function connSummary(p, peers) {
   const list = p.connections || [];
@@ -56,7 +66,9 @@ function connSummary(p, peers) {
     return h("li", {},
       badge(CONN_LABEL[c.kind] || c.kind, c.kind === "direct" ? "ok" : relayed(c.kind) ? "relay" : "warn"),
       " ", other ? other.name : c.peer_id.slice(0, 8),
-      c.rtt_ms != null ? h("span", { class: "muted" }, ` ${c.rtt_ms} ms`) : null);
+      c.rtt_ms != null ? h("span", { class: "muted" }, ` ${c.rtt_ms} ms`) : null,
+      relayed(c.kind) && c.reason && REASON_WORDS[c.reason]
+        ? h("span", { class: "muted why", title: c.reason }, ` — ${REASON_WORDS[c.reason]}`) : null);
   }));
 }
 

@@ -193,6 +193,13 @@ pub fn now_unix() -> i64 {
         .unwrap_or(0)
 }
 
+pub fn now_unix_f64() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
 pub async fn login(
     url: &str,
     ch: &Channel,
@@ -396,6 +403,7 @@ pub fn connection_report(peers: &[crate::engine::PeerStatus]) -> Vec<pb::PeerCon
             rtt_ms: p
                 .latency_ms
                 .map_or(0, |r| r.round().clamp(1.0, 60_000.0) as u32),
+            reason_code: p.path_reason_code.clone(),
         })
         .collect();
     out.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));

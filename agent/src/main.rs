@@ -2,6 +2,7 @@
 //! foreground; `tern status` and `tern down` talk to the running daemon over a root-only socket.
 
 mod control;
+mod diagnose;
 mod engine;
 mod nat64;
 mod ping;
@@ -96,6 +97,19 @@ enum Cmd {
         #[arg(short = 'c', long, default_value_t = 5)]
         count: u32,
     },
+    /// Run active checks (management, signal, relays, STUN/TURN with the issued credentials,
+    /// the NAT, each peer's path, loss, RTT and MTU, local conflicts) and say what is wrong and
+    /// what to do. Exits 1 when something is wrong.
+    Diagnose {
+        /// Only this peer (name or overlay address).
+        #[arg(long)]
+        peer: Option<String>,
+        /// Also the slow checks (the NAT's mapping lifetime; about a minute).
+        #[arg(long)]
+        deep: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the daemon's connections.
     Status {
         #[arg(long)]
@@ -184,6 +198,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Ping { target, count } => ping::run(&sock, &target, count.min(3600)).await,
+        Cmd::Diagnose { peer, deep, json } => {
+            let args = diagnose::Args { peer, deep };
+            let raw = status::request(
+                &sock,
+                &format!("diagnose {}", serde_json::to_string(&args)?),
+            )
+            .await?;
+            let v: serde_json::Value =
+                serde_json::from_str(&raw).context("the daemon sent a malformed report")?;
+            if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+                bail!("{e}");
+            }
+            let report: diagnose::Report =
+                serde_json::from_value(v).context("the daemon sent a malformed report")?;
+            if let Some(p) = &args.peer {
+                if report.facts.peers.is_empty() {
+                    bail!("no peer named {p:?} in this network map (see `tern status`)");
+                }
+            }
+            if json {
+                print!("{raw}");
+            } else {
+                print!("{}", diagnose::render(&report));
+            }
+            if report.worst() >= Some(diagnose::Severity::Warning) {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Cmd::Status { json, detail } => {
             let raw = status::request(&sock, "status").await?;
             if json {
@@ -574,6 +617,7 @@ async fn up(
     tokio::spawn(watch_addresses(engine.clone()));
 
     let (down_tx, mut down_rx) = mpsc::channel(1);
+    let sig_up_diag = sig_up.clone();
     let me = session.peer_id.clone();
     let addr = session.config.address.clone();
     let pubkey = key.public_key().to_base64();
@@ -609,6 +653,15 @@ async fn up(
         Arc::new(publish::ExposeClient {
             channel: ch.clone(),
             token: token_rx.clone(),
+        }),
+        Arc::new(diagnose::run::Context {
+            engine: engine.clone(),
+            channel: ch.clone(),
+            url: url.clone(),
+            signal_up: sig_up_diag,
+            iface: iface.to_string(),
+            mtu,
+            overlay_range: session.config.overlay_range.parse().ok(),
         }),
     )
     .await?;

@@ -51,6 +51,7 @@ pub async fn serve(
     status: impl Fn() -> Status + Send + Sync + 'static,
     down: tokio::sync::mpsc::Sender<()>,
     expose: std::sync::Arc<crate::publish::ExposeClient>,
+    diagnose: std::sync::Arc<crate::diagnose::run::Context>,
 ) -> anyhow::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -69,11 +70,21 @@ pub async fn serve(
             let status = status.clone();
             let down = down.clone();
             let expose = expose.clone();
+            let diagnose = diagnose.clone();
             tokio::spawn(async move {
                 let (r, mut w) = s.split();
                 let mut r = BufReader::new(r);
                 let mut line = String::new();
                 if r.read_line(&mut line).await.is_err() {
+                    return;
+                }
+                if let Some(args) = line.trim().strip_prefix("diagnose ") {
+                    let reply = match serde_json::from_str::<crate::diagnose::Args>(args) {
+                        Err(e) => serde_json::json!({ "error": format!("malformed diagnose request: {e}") }).to_string(),
+                        Ok(a) => serde_json::to_string(&crate::diagnose::run::run(&diagnose, &a).await)
+                            .unwrap_or_default(),
+                    };
+                    let _ = w.write_all(format!("{reply}\n").as_bytes()).await;
                     return;
                 }
                 if let Some(args) = line.trim().strip_prefix("expose ") {

@@ -82,6 +82,7 @@ async fn main() -> anyhow::Result<()> {
                     peer_id: ids[(i + d) % ids.len()].clone(),
                     kind: if d % 3 == 0 { "turn_relay" } else { "direct" }.into(),
                     rtt_ms: Some(12),
+                    reason: None,
                 })
                 .collect();
             running.state.set_connections(id, conns);

@@ -99,6 +99,7 @@ async fn main() -> anyhow::Result<()> {
         turn_urls: vec!["turn:relay.example:3478".into()],
         tcp_relay_urls: vec![],
         secret: b"bench".to_vec(),
+        stun_probe_urls: vec![],
     };
     let mut loads = vec![];
     let mut idx = None;

@@ -65,6 +65,11 @@ pub struct Args {
     /// STUN/TURN UDP listen address of the embedded relay.
     #[arg(long, env = "TERN_RELAY_UDP_LISTEN", default_value = "0.0.0.0:3478")]
     pub relay_udp_listen: SocketAddr,
+    /// Second UDP port of the embedded relay that answers STUN Binding requests only, so that
+    /// `tern diagnose` can tell whether an agent's NAT maps per destination; default: the
+    /// STUN/TURN port + 1 (3479); 0 switches it off. Open it in the firewall like 3478.
+    #[arg(long, env = "TERN_RELAY_STUN_ALT_PORT")]
+    pub relay_stun_alt_port: Option<u16>,
     /// Public IP of the relay (advertised to agents); default: the public URL's host if it is an
     /// IP, else the listen IP, else 127.0.0.1 (local trials only).
     #[arg(long, env = "TERN_RELAY_PUBLIC_IP")]
@@ -190,6 +195,7 @@ pub async fn run(args: Args, with_signal: bool) -> anyhow::Result<()> {
         stun_urls: args.stun_urls.clone(),
         turn_urls: args.turn_urls.clone(),
         tcp_relay_urls: args.tcp_relay_urls.clone(),
+        stun_probe_urls: vec![],
         secret: args
             .relay_secret
             .as_ref()
@@ -249,6 +255,11 @@ pub async fn run(args: Args, with_signal: bool) -> anyhow::Result<()> {
             min_port,
             max_port,
             allow_peers: args.relay_allow_peers.clone(),
+            stun_alt_port: match args.relay_stun_alt_port {
+                Some(0) => None,
+                Some(p) => Some(p),
+                None => args.relay_udp_listen.port().checked_add(1),
+            },
         })
     } else {
         None

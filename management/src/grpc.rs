@@ -212,10 +212,22 @@ impl ManagementService for AgentService {
                     c.kind.chars().take(32).collect::<String>()
                 )));
             }
+            if c.reason_code.len() > 40
+                || !c
+                    .reason_code
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'_')
+            {
+                return Err(Status::invalid_argument(format!(
+                    "malformed path reason code {:?} (lower-case letters and '_', at most 40)",
+                    c.reason_code.chars().take(40).collect::<String>()
+                )));
+            }
             conns.push(crate::model::PeerConnection {
                 peer_id: c.peer_id,
                 kind: c.kind,
                 rtt_ms: (c.rtt_ms > 0).then_some(c.rtt_ms),
+                reason: (!c.reason_code.is_empty()).then_some(c.reason_code),
             });
         }
         if report.reachable_networks.len() > 1024 {

@@ -129,6 +129,9 @@ pub struct PeerConnection {
     pub kind: String,
     /// WireGuard handshake round trip; None = unknown.
     pub rtt_ms: Option<u32>,
+    /// Why the path is what it is (`tern diagnose` codes: "direct", "ice_no_direct_pair",
+    /// "ice_failed", ...); None when the agent did not say.
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]

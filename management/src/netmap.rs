@@ -20,6 +20,8 @@ pub struct RelaySettings {
     /// e.g. `wss://relay.example.com/relay`
     pub tcp_relay_urls: Vec<String>,
     pub secret: Vec<u8>,
+    /// STUN endpoints for `tern diagnose` only (the embedded relay's alternate port).
+    pub stun_probe_urls: Vec<String>,
 }
 
 impl std::fmt::Debug for RelaySettings {
@@ -28,6 +30,7 @@ impl std::fmt::Debug for RelaySettings {
             .field("stun_urls", &self.stun_urls)
             .field("turn_urls", &self.turn_urls)
             .field("tcp_relay_urls", &self.tcp_relay_urls)
+            .field("stun_probe_urls", &self.stun_probe_urls)
             .field("secret", &"<redacted>")
             .finish()
     }
@@ -419,6 +422,7 @@ pub fn relay_config(peer_id: &str, relay: &RelaySettings, expire_unix: i64) -> p
             })
             .collect(),
         credentials_expire_unix: expire_unix,
+        stun_probe_urls: relay.stun_probe_urls.clone(),
     }
 }
 
@@ -551,6 +555,7 @@ mod tests {
             turn_urls: vec!["turn:r:3478".into()],
             tcp_relay_urls: vec!["wss://r/relay".into()],
             secret: b"s".to_vec(),
+            stun_probe_urls: vec![],
         }
     }
 

@@ -27,6 +27,8 @@ pub struct EmbeddedRelay {
     pub max_port: u16,
     /// Peer ranges allowed despite the default filter (labs only).
     pub allow_peers: Vec<IpNet>,
+    /// The alternate STUN port (same IP as `udp_listen`), handed to agents for `tern diagnose`.
+    pub stun_alt_port: Option<u16>,
 }
 
 #[derive(Clone, Debug)]
@@ -150,6 +152,9 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Running> {
             rc.max_port = er.max_port;
             rc.overlay = Some(settings.overlay_range);
             rc.allow_peers = er.allow_peers.clone();
+            rc.stun_alt_listen = er
+                .stun_alt_port
+                .map(|p| SocketAddr::new(er.udp_listen.ip(), p));
             let relay = Arc::new(
                 Relay::start(rc)
                     .await
@@ -173,6 +178,13 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Running> {
             let udp = format!("{}:{}", host_for_url(er.public_ip), relay.udp_addr.port());
             if opts.relay.stun_urls.is_empty() {
                 opts.relay.stun_urls.push(format!("stun:{udp}"));
+            }
+            if let Some(alt) = relay.stun_alt_addr {
+                opts.relay.stun_probe_urls.push(format!(
+                    "stun:{}:{}",
+                    host_for_url(er.public_ip),
+                    alt.port()
+                ));
             }
             if opts.relay.turn_urls.is_empty() {
                 opts.relay
@@ -208,6 +220,14 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Running> {
             last: er.udp_listen.port(),
             what: "STUN/TURN",
         });
+        if let Some(p) = er.stun_alt_port {
+            opts.public.reserved.push(crate::publish::Reserved {
+                protocol: udp,
+                first: p,
+                last: p,
+                what: "the relay's alternate STUN port",
+            });
+        }
         opts.public.reserved.push(crate::publish::Reserved {
             protocol: udp,
             first: er.min_port,

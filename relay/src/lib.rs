@@ -38,6 +38,10 @@ pub struct RelayConfig {
     pub allow_peers: Vec<IpNet>,
     pub limits: udp::UdpLimits,
     pub tcp: tcp::TcpOptions,
+    /// A second UDP port that answers STUN Binding requests only (RFC 5780's alternate port):
+    /// an agent that sees two different mappings from one socket knows its NAT maps per
+    /// destination (`tern diagnose`).
+    pub stun_alt_listen: Option<SocketAddr>,
 }
 
 impl RelayConfig {
@@ -58,6 +62,7 @@ impl RelayConfig {
             allow_peers: vec![],
             limits: udp::UdpLimits::default(),
             tcp: tcp::TcpOptions::default(),
+            stun_alt_listen: None,
         }
     }
 }
@@ -67,6 +72,8 @@ pub struct Relay {
     /// The peer-address filter (shared with the UDP front; its overlay range can change).
     pub filter: filter::PeerFilter,
     pub udp_addr: SocketAddr,
+    /// The alternate STUN port, when it is served.
+    pub stun_alt_addr: Option<SocketAddr>,
     pub tcp: Arc<tcp::TcpRelay>,
     turn: turn::server::Server,
 }
@@ -107,12 +114,27 @@ impl Relay {
         })
         .await
         .map_err(|e| anyhow::anyhow!("starting TURN server: {e}"))?;
+        let stun_alt_addr = match cfg.stun_alt_listen {
+            None => None,
+            Some(a) => match UdpSocket::bind(a).await {
+                Ok(s) => {
+                    let addr = s.local_addr().ok();
+                    tokio::spawn(udp::stun_only(s, metrics.clone(), cfg.limits.clone()));
+                    addr
+                }
+                Err(e) => {
+                    tracing::warn!(addr = %a, error = %e, "cannot serve the alternate STUN port; `tern diagnose` cannot tell NAT mapping behaviour");
+                    None
+                }
+            },
+        };
         let tcp = tcp::TcpRelay::new(cfg.secret.clone(), metrics.clone(), cfg.tcp.clone());
         tracing::info!(%udp_addr, public_ip = %cfg.public_ip, ports = %format!("{}-{}", cfg.min_port, cfg.max_port), "relay listening");
         Ok(Relay {
             metrics,
             filter,
             udp_addr,
+            stun_alt_addr,
             tcp,
             turn,
         })

@@ -30,8 +30,8 @@ use stun::error_code::{
 };
 use stun::message::{
     Message, MessageType, Setter, CLASS_ERROR_RESPONSE, CLASS_INDICATION, CLASS_REQUEST,
-    MAGIC_COOKIE, METHOD_ALLOCATE, METHOD_BINDING, METHOD_CHANNEL_BIND, METHOD_CREATE_PERMISSION,
-    METHOD_SEND,
+    CLASS_SUCCESS_RESPONSE, MAGIC_COOKIE, METHOD_ALLOCATE, METHOD_BINDING, METHOD_CHANNEL_BIND,
+    METHOD_CREATE_PERMISSION, METHOD_SEND,
 };
 use tokio::net::UdpSocket;
 use tracing::{debug, warn};
@@ -271,6 +271,53 @@ fn error_response(m: &Message, code: ErrorCode, reason: &str) -> Option<Vec<u8>>
     ];
     r.build(&setters).ok()?;
     Some(r.raw)
+}
+
+/// The success answer to a Binding request from `src` (XOR-MAPPED-ADDRESS), if it is one.
+fn binding_answer(buf: &[u8], src: SocketAddr) -> Option<Vec<u8>> {
+    if !stun::message::is_message(buf) {
+        return None;
+    }
+    let mut m = Message::new();
+    m.raw = buf.to_vec();
+    m.decode().ok()?;
+    if m.typ.method != METHOD_BINDING || m.typ.class != CLASS_REQUEST {
+        return None;
+    }
+    let mut r = Message::new();
+    let setters: Vec<Box<dyn Setter>> = vec![
+        Box::new(m.transaction_id),
+        Box::new(MessageType::new(METHOD_BINDING, CLASS_SUCCESS_RESPONSE)),
+        Box::new(stun::xoraddr::XorMappedAddress {
+            ip: src.ip(),
+            port: src.port(),
+        }),
+        Box::new(stun::fingerprint::FINGERPRINT),
+    ];
+    r.build(&setters).ok()?;
+    Some(r.raw)
+}
+
+/// Serves Binding requests only (the alternate STUN port), rate-limited per source like the
+/// main port; everything else is dropped.
+pub async fn stun_only(sock: UdpSocket, metrics: Arc<Metrics>, limits: UdpLimits) {
+    let mut limiter = Limiter::new(limits.requests_per_sec, limits.requests_burst, 65_536);
+    let mut buf = vec![0u8; 1500];
+    loop {
+        let Ok((n, src)) = sock.recv_from(&mut buf).await else {
+            continue;
+        };
+        let Some(reply) = binding_answer(&buf[..n], src) else {
+            Metrics::inc(&metrics.malformed_total);
+            continue;
+        };
+        Metrics::inc(&metrics.stun_requests_total);
+        if !limiter.allow(&src.ip(), Instant::now()) {
+            Metrics::inc(&metrics.rate_limited_total);
+            continue;
+        }
+        let _ = sock.send_to(&reply, src).await;
+    }
 }
 
 /// A 401 or 438 carrying `nonce` and `realm`, as the TURN server itself would answer.
@@ -657,6 +704,41 @@ mod tests {
         ];
         m.build(&setters).expect("build");
         m.raw
+    }
+
+    #[tokio::test]
+    async fn the_alternate_port_answers_binding_requests_only() {
+        let server = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let addr = server.local_addr().expect("addr");
+        let metrics = Arc::new(Metrics::default());
+        tokio::spawn(stun_only(server, metrics.clone(), UdpLimits::default()));
+        let client = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let me = client.local_addr().expect("addr");
+        client
+            .send_to(b"not stun at all", addr)
+            .await
+            .expect("send");
+        let mut m = Message::new();
+        m.build(&[Box::new(TransactionId::new()), Box::new(BINDING_REQUEST)])
+            .expect("build");
+        client.send_to(&m.raw, addr).await.expect("send");
+        let mut buf = [0u8; 1500];
+        let (n, _) = tokio::time::timeout(Duration::from_secs(2), client.recv_from(&mut buf))
+            .await
+            .expect("answered in time")
+            .expect("recv");
+        let mut r = Message::new();
+        r.raw = buf[..n].to_vec();
+        r.decode().expect("decode");
+        assert_eq!(r.transaction_id, m.transaction_id);
+        let mut x = stun::xoraddr::XorMappedAddress::default();
+        stun::message::Getter::get_from(&mut x, &r).expect("mapped address");
+        assert_eq!(SocketAddr::new(x.ip, x.port), me);
+        assert_eq!(
+            Metrics::get(&metrics.malformed_total),
+            1,
+            "the junk was dropped"
+        );
     }
 
     #[test]

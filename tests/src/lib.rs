@@ -172,6 +172,7 @@ impl TestServer {
             min_port: 40000 + (rand::random::<u16>() % 20000),
             max_port: 0,
             allow_peers: vec![],
+            stun_alt_port: None,
         });
         if let Some(r) = cfg.relay.as_mut() {
             r.max_port = r.min_port + 400;

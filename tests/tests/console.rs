@@ -297,6 +297,7 @@ async fn console_admin_journey_in_chromium() {
             peer_id: login2.peer_id.clone(),
             kind: "turn_relay".into(),
             rtt_ms: 23,
+            reason_code: "ice_no_direct_pair".into(),
         }],
         // factory-gw reaches the factory LAN (its route below is served).
         reachable_networks: vec!["192.168.50.0/24".into()],
@@ -311,6 +312,14 @@ async fn console_admin_journey_in_chromium() {
     )
     .await
     .expect("connection type shown");
+    // ... and why it is relayed, in words.
+    b.wait_text(
+        "tr[data-peer] .conns",
+        "no direct pair got through the NATs",
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("relay reason shown");
     let marker = b
         .execute("return window.__noReload", vec![])
         .await

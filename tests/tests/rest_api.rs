@@ -861,6 +861,7 @@ async fn peer_list_answers_not_modified_until_something_changes() {
                 peer_id: lb.peer_id.clone(),
                 kind: kind.into(),
                 rtt_ms: 5,
+                reason_code: String::new(),
             }],
             reachable_networks: vec![],
         });

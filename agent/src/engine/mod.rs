@@ -93,6 +93,12 @@ pub struct PeerStatus {
     pub connection: PathKind,
     /// Why the path is what it is (e.g. why not direct), in words.
     pub path_reason: String,
+    /// The same as a stable code (README, `tern diagnose`).
+    pub path_reason_code: String,
+    /// Path changes in the last 10 minutes.
+    pub path_changes_10m: u32,
+    /// Connected to management, as the network map says.
+    pub online: bool,
     pub local_candidate: Option<String>,
     pub remote_candidate: Option<String>,
     pub latency_ms: Option<f64>,
@@ -127,7 +133,12 @@ pub struct Engine {
     conns: RwLock<HashMap<PeerId, (u64, IceConn)>>,
     routes: Mutex<BTreeMap<String, crate::routes::RouteChoice>>,
     served: Mutex<Vec<(IpNet, bool)>>,
+    /// When each peer's path changed (the last 10 minutes, at most 64 per peer).
+    path_log: Mutex<HashMap<PeerId, std::collections::VecDeque<Instant>>>,
 }
+
+/// How far back path changes are counted.
+const PATH_LOG: Duration = Duration::from_secs(600);
 
 fn candidate_kind(t: CandidateType) -> &'static str {
     match t {
@@ -188,6 +199,7 @@ impl Engine {
             conns: RwLock::new(HashMap::new()),
             routes: Mutex::new(BTreeMap::new()),
             served: Mutex::new(vec![]),
+            path_log: Mutex::new(HashMap::new()),
         })
     }
 
@@ -423,6 +435,17 @@ impl Engine {
                 }
                 Event::StopIce { peer, session } => self.stop_ice(peer, session),
                 Event::PathChanged { peer, kind } => {
+                    {
+                        let now = Instant::now();
+                        let mut log = lock(&self.path_log);
+                        let l = log.entry(peer).or_default();
+                        l.push_back(now);
+                        while l.len() > 64
+                            || l.front().is_some_and(|t| now.duration_since(*t) > PATH_LOG)
+                        {
+                            l.pop_front();
+                        }
+                    }
                     let name = lock(&self.node).spec(peer).map(|s| s.name.clone());
                     info!(peer = %name.unwrap_or_default(), path = ?PathKind::from(kind), "path");
                 }
@@ -430,11 +453,30 @@ impl Engine {
         }
     }
 
+    /// The relay servers and credentials of the current network map.
+    pub fn relay_config(&self) -> pb::RelayConfig {
+        lock(&self.relay).clone()
+    }
+
     pub fn status(&self) -> Vec<PeerStatus> {
+        let now = Instant::now();
+        let changes: HashMap<PeerId, u32> = lock(&self.path_log)
+            .iter()
+            .map(|(p, l)| {
+                let n = l
+                    .iter()
+                    .filter(|t| now.duration_since(**t) <= PATH_LOG)
+                    .count();
+                (*p, n as u32)
+            })
+            .collect();
         lock(&self.node)
-            .status(Instant::now())
+            .status(now)
             .into_iter()
             .map(|s| PeerStatus {
+                path_reason_code: s.reason_code.to_string(),
+                path_changes_10m: changes.get(&s.peer).copied().unwrap_or(0),
+                online: s.spec.online,
                 name: s.spec.name.clone(),
                 id: s.spec.id.clone(),
                 public_key: PublicKey(s.spec.key).to_base64(),

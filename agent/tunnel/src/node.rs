@@ -159,6 +159,8 @@ pub struct PeerStatus {
     pub path: PathKind,
     /// Why the path is what it is, in words.
     pub reason: String,
+    /// The same as a stable code (`direct`, `ice_no_direct_pair`, `ice_failed`, ...).
+    pub reason_code: &'static str,
     pub ice: Option<IcePath>,
     pub last_handshake: Option<Duration>,
     pub rtt_ms: Option<u32>,
@@ -758,13 +760,16 @@ impl Node {
         self.peers.keys().copied()
     }
 
-    fn reason(p: &Peer, now: Instant, tcp: bool) -> String {
+    /// Why the path is what it is: a stable code (documented in README under `tern diagnose`)
+    /// and the same in words.
+    fn reason(p: &Peer, now: Instant, tcp: bool) -> (&'static str, String) {
         if let Some(i) = &p.ice {
             return match i.kind {
-                PathKind::TurnRelay => {
-                    "no direct pair got through the NATs; ICE relays through TURN".into()
-                }
-                _ => "direct ICE pair".into(),
+                PathKind::TurnRelay => (
+                    "ice_no_direct_pair",
+                    "no direct pair got through the NATs; ICE relays through TURN".into(),
+                ),
+                _ => ("direct", "direct ICE pair".into()),
             };
         }
         let fallback = if tcp {
@@ -773,7 +778,10 @@ impl Node {
             "; no relay is connected either"
         };
         if !p.spec.online {
-            return format!("the peer is not connected to management{fallback}");
+            return (
+                "peer_offline",
+                format!("the peer is not connected to management{fallback}"),
+            );
         }
         let last = p
             .last_failure
@@ -782,24 +790,33 @@ impl Node {
             .unwrap_or_default();
         if p.attempt.is_some() {
             return if p.failures == 0 {
-                format!("ICE is connecting{fallback}")
+                ("ice_connecting", format!("ICE is connecting{fallback}"))
             } else {
-                format!(
-                    "ICE is connecting after {} failed attempts{last}{fallback}",
-                    p.failures
+                (
+                    "ice_retrying",
+                    format!(
+                        "ICE is connecting after {} failed attempts{last}{fallback}",
+                        p.failures
+                    ),
                 )
             };
         }
         if !p.controlling {
-            return format!("waiting for the peer's ICE offer{last}{fallback}");
+            return (
+                "ice_waiting_for_offer",
+                format!("waiting for the peer's ICE offer{last}{fallback}"),
+            );
         }
         if p.failures == 0 {
-            return format!("ICE is starting{fallback}");
+            return ("ice_starting", format!("ICE is starting{fallback}"));
         }
         let wait = p.retry.due_at().saturating_duration_since(now).as_secs();
-        format!(
-            "ICE failed {} times{last}; next attempt in {wait} s{fallback}",
-            p.failures
+        (
+            "ice_failed",
+            format!(
+                "ICE failed {} times{last}; next attempt in {wait} s{fallback}",
+                p.failures
+            ),
         )
     }
 
@@ -810,12 +827,14 @@ impl Node {
             .map(|(id, p)| {
                 let (hs, tx, rx, _, rtt) = p.tunn.stats();
                 let _ = (tx, rx);
+                let (reason_code, reason) = Self::reason(p, now, self.tcp_relay_up);
                 PeerStatus {
                     peer: *id,
                     spec: p.spec.clone(),
                     up: hs.is_some_and(|d| d < SESSION_UP),
                     path: Self::path_of(p, self.tcp_relay_up),
-                    reason: Self::reason(p, now, self.tcp_relay_up),
+                    reason,
+                    reason_code,
                     ice: p.ice.clone(),
                     last_handshake: hs,
                     rtt_ms: rtt,

@@ -380,6 +380,7 @@ fn path_choice_and_reason_follow_ice_success_failure_and_lateness() {
         "{}",
         s.reason
     );
+    assert_eq!(s.reason_code, "ice_connecting");
     // Success: direct.
     x.node
         .handle_ice_event(peer, ice(1, PathKind::Direct, "203.0.113.12"), t0);
@@ -388,6 +389,7 @@ fn path_choice_and_reason_follow_ice_success_failure_and_lateness() {
         kind: PathKind::Direct
     }));
     assert_eq!(status(&x, t0).reason, "direct ICE pair");
+    assert_eq!(status(&x, t0).reason_code, "direct");
     // A stale session's result is refused and closed.
     x.node
         .handle_ice_event(peer, ice(99, PathKind::TurnRelay, "203.0.113.10"), t0);
@@ -428,6 +430,7 @@ fn path_choice_and_reason_follow_ice_success_failure_and_lateness() {
         "{}",
         s.reason
     );
+    assert_eq!(s.reason_code, "ice_failed");
     // Via TURN is named as such.
     let t2 = t1 + ICE_ATTEMPT + Duration::from_secs(10);
     x.node
@@ -436,6 +439,7 @@ fn path_choice_and_reason_follow_ice_success_failure_and_lateness() {
         .handle_ice_event(peer, ice(3, PathKind::TurnRelay, "203.0.113.10"), t2);
     assert_eq!(status(&x, t2).path, PathKind::TurnRelay);
     assert!(status(&x, t2).reason.contains("TURN"));
+    assert_eq!(status(&x, t2).reason_code, "ice_no_direct_pair");
 }
 
 #[test]

@@ -1,0 +1,648 @@
+//! `tern diagnose`: active checks run by the daemon (management, signal, the TCP relay, STUN and
+//! TURN with the issued credentials, the relay's port range, the NAT's mapping behaviour and,
+//! with `--deep`, its mapping lifetime; per peer the path and why, loss, RTT and path MTU through
+//! the tunnel; local route and overlay conflicts) turned into findings. Each finding has a stable
+//! code (README lists them with one line of advice each), a severity, the numbers behind it and
+//! what to do.
+//!
+//! The checks gather [`Facts`] (`run`, real sockets); [`analyze`] is a pure function of them, so
+//! every rule is tested without a network.
+
+pub mod run;
+pub mod wire;
+
+use serde::{Deserialize, Serialize};
+use wire::{StunResult, TurnResult};
+
+/// Every code `tern diagnose` can report: (code, what it means, what to do). README lists them.
+pub const CODES: &[(&str, &str, &str)] = &[
+    ("all_clear", "every check passed", "Nothing to fix."),
+    ("management_unreachable", "this host cannot reach the management server", "Check the URL (`tern status`), DNS, the server's TCP port and, for https, its certificate."),
+    ("clock_skew", "this host's clock is off from the server's", "Enable time synchronisation (systemd-timesyncd, chrony): logins and relay credentials depend on the clock."),
+    ("signal_unreachable", "the signal stream is down, so new direct paths cannot be negotiated", "Check that the server's TCP port is reachable and that no proxy cuts long-lived HTTP/2 streams."),
+    ("tcp_relay_unreachable", "the TCP relay (the fallback for networks that block UDP) is not connected", "Check the relay URL and that HTTPS/WebSocket reaches the server."),
+    ("udp_blocked", "this network blocks outgoing UDP: every peer goes through the slower TCP relay", "Allow outgoing UDP to the relay's ports (3478 and 3479 by default) and its relay port range."),
+    ("stun_unreachable", "a STUN server of the network map does not answer over UDP", "Check its address and port in --stun-urls and that the firewall in front of it lets UDP in."),
+    ("turn_unreachable", "the TURN server of the network map does not answer over UDP", "Check the address and port in --turn-urls (a wrong port is the usual cause) and the server's firewall."),
+    ("turn_auth_failed", "the TURN server rejects the credentials management issued", "Give management and the relay the same secret (--relay-secret, coturn's static-auth-secret) and check both servers' clocks."),
+    ("turn_credentials_expired", "the relay credentials this agent holds have expired", "The agent has not received a fresh network map: check its management connection."),
+    ("turn_refused", "the TURN server refuses the allocation for another reason", "Read the relay's log for the code shown (quota, address family, forbidden peer)."),
+    ("relay_ports_closed", "TURN allocates, but nothing comes back through the relay's port range", "Open the relay port range (UDP, --relay-ports, 49152-65535 by default) on the server's firewall and cloud security group."),
+    ("nat_symmetric", "this host's NAT gives a new public port per destination, so direct paths are rarely possible", "Use a router with endpoint-independent NAT, or forward a UDP port, where you can; TURN carries the traffic meanwhile."),
+    ("nat_timeout_short", "this host's NAT forgets idle UDP mappings sooner than the keepalive interval", "Raise the router's UDP timeout to at least 60 s; idle paths break until then."),
+    ("peer_unreachable", "no WireGuard handshake with this peer", "Run `tern diagnose` on the peer too, and check in the console that it is online."),
+    ("peer_offline", "the peer is not connected to management", "Start its agent, or remove it in the console if it is gone."),
+    ("peer_relayed", "traffic to this peer goes through a relay (slower, costs server bandwidth)", "The reason code says why; when nothing on this host explains it, run `tern diagnose` on the peer."),
+    ("path_flapping", "the path to this peer changes often", "Usually an unstable uplink or a NAT that rebinds: check the uplink and the NAT's UDP timeouts."),
+    ("path_loss", "packets to this peer are lost on the path", "On a relayed path, check the relay's CPU and bandwidth (it may be overloaded); on a direct path, the uplinks."),
+    ("path_slow", "the round trip to this peer is long", "On a relayed path, a relay nearer to both peers helps; on a direct path it is the networks' latency."),
+    ("pmtu_blackhole", "large packets through the tunnel vanish while small ones pass (a path MTU black hole)", "Lower the tunnel MTU with `tern up --mtu N` using the size shown, or fix the middlebox that drops them."),
+    ("overlay_conflict", "the overlay range overlaps a network this host is attached to (carriers use 100.64.0.0/10 too)", "Change the overlay range in Settings, or renumber the local network."),
+    ("route_conflict", "a routed network overlaps a network this host is attached to, so it is not installed here", "Renumber one of them, or leave this host's groups out of the route."),
+    ("route_unserved", "no connected routing peer serves this routed network", "Start the routing peer's agent, or add another routing peer for the network."),
+    ("route_failed", "the kernel refused to install a route", "Another VPN or a static route may hold the same prefix: see the error shown."),
+    ("forwarding_off", "this host routes networks for others but IP forwarding is off", "Run `sysctl -w net.ipv4.ip_forward=1` and make it permanent in /etc/sysctl.d."),
+];
+
+fn entry(code: &str) -> (&'static str, &'static str) {
+    CODES
+        .iter()
+        .find(|(c, _, _)| *c == code)
+        .map_or(("", ""), |(_, m, a)| (m, a))
+}
+
+pub fn advice(code: &str) -> &'static str {
+    entry(code).1
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    Info,
+    Warning,
+    Error,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Finding {
+    pub code: String,
+    pub severity: Severity,
+    /// The peer, route or server it is about, when it is about one.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub subject: String,
+    /// What the code means.
+    pub meaning: String,
+    /// What was seen, with the numbers.
+    pub evidence: String,
+    /// What to do.
+    pub advice: String,
+}
+
+fn finding(code: &str, severity: Severity, subject: &str, evidence: String) -> Finding {
+    Finding {
+        code: code.into(),
+        severity,
+        subject: subject.into(),
+        meaning: entry(code).0.into(),
+        evidence,
+        advice: advice(code).into(),
+    }
+}
+
+/// What `tern diagnose` asked for.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Args {
+    /// Only this peer (by name or overlay address).
+    #[serde(default)]
+    pub peer: Option<String>,
+    /// Also the slow checks (NAT mapping lifetime).
+    #[serde(default)]
+    pub deep: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Reach {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+}
+
+/// A short train of echo requests through the tunnel.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct PingFacts {
+    pub sent: u32,
+    pub received: u32,
+    pub avg_ms: Option<f64>,
+    pub max_ms: Option<f64>,
+}
+
+/// Full-size and small packets through the tunnel with the don't-fragment bit.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct PmtuFacts {
+    /// The tunnel MTU (the size of a full packet).
+    pub mtu: u32,
+    pub full_ok: bool,
+    pub small_ok: bool,
+    /// The largest packet (IP size) that got through, when full-size ones did not.
+    pub largest_ok: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct PeerFacts {
+    pub name: String,
+    pub overlay_ip: String,
+    /// Connected to management (as the network map says).
+    pub online: bool,
+    /// A WireGuard session with a handshake in the last 3 minutes.
+    pub up: bool,
+    /// "direct", "turn_relay", "tcp_relay" or "none".
+    pub path: String,
+    pub reason_code: String,
+    pub reason: String,
+    /// Path changes in the last 10 minutes.
+    pub path_changes: u32,
+    pub ping: Option<PingFacts>,
+    pub pmtu: Option<PmtuFacts>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RouteFacts {
+    pub network: String,
+    pub via: String,
+    pub state: String,
+}
+
+/// Everything the checks saw; [`analyze`] turns it into findings.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Facts {
+    pub management: Reach,
+    /// Server clock minus this host's clock, seconds.
+    pub clock_offset_secs: Option<i64>,
+    pub signal: bool,
+    /// None when the network map names no TCP relay.
+    pub tcp_relay: Option<Reach>,
+    /// Binding requests from one socket to each STUN URL of the map and to the relay's
+    /// alternate STUN port (diagnostics only).
+    pub stun: Vec<StunResult>,
+    pub turn: Vec<TurnResult>,
+    pub credentials_expire_unix: i64,
+    pub now_unix: i64,
+    /// `--deep`: (idle seconds, the mapping survived it).
+    pub nat_lifetime: Vec<(u64, Option<bool>)>,
+    pub keepalive_secs: u64,
+    pub peers: Vec<PeerFacts>,
+    pub overlay_conflict: Option<String>,
+    pub routes: Vec<RouteFacts>,
+    /// Networks this host routes for others.
+    pub serving: Vec<String>,
+    pub ip_forward: Option<bool>,
+}
+
+/// The answer to `tern diagnose`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Report {
+    pub findings: Vec<Finding>,
+    pub facts: Facts,
+    pub took_ms: u64,
+    pub deep: bool,
+}
+
+impl Report {
+    /// The worst severity among the findings other than `all_clear`.
+    pub fn worst(&self) -> Option<Severity> {
+        self.findings
+            .iter()
+            .filter(|f| f.code != "all_clear")
+            .map(|f| f.severity)
+            .max()
+    }
+}
+
+/// Loss at or above which a path is reported, and RTT above which it is called slow.
+const LOSS_WARN: f64 = 0.2;
+const LOSS_ERROR: f64 = 0.5;
+const SLOW_MS: f64 = 250.0;
+const SKEW_SECS: i64 = 30;
+const FLAPPING: u32 = 4;
+
+pub fn analyze(f: &Facts) -> Vec<Finding> {
+    use Severity::*;
+    let mut out = vec![];
+    if !f.management.ok {
+        out.push(finding(
+            "management_unreachable",
+            Error,
+            "",
+            f.management.detail.clone(),
+        ));
+    }
+    if let Some(off) = f.clock_offset_secs.filter(|o| o.abs() > SKEW_SECS) {
+        out.push(finding(
+            "clock_skew",
+            if off.abs() > 300 { Error } else { Warning },
+            "",
+            format!(
+                "this host's clock is {} s {} the server's",
+                off.abs(),
+                if off > 0 { "behind" } else { "ahead of" }
+            ),
+        ));
+    }
+    if f.management.ok && !f.signal {
+        out.push(finding(
+            "signal_unreachable",
+            Warning,
+            "",
+            "the signal stream is not connected".into(),
+        ));
+    }
+    if let Some(t) = f.tcp_relay.as_ref().filter(|t| !t.ok) {
+        out.push(finding(
+            "tcp_relay_unreachable",
+            Warning,
+            "",
+            t.detail.clone(),
+        ));
+    }
+
+    // UDP: blocked altogether, or one server/port not answering.
+    let udp_tried = f.stun.iter().filter(|s| s.server.is_some()).count()
+        + f.turn.iter().filter(|t| t.server.is_some()).count();
+    let udp_answered = f.stun.iter().filter(|s| s.mapped.is_some()).count()
+        + f.turn.iter().filter(|t| t.answered).count();
+    if udp_tried > 0 && udp_answered == 0 {
+        let fallback = match &f.tcp_relay {
+            Some(t) if t.ok => "; peers are reached through the TCP relay",
+            _ => "",
+        };
+        let tried: Vec<String> = f
+            .stun
+            .iter()
+            .filter_map(|s| s.server)
+            .chain(f.turn.iter().filter_map(|t| t.server))
+            .map(|a| a.to_string())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        out.push(finding(
+            "udp_blocked",
+            Error,
+            "",
+            format!(
+                "no UDP answer from {} within {} s while TCP to the server works{fallback}",
+                tried.join(", "),
+                wire::ANSWER_WITHIN.as_secs()
+            ),
+        ));
+    } else {
+        for s in f.stun.iter().filter(|s| s.mapped.is_none()) {
+            out.push(finding(
+                "stun_unreachable",
+                Warning,
+                &s.url,
+                s.error.clone().unwrap_or_else(|| "no answer".into()),
+            ));
+        }
+        for t in f.turn.iter().filter(|t| !t.answered) {
+            out.push(finding(
+                "turn_unreachable",
+                Error,
+                &t.url,
+                t.error.clone().unwrap_or_else(|| "no answer".into()),
+            ));
+        }
+    }
+    let server_now = f.now_unix + f.clock_offset_secs.unwrap_or(0);
+    if f.credentials_expire_unix > 0 && f.credentials_expire_unix < server_now {
+        out.push(finding(
+            "turn_credentials_expired",
+            Error,
+            "",
+            format!(
+                "the relay credentials expired {} s ago (server time)",
+                server_now - f.credentials_expire_unix
+            ),
+        ));
+    }
+    for t in &f.turn {
+        match &t.rejected {
+            Some((401, why)) => {
+                let skew = f
+                    .clock_offset_secs
+                    .filter(|o| o.abs() > SKEW_SECS)
+                    .map(|o| format!("; this host's clock is {} s off the server's", o.abs()))
+                    .unwrap_or_default();
+                out.push(finding(
+                    "turn_auth_failed",
+                    Error,
+                    &t.url,
+                    format!(
+                        "the TURN server answered 401 {why} to the credentials management issued (valid for {} s more by the server's clock){skew}",
+                        (f.credentials_expire_unix - server_now).max(0)
+                    ),
+                ));
+            }
+            Some((code, why)) => out.push(finding(
+                "turn_refused",
+                Error,
+                &t.url,
+                format!("the TURN server refused the allocation: {code} {why}"),
+            )),
+            None => {}
+        }
+        if t.relay_ports_open == Some(false) {
+            out.push(finding(
+                "relay_ports_closed",
+                Error,
+                &t.url,
+                format!(
+                    "allocated {} but a datagram this host sent to it never came back through the relay",
+                    t.relayed.map(|a| a.to_string()).unwrap_or_default()
+                ),
+            ));
+        }
+    }
+
+    // NAT mapping: one socket, several server endpoints.
+    let mapped: Vec<(std::net::SocketAddr, std::net::SocketAddr)> = f
+        .stun
+        .iter()
+        .filter_map(|s| Some((s.server?, s.mapped?)))
+        .collect();
+    let symmetric = mapped.len() >= 2 && mapped.iter().any(|(_, m)| *m != mapped[0].1);
+    if symmetric {
+        out.push(finding(
+            "nat_symmetric",
+            Warning,
+            "",
+            format!(
+                "one local port was seen as {}",
+                mapped
+                    .iter()
+                    .map(|(s, m)| format!("{m} by {s}"))
+                    .collect::<Vec<_>>()
+                    .join(" and ")
+            ),
+        ));
+    }
+    let udp_blocked = out.iter().any(|x| x.code == "udp_blocked");
+    if let Some((idle, _)) = f
+        .nat_lifetime
+        .iter()
+        .filter(|(i, alive)| *alive == Some(false) && *i <= f.keepalive_secs)
+        .min_by_key(|(i, _)| *i)
+    {
+        let survived = f
+            .nat_lifetime
+            .iter()
+            .filter(|(_, a)| *a == Some(true))
+            .map(|(i, _)| *i)
+            .max();
+        out.push(finding(
+            "nat_timeout_short",
+            Warning,
+            "",
+            format!(
+                "an idle UDP mapping was gone after {idle} s{}; keepalives are sent every {} s",
+                survived
+                    .map(|s| format!(" (one idle for {s} s survived)"))
+                    .unwrap_or_default(),
+                f.keepalive_secs
+            ),
+        ));
+    }
+
+    for p in &f.peers {
+        let relayed = p.path == "turn_relay" || p.path == "tcp_relay";
+        if !p.online {
+            out.push(finding(
+                "peer_offline",
+                Info,
+                &p.name,
+                "the network map says it is not connected to management".into(),
+            ));
+            continue;
+        }
+        if !p.up {
+            out.push(finding(
+                "peer_unreachable",
+                Error,
+                &p.name,
+                format!("no WireGuard handshake in the last 3 minutes; {}", p.reason),
+            ));
+            continue;
+        }
+        if relayed {
+            let here = if udp_blocked {
+                "; here: UDP is blocked (udp_blocked)"
+            } else if symmetric {
+                "; here: this host's NAT maps per destination (nat_symmetric)"
+            } else {
+                "; nothing on this host explains it: run `tern diagnose` on the peer"
+            };
+            out.push(finding(
+                "peer_relayed",
+                Warning,
+                &p.name,
+                format!(
+                    "path {} because {} [{}]{here}",
+                    p.path.replace('_', " "),
+                    p.reason,
+                    p.reason_code
+                ),
+            ));
+        }
+        if p.path_changes >= FLAPPING {
+            out.push(finding(
+                "path_flapping",
+                Warning,
+                &p.name,
+                format!(
+                    "{} path changes in the last 10 minutes (now {})",
+                    p.path_changes,
+                    p.path.replace('_', " ")
+                ),
+            ));
+        }
+        if let Some(ping) = p.ping.as_ref().filter(|x| x.sent > 0 && x.received > 0) {
+            let loss = 1.0 - f64::from(ping.received) / f64::from(ping.sent);
+            let via = if relayed {
+                format!(" (via {})", p.path.replace('_', " "))
+            } else {
+                " (direct)".into()
+            };
+            if loss >= LOSS_WARN {
+                out.push(finding(
+                    "path_loss",
+                    if loss >= LOSS_ERROR { Error } else { Warning },
+                    &p.name,
+                    format!(
+                        "{:.0}% of {} echo requests through the tunnel were lost{via}",
+                        loss * 100.0,
+                        ping.sent
+                    ),
+                ));
+            }
+            if let Some(avg) = ping.avg_ms.filter(|a| *a > SLOW_MS) {
+                out.push(finding(
+                    "path_slow",
+                    Warning,
+                    &p.name,
+                    format!("average round trip {avg:.0} ms through the tunnel{via}"),
+                ));
+            }
+        }
+        if let Some(m) = p.pmtu.as_ref().filter(|m| m.small_ok && !m.full_ok) {
+            out.push(finding(
+                "pmtu_blackhole",
+                Error,
+                &p.name,
+                format!(
+                    "{}-byte packets through the tunnel (its MTU) are lost without an error while small ones pass{}",
+                    m.mtu,
+                    m.largest_ok
+                        .map(|l| format!("; the largest that got through was {l} bytes: try `--mtu {}`", l / 8 * 8))
+                        .unwrap_or_default()
+                ),
+            ));
+        }
+    }
+
+    if let Some(c) = &f.overlay_conflict {
+        out.push(finding("overlay_conflict", Error, "", c.clone()));
+    }
+    for r in &f.routes {
+        let (code, sev) = if r.state.starts_with("conflict") {
+            ("route_conflict", Warning)
+        } else if r.state == "no connected routing peer" {
+            ("route_unserved", Warning)
+        } else if r.state.starts_with("kernel refused") {
+            ("route_failed", Error)
+        } else {
+            continue;
+        };
+        out.push(finding(code, sev, &r.network, r.state.clone()));
+    }
+    if !f.serving.is_empty() && f.ip_forward == Some(false) {
+        out.push(finding(
+            "forwarding_off",
+            Error,
+            "",
+            format!(
+                "this host serves {} but net.ipv4.ip_forward is 0",
+                f.serving.join(", ")
+            ),
+        ));
+    }
+    if out.iter().all(|x| x.severity == Info) {
+        out.insert(
+            0,
+            finding("all_clear", Info, "", "every check passed".into()),
+        );
+    }
+    out.sort_by_key(|x| std::cmp::Reverse(x.severity));
+    out
+}
+
+/// The report in words, for a terminal.
+pub fn render(r: &Report) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let f = &r.facts;
+    let _ = writeln!(
+        s,
+        "Checks ({:.1} s{}):",
+        r.took_ms as f64 / 1000.0,
+        if r.deep { ", deep" } else { "" }
+    );
+    let ok = |b: bool| if b { "ok" } else { "FAILED" };
+    let _ = writeln!(
+        s,
+        "  management {}{}   signal {}   TCP relay {}",
+        ok(f.management.ok),
+        f.clock_offset_secs
+            .map(|o| format!(" (clock offset {o:+} s)"))
+            .unwrap_or_default(),
+        ok(f.signal),
+        f.tcp_relay.as_ref().map_or("not configured", |t| ok(t.ok))
+    );
+    for st in &f.stun {
+        let _ = match (&st.mapped, &st.error) {
+            (Some(m), _) => writeln!(
+                s,
+                "  STUN {}: this host is {m}{}",
+                st.url,
+                st.rtt_ms
+                    .map(|r| format!(" ({r:.1} ms)"))
+                    .unwrap_or_default()
+            ),
+            (None, e) => writeln!(
+                s,
+                "  STUN {}: {}",
+                st.url,
+                e.as_deref().unwrap_or("no answer")
+            ),
+        };
+    }
+    for t in &f.turn {
+        let state = if let Some(a) = t.relayed {
+            format!(
+                "allocated {a}, relay ports {}",
+                match t.relay_ports_open {
+                    Some(true) => "reachable",
+                    Some(false) => "CLOSED",
+                    None => "not checked",
+                }
+            )
+        } else if let Some((c, w)) = &t.rejected {
+            format!("refused: {c} {w}")
+        } else {
+            t.error.clone().unwrap_or_else(|| "no answer".into())
+        };
+        let _ = writeln!(s, "  TURN {}: {state}", t.url);
+    }
+    for (idle, alive) in &f.nat_lifetime {
+        let _ = writeln!(
+            s,
+            "  NAT mapping idle {idle} s: {}",
+            match alive {
+                Some(true) => "kept",
+                Some(false) => "FORGOTTEN",
+                None => "could not be measured",
+            }
+        );
+    }
+    for p in &f.peers {
+        let mut line = format!("  peer {}: {}", p.name, p.path.replace('_', " "));
+        if let Some(pg) = &p.ping {
+            if pg.received > 0 {
+                let _ = write!(
+                    line,
+                    ", {}/{} echo replies, avg {:.1} ms",
+                    pg.received,
+                    pg.sent,
+                    pg.avg_ms.unwrap_or_default()
+                );
+            } else if pg.sent > 0 {
+                let _ = write!(
+                    line,
+                    ", no echo replies (the peer's policy may not allow ICMP)"
+                );
+            }
+        }
+        if let Some(m) = &p.pmtu {
+            let _ = write!(
+                line,
+                ", {}-byte packets {}",
+                m.mtu,
+                if m.full_ok { "pass" } else { "LOST" }
+            );
+        }
+        let _ = writeln!(s, "{line}");
+    }
+    let _ = writeln!(s);
+    for x in &r.findings {
+        let sev = match x.severity {
+            Severity::Error => "ERROR",
+            Severity::Warning => "WARN",
+            Severity::Info if x.code == "all_clear" => "OK",
+            Severity::Info => "INFO",
+        };
+        let subject = if x.subject.is_empty() {
+            String::new()
+        } else {
+            format!(" [{}]", x.subject)
+        };
+        if x.code == "all_clear" {
+            let _ = writeln!(s, "{sev:<5} {}: {}", x.code, x.meaning);
+            continue;
+        }
+        let _ = writeln!(s, "{sev:<5} {}{subject}: {}", x.code, x.meaning);
+        let _ = writeln!(s, "      seen: {}", x.evidence);
+        let _ = writeln!(s, "      do:   {}", x.advice);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests;

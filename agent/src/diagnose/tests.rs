@@ -1,0 +1,372 @@
+use super::*;
+use std::net::SocketAddr;
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().expect("addr")
+}
+
+fn stun(url: &str, server: &str, mapped: Option<&str>) -> StunResult {
+    StunResult {
+        url: url.into(),
+        server: Some(addr(server)),
+        mapped: mapped.map(addr),
+        rtt_ms: mapped.map(|_| 0.4),
+        error: mapped
+            .is_none()
+            .then(|| format!("no answer from {server} (UDP) within 2 s")),
+    }
+}
+
+fn peer(name: &str, path: &str, code: &str) -> PeerFacts {
+    PeerFacts {
+        name: name.into(),
+        overlay_ip: "100.64.0.3".into(),
+        online: true,
+        up: true,
+        path: path.into(),
+        reason_code: code.into(),
+        reason: "direct ICE pair".into(),
+        path_changes: 1,
+        ping: Some(PingFacts {
+            sent: 10,
+            received: 10,
+            avg_ms: Some(0.5),
+            max_ms: Some(0.9),
+        }),
+        pmtu: Some(PmtuFacts {
+            mtu: 1280,
+            full_ok: true,
+            small_ok: true,
+            largest_ok: None,
+        }),
+    }
+}
+
+/// A healthy host: everything answers, NAT endpoint-independent, one direct peer.
+fn clean() -> Facts {
+    Facts {
+        management: Reach {
+            ok: true,
+            detail: String::new(),
+        },
+        clock_offset_secs: Some(0),
+        signal: true,
+        tcp_relay: Some(Reach {
+            ok: true,
+            detail: String::new(),
+        }),
+        stun: vec![
+            stun(
+                "stun:203.0.113.10:3478",
+                "203.0.113.10:3478",
+                Some("203.0.113.11:4000"),
+            ),
+            stun(
+                "stun:203.0.113.10:3479",
+                "203.0.113.10:3479",
+                Some("203.0.113.11:4000"),
+            ),
+        ],
+        turn: vec![TurnResult {
+            url: "turn:203.0.113.10:3478?transport=udp".into(),
+            server: Some(addr("203.0.113.10:3478")),
+            answered: true,
+            relayed: Some(addr("203.0.113.10:50001")),
+            rejected: None,
+            relay_ports_open: Some(true),
+            error: None,
+        }],
+        credentials_expire_unix: 2_000_000_000,
+        now_unix: 1_900_000_000,
+        nat_lifetime: vec![],
+        keepalive_secs: 25,
+        peers: vec![peer("b", "direct", "direct")],
+        overlay_conflict: None,
+        routes: vec![],
+        serving: vec![],
+        ip_forward: Some(false),
+    }
+}
+
+fn codes(f: &Facts) -> Vec<String> {
+    analyze(f).into_iter().map(|x| x.code).collect()
+}
+
+fn one<'a>(v: &'a [Finding], code: &str) -> &'a Finding {
+    v.iter()
+        .find(|x| x.code == code)
+        .unwrap_or_else(|| panic!("no {code} in {v:?}"))
+}
+
+#[test]
+fn a_clean_host_is_all_clear_and_nothing_else() {
+    assert_eq!(codes(&clean()), vec!["all_clear"]);
+    let r = Report {
+        findings: analyze(&clean()),
+        facts: clean(),
+        took_ms: 2100,
+        deep: false,
+    };
+    assert_eq!(r.worst(), None);
+    let text = render(&r);
+    assert!(text.contains("OK    all_clear"), "{text}");
+    assert!(!text.contains("null") && !text.contains("do:"), "{text}");
+    // An offline peer is information, not a problem of this host.
+    let mut f = clean();
+    f.peers[0].online = false;
+    assert_eq!(codes(&f), vec!["all_clear", "peer_offline"]);
+}
+
+#[test]
+fn no_udp_answer_at_all_is_udp_blocked_and_one_silent_port_is_named() {
+    let mut f = clean();
+    for s in &mut f.stun {
+        s.mapped = None;
+        s.error = Some("no answer".into());
+    }
+    f.turn[0] = TurnResult {
+        url: f.turn[0].url.clone(),
+        server: f.turn[0].server,
+        error: Some("no answer".into()),
+        ..TurnResult::default()
+    };
+    f.peers[0].path = "tcp_relay".into();
+    f.peers[0].reason_code = "ice_failed".into();
+    let v = analyze(&f);
+    let b = one(&v, "udp_blocked");
+    assert_eq!(b.severity, Severity::Error);
+    assert!(
+        b.evidence.contains("203.0.113.10:3478") && b.evidence.contains("TCP relay"),
+        "{}",
+        b.evidence
+    );
+    assert!(
+        !v.iter()
+            .any(|x| x.code == "turn_unreachable" || x.code == "stun_unreachable"),
+        "one cause, not three: {v:?}"
+    );
+    assert!(one(&v, "peer_relayed").evidence.contains("udp_blocked"));
+
+    // A wrong TURN port: STUN answers, the TURN URL does not.
+    let mut f = clean();
+    f.turn[0] = TurnResult {
+        url: "turn:203.0.113.10:3480?transport=udp".into(),
+        server: Some(addr("203.0.113.10:3480")),
+        error: Some("no answer from 203.0.113.10:3480 (UDP) within 2 s".into()),
+        ..TurnResult::default()
+    };
+    let v = analyze(&f);
+    assert_eq!(codes(&f), vec!["turn_unreachable"]);
+    assert_eq!(v[0].subject, "turn:203.0.113.10:3480?transport=udp");
+    assert!(v[0].advice.contains("--turn-urls"));
+    let r = Report {
+        findings: v,
+        facts: f,
+        took_ms: 2100,
+        deep: false,
+    };
+    let text = render(&r);
+    assert!(
+        text.contains(
+            "ERROR turn_unreachable [turn:203.0.113.10:3480?transport=udp]: the TURN server"
+        ) && text.contains("      seen: no answer from 203.0.113.10:3480")
+            && text.contains("      do:   Check the address and port in --turn-urls"),
+        "{text}"
+    );
+}
+
+#[test]
+fn rejected_credentials_name_the_secret_and_the_clock() {
+    let mut f = clean();
+    f.turn[0].relayed = None;
+    f.turn[0].relay_ports_open = None;
+    f.turn[0].rejected = Some((401, "Unauthorized".into()));
+    let v = analyze(&f);
+    let a = one(&v, "turn_auth_failed");
+    assert!(a.advice.contains("same secret"), "{}", a.advice);
+    assert!(!a.evidence.contains("clock is"), "{}", a.evidence);
+    f.clock_offset_secs = Some(-400);
+    let v = analyze(&f);
+    assert!(one(&v, "turn_auth_failed")
+        .evidence
+        .contains("400 s off the server's"));
+    assert_eq!(one(&v, "clock_skew").severity, Severity::Error);
+    assert!(one(&v, "clock_skew").evidence.contains("ahead of"));
+    // Credentials past their expiry (by the server's clock).
+    let mut f = clean();
+    f.credentials_expire_unix = f.now_unix - 10;
+    assert_eq!(codes(&f), vec!["turn_credentials_expired"]);
+    // Any other refusal is named with its code.
+    let mut f = clean();
+    f.turn[0].relayed = None;
+    f.turn[0].rejected = Some((486, "Allocation Quota Reached".into()));
+    assert!(one(&analyze(&f), "turn_refused").evidence.contains("486"));
+}
+
+#[test]
+fn a_closed_relay_port_range_is_named() {
+    let mut f = clean();
+    f.turn[0].relay_ports_open = Some(false);
+    let v = analyze(&f);
+    assert_eq!(codes(&f), vec!["relay_ports_closed"]);
+    assert!(v[0].evidence.contains("203.0.113.10:50001"));
+}
+
+#[test]
+fn nat_mapping_per_destination_and_short_mapping_lifetimes() {
+    let mut f = clean();
+    f.stun[1].mapped = Some(addr("203.0.113.11:61234"));
+    f.peers[0].path = "turn_relay".into();
+    f.peers[0].reason_code = "ice_no_direct_pair".into();
+    let v = analyze(&f);
+    assert!(one(&v, "nat_symmetric")
+        .evidence
+        .contains("203.0.113.11:61234 by 203.0.113.10:3479"));
+    assert!(one(&v, "peer_relayed").evidence.contains("nat_symmetric"));
+    // One STUN endpoint only: nothing can be said.
+    let mut f = clean();
+    f.stun.truncate(1);
+    assert_eq!(codes(&f), vec!["all_clear"]);
+    // Deep: gone after 12 s idle, shorter than the 25 s keepalive.
+    let mut f = clean();
+    f.nat_lifetime = vec![(12, Some(false)), (24, Some(false)), (48, Some(false))];
+    let v = analyze(&f);
+    assert!(one(&v, "nat_timeout_short")
+        .evidence
+        .contains("gone after 12 s"));
+    // Kept for 24 s, gone at 48: longer than the keepalive, fine.
+    f.nat_lifetime = vec![(12, Some(true)), (24, Some(true)), (48, Some(false))];
+    assert_eq!(codes(&f), vec!["all_clear"]);
+}
+
+#[test]
+fn loss_slowness_flapping_and_black_holes_per_peer() {
+    let mut f = clean();
+    f.peers[0].path = "turn_relay".into();
+    f.peers[0].reason_code = "ice_no_direct_pair".into();
+    f.peers[0].ping = Some(PingFacts {
+        sent: 10,
+        received: 2,
+        avg_ms: Some(352.0),
+        max_ms: Some(400.0),
+    });
+    let v = analyze(&f);
+    let l = one(&v, "path_loss");
+    assert_eq!(l.severity, Severity::Error);
+    assert!(
+        l.evidence.contains("80% of 10") && l.evidence.contains("via turn relay"),
+        "{}",
+        l.evidence
+    );
+    assert!(one(&v, "path_slow").evidence.contains("352 ms"));
+    // No reply at all while the session is up: the peer's policy may drop ICMP; no loss claimed.
+    let mut f = clean();
+    f.peers[0].ping = Some(PingFacts {
+        sent: 10,
+        received: 0,
+        avg_ms: None,
+        max_ms: None,
+    });
+    f.peers[0].pmtu = Some(PmtuFacts {
+        mtu: 1280,
+        full_ok: false,
+        small_ok: false,
+        largest_ok: None,
+    });
+    assert_eq!(codes(&f), vec!["all_clear"]);
+    // Large packets die, small ones pass.
+    f.peers[0].pmtu = Some(PmtuFacts {
+        mtu: 1280,
+        full_ok: false,
+        small_ok: true,
+        largest_ok: Some(1172),
+    });
+    let v = analyze(&f);
+    assert!(one(&v, "pmtu_blackhole").evidence.contains("--mtu 1168"));
+    // Flapping.
+    let mut f = clean();
+    f.peers[0].path_changes = 6;
+    assert_eq!(codes(&f), vec!["path_flapping"]);
+    // No handshake at all.
+    let mut f = clean();
+    f.peers[0].up = false;
+    f.peers[0].reason = "ICE failed 3 times".into();
+    assert_eq!(codes(&f), vec!["peer_unreachable"]);
+}
+
+#[test]
+fn local_conflicts_and_routing_peer_forwarding() {
+    let mut f = clean();
+    f.overlay_conflict = Some("overlay range conflict: 100.64.0.0/10 overlaps 100.64.1.0/24 on wwan0, which this host is attached to".into());
+    f.routes = vec![
+        RouteFacts {
+            network: "192.168.50.0/24".into(),
+            via: "gw".into(),
+            state: "conflict: 192.168.50.0/24 overlaps 192.168.50.0/24 on eth0, which this host is attached to".into(),
+        },
+        RouteFacts {
+            network: "10.9.0.0/16".into(),
+            via: String::new(),
+            state: "no connected routing peer".into(),
+        },
+        RouteFacts {
+            network: "10.8.0.0/16".into(),
+            via: "gw".into(),
+            state: "installed".into(),
+        },
+    ];
+    f.serving = vec!["192.168.60.0/24 (masquerade)".into()];
+    f.ip_forward = Some(false);
+    let mut c = codes(&f);
+    c.sort();
+    assert_eq!(
+        c,
+        vec![
+            "forwarding_off",
+            "overlay_conflict",
+            "route_conflict",
+            "route_unserved"
+        ]
+    );
+    f.ip_forward = Some(true);
+    assert!(!codes(&f).contains(&"forwarding_off".to_string()));
+}
+
+#[test]
+fn management_down_and_signal_down_are_told_apart() {
+    let mut f = clean();
+    f.management = Reach {
+        ok: false,
+        detail: "nothing listens on 203.0.113.10:443".into(),
+    };
+    f.signal = false;
+    assert_eq!(codes(&f), vec!["management_unreachable"]);
+    let mut f = clean();
+    f.signal = false;
+    f.tcp_relay = Some(Reach {
+        ok: false,
+        detail: "not connected to https://x/relay".into(),
+    });
+    let mut c = codes(&f);
+    c.sort();
+    assert_eq!(c, vec!["signal_unreachable", "tcp_relay_unreachable"]);
+}
+
+#[test]
+fn every_code_has_advice_and_a_line_in_the_readme() {
+    let readme = include_str!("../../../README.md");
+    for (code, meaning, advice) in CODES {
+        assert!(!advice.is_empty() && !meaning.is_empty(), "{code}");
+        assert!(
+            readme.contains(&format!("`{code}`")),
+            "README lacks the diagnose code `{code}`"
+        );
+    }
+    // Findings only use documented codes.
+    let mut f = clean();
+    f.management.ok = false;
+    f.turn[0].relay_ports_open = Some(false);
+    for x in analyze(&f) {
+        assert!(!advice(&x.code).is_empty(), "{} undocumented", x.code);
+    }
+}
