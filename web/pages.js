@@ -67,6 +67,7 @@ function connSummary(p, peers) {
       badge(CONN_LABEL[c.kind] || c.kind, c.kind === "direct" ? "ok" : relayed(c.kind) ? "relay" : "warn"),
       " ", other ? other.name : c.peer_id.slice(0, 8),
       c.rtt_ms != null ? h("span", { class: "muted" }, ` ${c.rtt_ms} ms`) : null,
+      c.loss_pct ? h("span", { class: "loss", title: "probes lost on this path over the last minute" }, ` ${c.loss_pct}% loss`) : null,
       relayed(c.kind) && c.reason && REASON_WORDS[c.reason]
         ? h("span", { class: "muted why", title: c.reason }, ` — ${REASON_WORDS[c.reason]}`) : null);
   }));

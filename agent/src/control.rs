@@ -404,6 +404,8 @@ pub fn connection_report(peers: &[crate::engine::PeerStatus]) -> Vec<pb::PeerCon
                 .latency_ms
                 .map_or(0, |r| r.round().clamp(1.0, 60_000.0) as u32),
             reason_code: p.path_reason_code.clone(),
+            probes_settled: p.probes.map_or(0, |x| x.0),
+            probes_lost: p.probes.map_or(0, |x| x.1),
         })
         .collect();
     out.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));

@@ -4,6 +4,7 @@
 mod control;
 mod diagnose;
 mod engine;
+mod logring;
 mod nat64;
 mod ping;
 mod platform;
@@ -109,6 +110,10 @@ enum Cmd {
         deep: bool,
         #[arg(long)]
         json: bool,
+        /// Also write a debug bundle to this .tar.gz file: status, the report, the recent log,
+        /// interfaces, routes, firewall and versions, with every secret redacted.
+        #[arg(long, value_name = "FILE.tar.gz")]
+        bundle: Option<PathBuf>,
     },
     /// Show the daemon's connections.
     Status {
@@ -126,7 +131,8 @@ fn main() -> std::process::ExitCode {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(logring::Tee)
         .init();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -198,8 +204,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Ping { target, count } => ping::run(&sock, &target, count.min(3600)).await,
-        Cmd::Diagnose { peer, deep, json } => {
-            let args = diagnose::Args { peer, deep };
+        Cmd::Diagnose {
+            peer,
+            deep,
+            json,
+            bundle,
+        } => {
+            let args = diagnose::Args {
+                peer,
+                deep,
+                bundle: bundle.is_some(),
+            };
             let raw = status::request(
                 &sock,
                 &format!("diagnose {}", serde_json::to_string(&args)?),
@@ -210,15 +225,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
                 bail!("{e}");
             }
-            let report: diagnose::Report =
+            let mut report: diagnose::Report =
                 serde_json::from_value(v).context("the daemon sent a malformed report")?;
             if let Some(p) = &args.peer {
                 if report.facts.peers.is_empty() {
                     bail!("no peer named {p:?} in this network map (see `tern status`)");
                 }
             }
+            if let Some(path) = bundle {
+                let files = report.bundle.take().unwrap_or_default();
+                diagnose::bundle::write(&path, &files)
+                    .with_context(|| format!("writing the debug bundle {}", path.display()))?;
+                eprintln!(
+                    "tern: debug bundle written to {} (secrets redacted; read it before you share it)",
+                    path.display()
+                );
+            }
             if json {
-                print!("{raw}");
+                println!("{}", serde_json::to_string(&report)?);
             } else {
                 print!("{}", diagnose::render(&report));
             }
@@ -351,9 +375,12 @@ fn warn_plain_http(url: &str) {
 fn peer_lines(p: &serde_json::Value, detail: bool) -> Vec<String> {
     let text = |k: &str| p.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
     let num = |k: &str| p.get(k).and_then(|v| v.as_f64());
-    let rtt = num("latency_ms")
+    let mut rtt = num("latency_ms")
         .map(|r| format!("  rtt {r:.1} ms"))
         .unwrap_or_default();
+    if let Some(l) = num("loss_pct").filter(|l| *l > 0.0) {
+        rtt.push_str(&format!("  loss {l:.0}%"));
+    }
     let connection = match text("connection").as_str() {
         "turn_relay" => "via TURN".to_string(),
         "tcp_relay" => "via TCP relay".to_string(),
@@ -369,7 +396,12 @@ fn peer_lines(p: &serde_json::Value, detail: bool) -> Vec<String> {
     )];
     let reason = text("path_reason");
     if !reason.is_empty() {
-        lines.push(format!("      {reason}"));
+        let code = text("path_reason_code");
+        lines.push(if detail && !code.is_empty() {
+            format!("      {reason} [{code}]")
+        } else {
+            format!("      {reason}")
+        });
     }
     if detail {
         let mut parts = vec![];
@@ -623,38 +655,49 @@ async fn up(
     let pubkey = key.public_key().to_base64();
     let iface_s = iface.to_string();
     let e = engine.clone();
+    let status_now = Arc::new(move || status::Status {
+        interface: iface_s.clone(),
+        peer_id: me.clone(),
+        overlay_address: addr.clone(),
+        public_key: pubkey.clone(),
+        management: *mgmt_up.borrow(),
+        signal: *sig_up.borrow(),
+        tcp_relay: e.tcp_connected(),
+        peers: e
+            .status()
+            .into_iter()
+            .filter_map(|p| serde_json::to_value(p).ok())
+            .collect(),
+        routes: e
+            .route_status()
+            .into_iter()
+            .filter_map(|r| serde_json::to_value(r).ok())
+            .collect(),
+        serving: e.served_status(),
+        firewall_dropped: e.firewall_dropped(),
+        pending_approval: *pending_rx.borrow(),
+        services: publisher.status(),
+        management_refused: refused_rx.borrow().clone(),
+    });
+    let status_serve = status_now.clone();
+    let (secret_key, token_secret, setup_secret) =
+        (key.clone(), token_rx.clone(), setup_key.clone());
     status::serve(
         sock.clone(),
-        move || status::Status {
-            interface: iface_s.clone(),
-            peer_id: me.clone(),
-            overlay_address: addr.clone(),
-            public_key: pubkey.clone(),
-            management: *mgmt_up.borrow(),
-            signal: *sig_up.borrow(),
-            tcp_relay: e.tcp_connected(),
-            peers: e
-                .status()
-                .into_iter()
-                .filter_map(|p| serde_json::to_value(p).ok())
-                .collect(),
-            routes: e
-                .route_status()
-                .into_iter()
-                .filter_map(|r| serde_json::to_value(r).ok())
-                .collect(),
-            serving: e.served_status(),
-            firewall_dropped: e.firewall_dropped(),
-            pending_approval: *pending_rx.borrow(),
-            services: publisher.status(),
-            management_refused: refused_rx.borrow().clone(),
-        },
+        move || status_serve(),
         down_tx,
         Arc::new(publish::ExposeClient {
             channel: ch.clone(),
             token: token_rx.clone(),
         }),
         Arc::new(diagnose::run::Context {
+            status: Arc::new(move || serde_json::to_value(status_now()).unwrap_or_default()),
+            secrets: Arc::new(move || {
+                let mut s = vec![secret_key.to_base64()];
+                s.extend(token_secret.borrow().clone());
+                s.extend(setup_secret.clone());
+                s
+            }),
             engine: engine.clone(),
             channel: ch.clone(),
             url: url.clone(),

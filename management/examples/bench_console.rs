@@ -83,6 +83,7 @@ async fn main() -> anyhow::Result<()> {
                     kind: if d % 3 == 0 { "turn_relay" } else { "direct" }.into(),
                     rtt_ms: Some(12),
                     reason: None,
+                    loss_pct: None,
                 })
                 .collect();
             running.state.set_connections(id, conns);

@@ -228,6 +228,8 @@ impl ManagementService for AgentService {
                 kind: c.kind,
                 rtt_ms: (c.rtt_ms > 0).then_some(c.rtt_ms),
                 reason: (!c.reason_code.is_empty()).then_some(c.reason_code),
+                loss_pct: (c.probes_settled >= 3 && c.probes_lost <= c.probes_settled)
+                    .then(|| (c.probes_lost * 100 / c.probes_settled) as u8),
             });
         }
         if report.reachable_networks.len() > 1024 {

@@ -127,8 +127,11 @@ pub struct PeerConnection {
     pub peer_id: String,
     /// "direct", "turn_relay", "tcp_relay" or "connecting".
     pub kind: String,
-    /// WireGuard handshake round trip; None = unknown.
+    /// Round trip of the path (the agent's in-tunnel probes); None = unknown.
     pub rtt_ms: Option<u32>,
+    /// Share of the agent's probes lost on this path over the last minute, in percent (from 3
+    /// probes on); None = not measured yet.
+    pub loss_pct: Option<u8>,
     /// Why the path is what it is (`tern diagnose` codes: "direct", "ice_no_direct_pair",
     /// "ice_failed", ...); None when the agent did not say.
     pub reason: Option<String>,

@@ -298,6 +298,8 @@ async fn console_admin_journey_in_chromium() {
             kind: "turn_relay".into(),
             rtt_ms: 23,
             reason_code: "ice_no_direct_pair".into(),
+            probes_settled: 12,
+            probes_lost: 3,
         }],
         // factory-gw reaches the factory LAN (its route below is served).
         reachable_networks: vec!["192.168.50.0/24".into()],
@@ -320,6 +322,9 @@ async fn console_admin_journey_in_chromium() {
     )
     .await
     .expect("relay reason shown");
+    b.wait_text("tr[data-peer] .conns", "25% loss", Duration::from_secs(5))
+        .await
+        .expect("path loss shown");
     let marker = b
         .execute("return window.__noReload", vec![])
         .await

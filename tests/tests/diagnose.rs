@@ -135,6 +135,61 @@ fn easy_nat_clean_baseline_then_black_hole_closed_relay_ports_overlay_conflict_n
     );
     assert!(!text.contains("null"), "{text}");
 
+    // The path's own round trip, measured by in-tunnel probes, in status.
+    let st = m.status("a", &ha).expect("status");
+    let p = &st["peers"][0];
+    assert_eq!(p["path_reason_code"], "direct", "{p:#}");
+    assert!(p["latency_ms"].as_f64().is_some_and(|r| r > 0.0), "{p:#}");
+
+    // A debug bundle: the files a supporter needs, and no secret the agent holds.
+    let bundle = m.lab.dir.path().join("a-bundle.tar.gz");
+    let mut args = vec![bin("tern").display().to_string()];
+    args.extend(m.agent_args("a"));
+    args.extend([
+        "diagnose".into(),
+        "--bundle".into(),
+        bundle.display().to_string(),
+    ]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = m.lab.exec(&ha, &refs);
+    assert!(out.status.success(), "{out:?}");
+    let unpacked = m.lab.dir.path().join("a-bundle");
+    std::fs::create_dir_all(&unpacked).expect("dir");
+    let x = std::process::Command::new("tar")
+        .arg("-xzf")
+        .arg(&bundle)
+        .arg("-C")
+        .arg(&unpacked)
+        .output()
+        .expect("tar");
+    assert!(x.status.success(), "{x:?}");
+    let dir = unpacked.join("tern-diagnose");
+    let mut all = String::new();
+    for f in [
+        "status.json",
+        "diagnose.json",
+        "diagnose.txt",
+        "log.txt",
+        "system.txt",
+    ] {
+        let text = std::fs::read_to_string(dir.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+        assert!(!text.trim().is_empty(), "{f} is empty");
+        all.push_str(&text);
+    }
+    assert!(
+        all.contains("tunnel up") && all.contains("nft list ruleset"),
+        "log and system state are in"
+    );
+    let state = m.lab.dir.path().join("a").join("state");
+    let private = std::fs::read_to_string(state.join("private.key")).expect("key");
+    for (what, secret) in [
+        ("private key", private.trim()),
+        ("setup key", m.key.as_str()),
+    ] {
+        assert!(!secret.is_empty());
+        assert!(!all.contains(secret), "the bundle leaks the {what}");
+    }
+
     // 2. A middlebox on A's uplink drops large UDP datagrams without a word: full-size packets
     //    through the tunnel die, small ones pass.
     let ra = m.lab.ns("ra");
@@ -324,6 +379,14 @@ fn hard_nat_is_named_then_a_lossy_relay_a_wrong_turn_port_and_a_turn_secret_mism
         nft_counter(&m, &srv, "tern_diag_loss") > 0,
         "the relay dropped packets"
     );
+    // The data plane's probes see it too, continuously, in status.
+    m.lab
+        .wait_for("probe loss in status", Duration::from_secs(40), || {
+            m.status("a", &ha)
+                .and_then(|s| s["peers"][0]["loss_pct"].as_f64())
+                .is_some_and(|l| l > 0.0)
+        })
+        .expect("loss_pct in status");
     drop_table(&m, &srv, "tern_diag_loss");
 
     // 3. The map names a TURN port nothing listens on.

@@ -862,6 +862,8 @@ async fn peer_list_answers_not_modified_until_something_changes() {
                 kind: kind.into(),
                 rtt_ms: 5,
                 reason_code: String::new(),
+                probes_settled: 0,
+                probes_lost: 0,
             }],
             reachable_networks: vec![],
         });

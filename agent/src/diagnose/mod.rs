@@ -8,6 +8,7 @@
 //! The checks gather [`Facts`] (`run`, real sockets); [`analyze`] is a pure function of them, so
 //! every rule is tested without a network.
 
+pub mod bundle;
 pub mod run;
 pub mod wire;
 
@@ -98,6 +99,9 @@ pub struct Args {
     /// Also the slow checks (NAT mapping lifetime).
     #[serde(default)]
     pub deep: bool,
+    /// Also the debug bundle's files (redacted).
+    #[serde(default)]
+    pub bundle: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -143,6 +147,11 @@ pub struct PeerFacts {
     pub path_changes: u32,
     pub ping: Option<PingFacts>,
     pub pmtu: Option<PmtuFacts>,
+    /// The data plane's own in-tunnel probes over the last minute (they need no policy).
+    #[serde(default)]
+    pub probe_rtt_ms: Option<f64>,
+    #[serde(default)]
+    pub probe_loss_pct: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -185,6 +194,9 @@ pub struct Report {
     pub facts: Facts,
     pub took_ms: u64,
     pub deep: bool,
+    /// The debug bundle's files, when asked for (`--bundle`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle: Option<bundle::Files>,
 }
 
 impl Report {
@@ -444,13 +456,37 @@ pub fn analyze(f: &Facts) -> Vec<Finding> {
                 ),
             ));
         }
-        if let Some(ping) = p.ping.as_ref().filter(|x| x.sent > 0 && x.received > 0) {
+        let via = if relayed {
+            format!(" (via {})", p.path.replace('_', " "))
+        } else {
+            " (direct)".into()
+        };
+        let pinged = p.ping.as_ref().filter(|x| x.sent > 0 && x.received > 0);
+        if pinged.is_none() {
+            // Echo requests unanswered (a policy may drop ICMP): the data plane's probes speak.
+            if let Some(loss) = p.probe_loss_pct.filter(|l| *l >= LOSS_WARN * 100.0) {
+                out.push(finding(
+                    "path_loss",
+                    if loss >= LOSS_ERROR * 100.0 {
+                        Error
+                    } else {
+                        Warning
+                    },
+                    &p.name,
+                    format!("{loss:.0}% of the last minute's in-tunnel probes were lost{via}"),
+                ));
+            }
+            if let Some(rtt) = p.probe_rtt_ms.filter(|r| *r > SLOW_MS) {
+                out.push(finding(
+                    "path_slow",
+                    Warning,
+                    &p.name,
+                    format!("round trip {rtt:.0} ms (in-tunnel probe){via}"),
+                ));
+            }
+        }
+        if let Some(ping) = pinged {
             let loss = 1.0 - f64::from(ping.received) / f64::from(ping.sent);
-            let via = if relayed {
-                format!(" (via {})", p.path.replace('_', " "))
-            } else {
-                " (direct)".into()
-            };
             if loss >= LOSS_WARN {
                 out.push(finding(
                     "path_loss",
@@ -609,6 +645,15 @@ pub fn render(r: &Report) -> String {
                     ", no echo replies (the peer's policy may not allow ICMP)"
                 );
             }
+        }
+        if let Some(rtt) = p.probe_rtt_ms {
+            let _ = write!(
+                line,
+                ", probes {rtt:.1} ms{}",
+                p.probe_loss_pct
+                    .map(|l| format!(" {l:.0}% lost"))
+                    .unwrap_or_default()
+            );
         }
         if let Some(m) = &p.pmtu {
             let _ = write!(

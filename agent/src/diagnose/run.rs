@@ -22,6 +22,11 @@ pub struct Context {
     pub iface: String,
     pub mtu: u32,
     pub overlay_range: Option<IpNet>,
+    /// The daemon's status as `tern status --json` shows it (for the bundle).
+    pub status: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
+    /// Every secret the daemon holds now (private key, management token, setup key; relay
+    /// credentials are read from the map here), to redact from the bundle.
+    pub secrets: Arc<dyn Fn() -> Vec<String> + Send + Sync>,
 }
 
 /// Echo requests per peer in the loss/RTT train, and their spacing.
@@ -129,6 +134,8 @@ pub async fn run(ctx: &Context, args: &Args) -> Report {
                     path_changes: p.path_changes_10m,
                     ping,
                     pmtu,
+                    probe_rtt_ms: p.latency_ms.filter(|_| p.probes.is_some()),
+                    probe_loss_pct: p.loss_pct,
                 }
             })
             .collect(),
@@ -151,12 +158,41 @@ pub async fn run(ctx: &Context, args: &Args) -> Report {
             .ok()
             .map(|v| v.trim() == "1"),
     };
-    Report {
+    let mut report = Report {
         findings: super::analyze(&facts),
         facts,
         took_ms: t0.elapsed().as_millis() as u64,
         deep: args.deep,
+        bundle: None,
+    };
+    if args.bundle {
+        let mut secrets = (ctx.secrets)();
+        for t in &relay.turn {
+            secrets.push(t.password.clone());
+        }
+        for t in &relay.tcp_relay {
+            secrets.push(t.token.clone());
+        }
+        let pretty =
+            |v: serde_json::Value| serde_json::to_string_pretty(&v).unwrap_or_default() + "\n";
+        let files = vec![
+            ("status.json".to_string(), pretty((ctx.status)())),
+            (
+                "diagnose.json".to_string(),
+                pretty(serde_json::to_value(&report).unwrap_or_default()),
+            ),
+            ("diagnose.txt".to_string(), super::render(&report)),
+            ("log.txt".to_string(), crate::logring::recent()),
+            ("system.txt".to_string(), super::bundle::system().await),
+        ];
+        report.bundle = Some(super::bundle::Files {
+            files: files
+                .into_iter()
+                .map(|(n, c)| (n, super::bundle::redact(&c, &secrets)))
+                .collect(),
+        });
     }
+    report
 }
 
 /// Management answers (the same call a login starts with), and the server's clock then.

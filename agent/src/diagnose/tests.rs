@@ -39,6 +39,8 @@ fn peer(name: &str, path: &str, code: &str) -> PeerFacts {
             small_ok: true,
             largest_ok: None,
         }),
+        probe_rtt_ms: Some(0.6),
+        probe_loss_pct: Some(0.0),
     }
 }
 
@@ -106,6 +108,7 @@ fn a_clean_host_is_all_clear_and_nothing_else() {
         facts: clean(),
         took_ms: 2100,
         deep: false,
+        bundle: None,
     };
     assert_eq!(r.worst(), None);
     let text = render(&r);
@@ -164,6 +167,7 @@ fn no_udp_answer_at_all_is_udp_blocked_and_one_silent_port_is_named() {
         facts: f,
         took_ms: 2100,
         deep: false,
+        bundle: None,
     };
     let text = render(&r);
     assert!(
@@ -274,6 +278,15 @@ fn loss_slowness_flapping_and_black_holes_per_peer() {
         largest_ok: None,
     });
     assert_eq!(codes(&f), vec!["all_clear"]);
+    // ... unless the data plane's own probes (which need no policy) saw the loss.
+    let mut g = f.clone();
+    g.peers[0].probe_loss_pct = Some(42.0);
+    g.peers[0].probe_rtt_ms = Some(310.0);
+    let v = analyze(&g);
+    assert!(one(&v, "path_loss")
+        .evidence
+        .contains("42% of the last minute's in-tunnel probes"));
+    assert!(one(&v, "path_slow").evidence.contains("310 ms"));
     // Large packets die, small ones pass.
     f.peers[0].pmtu = Some(PmtuFacts {
         mtu: 1280,

@@ -101,7 +101,14 @@ pub struct PeerStatus {
     pub online: bool,
     pub local_candidate: Option<String>,
     pub remote_candidate: Option<String>,
+    /// Round trip of the path in use (in-tunnel probes every 5 s; before the first answer, the
+    /// last WireGuard handshake's).
     pub latency_ms: Option<f64>,
+    /// Probes lost on the path in use over the last minute (from 3 settled probes on).
+    pub loss_pct: Option<f64>,
+    /// (settled, lost) probes behind `loss_pct`.
+    #[serde(skip)]
+    pub probes: Option<(u32, u32)>,
     pub last_handshake_secs_ago: Option<u64>,
     pub bytes_rx: u64,
     pub bytes_tx: u64,
@@ -486,7 +493,14 @@ impl Engine {
                 path_reason: s.reason.clone(),
                 local_candidate: s.ice.as_ref().map(|i| i.local.clone()),
                 remote_candidate: s.ice.as_ref().map(|i| i.remote.clone()),
-                latency_ms: s.rtt_ms.map(|r| r as f64),
+                latency_ms: s.rtt.map(|r| (r.as_secs_f64() * 10_000.0).round() / 10.0),
+                loss_pct: s
+                    .loss
+                    .filter(|(settled, _)| *settled >= 3)
+                    .map(|(settled, lost)| {
+                        (f64::from(lost) * 1000.0 / f64::from(settled)).round() / 10.0
+                    }),
+                probes: s.loss,
                 last_handshake_secs_ago: s.last_handshake.map(|d| d.as_secs()),
                 bytes_rx: s.rx_bytes,
                 bytes_tx: s.tx_bytes,

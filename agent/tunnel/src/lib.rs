@@ -14,6 +14,7 @@ pub mod backoff;
 pub mod firewall;
 mod node;
 pub mod packet;
+pub mod probe;
 pub mod routing;
 
 pub use node::*;

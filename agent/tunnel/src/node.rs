@@ -12,13 +12,14 @@
 use crate::allowed_ips::AllowedIps;
 use crate::backoff::Backoff;
 use crate::firewall::{Firewall, Rule};
+use crate::probe::{self, Probes};
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519;
 use ipnet::IpNet;
 use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 /// A peer's handle inside one [`Node`] (also its WireGuard session index, below 2^24).
@@ -163,7 +164,11 @@ pub struct PeerStatus {
     pub reason_code: &'static str,
     pub ice: Option<IcePath>,
     pub last_handshake: Option<Duration>,
-    pub rtt_ms: Option<u32>,
+    /// Round trip of the path in use (in-tunnel probes), else of the last WireGuard handshake.
+    pub rtt: Option<Duration>,
+    /// Probes over the last minute on the path in use: (settled, lost); None before the first
+    /// answer.
+    pub loss: Option<(u32, u32)>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
     pub routed: Vec<IpNet>,
@@ -183,6 +188,7 @@ struct Peer {
     reported: PathKind,
     rx_bytes: u64,
     tx_bytes: u64,
+    probes: Probes,
 }
 
 pub struct Node {
@@ -203,6 +209,11 @@ pub struct Node {
     flush: Vec<PeerId>,
     /// Peers whose WireGuard timers are due.
     timers: Vec<PeerId>,
+    /// Peers a path probe is due for, and when that was decided (the last tick).
+    probes_due: Vec<PeerId>,
+    tick: Option<Instant>,
+    /// This host's overlay address (IPv4: probes are IPv4).
+    local_v4: Option<Ipv4Addr>,
     dropped_not_allowed: u64,
 }
 
@@ -231,6 +242,9 @@ impl Node {
             events: VecDeque::new(),
             flush: vec![],
             timers: vec![],
+            probes_due: vec![],
+            tick: None,
+            local_v4: None,
             dropped_not_allowed: 0,
         }
     }
@@ -250,6 +264,10 @@ impl Node {
 
     /// The policy filter's rules and this host's overlay address.
     pub fn set_rules(&mut self, local: Option<IpAddr>, rules: Vec<Rule>) {
+        self.local_v4 = match local {
+            Some(IpAddr::V4(a)) => Some(a),
+            _ => None,
+        };
         self.firewall.set_rules(local, rules);
     }
 
@@ -338,6 +356,7 @@ impl Node {
                     reported: PathKind::None,
                     rx_bytes: 0,
                     tx_bytes: 0,
+                    probes: Probes::default(),
                 },
             );
             self.by_key.insert(spec.key, id);
@@ -497,6 +516,7 @@ impl Node {
             let k = Self::path_of(p, self.tcp_relay_up);
             if k != p.reported {
                 p.reported = k;
+                p.probes.reset();
                 self.events
                     .push_back(Event::PathChanged { peer: *id, kind: k });
             }
@@ -574,6 +594,25 @@ impl Node {
             self.dropped_not_allowed += 1;
             return Err(Error::NotAllowed(src));
         }
+        if let Some((reply, seq, psrc, pdst)) = probe::parse(&out[off..off + n]) {
+            if Some(pdst) != self.local_v4 {
+                return Err(Error::Policy);
+            }
+            if reply {
+                p.probes.answered(seq, now);
+                return Ok(Decap::Nothing);
+            }
+            let mut answer = [0u8; probe::LEN];
+            probe::build(&mut answer, pdst, psrc, true, seq);
+            let base = out.as_ptr() as usize;
+            return match p.tunn.encapsulate(&answer, out) {
+                TunnResult::WriteToNetwork(w) => {
+                    let (off, n) = span(base, w);
+                    Ok(Decap::Network(Self::outgoing(peer, p, tcp, out, off, n)))
+                }
+                _ => Ok(Decap::Nothing),
+            };
+        }
         let pkt = &out[off..off + n];
         if !self.firewall.inbound(pkt, now) {
             return Err(Error::Policy);
@@ -615,6 +654,18 @@ impl Node {
         }
         self.timers.clear();
         self.timers.extend(self.peers.keys().copied());
+        self.tick = Some(now);
+        if self.local_v4.is_some() {
+            self.probes_due.clear();
+            self.probes_due
+                .extend(self.peers.iter().filter_map(|(id, p)| {
+                    let up = p
+                        .tunn
+                        .time_since_last_handshake()
+                        .is_some_and(|d| d < SESSION_UP);
+                    (up && p.spec.overlay_ip.is_ipv4() && p.probes.due(now)).then_some(*id)
+                }));
+        }
     }
 
     /// The next instant [`Node::handle_timeout`] has work for (besides the 250 ms tick).
@@ -656,6 +707,25 @@ impl Node {
             };
             let base = out.as_ptr() as usize;
             let (off, n) = match p.tunn.update_timers(out) {
+                TunnResult::WriteToNetwork(w) => span(base, w),
+                _ => continue,
+            };
+            return Some(Self::outgoing(id, p, tcp, out, off, n));
+        }
+        while let Some(id) = self.probes_due.pop() {
+            let (Some(local), Some(now)) = (self.local_v4, self.tick) else {
+                break;
+            };
+            let Some(p) = self.peers.get_mut(&id) else {
+                continue;
+            };
+            let IpAddr::V4(remote) = p.spec.overlay_ip else {
+                continue;
+            };
+            let mut req = [0u8; probe::LEN];
+            probe::build(&mut req, local, remote, false, p.probes.sent(now));
+            let base = out.as_ptr() as usize;
+            let (off, n) = match p.tunn.encapsulate(&req, out) {
                 TunnResult::WriteToNetwork(w) => span(base, w),
                 _ => continue,
             };
@@ -825,8 +895,9 @@ impl Node {
             .peers
             .iter()
             .map(|(id, p)| {
-                let (hs, tx, rx, _, rtt) = p.tunn.stats();
+                let (hs, tx, rx, _, hs_rtt) = p.tunn.stats();
                 let _ = (tx, rx);
+                let quality = p.probes.quality(now);
                 let (reason_code, reason) = Self::reason(p, now, self.tcp_relay_up);
                 PeerStatus {
                     peer: *id,
@@ -837,7 +908,10 @@ impl Node {
                     reason_code,
                     ice: p.ice.clone(),
                     last_handshake: hs,
-                    rtt_ms: rtt,
+                    rtt: quality
+                        .map(|q| q.rtt)
+                        .or(hs_rtt.map(|ms| Duration::from_millis(ms as u64))),
+                    loss: quality.map(|q| (q.settled, q.lost)),
                     rx_bytes: p.rx_bytes,
                     tx_bytes: p.tx_bytes,
                     routed: self

@@ -185,6 +185,59 @@ fn two_cores_handshake_and_carry_packets_both_ways() {
     assert!(st[0].rx_bytes > 0 && st[0].tx_bytes > 0);
 }
 
+#[test]
+fn in_tunnel_probes_measure_the_path_whatever_the_policy_and_never_reach_the_tun() {
+    let now = Instant::now();
+    let (mut a, mut b) = pair(now);
+    // b's policy lets nothing in from a: probes need no policy.
+    b.node.set_rules(Some(ip(b.ip)), vec![]);
+    let mut wire = VecDeque::new();
+    let mut sides = [&mut a, &mut b];
+    let ping = packet(UDP, "100.64.0.1", "100.64.0.2", 1, 2, b"x");
+    send(&mut sides, 0, 1, &ping, &mut wire, now).expect("encapsulate");
+    let (tun, _) = pump(&mut sides, &mut wire, now);
+    assert!(tun[1].is_empty(), "the policy dropped the ordinary packet");
+    assert_eq!(a.node.status(now)[0].loss, None, "nothing measured yet");
+    // A tick: one probe each way is due; each is answered by the other core itself.
+    let mut buf = vec![0u8; BUF];
+    let t1 = now + Duration::from_millis(10);
+    for (from, to) in [(0usize, 1usize), (1, 0)] {
+        let mut sides = [&mut a, &mut b];
+        sides[from].node.handle_timeout(t1);
+        let me = sides[from].node.public_key();
+        while let Some(t) = sides[from].node.poll_transmit(&mut buf) {
+            wire.push_back((to, me, t.payload.to_vec()));
+        }
+        assert!(!wire.is_empty(), "a probe is sent");
+        let (tun, errors) = pump(&mut sides, &mut wire, t1 + Duration::from_millis(30));
+        assert!(errors.is_empty(), "{errors:?}");
+        assert!(
+            tun.iter().all(Vec::is_empty),
+            "probes never reach a TUN device: {tun:?}"
+        );
+    }
+    for s in [&a, &b] {
+        let st = &s.node.status(t1 + Duration::from_secs(4))[0];
+        assert_eq!(st.rtt, Some(Duration::from_millis(30)), "{st:?}");
+        assert_eq!(st.loss, Some((1, 0)));
+    }
+    // Not due again for 5 s; a probe that gets no answer counts as lost after 3 s.
+    a.node.handle_timeout(t1 + Duration::from_secs(1));
+    while a.node.poll_transmit(&mut buf).is_some() {}
+    let t2 = t1 + probe::EVERY;
+    a.node.handle_timeout(t2);
+    let mut sent = 0;
+    while a.node.poll_transmit(&mut buf).is_some() {
+        sent += 1;
+    }
+    assert_eq!(sent, 1, "one probe, dropped on the floor");
+    let st = &a.node.status(t2 + probe::TIMEOUT)[0];
+    assert_eq!(st.loss, Some((2, 1)));
+    // A new path (the relay went away): old figures describe another path and are forgotten.
+    a.node.set_tcp_relay(false);
+    assert_eq!(a.node.status(t2 + probe::TIMEOUT)[0].loss, None);
+}
+
 /// `b` lets in only TCP 22 from a (100.64.0.1).
 fn ssh_from_a_only(b: &mut Side) {
     b.node.set_rules(
