@@ -645,7 +645,14 @@ async fn up(
             }
         });
     }
-    tokio::spawn(tcp_relay_loop(engine.clone(), relay_rx));
+    let (views_tx, views_rx) = mpsc::channel::<ViewRequest>(8);
+    let relay_error = Arc::new(std::sync::Mutex::new(String::new()));
+    tokio::spawn(tcp_relay_loop(
+        engine.clone(),
+        relay_rx,
+        views_rx,
+        relay_error.clone(),
+    ));
     tokio::spawn(watch_addresses(engine.clone()));
 
     let (down_tx, mut down_rx) = mpsc::channel(1);
@@ -698,6 +705,8 @@ async fn up(
                 s.extend(setup_secret.clone());
                 s
             }),
+            relay_views: views_tx,
+            relay_error,
             engine: engine.clone(),
             channel: ch.clone(),
             url: url.clone(),
@@ -722,10 +731,19 @@ async fn up(
 }
 
 /// Keeps one TCP/WebSocket relay connection (the fallback path) while the map names a relay.
+/// A request for the relay's view of this agent (`tern diagnose`), answered when the relay
+/// replies (dropped unanswered when no relay is connected).
+pub type ViewRequest = tokio::sync::oneshot::Sender<tern_proto::relay_ws::RelayView>;
+
 async fn tcp_relay_loop(
     engine: Arc<engine::Engine>,
     mut cfg: watch::Receiver<Option<(String, String)>>,
+    mut views: mpsc::Receiver<ViewRequest>,
+    last_error: Arc<std::sync::Mutex<String>>,
 ) {
+    let set_error = |e: String| {
+        *last_error.lock().unwrap_or_else(|p| p.into_inner()) = e;
+    };
     let mut backoff = Duration::from_secs(1);
     loop {
         let Some((url, token)) = cfg.borrow_and_update().clone() else {
@@ -741,6 +759,7 @@ async fn tcp_relay_loop(
                 Ok(c) => c,
                 Err(e) => {
                     warn!(%url, error = %e, "TCP relay connection failed");
+                    set_error(format!("{e:#}"));
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = cfg.changed() => {}
@@ -750,7 +769,9 @@ async fn tcp_relay_loop(
                 }
             };
         backoff = Duration::from_secs(1);
+        set_error(String::new());
         info!(%url, "TCP relay connected");
+        let mut waiting: std::collections::VecDeque<ViewRequest> = Default::default();
         let (tx, mut rx) = mpsc::channel::<(String, Vec<u8>)>(1024);
         engine.set_tcp_out(Some(tx));
         let mut client = client;
@@ -761,14 +782,27 @@ async fn tcp_relay_loop(
                     let Some((to, d)) = out else { break };
                     if client.send(&to, &d).await.is_err() { break; }
                 }
-                inc = client.recv() => match inc {
-                    Ok(Some((from, d))) => engine.handle_tcp(&from, &d, &mut out).await,
+                inc = client.recv_any() => match inc {
+                    Ok(Some(tern_proto::relay_ws::Incoming::Datagram(from, d))) => {
+                        engine.handle_tcp(&from, &d, &mut out).await
+                    }
+                    Ok(Some(tern_proto::relay_ws::Incoming::View(v))) => {
+                        if let Some(w) = waiting.pop_front() {
+                            let _ = w.send(v);
+                        }
+                    }
                     _ => break,
                 },
+                Some(req) = views.recv() => {
+                    waiting.truncate(8);
+                    waiting.push_back(req);
+                    if client.request_view().await.is_err() { break; }
+                }
                 _ = cfg.changed() => break,
             }
         }
         engine.set_tcp_out(None);
+        set_error("the connection was lost; reconnecting".into());
         warn!("TCP relay connection lost");
     }
 }

@@ -1,9 +1,38 @@
 //! The TCP/TLS fallback relay's wire format and client (agents use it, the relay server speaks
 //! it): a WebSocket (`GET /relay`, `Authorization: Bearer <token>`) whose binary messages are
 //! frames `[len u8][peer id][datagram]`: to the relay the recipient's id, from it the sender's.
+//! A text message [`VIEW_REQUEST`] asks the relay for its view of this client; it answers with
+//! a text message holding a [`RelayView`] as JSON.
 
 /// Largest datagram carried (WireGuard packets are far smaller).
 pub const MAX_DATAGRAM: usize = 65_535;
+
+/// The text message that asks the relay for a [`RelayView`].
+pub const VIEW_REQUEST: &str = "view";
+
+/// The relay's own figures about one client (`tern diagnose`): what it dropped and what it holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RelayView {
+    /// Datagrams from this client the relay dropped (recipient offline or its queue full).
+    pub dropped_from_you: u64,
+    /// Datagrams to this client the relay dropped (this client's queue was full).
+    pub dropped_to_you: u64,
+    /// Bytes queued to this client now, and the most the relay queues per client.
+    pub queued_to_you_bytes: u64,
+    pub queue_limit_bytes: u64,
+    /// Datagrams the relay dropped for all its clients, and how many are connected.
+    pub drops_total: u64,
+    pub clients: u64,
+}
+
+/// What arrives from the relay.
+#[derive(Debug)]
+pub enum Incoming {
+    /// A datagram: (sender peer id, bytes).
+    Datagram(String, Vec<u8>),
+    /// The answer to [`RelayClient::request_view`].
+    View(RelayView),
+}
 
 /// Builds a frame: one length byte, the peer id, the datagram.
 pub fn encode_frame(peer_id: &str, datagram: &[u8]) -> Option<Vec<u8>> {
@@ -110,6 +139,35 @@ impl RelayClient {
             .send(Message::Binary(f.into()))
             .await
             .context("relay send")
+    }
+
+    /// Asks the relay for its view of this client; the answer arrives as [`Incoming::View`].
+    pub async fn request_view(&mut self) -> anyhow::Result<()> {
+        self.ws
+            .send(Message::Text(VIEW_REQUEST.into()))
+            .await
+            .context("relay send")
+    }
+
+    /// Next datagram or view; None when the relay closed the connection.
+    pub async fn recv_any(&mut self) -> anyhow::Result<Option<Incoming>> {
+        while let Some(m) = self.ws.next().await {
+            match m.context("relay receive")? {
+                Message::Binary(f) => {
+                    let (from, d) =
+                        decode_frame(&f).ok_or_else(|| anyhow!("malformed frame from relay"))?;
+                    return Ok(Some(Incoming::Datagram(from.to_string(), d.to_vec())));
+                }
+                Message::Text(t) => {
+                    if let Ok(v) = serde_json::from_str::<RelayView>(t.as_str()) {
+                        return Ok(Some(Incoming::View(v)));
+                    }
+                }
+                Message::Close(_) => return Ok(None),
+                _ => {}
+            }
+        }
+        Ok(None)
     }
 
     /// Next datagram as (sender peer id, bytes); None when the relay closed the connection.

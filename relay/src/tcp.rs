@@ -28,7 +28,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing::{debug, info};
 
-pub use tern_proto::relay_ws::{decode_frame, encode_frame, MAX_DATAGRAM};
+pub use tern_proto::relay_ws::{decode_frame, encode_frame, RelayView, MAX_DATAGRAM, VIEW_REQUEST};
 
 #[derive(Clone, Debug)]
 pub struct TcpOptions {
@@ -53,9 +53,23 @@ impl Default for TcpOptions {
 /// Frames per queue at most, whatever their size (the byte budget is the real bound).
 const QUEUE_FRAMES: usize = 4096;
 
+/// What the writer task sends: relayed frames (counted in the byte budget) and view answers.
+enum Out {
+    Frame(Bytes),
+    Text(String),
+}
+
+/// Per-client drop counters (the client asks for them with [`VIEW_REQUEST`]).
+#[derive(Default)]
+struct ClientStats {
+    dropped_from: AtomicU64,
+    dropped_to: AtomicU64,
+}
+
 struct Client {
     conn: u64,
-    tx: mpsc::Sender<Bytes>,
+    tx: mpsc::Sender<Out>,
+    stats: Arc<ClientStats>,
     /// Bytes in `tx`'s queue.
     queued: Arc<AtomicUsize>,
     /// Fired when a newer connection of the same peer replaces this one.
@@ -108,12 +122,16 @@ impl TcpRelay {
 
     async fn serve(self: Arc<Self>, ws: WebSocket, me: String) {
         let conn = self.next.fetch_add(1, Ordering::Relaxed);
-        let (tx, mut rx) = mpsc::channel::<Bytes>(QUEUE_FRAMES);
+        let (tx, mut rx) = mpsc::channel::<Out>(QUEUE_FRAMES);
         let queued = Arc::new(AtomicUsize::new(0));
         let (replaced_tx, mut replaced) = tokio::sync::oneshot::channel();
+        let stats = Arc::new(ClientStats::default());
+        let my_tx = tx.clone();
+        let my_queued = queued.clone();
         let client = Client {
             conn,
             tx,
+            stats: stats.clone(),
             queued: queued.clone(),
             replaced: Some(replaced_tx),
         };
@@ -128,9 +146,15 @@ impl TcpRelay {
         info!(peer = %me, "TCP relay client connected");
         let (mut sink, mut stream) = ws.split();
         let writer = tokio::spawn(async move {
-            while let Some(frame) = rx.recv().await {
-                queued.fetch_sub(frame.len(), Ordering::Relaxed);
-                if sink.send(Message::Binary(frame)).await.is_err() {
+            while let Some(out) = rx.recv().await {
+                let m = match out {
+                    Out::Frame(frame) => {
+                        queued.fetch_sub(frame.len(), Ordering::Relaxed);
+                        Message::Binary(frame)
+                    }
+                    Out::Text(t) => Message::Text(t.into()),
+                };
+                if sink.send(m).await.is_err() {
                     break;
                 }
             }
@@ -157,9 +181,22 @@ impl TcpRelay {
                 }
             };
             match next {
-                Message::Binary(f) => self.forward(&me, &f),
+                Message::Binary(f) => self.forward(&me, &stats, &f),
                 Message::Close(_) => break,
                 Message::Ping(_) | Message::Pong(_) => {}
+                Message::Text(t) if t.as_str() == VIEW_REQUEST => {
+                    let view = RelayView {
+                        dropped_from_you: stats.dropped_from.load(Ordering::Relaxed),
+                        dropped_to_you: stats.dropped_to.load(Ordering::Relaxed),
+                        queued_to_you_bytes: my_queued.load(Ordering::Relaxed) as u64,
+                        queue_limit_bytes: self.opts.queue_bytes as u64,
+                        drops_total: self.metrics.tcp_drops_total.load(Ordering::Relaxed),
+                        clients: self.connected() as u64,
+                    };
+                    // Best effort: a client whose queue is full learns that by the drops.
+                    let _ =
+                        my_tx.try_send(Out::Text(serde_json::to_string(&view).unwrap_or_default()));
+                }
                 Message::Text(_) => Metrics::inc(&self.metrics.malformed_total),
             }
             if writer.is_finished() {
@@ -177,7 +214,7 @@ impl TcpRelay {
         info!(peer = %me, "TCP relay client disconnected");
     }
 
-    fn forward(&self, from: &str, frame: &[u8]) {
+    fn forward(&self, from: &str, from_stats: &ClientStats, frame: &[u8]) {
         let Some((to, datagram)) = decode_frame(frame) else {
             Metrics::inc(&self.metrics.malformed_total);
             return;
@@ -189,26 +226,32 @@ impl TcpRelay {
         let target = self
             .lock()
             .get(to)
-            .map(|c| (c.tx.clone(), c.queued.clone()));
-        let Some((tx, queued)) = target else {
+            .map(|c| (c.tx.clone(), c.queued.clone(), c.stats.clone()));
+        let Some((tx, queued, to_stats)) = target else {
             Metrics::inc(&self.metrics.tcp_drops_total);
+            from_stats.dropped_from.fetch_add(1, Ordering::Relaxed);
             return;
+        };
+        let dropped = || {
+            Metrics::inc(&self.metrics.tcp_drops_total);
+            from_stats.dropped_from.fetch_add(1, Ordering::Relaxed);
+            to_stats.dropped_to.fetch_add(1, Ordering::Relaxed);
         };
         let len = out.len();
         // Reserve room in the byte budget first; give it back if the frame is not queued.
         if queued.fetch_add(len, Ordering::Relaxed) + len > self.opts.queue_bytes {
             queued.fetch_sub(len, Ordering::Relaxed);
-            Metrics::inc(&self.metrics.tcp_drops_total);
+            dropped();
             return;
         }
-        match tx.try_send(Bytes::from(out)) {
+        match tx.try_send(Out::Frame(Bytes::from(out))) {
             Ok(()) => {
                 Metrics::inc(&self.metrics.tcp_packets_relayed_total);
                 Metrics::add(&self.metrics.tcp_bytes_relayed_total, datagram.len() as u64);
             }
             Err(_) => {
                 queued.fetch_sub(len, Ordering::Relaxed);
-                Metrics::inc(&self.metrics.tcp_drops_total);
+                dropped();
             }
         }
     }

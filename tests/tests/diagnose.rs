@@ -271,7 +271,42 @@ fn easy_nat_clean_baseline_then_black_hole_closed_relay_ports_overlay_conflict_n
     );
     add(&["ip", "link", "del", "wwan9"]);
 
-    // 5. --deep: A's NAT forgets idle UDP mappings after 8 s (the keepalive is 25 s).
+    // 5. A route that overlaps A's own LAN, served by B (the admin confirmed the overlap): A does
+    //    not install it and says why; B serves it with IP forwarding switched off behind its back.
+    let b_id = m.peer_id("b", &hb);
+    let r = m.api(
+        "POST",
+        "/api/routes",
+        Some(&format!(
+            r#"{{"confirm_overlap":true,"network":"192.0.2.0/24","routing_peer":"{b_id}","groups":["all"]}}"#
+        )),
+    );
+    let route_id = r["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{r}"))
+        .to_string();
+    let r = wait_finding(&m, "a", &ha, "route_conflict", &[], Duration::from_secs(30));
+    assert_eq!(finding(&r, "route_conflict")["subject"], "192.0.2.0/24");
+    m.lab
+        .wait_for("b serves the route", Duration::from_secs(30), || {
+            m.status("b", &hb)
+                .is_some_and(|s| s["serving"].as_array().is_some_and(|a| !a.is_empty()))
+        })
+        .expect("serving");
+    let off = m.lab.exec(&hb, &["sysctl", "-qw", "net.ipv4.ip_forward=0"]);
+    assert!(off.status.success());
+    let r = wait_finding(&m, "b", &hb, "forwarding_off", &[], Duration::from_secs(10));
+    assert!(
+        finding(&r, "forwarding_off")["evidence"]
+            .as_str()
+            .unwrap_or("")
+            .contains("192.0.2.0/24"),
+        "{r:#}"
+    );
+    let _ = m.lab.exec(&hb, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    m.api("DELETE", &format!("/api/routes/{route_id}"), None);
+
+    // 6. --deep: A's NAT forgets idle UDP mappings after 8 s (the keepalive is 25 s).
     let sysctl = m.lab.exec(
         &ra,
         &[
@@ -300,7 +335,7 @@ fn easy_nat_clean_baseline_then_black_hole_closed_relay_ports_overlay_conflict_n
         ],
     );
 
-    // 6. A's network lets no UDP out: the path falls back to the TCP relay and diagnose says
+    // 7. A's network lets no UDP out: the path falls back to the TCP relay and diagnose says
     //    why, once, instead of one finding per server.
     m.lab.nft(&ra, "table inet tern_block {\n  chain forward {\n    type filter hook forward priority -10; policy accept;\n    iifname \"eth1\" meta l4proto udp drop\n  }\n}\n").expect("block udp");
     m.lab.flush_nat(&ra).expect("flush");
@@ -319,6 +354,45 @@ fn easy_nat_clean_baseline_then_black_hole_closed_relay_ports_overlay_conflict_n
             .contains("udp_blocked"),
         "{r:#}"
     );
+    // 8. B's downlink is slow (1 Mbit/s) and A blasts 20 Mbit/s at it through the TCP relay: the
+    //    relay's queue to B fills and it drops; A's diagnose hears it from the relay itself.
+    let rb = m.lab.ns("rb");
+    let tbf = m.lab.exec(
+        &rb,
+        &[
+            "tc", "qdisc", "add", "dev", "eth1", "root", "tbf", "rate", "1mbit", "burst", "32kbit",
+            "latency", "400ms",
+        ],
+    );
+    assert!(tbf.status.success(), "{tbf:?}");
+    let blast = m
+        .lab
+        .spawn(
+            "blast",
+            &ha,
+            &bin("tern-nettool"),
+            &["udp-blast", &format!("{ip_b}:9"), "20", "20"],
+            &[],
+        )
+        .expect("blast");
+    let r = wait_finding(
+        &m,
+        "a",
+        &ha,
+        "relay_overloaded",
+        &["--peer", "b"],
+        Duration::from_secs(20),
+    );
+    eprintln!(
+        "figure: relay's view under overload: {}",
+        finding(&r, "relay_overloaded")["evidence"]
+    );
+    let _ = blast;
+    m.lab.stop("blast");
+    let _ = m
+        .lab
+        .exec(&rb, &["tc", "qdisc", "del", "dev", "eth1", "root"]);
+
     let text = human(&m, "a", &ha);
     eprintln!("UDP blocked, as the user reads it:\n{text}");
     assert!(

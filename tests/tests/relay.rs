@@ -404,6 +404,24 @@ async fn slow_receiver_causes_counted_drops_not_unbounded_memory() {
         grown < 40 * 1024,
         "memory grew by {grown} KiB for 48 MB offered"
     );
+    // The sender asks the relay for its view (`tern diagnose`): its own drops, counted.
+    fast.request_view().await.expect("ask");
+    let view = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match fast.recv_any().await {
+                Ok(Some(tern_proto::relay_ws::Incoming::View(v))) => return v,
+                Ok(Some(_)) => {}
+                other => panic!("connection ended: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("the relay answers within 5 s");
+    assert!(view.dropped_from_you > 10_000, "{view:?}");
+    assert_eq!(view.dropped_to_you, 0, "{view:?}");
+    assert_eq!(view.queue_limit_bytes, 1 << 20);
+    assert_eq!(view.clients, 2);
+    assert_eq!(view.drops_total, Metrics::get(&r.metrics.tcp_drops_total));
     let _ = stop.send(true);
     r.close().await;
 }

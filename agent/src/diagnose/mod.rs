@@ -34,6 +34,7 @@ pub const CODES: &[(&str, &str, &str)] = &[
     ("peer_unreachable", "no WireGuard handshake with this peer", "Run `tern diagnose` on the peer too, and check in the console that it is online."),
     ("peer_offline", "the peer is not connected to management", "Start its agent, or remove it in the console if it is gone."),
     ("peer_relayed", "traffic to this peer goes through a relay (slower, costs server bandwidth)", "The reason code says why; when nothing on this host explains it, run `tern diagnose` on the peer."),
+    ("relay_overloaded", "the TCP relay drops this host's traffic in its queues (a receiver reads slower than senders send, or the relay is overloaded)", "Check the relay's CPU and bandwidth and the slow peer's downlink; direct or TURN paths (allow UDP) take the load off it."),
     ("path_flapping", "the path to this peer changes often", "Usually an unstable uplink or a NAT that rebinds: check the uplink and the NAT's UDP timeouts."),
     ("path_loss", "packets to this peer are lost on the path", "On a relayed path, check the relay's CPU and bandwidth (it may be overloaded); on a direct path, the uplinks."),
     ("path_slow", "the round trip to this peer is long", "On a relayed path, a relay nearer to both peers helps; on a direct path it is the networks' latency."),
@@ -178,6 +179,12 @@ pub struct Facts {
     pub now_unix: i64,
     /// `--deep`: (idle seconds, the mapping survived it).
     pub nat_lifetime: Vec<(u64, Option<bool>)>,
+    /// The TCP relay's own figures about this agent at the start and the end of the checks.
+    #[serde(default)]
+    pub relay_view: Option<(
+        tern_proto::relay_ws::RelayView,
+        tern_proto::relay_ws::RelayView,
+    )>,
     pub keepalive_secs: u64,
     pub peers: Vec<PeerFacts>,
     pub overlay_conflict: Option<String>,
@@ -404,6 +411,25 @@ pub fn analyze(f: &Facts) -> Vec<Finding> {
         ));
     }
 
+    if let Some((a, b)) = &f.relay_view {
+        let from = b.dropped_from_you.saturating_sub(a.dropped_from_you);
+        let to = b.dropped_to_you.saturating_sub(a.dropped_to_you);
+        let full = b.queue_limit_bytes > 0 && b.queued_to_you_bytes * 2 > b.queue_limit_bytes;
+        if from > 0 || to > 0 || full {
+            out.push(finding(
+                "relay_overloaded",
+                if from + to > 0 { Error } else { Warning },
+                "",
+                format!(
+                    "during the checks the TCP relay dropped {from} datagrams from this host and {to} to it; it holds {} of {} KiB queued for this host ({} clients, {} drops in all)",
+                    b.queued_to_you_bytes / 1024,
+                    b.queue_limit_bytes / 1024,
+                    b.clients,
+                    b.drops_total
+                ),
+            ));
+        }
+    }
     for p in &f.peers {
         let relayed = p.path == "turn_relay" || p.path == "tcp_relay";
         if !p.online {
@@ -616,6 +642,15 @@ pub fn render(r: &Report) -> String {
             t.error.clone().unwrap_or_else(|| "no answer".into())
         };
         let _ = writeln!(s, "  TURN {}: {state}", t.url);
+    }
+    if let Some((_, v)) = &f.relay_view {
+        let _ = writeln!(
+            s,
+            "  TCP relay's view: {} dropped from this host, {} to it, {} KiB queued for it",
+            v.dropped_from_you,
+            v.dropped_to_you,
+            v.queued_to_you_bytes / 1024
+        );
     }
     for (idle, alive) in &f.nat_lifetime {
         let _ = writeln!(

@@ -27,6 +27,20 @@ pub struct Context {
     /// Every secret the daemon holds now (private key, management token, setup key; relay
     /// credentials are read from the map here), to redact from the bundle.
     pub secrets: Arc<dyn Fn() -> Vec<String> + Send + Sync>,
+    /// Asks the TCP relay connection for the relay's view of this agent.
+    pub relay_views: tokio::sync::mpsc::Sender<crate::ViewRequest>,
+    /// Why the TCP relay is not connected (empty when it is).
+    pub relay_error: Arc<std::sync::Mutex<String>>,
+}
+
+/// The relay's view of this agent now, if it answers within a second.
+async fn relay_view(ctx: &Context) -> Option<tern_proto::relay_ws::RelayView> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    ctx.relay_views.try_send(tx).ok()?;
+    tokio::time::timeout(Duration::from_secs(1), rx)
+        .await
+        .ok()?
+        .ok()
 }
 
 /// Echo requests per peer in the loss/RTT train, and their spacing.
@@ -57,6 +71,7 @@ pub async fn run(ctx: &Context, args: &Args) -> Report {
         })
         .collect();
 
+    let view_before = relay_view(ctx).await;
     let management = management_check(ctx);
     let stun = wire::stun_all(&stun_urls);
     let turn = futures::future::join_all(
@@ -88,6 +103,7 @@ pub async fn run(ctx: &Context, args: &Args) -> Report {
     };
     let ((management, offset), stun, turn, probes, nat_lifetime) =
         tokio::join!(management, stun, turn, probes, deep);
+    let view_after = relay_view(ctx).await;
 
     let tcp_relay = relay.tcp_relay.first().map(|t| {
         let ok = ctx.engine.tcp_connected();
@@ -96,7 +112,16 @@ pub async fn run(ctx: &Context, args: &Args) -> Report {
             detail: if ok {
                 String::new()
             } else {
-                format!("not connected to {}", t.url)
+                let why = ctx
+                    .relay_error
+                    .lock()
+                    .map(|e| e.clone())
+                    .unwrap_or_default();
+                if why.is_empty() {
+                    format!("not connected to {}", t.url)
+                } else {
+                    format!("not connected to {}: {why}", t.url)
+                }
             },
         }
     });
@@ -111,6 +136,7 @@ pub async fn run(ctx: &Context, args: &Args) -> Report {
         credentials_expire_unix: relay.credentials_expire_unix,
         now_unix: crate::control::now_unix(),
         nat_lifetime,
+        relay_view: view_before.zip(view_after),
         keepalive_secs: u64::from(tern_tunnel::KEEPALIVE),
         peers: peers
             .iter()

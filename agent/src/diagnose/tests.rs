@@ -81,6 +81,7 @@ fn clean() -> Facts {
         credentials_expire_unix: 2_000_000_000,
         now_unix: 1_900_000_000,
         nat_lifetime: vec![],
+        relay_view: None,
         keepalive_secs: 25,
         peers: vec![peer("b", "direct", "direct")],
         overlay_conflict: None,
@@ -343,6 +344,45 @@ fn local_conflicts_and_routing_peer_forwarding() {
     );
     f.ip_forward = Some(true);
     assert!(!codes(&f).contains(&"forwarding_off".to_string()));
+}
+
+#[test]
+fn the_relays_own_drops_during_the_checks_are_named() {
+    use tern_proto::relay_ws::RelayView;
+    let mut f = clean();
+    let before = RelayView {
+        dropped_from_you: 5,
+        dropped_to_you: 0,
+        queued_to_you_bytes: 0,
+        queue_limit_bytes: 1 << 20,
+        drops_total: 100,
+        clients: 2,
+    };
+    f.relay_view = Some((before, before));
+    assert_eq!(codes(&f), vec!["all_clear"], "old drops are not news");
+    let after = RelayView {
+        dropped_from_you: 905,
+        drops_total: 1000,
+        ..before
+    };
+    f.relay_view = Some((before, after));
+    let v = analyze(&f);
+    let r = one(&v, "relay_overloaded");
+    assert_eq!(r.severity, Severity::Error);
+    assert!(
+        r.evidence.contains("dropped 900 datagrams from this host"),
+        "{}",
+        r.evidence
+    );
+    let full = RelayView {
+        queued_to_you_bytes: 800 << 10,
+        ..before
+    };
+    f.relay_view = Some((before, full));
+    assert_eq!(
+        one(&analyze(&f), "relay_overloaded").severity,
+        Severity::Warning
+    );
 }
 
 #[test]

@@ -12,6 +12,8 @@
 //!   tern-nettool udp-echo PORT           UDP echo server
 //!   tern-nettool udp-ping ADDR:PORT N    N request/response datagrams: "sent N received M wrong W"
 //!   tern-nettool flood ADDR:PORT N SECS  opens N TCP connections, holds them SECS: "opened <n>"
+//!   tern-nettool udp-blast ADDR:PORT MBIT SECS  1,000-byte datagrams at MBIT Mbit/s for SECS
+//!                                        (at most 60 s): "sent <n>"
 //!   tern-nettool hold ADDR:PORT SECS     one connection held until closed by the peer or SECS:
 //!                                        "closed after <secs>s" or "still open"
 
@@ -35,6 +37,7 @@ fn main() -> std::process::ExitCode {
         "udp-echo" => udp_echo(a(2)),
         "udp-ping" => udp_ping(a(2), n(3)),
         "flood" => flood(a(2), n(3), n(4)),
+        "udp-blast" => udp_blast(a(2), n(3), n(4)),
         "hold" => hold(a(2), n(3)),
         _ => Err("usage: see the top of tern-nettool.rs".to_string()),
     };
@@ -290,6 +293,29 @@ fn udp_echo(port: &str) -> Result<(), String> {
         let (n, from) = s.recv_from(&mut buf).map_err(err)?;
         let _ = s.send_to(&buf[..n], from);
     }
+}
+
+fn udp_blast(to: &str, mbit: u64, secs: u64) -> Result<(), String> {
+    let to = addr(to)?;
+    let s = UdpSocket::bind("0.0.0.0:0").map_err(err)?;
+    let payload = [0x5au8; 1000];
+    let per_sec = (mbit.clamp(1, 1000) * 1_000_000 / 8000).max(1);
+    let gap = Duration::from_secs_f64(1.0 / per_sec as f64);
+    let start = Instant::now();
+    let end = start + Duration::from_secs(secs.min(60));
+    let mut sent = 0u64;
+    while Instant::now() < end {
+        // Errors (a full socket buffer) are part of blasting: keep the pace.
+        if s.send_to(&payload, to).is_ok() {
+            sent += 1;
+        }
+        let due = start + gap * (sent as u32 + 1);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+    }
+    println!("sent {sent}");
+    Ok(())
 }
 
 fn udp_ping(to: &str, n: u64) -> Result<(), String> {
