@@ -423,6 +423,10 @@ fn hard_nat_is_named_then_a_lossy_relay_a_wrong_turn_port_and_a_turn_secret_mism
     );
     let st = m.status("a", &ha).expect("status");
     assert_eq!(st["peers"][0]["path_reason_code"], "ice_no_direct_pair");
+    eprintln!(
+        "symmetric NATs, as the user reads it:\n{}",
+        human(&m, "a", &ha)
+    );
 
     // 2. An overloaded relay: it drops 35% of what it relays (as full queues do; this kernel
     //    has no netem for delay, so the slow-path rule is covered by the unit tests).
@@ -443,10 +447,7 @@ fn hard_nat_is_named_then_a_lossy_relay_a_wrong_turn_port_and_a_turn_secret_mism
     );
     let f = finding(&r, "path_loss");
     assert!(
-        f["evidence"]
-            .as_str()
-            .unwrap_or("")
-            .contains("via turn relay"),
+        f["evidence"].as_str().unwrap_or("").contains("(via TURN)"),
         "{f:#}"
     );
     assert!(

@@ -463,8 +463,8 @@ pub fn analyze(f: &Facts) -> Vec<Finding> {
                 Warning,
                 &p.name,
                 format!(
-                    "path {} because {} [{}]{here}",
-                    p.path.replace('_', " "),
+                    "{} because {} [{}]{here}",
+                    path_words(&p.path),
                     p.reason,
                     p.reason_code
                 ),
@@ -478,12 +478,12 @@ pub fn analyze(f: &Facts) -> Vec<Finding> {
                 format!(
                     "{} path changes in the last 10 minutes (now {})",
                     p.path_changes,
-                    p.path.replace('_', " ")
+                    path_words(&p.path)
                 ),
             ));
         }
         let via = if relayed {
-            format!(" (via {})", p.path.replace('_', " "))
+            format!(" ({})", path_words(&p.path))
         } else {
             " (direct)".into()
         };
@@ -586,6 +586,15 @@ pub fn analyze(f: &Facts) -> Vec<Finding> {
     out
 }
 
+fn path_words(path: &str) -> &'static str {
+    match path {
+        "direct" => "direct",
+        "turn_relay" => "via TURN",
+        "tcp_relay" => "via the TCP relay",
+        _ => "no path",
+    }
+}
+
 /// The report in words, for a terminal.
 pub fn render(r: &Report) -> String {
     use std::fmt::Write;
@@ -664,7 +673,7 @@ pub fn render(r: &Report) -> String {
         );
     }
     for p in &f.peers {
-        let mut line = format!("  peer {}: {}", p.name, p.path.replace('_', " "));
+        let mut line = format!("  peer {}: {}", p.name, path_words(&p.path));
         if let Some(pg) = &p.ping {
             if pg.received > 0 {
                 let _ = write!(

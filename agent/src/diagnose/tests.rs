@@ -259,7 +259,7 @@ fn loss_slowness_flapping_and_black_holes_per_peer() {
     let l = one(&v, "path_loss");
     assert_eq!(l.severity, Severity::Error);
     assert!(
-        l.evidence.contains("80% of 10") && l.evidence.contains("via turn relay"),
+        l.evidence.contains("80% of 10") && l.evidence.contains("(via TURN)"),
         "{}",
         l.evidence
     );
