@@ -16,6 +16,8 @@ const ROUTES = [
   ["audit", "Audit log", pages.audit],
   ["settings", "Settings", pages.settings],
   ["users", "Admins & tokens", pages.users],
+  // Reached from the peers list and the network picture, not from the menu.
+  ["peer", "Peer", pages.peerPage, { hidden: true, nav: "peers" }],
 ];
 const POLL_MS = 3000;
 
@@ -69,7 +71,7 @@ async function renderSignIn(message) {
 
 function layout(user) {
   const nav = h("nav", { "aria-label": "Main" },
-    h("ul", {}, ROUTES.map(([id, title]) => h("li", {}, h("a", { href: `#/${id}`, dataset: { route: id } }, title)))));
+    h("ul", {}, ROUTES.filter((r) => !(r[3] && r[3].hidden)).map(([id, title]) => h("li", {}, h("a", { href: `#/${id}`, dataset: { route: id } }, title)))));
   const menu = h("button", { type: "button", class: "menu icon", "aria-label": "Menu", "aria-expanded": "false" }, "☰");
   const shell = h("div", { class: "shell" },
     h("header", { class: "top" },
@@ -100,7 +102,8 @@ async function show(shell, user) {
   const gen = ++generation;
   clearInterval(pollTimer);
   shell.querySelectorAll("nav a").forEach((a) => {
-    if (a.dataset.route === route[0]) a.setAttribute("aria-current", "page"); else a.removeAttribute("aria-current");
+    const current = (route[3] && route[3].nav) || route[0];
+    if (a.dataset.route === current) a.setAttribute("aria-current", "page"); else a.removeAttribute("aria-current");
   });
   document.title = `${route[1]} · Tern`;
   const main = shell.querySelector("main");

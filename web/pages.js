@@ -3,8 +3,9 @@
 import { get, post, put, del } from "./api.js";
 import {
   h, field, input, checkbox, select, groupPicker, checkedValues, onSubmit, formError, notify,
-  dialog, confirmAction, secretBox, fmtTime, ago, table, badge, fmtBytes,
+  dialog, confirmAction, secretBox, fmtTime, ago, table, badge, fmtBytes, actorName, actionWords, targetName,
 } from "./ui.js";
+import { networkPicture, editPeer as editPeerDialog, REASON_WORDS } from "./network.js";
 
 const groupNames = (groups, ids) =>
   ids.map((id) => (groups.find((g) => g.id === id) || { name: id }).name);
@@ -46,16 +47,6 @@ function liveRegion(render) {
 
 const CONN_LABEL = { direct: "direct", turn_relay: "TURN relay", tcp_relay: "TCP relay", connecting: "connecting" };
 const relayed = (k) => k === "turn_relay" || k === "tcp_relay";
-// Why a path is relayed (the agents' reason codes; README lists them under `tern diagnose`).
-const REASON_WORDS = {
-  ice_no_direct_pair: "no direct pair got through the NATs",
-  ice_failed: "direct attempts failed; retrying",
-  ice_retrying: "retrying a direct path",
-  ice_connecting: "trying a direct path",
-  ice_waiting_for_offer: "waiting for the other side's offer",
-  ice_starting: "starting a direct attempt",
-  peer_offline: "the other peer is offline",
-};
 
 function connSummary(p, peers) {
   const list = p.connections || [];
@@ -99,8 +90,13 @@ export async function overview(main) {
           relay.urls.length ? h("ul", { class: "plain" }, relay.urls.map((u) => h("li", {}, h("code", {}, u)))) : null)
           : h("p", { class: "muted" }, "No relay status available")));
   });
-  main.append(header("Overview"), cards.box);
-  const poll = async () => cards.update(await get("/api/status"));
+  const picture = liveRegion(([peers, routes]) => networkPicture(peers, routes));
+  main.append(header("Overview"), cards.box, picture.box);
+  const poll = async () => {
+    const [status, peers, routes] = await Promise.all([get("/api/status"), get("/api/peers"), get("/api/routes")]);
+    cards.update(status);
+    picture.update([peers.map(({ id, name, overlay_ip, connected, connections, groups }) => ({ id, name, overlay_ip, connected, connections, groups })), routes]);
+  };
   await poll();
   return { poll };
 }
@@ -113,7 +109,7 @@ export async function peers(main) {
   const region = liveRegion((list) => table(
     ["Name", "Overlay IP", "Status", "Last seen", "OS", "Version", "Groups", "Connections", ""],
     list.map((p) => h("tr", { dataset: { peer: p.id } },
-      h("td", {}, h("strong", {}, p.name), h("div", { class: "muted small" }, p.hostname)),
+      h("td", {}, h("a", { href: `#/peer/${p.id}`, class: "peer-link" }, h("strong", {}, p.name)), h("div", { class: "muted small" }, p.hostname)),
       h("td", {}, h("code", {}, p.overlay_ip)),
       h("td", { class: "status" }, p.connected ? badge("online", "ok") : badge("offline", "off"),
         p.approved ? null : h("div", {}, badge("awaiting approval", "warn"))),
@@ -130,27 +126,7 @@ export async function peers(main) {
 
   const refresh = async () => region.update(await get("/api/peers"));
 
-  function editPeer(p) {
-    const form = h("form", { novalidate: true },
-      formError(),
-      field("Name", input("name", { value: p.name, required: true })),
-      h("fieldset", {}, h("legend", {}, "Groups"), groupPicker("groups", groups, p.groups, { skipAll: true }),
-        h("p", { class: "field-error", hidden: true })),
-      checkbox("login_expiration_enabled", "Require re-login when the login expires", p.login_expiration_enabled),
-      h("div", { class: "actions" }, h("button", { type: "submit", class: "primary" }, "Save")));
-    const d = dialog(`Edit ${p.name}`, form);
-    onSubmit(form, async (f) => {
-      const keep = p.groups.filter((g) => groups.find((x) => x.id === g && x.builtin));
-      await put(`/api/peers/${p.id}`, {
-        name: f.elements.name.value,
-        groups: [...keep, ...checkedValues(f, "groups")],
-        login_expiration_enabled: f.elements.login_expiration_enabled.checked,
-      });
-      d.close();
-      notify("Peer saved");
-      await refresh();
-    });
-  }
+  const editPeer = (p) => editPeerDialog(p, groups, refresh);
 
   async function approve(p) {
     await rowAction(() => put(`/api/peers/${p.id}`, { approved: true }), `${p.name} approved`, refresh);
@@ -395,6 +371,18 @@ export async function policies(main) {
 // ------------------------------------------------------------------------------------------------
 // Routes
 
+// What each online client made of a route (their reports): installed, or skipped and why.
+const CLIENT_STATE = { installed: "installed", conflict: "skipped: overlaps its own network", unserved: "no routing peer reachable", failed: "the kernel refused it", no_access: "installed, but no policy lets it use the network" };
+function routeClients(list) {
+  if (!list.length) return null;
+  const ok = list.filter((c) => c.state === "installed");
+  const rest = list.filter((c) => c.state !== "installed");
+  return h("div", { class: "small route-clients" },
+    ok.length ? h("div", { class: "ok" }, `installed on ${ok.map((c) => c.peer_name).join(", ")}`) : null,
+    rest.map((c) => h("div", { class: "bad", title: c.detail || "", dataset: { client: c.peer_name, state: c.state } },
+      `${c.peer_name}: ${CLIENT_STATE[c.state] || c.state}`)));
+}
+
 export async function routes(main) {
   let [groups, peerList] = await Promise.all([get("/api/groups"), get("/api/peers")]);
   const peerName = (id) => (peerList.find((p) => p.id === id) || { name: id }).name;
@@ -406,7 +394,7 @@ export async function routes(main) {
         r.serving ? h("div", { class: `small serving ${r.serving.startsWith("served") ? "ok" : "bad"}` }, r.serving) : null),
       h("td", {}, String(r.metric)),
       h("td", {}, r.masquerade ? "yes" : "no"),
-      h("td", {}, chips(groupNames(groups, r.groups))),
+      h("td", {}, chips(groupNames(groups, r.groups)), routeClients(r.clients || [])),
       h("td", {}, r.access_groups.length ? chips(groupNames(groups, r.access_groups)) : h("span", { class: "muted" }, "distribution")),
       h("td", {}, r.enabled ? badge("on", "ok") : badge("off", "off")),
       h("td", { class: "row-actions" },
@@ -581,31 +569,6 @@ export async function services(main) {
 // ------------------------------------------------------------------------------------------------
 // Audit log
 
-const actorName = (a) => {
-  const [kind, name] = a.includes(":") ? [a.slice(0, a.indexOf(":")), a.slice(a.indexOf(":") + 1)] : ["", a];
-  return { user: name, token: `${name} (access token)`, setup_key: `setup key ${name}`, peer: "a peer", system: "Tern" }[kind] || a;
-};
-const actionWords = (a) => ({
-  "policy.create": "created policy", "policy.update": "changed policy", "policy.enabled": "enabled policy",
-  "policy.disabled": "disabled policy", "policy.delete": "deleted policy", "policy.put": "saved policy",
-  "group.create": "created group", "group.update": "changed group", "group.delete": "deleted group",
-  "group.members": "set the members of group",
-  "route.put": "saved route", "route.delete": "deleted route", "peer.register": "registered peer",
-  "peer.update": "changed peer", "peer.delete": "deleted peer", "setup_key.create": "created setup key",
-  "setup_key.update": "changed setup key", "setup_key.revoke": "revoked setup key", "setup_key.delete": "deleted setup key",
-  "settings.update": "changed settings", "user.create": "created admin", "user.update": "changed admin",
-  "user.delete": "deleted admin", "service.put": "saved public service", "service.delete": "deleted public service",
-  "service.expose": "exposed a port", "service.unexpose": "stopped exposing a port", "auth.login": "signed in",
-  "auth.logout": "signed out", "token.create": "created access token", "token.delete": "deleted access token",
-}[a] || a);
-const targetName = (e) => {
-  const d = e.detail || {};
-  const name = d.name || d.username || d.network || d.hostname;
-  if (name) return `${e.target_type === "service" ? "public service" : e.target_type.replace("_", " ")} ${name}`;
-  if (e.target_type === "service") return "public service";
-  return e.target_type.replace("_", " ");
-};
-
 export async function audit(main) {
   const toMs = (v) => (v ? new Date(v).getTime() : undefined);
   const results = h("div", {});
@@ -756,3 +719,5 @@ export async function users(main, ctx) {
   await refresh();
   return { poll: refresh };
 }
+
+export { peerPage } from "./network.js";

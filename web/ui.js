@@ -201,3 +201,30 @@ export function table(headers, rows, empty) {
 export function badge(text, kind = "") {
   return h("span", { class: `badge ${kind}` }, text);
 }
+
+// Audit events in words (the audit page and a peer's page).
+export const actorName = (a) => {
+  const [kind, name] = a.includes(":") ? [a.slice(0, a.indexOf(":")), a.slice(a.indexOf(":") + 1)] : ["", a];
+  return { user: name, token: `${name} (access token)`, setup_key: `setup key ${name}`, peer: "a peer", system: "Tern" }[kind] || a;
+};
+export const actionWords = (a) => ({
+  "policy.create": "created policy", "policy.update": "changed policy", "policy.enabled": "enabled policy",
+  "policy.disabled": "disabled policy", "policy.delete": "deleted policy", "policy.put": "saved policy",
+  "group.create": "created group", "group.update": "changed group", "group.delete": "deleted group",
+  "group.members": "set the members of group",
+  "route.put": "saved route", "route.delete": "deleted route", "peer.register": "registered peer",
+  "peer.update": "changed peer", "peer.delete": "deleted peer", "setup_key.create": "created setup key",
+  "setup_key.update": "changed setup key", "setup_key.revoke": "revoked setup key", "setup_key.delete": "deleted setup key",
+  "settings.update": "changed settings", "user.create": "created admin", "user.update": "changed admin",
+  "user.delete": "deleted admin", "service.put": "saved public service", "service.delete": "deleted public service",
+  "service.expose": "exposed a port", "service.unexpose": "stopped exposing a port", "auth.login": "signed in",
+  "auth.logout": "signed out", "token.create": "created access token", "token.delete": "deleted access token",
+}[a] || a);
+export const targetName = (e) => {
+  const d = e.detail || {};
+  const name = d.name || d.username || d.network || d.hostname;
+  if (name) return `${e.target_type === "service" ? "public service" : e.target_type.replace("_", " ")} ${name}`;
+  if (e.target_type === "service") return "public service";
+  return e.target_type.replace("_", " ");
+};
+

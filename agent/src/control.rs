@@ -434,17 +434,32 @@ pub async fn run_status_reports(
         };
         let conns = connection_report(&engine.status());
         let networks = engine.reachable_networks();
+        let routes: Vec<pb::RouteReport> = engine
+            .route_status()
+            .into_iter()
+            .map(|r| {
+                let (state, detail) = r.report();
+                pb::RouteReport {
+                    network: r.network,
+                    state: state.into(),
+                    routing_peer_id: r.peer_id,
+                    detail,
+                }
+            })
+            .collect();
         let mut shape: Vec<(String, String)> = conns
             .iter()
             .map(|c| (c.peer_id.clone(), c.kind.clone()))
             .collect();
         shape.extend(networks.iter().map(|n| (n.clone(), String::new())));
+        shape.extend(routes.iter().map(|r| (r.network.clone(), r.state.clone())));
         if last.as_ref() == Some(&shape) && last_sent.elapsed() < Duration::from_secs(30) {
             continue;
         }
         let mut req = tonic::Request::new(pb::StatusReport {
             connections: conns,
             reachable_networks: networks,
+            routes,
         });
         if let Ok(v) = format!("Bearer {t}").parse() {
             req.metadata_mut().insert("authorization", v);

@@ -10,6 +10,7 @@ mod ping;
 mod platform;
 mod publish;
 mod routes;
+mod service;
 mod signal;
 mod socket;
 mod state;
@@ -115,6 +116,11 @@ enum Cmd {
         #[arg(long, value_name = "FILE.tar.gz")]
         bundle: Option<PathBuf>,
     },
+    /// Run the agent as a systemd service (starts at boot; no terminal needed).
+    Service {
+        #[command(subcommand)]
+        action: ServiceCmd,
+    },
     /// Show the daemon's connections.
     Status {
         #[arg(long)]
@@ -123,6 +129,24 @@ enum Cmd {
         #[arg(short = 'd', long)]
         detail: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum ServiceCmd {
+    /// Join (with --setup-key on a first join), then install, enable and start the service.
+    Install {
+        /// Management URL, e.g. https://vpn.example.com (first join only).
+        #[arg(long, env = "TERN_MANAGEMENT_URL")]
+        management_url: Option<String>,
+        /// Setup key (first join only; the service itself never needs it).
+        #[arg(long, env = "TERN_SETUP_KEY", hide_env_values = true)]
+        setup_key: Option<String>,
+        /// Name to register with (default: the host name).
+        #[arg(long, env = "TERN_HOSTNAME")]
+        hostname: Option<String>,
+    },
+    /// Stop and disable the service and remove its unit.
+    Uninstall,
 }
 
 fn main() -> std::process::ExitCode {
@@ -203,6 +227,52 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Cmd::Service { action } => match action {
+            ServiceCmd::Install {
+                management_url,
+                setup_key,
+                hostname,
+            } => {
+                if !platform::net::valid_iface(&cli.interface) {
+                    bail!(
+                        "--interface {:?} is not a valid interface name (1-15 letters, digits, '-', '_' or '.')",
+                        cli.interface
+                    );
+                }
+                if !nix::unistd::geteuid().is_root() {
+                    bail!("tern service install needs root (it writes a systemd unit)");
+                }
+                if status::request(&sock, "status").await.is_ok() {
+                    bail!(
+                        "a tern daemon already runs on {} (in a terminal?): stop it with `tern down`, then install the service",
+                        cli.interface
+                    );
+                }
+                let joined = state::StateDir::new(&cli.state_dir)?
+                    .load_config()?
+                    .is_some();
+                if !joined && setup_key.is_none() {
+                    bail!("this host has not joined a network yet: run `tern service install --management-url URL --setup-key KEY`");
+                }
+                if setup_key.is_some() {
+                    let j = join(
+                        &cli.state_dir,
+                        &cli.interface,
+                        management_url,
+                        setup_key,
+                        hostname,
+                        None,
+                    )
+                    .await?;
+                    println!(
+                        "tern: joined as {} with {}",
+                        j.session.config.name, j.session.config.address
+                    );
+                }
+                service::install(&cli.state_dir, &cli.run_dir, &cli.interface)
+            }
+            ServiceCmd::Uninstall => service::uninstall(&cli.interface),
+        },
         Cmd::Ping { target, count } => ping::run(&sock, &target, count.min(3600)).await,
         Cmd::Diagnose {
             peer,
@@ -297,7 +367,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     n if !n.is_empty() => n,
                     _ => "-".to_string(),
                 };
-                println!("Route {:<18} via {:<20} {}", g("network"), via, g("state"));
+                let state = match (g("state").as_str(), g("access").as_str()) {
+                    ("installed", "none") => format!(
+                        "installed, but no policy lets this peer use it ({via} drops its traffic)"
+                    ),
+                    ("installed", a) if !a.is_empty() && a != "all" => {
+                        format!("installed (policies allow {a})")
+                    }
+                    (s, _) => s.to_string(),
+                };
+                println!("Route {:<18} via {:<20} {state}", g("network"), via);
             }
             for n in &s.serving {
                 println!("Serving {n}");
@@ -449,28 +528,26 @@ struct UpOptions {
     nat64_prefix: Option<ipnet::Ipv6Net>,
 }
 
-async fn up(
+/// What a successful login leaves: the session, and the settings `up` runs with.
+struct Joined {
+    session: control::Session,
+    url: String,
+    ch: tonic::transport::Channel,
+    key: tern_proto::SecretKey,
+    hostname: String,
+    mtu: Option<u32>,
+}
+
+/// Logs in to management (with the setup key on a first join) and saves the config, so that
+/// later runs need no key.
+async fn join(
     state_dir: &std::path::Path,
-    sock: PathBuf,
     iface: &str,
-    o: UpOptions,
-) -> anyhow::Result<()> {
-    let UpOptions {
-        management_url,
-        setup_key,
-        hostname,
-        mtu,
-        nat64_prefix,
-    } = o;
-    if !platform::net::valid_iface(iface) {
-        bail!("--interface {iface:?} is not a valid interface name (1-15 letters, digits, '-', '_' or '.')");
-    }
-    if !nix::unistd::geteuid().is_root() {
-        bail!("tern up needs root (it creates a TUN device and routes)");
-    }
-    if status::request(&sock, "status").await.is_ok() {
-        bail!("a tern daemon is already running on {iface}; run `tern down` first");
-    }
+    management_url: Option<String>,
+    setup_key: Option<String>,
+    hostname: Option<String>,
+    mtu: Option<u32>,
+) -> anyhow::Result<Joined> {
     let st = state::StateDir::new(state_dir)?;
     let key = st.key()?;
     let saved = st.load_config()?;
@@ -518,6 +595,54 @@ async fn up(
         mtu,
         server_key: Some(session.server_key.to_base64()),
     })?;
+    Ok(Joined {
+        session,
+        url,
+        ch,
+        key,
+        hostname,
+        mtu,
+    })
+}
+
+async fn up(
+    state_dir: &std::path::Path,
+    sock: PathBuf,
+    iface: &str,
+    o: UpOptions,
+) -> anyhow::Result<()> {
+    let UpOptions {
+        management_url,
+        setup_key,
+        hostname,
+        mtu,
+        nat64_prefix,
+    } = o;
+    if !platform::net::valid_iface(iface) {
+        bail!("--interface {iface:?} is not a valid interface name (1-15 letters, digits, '-', '_' or '.')");
+    }
+    if !nix::unistd::geteuid().is_root() {
+        bail!("tern up needs root (it creates a TUN device and routes)");
+    }
+    if status::request(&sock, "status").await.is_ok() {
+        bail!("a tern daemon is already running on {iface}; run `tern down` first");
+    }
+    let Joined {
+        session,
+        url,
+        ch,
+        key,
+        hostname,
+        mtu,
+    } = join(
+        state_dir,
+        iface,
+        management_url,
+        setup_key.clone(),
+        hostname,
+        mtu,
+    )
+    .await?;
     let mtu = mtu.unwrap_or(session.config.mtu);
     // Rules a crashed earlier run may have left behind.
     platform::net::remove_rules(iface);

@@ -20,6 +20,39 @@ pub struct RouteChoice {
     pub metric: i64,
     /// "installed", or why not ("conflict: ...", "no connected routing peer").
     pub state: String,
+    /// What the policies let this peer reach in the network: "all", "none", or protocols and
+    /// ports ("tcp 22, 443").
+    pub access: String,
+}
+
+impl RouteChoice {
+    /// The state as reported to management: (code, reason in words).
+    pub fn report(&self) -> (&'static str, String) {
+        let via = if self.peer_name.is_empty() {
+            "the routing peer".to_string()
+        } else {
+            self.peer_name.clone()
+        };
+        if self.state == "installed" {
+            if self.access == "none" {
+                return (
+                    "no_access",
+                    format!(
+                        "no policy lets this peer use {}; {via} drops its traffic",
+                        self.network
+                    ),
+                );
+            }
+            return ("installed", String::new());
+        }
+        if let Some(why) = self.state.strip_prefix("conflict: ") {
+            return ("conflict", why.to_string());
+        }
+        if self.state.starts_with("kernel refused") {
+            return ("failed", self.state.clone());
+        }
+        ("unserved", self.state.clone())
+    }
 }
 
 pub fn overlaps(a: &IpNet, b: &IpNet) -> bool {
@@ -39,6 +72,32 @@ pub fn conflict(net: &IpNet, locals: &[(String, IpNet)]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn route_states_are_reported_as_codes_with_the_reason() {
+        let r = |state: &str, access: &str| RouteChoice {
+            network: "192.168.50.0/24".into(),
+            peer_id: "p".into(),
+            peer_name: "factory-gw".into(),
+            peer_key: None,
+            metric: 10,
+            state: state.into(),
+            access: access.into(),
+        };
+        assert_eq!(r("installed", "all").report(), ("installed", String::new()));
+        assert_eq!(r("installed", "tcp 22").report().0, "installed");
+        let (code, why) = r("installed", "none").report();
+        assert_eq!(code, "no_access");
+        assert!(why.contains("factory-gw drops its traffic"), "{why}");
+        let (code, why) = r("conflict: 192.168.50.0/24 overlaps 192.168.50.0/24 on eth0, which this host is attached to", "all").report();
+        assert_eq!(code, "conflict");
+        assert!(why.starts_with("192.168.50.0/24 overlaps"), "{why}");
+        assert_eq!(r("no connected routing peer", "all").report().0, "unserved");
+        assert_eq!(
+            r("kernel refused the route: File exists", "all").report().0,
+            "failed"
+        );
+    }
 
     #[test]
     fn overlapping_local_networks_are_conflicts() {

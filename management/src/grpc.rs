@@ -247,9 +247,38 @@ impl ManagementService for AgentService {
             })?;
             nets.push(net.trunc());
         }
-        debug!(peer = %peer_id, connections = conns.len(), networks = nets.len(), "status report");
+        if report.routes.len() > 1024 {
+            return Err(Status::invalid_argument(
+                "at most 1024 route reports per report",
+            ));
+        }
+        let mut routes = Vec::with_capacity(report.routes.len());
+        for r in &report.routes {
+            let net: ipnet::IpNet = r.network.parse().map_err(|_| {
+                Status::invalid_argument(format!(
+                    "route report network {:?} is not a CIDR",
+                    r.network.chars().take(64).collect::<String>()
+                ))
+            })?;
+            if !matches!(
+                r.state.as_str(),
+                "installed" | "conflict" | "unserved" | "failed" | "no_access"
+            ) {
+                return Err(Status::invalid_argument(format!(
+                    "unknown route state {:?}",
+                    r.state.chars().take(32).collect::<String>()
+                )));
+            }
+            routes.push((
+                net.trunc(),
+                r.state.clone(),
+                r.detail.chars().take(300).collect(),
+            ));
+        }
+        debug!(peer = %peer_id, connections = conns.len(), networks = nets.len(), routes = routes.len(), "status report");
         self.state.set_connections(&peer_id, conns);
         self.state.set_reachable(&peer_id, nets);
+        self.state.set_route_reports(&peer_id, routes);
         Ok(Response::new(pb::StatusAck {}))
     }
 

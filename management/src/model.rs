@@ -252,6 +252,21 @@ pub struct Route {
     /// "not served: ..." with the reason (from the routing peers' own reports).
     #[serde(skip_serializing_if = "String::is_empty")]
     pub serving: String,
+    /// What became of the route on each online client it is distributed to (their reports).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub clients: Vec<RouteClient>,
+}
+
+/// One client's report about a route.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct RouteClient {
+    pub peer_id: String,
+    pub peer_name: String,
+    /// "installed", "conflict", "unserved", "failed" or "no_access".
+    pub state: String,
+    /// The reason in words (empty when installed).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub detail: String,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]

@@ -196,6 +196,49 @@ impl NetIndex {
     }
 
     /// The map for `peer_id`, or None if the peer is not in the snapshot.
+    /// What `me` may reach in route `r`'s network, in words: "all" without access groups; else
+    /// what the enabled policies from `me` towards the access groups allow, or "none".
+    fn route_access(&self, me: &Peer, r: &crate::model::Route) -> String {
+        if r.access_groups.is_empty() {
+            return "all".into();
+        }
+        let mut parts: BTreeSet<String> = BTreeSet::new();
+        for pol in self.snap.policies.iter().filter(|p| p.enabled) {
+            if !pol.destinations.iter().any(|g| r.access_groups.contains(g))
+                || !self.in_any(me, &pol.sources)
+            {
+                continue;
+            }
+            let ports = self.ports.get(pol.id.as_str()).cloned().unwrap_or_default();
+            let proto = match pol.protocol {
+                ModelProtocol::Any => return "all".into(),
+                ModelProtocol::Tcp => "tcp",
+                ModelProtocol::Udp => "udp",
+                ModelProtocol::Icmp => "icmp",
+            };
+            if ports.is_empty() {
+                parts.insert(proto.to_string());
+            } else {
+                let list: Vec<String> = ports
+                    .iter()
+                    .map(|p| {
+                        if p.start == p.end {
+                            p.start.to_string()
+                        } else {
+                            format!("{}-{}", p.start, p.end)
+                        }
+                    })
+                    .collect();
+                parts.insert(format!("{proto} {}", list.join(", ")));
+            }
+        }
+        if parts.is_empty() {
+            "none".into()
+        } else {
+            parts.into_iter().collect::<Vec<_>>().join("; ")
+        }
+    }
+
     pub fn map_for(
         &self,
         peer_id: &str,
@@ -254,9 +297,10 @@ impl NetIndex {
         let mut served = vec![];
         for r in self.snap.routes.iter().filter(|r| r.enabled && me.approved) {
             let routers = self.routers(r);
-            let route_msg = |ri: usize| {
+            let route_msg = |ri: usize, access: String| {
                 let rp = &self.snap.peers[ri];
                 pb::Route {
+                    access,
                     id: r.id.clone(),
                     network: r.network.to_string(),
                     routing_peer_key: key_bytes(&rp.wg_public_key),
@@ -267,7 +311,7 @@ impl NetIndex {
                 }
             };
             if routers.contains(&me_idx) {
-                served.push(route_msg(me_idx));
+                served.push(route_msg(me_idx, String::new()));
                 // Clients of the route must be able to reach us. Without access groups every
                 // client may use the whole network; with them, only what policies towards those
                 // groups allow (and only for clients the route is distributed to).
@@ -304,9 +348,10 @@ impl NetIndex {
                     }
                 }
             } else if self.in_any(me, &r.groups) {
+                let access = self.route_access(me, r);
                 for ri in routers {
                     visible.insert(ri);
-                    routes.push(route_msg(ri));
+                    routes.push(route_msg(ri, access.clone()));
                 }
             }
         }
@@ -697,6 +742,7 @@ mod tests {
             access_groups: vec![],
             created_at: 0,
             serving: String::new(),
+            clients: vec![],
         }
     }
 
@@ -810,6 +856,7 @@ mod tests {
             access_groups: vec![],
             created_at: 0,
             serving: String::new(),
+            clients: vec![],
         };
         let s = snap(
             vec![
@@ -828,7 +875,7 @@ mod tests {
         assert!(laptop
             .routes
             .iter()
-            .all(|r| r.network == "192.168.50.0/24" && r.masquerade));
+            .all(|r| r.network == "192.168.50.0/24" && r.masquerade && r.access == "all"));
         let gw1 = idx.map_for("gw1", &relay(), 100).expect("map");
         assert_eq!(gw1.served_routes.len(), 1);
         assert_eq!(names(&gw1), ["laptop"]);
@@ -852,6 +899,7 @@ mod tests {
             access_groups: vec!["lan-ssh".into()],
             created_at: 0,
             serving: String::new(),
+            clients: vec![],
         };
         let s = snap(
             vec![
@@ -884,9 +932,14 @@ mod tests {
         assert_eq!(lan_rules[0].peer_cidr, "100.64.0.2/32");
         assert_eq!(lan_rules[0].protocol, pb::Protocol::Tcp as i32);
         assert_eq!(lan_rules[0].ports, [pb::PortRange { start: 22, end: 22 }]);
-        // The guest still receives the route (distribution) but the router opens nothing for it.
+        // The guest still receives the route (distribution) but the router opens nothing for it,
+        // and its map says so; the laptop's says what it may use.
         let guest = idx.map_for("guest", &relay(), 100).expect("map");
         assert_eq!(guest.routes.len(), 1);
+        assert_eq!(guest.routes[0].access, "none");
+        let laptop = idx.map_for("laptop", &relay(), 100).expect("map");
+        assert_eq!(laptop.routes[0].access, "tcp 22");
+        assert!(gw.served_routes[0].access.is_empty());
     }
 
     #[test]

@@ -47,6 +47,9 @@ impl Default for ManagementOptions {
     }
 }
 
+/// A client's report about one route: (network, state code, reason in words).
+pub type RouteReport = (ipnet::IpNet, String, String);
+
 pub struct AppState {
     pub store: Store,
     pub server_key: SecretKey,
@@ -60,6 +63,8 @@ pub struct AppState {
     connections: std::sync::Mutex<HashMap<String, (Instant, Vec<PeerConnection>)>>,
     /// Networks each online peer reaches without the tunnel (from its reports).
     reachable: std::sync::Mutex<HashMap<String, Vec<ipnet::IpNet>>>,
+    /// Each online peer's last report about the routes it was given: (network, state, detail).
+    route_reports: std::sync::Mutex<HashMap<String, Vec<RouteReport>>>,
     /// Bumped when a report changes which path any pair uses (not for RTT alone).
     conn_version: std::sync::atomic::AtomicU64,
     conn_summary: std::sync::Mutex<Option<CachedSummary>>,
@@ -165,6 +170,7 @@ impl AppState {
             streams: std::sync::Mutex::new(HashMap::new()),
             connections: std::sync::Mutex::new(HashMap::new()),
             reachable: std::sync::Mutex::new(HashMap::new()),
+            route_reports: std::sync::Mutex::new(HashMap::new()),
             conn_version: std::sync::atomic::AtomicU64::new(0),
             conn_summary: std::sync::Mutex::new(None),
             relay_metrics: std::sync::OnceLock::new(),
@@ -226,6 +232,10 @@ impl AppState {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(peer_id);
+                self.route_reports
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(peer_id);
                 // Its paths vanish, also from the reports of peers that still list it.
                 self.conn_version
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -249,6 +259,40 @@ impl AppState {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(peer_id.to_string(), nets);
+    }
+
+    /// Records what became of the routes a peer was given (from its report).
+    pub fn set_route_reports(&self, peer_id: &str, routes: Vec<RouteReport>) {
+        self.route_reports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(peer_id.to_string(), routes);
+    }
+
+    /// What each online client reported about `route`'s network, by name.
+    pub fn route_clients(
+        &self,
+        route: &crate::model::Route,
+        peers: &[Peer],
+    ) -> Vec<crate::model::RouteClient> {
+        let reports = self.route_reports.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<crate::model::RouteClient> = peers
+            .iter()
+            .filter_map(|p| {
+                let (_, state, detail) = reports
+                    .get(&p.id)?
+                    .iter()
+                    .find(|(n, _, _)| *n == route.network)?;
+                Some(crate::model::RouteClient {
+                    peer_id: p.id.clone(),
+                    peer_name: p.name.clone(),
+                    state: state.clone(),
+                    detail: detail.clone(),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.peer_name.cmp(&b.peer_name));
+        out
     }
 
     /// The networks `peer_id` last reported reaching without the tunnel (empty if offline).

@@ -32,6 +32,11 @@ const FILES: &[(&str, &str, &[u8])] = &[
         include_bytes!("../../web/pages.js"),
     ),
     (
+        "network.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../../web/network.js"),
+    ),
+    (
         "sso.js",
         "text/javascript; charset=utf-8",
         include_bytes!("../../web/sso.js"),

@@ -127,3 +127,102 @@ async fn every_management_url_mistake_gets_its_own_message() {
     srv.stop().await;
     db.cleanup().await;
 }
+
+/// `tern` run to completion with `args` (bounded to 30 s): (success, stdout + stderr).
+async fn tern(args: &[&std::ffi::OsStr], env: &[(&str, &std::ffi::OsStr)]) -> (bool, String) {
+    let mut c = tokio::process::Command::new(tern_tests::mesh::bin("tern"));
+    c.args(args).kill_on_drop(true);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(30), c.output())
+        .await
+        .expect("tern finished within 30 s")
+        .expect("tern ran");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_install_joins_once_writes_the_unit_and_uninstall_removes_it() {
+    init_tracing();
+    if tern_tests::mesh::skip() {
+        return;
+    }
+    let db = TestDb::new(Backend::Sqlite).await.expect("db");
+    let srv = TestServer::start(&db.url).await.expect("server");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (state, run, units) = (
+        tmp.path().join("state"),
+        tmp.path().join("run"),
+        tmp.path().join("units"),
+    );
+    let dirs = |rest: &[&str]| -> Vec<std::ffi::OsString> {
+        let mut v: Vec<std::ffi::OsString> = vec![
+            "--state-dir".into(),
+            state.clone().into(),
+            "--run-dir".into(),
+            run.clone().into(),
+            "--interface".into(),
+            "ternsvc0".into(),
+        ];
+        v.extend(rest.iter().map(|s| (*s).into()));
+        v
+    };
+    let env = [("TERN_SYSTEMD_DIR", units.as_os_str())];
+    // Not joined and no key: it says what to run.
+    let args = dirs(&["service", "install"]);
+    let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    let (ok, out) = tern(&refs, &env).await;
+    assert!(!ok && out.contains("has not joined a network yet"), "{out}");
+    // With a key: joins (the peer is registered), writes the unit.
+    let args = dirs(&[
+        "service",
+        "install",
+        "--management-url",
+        &srv.base,
+        "--setup-key",
+        &srv.default_setup_key,
+        "--hostname",
+        "plc-gw",
+    ]);
+    let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    let (ok, out) = tern(&refs, &env).await;
+    assert!(ok, "{out}");
+    assert!(out.contains("tern: joined as plc-gw with 100."), "{out}");
+    let unit = std::fs::read_to_string(units.join("tern-ternsvc0.service")).expect("unit");
+    assert!(
+        unit.contains(&format!(
+            "--state-dir {} --run-dir {} --interface ternsvc0 up",
+            state.canonicalize().expect("state").display(),
+            run.display()
+        )),
+        "{unit}"
+    );
+    let peers = srv.get("/api/peers").await;
+    assert!(peers.to_string().contains("plc-gw"), "{peers}");
+    // Joined now: installing again needs no key.
+    let args = dirs(&["service", "install"]);
+    let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    let (ok, out) = tern(&refs, &env).await;
+    assert!(ok && !out.contains("joined as"), "{out}");
+    // Uninstall removes it; a second uninstall says there is nothing to remove.
+    let args = dirs(&["service", "uninstall"]);
+    let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    let (ok, out) = tern(&refs, &env).await;
+    assert!(ok && out.contains("stopped and removed"), "{out}");
+    assert!(!units.join("tern-ternsvc0.service").exists());
+    let (ok, out) = tern(&refs, &env).await;
+    assert!(
+        !ok && out.contains("no tern service is installed for ternsvc0"),
+        "{out}"
+    );
+    srv.stop().await;
+    db.cleanup().await;
+}

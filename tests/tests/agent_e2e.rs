@@ -693,6 +693,43 @@ fn route_access_follows_policies_tcp_only_for_staff() {
         .exec(&hc, &["ping", "-c", "2", "-W", "1", "192.168.50.10"])
         .status
         .success());
+    // ... and is told why: its map says no policy opens the network for it, its status and
+    // diagnose say so in words, and the console's API lists it per route.
+    let route_of = |who: &str, ns: &str| {
+        m.status(who, ns).and_then(|s| {
+            s["routes"].as_array().and_then(|rs| {
+                rs.iter()
+                    .find(|r| r["network"] == "192.168.50.0/24")
+                    .cloned()
+            })
+        })
+    };
+    assert_eq!(route_of("c", &hc).expect("c's route")["access"], "none");
+    assert_eq!(route_of("a", &ha).expect("a's route")["access"], "tcp 5001");
+    let mut args = vec![bin("tern").display().to_string()];
+    args.extend(m.agent_args("c"));
+    args.push("status".into());
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let text = String::from_utf8_lossy(&m.lab.exec(&hc, &refs).stdout).to_string();
+    assert!(
+        text.contains("installed, but no policy lets this peer use it (b drops its traffic)"),
+        "{text}"
+    );
+    let mut clients = Value::Null;
+    m.lab
+        .wait_for("route clients reported", Duration::from_secs(40), || {
+            clients = m.api("GET", "/api/routes", None)[0]["clients"].clone();
+            clients.as_array().is_some_and(|c| c.len() == 2)
+        })
+        .unwrap_or_else(|e| panic!("{e}: {clients}"));
+    let state_of = |name: &str| {
+        clients
+            .as_array()
+            .and_then(|a| a.iter().find(|c| c["peer_name"] == name))
+            .map(|c| c["state"].as_str().unwrap_or("").to_string())
+    };
+    assert_eq!(state_of("a").as_deref(), Some("installed"), "{clients}");
+    assert_eq!(state_of("c").as_deref(), Some("no_access"), "{clients}");
 }
 
 #[test]

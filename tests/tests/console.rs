@@ -303,6 +303,7 @@ async fn console_admin_journey_in_chromium() {
         }],
         // factory-gw reaches the factory LAN (its route below is served).
         reachable_networks: vec!["192.168.50.0/24".into()],
+        routes: vec![],
     });
     req.metadata_mut()
         .insert("authorization", bearer_value(&login.peer_token));
@@ -338,6 +339,41 @@ async fn console_admin_journey_in_chromium() {
     b.wait_text(".card", "0 direct · 1 relayed", T)
         .await
         .expect("overview connections");
+    // The network picture: both peers as nodes, their path as a TURN edge through the relay.
+    b.wait("svg.network .edge.turn_relay", T)
+        .await
+        .expect("a relayed edge in the picture");
+    let nodes = b.find_all("svg.network a.node").await.expect("nodes");
+    assert_eq!(nodes.len(), 2, "one node per peer");
+    b.wait("svg.network .relay-node", T)
+        .await
+        .expect("the relay in the picture");
+    shot(b, "05-network").await.expect("shot");
+    // Click through to the gateway's page: its path to laptop-anna, why it is relayed, its
+    // groups and its events.
+    click(
+        b,
+        &format!("svg.network a.node[data-peer=\"{}\"]", login.peer_id),
+    )
+    .await
+    .expect("click the gateway's node");
+    b.wait_text(".peer-page", "factory-gw", T)
+        .await
+        .expect("peer page");
+    b.wait_text(".peer-page tr[data-kind=turn_relay]", "laptop-anna", T)
+        .await
+        .expect("its path to laptop-anna");
+    b.wait_text(
+        ".peer-page tr[data-kind=turn_relay]",
+        "no direct pair got through the NATs",
+        T,
+    )
+    .await
+    .expect("why it is relayed");
+    b.wait_text(".peer-page", "registered peer", T)
+        .await
+        .expect("its recent events in words");
+    shot(b, "05b-peer").await.expect("shot");
 
     // --- Access policy: an invalid port is explained next to the field; then created.
     open(b, "policies", "Access policies")
@@ -464,6 +500,29 @@ async fn console_admin_journey_in_chromium() {
     b.wait_text("tr[data-route] .serving", "served by factory-gw", T)
         .await
         .expect("served by the routing peer");
+    // laptop-anna reports that it installed the route but no policy lets it use the network:
+    // the route row names it with the reason.
+    let mut req = tonic::Request::new(pb::StatusReport {
+        connections: vec![],
+        reachable_networks: vec![],
+        routes: vec![pb::RouteReport {
+            network: "192.168.50.0/24".into(),
+            state: "no_access".into(),
+            routing_peer_id: login.peer_id.clone(),
+            detail: "no policy lets this peer use 192.168.50.0/24; factory-gw drops its traffic"
+                .into(),
+        }],
+    });
+    req.metadata_mut()
+        .insert("authorization", bearer_value(&login2.peer_token));
+    agent2.mgmt().report_status(req).await.expect("report");
+    b.wait_text(
+        "tr[data-route] .route-clients",
+        "laptop-anna: installed, but no policy lets it use the network",
+        T,
+    )
+    .await
+    .expect("the client's route state is shown");
     shot(b, "07-routes").await.expect("shot");
 
     // --- Public service: a port outside the server's range is explained at the field; then the

@@ -212,6 +212,7 @@ async fn routes_say_whether_their_routing_peer_serves_them() {
     let mut req = tonic::Request::new(tern_proto::management::StatusReport {
         connections: vec![],
         reachable_networks: vec!["192.168.50.0/24".into(), "10.0.0.0/24".into()],
+        ..Default::default()
     });
     req.metadata_mut()
         .insert("authorization", bearer_value(&l.peer_token));
@@ -236,6 +237,7 @@ async fn routes_say_whether_their_routing_peer_serves_them() {
     let mut req = tonic::Request::new(tern_proto::management::StatusReport {
         connections: vec![],
         reachable_networks: vec!["172.16.5.0/24".into()],
+        ..Default::default()
     });
     req.metadata_mut()
         .insert("authorization", bearer_value(&ll.peer_token));
@@ -258,10 +260,49 @@ async fn routes_say_whether_their_routing_peer_serves_them() {
     confirmed["confirm_overlap"] = json!(true);
     let (s, v) = srv.post("/api/routes", confirmed).await;
     assert_eq!(s, 201, "confirmed: {v}");
+    // The laptop reports that it skipped the route (it overlaps its own LAN): the route lists it.
+    let mut req = tonic::Request::new(tern_proto::management::StatusReport {
+        reachable_networks: vec!["172.16.5.0/24".into()],
+        routes: vec![tern_proto::management::RouteReport {
+            network: "172.16.0.0/16".into(),
+            state: "conflict".into(),
+            routing_peer_id: l.peer_id.clone(),
+            detail: "172.16.0.0/16 overlaps 172.16.5.0/24 on eth0".into(),
+        }],
+        ..Default::default()
+    });
+    req.metadata_mut()
+        .insert("authorization", bearer_value(&ll.peer_token));
+    laptop.mgmt().report_status(req).await.expect("report");
+    let r = srv
+        .get(&format!("/api/routes/{}", v["id"].as_str().unwrap_or("")))
+        .await;
+    assert_eq!(r["clients"][0]["peer_name"], "laptop", "{r}");
+    assert_eq!(r["clients"][0]["state"], "conflict", "{r}");
+    assert!(
+        r["clients"][0]["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("overlaps"),
+        "{r}"
+    );
+    let mut bad = tonic::Request::new(tern_proto::management::StatusReport {
+        routes: vec![tern_proto::management::RouteReport {
+            network: "172.16.0.0/16".into(),
+            state: "sideways".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    });
+    bad.metadata_mut()
+        .insert("authorization", bearer_value(&ll.peer_token));
+    let err = laptop.mgmt().report_status(bad).await.expect_err("refused");
+    assert!(err.message().contains("unknown route state"), "{err}");
     // A malformed report is refused in words.
     let mut bad = tonic::Request::new(tern_proto::management::StatusReport {
         connections: vec![],
         reachable_networks: vec!["not-a-network".into()],
+        ..Default::default()
     });
     bad.metadata_mut()
         .insert("authorization", bearer_value(&l.peer_token));
@@ -866,6 +907,7 @@ async fn peer_list_answers_not_modified_until_something_changes() {
                 probes_lost: 0,
             }],
             reachable_networks: vec![],
+            routes: vec![],
         });
         req.metadata_mut()
             .insert("authorization", bearer_value(&la.peer_token));

@@ -41,6 +41,7 @@ pub const CODES: &[(&str, &str, &str)] = &[
     ("pmtu_blackhole", "large packets through the tunnel vanish while small ones pass (a path MTU black hole)", "Lower the tunnel MTU with `tern up --mtu N` using the size shown, or fix the middlebox that drops them."),
     ("overlay_conflict", "the overlay range overlaps a network this host is attached to (carriers use 100.64.0.0/10 too)", "Change the overlay range in Settings, or renumber the local network."),
     ("route_conflict", "a routed network overlaps a network this host is attached to, so it is not installed here", "Renumber one of them, or leave this host's groups out of the route."),
+    ("route_no_access", "the route is installed, but no policy lets this peer use the network: the routing peer drops its traffic", "Add a policy from one of this peer's groups to one of the route's access groups, or leave the route's access groups empty."),
     ("route_unserved", "no connected routing peer serves this routed network", "Start the routing peer's agent, or add another routing peer for the network."),
     ("route_failed", "the kernel refused to install a route", "Another VPN or a static route may hold the same prefix: see the error shown."),
     ("forwarding_off", "this host routes networks for others but IP forwarding is off", "Run `sysctl -w net.ipv4.ip_forward=1` and make it permanent in /etc/sysctl.d."),
@@ -160,6 +161,9 @@ pub struct RouteFacts {
     pub network: String,
     pub via: String,
     pub state: String,
+    /// What the policies let this peer reach in it ("all", "none", "tcp 22").
+    #[serde(default)]
+    pub access: String,
 }
 
 /// Everything the checks saw; [`analyze`] turns it into findings.
@@ -554,7 +558,18 @@ pub fn analyze(f: &Facts) -> Vec<Finding> {
         out.push(finding("overlay_conflict", Error, "", c.clone()));
     }
     for r in &f.routes {
-        let (code, sev) = if r.state.starts_with("conflict") {
+        let (code, sev) = if r.state == "installed" && r.access == "none" {
+            out.push(finding(
+                "route_no_access",
+                Warning,
+                &r.network,
+                format!(
+                    "installed via {}, but no policy lets this peer use it: {} drops its traffic",
+                    r.via, r.via
+                ),
+            ));
+            continue;
+        } else if r.state.starts_with("conflict") {
             ("route_conflict", Warning)
         } else if r.state == "no connected routing peer" {
             ("route_unserved", Warning)

@@ -177,6 +177,7 @@ pub async fn run(ctx: &Context, args: &Args) -> Report {
                 network: r.network,
                 via: r.peer_name,
                 state: r.state,
+                access: r.access,
             })
             .collect(),
         serving: ctx.engine.served_status(),

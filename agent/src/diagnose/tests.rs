@@ -317,16 +317,25 @@ fn local_conflicts_and_routing_peer_forwarding() {
             network: "192.168.50.0/24".into(),
             via: "gw".into(),
             state: "conflict: 192.168.50.0/24 overlaps 192.168.50.0/24 on eth0, which this host is attached to".into(),
+            access: "all".into(),
         },
         RouteFacts {
             network: "10.9.0.0/16".into(),
             via: String::new(),
             state: "no connected routing peer".into(),
+            access: "all".into(),
         },
         RouteFacts {
             network: "10.8.0.0/16".into(),
             via: "gw".into(),
             state: "installed".into(),
+            access: "all".into(),
+        },
+        RouteFacts {
+            network: "10.7.0.0/16".into(),
+            via: "gw".into(),
+            state: "installed".into(),
+            access: "none".into(),
         },
     ];
     f.serving = vec!["192.168.60.0/24 (masquerade)".into()];
@@ -339,6 +348,7 @@ fn local_conflicts_and_routing_peer_forwarding() {
             "forwarding_off",
             "overlay_conflict",
             "route_conflict",
+            "route_no_access",
             "route_unserved"
         ]
     );

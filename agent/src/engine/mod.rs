@@ -300,6 +300,11 @@ impl Engine {
             .iter()
             .map(|r| (r.routing_peer_id.as_str(), r.routing_peer_key.as_slice()))
             .collect();
+        let access: HashMap<&str, &str> = map
+            .routes
+            .iter()
+            .map(|r| (r.network.as_str(), r.access.as_str()))
+            .collect();
         let mut cur = lock(&self.routes);
         let current: BTreeMap<String, String> = cur
             .iter()
@@ -326,8 +331,12 @@ impl Engine {
                 }
             };
             if cur.get(&net).map(|c| (&c.peer_id, &c.state)) != Some((&peer_id, &state)) {
+                if access.get(net.as_str()) == Some(&"none") && state == "installed" {
+                    warn!(network = %net, "no policy lets this peer use this routed network: the routing peer drops its traffic");
+                }
                 info!(network = %net, via = %peer_id, %state, "route");
             }
+            let route_access = access.get(net.as_str()).unwrap_or(&"").to_string();
             next.insert(
                 net.clone(),
                 routes::RouteChoice {
@@ -339,6 +348,7 @@ impl Engine {
                     peer_id,
                     metric,
                     state,
+                    access: route_access,
                 },
             );
         }

@@ -1194,6 +1194,7 @@ pub async fn list_routes(State(s): St, _a: Admin) -> ApiResult<Json<Vec<Route>>>
     let peers = s.store.peers().await?;
     for r in &mut routes {
         r.serving = s.route_serving(r, &peers);
+        r.clients = s.route_clients(r, &peers);
     }
     Ok(Json(routes))
 }
@@ -1219,7 +1220,9 @@ pub async fn create_route(
 #[utoipa::path(get, path = "/api/routes/{id}", responses((status = 200, body = Route), (status = 404, body = ErrorBody)))]
 pub async fn get_route(State(s): St, _a: Admin, ApiPath(id): ApiPath) -> ApiResult<Json<Route>> {
     let mut r = s.store.route(&id).await?;
-    r.serving = s.route_serving(&r, &s.store.peers().await?);
+    let peers = s.store.peers().await?;
+    r.serving = s.route_serving(&r, &peers);
+    r.clients = s.route_clients(&r, &peers);
     Ok(Json(r))
 }
 
@@ -1337,6 +1340,8 @@ pub struct AuditQuery {
     pub until: Option<i64>,
     /// At most 1000; default 200.
     pub limit: Option<i64>,
+    /// Only events about this object (a peer's, route's, ... id).
+    pub target: Option<String>,
 }
 
 #[utoipa::path(get, path = "/api/audit", params(AuditQuery), responses((status = 200, body = [AuditEvent])))]
@@ -1351,6 +1356,7 @@ pub async fn list_audit(
         since: q.since,
         until: q.until,
         limit: q.limit.unwrap_or(200),
+        target: q.target.filter(|s| !s.is_empty()),
     };
     if let Some(l) = q.limit {
         if !(1..=1000).contains(&l) {

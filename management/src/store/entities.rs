@@ -1064,6 +1064,7 @@ pub(crate) async fn route_from(conn: &mut sqlx::AnyConnection, r: &AnyRow) -> Re
         access_groups,
         created_at: col(r, "created_at")?,
         serving: String::new(),
+        clients: vec![],
     })
 }
 
@@ -1223,6 +1224,8 @@ pub struct AuditFilter {
     pub since: Option<Millis>,
     pub until: Option<Millis>,
     pub limit: i64,
+    /// Only events about this object (its id).
+    pub target: Option<String>,
 }
 
 impl Store {
@@ -1231,7 +1234,8 @@ impl Store {
         let rows = sqlx::query(
             "SELECT * FROM audit_events WHERE ($1 = '' OR actor = $2 OR actor LIKE $8) \
              AND ($3 = '' OR action LIKE $4) \
-             AND created_at >= $5 AND created_at <= $6 ORDER BY id DESC LIMIT $7",
+             AND created_at >= $5 AND created_at <= $6 AND ($9 = '' OR target_id = $10) \
+             ORDER BY id DESC LIMIT $7",
         )
         .bind(f.actor.clone().unwrap_or_default())
         .bind(f.actor.clone().unwrap_or_default())
@@ -1248,6 +1252,8 @@ impl Store {
             "{} (%",
             f.actor.clone().unwrap_or_default().replace('%', "")
         ))
+        .bind(f.target.clone().unwrap_or_default())
+        .bind(f.target.clone().unwrap_or_default())
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
