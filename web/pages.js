@@ -31,16 +31,39 @@ function header(title, ...actions) {
   return h("div", { class: "page-head" }, h("h1", { tabindex: -1 }, title), h("div", { class: "actions" }, actions));
 }
 
-function liveRegion(render) {
+function liveRegion(render, { search = "" } = {}) {
   const box = h("div", { class: "live" });
+  const body = h("div", {});
   let last = "";
+  // A search box above a long table: rows whose text does not contain every word are hidden,
+  // also after each live update.
+  const query = search ? h("input", { type: "search", class: "table-search", placeholder: search, "aria-label": search }) : null;
+  const count = h("span", { class: "muted small search-count", "aria-live": "polite" });
+  const apply = () => {
+    if (!query) return;
+    const words = query.value.toLowerCase().split(/\s+/).filter(Boolean);
+    const rows = [...body.querySelectorAll("tbody tr")];
+    let shown = 0;
+    for (const r of rows) {
+      const hit = words.every((w) => r.textContent.toLowerCase().includes(w));
+      r.hidden = !hit;
+      if (hit) shown += 1;
+    }
+    count.textContent = words.length ? `${shown} of ${rows.length} shown` : "";
+  };
+  if (query) {
+    query.addEventListener("input", apply);
+    box.append(h("div", { class: "search" }, query, " ", count));
+  }
+  box.append(body);
   return {
     box,
     update(data, ...rest) {
       const key = JSON.stringify(data);
       if (key === last) return;
       last = key;
-      box.replaceChildren(render(data, ...rest));
+      body.replaceChildren(render(data, ...rest));
+      apply();
     },
   };
 }
@@ -122,7 +145,7 @@ export async function peers(main) {
         p.approved ? null : h("button", { type: "button", class: "primary", "data-action": "approve", onclick: () => approve(p) }, "Approve"),
         h("button", { type: "button", onclick: () => editPeer(p) }, "Edit"),
         h("button", { type: "button", class: "danger", onclick: () => removePeer(p) }, "Delete")))),
-    "No peers yet. Create a setup key and run `tern up` on a machine."));
+    "No peers yet. Create a setup key and run `tern up` on a machine."), { search: "Search peers (name, address, group, OS…)" });
 
   const refresh = async () => region.update(await get("/api/peers"));
 
@@ -174,7 +197,7 @@ export async function setupKeys(main) {
         k.state === "valid" && k.expires_at ? h("button", { type: "button", onclick: () => keep(k), title: "Remove the expiry: the key works until revoked" }, "Never expire") : null,
         k.revoked ? null : h("button", { type: "button", onclick: () => revoke(k) }, "Revoke"),
         h("button", { type: "button", class: "danger", onclick: () => remove(k) }, "Delete")))),
-    "No setup keys."));
+    "No setup keys."), { search: "Search setup keys" });
   const refresh = async () => region.update(await get("/api/setup-keys"));
 
   async function keep(k) {
@@ -237,7 +260,7 @@ export async function groupsPage(main) {
         h("button", { type: "button", onclick: () => members(g) }, "Members"),
         h("button", { type: "button", onclick: () => edit(g) }, "Rename"),
         h("button", { type: "button", class: "danger", onclick: () => remove(g) }, "Delete")]))),
-    "No groups."));
+    "No groups."), { search: "Search groups" });
   const refresh = async () => region.update(await get("/api/groups"));
 
   function edit(g) {
@@ -306,7 +329,7 @@ export async function policies(main) {
       h("td", { class: "row-actions" },
         h("button", { type: "button", onclick: () => edit(p) }, "Edit"),
         h("button", { type: "button", class: "danger", onclick: () => remove(p) }, "Delete")))),
-    "No policies: peers cannot reach each other."));
+    "No policies: peers cannot reach each other."), { search: "Search policies" });
   const refresh = async () => region.update(await get("/api/policies"));
   const body = (p, patch) => ({
     name: p.name, description: p.description, enabled: p.enabled, protocol: p.protocol,
@@ -400,7 +423,7 @@ export async function routes(main) {
       h("td", { class: "row-actions" },
         h("button", { type: "button", onclick: () => edit(r) }, "Edit"),
         h("button", { type: "button", class: "danger", onclick: () => remove(r) }, "Delete")))),
-    "No routes. A route lets peers reach a LAN behind a routing peer."));
+    "No routes. A route lets peers reach a LAN behind a routing peer."), { search: "Search routes (network, peer, group…)" });
   const refresh = async () => region.update(await get("/api/routes"));
 
   function edit(r) {
@@ -498,7 +521,7 @@ export async function services(main) {
       h("td", { class: "row-actions" },
         s.ephemeral ? null : h("button", { type: "button", onclick: () => edit(s) }, "Edit"),
         h("button", { type: "button", class: "danger", onclick: () => remove(s) }, s.ephemeral ? "End" : "Delete")))),
-    "No public services. A public service lets a device without an agent (a supplier's server, a phone app) reach one port inside your network through this server."));
+    "No public services. A public service lets a device without an agent (a supplier's server, a phone app) reach one port inside your network through this server."), { search: "Search public services" });
   const refresh = async () => region.update(await get("/api/services"));
   const body = (s, patch) => ({
     name: s.name, protocol: s.protocol, public_port: s.public_port, target_ip: s.target_ip,

@@ -326,6 +326,20 @@ async fn console_admin_journey_in_chromium() {
     b.wait_text("tr[data-peer] .conns", "25% loss", Duration::from_secs(5))
         .await
         .expect("path loss shown");
+    // The search box narrows the table to matching rows.
+    let search = b.wait(".table-search", T).await.expect("search box");
+    b.type_into(&search, "factory").await.expect("type");
+    b.wait_text(".search-count", "1 of 2 shown", T)
+        .await
+        .expect("one of two peers shown");
+    let hidden = b
+        .execute(
+            "return [...document.querySelectorAll('tr[data-peer]')].filter((r) => r.hidden).map((r) => r.textContent.includes('laptop-anna'))",
+            vec![],
+        )
+        .await
+        .expect("rows");
+    assert_eq!(hidden, json!([true]), "laptop-anna's row is hidden");
     let marker = b
         .execute("return window.__noReload", vec![])
         .await
