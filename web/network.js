@@ -42,8 +42,9 @@ const servedBy = (routes, p) => routes.filter((r) => r.enabled && (r.routing_pee
 // Peers on a circle around the relay; relayed paths run through the relay, direct ones straight
 // across; each routing peer's LANs hang off it, outwards.
 export function networkPicture(peers, routes) {
-  const W = 720, H = 460, cx = W / 2, cy = H / 2;
-  const r = Math.min(W, H) / 2 - 80;
+  const few = peers.length <= 2;
+  const W = 720, H = few ? 200 : 460, cx = W / 2, cy = H / 2;
+  const r = few ? 200 : Math.min(W, H) / 2 - 80;
   const pos = new Map();
   peers.forEach((p, i) => {
     // Two peers side by side; more around the circle from the top.
