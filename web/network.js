@@ -43,7 +43,8 @@ const servedBy = (routes, p) => routes.filter((r) => r.enabled && (r.routing_pee
 // across; each routing peer's LANs hang off it, outwards.
 export function networkPicture(peers, routes) {
   const few = peers.length <= 2;
-  const W = 720, H = few ? 200 : 460, cx = W / 2, cy = H / 2;
+  const lanRows = Math.max(0, ...peers.map((p) => servedBy(routes, p).length));
+  const W = 720, H = few ? 120 + lanRows * 60 : 460, cx = W / 2, cy = few ? 60 : H / 2;
   const r = few ? 200 : Math.min(W, H) / 2 - 80;
   const pos = new Map();
   peers.forEach((p, i) => {
@@ -76,8 +77,10 @@ export function networkPicture(peers, routes) {
   for (const p of peers) {
     const at = pos.get(p.id);
     servedBy(routes, p).forEach((route, i) => {
+      // Outwards on the circle; below the node when the picture holds one or two peers.
       const d = 54 + i * 26;
-      const x = cx + (r + d) * Math.cos(at.a), y = cy + (r + d) * Math.sin(at.a);
+      const x = few ? at.x : cx + (r + d) * Math.cos(at.a);
+      const y = few ? at.y + 16 + d : cy + (r + d) * Math.sin(at.a);
       lans.push(s("g", { class: "lan", dataset: { network: route.network, peer: p.id } },
         s("line", { class: "lan-link", x1: at.x, y1: at.y, x2: x, y2: y }),
         s("rect", { x: x - 58, y: y - 11, width: 116, height: 22, rx: 4 }),

@@ -538,6 +538,18 @@ async fn console_admin_journey_in_chromium() {
     .await
     .expect("the client's route state is shown");
     shot(b, "07-routes").await.expect("shot");
+    // The network picture shows the factory LAN hanging off its routing peer.
+    open(b, "overview", "Overview").await.expect("overview");
+    b.wait(
+        &format!(
+            "svg.network .lan[data-network=\"192.168.50.0/24\"][data-peer=\"{}\"]",
+            login.peer_id
+        ),
+        T,
+    )
+    .await
+    .expect("the LAN behind factory-gw");
+    shot(b, "07b-network-lan").await.expect("shot");
 
     // --- Public service: a port outside the server's range is explained at the field; then the
     // service is published and listed with its address and the peer that carries it; disabling
