@@ -98,6 +98,9 @@ enum Cmd {
         /// How many requests (one per second).
         #[arg(short = 'c', long, default_value_t = 5)]
         count: u32,
+        /// Stop at the first reply over a direct path (fail if none within --count).
+        #[arg(long)]
+        until_direct: bool,
     },
     /// Run active checks (management, signal, relays, STUN/TURN with the issued credentials,
     /// the NAT, each peer's path, loss, RTT and MTU, local conflicts) and say what is wrong and
@@ -273,7 +276,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             ServiceCmd::Uninstall => service::uninstall(&cli.interface),
         },
-        Cmd::Ping { target, count } => ping::run(&sock, &target, count.min(3600)).await,
+        Cmd::Ping {
+            target,
+            count,
+            until_direct,
+        } => ping::run(&sock, &target, count.min(3600), until_direct).await,
         Cmd::Diagnose {
             peer,
             deep,

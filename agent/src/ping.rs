@@ -77,7 +77,7 @@ fn echo(ip: IpAddr) -> Option<f64> {
         .and_then(|t| t.parse().ok())
 }
 
-pub async fn run(sock: &Path, target: &str, count: u32) -> anyhow::Result<()> {
+pub async fn run(sock: &Path, target: &str, count: u32, until_direct: bool) -> anyhow::Result<()> {
     let status = |raw: String| -> anyhow::Result<serde_json::Value> {
         serde_json::from_str(&raw).context("daemon sent a malformed status")
     };
@@ -90,11 +90,13 @@ pub async fn run(sock: &Path, target: &str, count: u32) -> anyhow::Result<()> {
             .unwrap_or_default()
     };
     let mut answered = 0;
+    let mut sent = 0;
     let mut last_path: Option<String> = None;
     for i in 0..count.max(1) {
         if i > 0 {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
+        sent += 1;
         let rtt = tokio::task::spawn_blocking(move || echo(ip))
             .await
             .unwrap_or(None);
@@ -110,12 +112,24 @@ pub async fn run(sock: &Path, target: &str, count: u32) -> anyhow::Result<()> {
             Some(ms) => {
                 answered += 1;
                 println!("reply from {label}: {path}, {ms:.1} ms");
+                if until_direct && path == "direct" {
+                    last_path = Some(path);
+                    break;
+                }
             }
             None => println!("no reply from {label} within 1 s ({path})"),
         }
         last_path = Some(path);
     }
-    println!("{answered}/{} answered", count.max(1));
+    println!("{answered}/{sent} answered");
+    if until_direct && last_path.as_deref() != Some("direct") {
+        let peer = peer_of(&status(crate::status::request(sock, "status").await?)?);
+        bail!(
+            "no direct path to {label} after {sent} requests: still {}, because {} (`tern diagnose` says why)",
+            last_path.unwrap_or_default(),
+            peer["path_reason"].as_str().unwrap_or("no reason was given")
+        );
+    }
     if answered == 0 {
         let peer = peer_of(&status(crate::status::request(sock, "status").await?)?);
         let why = peer["path_reason"].as_str().unwrap_or("");

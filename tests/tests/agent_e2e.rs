@@ -96,6 +96,35 @@ fn c_udp_blocked_on_one_side_falls_back_to_the_tcp_relay() {
     m.wait_connection("a", &ha, "tcp_relay", Duration::from_secs(60));
     assert!(m.ping(&ha, &ip_b));
     m.transfer(&ha, &hb, &ip_b, "sink-tcp");
+    // UDP comes back: `tern ping` follows the path from the TCP relay to direct and stops at the
+    // first direct reply (bounded by its count); a pair that settles on TURN is upgraded.
+    let out = m
+        .lab
+        .exec(&ra, &["nft", "delete", "table", "inet", "tern_block"]);
+    assert!(out.status.success(), "{out:?}");
+    m.lab.flush_nat(&ra).expect("flush");
+    let t0 = Instant::now();
+    let mut args = vec![bin("tern").display().to_string()];
+    args.extend(m.agent_args("a"));
+    args.extend(["ping", "b", "-c", "90", "--until-direct"].map(String::from));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = m.lab.exec(&ha, &refs);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    // From the TCP relay (through TURN first when a pair settles there, then upgraded) to
+    // direct.
+    assert!(
+        text.contains("via the TCP relay")
+            && text.contains("path changed:")
+            && text.contains("-> direct")
+            && text.contains(": direct,"),
+        "{text}"
+    );
+    eprintln!("figure: UDP back -> direct path in {:?}", t0.elapsed());
 }
 
 /// `tern ping TARGET -c N` run by `who` in `ns`: (exit success, stdout + stderr).

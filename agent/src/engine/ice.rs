@@ -11,13 +11,7 @@ impl Engine {
             conns.remove(&peer);
         }
         drop(conns);
-        let old = {
-            let mut ice = lock(&self.ice);
-            match ice.get(&peer) {
-                Some(s) if s.id == session => ice.remove(&peer),
-                _ => None,
-            }
-        };
+        let old = lock(&self.ice).remove(&(peer, session));
         if let Some(s) = old {
             tokio::spawn(async move {
                 let _ = s.agent.close().await;
@@ -161,20 +155,16 @@ impl Engine {
         session: u64,
     ) -> mpsc::Receiver<()> {
         let (cancel, cancel_rx) = mpsc::channel(1);
-        let old = lock(&self.ice).insert(
-            peer,
+        // Older sessions of this peer are stopped by the core (StopIce) when this one starts
+        // or connects, except a TURN pair that carries traffic meanwhile.
+        lock(&self.ice).insert(
+            (peer, session),
             IceSession {
-                id: session,
                 agent: agent.clone(),
                 _cancel: cancel,
                 dial_cancel: None,
             },
         );
-        if let Some(old) = old.filter(|o| o.id != session) {
-            tokio::spawn(async move {
-                let _ = old.agent.close().await;
-            });
-        }
         self.wire_agent_events(peer, agent, session);
         self.ice_event(peer, IceEvent::Started { session });
         cancel_rx
@@ -239,7 +229,7 @@ impl Engine {
         let session: u64 = rand::random();
         let cancel = self.begin_session(peer, &agent, session);
         // Kept with the session until the answer arrives (the dial takes it there).
-        if let Some(s) = lock(&self.ice).get_mut(&peer).filter(|s| s.id == session) {
+        if let Some(s) = lock(&self.ice).get_mut(&(peer, session)) {
             s.dial_cancel = Some(cancel);
         }
         let (ufrag, pwd) = agent.get_local_user_credentials().await;
@@ -318,12 +308,12 @@ impl Engine {
             } => {
                 let (agent, cancel) = {
                     let mut ice = lock(&self.ice);
-                    match ice.get_mut(&peer) {
-                        Some(s) if s.id == session => match s.dial_cancel.take() {
+                    match ice.get_mut(&(peer, session)) {
+                        Some(s) => match s.dial_cancel.take() {
                             Some(c) => (s.agent.clone(), c),
                             None => return, // a repeated answer
                         },
-                        _ => return,
+                        None => return,
                     }
                 };
                 if let Err(e) = agent.gather_candidates() {
@@ -366,10 +356,9 @@ impl Engine {
     }
 
     pub(super) fn session_agent(&self, peer: PeerId, session: u64) -> Option<Arc<Agent>> {
-        match lock(&self.ice).get(&peer) {
-            Some(s) if s.id == session => Some(s.agent.clone()),
-            _ => None,
-        }
+        lock(&self.ice)
+            .get(&(peer, session))
+            .map(|s| s.agent.clone())
     }
 
     pub(super) async fn ice_result(
@@ -461,13 +450,26 @@ impl Engine {
         };
         let (local, remote, kind) = (path.local.clone(), path.remote.clone(), path.kind);
         let direct = path.endpoint.is_some();
-        // The conn is in place before the core switches to it, so no packet finds it missing.
-        write(&self.conns).insert(peer, (session, conn.clone()));
+        // A first pair's conn is in place before the core switches to it, so no packet finds
+        // it missing; a pair that would replace one in use (an upgrade attempt) goes in only
+        // once the core took it.
+        let first = {
+            let mut conns = write(&self.conns);
+            let first = !conns.contains_key(&peer);
+            if first {
+                conns.insert(peer, (session, conn.clone()));
+            }
+            first
+        };
         self.ice_event(peer, IceEvent::Connected(path));
         if lock(&self.node).ice_session(peer) != Some(session) {
-            // Refused (stale, or its pair runs through the tunnel): StopIce removed the conn.
+            // Refused (stale, TURN again on an upgrade attempt, or its pair runs through the
+            // tunnel): StopIce closed it.
             info!(peer, remote = %remote, "ICE pair discarded");
             return;
+        }
+        if !first {
+            write(&self.conns).insert(peer, (session, conn.clone()));
         }
         info!(peer, path = ?PathKind::from(kind), %local, %remote, "ICE connected");
         if direct {

@@ -117,7 +117,6 @@ pub struct PeerStatus {
 
 /// An ICE session run for a peer; dropping it cancels a pending dial/accept.
 struct IceSession {
-    id: u64,
     agent: Arc<Agent>,
     _cancel: mpsc::Sender<()>,
     /// Offering side: the cancel receiver the dial takes once the answer arrives.
@@ -134,8 +133,9 @@ pub struct Engine {
     relay: Mutex<pb::RelayConfig>,
     signal_out: mpsc::Sender<(PublicKey, PeerMsg)>,
     tcp_out: RwLock<Option<TcpOut>>,
-    /// ICE sessions under way or connected, per peer.
-    ice: Mutex<HashMap<PeerId, IceSession>>,
+    /// ICE sessions under way or connected, per (peer, session): a peer on TURN keeps its
+    /// connected session while an upgrade attempt runs.
+    ice: Mutex<HashMap<(PeerId, u64), IceSession>>,
     /// Connected ICE connections (the per-packet lookup).
     conns: RwLock<HashMap<PeerId, (u64, IceConn)>>,
     routes: Mutex<BTreeMap<String, crate::routes::RouteChoice>>,

@@ -34,6 +34,11 @@ pub const ICE_RETRY_MIN: Duration = Duration::from_secs(2);
 pub const ICE_RETRY_MAX: Duration = Duration::from_secs(120);
 /// After an ICE path is lost, the next attempt starts this soon.
 const ICE_RETRY_AFTER_LOSS: Duration = Duration::from_secs(1);
+/// A path through TURN is tried for a direct upgrade this long after it settles, then with a
+/// delay doubling up to [`UPGRADE_MAX`] while the attempts find no direct pair (the TURN path
+/// carries traffic meanwhile).
+pub const UPGRADE_MIN: Duration = Duration::from_secs(15);
+pub const UPGRADE_MAX: Duration = Duration::from_secs(600);
 /// A session whose last handshake is older than this is not up (WireGuard's reject-after-time).
 const SESSION_UP: Duration = Duration::from_secs(180);
 /// Smallest buffer boringtun may write into (a handshake initiation), and its data overhead.
@@ -183,6 +188,8 @@ struct Peer {
     /// The ICE attempt under way: (session, started).
     attempt: Option<(u64, Instant)>,
     retry: Backoff,
+    /// When to try a direct path while the current one runs through TURN.
+    upgrade: Backoff,
     failures: u32,
     last_failure: Option<String>,
     reported: PathKind,
@@ -351,6 +358,7 @@ impl Node {
                     ice: None,
                     attempt: None,
                     retry: Backoff::new(ICE_RETRY_MIN, ICE_RETRY_MAX, now),
+                    upgrade: Backoff::new(UPGRADE_MIN, UPGRADE_MAX, now),
                     failures: 0,
                     last_failure: None,
                     reported: PathKind::None,
@@ -641,6 +649,18 @@ impl Node {
                 p.retry.hold_until(now + ICE_ATTEMPT);
                 self.events.push_back(Event::StartIce { peer: *id });
             }
+            // Relayed: look for a direct pair now and then, keeping the TURN path meanwhile.
+            if p.controlling
+                && p.ice
+                    .as_ref()
+                    .is_some_and(|i| i.kind == PathKind::TurnRelay)
+                && p.attempt.is_none()
+                && p.spec.online
+                && p.upgrade.is_due(now)
+            {
+                p.upgrade.hold_until(now + ICE_ATTEMPT);
+                self.events.push_back(Event::StartIce { peer: *id });
+            }
         }
         for (id, session) in failed {
             self.handle_ice_event(
@@ -675,6 +695,14 @@ impl Node {
             .filter_map(|p| match p.attempt {
                 Some((_, started)) => Some(started + ICE_ATTEMPT),
                 None if p.controlling && p.ice.is_none() && p.spec.online => Some(p.retry.due_at()),
+                None if p.controlling
+                    && p.spec.online
+                    && p.ice
+                        .as_ref()
+                        .is_some_and(|i| i.kind == PathKind::TurnRelay) =>
+                {
+                    Some(p.upgrade.due_at())
+                }
                 None => None,
             })
             .min()
@@ -753,13 +781,23 @@ impl Node {
         };
         match ev {
             IceEvent::Started { session } => {
-                // A new attempt replaces the old one and any pair of an older session.
+                // A new attempt replaces an older attempt. A TURN pair keeps carrying traffic
+                // until the new one connects (an upgrade); a direct pair goes (the controlling
+                // side starts again only when it lost it).
+                let keep = p
+                    .ice
+                    .as_ref()
+                    .is_some_and(|i| i.kind == PathKind::TurnRelay);
                 let old = p
                     .attempt
                     .replace((session, now))
                     .map(|a| a.0)
                     .into_iter()
-                    .chain(p.ice.take().map(|i| i.session))
+                    .chain(if keep {
+                        None
+                    } else {
+                        p.ice.take().map(|i| i.session)
+                    })
                     .filter(|s| *s != session);
                 for s in old {
                     self.events.push_back(Event::StopIce { peer, session: s });
@@ -779,25 +817,55 @@ impl Node {
                     ));
                     p.retry.failed(now);
                     self.events.push_back(Event::StopIce { peer, session });
+                } else if path.kind == PathKind::TurnRelay
+                    && p.ice
+                        .as_ref()
+                        .is_some_and(|i| i.kind == PathKind::TurnRelay)
+                {
+                    // An upgrade attempt found TURN again: keep the path in use, try later.
+                    p.attempt = None;
+                    p.upgrade.failed(now);
+                    self.events.push_back(Event::StopIce { peer, session });
                 } else {
                     p.attempt = None;
                     p.failures = 0;
                     p.last_failure = None;
                     p.retry.succeeded();
-                    p.ice = Some(path);
+                    if path.kind == PathKind::TurnRelay {
+                        p.upgrade = Backoff::new(UPGRADE_MIN, UPGRADE_MAX, now);
+                        p.upgrade.failed(now);
+                    }
+                    if let Some(old) = p.ice.replace(path) {
+                        if old.session != session {
+                            self.events.push_back(Event::StopIce {
+                                peer,
+                                session: old.session,
+                            });
+                        }
+                    }
                 }
             }
             IceEvent::Failed { session, why } => {
                 if p.attempt.map(|a| a.0) == Some(session) {
                     p.attempt = None;
-                    p.failures += 1;
-                    p.last_failure = Some(why);
-                    p.retry.failed(now);
+                    if p.ice.is_some() {
+                        // An upgrade attempt: the path in use stays; try again later.
+                        p.upgrade.failed(now);
+                    } else {
+                        p.failures += 1;
+                        p.last_failure = Some(why);
+                        p.retry.failed(now);
+                    }
                     self.events.push_back(Event::StopIce { peer, session });
                 }
             }
             IceEvent::Lost { session } => {
-                if p.ice.as_ref().is_some_and(|i| i.session == session) {
+                if p.ice.as_ref().is_some_and(|i| i.session == session) && p.attempt.is_some() {
+                    // The pair in use is gone while another attempt runs: wait for that one.
+                    p.ice = None;
+                    p.last_failure = Some("the ICE pair stopped answering".into());
+                    self.events.push_back(Event::StopIce { peer, session });
+                } else if p.ice.as_ref().is_some_and(|i| i.session == session) {
                     p.ice = None;
                     p.last_failure = Some("the ICE pair stopped answering".into());
                     p.retry.retry_by(now + ICE_RETRY_AFTER_LOSS);
@@ -814,10 +882,15 @@ impl Node {
         self.report_paths();
     }
 
-    /// The host's addresses changed: retry ICE with every peer without a pair now.
+    /// The host's addresses changed: retry ICE with every peer without a pair now, and look
+    /// for a direct pair with every peer reached through TURN.
     pub fn retry_ice_now(&mut self, now: Instant) {
-        for p in self.peers.values_mut().filter(|p| p.ice.is_none()) {
-            p.retry.retry_by(now);
+        for p in self.peers.values_mut() {
+            match &p.ice {
+                None => p.retry.retry_by(now),
+                Some(i) if i.kind == PathKind::TurnRelay => p.upgrade.retry_by(now),
+                Some(_) => {}
+            }
         }
     }
 

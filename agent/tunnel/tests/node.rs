@@ -801,3 +801,91 @@ fn datagrams_on_the_shared_socket_find_their_peer_and_the_path_follows_a_rebindi
         "unauthenticated input moves nothing"
     );
 }
+
+#[test]
+fn a_turn_path_is_upgraded_to_direct_with_backoff_and_kept_meanwhile() {
+    let t0 = Instant::now();
+    let (mut x, peer) = offering(t0);
+    let status = |x: &Side, t: Instant| {
+        x.node
+            .status(t)
+            .into_iter()
+            .find(|s| s.peer == peer)
+            .expect("peer")
+    };
+    // Settled on TURN.
+    x.node.handle_timeout(t0);
+    assert!(events(&mut x.node).contains(&Event::StartIce { peer }));
+    x.node
+        .handle_ice_event(peer, IceEvent::Started { session: 1 }, t0);
+    x.node
+        .handle_ice_event(peer, ice(1, PathKind::TurnRelay, "203.0.113.10"), t0);
+    let _ = events(&mut x.node);
+    assert_eq!(status(&x, t0).path, PathKind::TurnRelay);
+    // No upgrade attempt before UPGRADE_MIN, one at it.
+    x.node
+        .handle_timeout(t0 + UPGRADE_MIN - Duration::from_secs(1));
+    assert!(!events(&mut x.node).contains(&Event::StartIce { peer }));
+    let t1 = t0 + UPGRADE_MIN;
+    x.node.handle_timeout(t1);
+    assert!(events(&mut x.node).contains(&Event::StartIce { peer }));
+    x.node
+        .handle_ice_event(peer, IceEvent::Started { session: 2 }, t1);
+    assert!(
+        !events(&mut x.node).contains(&Event::StopIce { peer, session: 1 }),
+        "the TURN pair keeps carrying traffic during the attempt"
+    );
+    let s = status(&x, t1);
+    assert_eq!(
+        (s.path, s.reason_code),
+        (PathKind::TurnRelay, "ice_no_direct_pair")
+    );
+    // The attempt finds TURN again: the old pair stays, the new one is closed, and the next
+    // attempt waits twice as long.
+    x.node
+        .handle_ice_event(peer, ice(2, PathKind::TurnRelay, "203.0.113.10"), t1);
+    assert_eq!(
+        events(&mut x.node),
+        vec![Event::StopIce { peer, session: 2 }]
+    );
+    assert_eq!(x.node.ice_session(peer), Some(1));
+    x.node.handle_timeout(t1 + UPGRADE_MIN);
+    assert!(!events(&mut x.node).contains(&Event::StartIce { peer }));
+    let t2 = t1 + UPGRADE_MIN * 2;
+    x.node.handle_timeout(t2);
+    assert!(events(&mut x.node).contains(&Event::StartIce { peer }));
+    // A failed attempt is no failure of the path in use.
+    x.node
+        .handle_ice_event(peer, IceEvent::Started { session: 3 }, t2);
+    x.node.handle_ice_event(
+        peer,
+        IceEvent::Failed {
+            session: 3,
+            why: "no pair".into(),
+        },
+        t2,
+    );
+    let _ = events(&mut x.node);
+    assert_eq!(status(&x, t2).path, PathKind::TurnRelay);
+    // Later an attempt finds a direct pair: the path upgrades and the TURN session closes.
+    let t3 = t2 + UPGRADE_MAX;
+    x.node.handle_timeout(t3);
+    assert!(events(&mut x.node).contains(&Event::StartIce { peer }));
+    x.node
+        .handle_ice_event(peer, IceEvent::Started { session: 4 }, t3);
+    x.node
+        .handle_ice_event(peer, ice(4, PathKind::Direct, "203.0.113.12"), t3);
+    let ev = events(&mut x.node);
+    assert!(
+        ev.contains(&Event::StopIce { peer, session: 1 })
+            && ev.contains(&Event::PathChanged {
+                peer,
+                kind: PathKind::Direct
+            }),
+        "{ev:?}"
+    );
+    assert_eq!(status(&x, t3).reason_code, "direct");
+    // Direct: no more upgrade attempts.
+    x.node.handle_timeout(t3 + UPGRADE_MAX * 2);
+    assert!(!events(&mut x.node).contains(&Event::StartIce { peer }));
+}
