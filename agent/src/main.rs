@@ -376,7 +376,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 };
                 let state = match (g("state").as_str(), g("access").as_str()) {
                     ("installed", "none") => format!(
-                        "installed, but no policy lets this peer use it ({via} drops its traffic)"
+                        "installed, but no policy lets this peer use it ({via} drops its traffic; {} packets sent so far)",
+                        r.get("sent_without_policy").and_then(|v| v.as_u64()).unwrap_or(0)
                     ),
                     ("installed", a) if !a.is_empty() && a != "all" => {
                         format!("installed (policies allow {a})")
@@ -480,6 +481,12 @@ fn peer_lines(p: &serde_json::Value, detail: bool) -> Vec<String> {
         text("state"),
         connection
     )];
+    match text("access").as_str() {
+        "none" => lines
+            .push("      no policy lets this peer reach it (it may reach this peer)".to_string()),
+        "all" | "" => {}
+        a => lines.push(format!("      policies let this peer use {a}")),
+    }
     let reason = text("path_reason");
     if !reason.is_empty() {
         let code = text("path_reason_code");
@@ -498,7 +505,9 @@ fn peer_lines(p: &serde_json::Value, detail: bool) -> Vec<String> {
             parts.push(format!("pair {l} <-> {r}"));
         }
         parts.push(match num("last_handshake_secs_ago") {
-            Some(s) => format!("handshake {s:.0} s ago"),
+            Some(s) if s < 90.0 => format!("handshake {s:.0} s ago"),
+            Some(s) if s < 5400.0 => format!("handshake {:.0} min ago", s / 60.0),
+            Some(s) => format!("handshake {:.0} h ago", s / 3600.0),
             None => "no handshake yet".to_string(),
         });
         parts.push(format!(
@@ -1030,5 +1039,24 @@ mod tests {
             "{lines}"
         );
         assert!(lines.contains("handshake 3 s ago"), "{lines}");
+        assert!(
+            !lines.contains("policies let") && !lines.contains("no policy"),
+            "no access word: nothing to say: {lines}"
+        );
+        let mut r = q.clone();
+        r["access"] = "none".into();
+        r["last_handshake_secs_ago"] = 150.into();
+        let lines = peer_lines(&r, true).join("\n");
+        assert!(
+            lines.contains("no policy lets this peer reach it (it may reach this peer)"),
+            "{lines}"
+        );
+        assert!(lines.contains("handshake 2 min ago"), "{lines}");
+        r["access"] = "tcp 22, 443".into();
+        let lines = peer_lines(&r, false).join("\n");
+        assert!(
+            lines.contains("policies let this peer use tcp 22, 443"),
+            "{lines}"
+        );
     }
 }

@@ -23,6 +23,9 @@ pub struct RouteChoice {
     /// What the policies let this peer reach in the network: "all", "none", or protocols and
     /// ports ("tcp 22, 443").
     pub access: String,
+    /// With access "none": packets this host sent into the network anyway (the routing peer
+    /// drops them).
+    pub sent_without_policy: u64,
 }
 
 impl RouteChoice {
@@ -83,6 +86,7 @@ mod tests {
             metric: 10,
             state: state.into(),
             access: access.into(),
+            sent_without_policy: 0,
         };
         assert_eq!(r("installed", "all").report(), ("installed", String::new()));
         assert_eq!(r("installed", "tcp 22").report().0, "installed");

@@ -741,9 +741,14 @@ fn route_access_follows_policies_tcp_only_for_staff() {
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let text = String::from_utf8_lossy(&m.lab.exec(&hc, &refs).stdout).to_string();
     assert!(
-        text.contains("installed, but no policy lets this peer use it (b drops its traffic)"),
+        text.contains("installed, but no policy lets this peer use it (b drops its traffic; "),
         "{text}"
     );
+    // c counts what it sent in vain (the TCP attempt and the pings above), as b does.
+    let sent = route_of("c", &hc).expect("c's route")["sent_without_policy"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(sent > 0, "c counted the packets no policy allows");
     let mut clients = Value::Null;
     m.lab
         .wait_for("route clients reported", Duration::from_secs(40), || {

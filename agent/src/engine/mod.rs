@@ -113,6 +113,9 @@ pub struct PeerStatus {
     pub bytes_rx: u64,
     pub bytes_tx: u64,
     pub allowed_ips: Vec<String>,
+    /// What the policies let this host send to the peer: "all", "none" (only the peer may open
+    /// connections to this host), or protocols and ports ("tcp 22, 443; icmp").
+    pub access: String,
 }
 
 /// An ICE session run for a peer; dropping it cancels a pending dial/accept.
@@ -140,6 +143,9 @@ pub struct Engine {
     conns: RwLock<HashMap<PeerId, (u64, IceConn)>>,
     routes: Mutex<BTreeMap<String, crate::routes::RouteChoice>>,
     served: Mutex<Vec<(IpNet, bool)>>,
+    /// What the policies let this host send to each peer, by overlay address (from the map's
+    /// outbound rules).
+    access: Mutex<HashMap<String, String>>,
     /// When each peer's path changed (the last 10 minutes, at most 64 per peer).
     path_log: Mutex<HashMap<PeerId, std::collections::VecDeque<Instant>>>,
 }
@@ -155,6 +161,52 @@ fn candidate_kind(t: CandidateType) -> &'static str {
         CandidateType::Relay => "relay",
         CandidateType::Unspecified => "unknown",
     }
+}
+
+/// What the map's outbound rules let this host send to each peer (by overlay address), in words.
+fn outbound_access(rules: &[pb::FirewallRule]) -> HashMap<String, String> {
+    let mut by_peer: HashMap<String, std::collections::BTreeSet<String>> = HashMap::new();
+    for r in rules
+        .iter()
+        .filter(|r| r.direction == pb::Direction::Out as i32 && r.network.is_empty())
+    {
+        let ip = r.peer_cidr.split('/').next().unwrap_or("").to_string();
+        let proto = match pb::Protocol::try_from(r.protocol) {
+            Ok(pb::Protocol::Any) => "all",
+            Ok(pb::Protocol::Tcp) => "tcp",
+            Ok(pb::Protocol::Udp) => "udp",
+            Ok(pb::Protocol::Icmp) => "icmp",
+            Err(_) => continue,
+        };
+        let ports: Vec<String> = r
+            .ports
+            .iter()
+            .map(|p| {
+                if p.start == p.end {
+                    p.start.to_string()
+                } else {
+                    format!("{}-{}", p.start, p.end)
+                }
+            })
+            .collect();
+        let words = if proto == "all" || ports.is_empty() {
+            proto.to_string()
+        } else {
+            format!("{proto} {}", ports.join(", "))
+        };
+        by_peer.entry(ip).or_default().insert(words);
+    }
+    by_peer
+        .into_iter()
+        .map(|(ip, set)| {
+            let w = if set.contains("all") {
+                "all".to_string()
+            } else {
+                set.into_iter().collect::<Vec<_>>().join("; ")
+            };
+            (ip, w)
+        })
+        .collect()
 }
 
 /// A firewall rule of the network map as the core's policy filter takes it (inbound only).
@@ -207,6 +259,7 @@ impl Engine {
             routes: Mutex::new(BTreeMap::new()),
             served: Mutex::new(vec![]),
             path_log: Mutex::new(HashMap::new()),
+            access: Mutex::new(HashMap::new()),
         })
     }
 
@@ -236,6 +289,7 @@ impl Engine {
             .iter()
             .filter_map(rule_from_map)
             .collect();
+        *lock(&self.access) = outbound_access(&map.firewall_rules);
         let specs: Vec<PeerSpec> = map
             .remote_peers
             .iter()
@@ -349,6 +403,7 @@ impl Engine {
                     metric,
                     state,
                     access: route_access,
+                    sent_without_policy: 0,
                 },
             );
         }
@@ -368,6 +423,12 @@ impl Engine {
                 .filter_map(|(net, id)| Some((*net, n.peer_by_mgmt_id(id)?)))
                 .collect();
             n.set_routes(by_peer, Instant::now());
+            let denied: Vec<IpNet> = assigned
+                .iter()
+                .filter(|(net, _)| access.get(net.to_string().as_str()) == Some(&"none"))
+                .map(|(net, _)| *net)
+                .collect();
+            n.set_denied(denied);
         }
         self.run_events();
         // Typed before anything reaches nftables: a malformed value from the map is dropped.
@@ -411,7 +472,18 @@ impl Engine {
     }
 
     pub fn route_status(&self) -> Vec<crate::routes::RouteChoice> {
-        lock(&self.routes).values().cloned().collect()
+        let counts: Vec<(IpNet, u64)> = lock(&self.node).denied_counts().to_vec();
+        lock(&self.routes)
+            .values()
+            .cloned()
+            .map(|mut r| {
+                r.sent_without_policy = counts
+                    .iter()
+                    .find(|(n, _)| n.to_string() == r.network)
+                    .map_or(0, |(_, c)| *c);
+                r
+            })
+            .collect()
     }
 
     pub fn served_status(&self) -> Vec<String> {
@@ -477,6 +549,7 @@ impl Engine {
 
     pub fn status(&self) -> Vec<PeerStatus> {
         let now = Instant::now();
+        let access = lock(&self.access).clone();
         let changes: HashMap<PeerId, u32> = lock(&self.path_log)
             .iter()
             .map(|(p, l)| {
@@ -515,6 +588,10 @@ impl Engine {
                 bytes_rx: s.rx_bytes,
                 bytes_tx: s.tx_bytes,
                 allowed_ips: s.spec.allowed.iter().map(|n| n.to_string()).collect(),
+                access: access
+                    .get(&s.spec.overlay_ip.to_string())
+                    .cloned()
+                    .unwrap_or_else(|| "none".into()),
             })
             .collect()
     }
@@ -523,6 +600,39 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outbound_rules_say_what_this_host_may_send_to_each_peer() {
+        let rule = |ip: &str, proto: pb::Protocol, ports: &[(u32, u32)]| pb::FirewallRule {
+            peer_cidr: format!("{ip}/32"),
+            direction: pb::Direction::Out as i32,
+            protocol: proto as i32,
+            ports: ports
+                .iter()
+                .map(|(start, end)| pb::PortRange {
+                    start: *start,
+                    end: *end,
+                })
+                .collect(),
+            policy_id: "p".into(),
+            network: String::new(),
+        };
+        let mut inbound = rule("100.64.0.9", pb::Protocol::Any, &[]);
+        inbound.direction = pb::Direction::In as i32;
+        let a = outbound_access(&[
+            rule("100.64.0.2", pb::Protocol::Tcp, &[(22, 22), (8000, 8080)]),
+            rule("100.64.0.2", pb::Protocol::Icmp, &[]),
+            rule("100.64.0.3", pb::Protocol::Tcp, &[(22, 22)]),
+            rule("100.64.0.3", pb::Protocol::Any, &[]),
+            inbound,
+        ]);
+        assert_eq!(a["100.64.0.2"], "icmp; tcp 22, 8000-8080");
+        assert_eq!(a["100.64.0.3"], "all");
+        assert!(
+            !a.contains_key("100.64.0.9"),
+            "inbound rules say nothing about sending"
+        );
+    }
 
     #[test]
     fn map_rules_become_inbound_filter_rules() {

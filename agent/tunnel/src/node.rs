@@ -208,6 +208,9 @@ pub struct Node {
     allowed: AllowedIps<PeerId>,
     /// Routed networks and the peer that serves each for us.
     routed: Vec<(IpNet, PeerId)>,
+    /// Routed networks no policy lets this host use, and the packets sent into each anyway (the
+    /// routing peer drops them; counted here too, so the sender can see it).
+    denied: Vec<(IpNet, u64)>,
     overlay: Option<IpNet>,
     firewall: Firewall,
     tcp_relay_up: bool,
@@ -243,6 +246,7 @@ impl Node {
             next_id: 1,
             allowed: AllowedIps::default(),
             routed: vec![],
+            denied: vec![],
             overlay: None,
             firewall: Firewall::default(),
             tcp_relay_up: false,
@@ -402,6 +406,23 @@ impl Node {
         self.report_paths();
     }
 
+    /// The routed networks no policy lets this host use (counters of networks that stay are kept).
+    pub fn set_denied(&mut self, nets: Vec<IpNet>) {
+        let old = std::mem::take(&mut self.denied);
+        self.denied = nets
+            .into_iter()
+            .map(|n| {
+                let kept = old.iter().find(|(o, _)| *o == n).map_or(0, |(_, c)| *c);
+                (n, kept)
+            })
+            .collect();
+    }
+
+    /// Packets sent into each routed network that no policy lets this host use.
+    pub fn denied_counts(&self) -> &[(IpNet, u64)] {
+        &self.denied
+    }
+
     fn rebuild_allowed(&mut self) {
         let mut a = AllowedIps::default();
         for (id, p) in &self.peers {
@@ -540,6 +561,9 @@ impl Node {
     ) -> Result<Option<Transmit<'o>>, Error> {
         let dst = crate::packet::dst(packet).ok_or(Error::NotIp)?;
         let id = *self.allowed.get(dst).ok_or(Error::NoRoute(dst))?;
+        if let Some((_, c)) = self.denied.iter_mut().find(|(n, _)| n.contains(&dst)) {
+            *c += 1;
+        }
         if out.len() < (packet.len() + DATA_OVERHEAD).max(MIN_BUF) {
             return Err(Error::BufferTooSmall);
         }

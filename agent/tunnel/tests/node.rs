@@ -889,3 +889,26 @@ fn a_turn_path_is_upgraded_to_direct_with_backoff_and_kept_meanwhile() {
     x.node.handle_timeout(t3 + UPGRADE_MAX * 2);
     assert!(!events(&mut x.node).contains(&Event::StartIce { peer }));
 }
+
+#[test]
+fn packets_into_a_routed_network_no_policy_opens_are_counted_by_the_sender() {
+    let now = Instant::now();
+    let (mut a, b) = pair(now);
+    let gw = a.node.peer_by_key(&b.node.public_key()).expect("b");
+    let lan: ipnet::IpNet = "192.168.50.0/24".parse().expect("net");
+    a.node.set_routes(vec![(lan, gw)], now);
+    a.node.set_denied(vec![lan]);
+    let mut buf = vec![0u8; BUF];
+    for _ in 0..3 {
+        let pkt = packet(TCP, "100.64.0.1", "192.168.50.10", 4000, 22, b"");
+        let _ = a.node.encapsulate(&pkt, now, &mut buf);
+    }
+    let to_b = packet(UDP, "100.64.0.1", "100.64.0.2", 1, 2, b"x");
+    let _ = a.node.encapsulate(&to_b, now, &mut buf);
+    assert_eq!(a.node.denied_counts(), &[(lan, 3)]);
+    // The map changes but the network stays denied: the count stays; opened: gone.
+    a.node.set_denied(vec![lan]);
+    assert_eq!(a.node.denied_counts(), &[(lan, 3)]);
+    a.node.set_denied(vec![]);
+    assert!(a.node.denied_counts().is_empty());
+}
