@@ -387,6 +387,12 @@ impl ManagementService for AgentService {
                 "peer token does not match the registered key",
             ));
         }
+        if let Some(axum::extract::ConnectInfo(addr)) = req
+            .extensions()
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        {
+            self.state.set_endpoint(&peer.id, *addr);
+        }
         let (tx, rx) = mpsc::channel(4);
         let state = self.state.clone();
         if state.stream_opened(&peer.id) {

@@ -119,6 +119,10 @@ pub struct Peer {
     /// How this peer reaches others right now, as its agent last reported (not stored; empty
     /// while offline).
     pub connections: Vec<PeerConnection>,
+    /// Where its management connection comes from now (its public address as the server sees
+    /// it; a reverse proxy's when one is in front); None while offline.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
 }
 
 /// One peer-to-peer path as an agent reports it.

@@ -551,6 +551,7 @@ mod tests {
                 .map(String::from)
                 .collect(),
             connections: vec![],
+            endpoint: None,
         }
     }
 

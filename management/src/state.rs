@@ -63,6 +63,9 @@ pub struct AppState {
     connections: std::sync::Mutex<HashMap<String, (Instant, Vec<PeerConnection>)>>,
     /// Networks each online peer reaches without the tunnel (from its reports).
     reachable: std::sync::Mutex<HashMap<String, Vec<ipnet::IpNet>>>,
+    /// The address each online peer's management connection comes from (its public address, as
+    /// this server sees it).
+    endpoints: std::sync::Mutex<HashMap<String, std::net::SocketAddr>>,
     /// Each online peer's last report about the routes it was given: (network, state, detail).
     route_reports: std::sync::Mutex<HashMap<String, Vec<RouteReport>>>,
     /// Bumped when a report changes which path any pair uses (not for RTT alone).
@@ -171,6 +174,7 @@ impl AppState {
             connections: std::sync::Mutex::new(HashMap::new()),
             reachable: std::sync::Mutex::new(HashMap::new()),
             route_reports: std::sync::Mutex::new(HashMap::new()),
+            endpoints: std::sync::Mutex::new(HashMap::new()),
             conn_version: std::sync::atomic::AtomicU64::new(0),
             conn_summary: std::sync::Mutex::new(None),
             relay_metrics: std::sync::OnceLock::new(),
@@ -236,6 +240,10 @@ impl AppState {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(peer_id);
+                self.endpoints
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(peer_id);
                 // Its paths vanish, also from the reports of peers that still list it.
                 self.conn_version
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -259,6 +267,14 @@ impl AppState {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(peer_id.to_string(), nets);
+    }
+
+    /// Records where a peer's management connection comes from.
+    pub fn set_endpoint(&self, peer_id: &str, addr: std::net::SocketAddr) {
+        self.endpoints
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(peer_id.to_string(), addr);
     }
 
     /// Records what became of the routes a peer was given (from its report).
@@ -437,6 +453,11 @@ impl AppState {
             .filter(|p| p.connected)
             .map(|p| p.id.clone())
             .collect();
+        let endpoints = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+        for p in peers.iter_mut().filter(|p| p.connected) {
+            p.endpoint = endpoints.get(&p.id).map(|a| a.to_string());
+        }
+        drop(endpoints);
         let map = self.connections.lock().unwrap_or_else(|e| e.into_inner());
         for p in peers.iter_mut().filter(|p| p.connected) {
             if let Some((at, conns)) = map.get(&p.id) {

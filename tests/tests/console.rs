@@ -387,6 +387,9 @@ async fn console_admin_journey_in_chromium() {
     b.wait_text(".peer-page", "registered peer", T)
         .await
         .expect("its recent events in words");
+    b.wait_text(".peer-page .endpoint", "127.0.0.1:", T)
+        .await
+        .expect("its public address as the server sees it");
     shot(b, "05b-peer").await.expect("shot");
 
     // --- Access policy: an invalid port is explained next to the field; then created.

@@ -54,6 +54,7 @@ fn peer_from(r: &AnyRow, groups: Vec<String>) -> Result<Peer> {
         created_at: col(r, "created_at")?,
         groups,
         connections: Vec::new(),
+        endpoint: None,
     })
 }
 
