@@ -481,11 +481,16 @@ fn peer_lines(p: &serde_json::Value, detail: bool) -> Vec<String> {
         text("state"),
         connection
     )];
+    let refused = match num("sent_without_policy").unwrap_or(0.0) {
+        n if n > 0.0 => format!("; {n:.0} packets sent anyway were dropped by it"),
+        _ => String::new(),
+    };
     match text("access").as_str() {
-        "none" => lines
-            .push("      no policy lets this peer reach it (it may reach this peer)".to_string()),
+        "none" => lines.push(format!(
+            "      no policy lets this peer reach it (it may reach this peer){refused}"
+        )),
         "all" | "" => {}
-        a => lines.push(format!("      policies let this peer use {a}")),
+        a => lines.push(format!("      policies let this peer use {a}{refused}")),
     }
     let reason = text("path_reason");
     if !reason.is_empty() {
@@ -1053,9 +1058,12 @@ mod tests {
         );
         assert!(lines.contains("handshake 2 min ago"), "{lines}");
         r["access"] = "tcp 22, 443".into();
+        r["sent_without_policy"] = 4.into();
         let lines = peer_lines(&r, false).join("\n");
         assert!(
-            lines.contains("policies let this peer use tcp 22, 443"),
+            lines.contains(
+                "policies let this peer use tcp 22, 443; 4 packets sent anyway were dropped by it"
+            ),
             "{lines}"
         );
     }

@@ -534,6 +534,21 @@ fn policies_are_enforced_by_the_agents() {
         .as_u64()
         .unwrap_or(0);
     assert!(dropped >= 2, "b counted the dropped pings: {dropped}");
+    // Both ends count: a counted the pings no policy allows as it sent them, and each side's
+    // status says what it may send to the other.
+    let peer_of = |who: &str, ns: &str| m.status(who, ns).expect("status")["peers"][0].clone();
+    let a_view = peer_of("a", &ha);
+    assert_eq!(a_view["access"], "tcp 5001", "{a_view}");
+    assert!(
+        a_view["sent_without_policy"].as_u64().unwrap_or(0) >= 2,
+        "a counted its pings: {a_view}"
+    );
+    let b_view = peer_of("b", &hb);
+    assert_eq!(b_view["access"], "none", "{b_view}");
+    assert!(
+        b_view["sent_without_policy"].as_u64().unwrap_or(0) >= 2,
+        "b counted its pings: {b_view}"
+    );
 
     // An admin removes c: its agent says so and stops retrying (it does not claim an outage).
     let c_id = m.peer_id("c", &hc);

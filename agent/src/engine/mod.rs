@@ -116,6 +116,8 @@ pub struct PeerStatus {
     /// What the policies let this host send to the peer: "all", "none" (only the peer may open
     /// connections to this host), or protocols and ports ("tcp 22, 443; icmp").
     pub access: String,
+    /// Packets that opened flows to the peer that no policy allows (the peer drops them).
+    pub sent_without_policy: u64,
 }
 
 /// An ICE session run for a peer; dropping it cancels a pending dial/accept.
@@ -290,6 +292,17 @@ impl Engine {
             .filter_map(rule_from_map)
             .collect();
         *lock(&self.access) = outbound_access(&map.firewall_rules);
+        let out_rules: Vec<Rule> = map
+            .firewall_rules
+            .iter()
+            .filter(|r| r.direction == pb::Direction::Out as i32 && r.network.is_empty())
+            .filter_map(|r| {
+                rule_from_map(&pb::FirewallRule {
+                    direction: pb::Direction::In as i32,
+                    ..r.clone()
+                })
+            })
+            .collect();
         let specs: Vec<PeerSpec> = map
             .remote_peers
             .iter()
@@ -314,6 +327,7 @@ impl Engine {
                 n.set_overlay(cfg.overlay_range.parse().ok());
             }
             n.set_rules(local, rules);
+            n.set_out_rules(out_rules);
             let before: Vec<PeerId> = n.peer_ids().collect();
             n.apply_peers(&specs, Instant::now());
             for id in n.peer_ids().filter(|id| !before.contains(id)) {
@@ -592,6 +606,7 @@ impl Engine {
                     .get(&s.spec.overlay_ip.to_string())
                     .cloned()
                     .unwrap_or_else(|| "none".into()),
+                sent_without_policy: s.sent_without_policy,
             })
             .collect()
     }

@@ -114,6 +114,10 @@ fn quoted_flow(pkt: &[u8]) -> Option<Flow> {
 #[derive(Default)]
 pub struct Firewall {
     rules: Vec<Rule>,
+    /// Outbound rules: `src` is the destination peer; what the peer's own filter lets in.
+    out_rules: Vec<Rule>,
+    /// Flows this host opened that no outbound rule allows (every packet of them is counted).
+    refused_out: HashMap<Flow, Instant>,
     local: Option<IpAddr>,
     flows: HashMap<Flow, Instant>,
     pub dropped: u64,
@@ -125,22 +129,61 @@ impl Firewall {
         self.rules = rules;
     }
 
-    /// A packet from the TUN device (leaving through the tunnel): remember its flow.
-    pub fn outbound(&mut self, pkt: &[u8], now: Instant) {
-        if let Some((proto, src, dst, sport, dport, error)) = parse(pkt) {
-            if !error {
-                self.track(
-                    Flow {
-                        proto,
-                        local: src,
-                        lport: sport,
-                        remote: dst,
-                        rport: dport,
-                    },
-                    now,
-                );
-            }
+    /// What the peers' filters let this host open (the map's outbound rules).
+    pub fn set_out_rules(&mut self, rules: Vec<Rule>) {
+        self.out_rules = rules;
+        self.refused_out.clear();
+    }
+
+    /// A packet from the TUN device (leaving through the tunnel): remember its flow. Returns
+    /// false when it opens a flow to a peer (`to_peer`) that no outbound rule allows: the peer's
+    /// filter will drop it (a reply to a flow the peer opened, or a flow already under way,
+    /// is fine).
+    pub fn outbound(&mut self, pkt: &[u8], now: Instant, to_peer: bool) -> bool {
+        let Some((proto, src, dst, sport, dport, error)) = parse(pkt) else {
+            return true;
+        };
+        if error {
+            return true;
         }
+        let flow = Flow {
+            proto,
+            local: src,
+            lport: sport,
+            remote: dst,
+            rport: dport,
+        };
+        if let Some(seen) = self.refused_out.get_mut(&flow) {
+            *seen = now;
+            self.track(flow, now);
+            return false;
+        }
+        let known = self
+            .flows
+            .get(&flow)
+            .is_some_and(|seen| now.saturating_duration_since(*seen) < FLOW_IDLE);
+        let allowed = known
+            || !to_peer
+            || self.out_rules.iter().any(|r| {
+                r.src.contains(&dst)
+                    && (r.proto == 0 || r.proto == proto)
+                    && (r.ports.is_empty()
+                        || ((proto == TCP || proto == UDP)
+                            && r.ports.iter().any(|(a, b)| (*a..=*b).contains(&dport))))
+            });
+        if !allowed {
+            if self.refused_out.len() >= 4096 {
+                self.refused_out
+                    .retain(|_, t| now.saturating_duration_since(*t) < FLOW_IDLE);
+                if self.refused_out.len() >= 4096 {
+                    self.refused_out.clear();
+                }
+            }
+            self.refused_out.insert(flow, now);
+        }
+        // Tracked either way: replies (should a policy open the flow later) still pass.
+        self.track(flow, now);
+        allowed
     }
 
     /// A decapsulated packet about to enter this host: true if it may pass.
@@ -221,6 +264,64 @@ impl Firewall {
 mod tests {
     use super::*;
 
+    #[test]
+    fn flows_no_outbound_rule_allows_are_told_apart_from_replies() {
+        let t = Instant::now();
+        let mut f = Firewall::default();
+        f.set_rules(
+            Some("100.64.0.1".parse().expect("ip")),
+            vec![Rule {
+                src: "100.64.0.2/32".parse().expect("net"),
+                proto: TCP,
+                ports: vec![(22, 22)],
+                network: None,
+            }],
+        );
+        f.set_out_rules(vec![Rule {
+            src: "100.64.0.3/32".parse().expect("net"),
+            proto: UDP,
+            ports: vec![(53, 53)],
+            network: None,
+        }]);
+        // 100.64.0.2 may open SSH to us; our replies are fine, our own new flows to it are not.
+        assert!(f.inbound(&v4(TCP, [100, 64, 0, 2], [100, 64, 0, 1], 40000, 22), t));
+        assert!(f.outbound(
+            &v4(TCP, [100, 64, 0, 1], [100, 64, 0, 2], 22, 40000),
+            t,
+            true
+        ));
+        assert!(!f.outbound(
+            &v4(TCP, [100, 64, 0, 1], [100, 64, 0, 2], 5000, 80),
+            t,
+            true
+        ));
+        assert!(
+            !f.outbound(
+                &v4(TCP, [100, 64, 0, 1], [100, 64, 0, 2], 5000, 80),
+                t,
+                true
+            ),
+            "every packet of a refused flow counts"
+        );
+        // To 100.64.0.3 only UDP 53.
+        assert!(f.outbound(
+            &v4(UDP, [100, 64, 0, 1], [100, 64, 0, 3], 5000, 53),
+            t,
+            true
+        ));
+        assert!(!f.outbound(
+            &v4(UDP, [100, 64, 0, 1], [100, 64, 0, 3], 5000, 54),
+            t,
+            true
+        ));
+        // Not to a peer's own address (a routed network): not judged here.
+        assert!(f.outbound(
+            &v4(TCP, [100, 64, 0, 1], [192, 168, 50, 10], 5000, 80),
+            t,
+            false
+        ));
+    }
+
     fn v4(proto: u8, src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
         let mut p = vec![0u8; 40];
         p[0] = 0x45;
@@ -279,7 +380,7 @@ mod tests {
     fn replies_to_our_own_flows_pass_and_expire() {
         let mut f = ssh_only();
         let t = Instant::now();
-        f.outbound(&v4(TCP, ME, OTHER, 50000, 443), t);
+        f.outbound(&v4(TCP, ME, OTHER, 50000, 443), t, false);
         assert!(
             f.inbound(&v4(TCP, OTHER, ME, 443, 50000), t),
             "reply passes"
@@ -288,7 +389,7 @@ mod tests {
             !f.inbound(&v4(TCP, OTHER, ME, 443, 50001), t),
             "not our flow"
         );
-        f.outbound(&icmp(ME, OTHER, 8, 99), t);
+        f.outbound(&icmp(ME, OTHER, 8, 99), t, false);
         assert!(f.inbound(&icmp(OTHER, ME, 0, 99), t), "echo reply");
         assert!(
             !f.inbound(
@@ -326,7 +427,7 @@ mod tests {
         );
         // An ICMP "fragmentation needed" quoting a packet this host sent passes (PMTU).
         let sent = v4(TCP, ME, [192, 168, 50, 10], 40000, 502);
-        f.outbound(&sent, t);
+        f.outbound(&sent, t, false);
         let mut err = icmp([192, 168, 50, 1], ME, 3, 0);
         err[21] = 4;
         err.truncate(28); // IP header + ICMP header, then the quoted packet
@@ -361,6 +462,7 @@ mod tests {
             f.outbound(
                 &v4(UDP, ME, host, port, 53),
                 t + Duration::from_micros(i as u64),
+                false,
             );
         }
         assert!(f.flows() <= MAX_FLOWS);

@@ -177,6 +177,8 @@ pub struct PeerStatus {
     pub rx_bytes: u64,
     pub tx_bytes: u64,
     pub routed: Vec<IpNet>,
+    /// Packets that opened flows to the peer that no policy allows (the peer drops them).
+    pub sent_without_policy: u64,
 }
 
 struct Peer {
@@ -196,6 +198,8 @@ struct Peer {
     rx_bytes: u64,
     tx_bytes: u64,
     probes: Probes,
+    /// Packets that opened flows to the peer no outbound rule allows (its filter drops them).
+    sent_without_policy: u64,
 }
 
 pub struct Node {
@@ -271,6 +275,11 @@ impl Node {
 
     pub fn overlay(&self) -> Option<IpNet> {
         self.overlay
+    }
+
+    /// What the peers' filters let this host open (the map's outbound rules; `src` is the peer).
+    pub fn set_out_rules(&mut self, rules: Vec<Rule>) {
+        self.firewall.set_out_rules(rules);
     }
 
     /// The policy filter's rules and this host's overlay address.
@@ -369,6 +378,7 @@ impl Node {
                     rx_bytes: 0,
                     tx_bytes: 0,
                     probes: Probes::default(),
+                    sent_without_policy: 0,
                 },
             );
             self.by_key.insert(spec.key, id);
@@ -567,9 +577,13 @@ impl Node {
         if out.len() < (packet.len() + DATA_OVERHEAD).max(MIN_BUF) {
             return Err(Error::BufferTooSmall);
         }
-        self.firewall.outbound(packet, now);
+        let to_peer = self.overlay.is_some_and(|o| o.contains(&dst));
+        let allowed = self.firewall.outbound(packet, now, to_peer);
         let tcp = self.tcp_relay_up;
         let p = self.peers.get_mut(&id).ok_or(Error::UnknownPeer)?;
+        if !allowed {
+            p.sent_without_policy += 1;
+        }
         let base = out.as_ptr() as usize;
         let (off, n) = match p.tunn.encapsulate(packet, out) {
             TunnResult::WriteToNetwork(w) => span(base, w),
@@ -1011,6 +1025,7 @@ impl Node {
                     loss: quality.map(|q| (q.settled, q.lost)),
                     rx_bytes: p.rx_bytes,
                     tx_bytes: p.tx_bytes,
+                    sent_without_policy: p.sent_without_policy,
                     routed: self
                         .routed
                         .iter()
