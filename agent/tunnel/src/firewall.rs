@@ -114,8 +114,10 @@ fn quoted_flow(pkt: &[u8]) -> Option<Flow> {
 #[derive(Default)]
 pub struct Firewall {
     rules: Vec<Rule>,
-    /// Outbound rules: `src` is the destination peer; what the peer's own filter lets in.
-    out_rules: Vec<Rule>,
+    /// Outbound rules (`src` is the destination peer; what the peer's own filter lets in), by
+    /// host address for one lookup per packet, and the few wider ones.
+    out_hosts: HashMap<IpAddr, Vec<Rule>>,
+    out_wide: Vec<Rule>,
     /// Flows this host opened that no outbound rule allows (every packet of them is counted).
     refused_out: HashMap<Flow, Instant>,
     local: Option<IpAddr>,
@@ -131,7 +133,15 @@ impl Firewall {
 
     /// What the peers' filters let this host open (the map's outbound rules).
     pub fn set_out_rules(&mut self, rules: Vec<Rule>) {
-        self.out_rules = rules;
+        self.out_hosts.clear();
+        self.out_wide.clear();
+        for r in rules {
+            if r.src.prefix_len() == r.src.max_prefix_len() {
+                self.out_hosts.entry(r.src.addr()).or_default().push(r);
+            } else {
+                self.out_wide.push(r);
+            }
+        }
         self.refused_out.clear();
     }
 
@@ -153,24 +163,32 @@ impl Firewall {
             remote: dst,
             rport: dport,
         };
-        if let Some(seen) = self.refused_out.get_mut(&flow) {
-            *seen = now;
-            self.track(flow, now);
-            return false;
+        if !self.refused_out.is_empty() {
+            if let Some(seen) = self.refused_out.get_mut(&flow) {
+                *seen = now;
+                self.track(flow, now);
+                return false;
+            }
         }
-        let known = self
-            .flows
-            .get(&flow)
-            .is_some_and(|seen| now.saturating_duration_since(*seen) < FLOW_IDLE);
-        let allowed = known
-            || !to_peer
-            || self.out_rules.iter().any(|r| {
-                r.src.contains(&dst)
-                    && (r.proto == 0 || r.proto == proto)
-                    && (r.ports.is_empty()
-                        || ((proto == TCP || proto == UDP)
-                            && r.ports.iter().any(|(a, b)| (*a..=*b).contains(&dport))))
-            });
+        // Cheapest first: most packets are allowed by a rule (a few comparisons); only then the
+        // flow table (a reply to a flow the peer opened, or one under way).
+        let opens = |r: &Rule| {
+            r.src.contains(&dst)
+                && (r.proto == 0 || r.proto == proto)
+                && (r.ports.is_empty()
+                    || ((proto == TCP || proto == UDP)
+                        && r.ports.iter().any(|(a, b)| (*a..=*b).contains(&dport))))
+        };
+        let allowed = !to_peer
+            || self
+                .out_hosts
+                .get(&dst)
+                .is_some_and(|rs| rs.iter().any(opens))
+            || self.out_wide.iter().any(opens)
+            || self
+                .flows
+                .get(&flow)
+                .is_some_and(|seen| now.saturating_duration_since(*seen) < FLOW_IDLE);
         if !allowed {
             if self.refused_out.len() >= 4096 {
                 self.refused_out
