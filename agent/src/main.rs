@@ -56,15 +56,8 @@ struct Cli {
 enum Cmd {
     /// Join the network and run the tunnel (foreground). Later runs need no setup key.
     Up {
-        /// Management URL, e.g. https://vpn.example.com (remembered after the first join).
-        #[arg(long, env = "TERN_MANAGEMENT_URL")]
-        management_url: Option<String>,
-        /// Setup key (first join only).
-        #[arg(long, env = "TERN_SETUP_KEY", hide_env_values = true)]
-        setup_key: Option<String>,
-        /// Name to register with (default: the host name).
-        #[arg(long, env = "TERN_HOSTNAME")]
-        hostname: Option<String>,
+        #[command(flatten)]
+        join: JoinArgs,
         /// Tunnel MTU (default: the management setting, 1280).
         #[arg(long, env = "TERN_MTU")]
         mtu: Option<u32>,
@@ -134,19 +127,26 @@ enum Cmd {
     },
 }
 
+/// How to join: needed on the first join only (then remembered in the state directory).
+#[derive(clap::Args, Debug)]
+struct JoinArgs {
+    /// Management URL, e.g. https://vpn.example.com (remembered after the first join).
+    #[arg(long, env = "TERN_MANAGEMENT_URL")]
+    management_url: Option<String>,
+    /// Setup key (first join only; later runs and the service never need it).
+    #[arg(long, env = "TERN_SETUP_KEY", hide_env_values = true)]
+    setup_key: Option<String>,
+    /// Name to register with (default: the host name).
+    #[arg(long, env = "TERN_HOSTNAME")]
+    hostname: Option<String>,
+}
+
 #[derive(Subcommand, Debug)]
 enum ServiceCmd {
     /// Join (with --setup-key on a first join), then install, enable and start the service.
     Install {
-        /// Management URL, e.g. https://vpn.example.com (first join only).
-        #[arg(long, env = "TERN_MANAGEMENT_URL")]
-        management_url: Option<String>,
-        /// Setup key (first join only; the service itself never needs it).
-        #[arg(long, env = "TERN_SETUP_KEY", hide_env_values = true)]
-        setup_key: Option<String>,
-        /// Name to register with (default: the host name).
-        #[arg(long, env = "TERN_HOSTNAME")]
-        hostname: Option<String>,
+        #[command(flatten)]
+        join: JoinArgs,
     },
     /// Stop and disable the service and remove its unit.
     Uninstall,
@@ -232,9 +232,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Service { action } => match action {
             ServiceCmd::Install {
-                management_url,
-                setup_key,
-                hostname,
+                join:
+                    JoinArgs {
+                        management_url,
+                        setup_key,
+                        hostname,
+                    },
             } => {
                 if !platform::net::valid_iface(&cli.interface) {
                     bail!(
@@ -412,9 +415,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Up {
-            management_url,
-            setup_key,
-            hostname,
+            join:
+                JoinArgs {
+                    management_url,
+                    setup_key,
+                    hostname,
+                },
             mtu,
             nat64_prefix,
         } => {

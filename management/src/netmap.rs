@@ -216,21 +216,11 @@ impl NetIndex {
                 ModelProtocol::Udp => "udp",
                 ModelProtocol::Icmp => "icmp",
             };
-            if ports.is_empty() {
-                parts.insert(proto.to_string());
-            } else {
-                let list: Vec<String> = ports
-                    .iter()
-                    .map(|p| {
-                        if p.start == p.end {
-                            p.start.to_string()
-                        } else {
-                            format!("{}-{}", p.start, p.end)
-                        }
-                    })
-                    .collect();
-                parts.insert(format!("{proto} {}", list.join(", ")));
-            }
+            let ranges: Vec<(u32, u32)> = ports
+                .iter()
+                .map(|p| (u32::from(p.start), u32::from(p.end)))
+                .collect();
+            parts.insert(tern_proto::access_words(proto, &ranges));
         }
         if parts.is_empty() {
             "none".into()

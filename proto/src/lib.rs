@@ -14,6 +14,25 @@ pub mod tunnel;
 
 mod redact;
 
+/// What a policy opens, in words: `proto` ("tcp", "udp", "icmp"; "all" for any) and its port
+/// ranges, e.g. "tcp 22, 8000-8080" (`tern status`, `tern diagnose`, the network map).
+pub fn access_words(proto: &str, ports: &[(u32, u32)]) -> String {
+    if proto == "all" || ports.is_empty() {
+        return proto.to_string();
+    }
+    let list: Vec<String> = ports
+        .iter()
+        .map(|(a, b)| {
+            if a == b {
+                a.to_string()
+            } else {
+                format!("{a}-{b}")
+            }
+        })
+        .collect();
+    format!("{proto} {}", list.join(", "))
+}
+
 /// Management service (agent <-> management).
 pub mod management {
     #![allow(clippy::all, missing_docs)]

@@ -365,8 +365,7 @@ fn easy_nat_clean_baseline_then_black_hole_closed_relay_ports_overlay_conflict_n
         ],
     );
     assert!(tbf.status.success(), "{tbf:?}");
-    let blast = m
-        .lab
+    m.lab
         .spawn(
             "blast",
             &ha,
@@ -387,7 +386,6 @@ fn easy_nat_clean_baseline_then_black_hole_closed_relay_ports_overlay_conflict_n
         "figure: relay's view under overload: {}",
         finding(&r, "relay_overloaded")["evidence"]
     );
-    let _ = blast;
     m.lab.stop("blast");
     let _ = m
         .lab

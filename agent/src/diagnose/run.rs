@@ -326,10 +326,7 @@ async fn ping_train(ip: IpAddr) -> PingFacts {
     ping(ping_args(ip, TRAIN, None))
         .await
         .map(|o| parse_ping(&o))
-        .unwrap_or(PingFacts {
-            sent: 0,
-            ..PingFacts::default()
-        })
+        .unwrap_or_default()
 }
 
 /// Full-size and small echo requests with DF; when only small ones pass, the largest size that

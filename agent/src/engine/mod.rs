@@ -180,23 +180,11 @@ fn outbound_access(rules: &[pb::FirewallRule]) -> HashMap<String, String> {
             Ok(pb::Protocol::Icmp) => "icmp",
             Err(_) => continue,
         };
-        let ports: Vec<String> = r
-            .ports
-            .iter()
-            .map(|p| {
-                if p.start == p.end {
-                    p.start.to_string()
-                } else {
-                    format!("{}-{}", p.start, p.end)
-                }
-            })
-            .collect();
-        let words = if proto == "all" || ports.is_empty() {
-            proto.to_string()
-        } else {
-            format!("{proto} {}", ports.join(", "))
-        };
-        by_peer.entry(ip).or_default().insert(words);
+        let ports: Vec<(u32, u32)> = r.ports.iter().map(|p| (p.start, p.end)).collect();
+        by_peer
+            .entry(ip)
+            .or_default()
+            .insert(tern_proto::access_words(proto, &ports));
     }
     by_peer
         .into_iter()

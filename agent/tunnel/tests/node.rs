@@ -377,6 +377,15 @@ fn routed_networks_go_to_the_chosen_routing_peer_and_fail_over() {
 }
 
 /// The side of the pair that offers (the greater public key).
+/// One peer's status on side `x` at `t`.
+fn status_of(x: &Side, peer: PeerId, t: Instant) -> PeerStatus {
+    x.node
+        .status(t)
+        .into_iter()
+        .find(|s| s.peer == peer)
+        .expect("peer")
+}
+
 fn offering(now: Instant) -> (Side, PeerId) {
     let (a, b) = pair(now);
     let (x, other) = if a
@@ -410,13 +419,7 @@ fn ice(session: u64, kind: PathKind, remote: &str) -> IceEvent {
 fn path_choice_and_reason_follow_ice_success_failure_and_lateness() {
     let t0 = Instant::now();
     let (mut x, peer) = offering(t0);
-    let status = |x: &Side, t: Instant| {
-        x.node
-            .status(t)
-            .into_iter()
-            .find(|s| s.peer == peer)
-            .expect("peer")
-    };
+    let status = |x: &Side, t: Instant| status_of(x, peer, t);
     x.node.handle_timeout(t0);
     assert!(events(&mut x.node).contains(&Event::StartIce { peer }));
     x.node.handle_timeout(t0 + Duration::from_secs(1));
@@ -806,13 +809,7 @@ fn datagrams_on_the_shared_socket_find_their_peer_and_the_path_follows_a_rebindi
 fn a_turn_path_is_upgraded_to_direct_with_backoff_and_kept_meanwhile() {
     let t0 = Instant::now();
     let (mut x, peer) = offering(t0);
-    let status = |x: &Side, t: Instant| {
-        x.node
-            .status(t)
-            .into_iter()
-            .find(|s| s.peer == peer)
-            .expect("peer")
-    };
+    let status = |x: &Side, t: Instant| status_of(x, peer, t);
     // Settled on TURN.
     x.node.handle_timeout(t0);
     assert!(events(&mut x.node).contains(&Event::StartIce { peer }));
