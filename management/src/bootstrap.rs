@@ -68,7 +68,9 @@ pub async fn first_start(
         store.put_policy("system", None, &p).await?;
     }
     // Last: an existing user marks the first start as done.
-    store.create_user("system", admin_user, &hash).await?;
+    store
+        .create_user("system", admin_user, &hash, crate::model::Role::Owner)
+        .await?;
     Ok(Some(FirstStart {
         admin_user: admin_user.to_string(),
         generated_password: generated,

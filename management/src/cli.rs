@@ -105,10 +105,15 @@ pub struct Args {
     /// JWKS URL; default: `jwks_uri` from the issuer's discovery document.
     #[arg(long, env = "TERN_OIDC_JWKS_URL")]
     pub oidc_jwks_url: Option<String>,
-    /// CLAIM=VALUE that makes a signed-in user an admin (e.g. groups=tern-admins). Without it
-    /// every user the provider issues a token for this audience to is an admin.
+    /// CLAIM=VALUE that makes a signed-in user an admin (e.g. groups=tern-admins); everyone
+    /// else signs in as a user who sees and adds only their own devices. Without it every user
+    /// the provider issues a token for this audience to is an admin.
     #[arg(long, env = "TERN_OIDC_ADMIN_CLAIM")]
     pub oidc_admin_claim: Option<String>,
+    /// Claim listing a user's groups (e.g. groups): each value that names a Tern group puts the
+    /// user's devices in that group at every sign-in (and takes them out when it goes).
+    #[arg(long, env = "TERN_OIDC_GROUPS_CLAIM")]
+    pub oidc_groups_claim: Option<String>,
     /// Claim naming the account in Tern (falls back to email, preferred_username, sub).
     #[arg(long, env = "TERN_OIDC_USERNAME_CLAIM", default_value = "email")]
     pub oidc_username_claim: String,
@@ -170,6 +175,11 @@ fn oidc_config(args: &Args) -> anyhow::Result<Option<OidcConfig>> {
         audiences,
         jwks_url: args.oidc_jwks_url.clone(),
         admin_claim,
+        groups_claim: args
+            .oidc_groups_claim
+            .clone()
+            .map(|c| c.trim().to_string())
+            .filter(|c| !c.is_empty()),
         username_claim: args.oidc_username_claim.clone(),
         client_id: args.oidc_client_id.clone(),
         scopes: args.oidc_scopes.clone(),

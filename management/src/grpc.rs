@@ -60,7 +60,62 @@ const MAX_REPORTED: usize = 10_000;
 
 type SyncStream = Pin<Box<dyn Stream<Item = Result<pb::SyncResponse, Status>> + Send>>;
 
+/// How often an agent asks whether its code was approved.
+const DEVICE_POLL_SECS: u32 = 2;
+
+/// Refuses a sealed request whose timestamp is too far from the server clock (replay, or a
+/// clock that needs fixing).
+fn check_timestamp(ts: i64) -> Result<(), Status> {
+    let skew = (now_unix() - ts).abs();
+    if skew > tern_proto::LOGIN_MAX_SKEW_SECS {
+        return Err(Status::unauthenticated(format!(
+            "login timestamp is {skew} s away from the server clock (max {} s): check the agent's clock",
+            tern_proto::LOGIN_MAX_SKEW_SECS
+        )));
+    }
+    Ok(())
+}
+
 impl AgentService {
+    /// Opens a message sealed to the server's key: who sealed it, and its body; a message seen
+    /// before is refused (replay).
+    fn open_sealed(
+        &self,
+        sealed: &pb::SealedMessage,
+    ) -> Result<(tern_proto::PublicKey, Vec<u8>), Status> {
+        let (agent_key, body) = tern_proto::open(&self.state.server_key, sealed).map_err(|e| {
+            debug!(error = %e, "login could not be opened");
+            Status::unauthenticated(format!(
+                "{e}: is the agent using this server's current key?"
+            ))
+        })?;
+        let fresh = crate::auth::ReplayCache::id(&sealed.sender_public_key, &sealed.nonce)
+            .is_some_and(|id| {
+                self.state
+                    .login_replays
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .first_use(id, now_unix())
+            });
+        if !fresh {
+            info!(key = %agent_key, "login refused: a replayed message");
+            return Err(Status::unauthenticated(
+                "this login message was already used: an agent seals a fresh one for every login",
+            ));
+        }
+        Ok((agent_key, body))
+    }
+
+    fn seal_to(
+        &self,
+        agent_key: &tern_proto::PublicKey,
+        msg: &impl Message,
+    ) -> Result<Response<pb::SealedMessage>, Status> {
+        let sealed = tern_proto::seal(&self.state.server_key, agent_key, &msg.encode_to_vec())
+            .map_err(|_| Status::internal("could not seal the response"))?;
+        Ok(Response::new(sealed))
+    }
+
     /// The peer a request's token names, if its sync stream is open (it is online).
     fn online_peer(&self, md: &tonic::metadata::MetadataMap) -> Result<String, Status> {
         let token = bearer(md).ok_or_else(|| Status::unauthenticated("missing peer token"))?;
@@ -117,50 +172,44 @@ impl ManagementService for AgentService {
         &self,
         req: Request<pb::SealedMessage>,
     ) -> Result<Response<pb::SealedMessage>, Status> {
-        let sealed = req.into_inner();
-        let (agent_key, body) = tern_proto::open(&self.state.server_key, &sealed).map_err(|e| {
-            debug!(error = %e, "login could not be opened");
-            Status::unauthenticated(format!(
-                "{e}: is the agent using this server's current key?"
-            ))
-        })?;
+        let (agent_key, body) = self.open_sealed(&req.into_inner())?;
         let login = pb::LoginRequest::decode(body.as_slice())
             .map_err(|_| Status::invalid_argument("login request body is not a LoginRequest"))?;
-        let skew = (now_unix() - login.timestamp_unix).abs();
-        if skew > tern_proto::LOGIN_MAX_SKEW_SECS {
-            return Err(Status::unauthenticated(format!(
-                "login timestamp is {skew} s away from the server clock (max {} s): check the agent's clock",
-                tern_proto::LOGIN_MAX_SKEW_SECS
-            )));
-        }
-        let fresh = crate::auth::ReplayCache::id(&sealed.sender_public_key, &sealed.nonce)
-            .is_some_and(|id| {
-                self.state
-                    .login_replays
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .first_use(id, now_unix())
-            });
-        if !fresh {
-            info!(key = %agent_key, "login refused: a replayed message");
-            return Err(Status::unauthenticated(
-                "this login message was already used: an agent seals a fresh one for every login",
-            ));
-        }
-        let setup_key = (!login.setup_key.is_empty()).then_some(login.setup_key.as_str());
-        let out = self
-            .state
-            .store
-            .login_peer(&agent_key.to_base64(), setup_key, &meta_from(login.meta))
-            .await
-            .map_err(|e| {
-                if let StoreError::Denied(m) = &e {
-                    info!(key = %agent_key, reason = %m, "login refused");
+        check_timestamp(login.timestamp_unix)?;
+        let meta = meta_from(login.meta);
+        let refused = |e: StoreError| {
+            if let StoreError::Denied(m) = &e {
+                info!(key = %agent_key, reason = %m, "login refused");
+            }
+            status_from(e)
+        };
+        let out = if !login.device_code.is_empty() {
+            let code = crate::store::normalize_user_code(&login.device_code)
+                .ok_or_else(|| Status::invalid_argument("malformed device code"))?;
+            match self
+                .state
+                .store
+                .login_device(&agent_key.to_base64(), &code, &meta)
+                .await
+                .map_err(refused)?
+            {
+                crate::store::DeviceLoginResult::Pending => {
+                    return Err(Status::failed_precondition(
+                        "waiting for someone to approve the code in the console",
+                    ))
                 }
-                status_from(e)
-            })?;
+                crate::store::DeviceLoginResult::Done(out) => out,
+            }
+        } else {
+            let setup_key = (!login.setup_key.is_empty()).then_some(login.setup_key.as_str());
+            self.state
+                .store
+                .login_peer(&agent_key.to_base64(), setup_key, &meta)
+                .await
+                .map_err(refused)?
+        };
         if out.registered {
-            info!(peer = %out.peer.id, name = %out.peer.name, ip = %out.peer.overlay_ip, "peer registered");
+            info!(peer = %out.peer.id, name = %out.peer.name, ip = %out.peer.overlay_ip, owner = ?out.peer.owner, "peer registered");
         } else {
             debug!(peer = %out.peer.id, "peer logged in");
         }
@@ -179,9 +228,53 @@ impl ManagementService for AgentService {
             peer_config: Some(crate::netmap::peer_config(&out.peer, &settings)),
             peer_id: out.peer.id.clone(),
         };
-        let sealed = tern_proto::seal(&self.state.server_key, &agent_key, &resp.encode_to_vec())
-            .map_err(|_| Status::internal("could not seal login response"))?;
-        Ok(Response::new(sealed))
+        self.seal_to(&agent_key, &resp)
+    }
+
+    async fn start_device_login(
+        &self,
+        req: Request<pb::SealedMessage>,
+    ) -> Result<Response<pb::SealedMessage>, Status> {
+        let source = req
+            .extensions()
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.ip().to_string())
+            .unwrap_or_default();
+        let (agent_key, body) = self.open_sealed(&req.into_inner())?;
+        let r = pb::DeviceLoginRequest::decode(body.as_slice()).map_err(|_| {
+            Status::invalid_argument("device login body is not a DeviceLoginRequest")
+        })?;
+        check_timestamp(r.timestamp_unix)?;
+        let meta = meta_from(r.meta);
+        let (code, expires_at) = self
+            .state
+            .store
+            .start_device_login(&agent_key.to_base64(), &meta, &source)
+            .await
+            .map_err(status_from)?;
+        info!(key = %agent_key, hostname = %meta.hostname, %source, "device sign-in started");
+        let base = self
+            .state
+            .public_url
+            .get()
+            .map(|u| u.trim_end_matches('/').to_string())
+            .unwrap_or_default();
+        let resp = pb::DeviceLoginResponse {
+            verification_url: if base.is_empty() {
+                String::new()
+            } else {
+                format!("{base}/device")
+            },
+            verification_url_complete: if base.is_empty() {
+                String::new()
+            } else {
+                format!("{base}/device?code={code}")
+            },
+            user_code: code,
+            expires_unix: expires_at / 1000,
+            interval_secs: DEVICE_POLL_SECS,
+        };
+        self.seal_to(&agent_key, &resp)
     }
 
     type SyncStream = SyncStream;
@@ -228,6 +321,7 @@ impl ManagementService for AgentService {
                 kind: c.kind,
                 rtt_ms: (c.rtt_ms > 0).then_some(c.rtt_ms),
                 reason: (!c.reason_code.is_empty()).then_some(c.reason_code),
+                peer_name: None,
                 loss_pct: (c.probes_settled >= 3 && c.probes_lost <= c.probes_settled)
                     .then(|| (c.probes_lost * 100 / c.probes_settled) as u8),
             });
@@ -448,13 +542,18 @@ async fn run_sync(
         let idx = state.net_index().await.map_err(status_from)?;
         // Checked before every push and credential refresh: a deleted or expired peer gets
         // nothing more, and signal forgets it.
+        if let Some(why) = idx.refused(peer_id) {
+            info!(peer = %peer_id, reason = %why, "sync stream closed");
+            state.revoke_peer(key);
+            return Err(Status::permission_denied(why));
+        }
         let login_expires = idx.login_expires_at(peer_id);
         if login_expires.is_some_and(|at| crate::model::now_millis() >= at) {
             info!(peer = %peer_id, "peer login expired: sync stream closed");
             state.revoke_peer(key);
-            return Err(Status::unauthenticated(
-                "peer login expired: run tern up again with a valid setup key, or ask an admin to turn off login expiry for this peer",
-            ));
+            return Err(Status::unauthenticated(crate::store::login_expired_message(
+                idx.is_user_device(peer_id),
+            )));
         }
         let Some(map) = idx.map_for(peer_id, &state.opts.relay, creds_expiry) else {
             state.revoke_peer(key);

@@ -48,6 +48,57 @@ pub struct Settings {
     pub network_serial: i64,
 }
 
+/// What an account may do. Ordered by power: an owner can do everything, including changing
+/// roles; an admin everything else; an auditor reads everything and changes nothing; a user sees
+/// and manages only their own devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    User,
+    Auditor,
+    Admin,
+    Owner,
+}
+
+impl Role {
+    pub const ALL: [Role; 4] = [Role::Owner, Role::Admin, Role::Auditor, Role::User];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Owner => "owner",
+            Role::Admin => "admin",
+            Role::Auditor => "auditor",
+            Role::User => "user",
+        }
+    }
+
+    /// Owners and admins change the network; auditors and users do not.
+    pub fn is_admin(self) -> bool {
+        matches!(self, Role::Owner | Role::Admin)
+    }
+
+    /// Owners, admins and auditors see the whole network.
+    pub fn sees_all(self) -> bool {
+        self != Role::User
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Role::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| format!("{s:?} is not a role: use owner, admin, auditor or user"))
+    }
+}
+
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct User {
     pub id: String,
@@ -56,6 +107,10 @@ pub struct User {
     pub created_at: Millis,
     /// "local" (password) or "oidc" (signs in through the identity provider).
     pub source: String,
+    pub role: Role,
+    /// Number of devices this user added by signing in with `tern up` (in user lists).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub devices: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -112,6 +167,12 @@ pub struct Peer {
     /// False while the peer awaits an admin's approval (see settings.peer_approval_required).
     pub approved: bool,
     pub login_expiration_enabled: bool,
+    /// The user whose sign-in added this device (None for peers that joined with a setup key).
+    pub user_id: Option<String>,
+    /// That user's name.
+    pub owner: Option<String>,
+    /// The owner's account is disabled: the device is off the network until it is enabled.
+    pub owner_disabled: bool,
     pub last_seen: Millis,
     pub last_login: Millis,
     pub created_at: Millis,
@@ -123,6 +184,13 @@ pub struct Peer {
     /// it; a reverse proxy's when one is in front); None while offline.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+}
+
+impl Peer {
+    /// Approved and not owned by a disabled user: policies and routes may reach it.
+    pub fn on_network(&self) -> bool {
+        self.approved && !self.owner_disabled
+    }
 }
 
 /// One peer-to-peer path as an agent reports it.
@@ -139,6 +207,9 @@ pub struct PeerConnection {
     /// Why the path is what it is (`tern diagnose` codes: "direct", "ice_no_direct_pair",
     /// "ice_failed", ...); None when the agent did not say.
     pub reason: Option<String>,
+    /// The other peer's name, for callers that cannot list every peer (a `user`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_name: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]

@@ -54,8 +54,9 @@ impl NetIndex {
         let mut members: HashMap<String, Vec<usize>> = HashMap::new();
         for (i, p) in snap.peers.iter().enumerate() {
             by_id.insert(p.id.clone(), i);
-            // A peer awaiting approval is in no group: no policy or route reaches it.
-            if !p.approved {
+            // A peer awaiting approval (or whose owner is disabled) is in no group: no policy or
+            // route reaches it.
+            if !p.on_network() {
                 continue;
             }
             for g in &p.groups {
@@ -96,7 +97,9 @@ impl NetIndex {
         let peers = &self.snap.peers;
         let usable = |i: usize| -> Result<Vec<usize>, String> {
             let p = &peers[i];
-            if p.approved {
+            if p.owner_disabled {
+                Err(format!("peer {}'s owner is disabled", p.name))
+            } else if p.approved {
                 Ok(vec![i])
             } else {
                 Err(format!("peer {} awaits an admin's approval", p.name))
@@ -163,6 +166,20 @@ impl NetIndex {
         &self.snap
     }
 
+    /// Why `peer_id` may not be on the network at all right now (its owner is disabled).
+    pub fn refused(&self, peer_id: &str) -> Option<String> {
+        let p = &self.snap.peers[*self.by_id.get(peer_id)?];
+        p.owner_disabled
+            .then(|| crate::store::disabled_owner_message(p))
+    }
+
+    /// True if a user's sign-in added `peer_id` (rather than a setup key).
+    pub fn is_user_device(&self, peer_id: &str) -> bool {
+        self.by_id
+            .get(peer_id)
+            .is_some_and(|&i| self.snap.peers[i].user_id.is_some())
+    }
+
     /// When `peer_id`'s login expires (Unix ms), if login expiry applies to it.
     pub fn login_expires_at(&self, peer_id: &str) -> Option<crate::model::Millis> {
         let p = &self.snap.peers[*self.by_id.get(peer_id)?];
@@ -187,7 +204,7 @@ impl NetIndex {
                 .by_id
                 .get(p.as_str())
                 .copied()
-                .filter(|&i| self.snap.peers[i].approved)
+                .filter(|&i| self.snap.peers[i].on_network())
                 .into_iter()
                 .collect(),
             (None, Some(g)) => self.members.get(g.as_str()).cloned().unwrap_or_default(),
@@ -246,7 +263,7 @@ impl NetIndex {
             .snap
             .policies
             .iter()
-            .filter(|p| p.enabled && me.approved);
+            .filter(|p| p.enabled && me.on_network());
         for pol in policies {
             let ports = self.ports.get(pol.id.as_str()).cloned().unwrap_or_default();
             let in_src = self.in_any(me, &pol.sources);
@@ -285,7 +302,7 @@ impl NetIndex {
 
         let mut routes = vec![];
         let mut served = vec![];
-        for r in self.snap.routes.iter().filter(|r| r.enabled && me.approved) {
+        for r in self.snap.routes.iter().filter(|r| r.enabled && me.on_network()) {
             let routers = self.routers(r);
             let route_msg = |ri: usize, access: String| {
                 let rp = &self.snap.peers[ri];
@@ -414,7 +431,7 @@ impl NetIndex {
             routes,
             served_routes: served,
             relay: me
-                .approved
+                .on_network()
                 .then(|| relay_config(&me.id, relay, creds_expire_unix)),
             pending_approval: !me.approved,
         })
@@ -533,6 +550,9 @@ mod tests {
             connected: true,
             approved: true,
             login_expiration_enabled: false,
+            user_id: None,
+            owner: None,
+            owner_disabled: false,
             last_seen: 0,
             last_login: 0,
             created_at: 0,

@@ -30,9 +30,13 @@ pub struct OidcConfig {
     pub audiences: Vec<String>,
     /// JWKS URL; when unset, the issuer's discovery document names it.
     pub jwks_url: Option<String>,
-    /// `claim=value`: admin only if the claim equals the value or is a list containing it.
+    /// `claim=value`: an admin if the claim equals the value or is a list containing it; any
+    /// other account of the provider signs in as a user (their own devices only).
     /// When unset, every valid token of the issuer for this audience is an admin.
     pub admin_claim: Option<(String, String)>,
+    /// Claim listing the account's groups (e.g. `groups`): values that name a Tern group put the
+    /// user's devices in it. Unset: groups are managed in Tern only.
+    pub groups_claim: Option<String>,
     /// Claim naming the account (falls back to email, preferred_username, sub).
     pub username_claim: String,
     /// Client id the console uses for the authorization-code flow (PKCE, public client).
@@ -74,19 +78,22 @@ pub enum OidcError {
     Audience,
     #[error("token is invalid: {0}")]
     Invalid(String),
-    #[error("token does not grant admin access (claim {0:?} lacks {1:?})")]
-    NotAdmin(String, String),
     #[error("cannot fetch the identity provider's keys: {0}")]
     Fetch(String),
 }
 
-/// Who a valid admin token names.
+/// Who a valid token names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OidcIdentity {
     pub subject: String,
     pub username: String,
     /// Unix seconds.
     pub expires_at: i64,
+    /// The admin claim holds (or none is configured).
+    pub admin: bool,
+    /// The groups claim's values, when a groups claim is configured (empty if the token lacks
+    /// it: the user is then in no provider group).
+    pub groups: Option<Vec<String>>,
 }
 
 /// The endpoints the console needs for its sign-in redirect.
@@ -292,11 +299,17 @@ impl OidcVerifier {
             }
         })?;
         let claims = data.claims;
-        if let Some((claim, value)) = &self.config.admin_claim {
-            if !claim_has(claims.rest.get(claim), value) {
-                return Err(OidcError::NotAdmin(claim.clone(), value.clone()));
-            }
-        }
+        let admin = match &self.config.admin_claim {
+            Some((claim, value)) => claim_has(claims.rest.get(claim), value),
+            None => true,
+        };
+        let groups = self.config.groups_claim.as_ref().map(|c| {
+            claim_values(claims.rest.get(c))
+                .into_iter()
+                .filter(|g| !g.is_empty() && g.len() <= 128 && !g.chars().any(char::is_control))
+                .take(256)
+                .collect()
+        });
         let str_claim = |name: &str| {
             claims
                 .rest
@@ -314,6 +327,8 @@ impl OidcVerifier {
             subject: claims.sub,
             username,
             expires_at: claims.exp,
+            admin,
+            groups,
         })
     }
 }
@@ -325,6 +340,18 @@ fn claim_has(claim: Option<&serde_json::Value>, value: &str) -> bool {
         Some(serde_json::Value::Array(items)) => items.iter().any(|i| i.as_str() == Some(value)),
         Some(serde_json::Value::Bool(b)) => value == if *b { "true" } else { "false" },
         _ => false,
+    }
+}
+
+/// A claim's values: a list of strings, or one string (space-separated, as `scope`).
+fn claim_values(claim: Option<&serde_json::Value>) -> Vec<String> {
+    match claim {
+        Some(serde_json::Value::String(s)) => s.split(' ').map(str::to_string).collect(),
+        Some(serde_json::Value::Array(items)) => items
+            .iter()
+            .filter_map(|i| i.as_str().map(str::to_string))
+            .collect(),
+        _ => vec![],
     }
 }
 
@@ -342,6 +369,14 @@ mod tests {
         assert!(!claim_has(Some(&json!(["staff"])), "admins"));
         assert!(!claim_has(Some(&json!("admins-not")), "admins"));
         assert!(!claim_has(None, "admins"));
+    }
+
+    #[test]
+    fn group_claims_are_lists_or_words() {
+        assert_eq!(claim_values(Some(&json!(["eng", "ops"]))), vec!["eng", "ops"]);
+        assert_eq!(claim_values(Some(&json!("eng ops"))), vec!["eng", "ops"]);
+        assert!(claim_values(Some(&json!(7))).is_empty());
+        assert!(claim_values(None).is_empty());
     }
 
     #[test]

@@ -128,6 +128,20 @@ impl AppState {
         }
     }
 
+    /// A user was disabled: signal drops their devices at once (their sync streams close on the
+    /// store's change, and their maps leave everyone else's).
+    pub async fn revoke_user_devices(&self, user_id: &str) -> Result<usize, StoreError> {
+        let peers = self.store.peers().await?;
+        let mut n = 0;
+        for p in peers.iter().filter(|p| p.user_id.as_deref() == Some(user_id)) {
+            if let Ok(k) = p.wg_public_key.parse() {
+                self.revoke_peer(k);
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     /// Loads (or creates on first start) the server's keys and secrets from the store.
     pub async fn new(store: Store, mut opts: ManagementOptions) -> Result<Arc<Self>, StoreError> {
         let key = store

@@ -59,6 +59,26 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/", get(index))
         .route("/index.html", get(index))
         .route("/assets/{file}", get(asset))
+        .route("/device", get(device))
+}
+
+#[derive(serde::Deserialize)]
+struct DeviceQuery {
+    code: Option<String>,
+}
+
+/// The short address `tern up` prints for a device sign-in: the console's approval page (with
+/// the code filled in when the link carries one).
+async fn device(axum::extract::Query(q): axum::extract::Query<DeviceQuery>) -> Response {
+    let code = q
+        .code
+        .as_deref()
+        .and_then(crate::store::normalize_user_code);
+    let to = match code {
+        Some(c) => format!("/#/device/{c}"),
+        None => "/#/device".to_string(),
+    };
+    axum::response::Redirect::to(&to).into_response()
 }
 
 /// The origin (scheme://host:port) of a URL, for the CSP.

@@ -22,13 +22,29 @@ type ApiResult<T> = Result<T, ApiError>;
 // ---------------------------------------------------------------------------------------------
 // Authentication
 
-/// The authenticated administrator of a request.
+/// The authenticated caller of a request (any role: see [`super::authz`]).
+#[derive(Clone)]
 pub struct Admin {
     pub user: User,
     /// How the audit log names this actor.
     pub actor: String,
     /// The console session the request belongs to (None for access tokens and IdP tokens).
     pub session: Option<String>,
+}
+
+impl Admin {
+    pub fn role(&self) -> Role {
+        self.user.role
+    }
+
+    /// Refuses unless the caller is an owner.
+    pub fn require_owner(&self, what: &str) -> ApiResult<()> {
+        if self.user.role == Role::Owner {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden(format!("only an owner can {what}")))
+        }
+    }
 }
 
 impl FromRequestParts<Arc<AppState>> for Admin {
@@ -38,58 +54,68 @@ impl FromRequestParts<Arc<AppState>> for Admin {
         parts: &mut Parts,
         state: &Arc<AppState>,
     ) -> Result<Self, Self::Rejection> {
-        let header = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|h| h.to_str().ok())
-            .ok_or_else(|| {
-                ApiError::Unauthorized("missing Authorization: Bearer <token> header".into())
-            })?;
-        let token = header
-            .strip_prefix("Bearer ")
-            .ok_or_else(|| {
-                ApiError::Unauthorized("Authorization header must be \"Bearer <token>\"".into())
-            })?
-            .trim();
-        let (user, actor, session) = if token.starts_with(PAT_PREFIX) {
-            let (t, user) = state
-                .store
-                .token_by_hash(&hash_secret(token))
-                .await?
-                .ok_or_else(|| ApiError::Unauthorized("unknown access token".into()))?;
-            if t.expires_at.is_some_and(|e| e <= now_millis()) {
-                return Err(ApiError::Unauthorized(format!(
-                    "access token {:?} has expired",
-                    t.name
-                )));
-            }
-            let actor = format!("user:{} (token {})", user.username, t.name);
-            (user, actor, None)
-        } else if auth::is_admin_token(token) || state.oidc.is_none() {
-            let claims = auth::verify_admin_token(&state.admin_secret, token)
-                .map_err(|e| ApiError::Unauthorized(format!("{e}: sign in again")))?;
-            let user = state
-                .store
-                .session_user(&claims.sid, now_millis())
-                .await?
-                .filter(|u| u.id == claims.sub)
-                .ok_or_else(|| {
-                    ApiError::Unauthorized("the session has ended: sign in again".into())
-                })?;
-            let actor = format!("user:{}", user.username);
-            (user, actor, Some(claims.sid))
-        } else {
-            let (user, _) = oidc_admin(state, token).await?;
-            let actor = format!("user:{} (sso)", user.username);
-            (user, actor, None)
-        };
-        let user = enabled(user)?;
-        Ok(Admin {
-            user,
-            actor,
-            session,
-        })
+        // Normally authenticated (and its role checked) by `authz::authorize` already.
+        if let Some(a) = parts.extensions.get::<Admin>() {
+            return Ok(a.clone());
+        }
+        authenticate(state, &parts.headers).await
     }
+}
+
+/// The caller a request's bearer token names (a personal access token, a console session, or an
+/// identity provider's token), if the account is enabled.
+pub(super) async fn authenticate(
+    state: &AppState,
+    headers: &axum::http::HeaderMap,
+) -> ApiResult<Admin> {
+    let header = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .ok_or_else(|| {
+            ApiError::Unauthorized("missing Authorization: Bearer <token> header".into())
+        })?;
+    let token = header
+        .strip_prefix("Bearer ")
+        .ok_or_else(|| {
+            ApiError::Unauthorized("Authorization header must be \"Bearer <token>\"".into())
+        })?
+        .trim();
+    let (user, actor, session) = if token.starts_with(PAT_PREFIX) {
+        let (t, user) = state
+            .store
+            .token_by_hash(&hash_secret(token))
+            .await?
+            .ok_or_else(|| ApiError::Unauthorized("unknown access token".into()))?;
+        if t.expires_at.is_some_and(|e| e <= now_millis()) {
+            return Err(ApiError::Unauthorized(format!(
+                "access token {:?} has expired",
+                t.name
+            )));
+        }
+        let actor = format!("user:{} (token {})", user.username, t.name);
+        (user, actor, None)
+    } else if auth::is_admin_token(token) || state.oidc.is_none() {
+        let claims = auth::verify_admin_token(&state.admin_secret, token)
+            .map_err(|e| ApiError::Unauthorized(format!("{e}: sign in again")))?;
+        let user = state
+            .store
+            .session_user(&claims.sid, now_millis())
+            .await?
+            .filter(|u| u.id == claims.sub)
+            .ok_or_else(|| ApiError::Unauthorized("the session has ended: sign in again".into()))?;
+        let actor = format!("user:{}", user.username);
+        (user, actor, Some(claims.sid))
+    } else {
+        let (user, _) = oidc_user(state, token).await?;
+        let actor = format!("user:{} (sso)", user.username);
+        (user, actor, None)
+    };
+    let user = enabled(user)?;
+    Ok(Admin {
+        user,
+        actor,
+        session,
+    })
 }
 
 /// The user, unless an admin disabled the account.
@@ -103,9 +129,10 @@ fn enabled(user: User) -> ApiResult<User> {
     Ok(user)
 }
 
-/// Validates an identity provider's token and returns the linked admin account.
-/// The admin a provider's token names, and when that token expires (Unix seconds).
-async fn oidc_admin(state: &AppState, token: &str) -> ApiResult<(User, i64)> {
+/// Validates an identity provider's token and returns the linked account (created on its first
+/// sign-in, an admin if the provider's admin claim says so, else a user), and when that token
+/// expires (Unix seconds). The user's groups follow the provider's groups claim.
+async fn oidc_user(state: &AppState, token: &str) -> ApiResult<(User, i64)> {
     use crate::oidc::OidcError;
     let Some(v) = &state.oidc else {
         return Err(ApiError::Unauthorized(
@@ -115,17 +142,25 @@ async fn oidc_admin(state: &AppState, token: &str) -> ApiResult<(User, i64)> {
     let id = v.verify(token).await.map_err(|e| {
         tracing::info!(error = %e, "OIDC token refused");
         match e {
-            OidcError::NotAdmin(..) => ApiError::Forbidden(e.to_string()),
             OidcError::Fetch(_) => {
                 ApiError::Unavailable(format!("cannot check the sign-in: {e}; try again later"))
             }
             _ => ApiError::Unauthorized(format!("identity provider token refused: {e}")),
         }
     })?;
-    Ok((
-        state.store.oidc_user(&id.subject, &id.username).await?,
-        id.expires_at,
-    ))
+    let role = if id.admin { Role::Admin } else { Role::User };
+    let user = state
+        .store
+        .oidc_user(&id.subject, &id.username, role)
+        .await?;
+    if let Some(groups) = &id.groups {
+        let matched = state
+            .store
+            .sync_user_groups(&user.id, &user.username, groups)
+            .await?;
+        tracing::debug!(user = %user.username, groups = ?matched, "groups from the identity provider");
+    }
+    Ok((user, id.expires_at))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -347,7 +382,7 @@ pub async fn login_oidc(
             "this is a Tern session token, not one from the identity provider",
         ));
     }
-    let (user, token_expires) = oidc_admin(&s, token).await?;
+    let (user, token_expires) = oidc_user(&s, token).await?;
     let user = enabled(user)?;
     // The session ends no later than the provider's token: signing out at the provider (or a
     // short token lifetime there) must not leave a longer Tern session behind.
@@ -429,6 +464,8 @@ pub async fn me(a: Admin) -> Json<User> {
 pub struct NewUserBody {
     pub username: String,
     pub password: String,
+    /// owner, admin, auditor or user (default admin). Only an owner creates owners.
+    pub role: Option<Role>,
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -438,6 +475,16 @@ pub struct UpdateUserBody {
     pub password: Option<String>,
     /// Required when changing one's own password.
     pub current_password: Option<String>,
+    /// Only an owner changes roles; the last owner keeps theirs.
+    pub role: Option<Role>,
+}
+
+/// Refuses an admin acting on an owner's or another admin's account (only owners do that).
+fn may_manage(a: &Admin, target: &User, what: &str) -> ApiResult<()> {
+    if a.user.id != target.id && target.role.is_admin() {
+        a.require_owner(&format!("{what} of another admin or owner"))?;
+    }
+    Ok(())
 }
 
 #[utoipa::path(get, path = "/api/users", responses((status = 200, body = [User])))]
@@ -453,8 +500,15 @@ pub async fn create_user(
     ApiJson(b): ApiJson<NewUserBody>,
 ) -> ApiResult<impl IntoResponse> {
     let username = name("username", &b.username)?;
+    let role = b.role.unwrap_or(Role::Admin);
+    if role == Role::Owner {
+        a.require_owner("make someone an owner")?;
+    }
     let hash = password(&s, "password", &b.password).await?;
-    let u = s.store.create_user(&a.actor, &username, &hash).await?;
+    let u = s
+        .store
+        .create_user(&a.actor, &username, &hash, role)
+        .await?;
     Ok((StatusCode::CREATED, Json(u)))
 }
 
@@ -470,7 +524,25 @@ pub async fn update_user(
     ApiPath(id): ApiPath,
     ApiJson(b): ApiJson<UpdateUserBody>,
 ) -> ApiResult<Json<User>> {
-    if b.password.is_some() && s.store.user(&id).await?.source == "oidc" {
+    let target = s.store.user(&id).await?;
+    if !a.role().is_admin() {
+        // Auditors and users may change their own password, nothing else.
+        if a.user.id != id || b.disabled.is_some() || b.role.is_some() {
+            return Err(ApiError::Forbidden(
+                "you can change only your own password; ask an admin for anything else".into(),
+            ));
+        }
+    }
+    if b.role.is_some_and(|r| r != target.role) {
+        a.require_owner("change roles")?;
+    }
+    if b.password.is_some() {
+        may_manage(&a, &target, "change the password")?;
+    }
+    if b.disabled.is_some() {
+        may_manage(&a, &target, "disable or enable the account")?;
+    }
+    if b.password.is_some() && target.source == "oidc" {
         return Err(ApiError::invalid(
             "password",
             "this account signs in through the identity provider and has no password",
@@ -499,10 +571,11 @@ pub async fn update_user(
     };
     let user = s
         .store
-        .update_user(&a.actor, &id, b.disabled, hash.as_deref())
+        .update_user(&a.actor, &id, b.disabled, hash.as_deref(), b.role)
         .await?;
     // A new password or a disabled account ends the user's other sessions (a password changed
-    // because it leaked must lock out whoever used it).
+    // because it leaked must lock out whoever used it); a disabled user's devices leave every
+    // map (the store's change wakes the sync streams, which close theirs).
     if hash.is_some() || b.disabled == Some(true) {
         let keep = if a.user.id == id {
             a.session.as_deref()
@@ -511,6 +584,9 @@ pub async fn update_user(
         };
         let n = s.store.revoke_user_sessions(&id, keep).await?;
         tracing::info!(user = %user.username, sessions = n, "ended sessions after an account change");
+    }
+    if b.disabled == Some(true) {
+        s.revoke_user_devices(&id).await?;
     }
     Ok(Json(user))
 }
@@ -521,7 +597,20 @@ pub async fn delete_user(
     a: Admin,
     ApiPath(id): ApiPath,
 ) -> ApiResult<impl IntoResponse> {
+    let target = s.store.user(&id).await?;
+    may_manage(&a, &target, "delete the account")?;
+    let keys: Vec<String> = s
+        .store
+        .peers()
+        .await?
+        .into_iter()
+        .filter(|p| p.user_id.as_deref() == Some(id.as_str()))
+        .map(|p| p.wg_public_key)
+        .collect();
     s.store.delete_user(&a.actor, &id).await?;
+    for k in keys.iter().filter_map(|k| k.parse().ok()) {
+        s.revoke_peer(k);
+    }
     Ok(deleted())
 }
 
@@ -820,13 +909,44 @@ pub struct UpdatePeerBody {
     pub approved: Option<bool>,
 }
 
+/// Refuses a `user` another user's device.
+fn own_device(a: &Admin, p: &Peer) -> ApiResult<()> {
+    if a.role().sees_all() || p.user_id.as_deref() == Some(a.user.id.as_str()) {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden(format!(
+            "peer {:?} is not one of your devices",
+            p.name
+        )))
+    }
+}
+
 #[utoipa::path(get, path = "/api/peers", responses((status = 200, body = [Peer])))]
 pub async fn list_peers(
     State(s): St,
-    _a: Admin,
+    a: Admin,
     headers: axum::http::HeaderMap,
 ) -> ApiResult<axum::response::Response> {
     use axum::http::header;
+    if !a.role().sees_all() {
+        // A user's own devices; their paths name peers they cannot see, by name only.
+        let mut peers = s.store.peers().await?;
+        s.with_connections(&mut peers);
+        let names: std::collections::HashMap<String, String> = peers
+            .iter()
+            .map(|p| (p.id.clone(), p.name.clone()))
+            .collect();
+        let mut mine: Vec<Peer> = peers
+            .into_iter()
+            .filter(|p| p.user_id.as_deref() == Some(a.user.id.as_str()))
+            .collect();
+        for p in &mut mine {
+            for c in &mut p.connections {
+                c.peer_name = names.get(&c.peer_id).cloned();
+            }
+        }
+        return Ok(Json(mine).into_response());
+    }
     // The console polls this every few seconds; most polls change nothing and get a 304.
     let etag = s.peers_etag();
     let cache = [
@@ -846,15 +966,23 @@ pub async fn list_peers(
 }
 
 #[utoipa::path(get, path = "/api/peers/{id}", responses((status = 200, body = Peer), (status = 404, body = ErrorBody)))]
-pub async fn get_peer(State(s): St, _a: Admin, ApiPath(id): ApiPath) -> ApiResult<Json<Peer>> {
+pub async fn get_peer(State(s): St, a: Admin, ApiPath(id): ApiPath) -> ApiResult<Json<Peer>> {
     // Connections name other peers; the whole list tells which of them still exist.
     let mut peers = s.store.peers().await?;
     s.with_connections(&mut peers);
-    peers
+    let names: std::collections::HashMap<String, String> = peers
+        .iter()
+        .map(|p| (p.id.clone(), p.name.clone()))
+        .collect();
+    let mut p = peers
         .into_iter()
         .find(|p| p.id == id)
-        .map(Json)
-        .ok_or_else(|| ApiError::NotFound(format!("peer {id:?} not found")))
+        .ok_or_else(|| ApiError::NotFound(format!("peer {id:?} not found")))?;
+    own_device(&a, &p)?;
+    for c in &mut p.connections {
+        c.peer_name = names.get(&c.peer_id).cloned();
+    }
+    Ok(Json(p))
 }
 
 #[derive(Serialize, ToSchema)]
@@ -924,6 +1052,15 @@ pub async fn update_peer(
     ApiPath(id): ApiPath,
     ApiJson(b): ApiJson<UpdatePeerBody>,
 ) -> ApiResult<Json<Peer>> {
+    if !a.role().is_admin() {
+        own_device(&a, &s.store.peer(&id).await?)?;
+        if b.groups.is_some() || b.login_expiration_enabled.is_some() || b.approved.is_some() {
+            return Err(ApiError::Forbidden(
+                "you can rename your devices; groups, approval and login expiry are an admin's"
+                    .into(),
+            ));
+        }
+    }
     let n = b.name.as_deref().map(|n| name("name", n)).transpose()?;
     Ok(Json(
         s.store
@@ -945,7 +1082,9 @@ pub async fn delete_peer(
     a: Admin,
     ApiPath(id): ApiPath,
 ) -> ApiResult<impl IntoResponse> {
-    let key = s.store.peer(&id).await?.wg_public_key;
+    let peer = s.store.peer(&id).await?;
+    own_device(&a, &peer)?;
+    let key = peer.wg_public_key;
     s.store.delete_peer(&a.actor, &id).await?;
     // Its open streams end now (sync notices the deletion; signal is told here).
     if let Ok(k) = key.parse::<tern_proto::PublicKey>() {

@@ -2,6 +2,8 @@
 //! Every error is a JSON body `{"error": kind, "message": text, "field": name?}` with a 4xx status
 //! for bad input; storage failures are a 500 whose details stay in the server log.
 
+pub mod authz;
+mod devices;
 mod error;
 mod handlers;
 mod services;
@@ -83,6 +85,16 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/api/settings", get(get_settings).put(update_settings))
         .route("/api/audit", get(list_audit))
+        .route("/api/device/{code}", get(devices::get_device_login))
+        .route(
+            "/api/device/{code}/approve",
+            post(devices::approve_device_login),
+        )
+        .route("/api/device/{code}/deny", post(devices::deny_device_login))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authz::authorize,
+        ))
         .merge(crate::web::router())
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -112,6 +124,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         services::list_services, services::create_service, services::get_service, services::update_service, services::delete_service,
         handlers::get_settings, handlers::update_settings,
         handlers::list_audit,
+        devices::get_device_login, devices::approve_device_login, devices::deny_device_login,
     ),
     modifiers(&BearerAuth),
     security(("bearer" = []))

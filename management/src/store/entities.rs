@@ -128,13 +128,24 @@ pub struct UserCredentials {
 
 pub(crate) fn user_from(r: &AnyRow) -> Result<User> {
     let subject: Option<String> = col(r, "oidc_subject")?;
+    let role: String = col(r, "role")?;
     Ok(User {
         id: col(r, "id")?,
         username: col(r, "username")?,
         disabled: col(r, "disabled")?,
         created_at: col(r, "created_at")?,
         source: if subject.is_some() { "oidc" } else { "local" }.into(),
+        // A role the code does not know (a newer server wrote it) grants the least.
+        role: role.parse().unwrap_or(Role::User),
+        devices: r.try_get::<i64, _>("devices").ok(),
     })
+}
+
+/// Users with their device counts.
+macro_rules! users_with_devices {
+    () => {
+        "SELECT users.*, (SELECT COUNT(*) FROM peers WHERE peers.user_id = users.id) AS devices FROM users"
+    };
 }
 
 fn token_from(r: &AnyRow) -> Result<AccessToken> {
@@ -161,6 +172,7 @@ impl Store {
         actor: &str,
         username: &str,
         password_hash: &str,
+        role: Role,
     ) -> Result<User> {
         let mut c = self.begin_change(actor).await?;
         let user = User {
@@ -169,13 +181,16 @@ impl Store {
             disabled: false,
             created_at: now_millis(),
             source: "local".into(),
+            role,
+            devices: Some(0),
         };
-        sqlx::query("INSERT INTO users (id, username, password_hash, disabled, created_at) VALUES ($1, $2, $3, $4, $5)")
+        sqlx::query("INSERT INTO users (id, username, password_hash, disabled, created_at, role) VALUES ($1, $2, $3, $4, $5, $6)")
             .bind(&user.id)
             .bind(&user.username)
             .bind(password_hash)
             .bind(0i64)
             .bind(user.created_at)
+            .bind(role.as_str())
             .execute(c.conn())
             .await
             .map_err(|e| StoreError::from(e).unique_as(|| format!("a user named {username:?} already exists")))?;
@@ -183,7 +198,7 @@ impl Store {
             "user.create",
             "user",
             &user.id,
-            json!({ "username": username }),
+            json!({ "username": username, "role": role }),
         )
         .await?;
         c.commit(self).await?;
@@ -205,7 +220,7 @@ impl Store {
     }
 
     pub async fn user(&self, id: &str) -> Result<User> {
-        let r = sqlx::query("SELECT * FROM users WHERE id = $1")
+        let r = sqlx::query(concat!(users_with_devices!(), " WHERE id = $1"))
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
@@ -213,32 +228,51 @@ impl Store {
     }
 
     pub async fn users(&self) -> Result<Vec<User>> {
-        let rows = sqlx::query("SELECT * FROM users ORDER BY username")
+        let rows = sqlx::query(concat!(users_with_devices!(), " ORDER BY username"))
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(user_from).collect()
     }
 
-    /// Changes a user's disabled flag and/or password. The last enabled user cannot be disabled.
+    /// Changes a user's disabled flag, password and/or role. The last enabled owner can be
+    /// neither disabled nor demoted. Disabling takes the user's devices off the network (every
+    /// map is recomputed without them, and their streams close).
     pub async fn update_user(
         &self,
         actor: &str,
         id: &str,
         disabled: Option<bool>,
         password_hash: Option<&str>,
+        role: Option<Role>,
     ) -> Result<User> {
         let mut c = self.begin_change(actor).await?;
-        let exists = sqlx::query("SELECT 1 FROM users WHERE id = $1")
+        let Some(before) = sqlx::query("SELECT * FROM users WHERE id = $1")
             .bind(id)
             .fetch_optional(c.conn())
-            .await?;
-        if exists.is_none() {
+            .await?
+        else {
             return Err(StoreError::not_found("user", id));
+        };
+        let before = user_from(&before)?;
+        let demoted = role.is_some_and(|r| r != Role::Owner);
+        if before.role == Role::Owner && (disabled == Some(true) || demoted) {
+            ensure_other_owner(c.conn(), id).await?;
+        }
+        if let Some(r) = role.filter(|r| *r != before.role) {
+            sqlx::query("UPDATE users SET role = $1 WHERE id = $2")
+                .bind(r.as_str())
+                .bind(id)
+                .execute(c.conn())
+                .await?;
+            c.audit(
+                "user.role",
+                "user",
+                id,
+                json!({ "username": before.username, "from": before.role, "to": r }),
+            )
+            .await?;
         }
         if let Some(d) = disabled {
-            if d {
-                ensure_other_enabled_user(c.conn(), id).await?;
-            }
             sqlx::query("UPDATE users SET disabled = $1 WHERE id = $2")
                 .bind(d as i64)
                 .bind(id)
@@ -256,10 +290,10 @@ impl Store {
             "user.update",
             "user",
             id,
-            json!({ "disabled": disabled, "password_changed": password_hash.is_some() }),
+            json!({ "username": before.username, "disabled": disabled, "password_changed": password_hash.is_some() }),
         )
         .await?;
-        let r = sqlx::query("SELECT * FROM users WHERE id = $1")
+        let r = sqlx::query(concat!(users_with_devices!(), " WHERE id = $1"))
             .bind(id)
             .fetch_one(c.conn())
             .await?;
@@ -268,18 +302,51 @@ impl Store {
         Ok(u)
     }
 
+    /// Deletes a user and the devices they added (the last enabled owner cannot be deleted).
     pub async fn delete_user(&self, actor: &str, id: &str) -> Result<()> {
         let mut c = self.begin_change(actor).await?;
-        ensure_other_enabled_user(c.conn(), id).await?;
-        let n = sqlx::query("DELETE FROM users WHERE id = $1")
+        let Some(r) = sqlx::query("SELECT * FROM users WHERE id = $1")
+            .bind(id)
+            .fetch_optional(c.conn())
+            .await?
+        else {
+            return Err(StoreError::not_found("user", id));
+        };
+        let user = user_from(&r)?;
+        if user.role == Role::Owner {
+            ensure_other_owner(c.conn(), id).await?;
+        }
+        let devices = sqlx::query("SELECT id, name FROM peers WHERE user_id = $1 ORDER BY name")
+            .bind(id)
+            .fetch_all(c.conn())
+            .await?;
+        for d in &devices {
+            let peer: String = col(d, "id")?;
+            let name: String = col(d, "name")?;
+            c.audit(
+                "peer.delete",
+                "peer",
+                &peer,
+                json!({ "name": name, "reason": format!("its user {} was deleted", user.username) }),
+            )
+            .await?;
+        }
+        // The devices go with the user (peers.user_id cascades), explicitly for clarity.
+        sqlx::query("DELETE FROM peers WHERE user_id = $1")
             .bind(id)
             .execute(c.conn())
-            .await?
-            .rows_affected();
-        if n == 0 {
-            return Err(StoreError::not_found("user", id));
-        }
-        c.audit("user.delete", "user", id, json!({})).await?;
+            .await?;
+        sqlx::query("DELETE FROM users WHERE id = $1")
+            .bind(id)
+            .execute(c.conn())
+            .await?;
+        c.audit(
+            "user.delete",
+            "user",
+            id,
+            json!({ "username": user.username, "devices_removed": devices.len() }),
+        )
+        .await?;
         c.commit(self).await
     }
 
@@ -370,16 +437,20 @@ impl Store {
     }
 }
 
-async fn ensure_other_enabled_user(conn: &mut sqlx::AnyConnection, id: &str) -> Result<()> {
-    let others: i64 = sqlx::query("SELECT COUNT(*) FROM users WHERE id <> $1 AND disabled = $2")
-        .bind(id)
-        .bind(0i64)
-        .fetch_one(&mut *conn)
-        .await?
-        .try_get(0)?;
+/// Refuses to take away the last enabled owner (someone must be able to change roles).
+async fn ensure_other_owner(conn: &mut sqlx::AnyConnection, id: &str) -> Result<()> {
+    let others: i64 = sqlx::query(
+        "SELECT COUNT(*) FROM users WHERE id <> $1 AND disabled = $2 AND role = $3",
+    )
+    .bind(id)
+    .bind(0i64)
+    .bind(Role::Owner.as_str())
+    .fetch_one(&mut *conn)
+    .await?
+    .try_get(0)?;
     if others == 0 {
         return Err(StoreError::Conflict(
-            "this is the last enabled admin user; create another first".into(),
+            "this is the last enabled owner; make another user an owner first".into(),
         ));
     }
     Ok(())
@@ -764,6 +835,7 @@ pub(crate) enum Links {
     SetupKey,
     Route,
     RouteAccess,
+    User,
 }
 
 impl Links {
@@ -773,6 +845,7 @@ impl Links {
             Links::SetupKey => "DELETE FROM setup_key_groups WHERE setup_key_id = $1",
             Links::Route => "DELETE FROM route_groups WHERE route_id = $1",
             Links::RouteAccess => "DELETE FROM route_access_groups WHERE route_id = $1",
+            Links::User => "DELETE FROM user_groups WHERE user_id = $1",
         }
     }
     fn insert_sql(self) -> &'static str {
@@ -785,6 +858,7 @@ impl Links {
             Links::RouteAccess => {
                 "INSERT INTO route_access_groups (route_id, group_id) VALUES ($1, $2)"
             }
+            Links::User => "INSERT INTO user_groups (user_id, group_id) VALUES ($1, $2)",
         }
     }
 }

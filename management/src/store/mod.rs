@@ -3,11 +3,13 @@
 //! serial (which also serialises writers: it takes the settings row lock on PostgreSQL and the
 //! write lock on SQLite), writes its audit event, and after commit wakes the sync streams.
 
+mod devices;
 mod entities;
 mod peers;
 mod services;
 mod sessions;
 
+pub use devices::*;
 pub use entities::*;
 pub use peers::*;
 pub use services::*;

@@ -35,6 +35,14 @@ pub struct Snapshot {
     pub services: Vec<PublicService>,
 }
 
+/// Peers with their owner's name and state.
+macro_rules! peer_select {
+    () => {
+        "SELECT peers.*, users.username AS owner, users.disabled AS owner_disabled \
+         FROM peers LEFT JOIN users ON users.id = peers.user_id"
+    };
+}
+
 fn peer_from(r: &AnyRow, groups: Vec<String>) -> Result<Peer> {
     Ok(Peer {
         id: col(r, "id")?,
@@ -49,6 +57,9 @@ fn peer_from(r: &AnyRow, groups: Vec<String>) -> Result<Peer> {
         connected: col(r, "connected")?,
         approved: col(r, "approved")?,
         login_expiration_enabled: col(r, "login_expiration_enabled")?,
+        user_id: col(r, "user_id")?,
+        owner: col(r, "owner")?,
+        owner_disabled: col::<Option<i64>>(r, "owner_disabled")?.unwrap_or(0) != 0,
         last_seen: col(r, "last_seen")?,
         last_login: col(r, "last_login")?,
         created_at: col(r, "created_at")?,
@@ -64,9 +75,9 @@ async fn read_peer_where(
     value: &str,
 ) -> Result<Option<Peer>> {
     let sql = if column == "wg_public_key" {
-        "SELECT * FROM peers WHERE wg_public_key = $1"
+        concat!(peer_select!(), " WHERE peers.wg_public_key = $1")
     } else {
-        "SELECT * FROM peers WHERE id = $1"
+        concat!(peer_select!(), " WHERE peers.id = $1")
     };
     let Some(r) = sqlx::query(sql)
         .bind(value)
@@ -83,6 +94,13 @@ async fn read_peer_where(
     )
     .await?;
     Ok(Some(peer_from(&r, groups)?))
+}
+
+/// The peer with `id`, in a change's transaction.
+pub(super) async fn read_peer(conn: &mut sqlx::AnyConnection, id: &str) -> Result<Peer> {
+    read_peer_where(conn, "id", id)
+        .await?
+        .ok_or_else(|| StoreError::not_found("peer", id))
 }
 
 /// The first free host address of `range` (skipping the network and broadcast addresses).
@@ -120,6 +138,93 @@ fn unique_name(hostname: &str, taken: &HashSet<String>) -> String {
         .unwrap_or(base)
 }
 
+/// Management's refusal of an unknown key without a setup key; the agent then offers the sign-in.
+pub const NOT_REGISTERED: &str =
+    "peer is not registered: a setup key is required to join, or sign in with tern up";
+
+/// Why an expired login is refused, and what to do (user devices sign in again).
+pub fn login_expired_message(user_device: bool) -> &'static str {
+    if user_device {
+        "device login expired: run tern up again to sign in"
+    } else {
+        "peer login expired: run tern up again with a valid setup key, or ask an admin to turn off login expiry for this peer"
+    }
+}
+
+pub fn disabled_owner_message(p: &Peer) -> String {
+    format!(
+        "this device's user {} is disabled: ask an admin to enable the account",
+        p.owner.as_deref().unwrap_or("(unknown)")
+    )
+}
+
+/// How a new peer joins.
+pub(super) struct NewPeer<'a> {
+    pub setup_key_id: Option<&'a str>,
+    pub user_id: Option<&'a str>,
+    pub ephemeral: bool,
+    pub login_expiration: bool,
+    pub approved: bool,
+    pub groups: &'a [String],
+}
+
+/// Inserts a new peer (a free overlay address, a unique name from its hostname) in the change's
+/// transaction; returns its id, name and address.
+pub(super) async fn register(
+    conn: &mut sqlx::AnyConnection,
+    wg_key: &str,
+    meta: &PeerMeta,
+    settings: &Settings,
+    p: &NewPeer<'_>,
+    now: Millis,
+) -> Result<(String, String, String)> {
+    let rows = sqlx::query("SELECT name, overlay_ip FROM peers")
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut used = HashSet::with_capacity(rows.len());
+    let mut names = HashSet::with_capacity(rows.len());
+    for r in &rows {
+        if let Ok(ip) = col::<String>(r, "overlay_ip")?.parse::<IpAddr>() {
+            used.insert(ip);
+        }
+        names.insert(col::<String>(r, "name")?);
+    }
+    let ip = allocate_ip(&settings.overlay_range, &used).ok_or_else(|| {
+        StoreError::Conflict(format!(
+            "overlay range {} has no free address",
+            settings.overlay_range
+        ))
+    })?;
+    let id = new_id();
+    let name = unique_name(&meta.hostname, &names);
+    sqlx::query(
+        "INSERT INTO peers (id, name, wg_public_key, overlay_ip, hostname, os, agent_version, setup_key_id, \
+         ephemeral, connected, login_expiration_enabled, last_seen, last_login, created_at, approved, user_id) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+    )
+    .bind(&id)
+    .bind(&name)
+    .bind(wg_key)
+    .bind(ip.to_string())
+    .bind(&meta.hostname)
+    .bind(&meta.os)
+    .bind(&meta.agent_version)
+    .bind(p.setup_key_id)
+    .bind(p.ephemeral as i64)
+    .bind(0i64)
+    .bind(p.login_expiration as i64)
+    .bind(now)
+    .bind(now)
+    .bind(now)
+    .bind(p.approved as i64)
+    .bind(p.user_id)
+    .execute(&mut *conn)
+    .await
+    .map_err(|e| StoreError::from(e).unique_as(|| "this WireGuard key is already registered".into()))?;
+    set_links(conn, Links::Peer, &id, p.groups).await?;
+    Ok((id, name, ip.to_string()))
+}
+
 pub fn hash_secret(s: &str) -> String {
     use sha2::{Digest, Sha256};
     hex::encode(Sha256::digest(s.as_bytes()))
@@ -138,16 +243,21 @@ impl Store {
         let mut conn = self.pool.acquire().await?;
         if let Some(peer) = read_peer_where(&mut conn, "wg_public_key", wg_key).await? {
             let settings = read_settings(&mut conn).await?;
+            if peer.owner_disabled {
+                return Err(StoreError::Denied(disabled_owner_message(&peer)));
+            }
             let expired = peer.login_expiration_enabled
                 && settings.peer_login_expiry_secs > 0
                 && peer.last_login + settings.peer_login_expiry_secs * 1000 < now;
+            if expired && peer.user_id.is_some() {
+                // A user's device renews by its user signing in again, not with a setup key.
+                return Err(StoreError::Denied(login_expired_message(true).into()));
+            }
             if expired {
                 // Expired means: a valid setup key (counted as a use) or an admin's action
                 // (turning login expiry off for the peer). Any other string is not enough.
                 let Some(sk) = setup_key else {
-                    return Err(StoreError::Denied(
-                        "peer login expired: run tern up again with a valid setup key, or ask an admin to turn off login expiry for this peer".into(),
-                    ));
+                    return Err(StoreError::Denied(login_expired_message(false).into()));
                 };
                 let kr = sqlx::query("SELECT * FROM setup_keys WHERE key_hash = $1")
                     .bind(hash_secret(sk))
@@ -200,9 +310,7 @@ impl Store {
         }
         drop(conn);
         let Some(setup_key) = setup_key else {
-            return Err(StoreError::Denied(
-                "peer is not registered: a setup key is required to join".into(),
-            ));
+            return Err(StoreError::Denied(NOT_REGISTERED.into()));
         };
         let key_hash = hash_secret(setup_key);
         let mut c = self.begin_change("system").await?;
@@ -242,51 +350,24 @@ impl Store {
             }
         }
         let settings = read_settings(c.conn()).await?;
-        let rows = sqlx::query("SELECT name, overlay_ip FROM peers")
-            .fetch_all(c.conn())
-            .await?;
-        let mut used = HashSet::with_capacity(rows.len());
-        let mut names = HashSet::with_capacity(rows.len());
-        for r in &rows {
-            if let Ok(ip) = col::<String>(r, "overlay_ip")?.parse::<IpAddr>() {
-                used.insert(ip);
-            }
-            names.insert(col::<String>(r, "name")?);
-        }
-        let ip = allocate_ip(&settings.overlay_range, &used).ok_or_else(|| {
-            StoreError::Conflict(format!(
-                "overlay range {} has no free address",
-                settings.overlay_range
-            ))
-        })?;
-        let id = new_id();
-        let name = unique_name(&meta.hostname, &names);
-        sqlx::query(
-            "INSERT INTO peers (id, name, wg_public_key, overlay_ip, hostname, os, agent_version, setup_key_id, \
-             ephemeral, connected, login_expiration_enabled, last_seen, last_login, created_at, approved) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
-        )
-        .bind(&id)
-        .bind(&name)
-        .bind(wg_key)
-        .bind(ip.to_string())
-        .bind(&meta.hostname)
-        .bind(&meta.os)
-        .bind(&meta.agent_version)
-        .bind(&key.id)
-        .bind(key.ephemeral as i64)
-        .bind(0i64)
-        .bind(0i64)
-        .bind(now)
-        .bind(now)
-        .bind(now)
-        .bind(!settings.peer_approval_required as i64)
-        .execute(c.conn())
-        .await
-        .map_err(|e| StoreError::from(e).unique_as(|| "this WireGuard key is already registered".into()))?;
         let mut groups = vec![ALL_GROUP_ID.to_string()];
         groups.extend(key.auto_groups.iter().cloned());
-        set_links(c.conn(), Links::Peer, &id, &groups).await?;
+        let (id, name, ip) = register(
+            c.conn(),
+            wg_key,
+            meta,
+            &settings,
+            &NewPeer {
+                setup_key_id: Some(&key.id),
+                user_id: None,
+                ephemeral: key.ephemeral,
+                login_expiration: false,
+                approved: !settings.peer_approval_required,
+                groups: &groups,
+            },
+            now,
+        )
+        .await?;
         sqlx::query(
             "UPDATE setup_keys SET used_count = used_count + 1, last_used_at = $1 WHERE id = $2",
         )
@@ -299,7 +380,7 @@ impl Store {
             "peer.register",
             "peer",
             &id,
-            json!({ "name": name, "overlay_ip": ip.to_string(), "hostname": meta.hostname, "setup_key": key.name }),
+            json!({ "name": name, "overlay_ip": ip, "hostname": meta.hostname, "setup_key": key.name }),
         )
         .await?;
         let peer = read_peer_where(c.conn(), "id", &id)
@@ -528,7 +609,7 @@ async fn load_peers(conn: &mut sqlx::AnyConnection) -> Result<Vec<Peer>> {
             .or_default()
             .push(col(r, "group_id")?);
     }
-    let rows = sqlx::query("SELECT * FROM peers ORDER BY name")
+    let rows = sqlx::query(concat!(peer_select!(), " ORDER BY peers.name"))
         .fetch_all(&mut *conn)
         .await?;
     rows.iter()

@@ -1,7 +1,7 @@
 //! Admin sign-in sessions and the accounts of admins that sign in through OIDC.
 
 use super::{user_from, Result, Store, StoreError};
-use crate::model::{new_id, Millis, User};
+use crate::model::{new_id, Millis, Role, User};
 use serde_json::json;
 
 /// How a session was opened.
@@ -97,14 +97,19 @@ impl Store {
 
     /// The account linked to an OIDC subject, created on its first sign-in. Its username is the
     /// preferred name, suffixed when a (local) account already has that name; it has no password.
-    pub async fn oidc_user(&self, subject: &str, preferred_name: &str) -> Result<User> {
+    ///
+    /// `role` is what the provider's claims grant: a new account gets it; an existing admin or
+    /// user follows it (the provider is the source of truth for who administers), while owners
+    /// and auditors, which only an owner assigns in Tern, keep theirs.
+    pub async fn oidc_user(&self, subject: &str, preferred_name: &str, role: Role) -> Result<User> {
         let find = "SELECT * FROM users WHERE oidc_subject = $1";
         if let Some(r) = sqlx::query(find)
             .bind(subject)
             .fetch_optional(self.pool())
             .await?
         {
-            return user_from(&r);
+            let user = user_from(&r)?;
+            return self.follow_provider_role(user, role).await;
         }
         let mut c = self.begin_quiet("system").await?;
         if let Some(r) = sqlx::query(find)
@@ -112,7 +117,9 @@ impl Store {
             .fetch_optional(c.conn())
             .await?
         {
-            return user_from(&r);
+            drop(c);
+            let user = user_from(&r)?;
+            return self.follow_provider_role(user, role).await;
         }
         let base: String = preferred_name.chars().take(60).collect();
         let mut username = base.clone();
@@ -137,10 +144,12 @@ impl Store {
             disabled: false,
             created_at: crate::model::now_millis(),
             source: "oidc".into(),
+            role,
+            devices: None,
         };
         sqlx::query(
-            "INSERT INTO users (id, username, password_hash, disabled, created_at, oidc_subject) \
-             VALUES ($1, $2, $3, 0, $4, $5)",
+            "INSERT INTO users (id, username, password_hash, disabled, created_at, oidc_subject, role) \
+             VALUES ($1, $2, $3, 0, $4, $5, $6)",
         )
         .bind(&user.id)
         .bind(&user.username)
@@ -148,16 +157,41 @@ impl Store {
         .bind("!oidc")
         .bind(user.created_at)
         .bind(subject)
+        .bind(role.as_str())
         .execute(c.conn())
         .await?;
         c.audit(
             "user.create",
             "user",
             &user.id,
-            json!({ "username": user.username, "source": "oidc" }),
+            json!({ "username": user.username, "source": "oidc", "role": role }),
         )
         .await?;
         c.commit(self).await?;
         Ok(user)
+    }
+
+    /// An SSO admin whose provider no longer grants admin becomes a user, and the other way
+    /// round; owners and auditors keep the role an owner gave them.
+    async fn follow_provider_role(&self, user: User, role: Role) -> Result<User> {
+        let follows = matches!(user.role, Role::Admin | Role::User);
+        if !follows || user.role == role || !matches!(role, Role::Admin | Role::User) {
+            return Ok(user);
+        }
+        let mut c = self.begin_quiet("system").await?;
+        sqlx::query("UPDATE users SET role = $1 WHERE id = $2")
+            .bind(role.as_str())
+            .bind(&user.id)
+            .execute(c.conn())
+            .await?;
+        c.audit(
+            "user.role",
+            "user",
+            &user.id,
+            json!({ "username": user.username, "from": user.role, "to": role, "by": "identity provider claim" }),
+        )
+        .await?;
+        c.commit(self).await?;
+        Ok(User { role, ..user })
     }
 }

@@ -1,0 +1,73 @@
+//! Device sign-in approval: a signed-in person looks up the code their device shows and approves
+//! (or denies) it; the device then joins as theirs.
+
+use super::error::{ApiError, ErrorBody};
+use super::handlers::Admin;
+use crate::state::AppState;
+use crate::store::{normalize_user_code, DeviceLogin};
+use axum::extract::{Path, State};
+use axum::Json;
+use std::sync::Arc;
+
+type St = State<Arc<AppState>>;
+
+fn code(input: &str) -> Result<String, ApiError> {
+    normalize_user_code(input).ok_or_else(|| {
+        ApiError::invalid(
+            "code",
+            "a code is 8 letters as the device shows it, e.g. BCDF-GHJK",
+        )
+    })
+}
+
+async fn waiting(s: &AppState, code: &str) -> Result<DeviceLogin, ApiError> {
+    s.store.device_login(code).await?.ok_or_else(|| {
+        ApiError::NotFound(format!(
+            "no sign-in is waiting for the code {code}: it may have expired or been used; run tern up again on the device for a new one"
+        ))
+    })
+}
+
+/// The device a code belongs to (name, OS, where it asked from), to check before approving.
+#[utoipa::path(get, path = "/api/device/{code}",
+    responses((status = 200, body = DeviceLogin), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub async fn get_device_login(
+    State(s): St,
+    _a: Admin,
+    Path(c): Path<String>,
+) -> Result<Json<DeviceLogin>, ApiError> {
+    Ok(Json(waiting(&s, &code(&c)?).await?))
+}
+
+/// Approves a device's sign-in: it joins the network as the caller's device (or renews its
+/// login).
+#[utoipa::path(post, path = "/api/device/{code}/approve",
+    responses((status = 200, body = DeviceLogin), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn approve_device_login(
+    State(s): St,
+    a: Admin,
+    Path(c): Path<String>,
+) -> Result<Json<DeviceLogin>, ApiError> {
+    decide(&s, &a, &c, true).await
+}
+
+/// Denies a device's sign-in: the device is told so and stops waiting.
+#[utoipa::path(post, path = "/api/device/{code}/deny",
+    responses((status = 200, body = DeviceLogin), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn deny_device_login(
+    State(s): St,
+    a: Admin,
+    Path(c): Path<String>,
+) -> Result<Json<DeviceLogin>, ApiError> {
+    decide(&s, &a, &c, false).await
+}
+
+async fn decide(s: &AppState, a: &Admin, c: &str, approve: bool) -> Result<Json<DeviceLogin>, ApiError> {
+    let c = code(c)?;
+    waiting(s, &c).await?;
+    Ok(Json(
+        s.store
+            .decide_device_login(&a.actor, &a.user, &c, approve)
+            .await?,
+    ))
+}
