@@ -17,6 +17,9 @@ pub enum LoginError {
     Unreachable { url: String, why: String },
     #[error("management refused the login: {0}")]
     Refused(String),
+    /// A device sign-in nobody has approved yet.
+    #[error("the sign-in has not been approved yet")]
+    Pending,
     #[error("the management server at {url} presents key {got}, not the key {pinned} it had when this peer joined: refusing to talk to it. If the server was reinstalled on purpose, join again with `tern up --setup-key KEY`")]
     ServerKeyChanged {
         url: String,
@@ -200,14 +203,33 @@ pub fn now_unix_f64() -> f64 {
         .unwrap_or(0.0)
 }
 
-pub async fn login(
+/// What proves a login may happen (besides the peer's key).
+#[derive(Clone, Copy, Debug)]
+pub enum Credential<'a> {
+    /// A known peer's key alone.
+    None,
+    SetupKey(&'a str),
+    /// The user code of an approved device sign-in.
+    DeviceCode(&'a str),
+}
+
+/// A device sign-in to approve in the console.
+#[derive(Debug, Clone)]
+pub struct DeviceCode {
+    pub user_code: String,
+    /// Where to approve it (built from the management URL when the server has no public URL).
+    pub url: String,
+    pub url_complete: String,
+    pub expires_unix: i64,
+    pub interval: Duration,
+}
+
+/// The server's key, checked against the pinned one.
+pub async fn server_key(
     url: &str,
     ch: &Channel,
-    key: &SecretKey,
-    setup_key: Option<&str>,
-    hostname: &str,
     pinned: Option<&PublicKey>,
-) -> Result<Session, LoginError> {
+) -> Result<PublicKey, LoginError> {
     let mut c = ManagementServiceClient::new(ch.clone());
     let server = c
         .get_server_key(pb::ServerKeyRequest {})
@@ -225,31 +247,118 @@ pub async fn login(
             got: server_pub.to_base64(),
         });
     }
-    let req = pb::LoginRequest {
-        setup_key: setup_key.unwrap_or_default().to_string(),
-        meta: Some(pb::PeerMeta {
-            hostname: hostname.to_string(),
-            os: std::env::consts::OS.to_string(),
-            agent_version: env!("CARGO_PKG_VERSION").to_string(),
-            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
-                .unwrap_or_default()
-                .trim()
-                .to_string(),
-        }),
-        timestamp_unix: now_unix(),
-    };
-    let sealed =
-        tern_proto::seal(key, &server_pub, &req.encode_to_vec()).context("sealing login")?;
-    let resp = c.login(sealed).await.map_err(|s| match s.code() {
+    Ok(server_pub)
+}
+
+fn peer_meta(hostname: &str) -> pb::PeerMeta {
+    pb::PeerMeta {
+        hostname: hostname.to_string(),
+        os: std::env::consts::OS.to_string(),
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+    }
+}
+
+fn refused(url: &str, s: tonic::Status) -> LoginError {
+    match s.code() {
         tonic::Code::Unavailable => LoginError::Unreachable {
             url: url.to_string(),
             why: describe(url, &s),
         },
+        tonic::Code::FailedPrecondition => LoginError::Pending,
         _ => LoginError::Refused(s.message().to_string()),
-    })?;
+    }
+}
+
+/// Asks for a device sign-in code for this peer's key.
+pub async fn start_device_login(
+    url: &str,
+    ch: &Channel,
+    key: &SecretKey,
+    server_pub: &PublicKey,
+    hostname: &str,
+) -> Result<DeviceCode, LoginError> {
+    let mut c = ManagementServiceClient::new(ch.clone());
+    let req = pb::DeviceLoginRequest {
+        meta: Some(peer_meta(hostname)),
+        timestamp_unix: now_unix(),
+    };
+    let sealed =
+        tern_proto::seal(key, server_pub, &req.encode_to_vec()).context("sealing sign-in")?;
+    let resp = c
+        .start_device_login(sealed)
+        .await
+        .map_err(|s| refused(url, s))?;
+    let (from, body) =
+        tern_proto::open(key, &resp.into_inner()).context("opening sign-in response")?;
+    if from != *server_pub {
+        return Err(anyhow!("sign-in response was not sealed by the server key").into());
+    }
+    let r = pb::DeviceLoginResponse::decode(body.as_slice()).context("decoding sign-in")?;
+    let base = url.trim_end_matches('/');
+    let (url, url_complete) = if r.verification_url.is_empty() {
+        (
+            format!("{base}/device"),
+            format!("{base}/device?code={}", r.user_code),
+        )
+    } else {
+        (r.verification_url, r.verification_url_complete)
+    };
+    Ok(DeviceCode {
+        user_code: r.user_code,
+        url,
+        url_complete,
+        expires_unix: r.expires_unix,
+        interval: Duration::from_secs(u64::from(r.interval_secs.clamp(1, 30))),
+    })
+}
+
+pub async fn login(
+    url: &str,
+    ch: &Channel,
+    key: &SecretKey,
+    setup_key: Option<&str>,
+    hostname: &str,
+    pinned: Option<&PublicKey>,
+) -> Result<Session, LoginError> {
+    let server_pub = server_key(url, ch, pinned).await?;
+    let cred = match setup_key {
+        Some(k) => Credential::SetupKey(k),
+        None => Credential::None,
+    };
+    login_with(url, ch, key, &server_pub, cred, hostname).await
+}
+
+/// One sealed login; `LoginError::Pending` while a device code awaits approval.
+pub async fn login_with(
+    url: &str,
+    ch: &Channel,
+    key: &SecretKey,
+    server_pub: &PublicKey,
+    cred: Credential<'_>,
+    hostname: &str,
+) -> Result<Session, LoginError> {
+    let mut c = ManagementServiceClient::new(ch.clone());
+    let (setup_key, device_code) = match cred {
+        Credential::None => ("", ""),
+        Credential::SetupKey(k) => (k, ""),
+        Credential::DeviceCode(d) => ("", d),
+    };
+    let req = pb::LoginRequest {
+        setup_key: setup_key.to_string(),
+        meta: Some(peer_meta(hostname)),
+        timestamp_unix: now_unix(),
+        device_code: device_code.to_string(),
+    };
+    let sealed =
+        tern_proto::seal(key, server_pub, &req.encode_to_vec()).context("sealing login")?;
+    let resp = c.login(sealed).await.map_err(|s| refused(url, s))?;
     let (from, body) =
         tern_proto::open(key, &resp.into_inner()).context("opening login response")?;
-    if from != server_pub {
+    if from != *server_pub {
         return Err(anyhow!("login response was not sealed by the server key").into());
     }
     let r = pb::LoginResponse::decode(body.as_slice()).context("decoding login response")?;
@@ -257,13 +366,16 @@ pub async fn login(
         .peer_config
         .ok_or_else(|| anyhow!("login response without peer config"))?;
     Ok(Session {
-        server_key: server_pub,
+        server_key: *server_pub,
         peer_id: r.peer_id,
         token: r.peer_token,
         token_expires_unix: r.token_expires_unix,
         config,
     })
 }
+
+/// How often a device whose user is disabled asks again.
+const DISABLED_RECHECK: Duration = Duration::from_secs(20);
 
 /// What the agent needs to log in again on its own: where, as whom, and the pinned server key.
 pub struct Relogin {
@@ -283,6 +395,8 @@ pub fn refusal_code(message: &str) -> Option<&'static str> {
         Some("removed")
     } else if message.contains("login expired") {
         Some("login_expired")
+    } else if message.contains("user") && message.contains("is disabled") {
+        Some("user_disabled")
     } else {
         None
     }
@@ -308,6 +422,14 @@ pub async fn run_sync(
     loop {
         let session = match login(&url, &ch, &key, None, &hostname, Some(&server_key)).await {
             Ok(s) => s,
+            Err(LoginError::Refused(m)) if refusal_code(&m) == Some("user_disabled") => {
+                // Until an admin enables the account again: say so, check now and then.
+                warn!(reason = %m, "management refuses this device while its user is disabled");
+                up.send_replace(false);
+                refused.send_replace("user_disabled".into());
+                tokio::time::sleep(DISABLED_RECHECK).await;
+                continue;
+            }
             Err(LoginError::Refused(m)) if refusal_code(&m).is_some() => {
                 let code = refusal_code(&m).unwrap_or_default();
                 tracing::error!(reason = %m, "management refuses this peer: no more retries; join again with `tern up --setup-key KEY`");
@@ -324,6 +446,11 @@ pub async fn run_sync(
             }
         };
         token.send_replace(Some(session.token.clone()));
+        refused.send_if_modified(|r| {
+            let was = !r.is_empty();
+            r.clear();
+            was
+        });
         let mut c = ManagementServiceClient::new(ch.clone());
         let mut req = tonic::Request::new(pb::SyncRequest::default());
         if let Ok(v) = format!("Bearer {}", session.token).parse() {

@@ -257,10 +257,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let joined = state::StateDir::new(&cli.state_dir)?
                     .load_config()?
                     .is_some();
-                if !joined && setup_key.is_none() {
-                    bail!("this host has not joined a network yet: run `tern service install --management-url URL --setup-key KEY`");
+                if !joined && management_url.is_none() {
+                    bail!("this host has not joined a network yet: run `tern service install --management-url URL` (and --setup-key KEY for a machine nobody signs in on)");
                 }
-                if setup_key.is_some() {
+                if setup_key.is_some() || !joined {
                     let j = join(
                         &cli.state_dir,
                         &cli.interface,
@@ -349,7 +349,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "Management: an admin removed this peer; it no longer retries. Join again with `tern down` and `tern up --setup-key KEY`"
                 ),
                 "login_expired" => println!(
-                    "Management: this peer's login expired; it no longer retries. Join again with `tern down` and `tern up --setup-key KEY`"
+                    "Management: this peer's login expired; it no longer retries. Sign in again with `tern down` and `tern up` (a setup-key peer: `tern up --setup-key KEY`)"
+                ),
+                "user_disabled" => println!(
+                    "Management: this device's user is disabled; nothing flows until an admin enables the account (tern keeps checking)"
                 ),
                 _ => println!(
                     "Management {}  Signal {}  TCP relay {}",
@@ -600,21 +603,19 @@ async fn join(
         .filter(|s| s.management_url == url && setup_key.is_none())
         .and_then(|s| s.server_key.as_deref())
         .and_then(|k| k.parse::<tern_proto::PublicKey>().ok());
-    let session = control::login(
-        &url,
-        &ch,
-        &key,
-        setup_key.as_deref(),
-        &hostname,
-        pinned.as_ref(),
-    )
-    .await
-    .map_err(|e| match e {
-        control::LoginError::Refused(m) if setup_key.is_none() && m.contains("setup key") => {
-            anyhow::anyhow!("management refused the login: {m} (pass --setup-key)")
+    let server_pub = control::server_key(&url, &ch, pinned.as_ref()).await?;
+    let cred = match setup_key.as_deref() {
+        Some(k) => control::Credential::SetupKey(k),
+        None => control::Credential::None,
+    };
+    let session = match control::login_with(&url, &ch, &key, &server_pub, cred, &hostname).await {
+        // Not registered (or a user's device whose login expired), and no setup key: the
+        // person at this device signs in.
+        Err(control::LoginError::Refused(m)) if setup_key.is_none() && signs_in(&m) => {
+            device_sign_in(&url, &ch, &key, &server_pub, &hostname).await?
         }
-        e => anyhow::Error::new(e),
-    })?;
+        r => r?,
+    };
     st.save_config(&state::SavedConfig {
         management_url: url.clone(),
         hostname: hostname.clone(),
@@ -630,6 +631,99 @@ async fn join(
         hostname,
         mtu,
     })
+}
+
+/// Whether a refusal is one a person's sign-in resolves.
+fn signs_in(refusal: &str) -> bool {
+    refusal.contains("not registered") || refusal.contains("device login expired")
+}
+
+/// Longest the agent waits for an approval, whatever the server says.
+const SIGN_IN_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
+/// The interactive join: prints where to approve this device and its code, then waits (with a
+/// spinner on a terminal) until someone approves it, denies it, or the code expires.
+async fn device_sign_in(
+    url: &str,
+    ch: &tonic::transport::Channel,
+    key: &tern_proto::SecretKey,
+    server_pub: &tern_proto::PublicKey,
+    hostname: &str,
+) -> anyhow::Result<control::Session> {
+    use std::io::{IsTerminal, Write};
+    let code = control::start_device_login(url, ch, key, server_pub, hostname)
+        .await
+        .context("cannot start the sign-in")?;
+    let left = (code.expires_unix - control::now_unix()).max(0);
+    println!("To add this device ({hostname}) to the network, sign in with your company account:");
+    println!();
+    println!("    {}", code.url_complete);
+    println!();
+    println!(
+        "or open {} on any device and enter the code {}",
+        code.url, code.user_code
+    );
+    println!("(no setup key? this is the way; machines without a person use --setup-key).");
+    let _ = std::io::stdout().flush();
+    let tty = std::io::stderr().is_terminal();
+    let deadline = tokio::time::Instant::now()
+        + std::time::Duration::from_secs(left as u64).min(SIGN_IN_WAIT_MAX);
+    let spin = ['|', '/', '-', '\\'];
+    let mut n = 0usize;
+    loop {
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            if tty {
+                eprintln!();
+            }
+            bail!(
+                "nobody approved the code {} within {} min: run tern up again for a new code",
+                code.user_code,
+                (left + 59) / 60
+            );
+        }
+        if tty {
+            let secs = (deadline - now).as_secs();
+            eprint!(
+                "\r{} waiting for approval of {} ({}:{:02} left) ",
+                spin[n % spin.len()],
+                code.user_code,
+                secs / 60,
+                secs % 60
+            );
+            n += 1;
+        }
+        match control::login_with(
+            url,
+            ch,
+            key,
+            server_pub,
+            control::Credential::DeviceCode(&code.user_code),
+            hostname,
+        )
+        .await
+        {
+            Ok(s) => {
+                if tty {
+                    eprintln!("\r{:60}\r", "");
+                }
+                println!("tern: sign-in approved");
+                return Ok(s);
+            }
+            Err(control::LoginError::Pending) => {}
+            Err(control::LoginError::Unreachable { why, .. }) => {
+                // A blip while waiting: keep waiting until the deadline.
+                warn!(error = %why, "management unreachable while waiting for approval");
+            }
+            Err(e) => {
+                if tty {
+                    eprintln!();
+                }
+                return Err(e.into());
+            }
+        }
+        tokio::time::sleep(code.interval).await;
+    }
 }
 
 async fn up(

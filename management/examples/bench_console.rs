@@ -84,6 +84,7 @@ async fn main() -> anyhow::Result<()> {
                     rtt_ms: Some(12),
                     reason: None,
                     loss_pct: None,
+                    peer_name: None,
                 })
                 .collect();
             running.state.set_connections(id, conns);

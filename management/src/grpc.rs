@@ -551,9 +551,9 @@ async fn run_sync(
         if login_expires.is_some_and(|at| crate::model::now_millis() >= at) {
             info!(peer = %peer_id, "peer login expired: sync stream closed");
             state.revoke_peer(key);
-            return Err(Status::unauthenticated(crate::store::login_expired_message(
-                idx.is_user_device(peer_id),
-            )));
+            return Err(Status::unauthenticated(
+                crate::store::login_expired_message(idx.is_user_device(peer_id)),
+            ));
         }
         let Some(map) = idx.map_for(peer_id, &state.opts.relay, creds_expiry) else {
             state.revoke_peer(key);

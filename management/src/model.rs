@@ -51,7 +51,9 @@ pub struct Settings {
 /// What an account may do. Ordered by power: an owner can do everything, including changing
 /// roles; an admin everything else; an auditor reads everything and changes nothing; a user sees
 /// and manages only their own devices.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     User,

@@ -50,13 +50,22 @@ pub struct NetIndex {
 
 impl NetIndex {
     pub fn new(snap: Arc<Snapshot>) -> Self {
+        Self::at(snap, crate::model::now_millis())
+    }
+
+    /// The index as of `now` (Unix ms): peers whose login has expired by then are off the
+    /// network (their own stream closes at expiry, which rebuilds everyone's maps).
+    pub fn at(snap: Arc<Snapshot>, now: crate::model::Millis) -> Self {
         let mut by_id = HashMap::with_capacity(snap.peers.len());
         let mut members: HashMap<String, Vec<usize>> = HashMap::new();
+        let expiry = snap.settings.peer_login_expiry_secs;
         for (i, p) in snap.peers.iter().enumerate() {
             by_id.insert(p.id.clone(), i);
-            // A peer awaiting approval (or whose owner is disabled) is in no group: no policy or
-            // route reaches it.
-            if !p.on_network() {
+            // A peer awaiting approval, whose owner is disabled, or whose login expired is in
+            // no group: no policy or route reaches it.
+            let expired =
+                p.login_expiration_enabled && expiry > 0 && p.last_login + expiry * 1000 <= now;
+            if !p.on_network() || expired {
                 continue;
             }
             for g in &p.groups {
@@ -302,7 +311,12 @@ impl NetIndex {
 
         let mut routes = vec![];
         let mut served = vec![];
-        for r in self.snap.routes.iter().filter(|r| r.enabled && me.on_network()) {
+        for r in self
+            .snap
+            .routes
+            .iter()
+            .filter(|r| r.enabled && me.on_network())
+        {
             let routers = self.routers(r);
             let route_msg = |ri: usize, access: String| {
                 let rp = &self.snap.peers[ri];

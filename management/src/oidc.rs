@@ -373,7 +373,10 @@ mod tests {
 
     #[test]
     fn group_claims_are_lists_or_words() {
-        assert_eq!(claim_values(Some(&json!(["eng", "ops"]))), vec!["eng", "ops"]);
+        assert_eq!(
+            claim_values(Some(&json!(["eng", "ops"]))),
+            vec!["eng", "ops"]
+        );
         assert_eq!(claim_values(Some(&json!("eng ops"))), vec!["eng", "ops"]);
         assert!(claim_values(Some(&json!(7))).is_empty());
         assert!(claim_values(None).is_empty());

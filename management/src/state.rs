@@ -133,7 +133,10 @@ impl AppState {
     pub async fn revoke_user_devices(&self, user_id: &str) -> Result<usize, StoreError> {
         let peers = self.store.peers().await?;
         let mut n = 0;
-        for p in peers.iter().filter(|p| p.user_id.as_deref() == Some(user_id)) {
+        for p in peers
+            .iter()
+            .filter(|p| p.user_id.as_deref() == Some(user_id))
+        {
             if let Ok(k) = p.wg_public_key.parse() {
                 self.revoke_peer(k);
                 n += 1;

@@ -3,7 +3,6 @@
 //! an ephemeral loopback port, an admin REST client, and gRPC clients that act as agents.
 
 use anyhow::{anyhow, Context};
-use prost::Message;
 use std::future::Future;
 use std::time::Duration;
 use tern_management::server::{self, Running, ServerConfig};
@@ -241,10 +240,18 @@ impl TestServer {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> (u16, serde_json::Value) {
-        let mut req = self
-            .http
-            .request(method, self.url(path))
-            .bearer_auth(&self.token);
+        self.api_as(&self.token, method, path, body).await
+    }
+
+    /// A request with another account's token.
+    pub async fn api_as(
+        &self,
+        token: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let mut req = self.http.request(method, self.url(path)).bearer_auth(token);
         if let Some(b) = body {
             req = req.json(&b);
         }
@@ -340,36 +347,86 @@ impl TestAgent {
         SignalServiceClient::new(self.channel.clone())
     }
 
-    /// Logs in (registering with `setup_key` when given).
-    pub async fn login(&self, setup_key: Option<&str>) -> Result<pb::LoginResponse, tonic::Status> {
-        let mut c = self.mgmt();
-        let server_key = c
+    /// The server's public key.
+    async fn server_pub(&self) -> Result<tern_proto::PublicKey, tonic::Status> {
+        let k = self
+            .mgmt()
             .get_server_key(pb::ServerKeyRequest {})
             .await?
             .into_inner();
-        let server_pub = tern_proto::PublicKey::from_slice(&server_key.public_key)
+        tern_proto::PublicKey::from_slice(&k.public_key)
+            .map_err(|e| tonic::Status::internal(e.to_string()))
+    }
+
+    fn meta(&self) -> pb::PeerMeta {
+        pb::PeerMeta {
+            hostname: self.hostname.clone(),
+            os: "linux".into(),
+            agent_version: "test".into(),
+            kernel: String::new(),
+        }
+    }
+
+    /// Seals `msg` to the server, calls `rpc` with it and opens the answer.
+    async fn sealed_call<R: prost::Message + Default, F, Fut>(
+        &self,
+        msg: &impl prost::Message,
+        rpc: F,
+    ) -> Result<R, tonic::Status>
+    where
+        F: FnOnce(ManagementServiceClient<Channel>, pb::SealedMessage) -> Fut,
+        Fut:
+            std::future::Future<Output = Result<tonic::Response<pb::SealedMessage>, tonic::Status>>,
+    {
+        let server_pub = self.server_pub().await?;
+        let sealed = tern_proto::seal(&self.key, &server_pub, &msg.encode_to_vec())
             .map_err(|e| tonic::Status::internal(e.to_string()))?;
-        let req = pb::LoginRequest {
-            setup_key: setup_key.unwrap_or_default().to_string(),
-            meta: Some(pb::PeerMeta {
-                hostname: self.hostname.clone(),
-                os: "linux".into(),
-                agent_version: "test".into(),
-                kernel: String::new(),
-            }),
-            timestamp_unix: tern_management::grpc::now_unix(),
-        };
-        let sealed = tern_proto::seal(&self.key, &server_pub, &req.encode_to_vec())
-            .map_err(|e| tonic::Status::internal(e.to_string()))?;
-        let resp = c.login(sealed).await?.into_inner();
+        let resp = rpc(self.mgmt(), sealed).await?.into_inner();
         let (sender, body) = tern_proto::open(&self.key, &resp)
             .map_err(|e| tonic::Status::internal(e.to_string()))?;
         assert_eq!(
             sender, server_pub,
-            "login response must come from the server key"
+            "the answer must come from the server key"
         );
-        pb::LoginResponse::decode(body.as_slice())
-            .map_err(|e| tonic::Status::internal(e.to_string()))
+        R::decode(body.as_slice()).map_err(|e| tonic::Status::internal(e.to_string()))
+    }
+
+    /// Logs in (registering with `setup_key` when given).
+    pub async fn login(&self, setup_key: Option<&str>) -> Result<pb::LoginResponse, tonic::Status> {
+        self.login_request(setup_key.unwrap_or_default(), "").await
+    }
+
+    /// Logs in with the code of a device sign-in (FAILED_PRECONDITION while it waits).
+    pub async fn login_with_code(&self, code: &str) -> Result<pb::LoginResponse, tonic::Status> {
+        self.login_request("", code).await
+    }
+
+    async fn login_request(
+        &self,
+        setup_key: &str,
+        device_code: &str,
+    ) -> Result<pb::LoginResponse, tonic::Status> {
+        let req = pb::LoginRequest {
+            setup_key: setup_key.to_string(),
+            meta: Some(self.meta()),
+            timestamp_unix: tern_management::grpc::now_unix(),
+            device_code: device_code.to_string(),
+        };
+        self.sealed_call(&req, |mut c, s| async move { c.login(s).await })
+            .await
+    }
+
+    /// Starts a device sign-in: the code a person approves.
+    pub async fn start_device_login(&self) -> Result<pb::DeviceLoginResponse, tonic::Status> {
+        let req = pb::DeviceLoginRequest {
+            meta: Some(self.meta()),
+            timestamp_unix: tern_management::grpc::now_unix(),
+        };
+        self.sealed_call(
+            &req,
+            |mut c, s| async move { c.start_device_login(s).await },
+        )
+        .await
     }
 
     pub async fn sync(

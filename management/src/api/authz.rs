@@ -85,7 +85,11 @@ mod tests {
             for m in [Method::GET, Method::POST, Method::PUT, Method::DELETE] {
                 assert!(permitted(Role::Owner, &m, path));
                 assert!(permitted(Role::Admin, &m, path));
-                assert_eq!(permitted(Role::Auditor, &m, path), m == Method::GET, "{m} {path}");
+                assert_eq!(
+                    permitted(Role::Auditor, &m, path),
+                    m == Method::GET,
+                    "{m} {path}"
+                );
                 assert!(!permitted(Role::User, &m, path), "{m} {path}");
             }
         }
@@ -97,11 +101,18 @@ mod tests {
         assert!(permitted(u, &Method::GET, "/api/peers"));
         assert!(permitted(u, &Method::PUT, "/api/peers/{id}"));
         assert!(permitted(u, &Method::DELETE, "/api/peers/{id}"));
-        assert!(!permitted(Role::Auditor, &Method::DELETE, "/api/peers/{id}"));
+        assert!(!permitted(
+            Role::Auditor,
+            &Method::DELETE,
+            "/api/peers/{id}"
+        ));
         assert!(permitted(u, &Method::POST, "/api/device/{code}/approve"));
         assert!(!permitted(u, &Method::GET, "/api/setup-keys"));
         assert!(!permitted(u, &Method::GET, "/api/users"));
-        assert!(permitted(u, &Method::PUT, "/api/users/{id}"), "own password");
+        assert!(
+            permitted(u, &Method::PUT, "/api/users/{id}"),
+            "own password"
+        );
         assert!(refusal(Role::Auditor, &Method::POST).contains("change nothing"));
     }
 }

@@ -62,7 +62,12 @@ pub async fn deny_device_login(
     decide(&s, &a, &c, false).await
 }
 
-async fn decide(s: &AppState, a: &Admin, c: &str, approve: bool) -> Result<Json<DeviceLogin>, ApiError> {
+async fn decide(
+    s: &AppState,
+    a: &Admin,
+    c: &str,
+    approve: bool,
+) -> Result<Json<DeviceLogin>, ApiError> {
     let c = code(c)?;
     waiting(s, &c).await?;
     Ok(Json(

@@ -204,8 +204,7 @@ impl Store {
                 Some(r) => col(r, "user_id")?,
                 None => None,
             };
-            if owner.is_none() && d.existing_peer.is_some() || owner.is_some_and(|o| o != user.id)
-            {
+            if owner.is_none() && d.existing_peer.is_some() || owner.is_some_and(|o| o != user.id) {
                 return Err(StoreError::Denied(format!(
                     "{} is registered to someone else: only an admin can approve this sign-in",
                     d.existing_peer.as_deref().unwrap_or("this device")
@@ -255,7 +254,8 @@ impl Store {
             .bind(code)
             .fetch_optional(&self.pool)
             .await?;
-        let Some(row) = row.filter(|r| col::<String>(r, "wg_public_key").ok().as_deref() == Some(wg_key))
+        let Some(row) =
+            row.filter(|r| col::<String>(r, "wg_public_key").ok().as_deref() == Some(wg_key))
         else {
             return Err(unknown_code(code));
         };
@@ -419,7 +419,10 @@ impl Store {
             }
         }
         let mut conn = self.pool.acquire().await?;
-        let had: BTreeSet<String> = user_group_ids(&mut conn, user_id).await?.into_iter().collect();
+        let had: BTreeSet<String> = user_group_ids(&mut conn, user_id)
+            .await?
+            .into_iter()
+            .collect();
         drop(conn);
         if had == want {
             return Ok(matched);
@@ -495,9 +498,16 @@ mod tests {
             normalize_user_code(" bcdf ghjk ").as_deref(),
             Some("BCDF-GHJK")
         );
-        assert_eq!(normalize_user_code("bcdfghjk").as_deref(), Some("BCDF-GHJK"));
+        assert_eq!(
+            normalize_user_code("bcdfghjk").as_deref(),
+            Some("BCDF-GHJK")
+        );
         assert_eq!(normalize_user_code("BCDF-GHJ"), None, "too short");
-        assert_eq!(normalize_user_code("BCDF-GHJA"), None, "a vowel is never in a code");
+        assert_eq!(
+            normalize_user_code("BCDF-GHJA"),
+            None,
+            "a vowel is never in a code"
+        );
         assert_eq!(normalize_user_code("BCDF-GHJ0"), None);
         assert_eq!(normalize_user_code("ÄBCD-GHJK"), None);
     }

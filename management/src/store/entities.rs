@@ -439,15 +439,14 @@ impl Store {
 
 /// Refuses to take away the last enabled owner (someone must be able to change roles).
 async fn ensure_other_owner(conn: &mut sqlx::AnyConnection, id: &str) -> Result<()> {
-    let others: i64 = sqlx::query(
-        "SELECT COUNT(*) FROM users WHERE id <> $1 AND disabled = $2 AND role = $3",
-    )
-    .bind(id)
-    .bind(0i64)
-    .bind(Role::Owner.as_str())
-    .fetch_one(&mut *conn)
-    .await?
-    .try_get(0)?;
+    let others: i64 =
+        sqlx::query("SELECT COUNT(*) FROM users WHERE id <> $1 AND disabled = $2 AND role = $3")
+            .bind(id)
+            .bind(0i64)
+            .bind(Role::Owner.as_str())
+            .fetch_one(&mut *conn)
+            .await?
+            .try_get(0)?;
     if others == 0 {
         return Err(StoreError::Conflict(
             "this is the last enabled owner; make another user an owner first".into(),
