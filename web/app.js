@@ -5,8 +5,12 @@ import { h, field, input, formError, onSubmit, notify } from "./ui.js";
 import * as pages from "./pages.js";
 import { startSso, finishSso } from "./sso.js";
 
+// [id, title, page, options]: `roles` limits who sees a page (default: owners, admins and
+// auditors); `hidden` keeps it out of the menu.
+const STAFF = ["owner", "admin", "auditor"];
 const ROUTES = [
   ["overview", "Overview", pages.overview],
+  ["devices", "My devices", pages.myDevices, { roles: ["user"] }],
   ["peers", "Peers", pages.peers],
   ["setup-keys", "Setup keys", pages.setupKeys],
   ["groups", "Groups", pages.groupsPage],
@@ -15,10 +19,17 @@ const ROUTES = [
   ["services", "Public services", pages.services],
   ["audit", "Audit log", pages.audit],
   ["settings", "Settings", pages.settings],
-  ["users", "Admins & tokens", pages.users],
+  ["users", "Users & tokens", pages.users],
+  ["device", "Add a device", pages.approveDevice, { roles: ["user", ...STAFF], menuRoles: ["user"] }],
   // Reached from the peers list and the network picture, not from the menu.
   ["peer", "Peer", pages.peerPage, { hidden: true, nav: "peers" }],
 ];
+const allowed = (r, role) => ((r[3] && r[3].roles) || STAFF).includes(role);
+const inMenu = (r, role) => allowed(r, role) && !(r[3] && r[3].hidden)
+  && (!(r[3] && r[3].menuRoles) || r[3].menuRoles.includes(role));
+const home = (role) => (role === "user" ? "devices" : "overview");
+// Where a signed-out visitor was going (e.g. a device's approval link), kept across sign-in.
+const AFTER = "tern.after-sign-in";
 const POLL_MS = 3000;
 
 const app = document.getElementById("app");
@@ -42,10 +53,12 @@ setUnauthorizedHandler((err) => signedOut(`Your session has ended (${err.message
 
 async function renderSignIn(message) {
   document.title = "Sign in · Tern";
+  if (location.hash.startsWith("#/device")) sessionStorage.setItem(AFTER, location.hash);
   if (location.hash) history.replaceState(null, "", location.pathname);
   const form = h("form", { class: "signin", id: "signin-form", novalidate: true },
     h("div", { class: "brand" }, h("img", { src: "/assets/icon.svg", alt: "", width: 40, height: 40 }), h("h1", {}, "Tern")),
-    h("p", { class: "muted" }, "Sign in to manage your network."),
+    h("p", { class: "muted" }, sessionStorage.getItem(AFTER)
+      ? "Sign in to approve your device." : "Sign in to manage your network."),
     message ? h("p", { class: "info", role: "status" }, message) : null,
     formError(),
     field("Username", input("username", { autocomplete: "username", required: true, autofocus: true })),
@@ -70,15 +83,16 @@ async function renderSignIn(message) {
 }
 
 function layout(user) {
+  document.body.dataset.role = user.role;
   const nav = h("nav", { "aria-label": "Main" },
-    h("ul", {}, ROUTES.filter((r) => !(r[3] && r[3].hidden)).map(([id, title]) => h("li", {}, h("a", { href: `#/${id}`, dataset: { route: id } }, title)))));
+    h("ul", {}, ROUTES.filter((r) => inMenu(r, user.role)).map(([id, title]) => h("li", {}, h("a", { href: `#/${id}`, dataset: { route: id } }, title)))));
   const menu = h("button", { type: "button", class: "menu icon", "aria-label": "Menu", "aria-expanded": "false" }, "☰");
   const shell = h("div", { class: "shell" },
     h("header", { class: "top" },
       menu,
-      h("a", { class: "brand", href: "#/overview" }, h("img", { src: "/assets/icon.svg", alt: "", width: 24, height: 24 }), "Tern"),
+      h("a", { class: "brand", href: `#/${home(user.role)}` }, h("img", { src: "/assets/icon.svg", alt: "", width: 24, height: 24 }), "Tern"),
       h("span", { class: "spacer" }),
-      h("span", { class: "who", id: "who" }, user.username),
+      h("span", { class: "who", id: "who" }, user.username, " ", h("span", { class: "muted small", id: "role" }, user.role)),
       h("button", { type: "button", id: "signout", onclick: signOut }, "Sign out")),
     nav,
     h("main", { id: "main", tabindex: -1 }));
@@ -97,8 +111,9 @@ async function signOut() {
 }
 
 async function show(shell, user) {
-  const id = (location.hash.match(/^#\/([\w-]+)/) || [])[1] || "overview";
-  const route = ROUTES.find((r) => r[0] === id) || ROUTES[0];
+  const id = (location.hash.match(/^#\/([\w-]+)/) || [])[1] || home(user.role);
+  const route = ROUTES.find((r) => r[0] === id && allowed(r, user.role))
+    || ROUTES.find((r) => r[0] === home(user.role));
   const gen = ++generation;
   clearInterval(pollTimer);
   shell.querySelectorAll("nav a").forEach((a) => {
@@ -146,7 +161,10 @@ async function start() {
   expiryTimer = setTimeout(() => signedOut("Your session has expired; please sign in again."),
     Math.max(0, s.expires_at * 1000 - Date.now()));
   window.onhashchange = () => show(shell, user);
-  if (!location.hash) history.replaceState(null, "", "#/overview");
+  const after = sessionStorage.getItem(AFTER);
+  sessionStorage.removeItem(AFTER);
+  if (after) history.replaceState(null, "", after);
+  if (!location.hash) history.replaceState(null, "", `#/${home(user.role)}`);
   await show(shell, user);
 }
 
@@ -160,7 +178,7 @@ async function boot() {
       history.replaceState(null, "", "/");
       return renderSignIn(`Single sign-on failed: ${e.message}`);
     }
-    history.replaceState(null, "", "/#/overview");
+    history.replaceState(null, "", "/");
   }
   await start();
 }

@@ -79,7 +79,7 @@ function connSummary(p, peers) {
     const other = peers.find((x) => x.id === c.peer_id);
     return h("li", {},
       badge(CONN_LABEL[c.kind] || c.kind, c.kind === "direct" ? "ok" : relayed(c.kind) ? "relay" : "warn"),
-      " ", other ? other.name : c.peer_id.slice(0, 8),
+      " ", other ? other.name : c.peer_name || "another peer",
       c.rtt_ms != null ? h("span", { class: "muted" }, ` ${c.rtt_ms} ms`) : null,
       c.loss_pct ? h("span", { class: "loss", title: "probes lost on this path over the last minute" }, ` ${c.loss_pct}% loss`) : null,
       relayed(c.kind) && c.reason && REASON_WORDS[c.reason]
@@ -130,12 +130,14 @@ export async function overview(main) {
 export async function peers(main) {
   let groups = await get("/api/groups");
   const region = liveRegion((list) => table(
-    ["Name", "Overlay IP", "Status", "Last seen", "OS", "Version", "Groups", "Connections", ""],
+    ["Name", "Owner", "Overlay IP", "Status", "Last seen", "OS", "Version", "Groups", "Connections", ""],
     list.map((p) => h("tr", { dataset: { peer: p.id } },
       h("td", {}, h("a", { href: `#/peer/${p.id}`, class: "peer-link" }, h("strong", {}, p.name)), h("div", { class: "muted small" }, p.hostname)),
+      h("td", { class: "owner" }, p.owner || h("span", { class: "muted", title: "joined with a setup key" }, "setup key")),
       h("td", {}, h("code", {}, p.overlay_ip)),
       h("td", { class: "status" }, p.connected ? badge("online", "ok") : badge("offline", "off"),
-        p.approved ? null : h("div", {}, badge("awaiting approval", "warn"))),
+        p.approved ? null : h("div", {}, badge("awaiting approval", "warn")),
+        p.owner_disabled ? h("div", {}, badge("owner disabled", "bad")) : null),
       h("td", { title: fmtTime(p.last_seen) }, p.connected ? "now" : ago(p.last_seen)),
       h("td", {}, p.os || "—"),
       h("td", {}, p.agent_version || "—"),
@@ -156,7 +158,7 @@ export async function peers(main) {
   }
 
   async function removePeer(p) {
-    await rowAction(() => del(`/api/peers/${p.id}`), "Peer deleted", refresh, `Delete ${p.name} (${p.overlay_ip})? It must join again with a setup key.`);
+    await rowAction(() => del(`/api/peers/${p.id}`), "Peer deleted", refresh, `Delete ${p.name} (${p.overlay_ip})? It must join again (a setup key, or its user signs in).`);
   }
 
   main.append(header("Peers"), region.box);
@@ -629,7 +631,7 @@ export async function audit(main) {
 // ------------------------------------------------------------------------------------------------
 // Settings
 
-export async function settings(main) {
+export async function settings(main, ctx) {
   const [s, groups] = await Promise.all([get("/api/settings"), get("/api/groups")]);
   const form = h("form", { novalidate: true, id: "settings-form", class: "narrow" }, formError(),
     field("Overlay range", input("overlay_range", { value: s.overlay_range }), "Peers get addresses from it; must contain every existing peer"),
@@ -652,6 +654,12 @@ export async function settings(main) {
     });
     notify("Settings saved");
   });
+  if (!canChange(ctx)) {
+    // Auditors read the settings; nothing here changes them.
+    form.querySelectorAll("input").forEach((i) => { i.disabled = true; });
+    form.querySelector(".actions").remove();
+    form.prepend(h("p", { class: "muted", id: "read-only" }, "You can read the settings; only an admin changes them."));
+  }
   main.append(header("Settings"), form);
   return {};
 }
@@ -659,19 +667,43 @@ export async function settings(main) {
 // ------------------------------------------------------------------------------------------------
 // Admin users and personal access tokens
 
+const ROLE_WORDS = {
+  owner: "owner — everything, including roles",
+  admin: "admin — the whole network",
+  auditor: "auditor — reads everything, changes nothing",
+  user: "user — only their own devices",
+};
+const canChange = (ctx) => ctx.user.role === "owner" || ctx.user.role === "admin";
+
 export async function users(main, ctx) {
   const newToken = h("div", {});
-  const userRegion = liveRegion((list) => table(["User", "Sign-in", "State", "Created", ""],
+  const owner = ctx.user.role === "owner";
+  // Only an owner acts on admins and owners; admins manage auditors and users.
+  const mayManage = (u) => canChange(ctx) && (owner || u.id === ctx.user.id || !["owner", "admin"].includes(u.role));
+  const userRegion = liveRegion((list) => table(["User", "Role", "Sign-in", "Devices", "State", "Created", ""],
     list.map((u) => h("tr", { dataset: { user: u.id } },
       h("td", {}, h("strong", {}, u.username), u.id === ctx.user.id ? h("span", { class: "muted" }, " (you)") : null),
+      h("td", { class: "role" }, u.role),
       h("td", {}, u.source === "oidc" ? "single sign-on" : "password"),
+      h("td", {}, String(u.devices || 0)),
       h("td", {}, u.disabled ? badge("disabled", "bad") : badge("active", "ok")),
       h("td", {}, fmtTime(u.created_at)),
       h("td", { class: "row-actions" },
-        u.source === "oidc" ? null : h("button", { type: "button", onclick: () => password(u) }, "Change password"),
-        h("button", { type: "button", onclick: () => setDisabled(u, !u.disabled) }, u.disabled ? "Enable" : "Disable"),
-        h("button", { type: "button", class: "danger", onclick: () => removeUser(u) }, "Delete")))),
+        owner ? h("button", { type: "button", "data-action": "role", onclick: () => changeRole(u) }, "Role") : null,
+        u.source === "oidc" || !mayManage(u) ? null : h("button", { type: "button", onclick: () => password(u) }, "Change password"),
+        mayManage(u) && u.id !== ctx.user.id ? h("button", { type: "button", onclick: () => setDisabled(u, !u.disabled) }, u.disabled ? "Enable" : "Disable") : null,
+        mayManage(u) && u.id !== ctx.user.id ? h("button", { type: "button", class: "danger", onclick: () => removeUser(u) }, "Delete") : null))),
     "No users."));
+  function changeRole(u) {
+    const form = h("form", { novalidate: true }, formError(),
+      field("Role", select("role", Object.entries(ROLE_WORDS).map(([v, t]) => [v, t]), u.role)),
+      h("div", { class: "actions" }, h("button", { type: "submit", class: "primary" }, "Save role")));
+    const d = dialog(`Role of ${u.username}`, form);
+    onSubmit(form, async (f) => {
+      await put(`/api/users/${u.id}`, { role: f.elements.role.value });
+      d.close(); notify("Role changed"); await refresh();
+    });
+  }
   const tokenRegion = liveRegion((list) => table(["Name", "Expires", "Last used", ""],
     list.map((t) => h("tr", {},
       h("td", {}, t.name), h("td", {}, t.expires_at ? fmtTime(t.expires_at) : "never"),
@@ -688,11 +720,12 @@ export async function users(main, ctx) {
     const form = h("form", { novalidate: true }, formError(),
       field("Username", input("username", { required: true, autocomplete: "off" })),
       field("Password", input("password", { type: "password", autocomplete: "new-password" }), "At least 10 characters"),
-      h("div", { class: "actions" }, h("button", { type: "submit", class: "primary" }, "Create admin")));
-    const d = dialog("New admin", form);
+      field("Role", select("role", Object.entries(ROLE_WORDS).filter(([v]) => owner || v !== "owner"), "user")),
+      h("div", { class: "actions" }, h("button", { type: "submit", class: "primary" }, "Create user")));
+    const d = dialog("New user", form);
     onSubmit(form, async (f) => {
-      await post("/api/users", { username: f.elements.username.value, password: f.elements.password.value });
-      d.close(); notify("Admin created"); await refresh();
+      await post("/api/users", { username: f.elements.username.value, password: f.elements.password.value, role: f.elements.role.value });
+      d.close(); notify("User created"); await refresh();
     });
   }
   function password(u) {
@@ -713,7 +746,8 @@ export async function users(main, ctx) {
     await rowAction(() => put(`/api/users/${u.id}`, { disabled }), disabled ? "User disabled" : "User enabled", refresh);
   }
   async function removeUser(u) {
-    await rowAction(() => del(`/api/users/${u.id}`), "User deleted", refresh, `Delete admin ${u.username}?`);
+    await rowAction(() => del(`/api/users/${u.id}`), "User deleted", refresh,
+      `Delete ${u.username}?${u.devices ? ` Their ${u.devices} device(s) are removed from the network too.` : ""}`);
   }
   function createToken() {
     const form = h("form", { novalidate: true }, formError(),
@@ -735,12 +769,105 @@ export async function users(main, ctx) {
     await rowAction(() => del(`/api/tokens/${t.id}`), "Token deleted", refresh, `Delete token ${t.name}? Scripts using it stop working.`);
   }
   main.append(
-    header("Admins", h("button", { type: "button", class: "primary", onclick: createUser }, "New admin")), userRegion.box,
+    header("Users", h("button", { type: "button", class: "primary", onclick: createUser }, "New user")), userRegion.box,
     h("div", { class: "page-head" }, h("h2", {}, "Your access tokens"),
       h("div", { class: "actions" }, h("button", { type: "button", onclick: createToken }, "New token"))),
     newToken, tokenRegion.box);
   await refresh();
   return { poll: refresh };
+}
+
+// ------------------------------------------------------------------------------------------------
+// A user's own devices, and approving a device's sign-in
+
+const joinCommand = () => `sudo tern up --management-url ${location.origin}`;
+
+export async function myDevices(main, ctx) {
+  const region = liveRegion((list) => table(
+    ["Device", "Overlay IP", "Status", "Last seen", "OS", "Paths", ""],
+    list.map((p) => h("tr", { dataset: { peer: p.id } },
+      h("td", {}, h("strong", {}, p.name), h("div", { class: "muted small" }, p.hostname)),
+      h("td", {}, h("code", {}, p.overlay_ip)),
+      h("td", { class: "status" }, p.connected ? badge("online", "ok") : badge("offline", "off"),
+        p.approved ? null : h("div", {}, badge("awaiting an admin's approval", "warn"))),
+      h("td", { title: fmtTime(p.last_seen) }, p.connected ? "now" : ago(p.last_seen)),
+      h("td", {}, p.os || "—"),
+      h("td", {}, connSummary(p, [])),
+      h("td", { class: "row-actions" },
+        h("button", { type: "button", onclick: () => rename(p) }, "Rename"),
+        h("button", { type: "button", class: "danger", onclick: () => remove(p) }, "Remove")))),
+    "You have no devices yet."));
+  const refresh = async () => region.update(await get("/api/peers"));
+  function rename(p) {
+    const form = h("form", { novalidate: true }, formError(),
+      field("Name", input("name", { value: p.name, required: true })),
+      h("div", { class: "actions" }, h("button", { type: "submit", class: "primary" }, "Save")));
+    const d = dialog(`Rename ${p.name}`, form);
+    onSubmit(form, async (f) => {
+      await put(`/api/peers/${p.id}`, { name: f.elements.name.value });
+      d.close(); notify("Device renamed"); await refresh();
+    });
+  }
+  async function remove(p) {
+    await rowAction(() => del(`/api/peers/${p.id}`), `${p.name} removed`, refresh,
+      `Remove ${p.name} from the network? To add it again, run tern up on it and sign in.`, "Remove");
+  }
+  main.append(header("My devices", h("a", { class: "button", href: "#/device" }, "Add a device")),
+    h("p", { class: "muted" }, "To add a laptop, run ", h("code", {}, joinCommand()), " on it and approve the code it shows."),
+    region.box);
+  await refresh();
+  return { poll: refresh };
+}
+
+export async function approveDevice(main, ctx) {
+  const given = decodeURIComponent((location.hash.match(/^#\/device\/([\w-]+)/) || [])[1] || "");
+  const result = h("div", { id: "device-result", "aria-live": "polite" });
+  const form = h("form", { novalidate: true, id: "device-form", class: "narrow" }, formError(),
+    field("Code shown by the device", input("code", { value: given, required: true, autocomplete: "off", placeholder: "BCDF-GHJK", autocapitalize: "characters" }),
+      "8 letters, e.g. BCDF-GHJK; the dash is optional"),
+    h("div", { class: "actions" }, h("button", { type: "submit", class: "primary" }, "Continue")));
+  const mine = ctx.user.role === "user" ? "your device" : `${ctx.user.username}'s device`;
+  const show = (d) => {
+    const left = Math.max(0, Math.round((d.expires_at - Date.now()) / 60000));
+    const facts = h("dl", { class: "facts" },
+      h("dt", {}, "Device"), h("dd", { id: "device-host" }, d.hostname || "—"),
+      h("dt", {}, "System"), h("dd", {}, `${d.os || "—"}, agent ${d.agent_version || "—"}`),
+      h("dt", {}, "Asked from"), h("dd", {}, d.source ? h("code", {}, d.source) : "—"),
+      h("dt", {}, "Asked"), h("dd", { title: fmtTime(d.created_at) }, ago(d.created_at)),
+      d.existing_peer ? h("dt", {}, "Already known as") : null, d.existing_peer ? h("dd", {}, d.existing_peer) : null);
+    if (d.state !== "pending") {
+      return h("section", { class: "card", "aria-label": "Device" }, h("h2", {}, `Code ${d.user_code}`), facts,
+        h("p", { class: d.state === "approved" ? "ok" : "form-error", id: "device-outcome" },
+          d.state === "approved"
+            ? `Approved by ${d.decided_by}: ${d.hostname} joins the network as ${mine}. It continues on its own within seconds.`
+            : `Denied by ${d.decided_by}: ${d.hostname} was told so and does not join.`));
+    }
+    const decide = async (verb) => {
+      try {
+        show2(await post(`/api/device/${encodeURIComponent(d.user_code)}/${verb}`, {}));
+      } catch (e) {
+        result.replaceChildren(h("p", { class: "form-error", role: "alert", id: "device-error" }, e.message));
+      }
+    };
+    return h("section", { class: "card", "aria-label": "Device" },
+      h("h2", {}, `Add ${d.hostname} to the network?`), facts,
+      h("p", { class: "muted" }, `Only approve a device you are setting up right now. The code expires in ${left} min.`),
+      h("div", { class: "actions" },
+        h("button", { type: "button", class: "danger", id: "device-deny", onclick: () => decide("deny") }, "Deny"),
+        h("button", { type: "button", class: "primary", id: "device-approve", onclick: () => decide("approve") }, `Approve as ${mine}`)));
+  };
+  const show2 = (d) => result.replaceChildren(show(d));
+  const lookup = async (code) => show2(await get(`/api/device/${encodeURIComponent(code.trim())}`));
+  onSubmit(form, async (f) => lookup(f.elements.code.value));
+  main.append(header("Add a device"),
+    h("p", { class: "muted" }, "On the device, run ", h("code", {}, joinCommand()),
+      ". It shows a code; enter it here to approve the device."), form, result);
+  if (given) {
+    try { await lookup(given); } catch (e) {
+      result.replaceChildren(h("p", { class: "form-error", role: "alert", id: "device-error" }, e.message));
+    }
+  }
+  return {};
 }
 
 export { peerPage } from "./network.js";

@@ -139,6 +139,10 @@ struct JoinArgs {
     /// Name to register with (default: the host name).
     #[arg(long, env = "TERN_HOSTNAME")]
     hostname: Option<String>,
+    /// Without a setup key: how long to wait for someone to approve this device's sign-in
+    /// (default: until its code expires, 10 min).
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    sign_in_timeout: Option<u64>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -231,14 +235,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Service { action } => match action {
-            ServiceCmd::Install {
-                join:
-                    JoinArgs {
-                        management_url,
-                        setup_key,
-                        hostname,
-                    },
-            } => {
+            ServiceCmd::Install { join: args } => {
                 if !platform::net::valid_iface(&cli.interface) {
                     bail!(
                         "--interface {:?} is not a valid interface name (1-15 letters, digits, '-', '_' or '.')",
@@ -257,19 +254,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let joined = state::StateDir::new(&cli.state_dir)?
                     .load_config()?
                     .is_some();
-                if !joined && management_url.is_none() {
+                if !joined && args.management_url.is_none() {
                     bail!("this host has not joined a network yet: run `tern service install --management-url URL` (and --setup-key KEY for a machine nobody signs in on)");
                 }
-                if setup_key.is_some() || !joined {
-                    let j = join(
-                        &cli.state_dir,
-                        &cli.interface,
-                        management_url,
-                        setup_key,
-                        hostname,
-                        None,
-                    )
-                    .await?;
+                if args.setup_key.is_some() || !joined {
+                    let j = join(&cli.state_dir, &cli.interface, args, None).await?;
                     println!(
                         "tern: joined as {} with {}",
                         j.session.config.name, j.session.config.address
@@ -418,12 +407,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Up {
-            join:
-                JoinArgs {
-                    management_url,
-                    setup_key,
-                    hostname,
-                },
+            join,
             mtu,
             nat64_prefix,
         } => {
@@ -435,9 +419,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             let opts = UpOptions {
-                management_url,
-                setup_key,
-                hostname,
+                join,
                 mtu,
                 nat64_prefix,
             };
@@ -551,9 +533,7 @@ fn bytes(n: f64) -> String {
 }
 
 struct UpOptions {
-    management_url: Option<String>,
-    setup_key: Option<String>,
-    hostname: Option<String>,
+    join: JoinArgs,
     mtu: Option<u32>,
     nat64_prefix: Option<ipnet::Ipv6Net>,
 }
@@ -573,11 +553,15 @@ struct Joined {
 async fn join(
     state_dir: &std::path::Path,
     iface: &str,
-    management_url: Option<String>,
-    setup_key: Option<String>,
-    hostname: Option<String>,
+    args: JoinArgs,
     mtu: Option<u32>,
 ) -> anyhow::Result<Joined> {
+    let JoinArgs {
+        management_url,
+        setup_key,
+        hostname,
+        sign_in_timeout,
+    } = args;
     let st = state::StateDir::new(state_dir)?;
     let key = st.key()?;
     let saved = st.load_config()?;
@@ -612,7 +596,8 @@ async fn join(
         // Not registered (or a user's device whose login expired), and no setup key: the
         // person at this device signs in.
         Err(control::LoginError::Refused(m)) if setup_key.is_none() && signs_in(&m) => {
-            device_sign_in(&url, &ch, &key, &server_pub, &hostname).await?
+            let wait = sign_in_timeout.map(std::time::Duration::from_secs);
+            device_sign_in(&url, &ch, &key, &server_pub, &hostname, wait).await?
         }
         r => r?,
     };
@@ -649,6 +634,7 @@ async fn device_sign_in(
     key: &tern_proto::SecretKey,
     server_pub: &tern_proto::PublicKey,
     hostname: &str,
+    wait: Option<std::time::Duration>,
 ) -> anyhow::Result<control::Session> {
     use std::io::{IsTerminal, Write};
     let code = control::start_device_login(url, ch, key, server_pub, hostname)
@@ -666,8 +652,10 @@ async fn device_sign_in(
     println!("(no setup key? this is the way; machines without a person use --setup-key).");
     let _ = std::io::stdout().flush();
     let tty = std::io::stderr().is_terminal();
-    let deadline = tokio::time::Instant::now()
-        + std::time::Duration::from_secs(left as u64).min(SIGN_IN_WAIT_MAX);
+    let waits = std::time::Duration::from_secs(left as u64)
+        .min(SIGN_IN_WAIT_MAX)
+        .min(wait.unwrap_or(SIGN_IN_WAIT_MAX));
+    let deadline = tokio::time::Instant::now() + waits;
     let spin = ['|', '/', '-', '\\'];
     let mut n = 0usize;
     loop {
@@ -677,9 +665,13 @@ async fn device_sign_in(
                 eprintln!();
             }
             bail!(
-                "nobody approved the code {} within {} min: run tern up again for a new code",
+                "nobody approved the code {} within {}: run tern up again for a new code",
                 code.user_code,
-                (left + 59) / 60
+                if waits.as_secs() >= 60 {
+                    format!("{} min", waits.as_secs().div_ceil(60))
+                } else {
+                    format!("{} s", waits.as_secs())
+                }
             );
         }
         if tty {
@@ -733,12 +725,11 @@ async fn up(
     o: UpOptions,
 ) -> anyhow::Result<()> {
     let UpOptions {
-        management_url,
-        setup_key,
-        hostname,
+        join: join_args,
         mtu,
         nat64_prefix,
     } = o;
+    let setup_key = join_args.setup_key.clone();
     if !platform::net::valid_iface(iface) {
         bail!("--interface {iface:?} is not a valid interface name (1-15 letters, digits, '-', '_' or '.')");
     }
@@ -755,15 +746,7 @@ async fn up(
         key,
         hostname,
         mtu,
-    } = join(
-        state_dir,
-        iface,
-        management_url,
-        setup_key.clone(),
-        hostname,
-        mtu,
-    )
-    .await?;
+    } = join(state_dir, iface, join_args, mtu).await?;
     let mtu = mtu.unwrap_or(session.config.mtu);
     // Rules a crashed earlier run may have left behind.
     platform::net::remove_rules(iface);

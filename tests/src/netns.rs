@@ -118,6 +118,12 @@ impl Lab {
         format!("{}-{name}", self.prefix)
     }
 
+    /// A namespace with only its loopback (for a process that reaches the world through
+    /// [`forward_into`] alone).
+    pub fn add_bare(&mut self, name: &str) -> anyhow::Result<String> {
+        self.add_ns(name)
+    }
+
     fn add_ns(&mut self, name: &str) -> anyhow::Result<String> {
         let n = self.ns(name);
         ip(&["netns", "add", &n])?;
@@ -582,4 +588,40 @@ impl Drop for Lab {
             let _ = Command::new("ip").args(["netns", "del", n]).status();
         }
     }
+}
+
+/// A TCP listener at `addr` inside namespace `ns`: created by a helper thread that joins the
+/// namespace (a socket stays in the namespace it was made in; this process's other threads
+/// stay where they are).
+pub fn listen_in(ns: &str, addr: std::net::SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || -> anyhow::Result<std::net::TcpListener> {
+        let f = std::fs::File::open(&path).with_context(|| format!("open {path}"))?;
+        nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+            .with_context(|| format!("setns {path}"))?;
+        let l =
+            std::net::TcpListener::bind(addr).with_context(|| format!("bind {addr} in {path}"))?;
+        l.set_nonblocking(true)?;
+        Ok(l)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("namespace helper thread panicked"))?
+}
+
+/// Makes this process's loopback TCP port `port` reachable inside namespace `ns` at
+/// 127.0.0.1:`port` (a userspace relay: connections accepted there are carried to the host's
+/// loopback). Lets an agent in a namespace reach a server running in the test process. Ends
+/// when the returned task is aborted.
+pub fn forward_into(ns: &str, port: u16) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let l = listen_in(ns, std::net::SocketAddr::from(([127, 0, 0, 1], port)))?;
+    let l = tokio::net::TcpListener::from_std(l)?;
+    Ok(tokio::spawn(async move {
+        while let Ok((mut inside, _)) = l.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut out) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inside, &mut out).await;
+                }
+            });
+        }
+    }))
 }

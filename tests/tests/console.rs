@@ -710,7 +710,7 @@ async fn console_admin_journey_in_chromium() {
     for (route, heading, name) in [
         ("groups", "Groups", "08-groups"),
         ("audit", "Audit log", "09-audit"),
-        ("users", "Admins", "11-admins-tokens"),
+        ("users", "Users", "11-users-tokens"),
     ] {
         open(b, route, heading).await.expect(route);
         shot(b, name).await.expect("shot");

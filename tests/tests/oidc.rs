@@ -253,14 +253,25 @@ async fn console_signs_in_through_the_identity_provider() {
     let b = Browser::start(1280, 900).await.expect("browser");
     let t = Duration::from_secs(10);
 
-    // A user without the admin claim gets a clear refusal on the sign-in page.
+    // A user without the admin claim signs in as a user: their own devices, nothing else.
     idp.set_user(json!({"sub": "bob", "email": "bob@example.com", "groups": ["staff"]}));
     b.goto(&format!("{}/", server.base)).await.expect("open");
     let sso = b.wait("#sso", t).await.expect("SSO button");
     b.click(&sso).await.expect("click");
-    b.wait_text("#signin-form", "tern-admins", t)
+    b.wait_text(".page[data-page=devices] h1", "My devices", t)
         .await
-        .expect("not-admin refusal shown");
+        .expect("a user lands on their devices");
+    b.wait_text(".page[data-page=devices]", "You have no devices yet", t)
+        .await
+        .expect("none yet");
+    b.goto(&format!("{}/#/setup-keys", server.base))
+        .await
+        .expect("open");
+    b.wait_text(".page[data-page=devices] h1", "My devices", t)
+        .await
+        .expect("admin pages are not shown to a user");
+    let out = b.wait("#signout", t).await.expect("sign out");
+    b.click(&out).await.expect("click");
 
     idp.set_user(json!({"sub": "anna", "email": "anna@example.com", "groups": ["tern-admins"]}));
     let sso = b.wait("#sso", t).await.expect("SSO button");
