@@ -638,6 +638,16 @@ mod tests {
             refusal_code("peer login expired: run tern up again with a valid setup key"),
             Some("login_expired")
         );
+        assert_eq!(
+            refusal_code("device login expired: run tern up again to sign in"),
+            Some("login_expired")
+        );
+        assert_eq!(
+            refusal_code(
+                "this device's user erin is disabled: ask an admin to enable the account"
+            ),
+            Some("user_disabled")
+        );
         assert_eq!(refusal_code("invalid setup key"), None);
     }
 }

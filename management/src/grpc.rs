@@ -198,7 +198,7 @@ impl ManagementService for AgentService {
                         "waiting for someone to approve the code in the console",
                     ))
                 }
-                crate::store::DeviceLoginResult::Done(out) => out,
+                crate::store::DeviceLoginResult::Done(out) => *out,
             }
         } else {
             let setup_key = (!login.setup_key.is_empty()).then_some(login.setup_key.as_str());

@@ -534,6 +534,39 @@ async fn devices_join_by_their_users_sign_in_and_leave_with_them() {
             .expect_err("denied");
         assert!(e.message().contains("erin denied"), "{e:?}");
 
+        // A code nobody approved in time: the page no longer knows it, the device is told.
+        let late = TestAgent::new(&server, "late-box").await;
+        let c = late.start_device_login().await.expect("code");
+        sqlx::query("UPDATE device_logins SET expires_at = 1 WHERE user_code = $1")
+            .bind(&c.user_code)
+            .execute(server.state().store.pool())
+            .await
+            .expect("age the code");
+        let (s, v) = server
+            .api_as(
+                &erin_s,
+                Method::GET,
+                &format!("/api/device/{}", c.user_code),
+                None,
+            )
+            .await;
+        assert_eq!(s, 404, "{v}");
+        assert!(
+            v["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("may have expired"),
+            "{v}"
+        );
+        let e = late
+            .login_with_code(&c.user_code)
+            .await
+            .expect_err("expired");
+        assert!(
+            e.message().contains("expired before anyone approved it"),
+            "{e:?}"
+        );
+
         // Approved by a user who is disabled before the device logs in: refused.
         let box2 = TestAgent::new(&server, "frank-box").await;
         let c = box2.start_device_login().await.expect("code");

@@ -44,7 +44,7 @@ pub struct DeviceLogin {
 pub enum DeviceLoginResult {
     /// Nobody has approved the code yet: ask again after the interval.
     Pending,
-    Done(LoginOutcome),
+    Done(Box<LoginOutcome>),
 }
 
 /// A random user code, `XXXX-XXXX` (20^8, about 2.6e10 codes).
@@ -290,7 +290,7 @@ impl Store {
                 if !matches!(r, Err(StoreError::Db(_))) {
                     forget().await?;
                 }
-                r.map(DeviceLoginResult::Done)
+                r.map(|o| DeviceLoginResult::Done(Box::new(o)))
             }
             _ => Err(unknown_code(code)),
         }
