@@ -643,9 +643,7 @@ mod tests {
             Some("login_expired")
         );
         assert_eq!(
-            refusal_code(
-                "this device's user erin is disabled: ask an admin to enable the account"
-            ),
+            refusal_code("this device's user erin is disabled: ask an admin to enable the account"),
             Some("user_disabled")
         );
         assert_eq!(refusal_code("invalid setup key"), None);

@@ -46,6 +46,8 @@ pub struct NetIndex {
     /// Per enabled public service: the peers that can carry its clients to the target, best
     /// first, or why none can.
     carriers: HashMap<String, Result<Vec<usize>, String>>,
+    /// The earliest login expiry after the index was built (Unix ms): the maps change then.
+    next_expiry: Option<crate::model::Millis>,
 }
 
 impl NetIndex {
@@ -59,14 +61,19 @@ impl NetIndex {
         let mut by_id = HashMap::with_capacity(snap.peers.len());
         let mut members: HashMap<String, Vec<usize>> = HashMap::new();
         let expiry = snap.settings.peer_login_expiry_secs;
+        let mut next_expiry: Option<crate::model::Millis> = None;
         for (i, p) in snap.peers.iter().enumerate() {
             by_id.insert(p.id.clone(), i);
             // A peer awaiting approval, whose owner is disabled, or whose login expired is in
             // no group: no policy or route reaches it.
-            let expired =
-                p.login_expiration_enabled && expiry > 0 && p.last_login + expiry * 1000 <= now;
+            let expires =
+                (p.login_expiration_enabled && expiry > 0).then(|| p.last_login + expiry * 1000);
+            let expired = expires.is_some_and(|at| at <= now);
             if !p.on_network() || expired {
                 continue;
+            }
+            if let Some(at) = expires {
+                next_expiry = Some(next_expiry.map_or(at, |n| n.min(at)));
             }
             for g in &p.groups {
                 members.entry(g.clone()).or_default().push(i);
@@ -88,6 +95,7 @@ impl NetIndex {
             members,
             ports,
             carriers: HashMap::new(),
+            next_expiry,
         };
         idx.carriers = idx
             .snap
@@ -180,6 +188,23 @@ impl NetIndex {
         let p = &self.snap.peers[*self.by_id.get(peer_id)?];
         p.owner_disabled
             .then(|| crate::store::disabled_owner_message(p))
+    }
+
+    /// When the next login on the network expires (Unix ms), if any does.
+    pub fn next_expiry(&self) -> Option<crate::model::Millis> {
+        self.next_expiry
+    }
+
+    /// Peers on the network in this index whose login has expired by `now`: (id, name).
+    pub fn expired_by(&self, now: crate::model::Millis) -> Vec<(String, String)> {
+        self.members
+            .get(crate::model::ALL_GROUP_ID)
+            .into_iter()
+            .flatten()
+            .map(|&i| &self.snap.peers[i])
+            .filter(|p| self.login_expires_at(&p.id).is_some_and(|at| at <= now))
+            .map(|p| (p.id.clone(), p.name.clone()))
+            .collect()
     }
 
     /// True if a user's sign-in added `peer_id` (rather than a setup key).

@@ -69,6 +69,7 @@ pub struct Running {
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
     janitor: JoinHandle<()>,
+    expiry: JoinHandle<()>,
     publisher: JoinHandle<()>,
 }
 
@@ -78,6 +79,7 @@ impl Running {
     pub async fn stop(self, grace: Duration) {
         let _ = self.shutdown.send(true);
         self.janitor.abort();
+        self.expiry.abort();
         self.publisher.abort();
         let mut task = self.task;
         if tokio::time::timeout(grace, &mut task).await.is_err() {
@@ -271,6 +273,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Running> {
         rx,
     ));
     let janitor = tokio::spawn(janitor(state.clone()));
+    let expiry = tokio::spawn(expiry_watch(state.clone()));
     let publisher = tokio::spawn(publisher.run(state.clone()));
     info!(%addr, %public_url, signal = signal.is_some(), relay = relay.is_some(), tls = cfg.tls.is_some(), "management listening");
     Ok(Running {
@@ -282,6 +285,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Running> {
         shutdown,
         task,
         janitor,
+        expiry,
         publisher,
     })
 }
@@ -310,6 +314,44 @@ fn metrics_router(state: Arc<AppState>) -> axum::Router {
     axum::Router::new()
         .route("/metrics", axum::routing::get(render))
         .with_state(state)
+}
+
+/// Takes peers off everyone's map when their login expires (whether or not they are online, and
+/// without waiting for another change): records the expiry, which rebuilds the maps.
+async fn expiry_watch(state: Arc<AppState>) {
+    let mut changes = state.store.subscribe();
+    loop {
+        let idx = match state.net_index().await {
+            Ok(i) => i,
+            Err(e) => {
+                warn!(error = ?e, "login expiry watch: cannot read the network");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                continue;
+            }
+        };
+        let now = crate::model::now_millis();
+        let wait = idx
+            .next_expiry()
+            .map(|at| Duration::from_millis((at - now).max(0) as u64 + 20))
+            .unwrap_or(Duration::from_secs(86_400));
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {
+                let expired = idx.expired_by(crate::model::now_millis());
+                if !expired.is_empty() {
+                    if let Err(e) = state.store.logins_expired(&expired).await {
+                        warn!(error = ?e, "could not record expired logins");
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                    }
+                }
+            }
+            r = changes.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                changes.borrow_and_update();
+            }
+        }
+    }
 }
 
 /// Periodic clean-up: ephemeral peers that stayed disconnected past their TTL.

@@ -683,12 +683,17 @@ async fn a_users_device_login_expires_and_a_new_sign_in_renews_it() {
     let server = TestServer::start(&db.url).await.expect("server");
     let (_id, ivy_s) = account(&server, "ivy", "user").await;
     let appliance = TestAgent::new(&server, "appliance").await;
-    appliance
+    let a = appliance
         .login(Some(&server.default_setup_key))
         .await
         .expect("appliance");
+    let mut a_sync = appliance.sync(&a.peer_token).await.expect("sync");
     let laptop = TestAgent::new(&server, "ivy-laptop").await;
     sign_in_device(&server, &ivy_s, &laptop).await;
+    map_where(&mut a_sync, Duration::from_secs(3), |m| {
+        has_peer(m, "ivy-laptop")
+    })
+    .await;
     let mut s = server.get("/api/settings").await;
     s["peer_login_expiry_secs"] = json!(1);
     s.as_object_mut()
@@ -696,7 +701,11 @@ async fn a_users_device_login_expires_and_a_new_sign_in_renews_it() {
         .remove("network_serial");
     let (st, v) = server.put("/api/settings", s).await;
     assert_eq!(st, 200, "{v}");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Offline and expired: it leaves the appliance's map on its own (no other change needed).
+    map_where(&mut a_sync, Duration::from_secs(4), |m| {
+        !has_peer(m, "ivy-laptop")
+    })
+    .await;
     let e = laptop.login(None).await.expect_err("expired");
     assert!(
         e.message()
@@ -707,17 +716,31 @@ async fn a_users_device_login_expires_and_a_new_sign_in_renews_it() {
         .login(None)
         .await
         .expect("setup-key appliances have no login expiry");
+    // A new sign-in renews it (long enough for the rest of the test).
+    let mut s = server.get("/api/settings").await;
+    s["peer_login_expiry_secs"] = json!(3600);
+    s.as_object_mut()
+        .expect("settings")
+        .remove("network_serial");
+    let (st, v) = server.put("/api/settings", s).await;
+    assert_eq!(st, 200, "{v}");
     sign_in_device(&server, &ivy_s, &laptop).await;
     laptop
         .login(None)
         .await
         .expect("renewed by the new sign-in");
+    map_where(&mut a_sync, Duration::from_secs(3), |m| {
+        has_peer(m, "ivy-laptop")
+    })
+    .await;
     let peers = server.get("/api/peers").await;
     assert_eq!(
         peers.as_array().map(|p| p.len()),
         Some(2),
         "renewed, not registered twice"
     );
+    let events = server.get("/api/audit?action=peer.login_expired").await;
+    assert!(events.to_string().contains("ivy-laptop"), "{events}");
     server.stop().await;
     db.cleanup().await;
 }

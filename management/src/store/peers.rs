@@ -503,6 +503,17 @@ impl Store {
         c.commit(self).await
     }
 
+    /// Records that these peers' logins expired: an audit event each, and a change, so every map
+    /// is computed again without them.
+    pub async fn logins_expired(&self, peers: &[(String, String)]) -> Result<()> {
+        let mut c = self.begin_change("system").await?;
+        for (id, name) in peers {
+            c.audit("peer.login_expired", "peer", id, json!({ "name": name }))
+                .await?;
+        }
+        c.commit(self).await
+    }
+
     /// At start-up no stream is open, whatever the database says after a crash.
     pub async fn mark_all_disconnected(&self) -> Result<()> {
         let mut c = self.begin_change("system").await?;
