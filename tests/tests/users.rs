@@ -656,6 +656,21 @@ async fn devices_join_by_their_users_sign_in_and_leave_with_them() {
             "only the appliance: {peers}"
         );
 
+        // Codes cost nothing to ask for, so one address may keep only so many waiting.
+        let mut refused = None;
+        for i in 0..60 {
+            let a = TestAgent::new(&server, &format!("flood-{i}")).await;
+            if let Err(e) = a.start_device_login().await {
+                refused = Some((i, e));
+                break;
+            }
+        }
+        let (n, e) = refused.expect("a flood of codes is cut off");
+        assert!(
+            n >= 40 && e.message().contains("already waiting for approval"),
+            "{n}: {e:?}"
+        );
+
         let events = server.get("/api/audit?action=device.").await;
         let actions: Vec<&str> = events
             .as_array()

@@ -578,7 +578,7 @@ impl Engine {
                 path_reason: s.reason.clone(),
                 local_candidate: s.ice.as_ref().map(|i| i.local.clone()),
                 remote_candidate: s.ice.as_ref().map(|i| i.remote.clone()),
-                latency_ms: s.rtt.map(|r| (r.as_secs_f64() * 10_000.0).round() / 10.0),
+                latency_ms: s.rtt.map(|r| (r.as_secs_f64() * 100_000.0).round() / 100.0),
                 loss_pct: s
                     .loss
                     .filter(|(settled, _)| *settled >= 3)

@@ -65,6 +65,7 @@ fn input(
     p: &Publisher,
     b: ServiceBody,
     current: Option<&PublicService>,
+    others: &[PublicService],
 ) -> ApiResult<ServiceInput> {
     let n = name("name", &b.name)?;
     let protocol: ServiceProtocol = b
@@ -78,6 +79,22 @@ fn input(
         .map_err(|e| ApiError::invalid("public_port", e))?;
     let same_listener = current
         .is_some_and(|c| c.enabled && c.protocol == protocol && c.public_port == public_port);
+    // Another service's port is named as such (even while its listener is not open), before
+    // asking the system whether the port is free.
+    if let Some(o) = others.iter().find(|o| {
+        o.protocol == protocol
+            && o.public_port == public_port
+            && current.is_none_or(|c| c.id != o.id)
+    }) {
+        return Err(ApiError::invalid(
+            "public_port",
+            format!(
+                "port {public_port}/{} is already used by service {:?}",
+                protocol.as_str(),
+                o.name
+            ),
+        ));
+    }
     if !same_listener {
         p.check_free(protocol, public_port)
             .map_err(|e| ApiError::invalid("public_port", e))?;
@@ -168,7 +185,7 @@ pub async fn create_service(
     ApiJson(b): ApiJson<ServiceBody>,
 ) -> ApiResult<impl IntoResponse> {
     let p = publisher(&s)?;
-    let i = input(p, b, None)?;
+    let i = input(p, b, None, &s.store.services().await?)?;
     let out = s.store.put_service(&a.actor, None, &i).await?;
     Ok((StatusCode::CREATED, Json(present(p, out))))
 }
@@ -193,7 +210,7 @@ pub async fn update_service(
 ) -> ApiResult<Json<PublicService>> {
     let p = publisher(&s)?;
     let current = s.store.service(&id).await?;
-    let i = input(p, b, Some(&current))?;
+    let i = input(p, b, Some(&current), &s.store.services().await?)?;
     let out = s.store.put_service(&a.actor, Some(&id), &i).await?;
     Ok(Json(present(p, out)))
 }

@@ -16,6 +16,8 @@ use utoipa::ToSchema;
 pub const DEVICE_CODE_TTL_MS: Millis = 10 * 60 * 1000;
 /// At most this many sign-ins wait at once (anyone can ask for a code).
 pub const MAX_PENDING_DEVICE_LOGINS: i64 = 1000;
+/// At most this many wait from one address (a NAT may hide a whole office: generous).
+pub const MAX_PENDING_PER_SOURCE: i64 = 50;
 /// Letters that cannot be mistaken for one another (no vowels: no words; no 0/O, 1/I).
 const CODE_ALPHABET: &[u8] = b"BCDFGHJKLMNPQRSTVWXZ";
 
@@ -104,6 +106,20 @@ impl Store {
                 .await?,
             "n",
         )?;
+        if !source.is_empty() {
+            let from_here: i64 = col(
+                &sqlx::query("SELECT COUNT(*) AS n FROM device_logins WHERE source = $1")
+                    .bind(source)
+                    .fetch_one(c.conn())
+                    .await?,
+                "n",
+            )?;
+            if from_here >= MAX_PENDING_PER_SOURCE {
+                return Err(StoreError::Denied(format!(
+                    "{from_here} device sign-ins from {source} are already waiting for approval; approve or let them expire (10 min), then try again"
+                )));
+            }
+        }
         if waiting >= MAX_PENDING_DEVICE_LOGINS {
             return Err(StoreError::Denied(format!(
                 "{waiting} device sign-ins are already waiting for approval; try again in a few minutes"
