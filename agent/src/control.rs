@@ -427,6 +427,8 @@ pub async fn run_sync(
                 warn!(reason = %m, "management refuses this device while its user is disabled");
                 up.send_replace(false);
                 refused.send_replace("user_disabled".into());
+                // Nothing flows meanwhile: the others dropped this device; it drops them too.
+                maps.send_replace(Some(pb::NetworkMap::default()));
                 tokio::time::sleep(DISABLED_RECHECK).await;
                 continue;
             }
@@ -435,6 +437,7 @@ pub async fn run_sync(
                 tracing::error!(reason = %m, "management refuses this peer: no more retries; join again with `tern up --setup-key KEY`");
                 up.send_replace(false);
                 refused.send_replace(code.to_string());
+                maps.send_replace(Some(pb::NetworkMap::default()));
                 return;
             }
             Err(e) => {

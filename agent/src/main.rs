@@ -649,7 +649,10 @@ async fn device_sign_in(
         "or open {} on any device and enter the code {}",
         code.url, code.user_code
     );
-    println!("(no setup key? this is the way; machines without a person use --setup-key).");
+    println!(
+        "Waiting for approval; the code expires in {} min. (Machines nobody signs in on join with --setup-key.)",
+        (left + 59) / 60
+    );
     let _ = std::io::stdout().flush();
     let tty = std::io::stderr().is_terminal();
     let waits = std::time::Duration::from_secs(left as u64)

@@ -160,6 +160,7 @@ async fn employees_add_their_laptops_by_signing_in() {
     one.up(&mut lab, &url, &[]);
     let (link, code) = one.wait_code(&lab);
     let log = lab.log(&one.who);
+    eprintln!("tern up without a setup key, as the person reads it:\n{log}");
     assert!(log.contains("sign in with your company account"), "{log}");
     assert!(
         log.contains(&format!(
@@ -402,6 +403,12 @@ async fn employees_add_their_laptops_by_signing_in() {
         t0.elapsed()
     );
     assert!(!human.contains("null"), "{human}");
+    lab.wait_for("the laptop drops its peers", Duration::from_secs(5), || {
+        one.status(&lab)
+            .is_some_and(|s| s["peers"].as_array().is_some_and(|p| p.is_empty()))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.log(&one.who)));
+    eprintln!("tern status of a device whose user is disabled:\n{human}");
 
     drop(b);
     lab.stop(&one.who);
