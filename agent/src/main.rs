@@ -3,6 +3,7 @@
 
 mod control;
 mod diagnose;
+mod dns;
 mod engine;
 mod logring;
 mod nat64;
@@ -65,6 +66,9 @@ enum Cmd {
         /// reached through it when the host has no IPv4 route.
         #[arg(long, env = "TERN_NAT64_PREFIX")]
         nat64_prefix: Option<ipnet::Ipv6Net>,
+        /// Leave the host's DNS alone: no resolver for peer names and nameserver groups.
+        #[arg(long, env = "TERN_NO_DNS")]
+        no_dns: bool,
     },
     /// Stop the running daemon (removes the interface).
     Down,
@@ -410,6 +414,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             join,
             mtu,
             nat64_prefix,
+            no_dns,
         } => {
             if let Some(p) = nat64_prefix {
                 anyhow::ensure!(
@@ -422,6 +427,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 join,
                 mtu,
                 nat64_prefix,
+                no_dns,
             };
             up(&cli.state_dir, sock, &cli.interface, opts).await
         }
@@ -535,6 +541,7 @@ fn bytes(n: f64) -> String {
 struct UpOptions {
     join: JoinArgs,
     mtu: Option<u32>,
+    no_dns: bool,
     nat64_prefix: Option<ipnet::Ipv6Net>,
 }
 
@@ -731,6 +738,7 @@ async fn up(
         join: join_args,
         mtu,
         nat64_prefix,
+        no_dns,
     } = o;
     let setup_key = join_args.setup_key.clone();
     if !platform::net::valid_iface(iface) {
@@ -742,6 +750,8 @@ async fn up(
     if status::request(&sock, "status").await.is_ok() {
         bail!("a tern daemon is already running on {iface}; run `tern down` first");
     }
+    // A resolv.conf an earlier run changed and could not put back (it was killed).
+    dns::host::restore_leftovers(state_dir);
     let Joined {
         session,
         url,
@@ -835,6 +845,25 @@ async fn up(
     let publisher = publish::Publisher::new(&url, tls_roots(), token_rx.clone(), services_rx)?;
     tokio::spawn(publisher.clone().run());
     let (pending_tx, pending_rx) = watch::channel(false);
+    let (dns_tx, dns_rx) = watch::channel(dns::Config::default());
+    let host_dns: Arc<std::sync::Mutex<Option<dns::host::HostDns>>> = Arc::default();
+    if !no_dns {
+        let ip = session
+            .config
+            .address
+            .split('/')
+            .next()
+            .and_then(|a| a.parse().ok());
+        if let Some(ip) = ip {
+            tokio::spawn(run_dns(
+                ip,
+                state_dir.to_path_buf(),
+                iface.to_string(),
+                dns_rx,
+                host_dns.clone(),
+            ));
+        }
+    }
     {
         let e = engine.clone();
         tokio::spawn(async move {
@@ -856,6 +885,14 @@ async fn up(
                 }
                 e.apply_map(&map);
                 e.apply_routes(&map);
+                if let Some(d) = &map.dns {
+                    let cfg = dns::Config::from_map(d);
+                    dns_tx.send_if_modified(|cur| {
+                        let changed = *cur != cfg;
+                        *cur = cfg;
+                        changed
+                    });
+                }
                 services_tx.send_if_modified(|cur| {
                     let changed = **cur != map.served_services;
                     if changed {
@@ -958,8 +995,52 @@ async fn up(
     }
     let _ = std::fs::remove_file(&sock);
     platform::net::remove_rules(iface);
+    if let Some(mut h) = host_dns.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        h.restore();
+    }
     info!("tunnel down");
     Ok(())
+}
+
+/// The resolver for peer names and nameserver groups: waits for the map's names, listens on the
+/// overlay address, then points the host's resolver at it (again whenever the domains change).
+async fn run_dns(
+    ip: std::net::IpAddr,
+    state_dir: PathBuf,
+    iface: String,
+    mut cfg: watch::Receiver<dns::Config>,
+    host: Arc<std::sync::Mutex<Option<dns::host::HostDns>>>,
+) {
+    while cfg.borrow_and_update().domain.is_empty() {
+        if cfg.changed().await.is_err() {
+            return;
+        }
+    }
+    let sockets = match dns::server::bind(ip).await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(%ip, error = %e, "cannot listen for DNS on {ip}:53: peer names stay off (is another resolver bound there?)");
+            return;
+        }
+    };
+    let h = dns::host::HostDns::new(&state_dir, &iface, ip);
+    let resolver = dns::server::Resolver {
+        cfg: cfg.clone(),
+        upstream: h.upstream.clone(),
+    };
+    *host.lock().unwrap_or_else(|e| e.into_inner()) = Some(h);
+    tokio::spawn(dns::server::serve(sockets, resolver));
+    loop {
+        let domains = cfg.borrow_and_update().routed_domains();
+        if let Some(h) = host.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            if let Err(e) = h.apply(ip, &domains) {
+                warn!(error = %e, "cannot point the host's resolver at tern: peer names resolve only when asked at {ip} directly");
+            }
+        }
+        if cfg.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Keeps one TCP/WebSocket relay connection (the fallback path) while the map names a relay.

@@ -43,6 +43,9 @@ pub struct Settings {
     /// Groups whose peers may publish their own ports with `tern expose` (none by default).
     #[serde(default)]
     pub expose_groups: Vec<String>,
+    /// Every peer answers to `<name>.<dns_domain>` on every agent (default `tern.internal`).
+    #[serde(default = "default_dns_domain")]
+    pub dns_domain: String,
     /// Serial of the current network state; bumped by every change that can affect a map.
     #[serde(default)]
     pub network_serial: i64,
@@ -99,6 +102,106 @@ impl FromStr for Role {
             .find(|r| r.as_str() == s)
             .ok_or_else(|| format!("{s:?} is not a role: use owner, admin, auditor or user"))
     }
+}
+
+pub fn default_dns_domain() -> String {
+    "tern.internal".into()
+}
+
+/// A DNS name in canonical form (lower case, no trailing dot), or why it is not one: labels of
+/// 1-63 letters, digits and '-' (not first or last), at least two labels, at most 253 characters.
+pub fn dns_name(s: &str) -> Result<String, String> {
+    let n = s.trim().trim_end_matches('.').to_ascii_lowercase();
+    if n.is_empty() {
+        return Err("is empty".into());
+    }
+    if n.len() > 253 {
+        return Err("is longer than 253 characters".into());
+    }
+    let labels: Vec<&str> = n.split('.').collect();
+    if labels.len() < 2 {
+        return Err(format!(
+            "{n:?} needs at least two labels, e.g. tern.internal"
+        ));
+    }
+    for l in &labels {
+        if l.is_empty() || l.len() > 63 {
+            return Err(format!(
+                "{n:?} has an empty label or one longer than 63 characters"
+            ));
+        }
+        if !l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+            return Err(format!(
+                "{n:?} may contain only letters, digits, '-' and '.'"
+            ));
+        }
+        if l.starts_with('-') || l.ends_with('-') {
+            return Err(format!("{n:?} has a label that starts or ends with '-'"));
+        }
+    }
+    Ok(n)
+}
+
+/// The DNS label of each peer (in `peers`' order): its name made a valid label (lower case,
+/// letters, digits, '-'; at most 63); names that come out the same get "-2", "-3"… in the order
+/// the peers joined.
+pub fn dns_labels(peers: &[Peer]) -> Vec<String> {
+    let mut order: Vec<usize> = (0..peers.len()).collect();
+    order.sort_by(|&a, &b| {
+        (peers[a].created_at, &peers[a].id).cmp(&(peers[b].created_at, &peers[b].id))
+    });
+    let base = |name: &str| -> String {
+        let mut l: String = name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        while l.contains("--") {
+            l = l.replace("--", "-");
+        }
+        let l: String = l.trim_matches('-').chars().take(56).collect();
+        let l = l.trim_end_matches('-').to_string();
+        if l.is_empty() {
+            "peer".into()
+        } else {
+            l
+        }
+    };
+    let mut taken = std::collections::HashSet::new();
+    let mut out = vec![String::new(); peers.len()];
+    for i in order {
+        let b = base(&peers[i].name);
+        let mut label = b.clone();
+        let mut n = 2;
+        while !taken.insert(label.clone()) {
+            label = format!("{b}-{n}");
+            n += 1;
+        }
+        out[i] = label;
+    }
+    out
+}
+
+/// Queries for `domains` go to `nameservers` (inside the network: behind a route, or a peer) on
+/// the peers of `groups`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct NameserverGroup {
+    pub id: String,
+    pub name: String,
+    pub description: String,
+    /// e.g. ["factory.local"]: names under these (and the domains themselves).
+    pub domains: Vec<String>,
+    /// e.g. ["192.168.50.2"] or ["192.168.50.2:5353"].
+    pub nameservers: Vec<String>,
+    /// Distribution groups: peers in any of them use this nameserver group.
+    pub groups: Vec<String>,
+    pub enabled: bool,
+    pub created_at: Millis,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -182,6 +285,10 @@ pub struct Peer {
     /// How this peer reaches others right now, as its agent last reported (not stored; empty
     /// while offline).
     pub connections: Vec<PeerConnection>,
+    /// Its DNS name on every agent, e.g. `gina-laptop.tern.internal` (a suffix when two names
+    /// come out the same).
+    #[serde(default)]
+    pub dns_name: String,
     /// Where its management connection comes from now (its public address as the server sees
     /// it; a reverse proxy's when one is in front); None while offline.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -48,6 +48,8 @@ pub struct NetIndex {
     carriers: HashMap<String, Result<Vec<usize>, String>>,
     /// The earliest login expiry after the index was built (Unix ms): the maps change then.
     next_expiry: Option<crate::model::Millis>,
+    /// Each peer's DNS label (by index).
+    labels: Vec<String>,
 }
 
 impl NetIndex {
@@ -89,6 +91,7 @@ impl NetIndex {
                 )
             })
             .collect();
+        let labels = crate::model::dns_labels(&snap.peers);
         let mut idx = NetIndex {
             snap,
             by_id,
@@ -96,6 +99,7 @@ impl NetIndex {
             ports,
             carriers: HashMap::new(),
             next_expiry,
+            labels,
         };
         idx.carriers = idx
             .snap
@@ -411,6 +415,7 @@ impl NetIndex {
         served.sort_by(|a, b| a.network.cmp(&b.network));
 
         let peer_config = Some(peer_config(me, settings));
+        let dns = self.dns_for(me_idx, &visible);
         let remote_peers = visible
             .into_iter()
             .map(|i| {
@@ -462,6 +467,7 @@ impl NetIndex {
             })
             .collect();
         Some(pb::NetworkMap {
+            dns: Some(dns),
             serial: settings.network_serial.max(0) as u64,
             served_services,
             peer_config,
@@ -483,6 +489,38 @@ pub fn peer_config(me: &Peer, settings: &crate::model::Settings) -> pb::PeerConf
         mtu: settings.mtu,
         name: me.name.clone(),
         overlay_range: settings.overlay_range.to_string(),
+    }
+}
+
+impl NetIndex {
+    /// Names for `me`: itself and the peers it sees, and the nameserver groups it is in.
+    fn dns_for(&self, me: usize, visible: &BTreeSet<usize>) -> pb::DnsConfig {
+        let p = &self.snap.peers[me];
+        let mut records: Vec<pb::DnsRecord> = std::iter::once(me)
+            .chain(visible.iter().copied())
+            .map(|i| pb::DnsRecord {
+                name: self.labels[i].clone(),
+                ip: self.snap.peers[i].overlay_ip.clone(),
+            })
+            .collect();
+        records.sort_by(|a, b| a.name.cmp(&b.name));
+        records.dedup_by(|a, b| a.name == b.name);
+        let nameservers = self
+            .snap
+            .nameservers
+            .iter()
+            .filter(|n| n.enabled && p.on_network() && self.in_any(p, &n.groups))
+            .map(|n| pb::NameserverGroup {
+                name: n.name.clone(),
+                domains: n.domains.clone(),
+                servers: n.nameservers.clone(),
+            })
+            .collect();
+        pb::DnsConfig {
+            domain: self.snap.settings.dns_domain.clone(),
+            records,
+            nameservers,
+        }
     }
 }
 
@@ -600,6 +638,7 @@ mod tests {
                 .map(String::from)
                 .collect(),
             connections: vec![],
+            dns_name: String::new(),
             endpoint: None,
         }
     }
@@ -635,12 +674,14 @@ mod tests {
                 ephemeral_ttl_secs: 600,
                 peer_approval_required: false,
                 expose_groups: vec![],
+                dns_domain: "tern.internal".into(),
                 network_serial: 7,
             },
             peers,
             policies,
             routes,
             services: vec![],
+            nameservers: vec![],
         }
     }
 

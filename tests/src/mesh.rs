@@ -42,6 +42,8 @@ pub async fn tern_up_bounded(
         .args(args)
         .env_remove("TERN_CA_FILE")
         .env_remove("TERN_RELAY_CA")
+        // On the host itself: never touch its resolver.
+        .env("TERN_NO_DNS", "true")
         .envs(envs.iter().copied())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

@@ -19,6 +19,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub const SERVER_IP: &str = "203.0.113.10";
+/// What every lab namespace starts with as its resolv.conf.
+pub const LAB_RESOLV_CONF: &str =
+    "# lab namespace\nnameserver 203.0.113.53\noptions timeout:1 attempts:2\n";
 /// Network-specific NAT64 prefix of the lab carrier (the well-known one refuses documentation
 /// addresses, RFC 6052).
 pub const NAT64_PREFIX: &str = "2001:db8:64:ff9b::/96";
@@ -129,7 +132,17 @@ impl Lab {
         ip(&["netns", "add", &n])?;
         self.namespaces.push(n.clone());
         ip(&["-n", &n, "link", "set", "lo", "up"])?;
+        // Its own resolv.conf (`ip netns exec` binds it over /etc/resolv.conf): an agent that
+        // points the resolver at itself changes this file, never the host's.
+        let etc = Path::new("/etc/netns").join(&n);
+        std::fs::create_dir_all(&etc).with_context(|| format!("creating {}", etc.display()))?;
+        std::fs::write(etc.join("resolv.conf"), LAB_RESOLV_CONF)?;
         Ok(n)
+    }
+
+    /// The resolv.conf processes in namespace `ns` see.
+    pub fn resolv_conf(&self, ns: &str) -> PathBuf {
+        Path::new("/etc/netns").join(ns).join("resolv.conf")
     }
 
     /// A veth pair between two namespaces, named `a_if`/`b_if` inside them.
@@ -586,6 +599,7 @@ impl Drop for Lab {
         }
         for n in self.namespaces.iter().rev() {
             let _ = Command::new("ip").args(["netns", "del", n]).status();
+            let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(n));
         }
     }
 }

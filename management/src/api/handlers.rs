@@ -1062,18 +1062,17 @@ pub async fn update_peer(
         }
     }
     let n = b.name.as_deref().map(|n| name("name", n)).transpose()?;
-    Ok(Json(
-        s.store
-            .update_peer(
-                &a.actor,
-                &id,
-                n.as_deref(),
-                b.groups.as_deref(),
-                b.login_expiration_enabled,
-                b.approved,
-            )
-            .await?,
-    ))
+    s.store
+        .update_peer(
+            &a.actor,
+            &id,
+            n.as_deref(),
+            b.groups.as_deref(),
+            b.login_expiration_enabled,
+            b.approved,
+        )
+        .await?;
+    Ok(Json(s.store.peer(&id).await?))
 }
 
 #[utoipa::path(delete, path = "/api/peers/{id}", responses((status = 204), (status = 404, body = ErrorBody)))]
@@ -1404,6 +1403,8 @@ pub struct SettingsBody {
     pub peer_approval_required: Option<bool>,
     /// Groups whose peers may publish their own ports with `tern expose`; omitted = unchanged.
     pub expose_groups: Option<Vec<String>>,
+    /// Peers' DNS domain, e.g. tern.internal; omitted = unchanged.
+    pub dns_domain: Option<String>,
 }
 
 #[utoipa::path(get, path = "/api/settings", responses((status = 200, body = Settings)))]
@@ -1455,7 +1456,12 @@ pub async fn update_settings(
         .peer_approval_required
         .unwrap_or(current.peer_approval_required);
     let expose_groups = b.expose_groups.unwrap_or(current.expose_groups);
+    let dns_domain = match b.dns_domain.as_deref() {
+        Some(d) => crate::model::dns_name(d).map_err(|e| ApiError::invalid("dns_domain", e))?,
+        None => current.dns_domain,
+    };
     let new = Settings {
+        dns_domain,
         overlay_range: range,
         mtu: b.mtu,
         peer_login_expiry_secs: b.peer_login_expiry_secs,

@@ -4,6 +4,7 @@
 
 pub mod authz;
 mod devices;
+mod dns;
 mod error;
 mod handlers;
 mod services;
@@ -85,6 +86,16 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/api/settings", get(get_settings).put(update_settings))
         .route("/api/audit", get(list_audit))
+        .route(
+            "/api/nameservers",
+            get(dns::list_nameservers).post(dns::create_nameserver),
+        )
+        .route(
+            "/api/nameservers/{id}",
+            get(dns::get_nameserver)
+                .put(dns::update_nameserver)
+                .delete(dns::delete_nameserver),
+        )
         .route("/api/device/{code}", get(devices::get_device_login))
         .route(
             "/api/device/{code}/approve",
@@ -125,6 +136,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         handlers::get_settings, handlers::update_settings,
         handlers::list_audit,
         devices::get_device_login, devices::approve_device_login, devices::deny_device_login,
+        dns::list_nameservers, dns::create_nameserver, dns::get_nameserver, dns::update_nameserver, dns::delete_nameserver,
     ),
     modifiers(&BearerAuth),
     security(("bearer" = []))

@@ -55,13 +55,14 @@ impl Store {
         }
         sqlx::query(
             "UPDATE settings SET overlay_range = $1, mtu = $2, peer_login_expiry_secs = $3, \
-             ephemeral_ttl_secs = $4, peer_approval_required = $5 WHERE id = 1",
+             ephemeral_ttl_secs = $4, peer_approval_required = $5, dns_domain = $6 WHERE id = 1",
         )
         .bind(s.overlay_range.to_string())
         .bind(s.mtu as i64)
         .bind(s.peer_login_expiry_secs)
         .bind(s.ephemeral_ttl_secs)
         .bind(s.peer_approval_required as i64)
+        .bind(&s.dns_domain)
         .execute(c.conn())
         .await?;
         check_groups(c.conn(), "expose_groups", &s.expose_groups).await?;
@@ -85,7 +86,7 @@ impl Store {
 pub(crate) async fn read_settings(conn: &mut sqlx::AnyConnection) -> Result<Settings> {
     let r = sqlx::query(
         "SELECT overlay_range, mtu, peer_login_expiry_secs, ephemeral_ttl_secs, network_serial, \
-         peer_approval_required FROM settings WHERE id = 1",
+         peer_approval_required, dns_domain FROM settings WHERE id = 1",
     )
     .fetch_one(&mut *conn)
     .await?;
@@ -107,6 +108,7 @@ pub(crate) async fn read_settings(conn: &mut sqlx::AnyConnection) -> Result<Sett
         peer_login_expiry_secs: col(&r, "peer_login_expiry_secs")?,
         ephemeral_ttl_secs: col(&r, "ephemeral_ttl_secs")?,
         peer_approval_required: col(&r, "peer_approval_required")?,
+        dns_domain: col(&r, "dns_domain")?,
         expose_groups,
         network_serial: col(&r, "network_serial")?,
     })

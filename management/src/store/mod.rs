@@ -4,12 +4,14 @@
 //! write lock on SQLite), writes its audit event, and after commit wakes the sync streams.
 
 mod devices;
+mod dns;
 mod entities;
 mod peers;
 mod services;
 mod sessions;
 
 pub use devices::*;
+pub use dns::*;
 pub use entities::*;
 pub use peers::*;
 pub use services::*;

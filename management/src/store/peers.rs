@@ -33,6 +33,7 @@ pub struct Snapshot {
     pub policies: Vec<Policy>,
     pub routes: Vec<Route>,
     pub services: Vec<PublicService>,
+    pub nameservers: Vec<NameserverGroup>,
 }
 
 /// Peers with their owner's name and state.
@@ -65,6 +66,7 @@ fn peer_from(r: &AnyRow, groups: Vec<String>) -> Result<Peer> {
         created_at: col(r, "created_at")?,
         groups,
         connections: Vec::new(),
+        dns_name: String::new(),
         endpoint: None,
     })
 }
@@ -393,10 +395,13 @@ impl Store {
         })
     }
 
+    /// One peer (with its DNS name, which depends on the others').
     pub async fn peer(&self, id: &str) -> Result<Peer> {
         let mut conn = self.pool.acquire().await?;
-        read_peer_where(&mut conn, "id", id)
+        load_peers(&mut conn)
             .await?
+            .into_iter()
+            .find(|p| p.id == id)
             .ok_or_else(|| StoreError::not_found("peer", id))
     }
 
@@ -598,6 +603,7 @@ impl Store {
             routes.push(super::entities::route_from(&mut tx, &r).await?);
         }
         let services = super::services::load_services(&mut tx).await?;
+        let nameservers = super::dns::load_nameservers(&mut tx).await?;
         tx.commit().await?;
         Ok(Snapshot {
             settings,
@@ -605,6 +611,7 @@ impl Store {
             policies,
             routes,
             services,
+            nameservers,
         })
     }
 }
@@ -623,12 +630,19 @@ async fn load_peers(conn: &mut sqlx::AnyConnection) -> Result<Vec<Peer>> {
     let rows = sqlx::query(concat!(peer_select!(), " ORDER BY peers.name"))
         .fetch_all(&mut *conn)
         .await?;
-    rows.iter()
+    let mut peers = rows
+        .iter()
         .map(|r| {
             let id: String = col(r, "id")?;
             peer_from(r, groups.remove(&id).unwrap_or_default())
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    let domain = read_settings(&mut *conn).await?.dns_domain;
+    let labels = dns_labels(&peers);
+    for (p, label) in peers.iter_mut().zip(labels) {
+        p.dns_name = format!("{label}.{domain}");
+    }
+    Ok(peers)
 }
 
 #[cfg(test)]

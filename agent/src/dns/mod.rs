@@ -1,0 +1,208 @@
+//! Names instead of numbers: the agent answers `<peer>.<domain>` itself (from the network map),
+//! sends queries for nameserver groups' domains to their nameservers inside the network, and
+//! everything else to the host's usual nameservers; and it points the host at itself for those
+//! names (systemd-resolved split DNS when present, else /etc/resolv.conf, restored on `tern down`
+//! and after a crash).
+
+pub mod host;
+pub mod server;
+pub mod wire;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use tern_proto::management as pb;
+
+/// What the resolver knows, from the map.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Config {
+    /// e.g. "tern.internal" (lower case, no trailing dot); empty = no peer names.
+    pub domain: String,
+    /// Peer label -> address.
+    pub records: HashMap<String, IpAddr>,
+    /// (domains, nameservers) per nameserver group.
+    pub groups: Vec<(Vec<String>, Vec<SocketAddr>)>,
+}
+
+impl Config {
+    pub fn from_map(d: &pb::DnsConfig) -> Config {
+        let records = d
+            .records
+            .iter()
+            .filter_map(|r| Some((r.name.to_ascii_lowercase(), r.ip.parse().ok()?)))
+            .collect();
+        let groups = d
+            .nameservers
+            .iter()
+            .map(|g| {
+                let servers = g
+                    .servers
+                    .iter()
+                    .filter_map(|s| {
+                        s.parse::<SocketAddr>()
+                            .ok()
+                            .or_else(|| s.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, 53)))
+                    })
+                    .collect();
+                let domains = g.domains.iter().map(|x| x.to_ascii_lowercase()).collect();
+                (domains, servers)
+            })
+            .collect();
+        Config {
+            domain: d.domain.trim_end_matches('.').to_ascii_lowercase(),
+            records,
+            groups,
+        }
+    }
+
+    /// The domains the host should send to us (the peers' domain and the groups').
+    pub fn routed_domains(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::iter::once(self.domain.clone())
+            .filter(|d| !d.is_empty())
+            .chain(self.groups.iter().flat_map(|g| g.0.iter().cloned()))
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+}
+
+/// What to do with a query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Answer it ourselves: rcode and addresses.
+    Answer(u8, Vec<IpAddr>),
+    /// Send it to these nameservers, in order.
+    Forward(Vec<SocketAddr>),
+}
+
+fn under(name: &str, domain: &str) -> bool {
+    name == domain || name.strip_suffix(domain).is_some_and(|p| p.ends_with('.'))
+}
+
+/// Where a query goes (a pure function of the configuration; `upstream` = the host's usual
+/// nameservers).
+pub fn decide(cfg: &Config, q: &wire::Query, upstream: &[SocketAddr]) -> Decision {
+    use wire::*;
+    if !cfg.domain.is_empty() && under(&q.name, &cfg.domain) {
+        if opcode(q) != 0 {
+            return Decision::Answer(RCODE_NOTIMP, vec![]);
+        }
+        let label = q
+            .name
+            .strip_suffix(&cfg.domain)
+            .map(|p| p.trim_end_matches('.'))
+            .unwrap_or("");
+        let Some(ip) = cfg.records.get(label).filter(|_| !label.is_empty()) else {
+            // The domain itself exists (no addresses); any other name under it does not.
+            let rcode = if label.is_empty() {
+                RCODE_OK
+            } else {
+                RCODE_NXDOMAIN
+            };
+            return Decision::Answer(rcode, vec![]);
+        };
+        let fits = match q.qtype {
+            TYPE_A => ip.is_ipv4(),
+            TYPE_AAAA => ip.is_ipv6(),
+            TYPE_ANY => true,
+            _ => false,
+        };
+        let class_ok = q.qclass == CLASS_IN || q.qclass == 255;
+        // A name that exists but has no record of this type: NOERROR without answers.
+        return Decision::Answer(RCODE_OK, if fits && class_ok { vec![*ip] } else { vec![] });
+    }
+    // The most specific nameserver group whose domain contains the name.
+    let best = cfg
+        .groups
+        .iter()
+        .flat_map(|(domains, servers)| domains.iter().map(move |d| (d, servers)))
+        .filter(|(d, s)| under(&q.name, d) && !s.is_empty())
+        .max_by_key(|(d, _)| d.len());
+    match best {
+        Some((_, servers)) => Decision::Forward(servers.clone()),
+        None if upstream.is_empty() => Decision::Answer(RCODE_SERVFAIL, vec![]),
+        None => Decision::Forward(upstream.to_vec()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wire::*;
+    use super::*;
+
+    fn cfg() -> Config {
+        let mut c = Config {
+            domain: "tern.internal".into(),
+            ..Default::default()
+        };
+        c.records
+            .insert("home-b".into(), "100.64.0.3".parse().expect("ip"));
+        c.groups.push((
+            vec!["factory.local".into()],
+            vec!["192.168.50.2:53".parse().expect("addr")],
+        ));
+        c.groups.push((
+            vec!["plc.factory.local".into()],
+            vec!["192.168.50.3:53".parse().expect("addr")],
+        ));
+        c
+    }
+
+    fn q(name: &str, t: u16) -> Query {
+        parse_query(&build_query(7, name, t)).expect("query")
+    }
+
+    #[test]
+    fn peers_are_answered_and_everything_else_goes_where_it_belongs() {
+        let c = cfg();
+        let up: Vec<SocketAddr> = vec!["203.0.113.53:53".parse().expect("addr")];
+        let ip: IpAddr = "100.64.0.3".parse().expect("ip");
+        assert_eq!(
+            decide(&c, &q("home-b.tern.internal", TYPE_A), &up),
+            Decision::Answer(RCODE_OK, vec![ip])
+        );
+        assert_eq!(
+            decide(&c, &q("HOME-B.tern.internal.", TYPE_A), &up),
+            Decision::Answer(RCODE_OK, vec![ip])
+        );
+        assert_eq!(
+            decide(&c, &q("home-b.tern.internal", TYPE_AAAA), &up),
+            Decision::Answer(RCODE_OK, vec![]),
+            "NODATA, not NXDOMAIN"
+        );
+        assert_eq!(
+            decide(&c, &q("gone.tern.internal", TYPE_A), &up),
+            Decision::Answer(RCODE_NXDOMAIN, vec![])
+        );
+        assert_eq!(
+            decide(&c, &q("x.home-b.tern.internal", TYPE_A), &up),
+            Decision::Answer(RCODE_NXDOMAIN, vec![])
+        );
+        assert_eq!(
+            decide(&c, &q("tern.internal", TYPE_A), &up),
+            Decision::Answer(RCODE_OK, vec![])
+        );
+        assert_eq!(
+            decide(&c, &q("notern.internal", TYPE_A), &up),
+            Decision::Forward(up.clone()),
+            "a suffix is not a subdomain"
+        );
+        assert_eq!(
+            decide(&c, &q("hmi.factory.local", TYPE_A), &up),
+            Decision::Forward(vec!["192.168.50.2:53".parse().expect("a")])
+        );
+        assert_eq!(
+            decide(&c, &q("plc.factory.local", TYPE_A), &up),
+            Decision::Forward(vec!["192.168.50.3:53".parse().expect("a")]),
+            "the most specific group"
+        );
+        assert_eq!(
+            decide(&c, &q("example.com", TYPE_A), &up),
+            Decision::Forward(up)
+        );
+        assert_eq!(
+            decide(&c, &q("example.com", TYPE_A), &[]),
+            Decision::Answer(RCODE_SERVFAIL, vec![])
+        );
+    }
+}
