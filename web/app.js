@@ -16,6 +16,7 @@ const ROUTES = [
   ["groups", "Groups", pages.groupsPage],
   ["policies", "Access policies", pages.policies],
   ["routes", "Routes", pages.routes],
+  ["dns", "DNS", pages.dnsPage],
   ["services", "Public services", pages.services],
   ["audit", "Audit log", pages.audit],
   ["settings", "Settings", pages.settings],

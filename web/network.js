@@ -180,6 +180,7 @@ export async function peerPage(main) {
         h("h2", {}, p.name, " ", p.connected ? badge("online", "ok") : badge("offline", "off"), p.approved ? null : badge("awaiting approval", "warn")),
         h("dl", { class: "facts" },
           h("dt", {}, "Overlay address"), h("dd", {}, h("code", {}, p.overlay_ip)),
+          h("dt", {}, "DNS name"), h("dd", { class: "dns-name" }, p.dns_name ? h("code", {}, p.dns_name) : "—"),
           h("dt", {}, "Public address"), h("dd", { class: "endpoint", title: "where its connection to this server comes from" }, p.endpoint ? h("code", {}, p.endpoint) : "— (offline)"),
           h("dt", {}, "Host name"), h("dd", {}, p.hostname || "—"),
           h("dt", {}, "OS, agent"), h("dd", {}, `${p.os || "—"}, ${p.agent_version || "—"}`),

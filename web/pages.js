@@ -132,7 +132,7 @@ export async function peers(main) {
   const region = liveRegion((list) => table(
     ["Name", "Owner", "Overlay IP", "Status", "Last seen", "OS", "Version", "Groups", "Connections", ""],
     list.map((p) => h("tr", { dataset: { peer: p.id } },
-      h("td", {}, h("a", { href: `#/peer/${p.id}`, class: "peer-link" }, h("strong", {}, p.name)), h("div", { class: "muted small" }, p.hostname)),
+      h("td", {}, h("a", { href: `#/peer/${p.id}`, class: "peer-link" }, h("strong", {}, p.name)), h("div", { class: "muted small dns-name" }, p.dns_name || p.hostname)),
       h("td", { class: "owner" }, p.owner || h("span", { class: "muted", title: "joined with a setup key" }, "setup key")),
       h("td", {}, h("code", {}, p.overlay_ip)),
       h("td", { class: "status" }, p.connected ? badge("online", "ok") : badge("offline", "off"),
@@ -639,6 +639,7 @@ export async function settings(main, ctx) {
     field("Login expiry (seconds)", input("peer_login_expiry_secs", { type: "number", value: s.peer_login_expiry_secs, min: 0 }),
       "Devices added by a person's sign-in must sign in again after this (setup-key appliances only where turned on per peer); 0 = never"),
     field("Ephemeral peer lifetime (seconds)", input("ephemeral_ttl_secs", { type: "number", value: s.ephemeral_ttl_secs, min: 0 })),
+    field("DNS domain", input("dns_domain", { value: s.dns_domain }), "Peers answer to NAME.this-domain on every agent"),
     checkbox("peer_approval_required", "New peers need an admin's approval before they can reach anyone", s.peer_approval_required),
     h("fieldset", { "data-field": "expose_groups" }, h("legend", {}, "Groups allowed to use tern expose"),
       h("p", { class: "hint" }, "Peers in these groups may publish a port of their own host on the server while `tern expose` runs."),
@@ -652,6 +653,7 @@ export async function settings(main, ctx) {
       ephemeral_ttl_secs: Number(f.elements.ephemeral_ttl_secs.value),
       peer_approval_required: f.elements.peer_approval_required.checked,
       expose_groups: checkedValues(f, "expose_groups"),
+      dns_domain: f.elements.dns_domain.value,
     });
     notify("Settings saved");
   });
@@ -787,7 +789,7 @@ export async function myDevices(main, ctx) {
   const region = liveRegion((list) => table(
     ["Device", "Overlay IP", "Status", "Last seen", "OS", "Paths", ""],
     list.map((p) => h("tr", { dataset: { peer: p.id } },
-      h("td", {}, h("strong", {}, p.name), h("div", { class: "muted small" }, p.hostname)),
+      h("td", {}, h("strong", {}, p.name), h("div", { class: "muted small" }, p.dns_name || p.hostname)),
       h("td", {}, h("code", {}, p.overlay_ip)),
       h("td", { class: "status" }, p.connected ? badge("online", "ok") : badge("offline", "off"),
         p.approved ? null : h("div", {}, badge("awaiting an admin's approval", "warn"))),
@@ -869,6 +871,65 @@ export async function approveDevice(main, ctx) {
     }
   }
   return {};
+}
+
+// ------------------------------------------------------------------------------------------------
+// DNS: peer names and nameserver groups
+
+export async function dnsPage(main) {
+  let [groups, settings] = await Promise.all([get("/api/groups"), get("/api/settings")]);
+  const region = liveRegion((list) => table(
+    ["Name", "Domains", "Nameservers", "Used by", "Enabled", ""],
+    list.map((n) => h("tr", { dataset: { nameserver: n.id }, class: n.enabled ? null : "disabled" },
+      h("td", {}, h("strong", {}, n.name), n.description ? h("div", { class: "muted small" }, n.description) : null),
+      h("td", {}, n.domains.join(", ")),
+      h("td", {}, h("code", {}, n.nameservers.join(", "))),
+      h("td", {}, chips(groupNames(groups, n.groups))),
+      h("td", {}, n.enabled ? badge("on", "ok") : badge("off", "off")),
+      h("td", { class: "row-actions" },
+        h("button", { type: "button", onclick: () => edit(n) }, "Edit"),
+        h("button", { type: "button", class: "danger", onclick: () => remove(n) }, "Delete")))),
+    "No nameserver groups: peers resolve other names with their usual nameservers."));
+  const refresh = async () => region.update(await get("/api/nameservers"));
+  const words = (v) => v.split(/[,\s]+/).map((x) => x.trim()).filter(Boolean);
+  function edit(n) {
+    const form = h("form", { novalidate: true, id: "nameserver-form" }, formError(),
+      field("Name", input("name", { value: n ? n.name : "", required: true, placeholder: "factory DNS" })),
+      field("Description", input("description", { value: n ? n.description : "" })),
+      field("Domains", input("domains", { value: n ? n.domains.join(", ") : "", placeholder: "factory.local" }),
+        "Names under these domains go to the nameservers below"),
+      field("Nameservers", input("nameservers", { value: n ? n.nameservers.join(", ") : "", placeholder: "192.168.50.2" }),
+        "Inside a routed network or a peer's address; IP or IP:PORT"),
+      h("fieldset", { "data-field": "groups" }, h("legend", {}, "Used by the peers of"),
+        groupPicker("groups", groups, n ? n.groups : ["all"]), h("p", { class: "field-error", hidden: true })),
+      checkbox("enabled", "Enabled", n ? n.enabled : true),
+      h("div", { class: "actions" }, h("button", { type: "submit", class: "primary" }, n ? "Save" : "Create nameserver group")));
+    const d = dialog(n ? `Edit ${n.name}` : "New nameserver group", form, { wide: true });
+    onSubmit(form, async (f) => {
+      const b = {
+        name: f.elements.name.value,
+        description: f.elements.description.value,
+        domains: words(f.elements.domains.value),
+        nameservers: words(f.elements.nameservers.value),
+        groups: checkedValues(f, "groups"),
+        enabled: f.elements.enabled.checked,
+      };
+      if (n) await put(`/api/nameservers/${n.id}`, b); else await post("/api/nameservers", b);
+      d.close();
+      notify(n ? "Nameserver group saved" : "Nameserver group created");
+      await refresh();
+    });
+  }
+  async function remove(n) {
+    await rowAction(() => del(`/api/nameservers/${n.id}`), "Nameserver group deleted", refresh,
+      `Delete ${n.name}? Peers stop resolving ${n.domains.join(", ")} through it.`);
+  }
+  main.append(header("DNS", h("button", { type: "button", class: "primary", onclick: () => edit(null) }, "New nameserver group")),
+    h("p", { class: "muted", id: "dns-domain" }, "Every peer answers to its name under ", h("code", {}, settings.dns_domain),
+      " (e.g. ", h("code", {}, `gateway.${settings.dns_domain}`), ") on every agent; change the domain under ", h("a", { href: "#/settings" }, "Settings"), "."),
+    region.box);
+  await refresh();
+  return { poll: async () => { groups = await get("/api/groups"); await refresh(); } };
 }
 
 export { peerPage } from "./network.js";

@@ -711,6 +711,7 @@ async fn console_admin_journey_in_chromium() {
         ("groups", "Groups", "08-groups"),
         ("audit", "Audit log", "09-audit"),
         ("users", "Users", "11-users-tokens"),
+        ("dns", "DNS", "07c-dns"),
     ] {
         open(b, route, heading).await.expect(route);
         shot(b, name).await.expect("shot");
