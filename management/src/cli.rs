@@ -301,7 +301,7 @@ pub async fn run(args: Args, with_signal: bool) -> anyhow::Result<()> {
     });
     println!("Tern is running.");
     println!("  Console and API:  {url}/   (OpenAPI: {url}/api/openapi.json)");
-    println!("  Agents join with: tern up --management-url {url} --setup-key <KEY>");
+    println!("  Agents join with: tern up --management-url {url}   (people sign in; machines add --setup-key <KEY>)");
     if let Some(r) = &running.relay {
         println!("  Relay:            STUN/TURN udp {}  (TCP fallback {url}/relay, metrics {url}/metrics with an admin token)", r.udp_addr);
     }
