@@ -357,6 +357,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if s.pending_approval {
                 println!("Awaiting approval: an admin must approve this peer in the console");
             }
+            if !s.dns.state.is_empty() {
+                println!("{}", s.dns.line());
+            }
             println!(
                 "Peers: {}  (packets dropped by policy: {})",
                 s.peers.len(),
@@ -847,6 +850,10 @@ async fn up(
     let (pending_tx, pending_rx) = watch::channel(false);
     let (dns_tx, dns_rx) = watch::channel(dns::Config::default());
     let host_dns: Arc<std::sync::Mutex<Option<dns::host::HostDns>>> = Arc::default();
+    let dns_status = Arc::new(std::sync::Mutex::new(dns::Status {
+        state: if no_dns { "off" } else { "waiting" }.into(),
+        ..Default::default()
+    }));
     if !no_dns {
         let ip = session
             .config
@@ -861,6 +868,7 @@ async fn up(
                 iface.to_string(),
                 dns_rx,
                 host_dns.clone(),
+                dns_status.clone(),
             ));
         }
     }
@@ -954,6 +962,7 @@ async fn up(
         pending_approval: *pending_rx.borrow(),
         services: publisher.status(),
         management_refused: refused_rx.borrow().clone(),
+        dns: dns_status.lock().unwrap_or_else(|e| e.into_inner()).clone(),
     });
     let status_serve = status_now.clone();
     let (secret_key, token_secret, setup_secret) =
@@ -1010,7 +1019,10 @@ async fn run_dns(
     iface: String,
     mut cfg: watch::Receiver<dns::Config>,
     host: Arc<std::sync::Mutex<Option<dns::host::HostDns>>>,
+    status: Arc<std::sync::Mutex<dns::Status>>,
 ) {
+    let set =
+        |f: &dyn Fn(&mut dns::Status)| f(&mut status.lock().unwrap_or_else(|e| e.into_inner()));
     while cfg.borrow_and_update().domain.is_empty() {
         if cfg.changed().await.is_err() {
             return;
@@ -1020,10 +1032,24 @@ async fn run_dns(
         Ok(s) => s,
         Err(e) => {
             warn!(%ip, error = %e, "cannot listen for DNS on {ip}:53: peer names stay off (is another resolver bound there?)");
+            set(&|s| {
+                s.state = "failed".into();
+                s.error =
+                    format!("cannot listen on {ip}:53 ({e}); is another resolver bound there?");
+            });
             return;
         }
     };
     let h = dns::host::HostDns::new(&state_dir, &iface, ip);
+    let mode = match h.mode {
+        dns::host::Mode::Resolved => "systemd-resolved",
+        dns::host::Mode::ResolvConf => "resolv.conf",
+    };
+    set(&|s| {
+        s.state = "on".into();
+        s.resolver = format!("{ip}:53");
+        s.host = mode.into();
+    });
     let resolver = dns::server::Resolver {
         cfg: cfg.clone(),
         upstream: h.upstream.clone(),
@@ -1032,11 +1058,21 @@ async fn run_dns(
     tokio::spawn(dns::server::serve(sockets, resolver));
     loop {
         let domains = cfg.borrow_and_update().routed_domains();
-        if let Some(h) = host.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-            if let Err(e) = h.apply(ip, &domains) {
-                warn!(error = %e, "cannot point the host's resolver at tern: peer names resolve only when asked at {ip} directly");
-            }
+        let r = match host.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            Some(h) => h.apply(ip, &domains),
+            None => Ok(()),
+        };
+        if let Err(e) = &r {
+            warn!(error = %e, "cannot point the host's resolver at tern: peer names resolve only when asked at {ip} directly");
         }
+        set(&|s| {
+            s.domains = domains.clone();
+            s.error = r
+                .as_ref()
+                .err()
+                .map(|e| format!("{e:#}"))
+                .unwrap_or_default();
+        });
         if cfg.changed().await.is_err() {
             return;
         }

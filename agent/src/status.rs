@@ -37,6 +37,9 @@ pub struct Status {
     /// `login_expired`; the agent no longer retries.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub management_refused: String,
+    /// The resolver for peer names and nameserver groups.
+    #[serde(default)]
+    pub dns: crate::dns::Status,
 }
 
 pub fn socket_path(run_dir: &Path, iface: &str) -> PathBuf {

@@ -526,3 +526,65 @@ pub struct ServiceStats {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error_at: Option<Millis>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(id: &str, name: &str, created_at: Millis) -> Peer {
+        Peer {
+            id: id.into(),
+            name: name.into(),
+            wg_public_key: String::new(),
+            overlay_ip: String::new(),
+            hostname: String::new(),
+            os: String::new(),
+            agent_version: String::new(),
+            setup_key_id: None,
+            ephemeral: false,
+            connected: false,
+            approved: true,
+            login_expiration_enabled: false,
+            user_id: None,
+            owner: None,
+            owner_disabled: false,
+            last_seen: 0,
+            last_login: 0,
+            created_at,
+            groups: vec![],
+            connections: vec![],
+            dns_name: String::new(),
+            endpoint: None,
+        }
+    }
+
+    #[test]
+    fn dns_labels_are_valid_and_collisions_get_suffixes_in_join_order() {
+        let peers = vec![
+            peer("c", "Factory GW", 3),
+            peer("a", "factory_gw", 1),
+            peer("b", "factory-gw", 2),
+            peer("d", "--Ünïcode--", 4),
+            peer("e", &"x".repeat(80), 5),
+        ];
+        let l = dns_labels(&peers);
+        assert_eq!(l[1], "factory-gw", "the first to join keeps the plain name");
+        assert_eq!(l[2], "factory-gw-2");
+        assert_eq!(l[0], "factory-gw-3");
+        assert_eq!(l[3], "n-code");
+        assert_eq!(l[4].len(), 56);
+        for x in &l {
+            assert!(dns_name(&format!("{x}.tern.internal")).is_ok(), "{x}");
+        }
+    }
+
+    #[test]
+    fn dns_names_are_checked_label_by_label() {
+        assert_eq!(dns_name("Factory.Local.").as_deref(), Ok("factory.local"));
+        assert!(dns_name("nodots").is_err());
+        assert!(dns_name("a..b").is_err());
+        assert!(dns_name("-a.b").is_err());
+        assert!(dns_name("a_b.c").is_err());
+        assert!(dns_name(&format!("{}.com", "a".repeat(64))).is_err());
+    }
+}

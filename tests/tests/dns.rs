@@ -194,6 +194,15 @@ fn peers_by_name_a_lan_nameserver_and_the_hosts_resolver_put_back() {
         m.lab.log("lan-dns").contains("plc.factory.local"),
         "asked the LAN's DNS"
     );
+    let human = String::from_utf8_lossy(&tern(&m, "a", &ha, &["status"]).stdout).to_string();
+    eprintln!("tern status on a:\n{human}");
+    assert!(
+        human.contains(&format!(
+            "DNS: factory.local, tern.internal answered at {}:53 (host set up through resolv.conf)",
+            m.overlay_ip("a", &ha)
+        )),
+        "{human}"
+    );
     assert_eq!(
         resolve(&m, &ha, "www.example.com"),
         vec!["203.0.113.77"],

@@ -12,6 +12,48 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use tern_proto::management as pb;
 
+/// How names resolve on this host, for `tern status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Status {
+    /// "off" (`--no-dns`), "waiting" (for the map), "on" or "failed".
+    pub state: String,
+    /// Where the agent answers, e.g. "100.64.0.2:53".
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub resolver: String,
+    /// How the host is pointed at it: "systemd-resolved" or "resolv.conf".
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub host: String,
+    /// Names the agent answers or routes: the peers' domain and nameserver groups' domains.
+    #[serde(default)]
+    pub domains: Vec<String>,
+    /// What went wrong, when state is "failed" (or the host could not be pointed at us).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error: String,
+}
+
+impl Status {
+    /// One line for `tern status`.
+    pub fn line(&self) -> String {
+        match self.state.as_str() {
+            "on" if self.error.is_empty() => format!(
+                "DNS: {} answered at {} (host set up through {})",
+                self.domains.join(", "),
+                self.resolver,
+                self.host
+            ),
+            "on" => format!(
+                "DNS: {} answered at {}, but the host is not pointed at it: {}",
+                self.domains.join(", "),
+                self.resolver,
+                self.error
+            ),
+            "failed" => format!("DNS: off: {}", self.error),
+            "waiting" => "DNS: waiting for the network map".to_string(),
+            _ => "DNS: off (--no-dns): peer names do not resolve on this host".to_string(),
+        }
+    }
+}
+
 /// What the resolver knows, from the map.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Config {
