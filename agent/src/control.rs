@@ -455,7 +455,10 @@ pub async fn run_sync(
             was
         });
         let mut c = ManagementServiceClient::new(ch.clone());
-        let mut req = tonic::Request::new(pb::SyncRequest::default());
+        let mut req = tonic::Request::new(pb::SyncRequest {
+            accepts_deltas: true,
+            ..Default::default()
+        });
         if let Ok(v) = format!("Bearer {}", session.token).parse() {
             req.metadata_mut().insert("authorization", v);
         }
@@ -490,13 +493,16 @@ pub async fn run_sync(
             match msg {
                 Ok(Some(m)) => {
                     backoff = Duration::from_millis(500);
-                    if let Some(map) = m.network_map {
-                        let newer = maps
-                            .borrow()
-                            .as_ref()
-                            .is_none_or(|old| map.serial >= old.serial);
-                        if newer {
+                    let next = next_map(maps.borrow().as_ref(), m);
+                    match next {
+                        Ok(Some(map)) => {
                             maps.send_replace(Some(map));
+                        }
+                        Ok(None) => {}
+                        Err(gap) => {
+                            // The stream's first message is a full map.
+                            warn!(%gap, "missed a network map change; reopening the sync stream for a full map");
+                            break;
                         }
                     }
                 }
@@ -514,6 +520,28 @@ pub async fn run_sync(
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(10));
     }
+}
+
+/// The map after a sync message: a full map (unless older than the one we have), or the one we
+/// have with a delta applied; a delta for another map than ours is a gap.
+pub fn next_map(
+    current: Option<&pb::NetworkMap>,
+    m: pb::SyncResponse,
+) -> Result<Option<pb::NetworkMap>, tern_proto::mapdelta::Gap> {
+    if let Some(map) = m.network_map {
+        let newer = current.is_none_or(|old| map.serial >= old.serial);
+        return Ok(newer.then_some(map));
+    }
+    let Some(d) = m.delta else {
+        return Ok(None);
+    };
+    let Some(cur) = current else {
+        return Err(tern_proto::mapdelta::Gap {
+            have: 0,
+            base: d.base_serial,
+        });
+    };
+    tern_proto::mapdelta::apply(cur, &d).map(Some)
 }
 
 /// The connection report sent to management: one entry per remote peer.
@@ -650,5 +678,41 @@ mod tests {
             Some("user_disabled")
         );
         assert_eq!(refusal_code("invalid setup key"), None);
+    }
+
+    #[test]
+    fn deltas_apply_to_the_map_they_were_made_from_and_a_gap_asks_for_a_full_one() {
+        let base = pb::NetworkMap {
+            serial: 5,
+            pending_approval: true,
+            ..Default::default()
+        };
+        let newer = pb::NetworkMap {
+            serial: 6,
+            ..Default::default()
+        };
+        let d = tern_proto::mapdelta::delta(&base, &newer).expect("a change");
+        let msg = |d: &pb::MapDelta| pb::SyncResponse {
+            network_map: None,
+            delta: Some(d.clone()),
+        };
+        assert_eq!(next_map(Some(&base), msg(&d)), Ok(Some(newer.clone())));
+        // Missed serial 5 (we still have 4): a gap.
+        let older = pb::NetworkMap {
+            serial: 4,
+            ..base.clone()
+        };
+        assert!(next_map(Some(&older), msg(&d)).is_err());
+        assert!(next_map(None, msg(&d)).is_err());
+        // A full map always resets; an older full map is ignored.
+        let full = |m: &pb::NetworkMap| pb::SyncResponse {
+            network_map: Some(m.clone()),
+            delta: None,
+        };
+        assert_eq!(
+            next_map(Some(&older), full(&newer)),
+            Ok(Some(newer.clone()))
+        );
+        assert_eq!(next_map(Some(&newer), full(&older)), Ok(None));
     }
 }

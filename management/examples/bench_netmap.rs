@@ -151,6 +151,73 @@ async fn main() -> anyhow::Result<()> {
         total_peers / 1000
     );
     println!("reference: NetBird benchmark bands for 5,000 peers: 65-110 ms per sync");
+
+    // Bytes per change to the first 1,000 peers' streams: whole maps vs deltas (issue 16).
+    use prost::Message;
+    let sample: Vec<String> = peer_ids.iter().take(1000).cloned().collect();
+    let maps = |idx: &NetIndex| -> Vec<Option<tern_proto::management::NetworkMap>> {
+        sample
+            .iter()
+            .map(|id| idx.map_for(id, &relay, 2_000_000_000))
+            .collect()
+    };
+    let mut before = maps(&idx);
+    let policy0 = store.policies().await?.into_iter().next();
+    for change in ["a peer comes online", "a new peer joins", "a policy edit"] {
+        match change {
+            "a peer comes online" => store.set_peer_connected(&peer_ids[10], true).await?,
+            "a new peer joins" => {
+                let k = tern_proto::SecretKey::generate().public_key().to_base64();
+                let meta = PeerMeta {
+                    hostname: "newcomer".into(),
+                    os: "linux".into(),
+                    agent_version: "bench".into(),
+                };
+                let out = store.login_peer(&k, Some(key), &meta).await?;
+                let gs = vec![groups[0].clone()];
+                store
+                    .update_peer("bench", &out.peer.id, None, Some(&gs), None, None)
+                    .await?;
+            }
+            _ => {
+                if let Some(p) = &policy0 {
+                    let input = PolicyInput {
+                        name: p.name.clone(),
+                        description: "edited".into(),
+                        enabled: true,
+                        protocol: Protocol::Udp,
+                        ports: vec!["53".parse().map_err(anyhow::Error::msg)?],
+                        bidirectional: p.bidirectional,
+                        sources: p.sources.clone(),
+                        destinations: p.destinations.clone(),
+                    };
+                    store.put_policy("bench", Some(&p.id), &input).await?;
+                }
+            }
+        }
+        let after_idx = NetIndex::new(Arc::new(store.snapshot().await?));
+        let after = maps(&after_idx);
+        let (mut full, mut delta, mut told, mut untouched) = (0usize, 0usize, 0usize, 0usize);
+        for (old, new) in before.iter().zip(&after) {
+            let (Some(old), Some(new)) = (old, new) else {
+                continue;
+            };
+            if tern_management::netmap::same_content(old, new) {
+                untouched += 1;
+                continue;
+            }
+            told += 1;
+            full += tern_management::grpc::sync_message(Some(old), new, false).encoded_len();
+            delta += tern_management::grpc::sync_message(Some(old), new, true).encoded_len();
+        }
+        println!(
+            "{change}: {told} of 1,000 streams get a message ({untouched} nothing); whole maps {:.1} kB, deltas {:.1} kB ({:.1}x fewer bytes)",
+            full as f64 / 1e3,
+            delta as f64 / 1e3,
+            full as f64 / (delta.max(1)) as f64
+        );
+        before = after;
+    }
     store.close().await;
     Ok(())
 }

@@ -466,6 +466,7 @@ impl ManagementService for AgentService {
     }
 
     async fn sync(&self, req: Request<pb::SyncRequest>) -> Result<Response<SyncStream>, Status> {
+        let deltas = req.get_ref().accepts_deltas;
         let token =
             bearer(req.metadata()).ok_or_else(|| Status::unauthenticated("missing peer token"))?;
         let id = verify_peer_token(&self.state.peer_token_secret, token)
@@ -499,7 +500,7 @@ impl ManagementService for AgentService {
         }
         tokio::spawn(async move {
             let peer_id = peer.id.clone();
-            if let Err(e) = run_sync(&state, &peer_id, id.key, &tx).await {
+            if let Err(e) = run_sync(&state, &peer_id, id.key, &tx, deltas).await {
                 debug!(peer = %peer_id, error = %e.message(), "sync stream ended with error");
                 let _ = tx.send(Err(e)).await;
             }
@@ -527,12 +528,36 @@ impl ManagementService for AgentService {
     }
 }
 
+/// What a stream sends for a new map: the first one (or any, for an agent that does not take
+/// deltas) whole; later ones as the change since the last one sent, unless that is no smaller.
+pub fn sync_message(
+    last: Option<&pb::NetworkMap>,
+    map: &pb::NetworkMap,
+    deltas: bool,
+) -> pb::SyncResponse {
+    let full = || pb::SyncResponse {
+        network_map: Some(map.clone()),
+        delta: None,
+    };
+    let Some(last) = last.filter(|_| deltas) else {
+        return full();
+    };
+    match tern_proto::mapdelta::delta(last, map) {
+        Some(d) if d.encoded_len() < map.encoded_len() => pb::SyncResponse {
+            network_map: None,
+            delta: Some(d),
+        },
+        _ => full(),
+    }
+}
+
 /// Pushes maps until the client goes away or the peer is deleted.
 async fn run_sync(
     state: &AppState,
     peer_id: &str,
     key: tern_proto::PublicKey,
     tx: &mpsc::Sender<Result<pb::SyncResponse, Status>>,
+    deltas: bool,
 ) -> Result<(), Status> {
     let mut changes = state.store.subscribe();
     let ttl = state.opts.relay_credentials_ttl.as_secs().max(60) as i64;
@@ -565,14 +590,9 @@ async fn run_sync(
             .as_ref()
             .is_none_or(|l| !crate::netmap::same_content(l, &map));
         if changed {
-            debug!(peer = %peer_id, serial = map.serial, remote_peers = map.remote_peers.len(), "pushing network map");
-            if tx
-                .send(Ok(pb::SyncResponse {
-                    network_map: Some(map.clone()),
-                }))
-                .await
-                .is_err()
-            {
+            let msg = sync_message(last.as_ref(), &map, deltas);
+            debug!(peer = %peer_id, serial = map.serial, remote_peers = map.remote_peers.len(), delta = msg.delta.is_some(), bytes = msg.encoded_len(), "pushing network map");
+            if tx.send(Ok(msg)).await.is_err() {
                 return Ok(());
             }
             last = Some(map);

@@ -5,6 +5,7 @@
 //! format and client of the TCP/TLS fallback relay, and the wire format of public-service tunnels.
 
 pub mod keys;
+pub mod mapdelta;
 pub mod relay_auth;
 pub mod relay_ws;
 pub mod seal;

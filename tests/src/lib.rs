@@ -435,7 +435,19 @@ impl TestAgent {
         &self,
         token: &str,
     ) -> Result<tonic::Streaming<pb::SyncResponse>, tonic::Status> {
-        let mut req = tonic::Request::new(pb::SyncRequest::default());
+        self.sync_with(token, false).await
+    }
+
+    /// A sync stream that takes deltas after its first (full) map when `deltas`.
+    pub async fn sync_with(
+        &self,
+        token: &str,
+        deltas: bool,
+    ) -> Result<tonic::Streaming<pb::SyncResponse>, tonic::Status> {
+        let mut req = tonic::Request::new(pb::SyncRequest {
+            accepts_deltas: deltas,
+            ..Default::default()
+        });
         req.metadata_mut()
             .insert("authorization", bearer_value(token));
         Ok(self.mgmt().sync(req).await?.into_inner())

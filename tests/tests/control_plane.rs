@@ -439,6 +439,109 @@ async fn with_approval_required_a_new_peer_is_isolated_until_an_admin_approves_i
     .await;
 }
 
+/// The next message on a stream, within 5 s.
+async fn next_msg(
+    s: &mut tonic::Streaming<tern_proto::management::SyncResponse>,
+) -> tern_proto::management::SyncResponse {
+    tokio::time::timeout(Duration::from_secs(5), s.message())
+        .await
+        .expect("a message in time")
+        .expect("stream")
+        .expect("not ended")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delta_stream_follows_the_same_maps_as_full_maps_in_fewer_bytes() {
+    use prost::Message;
+    use tern_proto::mapdelta;
+    let db = TestDb::new(Backend::Sqlite).await.expect("db");
+    let srv = TestServer::start(&db.url).await.expect("server");
+    let a = TestAgent::new(&srv, "a").await;
+    let la = a.login(Some(&srv.default_setup_key)).await.expect("a");
+    let mut many = vec![];
+    for i in 0..30 {
+        let p = TestAgent::new(&srv, &format!("p{i}")).await;
+        p.login(Some(&srv.default_setup_key))
+            .await
+            .expect("register");
+        many.push(p);
+    }
+    let mut full = a.sync_with(&la.peer_token, false).await.expect("full");
+    let mut deltas = a.sync_with(&la.peer_token, true).await.expect("deltas");
+    let mut have = next_msg(&mut deltas)
+        .await
+        .network_map
+        .expect("the first is whole");
+    assert_eq!(
+        next_msg(&mut full)
+            .await
+            .network_map
+            .expect("map")
+            .remote_peers
+            .len(),
+        30
+    );
+    let (mut full_bytes, mut delta_bytes) = (0, 0);
+    let mut step = |what: &'static str| what;
+    // Changes: a peer comes online, a new peer, a policy edit, a peer removed.
+    let online = &many[3];
+    let lo = online.login(None).await.expect("login");
+    let _hold = online.sync(&lo.peer_token).await.expect("online");
+    let x = TestAgent::new(&srv, "newcomer").await;
+    for change in 0..4 {
+        let what = match change {
+            0 => step("a peer came online"),
+            1 => {
+                x.login(Some(&srv.default_setup_key)).await.expect("new");
+                step("a new peer")
+            }
+            2 => {
+                let pols = srv.get("/api/policies").await;
+                let id = pols[0]["id"].as_str().expect("id").to_string();
+                let (s, v) = srv.put(&format!("/api/policies/{id}"), json!({"name": "all-to-all", "protocol": "tcp", "ports": ["22"], "sources": ["all"], "destinations": ["all"]})).await;
+                assert_eq!(s, 200, "{v}");
+                step("a policy edit")
+            }
+            _ => {
+                let peers = srv.get("/api/peers").await;
+                let id = peers
+                    .as_array()
+                    .expect("peers")
+                    .iter()
+                    .find(|p| p["name"] == "p7")
+                    .expect("p7")["id"]
+                    .as_str()
+                    .expect("id")
+                    .to_string();
+                assert_eq!(srv.delete(&format!("/api/peers/{id}")).await, 204);
+                step("a peer removed")
+            }
+        };
+        let f = next_msg(&mut full).await;
+        let d = next_msg(&mut deltas).await;
+        full_bytes += f.encoded_len();
+        delta_bytes += d.encoded_len();
+        let want = f.network_map.expect("full stream: whole maps");
+        let delta = d.delta.expect("a delta after the first map");
+        have = mapdelta::apply(&have, &delta).expect("applies");
+        assert!(
+            mapdelta::same(&have, &want),
+            "{what}: the delta stream's map differs"
+        );
+        eprintln!(
+            "{what}: full map {} B, delta {} B",
+            want.encoded_len(),
+            delta.encoded_len()
+        );
+    }
+    assert!(
+        delta_bytes * 5 < full_bytes,
+        "deltas {delta_bytes} B vs full maps {full_bytes} B"
+    );
+    srv.stop().await;
+    db.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_concurrent_registrations_get_distinct_addresses() {
     init_tracing();

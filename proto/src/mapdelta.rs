@@ -1,0 +1,352 @@
+//! Network-map deltas: what changed between two maps of one peer (remote peers one by one, every
+//! other section replaced whole when it changed), and applying one to the map it was made from.
+//! Pure functions, shared by management (which sends them) and the agent (which applies them).
+
+use crate::management::{DnsConfig, DnsRecord, FirewallRule, MapDelta, NetworkMap, RemotePeer};
+use prost::Message;
+use std::collections::{HashMap, HashSet};
+
+/// The map a delta does not apply to: the agent missed a change and needs a full map.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("this map is serial {have}, the change is for serial {base}: a full map is needed")]
+pub struct Gap {
+    pub have: u64,
+    pub base: u64,
+}
+
+/// The sections replaced whole when they change (remote peers, firewall rules and DNS records
+/// change item by item).
+macro_rules! sections {
+    ($m:ident) => {
+        $m!(peer_config);
+        $m!(routes);
+        $m!(served_routes);
+        $m!(relay);
+        $m!(pending_approval);
+        $m!(served_services);
+    };
+}
+
+fn key(m: &impl Message) -> Vec<u8> {
+    m.encode_to_vec()
+}
+
+/// What turns `old` into `new`; None when nothing but the serial differs.
+pub fn delta(old: &NetworkMap, new: &NetworkMap) -> Option<MapDelta> {
+    let mut d = MapDelta {
+        base_serial: old.serial,
+        serial: new.serial,
+        ..Default::default()
+    };
+    let mut sections = NetworkMap::default();
+    macro_rules! diff {
+        ($f:ident) => {
+            if old.$f != new.$f {
+                d.replaced.push(stringify!($f).to_string());
+                sections.$f = new.$f.clone();
+            }
+        };
+    }
+    sections!(diff);
+    // Firewall rules: the ones that joined and left, unless replacing them is smaller.
+    if old.firewall_rules != new.firewall_rules {
+        let had: HashSet<Vec<u8>> = old.firewall_rules.iter().map(key).collect();
+        let has: HashSet<Vec<u8>> = new.firewall_rules.iter().map(key).collect();
+        let added: Vec<FirewallRule> = new
+            .firewall_rules
+            .iter()
+            .filter(|r| !had.contains(&key(*r)))
+            .cloned()
+            .collect();
+        let removed: Vec<FirewallRule> = old
+            .firewall_rules
+            .iter()
+            .filter(|r| !has.contains(&key(*r)))
+            .cloned()
+            .collect();
+        let size = |v: &[FirewallRule]| v.iter().map(|r| r.encoded_len() + 2).sum::<usize>();
+        if size(&added) + size(&removed) < size(&new.firewall_rules) {
+            d.added_rules = added;
+            d.removed_rules = removed;
+        } else {
+            d.replaced.push("firewall_rules".into());
+            sections.firewall_rules = new.firewall_rules.clone();
+        }
+    }
+    // DNS: records by name when only they changed, else the section whole.
+    if old.dns != new.dns {
+        let (o, n) = (
+            old.dns.clone().unwrap_or_default(),
+            new.dns.clone().unwrap_or_default(),
+        );
+        let same_rest = old.dns.is_some() == new.dns.is_some()
+            && o.domain == n.domain
+            && o.nameservers == n.nameservers;
+        if same_rest {
+            let before: HashMap<&str, &DnsRecord> =
+                o.records.iter().map(|r| (r.name.as_str(), r)).collect();
+            let now: HashSet<&str> = n.records.iter().map(|r| r.name.as_str()).collect();
+            d.upsert_records = n
+                .records
+                .iter()
+                .filter(|r| before.get(r.name.as_str()) != Some(r))
+                .cloned()
+                .collect();
+            d.removed_records = o
+                .records
+                .iter()
+                .filter(|r| !now.contains(r.name.as_str()))
+                .map(|r| r.name.clone())
+                .collect();
+        } else {
+            d.replaced.push("dns".into());
+            sections.dns = new.dns.clone();
+        }
+    }
+    let before: HashMap<&str, &RemotePeer> = old
+        .remote_peers
+        .iter()
+        .map(|p| (p.id.as_str(), p))
+        .collect();
+    for p in &new.remote_peers {
+        if before.get(p.id.as_str()) != Some(&p) {
+            d.upsert_peers.push(p.clone());
+        }
+    }
+    let now: std::collections::HashSet<&str> =
+        new.remote_peers.iter().map(|p| p.id.as_str()).collect();
+    d.removed_peers = old
+        .remote_peers
+        .iter()
+        .filter(|p| !now.contains(p.id.as_str()))
+        .map(|p| p.id.clone())
+        .collect();
+    if d.replaced.is_empty()
+        && d.upsert_peers.is_empty()
+        && d.removed_peers.is_empty()
+        && d.added_rules.is_empty()
+        && d.removed_rules.is_empty()
+        && d.upsert_records.is_empty()
+        && d.removed_records.is_empty()
+    {
+        return None;
+    }
+    d.sections = Some(sections);
+    Some(d)
+}
+
+/// `base` with `d` applied (remote peers keep the order of the newer map: unchanged ones where
+/// they were, new ones after them, as the server's order is by name the agent does not rely on
+/// it).
+pub fn apply(base: &NetworkMap, d: &MapDelta) -> Result<NetworkMap, Gap> {
+    if base.serial != d.base_serial {
+        return Err(Gap {
+            have: base.serial,
+            base: d.base_serial,
+        });
+    }
+    let mut out = base.clone();
+    out.serial = d.serial;
+    let sections = d.sections.clone().unwrap_or_default();
+    macro_rules! replace {
+        ($f:ident) => {
+            if d.replaced.iter().any(|r| r == stringify!($f)) {
+                out.$f = sections.$f.clone();
+            }
+        };
+    }
+    sections!(replace);
+    replace!(firewall_rules);
+    replace!(dns);
+    if !d.added_rules.is_empty() || !d.removed_rules.is_empty() {
+        let gone: HashSet<Vec<u8>> = d.removed_rules.iter().map(key).collect();
+        out.firewall_rules.retain(|r| !gone.contains(&key(r)));
+        out.firewall_rules.extend(d.added_rules.iter().cloned());
+    }
+    if !d.upsert_records.is_empty() || !d.removed_records.is_empty() {
+        let dns = out.dns.get_or_insert_with(DnsConfig::default);
+        let gone: HashSet<&str> = d.removed_records.iter().map(String::as_str).collect();
+        dns.records.retain(|r| !gone.contains(r.name.as_str()));
+        for r in &d.upsert_records {
+            match dns.records.iter_mut().find(|x| x.name == r.name) {
+                Some(x) => *x = r.clone(),
+                None => dns.records.push(r.clone()),
+            }
+        }
+    }
+    let removed: std::collections::HashSet<&str> =
+        d.removed_peers.iter().map(String::as_str).collect();
+    out.remote_peers
+        .retain(|p| !removed.contains(p.id.as_str()));
+    for p in &d.upsert_peers {
+        match out.remote_peers.iter_mut().find(|x| x.id == p.id) {
+            Some(x) => *x = p.clone(),
+            None => out.remote_peers.push(p.clone()),
+        }
+    }
+    Ok(out)
+}
+
+/// The same maps, remote peers, firewall rules and DNS records compared as sets (their order
+/// carries no meaning).
+pub fn same(a: &NetworkMap, b: &NetworkMap) -> bool {
+    let norm = |m: &NetworkMap| {
+        let mut m = m.clone();
+        m.remote_peers.sort_by(|x, y| x.id.cmp(&y.id));
+        m.firewall_rules.sort_by_key(key);
+        if let Some(d) = m.dns.as_mut() {
+            d.records.sort_by(|x, y| x.name.cmp(&y.name));
+        }
+        m
+    };
+    norm(a) == norm(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::management as pb;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    fn peer(r: &mut StdRng, i: usize) -> RemotePeer {
+        RemotePeer {
+            id: format!("p{i}"),
+            name: format!("peer-{i}"),
+            wg_public_key: vec![i as u8; 32],
+            allowed_ips: vec![format!("100.64.{}.{}/32", i / 250, i % 250 + 1)],
+            overlay_ip: format!("100.64.{}.{}", i / 250, i % 250 + 1),
+            connected: r.gen_bool(0.5),
+        }
+    }
+
+    fn map(r: &mut StdRng, serial: u64) -> NetworkMap {
+        let n = r.gen_range(0..40);
+        let mut ids: Vec<usize> = (0..60).collect();
+        for i in (1..ids.len()).rev() {
+            ids.swap(i, r.gen_range(0..=i));
+        }
+        NetworkMap {
+            serial,
+            peer_config: r.gen_bool(0.8).then(|| pb::PeerConfig {
+                address: "100.64.0.1/10".into(),
+                mtu: if r.gen_bool(0.5) { 1280 } else { 1420 },
+                ..Default::default()
+            }),
+            remote_peers: ids[..n].iter().map(|&i| peer(r, i)).collect(),
+            firewall_rules: (0..r.gen_range(0..5))
+                .map(|i| pb::FirewallRule {
+                    peer_cidr: format!("100.64.0.{i}/32"),
+                    policy_id: format!("pol{}", r.gen_range(0..3)),
+                    ..Default::default()
+                })
+                .collect(),
+            routes: (0..r.gen_range(0..3))
+                .map(|i| pb::Route {
+                    network: format!("192.168.{i}.0/24"),
+                    metric: r.gen_range(0..3),
+                    ..Default::default()
+                })
+                .collect(),
+            pending_approval: r.gen_bool(0.1),
+            dns: r.gen_bool(0.7).then(|| pb::DnsConfig {
+                domain: "tern.internal".into(),
+                records: (0..r.gen_range(0..4))
+                    .map(|i| pb::DnsRecord {
+                        name: format!("n{i}"),
+                        ip: format!("100.64.0.{i}"),
+                    })
+                    .collect(),
+                nameservers: vec![],
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_delta_applied_to_the_old_map_gives_the_new_one() {
+        let mut r = StdRng::seed_from_u64(0x7e57);
+        for round in 0..3000u64 {
+            let a = map(&mut r, round * 2);
+            // Often a small change of a, sometimes another map entirely.
+            let b = if r.gen_bool(0.7) {
+                let mut b = a.clone();
+                b.serial = round * 2 + 1;
+                match r.gen_range(0..6) {
+                    4 => b.firewall_rules.push(pb::FirewallRule {
+                        peer_cidr: format!("100.64.9.{}/32", r.gen_range(0..9)),
+                        ..Default::default()
+                    }),
+                    5 if b.dns.is_some() => {
+                        if let Some(d) = b.dns.as_mut() {
+                            d.records.push(pb::DnsRecord {
+                                name: format!("x{round}"),
+                                ip: "100.64.9.9".into(),
+                            });
+                            if d.records.len() > 2 {
+                                d.records.remove(0);
+                            }
+                        }
+                    }
+                    0 if !b.remote_peers.is_empty() => {
+                        let i = r.gen_range(0..b.remote_peers.len());
+                        b.remote_peers[i].connected = !b.remote_peers[i].connected;
+                    }
+                    1 if !b.remote_peers.is_empty() => {
+                        let i = r.gen_range(0..b.remote_peers.len());
+                        b.remote_peers.remove(i);
+                    }
+                    2 => b.remote_peers.push(peer(&mut r, 100 + round as usize)),
+                    _ => b.pending_approval = !b.pending_approval,
+                }
+                b
+            } else {
+                map(&mut r, round * 2 + 1)
+            };
+            match delta(&a, &b) {
+                None => assert!(same(
+                    &NetworkMap {
+                        serial: b.serial,
+                        ..a.clone()
+                    },
+                    &b
+                )),
+                Some(d) => {
+                    let got = apply(&a, &d).expect("applies to its base");
+                    assert!(same(&got, &b), "round {round}:\n{got:?}\n!=\n{b:?}");
+                    assert_eq!(got.serial, b.serial);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_delta_for_another_map_is_a_gap_and_small_changes_are_small() {
+        let mut r = StdRng::seed_from_u64(1);
+        let mut a = map(&mut r, 10);
+        a.remote_peers = (0..1000).map(|i| peer(&mut r, i)).collect();
+        let mut b = a.clone();
+        b.serial = 11;
+        b.remote_peers[500].connected = !b.remote_peers[500].connected;
+        let d = delta(&a, &b).expect("a change");
+        assert_eq!(d.upsert_peers.len(), 1);
+        assert!(d.replaced.is_empty());
+        let full = b.encoded_len();
+        let small = d.encoded_len();
+        assert!(small * 100 < full, "delta {small} B vs full {full} B");
+        let older = NetworkMap {
+            serial: 9,
+            ..a.clone()
+        };
+        assert_eq!(apply(&older, &d), Err(Gap { have: 9, base: 10 }));
+        assert_eq!(
+            delta(
+                &a,
+                &NetworkMap {
+                    serial: 12,
+                    ..a.clone()
+                }
+            ),
+            None
+        );
+    }
+}
