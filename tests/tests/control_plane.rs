@@ -482,7 +482,7 @@ async fn a_delta_stream_follows_the_same_maps_as_full_maps_in_fewer_bytes() {
         30
     );
     let (mut full_bytes, mut delta_bytes) = (0, 0);
-    let mut step = |what: &'static str| what;
+    let step = |what: &'static str| what;
     // Changes: a peer comes online, a new peer, a policy edit, a peer removed.
     let online = &many[3];
     let lo = online.login(None).await.expect("login");
