@@ -559,12 +559,20 @@ async fn run_sync(
     tx: &mpsc::Sender<Result<pb::SyncResponse, Status>>,
     deltas: bool,
 ) -> Result<(), Status> {
-    let mut changes = state.store.subscribe();
+    // Published indexes (one per burst of changes); the first map from a fresh one, so a peer
+    // that just registered is in it.
+    let mut indexes = state.index.subscribe();
+    let mut idx = state.current_index().await.map_err(status_from)?;
+    if !idx.contains(peer_id) {
+        // Registered after the last published index: a fresh one (the cost of one snapshot,
+        // paid by a newcomer, not by every reconnecting peer).
+        idx = state.net_index().await.map_err(status_from)?;
+    }
+    let serial = |i: &crate::netmap::NetIndex| i.snapshot().settings.network_serial;
     let ttl = state.opts.relay_credentials_ttl.as_secs().max(60) as i64;
     let mut creds_expiry = now_unix() + ttl;
     let mut last: Option<pb::NetworkMap> = None;
     loop {
-        let idx = state.net_index().await.map_err(status_from)?;
         // Checked before every push and credential refresh: a deleted or expired peer gets
         // nothing more, and signal forgets it.
         if let Some(why) = idx.refused(peer_id) {
@@ -603,13 +611,15 @@ async fn run_sync(
         tokio::select! {
             _ = tx.closed() => return Ok(()),
             _ = tokio::time::sleep(expires_in.unwrap_or(Duration::from_secs(86_400))), if expires_in.is_some() => {}
-            r = changes.changed() => {
+            r = indexes.changed() => {
                 if r.is_err() {
                     return Err(Status::unavailable("management is shutting down"));
                 }
-                // Debounce: a burst of changes produces one push.
-                tokio::time::sleep(state.opts.sync_debounce).await;
-                changes.borrow_and_update();
+                let next = indexes.borrow_and_update().clone();
+                // Never back in time (the first map may come from a newer index).
+                if let Some(n) = next.filter(|n| serial(n) >= serial(&idx)) {
+                    idx = n;
+                }
             }
             _ = tokio::time::sleep(refresh_in) => {
                 creds_expiry = now_unix() + ttl;

@@ -194,6 +194,11 @@ impl NetIndex {
             .then(|| crate::store::disabled_owner_message(p))
     }
 
+    /// Whether `peer_id` is in this index.
+    pub fn contains(&self, peer_id: &str) -> bool {
+        self.by_id.contains_key(peer_id)
+    }
+
     /// When the next login on the network expires (Unix ms), if any does.
     pub fn next_expiry(&self) -> Option<crate::model::Millis> {
         self.next_expiry

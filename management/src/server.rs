@@ -70,6 +70,7 @@ pub struct Running {
     task: JoinHandle<()>,
     janitor: JoinHandle<()>,
     expiry: JoinHandle<()>,
+    indexer: JoinHandle<()>,
     publisher: JoinHandle<()>,
 }
 
@@ -80,6 +81,7 @@ impl Running {
         let _ = self.shutdown.send(true);
         self.janitor.abort();
         self.expiry.abort();
+        self.indexer.abort();
         self.publisher.abort();
         let mut task = self.task;
         if tokio::time::timeout(grace, &mut task).await.is_err() {
@@ -274,6 +276,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Running> {
     ));
     let janitor = tokio::spawn(janitor(state.clone()));
     let expiry = tokio::spawn(expiry_watch(state.clone()));
+    let indexer = tokio::spawn(state.clone().publish_indexes());
     let publisher = tokio::spawn(publisher.run(state.clone()));
     info!(%addr, %public_url, signal = signal.is_some(), relay = relay.is_some(), tls = cfg.tls.is_some(), "management listening");
     Ok(Running {
@@ -286,6 +289,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Running> {
         task,
         janitor,
         expiry,
+        indexer,
         publisher,
     })
 }

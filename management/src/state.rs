@@ -58,6 +58,10 @@ pub struct AppState {
     pub opts: ManagementOptions,
     pub oidc: Option<crate::oidc::OidcVerifier>,
     maps: Mutex<Option<(i64, Arc<NetIndex>)>>,
+    /// The latest index, published by one task at most once per debounce interval, so a burst
+    /// of changes (a fleet reconnecting) costs each stream one map per interval, not one per
+    /// change.
+    pub index: tokio::sync::watch::Sender<Option<Arc<NetIndex>>>,
     streams: std::sync::Mutex<HashMap<String, usize>>,
     /// Latest connection report per peer (in memory: it is live state, not configuration).
     connections: std::sync::Mutex<HashMap<String, (Instant, Vec<PeerConnection>)>>,
@@ -187,6 +191,7 @@ impl AppState {
             admin_secret,
             opts,
             maps: Mutex::new(None),
+            index: tokio::sync::watch::Sender::new(None),
             streams: std::sync::Mutex::new(HashMap::new()),
             connections: std::sync::Mutex::new(HashMap::new()),
             reachable: std::sync::Mutex::new(HashMap::new()),
@@ -219,6 +224,39 @@ impl AppState {
         let idx = Arc::new(NetIndex::new(Arc::new(snap)));
         *cached = Some((want, idx.clone()));
         Ok(idx)
+    }
+
+    /// Publishes the index after every burst of store changes (debounced), until the store
+    /// closes. Sync streams follow [`AppState::index`].
+    pub async fn publish_indexes(self: Arc<Self>) {
+        let mut changes = self.store.subscribe();
+        loop {
+            changes.borrow_and_update();
+            match self.net_index().await {
+                Ok(i) => {
+                    self.index.send_replace(Some(i));
+                }
+                Err(e) => {
+                    tracing::warn!(error = ?e, "cannot compute the network index; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            }
+            if changes.changed().await.is_err() {
+                return;
+            }
+            // A burst of changes produces one index.
+            tokio::time::sleep(self.opts.sync_debounce).await;
+        }
+    }
+
+    /// The latest published index (or one computed now, before the first is published).
+    pub async fn current_index(&self) -> Result<Arc<NetIndex>, StoreError> {
+        let published = self.index.borrow().clone();
+        match published {
+            Some(i) => Ok(i),
+            None => self.net_index().await,
+        }
     }
 
     /// Records a sync stream opening; true if it is the peer's first live stream.

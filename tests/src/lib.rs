@@ -16,6 +16,7 @@ use tonic::transport::Channel;
 pub mod idp;
 pub mod mesh;
 pub mod netns;
+pub mod scale;
 pub mod webdriver;
 
 pub const ADMIN_PASSWORD: &str = "correct-horse-battery";
@@ -338,6 +339,15 @@ impl TestAgent {
             key: SecretKey::generate(),
             hostname: hostname.to_string(),
             channel: server.channel().await,
+        }
+    }
+
+    /// An agent on an existing connection (many agents share one HTTP/2 connection).
+    pub fn with_channel(channel: Channel, hostname: &str) -> Self {
+        TestAgent {
+            key: SecretKey::generate(),
+            hostname: hostname.to_string(),
+            channel,
         }
     }
 

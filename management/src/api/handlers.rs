@@ -1072,7 +1072,7 @@ pub async fn update_peer(
             b.approved,
         )
         .await?;
-    Ok(Json(s.store.peer(&id).await?))
+    Ok(Json(s.store.peer_with_name(&id).await?))
 }
 
 #[utoipa::path(delete, path = "/api/peers/{id}", responses((status = 204), (status = 404, body = ErrorBody)))]

@@ -395,8 +395,17 @@ impl Store {
         })
     }
 
-    /// One peer (with its DNS name, which depends on the others').
+    /// One peer, read alone (without its DNS name, which depends on the others': see
+    /// [`Store::peer_with_name`]).
     pub async fn peer(&self, id: &str) -> Result<Peer> {
+        let mut conn = self.pool.acquire().await?;
+        read_peer_where(&mut conn, "id", id)
+            .await?
+            .ok_or_else(|| StoreError::not_found("peer", id))
+    }
+
+    /// One peer with its DNS name (reads every peer: for the API, not per connection).
+    pub async fn peer_with_name(&self, id: &str) -> Result<Peer> {
         let mut conn = self.pool.acquire().await?;
         load_peers(&mut conn)
             .await?
