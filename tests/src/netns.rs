@@ -78,12 +78,11 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
 /// Path of a workspace binary built next to the running test (target/<profile>/NAME).
 pub fn workspace_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
+    // target/<profile>/deps/<test> (a test) or target/<profile>/<bin> -> target/<profile>/<name>
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.pop();
+    }
     dir.join(name)
 }
 
