@@ -427,7 +427,7 @@ pub async fn run(n: usize, teams: usize, limit: Duration) -> anyhow::Result<Figu
         let mut quiet_since = Instant::now();
         loop {
             let count = have_first(&log);
-            if want_all && count >= n + 1 {
+            if want_all && count > n {
                 break;
             }
             if count != last_count {
