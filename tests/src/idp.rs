@@ -140,6 +140,26 @@ impl Idp {
     }
 
     /// Claims for a token of this provider for `sub`, valid for 10 minutes.
+    /// The server's single sign-on settings for this provider: the console is client
+    /// `audience`, admins hold groups=tern-admins, names come from the email claim, and
+    /// `groups_claim` (when given) maps to Tern groups.
+    pub fn config(
+        &self,
+        audience: &str,
+        groups_claim: Option<&str>,
+    ) -> tern_management::oidc::OidcConfig {
+        tern_management::oidc::OidcConfig {
+            issuer: self.issuer.clone(),
+            audiences: vec![audience.into()],
+            jwks_url: None,
+            admin_claim: Some(("groups".into(), "tern-admins".into())),
+            groups_claim: groups_claim.map(str::to_string),
+            username_claim: "email".into(),
+            client_id: Some(audience.into()),
+            scopes: "openid email".into(),
+        }
+    }
+
     pub fn claims(&self, sub: &str, extra: Value) -> Value {
         let mut c = json!({
             "iss": self.issuer, "aud": self.audience, "sub": sub,

@@ -13,6 +13,18 @@ use std::time::{Duration, Instant};
 const ELEMENT_KEY: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 /// Finds chromium and chromedriver; Err tells what to install.
+/// Whether the browser tests can run here; on CI a missing Chromium fails the test instead.
+pub fn available() -> bool {
+    match locate() {
+        Ok(_) => true,
+        Err(e) if std::env::var_os("CI").is_some() => panic!("browser tests need Chromium: {e}"),
+        Err(e) => {
+            eprintln!("SKIPPED: {e}");
+            false
+        }
+    }
+}
+
 pub fn locate() -> anyhow::Result<(PathBuf, PathBuf)> {
     let find = |names: &[&str]| -> Option<PathBuf> {
         names.iter().find_map(|n| {

@@ -14,14 +14,7 @@ use tern_tests::*;
 const T: Duration = Duration::from_secs(10);
 
 fn browser_available() -> bool {
-    match tern_tests::webdriver::locate() {
-        Ok(_) => true,
-        Err(e) if std::env::var_os("CI").is_some() => panic!("browser tests need Chromium: {e}"),
-        Err(e) => {
-            eprintln!("SKIPPED: {e}");
-            false
-        }
-    }
+    tern_tests::webdriver::available()
 }
 
 /// A fresh server (SQLite) and a browser window; None when Chromium is missing outside CI.

@@ -6,7 +6,6 @@
 
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
-use tern_management::oidc::OidcConfig;
 use tern_tests::idp::Idp;
 use tern_tests::mesh::bin;
 use tern_tests::netns::{forward_into, Lab};
@@ -112,27 +111,13 @@ async fn employees_add_their_laptops_by_signing_in() {
     if tern_tests::mesh::skip() {
         return;
     }
-    if let Err(e) = tern_tests::webdriver::locate() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "browser tests need Chromium: {e}"
-        );
-        eprintln!("SKIPPED: {e}");
+    if !tern_tests::webdriver::available() {
         return;
     }
     let idp = Idp::start(AUDIENCE).await.expect("idp");
     let db = TestDb::new(Backend::Sqlite).await.expect("db");
     let mut opts = fast_options();
-    opts.oidc = Some(OidcConfig {
-        issuer: idp.issuer.clone(),
-        audiences: vec![AUDIENCE.into()],
-        jwks_url: None,
-        admin_claim: Some(("groups".into(), "tern-admins".into())),
-        groups_claim: Some("groups".into()),
-        username_claim: "email".into(),
-        client_id: Some(AUDIENCE.into()),
-        scopes: "openid email".into(),
-    });
+    opts.oidc = Some(idp.config(AUDIENCE, Some("groups")));
     let server = TestServer::start_with(&db.url, opts).await.expect("server");
     let port: u16 = server
         .base

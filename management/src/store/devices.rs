@@ -361,14 +361,7 @@ impl Store {
                 .execute(c.conn())
                 .await?;
                 for g in &groups {
-                    sqlx::query(
-                        "INSERT INTO peer_groups (peer_id, group_id) SELECT $1, $2 \
-                         WHERE NOT EXISTS (SELECT 1 FROM peer_groups WHERE peer_id = $1 AND group_id = $2)",
-                    )
-                    .bind(&id)
-                    .bind(g)
-                    .execute(c.conn())
-                    .await?;
+                    join_group(c.conn(), &id, g).await?;
                 }
                 c.audit(
                     "peer.login",
@@ -460,14 +453,7 @@ impl Store {
                     .await?;
             }
             for g in want.difference(&had) {
-                sqlx::query(
-                    "INSERT INTO peer_groups (peer_id, group_id) SELECT $1, $2 \
-                     WHERE NOT EXISTS (SELECT 1 FROM peer_groups WHERE peer_id = $1 AND group_id = $2)",
-                )
-                .bind(&peer)
-                .bind(g)
-                .execute(c.conn())
-                .await?;
+                join_group(c.conn(), &peer, g).await?;
             }
         }
         let name_of = |ids: Vec<&String>| -> Vec<String> {
@@ -490,6 +476,19 @@ impl Store {
         c.commit(self).await?;
         Ok(matched)
     }
+}
+
+/// Puts a peer in a group (nothing if it is in it already).
+async fn join_group(conn: &mut sqlx::AnyConnection, peer: &str, group: &str) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO peer_groups (peer_id, group_id) SELECT $1, $2 \
+         WHERE NOT EXISTS (SELECT 1 FROM peer_groups WHERE peer_id = $1 AND group_id = $2)",
+    )
+    .bind(peer)
+    .bind(group)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 async fn user_group_ids(conn: &mut sqlx::AnyConnection, user_id: &str) -> Result<Vec<String>> {
