@@ -55,7 +55,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Join the network and run the tunnel (foreground). Later runs need no setup key.
+    /// Join the network (a person signs in, or a machine uses a setup key) and run the tunnel
+    /// (foreground). Later runs need neither.
     Up {
         #[command(flatten)]
         join: JoinArgs,
@@ -137,7 +138,8 @@ struct JoinArgs {
     /// Management URL, e.g. https://vpn.example.com (remembered after the first join).
     #[arg(long, env = "TERN_MANAGEMENT_URL")]
     management_url: Option<String>,
-    /// Setup key (first join only; later runs and the service never need it).
+    /// Setup key, for machines nobody signs in on (first join only). Without one, tern up shows
+    /// a code for a person to approve in the console.
     #[arg(long, env = "TERN_SETUP_KEY", hide_env_values = true)]
     setup_key: Option<String>,
     /// Name to register with (default: the host name).
