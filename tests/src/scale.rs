@@ -397,9 +397,31 @@ pub async fn run(n: usize, teams: usize, limit: Duration) -> anyhow::Result<Figu
         "a new peer (one team)",
         "a peer going offline (one team)",
     ] {
+        // Quiet first: no stream receives anything for a second (the previous change and the
+        // connection storm have settled), so what follows belongs to this change.
+        let total = |log: &Log| -> usize {
+            log.iter()
+                .map(|l| l.lock().unwrap_or_else(|e| e.into_inner()).len())
+                .sum()
+        };
+        let settle = Instant::now();
+        let (mut seen, mut since) = (total(&log), Instant::now());
+        while since.elapsed() < Duration::from_secs(1) && settle.elapsed() < limit {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let now = total(&log);
+            if now != seen {
+                (seen, since) = (now, Instant::now());
+            }
+        }
         for l in log.iter() {
             l.lock().unwrap_or_else(|e| e.into_inner()).clear();
         }
+        let serial_now = || async {
+            api.call(reqwest::Method::GET, "/api/settings", None)
+                .await
+                .map(|v| v["network_serial"].as_u64().unwrap_or(0))
+        };
+        let s0 = serial_now().await?;
         let (_, cpu0) = server.proc_figures();
         let t0 = Instant::now();
         let want_all = what.starts_with("a policy");
@@ -422,11 +444,28 @@ pub async fn run(n: usize, teams: usize, limit: Duration) -> anyhow::Result<Figu
                 }
             }
         }
-        // Until every stream has it (the policy edit), or 2 s without another message.
+        // The serial that carries the change: the server's right after it (the disconnect is
+        // recorded a moment later: any newer serial).
+        let target = if what.starts_with("a peer going") {
+            s0 + 1
+        } else {
+            serial_now().await?
+        };
+        // Per stream: the first message at or past the target, and the bytes up to it.
+        let arrivals = |log: &Log| -> Vec<(Instant, usize)> {
+            log.iter()
+                .filter_map(|l| {
+                    let l = l.lock().unwrap_or_else(|e| e.into_inner());
+                    let i = l.iter().position(|(_, _, serial)| *serial >= target)?;
+                    Some((l[i].0, l[..=i].iter().map(|x| x.1).sum()))
+                })
+                .collect()
+        };
+        // Until every stream has it (the policy edit), or 2 s without another arrival.
         let mut last_count = 0;
         let mut quiet_since = Instant::now();
         loop {
-            let count = have_first(&log);
+            let count = arrivals(&log).len();
             if want_all && count > n {
                 break;
             }
@@ -446,15 +485,12 @@ pub async fn run(n: usize, teams: usize, limit: Duration) -> anyhow::Result<Figu
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let (_, cpu1) = server.proc_figures();
-        let mut lat = vec![];
-        let mut bytes = 0;
-        for l in log.iter() {
-            let l = l.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some((at, b, _)) = l.first() {
-                lat.push(at.duration_since(t0).as_secs_f64() * 1e3);
-                bytes += b;
-            }
-        }
+        let got = arrivals(&log);
+        let bytes = got.iter().map(|x| x.1).sum();
+        let mut lat: Vec<f64> = got
+            .iter()
+            .map(|(at, _)| at.duration_since(t0).as_secs_f64() * 1e3)
+            .collect();
         changes.push(Change {
             what,
             reached: lat.len(),
