@@ -250,7 +250,15 @@ pub async fn run(n: usize, teams: usize, limit: Duration) -> anyhow::Result<Figu
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
         .build()?;
-    let token = admin_login(&http, &server.base, "admin", PASSWORD).await?;
+    // The first start creates the admin account just after the server starts answering.
+    let t = Instant::now();
+    let token = loop {
+        match admin_login(&http, &server.base, "admin", PASSWORD).await {
+            Ok(t) => break t,
+            Err(e) if t.elapsed() > Duration::from_secs(30) => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
     let api = Api {
         http,
         base: server.base.clone(),
