@@ -296,6 +296,38 @@ pub struct Peer {
 }
 
 impl Peer {
+    /// A connected, approved peer named `id` in "all" and `groups`, for tests.
+    #[cfg(test)]
+    pub fn fixture(id: &str, ip: &str, groups: &[&str]) -> Peer {
+        Peer {
+            id: id.into(),
+            name: id.into(),
+            wg_public_key: tern_proto::SecretKey::generate().public_key().to_base64(),
+            overlay_ip: ip.into(),
+            hostname: id.into(),
+            os: "linux".into(),
+            agent_version: "t".into(),
+            setup_key_id: None,
+            ephemeral: false,
+            connected: true,
+            approved: true,
+            login_expiration_enabled: false,
+            user_id: None,
+            owner: None,
+            owner_disabled: false,
+            last_seen: 0,
+            last_login: 0,
+            created_at: 0,
+            groups: std::iter::once("all")
+                .chain(groups.iter().copied())
+                .map(String::from)
+                .collect(),
+            connections: vec![],
+            dns_name: String::new(),
+            endpoint: None,
+        }
+    }
+
     /// Approved and not owned by a disabled user: policies and routes may reach it.
     pub fn on_network(&self) -> bool {
         self.approved && !self.owner_disabled
@@ -533,28 +565,9 @@ mod tests {
 
     fn peer(id: &str, name: &str, created_at: Millis) -> Peer {
         Peer {
-            id: id.into(),
             name: name.into(),
-            wg_public_key: String::new(),
-            overlay_ip: String::new(),
-            hostname: String::new(),
-            os: String::new(),
-            agent_version: String::new(),
-            setup_key_id: None,
-            ephemeral: false,
-            connected: false,
-            approved: true,
-            login_expiration_enabled: false,
-            user_id: None,
-            owner: None,
-            owner_disabled: false,
-            last_seen: 0,
-            last_login: 0,
             created_at,
-            groups: vec![],
-            connections: vec![],
-            dns_name: String::new(),
-            endpoint: None,
+            ..Peer::fixture(id, "100.64.0.1", &[])
         }
     }
 

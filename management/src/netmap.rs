@@ -619,33 +619,7 @@ mod tests {
     use crate::model::*;
 
     fn peer(id: &str, ip: &str, groups: &[&str]) -> Peer {
-        Peer {
-            id: id.into(),
-            name: id.into(),
-            wg_public_key: tern_proto::SecretKey::generate().public_key().to_base64(),
-            overlay_ip: ip.into(),
-            hostname: id.into(),
-            os: "linux".into(),
-            agent_version: "t".into(),
-            setup_key_id: None,
-            ephemeral: false,
-            connected: true,
-            approved: true,
-            login_expiration_enabled: false,
-            user_id: None,
-            owner: None,
-            owner_disabled: false,
-            last_seen: 0,
-            last_login: 0,
-            created_at: 0,
-            groups: std::iter::once("all")
-                .chain(groups.iter().copied())
-                .map(String::from)
-                .collect(),
-            connections: vec![],
-            dns_name: String::new(),
-            endpoint: None,
-        }
+        Peer::fixture(id, ip, groups)
     }
 
     fn policy(
