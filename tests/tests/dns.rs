@@ -260,30 +260,27 @@ fn peers_by_name_a_lan_nameserver_and_the_hosts_resolver_put_back() {
         })
         .unwrap_or_else(|e| panic!("{e}: {}", resolv_conf(&m, &ha)));
     m.lab.stop("a");
+    let gw_resolves = |m: &Mesh| {
+        wait_resolves(
+            m,
+            &ha,
+            "factory-gw.tern.internal",
+            &b_ip,
+            Duration::from_secs(20),
+        );
+    };
 
     // kill -9 leaves our file behind; the next start puts the original back first, and tern down
     // leaves it as it was.
     m.up("a", &ha, false);
-    wait_resolves(
-        &m,
-        &ha,
-        "factory-gw.tern.internal",
-        &b_ip,
-        Duration::from_secs(20),
-    );
+    gw_resolves(&m);
     m.lab.crash("a");
     assert!(
         resolv_conf(&m, &ha).starts_with("# Written by tern"),
         "a crash cannot clean up"
     );
     m.up("a", &ha, false);
-    wait_resolves(
-        &m,
-        &ha,
-        "factory-gw.tern.internal",
-        &b_ip,
-        Duration::from_secs(20),
-    );
+    gw_resolves(&m);
     assert!(
         m.lab
             .log("a")

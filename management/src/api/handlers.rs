@@ -921,6 +921,23 @@ fn own_device(a: &Admin, p: &Peer) -> ApiResult<()> {
     }
 }
 
+/// Every peer with its reported paths, each naming the peer at its other end (the whole list
+/// tells which of them still exist).
+async fn peers_with_paths(s: &AppState) -> ApiResult<Vec<Peer>> {
+    let mut peers = s.store.peers().await?;
+    s.with_connections(&mut peers);
+    let names: std::collections::HashMap<String, String> = peers
+        .iter()
+        .map(|p| (p.id.clone(), p.name.clone()))
+        .collect();
+    for p in &mut peers {
+        for c in &mut p.connections {
+            c.peer_name = names.get(&c.peer_id).cloned();
+        }
+    }
+    Ok(peers)
+}
+
 #[utoipa::path(get, path = "/api/peers", responses((status = 200, body = [Peer])))]
 pub async fn list_peers(
     State(s): St,
@@ -930,21 +947,11 @@ pub async fn list_peers(
     use axum::http::header;
     if !a.role().sees_all() {
         // A user's own devices; their paths name peers they cannot see, by name only.
-        let mut peers = s.store.peers().await?;
-        s.with_connections(&mut peers);
-        let names: std::collections::HashMap<String, String> = peers
-            .iter()
-            .map(|p| (p.id.clone(), p.name.clone()))
-            .collect();
-        let mut mine: Vec<Peer> = peers
+        let mine: Vec<Peer> = peers_with_paths(&s)
+            .await?
             .into_iter()
             .filter(|p| p.user_id.as_deref() == Some(a.user.id.as_str()))
             .collect();
-        for p in &mut mine {
-            for c in &mut p.connections {
-                c.peer_name = names.get(&c.peer_id).cloned();
-            }
-        }
         return Ok(Json(mine).into_response());
     }
     // The console polls this every few seconds; most polls change nothing and get a 304.
@@ -967,21 +974,12 @@ pub async fn list_peers(
 
 #[utoipa::path(get, path = "/api/peers/{id}", responses((status = 200, body = Peer), (status = 404, body = ErrorBody)))]
 pub async fn get_peer(State(s): St, a: Admin, ApiPath(id): ApiPath) -> ApiResult<Json<Peer>> {
-    // Connections name other peers; the whole list tells which of them still exist.
-    let mut peers = s.store.peers().await?;
-    s.with_connections(&mut peers);
-    let names: std::collections::HashMap<String, String> = peers
-        .iter()
-        .map(|p| (p.id.clone(), p.name.clone()))
-        .collect();
-    let mut p = peers
+    let p = peers_with_paths(&s)
+        .await?
         .into_iter()
         .find(|p| p.id == id)
         .ok_or_else(|| ApiError::NotFound(format!("peer {id:?} not found")))?;
     own_device(&a, &p)?;
-    for c in &mut p.connections {
-        c.peer_name = names.get(&c.peer_id).cloned();
-    }
     Ok(Json(p))
 }
 
