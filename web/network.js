@@ -25,6 +25,7 @@ function s(tag, attrs, ...children) {
 
 export const PATH_WORDS = { direct: "direct", turn_relay: "via TURN", tcp_relay: "via the TCP relay", connecting: "connecting" };
 export const REASON_WORDS = {
+  hosted_device: "a WireGuard device the server hosts",
   ice_no_direct_pair: "no direct pair got through the NATs",
   ice_failed: "direct attempts failed; retrying",
   ice_retrying: "retrying a direct path",

@@ -71,7 +71,16 @@ function liveRegion(render, { search = "" } = {}) {
 const CONN_LABEL = { direct: "direct", turn_relay: "TURN relay", tcp_relay: "TCP relay", connecting: "connecting" };
 const relayed = (k) => k === "turn_relay" || k === "tcp_relay";
 
+// A plain WireGuard device: what the server's endpoint sees of it.
+function wireguardSummary(w) {
+  if (w.last_handshake_secs == null) return h("span", { class: "muted" }, "no handshake yet");
+  return h("span", { class: "wg-live" },
+    `handshake ${w.last_handshake_secs} s ago · ↓ ${fmtBytes(w.rx_bytes)} ↑ ${fmtBytes(w.tx_bytes)}`,
+    w.endpoint ? h("div", { class: "muted small" }, `from ${w.endpoint}`) : null);
+}
+
 function connSummary(p, peers) {
+  if (p.wireguard) return wireguardSummary(p.wireguard);
   const list = p.connections || [];
   if (!p.connected) return h("span", { class: "muted" }, "—");
   if (!list.length) return h("span", { class: "muted" }, "no peers in reach");
@@ -133,7 +142,9 @@ export async function peers(main) {
     ["Name", "Owner", "Overlay IP", "Status", "Last seen", "OS", "Version", "Groups", "Connections", ""],
     list.map((p) => h("tr", { dataset: { peer: p.id } },
       h("td", {}, h("a", { href: `#/peer/${p.id}`, class: "peer-link" }, h("strong", {}, p.name)), h("div", { class: "muted small dns-name" }, p.dns_name || p.hostname)),
-      h("td", { class: "owner" }, p.owner || h("span", { class: "muted", title: "joined with a setup key" }, "setup key")),
+      h("td", { class: "owner" }, p.owner || (p.wireguard
+        ? h("span", { class: "muted", title: "a plain WireGuard device the server hosts" }, "WireGuard device")
+        : h("span", { class: "muted", title: "joined with a setup key" }, "setup key"))),
       h("td", {}, h("code", {}, p.overlay_ip)),
       h("td", { class: "status" }, p.connected ? badge("online", "ok") : badge("offline", "off"),
         p.approved ? null : h("div", {}, badge("awaiting approval", "warn")),
@@ -161,7 +172,33 @@ export async function peers(main) {
     await rowAction(() => del(`/api/peers/${p.id}`), "Peer deleted", refresh, `Delete ${p.name} (${p.overlay_ip})? It must join again (a setup key, or its user signs in).`);
   }
 
-  main.append(header("Peers"), region.box);
+  const shown = h("div", { id: "new-wireguard-device" });
+  function addWireguard() {
+    const form = h("form", { novalidate: true, id: "wireguard-device-form" },
+      formError(),
+      field("Name", input("name", { required: true, placeholder: "gina-phone" }), "Its name in the mesh: letters, digits and dashes"),
+      h("fieldset", { "data-field": "groups" }, h("legend", {}, "Groups (policies and routes follow them)"),
+        groupPicker("groups", groups, [], { skipAll: true }), h("p", { class: "field-error", hidden: true })),
+      h("div", { class: "actions" }, h("button", { type: "submit", class: "primary" }, "Add device")));
+    const d = dialog("New WireGuard device", form);
+    onSubmit(form, async (f) => {
+      const reply = await post("/api/wireguard-devices", { name: f.elements.name.value, groups: checkedValues(f, "groups") });
+      d.close();
+      const blob = new Blob([reply.config], { type: "text/plain" });
+      const link = h("a", { class: "button primary", href: URL.createObjectURL(blob), download: reply.file_name }, `Download ${reply.file_name}`);
+      const qr = h("img", { class: "qr", alt: "QR code of the configuration", width: 256, height: 256,
+        src: `data:image/svg+xml;charset=utf-8,${encodeURIComponent(reply.qr_svg)}` });
+      shown.replaceChildren(h("section", { class: "card" },
+        h("h2", {}, `WireGuard device “${reply.peer.name}” (${reply.peer.overlay_ip})`),
+        h("p", { class: "warn" }, "This configuration holds the device's private key: it is shown only once. Scan the QR code with the WireGuard app, or download the file (wg-quick up ./" + reply.file_name + ")."),
+        h("div", { class: "wg-config" }, qr, h("pre", {}, h("code", { class: "secret" }, reply.config))),
+        h("div", { class: "actions" }, link,
+          h("button", { type: "button", onclick: () => shown.replaceChildren() }, "Done, hide it"))));
+      await refresh();
+    });
+  }
+
+  main.append(header("Peers", h("button", { type: "button", class: "primary", onclick: addWireguard }, "Add WireGuard device")), shown, region.box);
   await refresh();
   return { poll: async () => { groups = await get("/api/groups"); await refresh(); } };
 }

@@ -80,6 +80,15 @@ pub struct Args {
     /// Peer ranges the relay may reach despite its default filter (labs only), comma-separated.
     #[arg(long, env = "TERN_RELAY_ALLOW_PEERS", value_delimiter = ',')]
     pub relay_allow_peers: Vec<ipnet::IpNet>,
+    /// UDP address of the endpoint plain WireGuard devices connect to (tern-server only; needs
+    /// the embedded relay); "off" switches WireGuard devices off. Open (and publish, in Docker)
+    /// this UDP port.
+    #[arg(long, env = "TERN_WIREGUARD_LISTEN", default_value = "0.0.0.0:51820")]
+    pub wireguard_listen: String,
+    /// `host:port` devices are told to connect to; default: the public URL's host and the
+    /// --wireguard-listen port (set it when a NAT or another port is in front).
+    #[arg(long, env = "TERN_WIREGUARD_ENDPOINT")]
+    pub wireguard_endpoint: Option<String>,
     /// Ports the server may publish as public services (TCP and UDP), e.g. 10000-10999; "off"
     /// switches public services off. Open (and publish, in Docker) the same range.
     #[arg(long, env = "TERN_PUBLIC_PORTS", default_value = "10000-10999")]
@@ -274,7 +283,18 @@ pub async fn run(args: Args, with_signal: bool) -> anyhow::Result<()> {
     } else {
         None
     };
+    let wireguard = match args.wireguard_listen.trim() {
+        "off" | "" => None,
+        _ if relay.is_none() => None,
+        l => Some(server::WireguardEndpoint {
+            listen: l.parse().with_context(|| {
+                format!("--wireguard-listen {l:?} is not an address, e.g. 0.0.0.0:51820 (or off)")
+            })?,
+            advertise: args.wireguard_endpoint.clone(),
+        }),
+    };
     let cfg = ServerConfig {
+        wireguard,
         listen: args.listen,
         database_url,
         opts,
@@ -304,6 +324,12 @@ pub async fn run(args: Args, with_signal: bool) -> anyhow::Result<()> {
     println!("  Agents join with: tern up --management-url {url}   (people sign in; machines add --setup-key <KEY>)");
     if let Some(r) = &running.relay {
         println!("  Relay:            STUN/TURN udp {}  (TCP fallback {url}/relay, metrics {url}/metrics with an admin token)", r.udp_addr);
+    }
+    if let Some(w) = running.state.wireguard.get() {
+        println!(
+            "  WireGuard devices: udp {}  (devices connect to {}; add them under Peers in the console)",
+            args.wireguard_listen, w.endpoint
+        );
     }
     match running.state.opts.public.ports {
         Some((a, b)) => println!(

@@ -15,3 +15,4 @@ pub mod server;
 pub mod state;
 pub mod store;
 pub mod web;
+pub mod wgdev;

@@ -293,6 +293,26 @@ pub struct Peer {
     /// it; a reverse proxy's when one is in front); None while offline.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// Set for a plain WireGuard device the server hosts (no agent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wireguard: Option<WireguardDevice>,
+}
+
+/// A plain WireGuard device: its own key, and what the server's endpoint sees of it now.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct WireguardDevice {
+    /// The device's WireGuard public key (base64, as `wg` shows it).
+    pub public_key: String,
+    /// Where its datagrams come from (its public address); None before the first handshake
+    /// since the server started.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Seconds since its last handshake; None if none since the server started.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_handshake_secs: Option<u64>,
+    /// Bytes from the device and to it through the server's endpoint (since the server started).
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
 }
 
 impl Peer {
@@ -325,6 +345,7 @@ impl Peer {
             connections: vec![],
             dns_name: String::new(),
             endpoint: None,
+            wireguard: None,
         }
     }
 

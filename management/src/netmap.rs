@@ -432,6 +432,7 @@ impl NetIndex {
                     allowed_ips: vec![host_cidr(&p.overlay_ip)],
                     overlay_ip: p.overlay_ip.clone(),
                     connected: p.connected,
+                    hosted: p.wireguard.is_some(),
                 }
             })
             .collect();

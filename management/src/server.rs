@@ -44,6 +44,17 @@ pub struct ServerConfig {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// URL agents and admins use (default: derived from the bound address).
     pub public_url: Option<String>,
+    /// The WireGuard endpoint for plain WireGuard devices (needs the embedded relay).
+    pub wireguard: Option<WireguardEndpoint>,
+}
+
+/// Where plain WireGuard devices connect.
+#[derive(Clone, Debug)]
+pub struct WireguardEndpoint {
+    pub listen: SocketAddr,
+    /// `host:port` written into device configurations; default: the public URL's host and the
+    /// listen port.
+    pub advertise: Option<String>,
 }
 
 impl ServerConfig {
@@ -56,6 +67,7 @@ impl ServerConfig {
             relay: None,
             tls: None,
             public_url: None,
+            wireguard: None,
         }
     }
 }
@@ -72,6 +84,7 @@ pub struct Running {
     expiry: JoinHandle<()>,
     indexer: JoinHandle<()>,
     publisher: JoinHandle<()>,
+    wireguard: Option<JoinHandle<()>>,
 }
 
 impl Running {
@@ -83,6 +96,9 @@ impl Running {
         self.expiry.abort();
         self.indexer.abort();
         self.publisher.abort();
+        if let Some(w) = &self.wireguard {
+            w.abort();
+        }
         let mut task = self.task;
         if tokio::time::timeout(grace, &mut task).await.is_err() {
             task.abort();
@@ -249,6 +265,41 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Running> {
         let _ = state.relay_metrics.set(r.metrics.clone());
         let _ = state.relay_udp.set(r.udp_addr);
     }
+    let wireguard = match (&cfg.wireguard, &relay) {
+        (Some(w), Some(r)) => {
+            let socket = tokio::net::UdpSocket::bind(w.listen).await.with_context(|| {
+                format!(
+                    "binding the WireGuard endpoint on udp {} (another WireGuard on this port? choose another with --wireguard-listen, or --wireguard-listen off)",
+                    w.listen
+                )
+            })?;
+            let port = socket.local_addr()?.port();
+            let advertise = match &w.advertise {
+                Some(a) => a.clone(),
+                None => {
+                    let host = url_authority(&public_url)?.1;
+                    format!("{host}:{port}")
+                }
+            };
+            let gw = Arc::new(crate::wgdev::Gateway::new(
+                &state.server_key,
+                advertise.clone(),
+            ));
+            let _ = state.wireguard.set(gw.clone());
+            info!(listen = %socket.local_addr()?, %advertise, "WireGuard endpoint for plain WireGuard devices");
+            Some(tokio::spawn(crate::wgdev::run(
+                gw,
+                state.clone(),
+                r.tcp.clone(),
+                socket,
+            )))
+        }
+        (Some(_), None) => {
+            warn!("WireGuard devices need the embedded relay: the WireGuard endpoint is off");
+            None
+        }
+        _ => None,
+    };
     let mut router = crate::api::router(state.clone()).route_service(
         "/tern.management.v1.ManagementService/{*method}",
         crate::grpc::service(state.clone()),
@@ -291,6 +342,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Running> {
         expiry,
         indexer,
         publisher,
+        wireguard,
     })
 }
 

@@ -92,6 +92,8 @@ pub struct AppState {
     pub signal: std::sync::OnceLock<Arc<tern_signal::Signal>>,
     /// The URL agents and admins use for this server (set at start).
     pub public_url: std::sync::OnceLock<String>,
+    /// The endpoint of plain WireGuard devices, if it runs.
+    pub wireguard: std::sync::OnceLock<Arc<crate::wgdev::Gateway>>,
 }
 
 /// (path-change version, 5-s time bucket) a cached connection summary was computed for.
@@ -208,6 +210,7 @@ impl AppState {
             publisher: std::sync::OnceLock::new(),
             signal: std::sync::OnceLock::new(),
             public_url: std::sync::OnceLock::new(),
+            wireguard: std::sync::OnceLock::new(),
         }))
     }
 
@@ -503,6 +506,9 @@ impl AppState {
     /// Fills in the reported connections of online peers (only to peers that exist and are
     /// online: an offline peer's paths vanish from everyone's list at once).
     pub fn with_connections(&self, peers: &mut [Peer]) {
+        if let Some(w) = self.wireguard.get() {
+            w.fill_live(peers);
+        }
         let known: std::collections::HashSet<String> = peers
             .iter()
             .filter(|p| p.connected)

@@ -21,6 +21,11 @@ impl PublicKey {
         let arr: [u8; 32] = b.try_into().map_err(|_| KeyError::Length(b.len()))?;
         Ok(Self(arr))
     }
+    /// Standard base64, as `wg` prints keys.
+    pub fn from_base64(s: &str) -> Result<Self, KeyError> {
+        let b = STANDARD.decode(s.trim()).map_err(|_| KeyError::Base64)?;
+        Self::from_slice(&b)
+    }
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }

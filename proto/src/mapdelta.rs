@@ -216,6 +216,7 @@ mod tests {
             allowed_ips: vec![format!("100.64.{}.{}/32", i / 250, i % 250 + 1)],
             overlay_ip: format!("100.64.{}.{}", i / 250, i % 250 + 1),
             connected: r.gen_bool(0.5),
+            hosted: r.gen_bool(0.1),
         }
     }
 

@@ -219,6 +219,10 @@ impl TcpRelay {
             Metrics::inc(&self.metrics.malformed_total);
             return;
         };
+        self.forward_to(from, from_stats, to, datagram);
+    }
+
+    fn forward_to(&self, from: &str, from_stats: &ClientStats, to: &str, datagram: &[u8]) {
         let Some(out) = encode_frame(from, datagram) else {
             Metrics::inc(&self.metrics.malformed_total);
             return;
@@ -256,6 +260,55 @@ impl TcpRelay {
         }
     }
 
+    /// Connects a client that lives in this process (a WireGuard device the server hosts) as
+    /// `peer`: datagrams relayed to it arrive on `sink` as (peer, sender, datagram); it sends
+    /// with [`Attached::send`]. It replaces a connection of the same peer, and leaves when the
+    /// returned handle is dropped.
+    pub fn attach(
+        self: &Arc<Self>,
+        peer: &str,
+        sink: mpsc::Sender<(String, String, Bytes)>,
+    ) -> Attached {
+        let conn = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, mut rx) = mpsc::channel::<Out>(QUEUE_FRAMES);
+        let queued = Arc::new(AtomicUsize::new(0));
+        let stats = Arc::new(ClientStats::default());
+        let client = Client {
+            conn,
+            tx,
+            stats: stats.clone(),
+            queued: queued.clone(),
+            replaced: None,
+        };
+        if let Some(mut old) = self.lock().insert(peer.to_string(), client) {
+            if let Some(r) = old.replaced.take() {
+                let _ = r.send(());
+            }
+        }
+        let me = peer.to_string();
+        let pump = tokio::spawn(async move {
+            while let Some(out) = rx.recv().await {
+                let Out::Frame(frame) = out else { continue };
+                queued.fetch_sub(frame.len(), Ordering::Relaxed);
+                let Some((from, datagram)) = decode_frame(&frame) else {
+                    continue;
+                };
+                let from = from.to_string();
+                let datagram = frame.slice_ref(datagram);
+                if sink.send((me.clone(), from, datagram)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Attached {
+            relay: self.clone(),
+            peer: peer.to_string(),
+            conn,
+            stats,
+            pump,
+        }
+    }
+
     /// Bytes queued for `peer` (for tests and status).
     pub fn queued(&self, peer: &str) -> Option<usize> {
         self.lock()
@@ -271,6 +324,33 @@ impl TcpRelay {
 
     pub fn connected(&self) -> usize {
         self.lock().len()
+    }
+}
+
+/// A client of the relay inside this process (see [`TcpRelay::attach`]).
+pub struct Attached {
+    relay: Arc<TcpRelay>,
+    peer: String,
+    conn: u64,
+    stats: Arc<ClientStats>,
+    pump: tokio::task::JoinHandle<()>,
+}
+
+impl Attached {
+    /// Relays a datagram to the connected client `to` (dropped and counted if it is not
+    /// connected or its queue is full, as for any client).
+    pub fn send(&self, to: &str, datagram: &[u8]) {
+        self.relay.forward_to(&self.peer, &self.stats, to, datagram);
+    }
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        self.pump.abort();
+        let mut clients = self.relay.lock();
+        if clients.get(&self.peer).is_some_and(|c| c.conn == self.conn) {
+            clients.remove(&self.peer);
+        }
     }
 }
 
@@ -352,5 +432,32 @@ mod tests {
             "wrong password"
         );
         assert!(r.verify("garbage", 1_000).is_err());
+    }
+
+    #[tokio::test]
+    async fn clients_inside_the_process_relay_like_any_other() {
+        let r = TcpRelay::new(
+            b"sec".to_vec(),
+            Arc::new(Metrics::default()),
+            TcpOptions::default(),
+        );
+        let (tx_a, _rx_a) = mpsc::channel(8);
+        let (tx_b, mut rx_b) = mpsc::channel(8);
+        let a = r.attach("phone", tx_a);
+        let b = r.attach("laptop", tx_b);
+        assert_eq!(r.connected(), 2);
+        a.send("laptop", b"hello");
+        let got = tokio::time::timeout(Duration::from_secs(2), rx_b.recv())
+            .await
+            .expect("in time")
+            .expect("datagram");
+        assert_eq!(
+            (got.0.as_str(), got.1.as_str(), &got.2[..]),
+            ("laptop", "phone", &b"hello"[..])
+        );
+        drop(b);
+        assert_eq!(r.connected(), 1, "a dropped handle leaves the relay");
+        a.send("laptop", b"lost");
+        assert_eq!(r.metrics.tcp_drops_total.load(Ordering::Relaxed), 1);
     }
 }

@@ -102,6 +102,9 @@ impl Mesh {
         let srv = lab.ns("srv");
         let listen = format!("{SERVER_IP}:443");
         let relay = format!("{SERVER_IP}:3478");
+        // TERN_TEST_SERVER_LOG: another log filter for the lab's server (debugging a suite).
+        let log = std::env::var("TERN_TEST_SERVER_LOG")
+            .unwrap_or_else(|_| "info,turn::server=off".to_string());
         let mut args = vec![
             "--listen",
             &listen,
@@ -114,7 +117,7 @@ impl Mesh {
             "--relay-ports",
             "50000-50999",
             "--log",
-            "info,turn::server=off",
+            &log,
         ];
         args.extend(self.server_args.iter().map(String::as_str));
         lab.spawn(

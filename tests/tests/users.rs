@@ -69,6 +69,7 @@ const EXPECTED: &[(&str, &str, u8)] = &[
     ("GET", "/api/nameservers/{id}", READ),
     ("PUT", "/api/nameservers/{id}", WRITE),
     ("DELETE", "/api/nameservers/{id}", WRITE),
+    ("POST", "/api/wireguard-devices", WRITE),
     ("GET", "/api/device/{code}", ALL),
     ("POST", "/api/device/{code}/approve", ALL),
     ("POST", "/api/device/{code}/deny", ALL),

@@ -23,8 +23,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tern_proto::management as pb;
 use tern_proto::{PublicKey, SecretKey};
-use tern_tunnel::firewall::{Rule, ICMP, TCP, UDP};
-use tern_tunnel::{Decap, Event, IceEvent, IcePath, Node, PathKind as CorePath, PeerId, PeerSpec};
+use tern_tunnel::{Decap, Event, IceEvent, IcePath, Node, PathKind as CorePath, PeerId};
 use tokio::sync::mpsc;
 use tracing::{debug, info, trace, warn};
 use webrtc_ice::agent::agent_config::AgentConfig;
@@ -199,33 +198,6 @@ fn outbound_access(rules: &[pb::FirewallRule]) -> HashMap<String, String> {
         .collect()
 }
 
-/// A firewall rule of the network map as the core's policy filter takes it (inbound only).
-fn rule_from_map(r: &pb::FirewallRule) -> Option<Rule> {
-    if r.direction != pb::Direction::In as i32 {
-        return None;
-    }
-    let proto = match pb::Protocol::try_from(r.protocol).ok()? {
-        pb::Protocol::Any => 0,
-        pb::Protocol::Tcp => TCP,
-        pb::Protocol::Udp => UDP,
-        pb::Protocol::Icmp => ICMP,
-    };
-    Some(Rule {
-        src: r.peer_cidr.parse().ok()?,
-        proto,
-        ports: r
-            .ports
-            .iter()
-            .map(|p| (p.start as u16, p.end as u16))
-            .collect(),
-        network: if r.network.is_empty() {
-            None
-        } else {
-            Some(r.network.parse().ok()?)
-        },
-    })
-}
-
 impl Engine {
     pub fn new(
         key: SecretKey,
@@ -270,54 +242,11 @@ impl Engine {
         if let Some(relay) = &map.relay {
             *lock(&self.relay) = relay.clone();
         }
-        let local = map
-            .peer_config
-            .as_ref()
-            .and_then(|c| c.address.split('/').next()?.parse().ok());
-        let rules = map
-            .firewall_rules
-            .iter()
-            .filter_map(rule_from_map)
-            .collect();
         *lock(&self.access) = outbound_access(&map.firewall_rules);
-        let out_rules: Vec<Rule> = map
-            .firewall_rules
-            .iter()
-            .filter(|r| r.direction == pb::Direction::Out as i32 && r.network.is_empty())
-            .filter_map(|r| {
-                rule_from_map(&pb::FirewallRule {
-                    direction: pb::Direction::In as i32,
-                    ..r.clone()
-                })
-            })
-            .collect();
-        let specs: Vec<PeerSpec> = map
-            .remote_peers
-            .iter()
-            .filter_map(|rp| {
-                Some(PeerSpec {
-                    key: PublicKey::from_slice(&rp.wg_public_key).ok()?.0,
-                    id: rp.id.clone(),
-                    name: rp.name.clone(),
-                    overlay_ip: rp.overlay_ip.parse().ok()?,
-                    allowed: rp
-                        .allowed_ips
-                        .iter()
-                        .filter_map(|s| s.parse().ok())
-                        .collect(),
-                    online: rp.connected,
-                })
-            })
-            .collect();
         {
             let mut n = lock(&self.node);
-            if let Some(cfg) = &map.peer_config {
-                n.set_overlay(cfg.overlay_range.parse().ok());
-            }
-            n.set_rules(local, rules);
-            n.set_out_rules(out_rules);
             let before: Vec<PeerId> = n.peer_ids().collect();
-            n.apply_peers(&specs, Instant::now());
+            tern_tunnel::map::apply(&mut n, map, Instant::now());
             for id in n.peer_ids().filter(|id| !before.contains(id)) {
                 if let Some(s) = n.spec(id) {
                     info!(peer = %s.name, ip = %s.overlay_ip, controlling = n.controlling(id), "peer added");
@@ -332,20 +261,7 @@ impl Engine {
     /// applies forwarding/masquerade rules for the networks it serves.
     pub fn apply_routes(self: &Arc<Self>, map: &pb::NetworkMap) {
         use crate::routes;
-        let connected: HashMap<String, bool> = map
-            .remote_peers
-            .iter()
-            .map(|p| (p.id.clone(), p.connected))
-            .collect();
-        let offers: Vec<tern_tunnel::routing::Offer> = map
-            .routes
-            .iter()
-            .map(|r| tern_tunnel::routing::Offer {
-                network: r.network.clone(),
-                peer_id: r.routing_peer_id.clone(),
-                metric: r.metric,
-            })
-            .collect();
+        let (offers, connected) = tern_tunnel::map::route_offers(map);
         let names: HashMap<&str, &str> = map
             .remote_peers
             .iter()
@@ -635,34 +551,5 @@ mod tests {
             !a.contains_key("100.64.0.9"),
             "inbound rules say nothing about sending"
         );
-    }
-
-    #[test]
-    fn map_rules_become_inbound_filter_rules() {
-        let r = pb::FirewallRule {
-            peer_cidr: "100.64.0.2/32".into(),
-            direction: pb::Direction::In as i32,
-            protocol: pb::Protocol::Tcp as i32,
-            ports: vec![pb::PortRange { start: 22, end: 22 }],
-            policy_id: "p".into(),
-            network: "192.168.50.0/24".into(),
-        };
-        let rule = rule_from_map(&r).expect("rule");
-        assert_eq!(rule.proto, TCP);
-        assert_eq!(rule.ports, vec![(22, 22)]);
-        assert_eq!(rule.network, Some("192.168.50.0/24".parse().expect("net")));
-        let out = pb::FirewallRule {
-            direction: pb::Direction::Out as i32,
-            ..r.clone()
-        };
-        assert!(
-            rule_from_map(&out).is_none(),
-            "outbound rules are not filters here"
-        );
-        let bad = pb::FirewallRule {
-            peer_cidr: "nonsense".into(),
-            ..r
-        };
-        assert!(rule_from_map(&bad).is_none());
     }
 }

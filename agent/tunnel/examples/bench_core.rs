@@ -60,6 +60,7 @@ fn main() {
         overlay_ip: ip.parse().expect("ip"),
         allowed: vec![format!("{ip}/32").parse().expect("net")],
         online: true,
+        relay_only: false,
     };
     let now = Instant::now();
     let sb = spec(&b, "100.64.0.2", "b");

@@ -12,6 +12,8 @@
 pub mod allowed_ips;
 pub mod backoff;
 pub mod firewall;
+#[cfg(feature = "map")]
+pub mod map;
 mod node;
 pub mod packet;
 pub mod probe;

@@ -76,6 +76,8 @@ pub struct PeerSpec {
     pub allowed: Vec<IpNet>,
     /// The peer has a live connection to management.
     pub online: bool,
+    /// A plain WireGuard device the server hosts: no ICE, always the TCP relay.
+    pub relay_only: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -678,6 +680,7 @@ impl Node {
                 }
             }
             if p.controlling
+                && !p.spec.relay_only
                 && p.ice.is_none()
                 && p.attempt.is_none()
                 && p.spec.online
@@ -732,7 +735,9 @@ impl Node {
             .values()
             .filter_map(|p| match p.attempt {
                 Some((_, started)) => Some(started + ICE_ATTEMPT),
-                None if p.controlling && p.ice.is_none() && p.spec.online => Some(p.retry.due_at()),
+                None if p.controlling && !p.spec.relay_only && p.ice.is_none() && p.spec.online => {
+                    Some(p.retry.due_at())
+                }
                 None if p.controlling
                     && p.spec.online
                     && p.ice
@@ -952,6 +957,16 @@ impl Node {
                 ),
                 _ => ("direct", "direct ICE pair".into()),
             };
+        }
+        if p.spec.relay_only {
+            return (
+                "hosted_device",
+                if tcp {
+                    "a WireGuard device the server hosts: always through the TCP relay".into()
+                } else {
+                    "a WireGuard device the server hosts: reached through the TCP relay, which is not connected".into()
+                },
+            );
         }
         let fallback = if tcp {
             "; the TCP relay carries traffic meanwhile"

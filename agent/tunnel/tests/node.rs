@@ -60,6 +60,7 @@ fn spec(s: &Side, name: &str) -> PeerSpec {
         overlay_ip: ip(s.ip),
         allowed: vec![format!("{}/32", s.ip).parse().expect("net")],
         online: true,
+        relay_only: false,
     }
 }
 
@@ -616,6 +617,7 @@ fn a_thousand_peers_come_and_go_without_touching_an_established_session() {
             overlay_ip: addr,
             allowed: vec![ipnet::IpNet::from(addr)],
             online: true,
+            relay_only: false,
         });
     }
     let before = a.node.peer_by_key(&b.node.public_key());

@@ -8,6 +8,7 @@ mod dns;
 mod error;
 mod handlers;
 mod services;
+mod wireguard;
 
 pub use error::ApiError;
 pub use handlers::Admin;
@@ -96,6 +97,10 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .put(dns::update_nameserver)
                 .delete(dns::delete_nameserver),
         )
+        .route(
+            "/api/wireguard-devices",
+            post(wireguard::create_wireguard_device),
+        )
         .route("/api/device/{code}", get(devices::get_device_login))
         .route(
             "/api/device/{code}/approve",
@@ -137,6 +142,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         handlers::list_audit,
         devices::get_device_login, devices::approve_device_login, devices::deny_device_login,
         dns::list_nameservers, dns::create_nameserver, dns::get_nameserver, dns::update_nameserver, dns::delete_nameserver,
+        wireguard::create_wireguard_device,
     ),
     modifiers(&BearerAuth),
     security(("bearer" = []))

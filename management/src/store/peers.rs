@@ -68,6 +68,10 @@ fn peer_from(r: &AnyRow, groups: Vec<String>) -> Result<Peer> {
         connections: Vec::new(),
         dns_name: String::new(),
         endpoint: None,
+        wireguard: col::<Option<String>>(r, "device_key")?.map(|k| WireguardDevice {
+            public_key: k,
+            ..Default::default()
+        }),
     })
 }
 
@@ -233,6 +237,72 @@ pub fn hash_secret(s: &str) -> String {
 }
 
 impl Store {
+    /// Adds a plain WireGuard device: a peer named `name` (taken names are refused, not
+    /// suffixed: the admin chose it) in `groups`, whose key in the mesh is `mesh_key` and whose
+    /// own key is `device_key`.
+    pub async fn create_wireguard_device(
+        &self,
+        actor: &str,
+        name: &str,
+        groups: &[String],
+        device_key: &str,
+        mesh_key: &str,
+    ) -> Result<Peer> {
+        let mut c = self.begin_change(actor).await?;
+        let taken = sqlx::query("SELECT id FROM peers WHERE name = $1")
+            .bind(name)
+            .fetch_optional(c.conn())
+            .await?;
+        if taken.is_some() {
+            return Err(StoreError::Conflict(format!(
+                "a peer named {name:?} already exists"
+            )));
+        }
+        check_groups(c.conn(), "groups", groups).await?;
+        let mut all = vec![ALL_GROUP_ID.to_string()];
+        all.extend(
+            groups
+                .iter()
+                .filter(|x| x.as_str() != ALL_GROUP_ID)
+                .cloned(),
+        );
+        let settings = read_settings(c.conn()).await?;
+        let meta = PeerMeta {
+            hostname: name.to_string(),
+            os: "WireGuard".into(),
+            agent_version: String::new(),
+        };
+        let new = NewPeer {
+            setup_key_id: None,
+            user_id: None,
+            ephemeral: false,
+            login_expiration: false,
+            approved: true,
+            groups: &all,
+        };
+        let (id, _, ip) =
+            register(c.conn(), mesh_key, &meta, &settings, &new, now_millis()).await?;
+        sqlx::query("UPDATE peers SET name = $1, device_key = $2 WHERE id = $3")
+            .bind(name)
+            .bind(device_key)
+            .bind(&id)
+            .execute(c.conn())
+            .await
+            .map_err(|e| {
+                StoreError::from(e).unique_as(|| "this WireGuard key is already registered".into())
+            })?;
+        c.audit(
+            "wireguard_device.create",
+            "peer",
+            &id,
+            json!({ "name": name, "overlay_ip": ip, "groups": groups, "public_key": device_key }),
+        )
+        .await?;
+        let p = read_peer(c.conn(), &id).await?;
+        c.commit(self).await?;
+        Ok(p)
+    }
+
     /// Logs a peer in by its (already proven) key, registering it with `setup_key` if it is new.
     pub async fn login_peer(
         &self,

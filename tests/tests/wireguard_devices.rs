@@ -1,0 +1,233 @@
+//! Plain WireGuard devices, in network namespaces: an admin adds a device and downloads its
+//! `wg-quick` configuration; Debian's `wireguard-go` + `wg-quick` bring it up in a home behind
+//! NAT; it pings a Tern peer and 192.168.50.10 behind the routing peer (same policies and routes
+//! as any peer); the console's API shows its handshake and bytes; agents reach it through the
+//! TCP relay without trying ICE; removed, it stops within 2 s. Plus the API's field errors.
+
+use serde_json::Value;
+use std::time::{Duration, Instant};
+use tern_tests::mesh::{skip, Mesh};
+use tern_tests::netns::Nat;
+
+fn wg_tools() -> bool {
+    ["/usr/bin/wireguard-go", "/usr/bin/wg", "/usr/bin/wg-quick"]
+        .iter()
+        .all(|p| std::path::Path::new(p).exists())
+}
+
+/// Takes the device's interface down when the test ends, even on failure: wireguard-go keeps its
+/// namespace alive after the lab deletes it, so it must stop first (it exits when its TUN goes).
+struct WgQuickDown {
+    ns: String,
+    conf: std::path::PathBuf,
+}
+
+impl Drop for WgQuickDown {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.ns, "wg-quick", "down"])
+            .arg(&self.conf)
+            .output();
+    }
+}
+
+fn ping_once(m: &Mesh, ns: &str, ip: &str) -> bool {
+    m.lab
+        .exec(ns, &["ping", "-c", "1", "-W", "1", ip])
+        .status
+        .success()
+}
+
+#[test]
+fn a_plain_wireguard_device_reaches_peers_and_the_lan_and_is_revoked() {
+    if skip() {
+        return;
+    }
+    if !wg_tools() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "this suite needs wireguard-go and wireguard-tools (Debian packages)"
+        );
+        eprintln!("SKIPPED: no wireguard-go / wg-quick");
+        return;
+    }
+    let mut m = Mesh::new(Nat::Easy, Nat::Easy);
+    let (ha, hb) = (m.homes[0].clone(), m.homes[1].clone());
+    let lan = m.lab.add_lan(&hb).expect("lan");
+    m.lab.exec(&hb, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    let phone_home = m.lab.add_home("c", Nat::Easy).expect("home c");
+    let _ = lan;
+    m.start(&[("a", &ha), ("b", &hb)]);
+    let a_ip = m.overlay_ip("a", &ha);
+    let b_id = m.peer_id("b", &hb);
+    let r = m.api(
+        "POST",
+        "/api/routes",
+        Some(&format!(
+            r#"{{"network":"192.168.50.0/24","routing_peer":"{b_id}","groups":["all"],"masquerade":true}}"#
+        )),
+    );
+    assert_eq!(r["network"], "192.168.50.0/24", "{r}");
+
+    // Bad input first: field errors, nothing created.
+    for (body, want) in [
+        (r#"{"name":""}"#, ("invalid", Some("name"))),
+        (r#"{"name":"gina phone"}"#, ("invalid", Some("name"))),
+        (
+            r#"{"name":"ok","groups":["nope"]}"#,
+            ("invalid", Some("groups")),
+        ),
+        (r#"{"name":"a"}"#, ("conflict", None)),
+    ] {
+        let r = m.api("POST", "/api/wireguard-devices", Some(body));
+        assert_eq!(
+            (r["error"].as_str().unwrap_or(""), r["field"].as_str()),
+            want,
+            "{body}: {r}"
+        );
+        assert!(!r["message"].as_str().unwrap_or("").is_empty(), "{r}");
+    }
+
+    // The admin adds the phone and downloads its configuration.
+    let created = m.api(
+        "POST",
+        "/api/wireguard-devices",
+        Some(r#"{"name":"Gina-Phone"}"#),
+    );
+    let config = created["config"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{created}"));
+    let phone_id = created["peer"]["id"].as_str().expect("id").to_string();
+    let phone_ip = created["peer"]["overlay_ip"]
+        .as_str()
+        .expect("ip")
+        .to_string();
+    assert_eq!(created["peer"]["name"], "gina-phone", "{created}");
+    assert_eq!(created["peer"]["dns_name"], "gina-phone.tern.internal");
+    assert!(created["qr_svg"].as_str().unwrap_or("").contains("<svg"));
+    assert!(config.contains("Endpoint = 203.0.113.10:51820"), "{config}");
+    assert!(
+        config.contains("192.168.50.0/24"),
+        "the routed network is in AllowedIPs: {config}"
+    );
+    // The private key is shown once: the API never returns it again.
+    let again = m.api_text(&format!("/api/peers/{phone_id}"));
+    let private = config
+        .lines()
+        .find_map(|l| l.strip_prefix("PrivateKey = "))
+        .expect("private key");
+    assert!(!again.contains(private), "{again}");
+
+    // The agents learn of the device with their next map (a phone's owner takes longer than
+    // that to scan the code).
+    m.lab
+        .wait_for("a knows the phone", Duration::from_secs(10), || {
+            m.status("a", &ha).is_some_and(|s| {
+                s["peers"]
+                    .as_array()
+                    .is_some_and(|ps| ps.iter().any(|p| p["name"] == "gina-phone"))
+            })
+        })
+        .expect("a's map lists the phone");
+
+    // wg-quick with wireguard-go, in a home behind NAT. The interface name is the file's (unique
+    // per run: the userspace implementation's control socket is shared by all namespaces).
+    let iface = format!("twg{}", std::process::id() % 100_000);
+    let conf = m.lab.dir.path().join(format!("{iface}.conf"));
+    std::fs::write(&conf, config).expect("write config");
+    let out = m.lab.exec(
+        &phone_home,
+        &[
+            "env",
+            "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1",
+            "wg-quick",
+            "up",
+            conf.to_str().expect("utf8"),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "wg-quick up: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _down = WgQuickDown {
+        ns: phone_home.clone(),
+        conf: conf.clone(),
+    };
+    let t0 = Instant::now();
+    let reached = m
+        .lab
+        .wait_for("the phone pings a", Duration::from_secs(30), || {
+            ping_once(&m, &phone_home, &a_ip)
+        });
+    if let Err(e) = reached {
+        let wg = m.lab.exec(&phone_home, &["wg", "show", &iface]);
+        let routes = m.lab.exec(&phone_home, &["ip", "route"]);
+        let addrs = m.lab.exec(&phone_home, &["ip", "addr"]);
+        panic!(
+            "{e}\nwg show: {}\n{}\n{}\n--- server log:\n{}\n--- a log:\n{}",
+            String::from_utf8_lossy(&wg.stdout),
+            String::from_utf8_lossy(&routes.stdout),
+            String::from_utf8_lossy(&addrs.stdout),
+            m.lab.log("server"),
+            m.lab.log("a")
+        );
+    }
+    eprintln!("the phone reached a {:?} after wg-quick up", t0.elapsed());
+    m.lab
+        .wait_for("the phone pings the LAN", Duration::from_secs(20), || {
+            ping_once(&m, &phone_home, "192.168.50.10")
+        })
+        .unwrap_or_else(|e| panic!("{e}\n--- b log:\n{}", m.lab.log("b")));
+    // And a reaches the phone (the other way round), through the TCP relay, without ICE.
+    assert!(m.ping(&ha, &phone_ip), "a pings the phone");
+    let st = m.status("a", &ha).expect("status");
+    let phone = st["peers"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["name"] == "gina-phone"))
+        .unwrap_or_else(|| panic!("a lists the phone: {st:#}"))
+        .clone();
+    assert_eq!(phone["connection"], "tcp_relay", "{phone:#}");
+    assert_eq!(phone["path_reason_code"], "hosted_device", "{phone:#}");
+
+    // The console sees its handshake, bytes and that it is online.
+    let mut p = Value::Null;
+    m.lab
+        .wait_for("the device shows online", Duration::from_secs(10), || {
+            p = m.api("GET", &format!("/api/peers/{phone_id}"), None);
+            p["connected"] == true
+        })
+        .unwrap_or_else(|e| panic!("{e}: {p:#}"));
+    let w = &p["wireguard"];
+    assert!(
+        w["last_handshake_secs"].as_u64().is_some_and(|s| s < 60),
+        "{p:#}"
+    );
+    assert!(w["rx_bytes"].as_u64().unwrap_or(0) > 0, "{p:#}");
+    assert!(w["tx_bytes"].as_u64().unwrap_or(0) > 0, "{p:#}");
+    assert!(
+        w["endpoint"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("203.0.113.13:"),
+        "its NAT's public address: {p:#}"
+    );
+    assert_eq!(p["os"], "WireGuard", "{p:#}");
+
+    // Removed: it stops within 2 s.
+    let t0 = Instant::now();
+    let _ = m.api("DELETE", &format!("/api/peers/{phone_id}"), None);
+    m.lab
+        .wait_for("the phone's tunnel closed", Duration::from_secs(2), || {
+            m.lab.log("server").contains("WireGuard device removed")
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", m.lab.log("server")));
+    let took = t0.elapsed();
+    assert!(
+        !ping_once(&m, &phone_home, &a_ip),
+        "revoked: no more traffic"
+    );
+    assert!(!ping_once(&m, &phone_home, "192.168.50.10"));
+    eprintln!("revoked after {took:?}");
+}
