@@ -4,7 +4,7 @@
 import { get, put } from "./api.js";
 import {
   h, ago, fmtTime, badge, table, dialog, field, input, checkbox, groupPicker, checkedValues, onSubmit, formError, notify,
-  actorName, actionWords,
+  actorName, actionWords, fmtBytes,
 } from "./ui.js";
 
 const NS = "http://www.w3.org/2000/svg";
@@ -24,6 +24,17 @@ function s(tag, attrs, ...children) {
 }
 
 export const PATH_WORDS = { direct: "direct", turn_relay: "via TURN", tcp_relay: "via the TCP relay", connecting: "connecting" };
+// What the server's WireGuard endpoint sees of a plain WireGuard device.
+function wireguardCard(w) {
+  return h("section", { class: "card wireguard", "aria-label": "WireGuard" },
+    h("h2", {}, "WireGuard"),
+    h("p", { class: "muted" }, "This device runs no agent: its tunnel ends on this server, which carries it to the other peers over the TCP relay, under the same policies and routes."),
+    h("dl", { class: "facts" },
+      h("dt", {}, "Its public key"), h("dd", {}, h("code", {}, w.public_key)),
+      h("dt", {}, "Last handshake"), h("dd", { class: "handshake" }, w.last_handshake_secs != null ? `${w.last_handshake_secs} s ago` : "none since the server started"),
+      h("dt", {}, "Received, sent"), h("dd", { class: "bytes" }, `${fmtBytes(w.rx_bytes)}, ${fmtBytes(w.tx_bytes)}`)));
+}
+
 export const REASON_WORDS = {
   hosted_device: "a WireGuard device the server hosts",
   ice_no_direct_pair: "no direct pair got through the NATs",
@@ -182,14 +193,16 @@ export async function peerPage(main) {
         h("dl", { class: "facts" },
           h("dt", {}, "Overlay address"), h("dd", {}, h("code", {}, p.overlay_ip)),
           h("dt", {}, "DNS name"), h("dd", { class: "dns-name" }, p.dns_name ? h("code", {}, p.dns_name) : "—"),
-          h("dt", {}, "Public address"), h("dd", { class: "endpoint", title: "where its connection to this server comes from" }, p.endpoint ? h("code", {}, p.endpoint) : "— (offline)"),
-          h("dt", {}, "Host name"), h("dd", {}, p.hostname || "—"),
-          h("dt", {}, "OS, agent"), h("dd", {}, `${p.os || "—"}, ${p.agent_version || "—"}`),
+          h("dt", {}, "Public address"), h("dd", { class: "endpoint", title: "where its connection to this server comes from" },
+            p.wireguard ? (p.wireguard.endpoint ? h("code", {}, p.wireguard.endpoint) : "— (no handshake since the server started)")
+              : p.endpoint ? h("code", {}, p.endpoint) : "— (offline)"),
+          p.wireguard ? null : h("dt", {}, "Host name"), p.wireguard ? null : h("dd", {}, p.hostname || "—"),
+          h("dt", {}, "OS, agent"), h("dd", {}, p.wireguard ? "a plain WireGuard device (no agent)" : `${p.os || "—"}, ${p.agent_version || "—"}`),
           h("dt", {}, "Last seen"), h("dd", { title: fmtTime(p.last_seen) }, p.connected ? "now" : ago(p.last_seen)),
           h("dt", {}, "Joined"), h("dd", { title: fmtTime(p.created_at) }, ago(p.created_at)),
           h("dt", {}, "Groups"), h("dd", { class: "groups" }, h("span", { class: "chips" }, p.groups.map((g) => badge(gname(g)))), " ",
             h("button", { type: "button", onclick: () => editPeer(current, groups, async () => { last = ""; await load(); }) }, "Edit")))),
-      h("section", { class: "card", "aria-label": "Paths" },
+      p.wireguard ? wireguardCard(p.wireguard) : h("section", { class: "card", "aria-label": "Paths" },
         h("h2", {}, "Paths"),
         p.connected
           ? table(["To", "Path", "Round trip", "Loss", "Why"], (p.connections || []).map((c) => h("tr", { dataset: { to: c.peer_id, kind: c.kind } },

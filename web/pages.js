@@ -190,8 +190,8 @@ export async function peers(main) {
         src: `data:image/svg+xml;charset=utf-8,${encodeURIComponent(reply.qr_svg)}` });
       shown.replaceChildren(h("section", { class: "card" },
         h("h2", {}, `WireGuard device “${reply.peer.name}” (${reply.peer.overlay_ip})`),
-        h("p", { class: "warn" }, "This configuration holds the device's private key: it is shown only once. Scan the QR code with the WireGuard app, or download the file (wg-quick up ./" + reply.file_name + ")."),
-        h("div", { class: "wg-config" }, qr, h("pre", {}, h("code", { class: "secret" }, reply.config))),
+        h("div", { class: "secret-box" }, h("p", { class: "warn" }, `This configuration holds the device's private key: it is shown only once. Scan the QR code with the WireGuard app, or download the file (wg-quick up ./${reply.file_name}).`)),
+        h("div", { class: "wg-config" }, qr, h("pre", { tabindex: 0 }, h("code", {}, reply.config))),
         h("div", { class: "actions" }, link,
           h("button", { type: "button", onclick: () => shown.replaceChildren() }, "Done, hide it"))));
       await refresh();

@@ -179,6 +179,10 @@ impl TestServer {
         if let Some(r) = cfg.relay.as_mut() {
             r.max_port = r.min_port + 400;
         }
+        cfg.wireguard = Some(server::WireguardEndpoint {
+            listen: "127.0.0.1:0".parse()?,
+            advertise: None,
+        });
         let running = server::start(cfg).await?;
         let first = tern_management::bootstrap::first_start(
             &running.state.store,

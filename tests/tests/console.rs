@@ -673,6 +673,61 @@ async fn console_admin_journey_in_chromium() {
     let p3 = server.get(&format!("/api/peers/{}", login3.peer_id)).await;
     assert_eq!(p3["approved"], true);
 
+    // --- A plain WireGuard device from the peers page: a bad name is refused at the field, then
+    // the configuration (with its private key) and a QR code are shown once.
+    click_text(b, ".page-head button", "Add WireGuard device")
+        .await
+        .expect("add a WireGuard device");
+    let name = b
+        .wait("#wireguard-device-form input[name=name]", T)
+        .await
+        .expect("name field");
+    b.type_into(&name, "gina phone").await.expect("type");
+    click(b, "#wireguard-device-form button[type=submit]")
+        .await
+        .expect("submit");
+    b.wait_text(
+        "#wireguard-device-form .field[data-field=name] .field-error",
+        "letters, digits and dashes",
+        T,
+    )
+    .await
+    .expect("name error at the field");
+    b.clear(&name).await.expect("clear");
+    b.type_into(&name, "gina-phone").await.expect("type");
+    click(b, "#wireguard-device-form button[type=submit]")
+        .await
+        .expect("submit");
+    b.wait_text("#new-wireguard-device pre", "[Interface]", T)
+        .await
+        .expect("the configuration is shown");
+    b.wait_text("#new-wireguard-device pre", "Endpoint = 127.0.0.1:", T)
+        .await
+        .expect("with the server's endpoint");
+    b.wait("#new-wireguard-device img.qr", T)
+        .await
+        .expect("a QR code");
+    b.wait_text("#new-wireguard-device a[download]", "gina-phone.conf", T)
+        .await
+        .expect("a download link");
+    b.wait_text("td.owner", "WireGuard device", Duration::from_secs(15))
+        .await
+        .expect("the device in the peer list");
+    shot(b, "04b-wireguard-device").await.expect("shot");
+    click_text(b, "#new-wireguard-device button", "Done")
+        .await
+        .expect("hide it");
+    click_text(b, "a.peer-link", "gina-phone")
+        .await
+        .expect("the device's page");
+    b.wait_text(".peer-page .wireguard", "none since the server started", T)
+        .await
+        .expect("its WireGuard facts");
+    b.wait_text(".peer-page dd", "a plain WireGuard device (no agent)", T)
+        .await
+        .expect("no agent");
+    open(b, "peers", "Peers").await.expect("back to the peers");
+
     // --- Group members are chosen on the group's own page, in one dialog.
     let (st, line) = server.post("/api/groups", json!({"name": "Line 2"})).await;
     assert_eq!(st, 201, "{line}");
