@@ -190,6 +190,16 @@ fn a_plain_wireguard_device_reaches_peers_and_the_lan_and_is_revoked() {
         .clone();
     assert_eq!(phone["connection"], "tcp_relay", "{phone:#}");
     assert_eq!(phone["path_reason_code"], "hosted_device", "{phone:#}");
+    let mut cmd = vec![tern_tests::mesh::bin("tern").display().to_string()];
+    cmd.extend(m.agent_args("a"));
+    cmd.push("status".into());
+    let refs: Vec<&str> = cmd.iter().map(String::as_str).collect();
+    let human = String::from_utf8_lossy(&m.lab.exec(&ha, &refs).stdout).to_string();
+    eprintln!("tern status on a:\n{human}");
+    assert!(
+        human.contains("a WireGuard device the server hosts"),
+        "{human}"
+    );
 
     // The console sees its handshake, bytes and that it is online.
     let mut p = Value::Null;
