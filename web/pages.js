@@ -156,6 +156,7 @@ export async function peers(main) {
       h("td", {}, connSummary(p, list)),
       h("td", { class: "row-actions" },
         p.approved ? null : h("button", { type: "button", class: "primary", "data-action": "approve", onclick: () => approve(p) }, "Approve"),
+        p.wireguard ? h("button", { type: "button", "data-action": "reissue", title: "New keys and a new configuration (the old one stops working)", onclick: () => reissue(p) }, "New config") : null,
         h("button", { type: "button", onclick: () => editPeer(p) }, "Edit"),
         h("button", { type: "button", class: "danger", onclick: () => removePeer(p) }, "Delete")))),
     "No peers yet. Create a setup key and run `tern up` on a machine."), { search: "Search peers (name, address, group, OS…)" });
@@ -173,6 +174,20 @@ export async function peers(main) {
   }
 
   const shown = h("div", { id: "new-wireguard-device" });
+  /// Shows a device's configuration (and QR code) once.
+  function showConfig(reply) {
+    const blob = new Blob([reply.config], { type: "text/plain" });
+    const link = h("a", { class: "button primary", href: URL.createObjectURL(blob), download: reply.file_name }, `Download ${reply.file_name}`);
+    const qr = h("img", { class: "qr", alt: "QR code of the configuration", width: 256, height: 256,
+      src: `data:image/svg+xml;charset=utf-8,${encodeURIComponent(reply.qr_svg)}` });
+    shown.replaceChildren(h("section", { class: "card" },
+      h("h2", {}, `WireGuard device “${reply.peer.name}” (${reply.peer.overlay_ip})`),
+      h("div", { class: "secret-box" }, h("p", { class: "warn" }, `This configuration holds the device's private key: it is shown only once. Scan the QR code with the WireGuard app, or download the file (wg-quick up ./${reply.file_name}).`)),
+      h("div", { class: "wg-config" }, qr, h("pre", { tabindex: 0 }, h("code", {}, reply.config))),
+      h("div", { class: "actions" }, link,
+        h("button", { type: "button", onclick: () => shown.replaceChildren() }, "Done, hide it"))));
+    shown.scrollIntoView({ block: "start" });
+  }
   function addWireguard() {
     const form = h("form", { novalidate: true, id: "wireguard-device-form" },
       formError(),
@@ -184,18 +199,18 @@ export async function peers(main) {
     onSubmit(form, async (f) => {
       const reply = await post("/api/wireguard-devices", { name: f.elements.name.value, groups: checkedValues(f, "groups") });
       d.close();
-      const blob = new Blob([reply.config], { type: "text/plain" });
-      const link = h("a", { class: "button primary", href: URL.createObjectURL(blob), download: reply.file_name }, `Download ${reply.file_name}`);
-      const qr = h("img", { class: "qr", alt: "QR code of the configuration", width: 256, height: 256,
-        src: `data:image/svg+xml;charset=utf-8,${encodeURIComponent(reply.qr_svg)}` });
-      shown.replaceChildren(h("section", { class: "card" },
-        h("h2", {}, `WireGuard device “${reply.peer.name}” (${reply.peer.overlay_ip})`),
-        h("div", { class: "secret-box" }, h("p", { class: "warn" }, `This configuration holds the device's private key: it is shown only once. Scan the QR code with the WireGuard app, or download the file (wg-quick up ./${reply.file_name}).`)),
-        h("div", { class: "wg-config" }, qr, h("pre", { tabindex: 0 }, h("code", {}, reply.config))),
-        h("div", { class: "actions" }, link,
-          h("button", { type: "button", onclick: () => shown.replaceChildren() }, "Done, hide it"))));
+      showConfig(reply);
       await refresh();
     });
+  }
+  async function reissue(p) {
+    if (!await confirmAction(`Issue a new configuration for ${p.name}? The one it uses now stops working at once.`, "New configuration")) return;
+    try {
+      showConfig(await post(`/api/wireguard-devices/${p.id}/config`, {}));
+      await refresh();
+    } catch (e) {
+      notify(e.message, "error");
+    }
   }
 
   main.append(header("Peers", h("button", { type: "button", class: "primary", onclick: addWireguard }, "Add WireGuard device")), shown, region.box);

@@ -219,6 +219,7 @@ export const actionWords = (a) => ({
   "user.delete": "deleted admin", "service.put": "saved public service", "service.delete": "deleted public service",
   "service.expose": "exposed a port", "service.unexpose": "stopped exposing a port", "auth.login": "signed in",
   "auth.logout": "signed out", "token.create": "created access token", "token.delete": "deleted access token",
+  "wireguard_device.create": "added WireGuard device", "wireguard_device.rekey": "issued a new configuration for",
 }[a] || a);
 export const targetName = (e) => {
   const d = e.detail || {};

@@ -229,7 +229,21 @@ impl Runtime {
             .iter()
             .filter(|p| p.wireguard.is_some() && p.on_network())
             .collect();
-        let keep: std::collections::HashSet<&str> = devices.iter().map(|p| p.id.as_str()).collect();
+        // A device that got new keys starts again (its old tunnel must stop working).
+        let keep: std::collections::HashSet<&str> = devices
+            .iter()
+            .filter(|p| {
+                let key = p
+                    .wireguard
+                    .as_ref()
+                    .and_then(|w| tern_proto::PublicKey::from_base64(&w.public_key).ok());
+                match self.hosted.get(&p.id) {
+                    Some(h) => key.is_some_and(|k| k.0 == h.key),
+                    None => true,
+                }
+            })
+            .map(|p| p.id.as_str())
+            .collect();
         let gone: Vec<String> = self
             .hosted
             .keys()
@@ -240,7 +254,11 @@ impl Runtime {
             if let Some(h) = self.hosted.remove(&id) {
                 self.by_key.remove(&h.key);
                 self.by_index.remove(&h.index);
-                info!(peer = %id, "WireGuard device removed: its tunnel is closed");
+                if devices.iter().any(|p| p.id == id) {
+                    info!(peer = %id, "WireGuard device has new keys: its old tunnel is closed");
+                } else {
+                    info!(peer = %id, "WireGuard device removed: its tunnel is closed");
+                }
             }
         }
         let expiry =

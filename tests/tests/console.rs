@@ -727,6 +727,19 @@ async fn console_admin_journey_in_chromium() {
         .await
         .expect("no agent");
     open(b, "peers", "Peers").await.expect("back to the peers");
+    // A lost configuration: new keys, shown once again.
+    click(b, "button[data-action=reissue]")
+        .await
+        .expect("new config");
+    click_text(b, "dialog button.danger", "New configuration")
+        .await
+        .expect("confirm");
+    b.wait_text("#new-wireguard-device pre", "PrivateKey = ", T)
+        .await
+        .expect("the new configuration");
+    click_text(b, "#new-wireguard-device button", "Done")
+        .await
+        .expect("hide it");
 
     // --- Group members are chosen on the group's own page, in one dialog.
     let (st, line) = server.post("/api/groups", json!({"name": "Line 2"})).await;

@@ -70,6 +70,7 @@ const EXPECTED: &[(&str, &str, u8)] = &[
     ("PUT", "/api/nameservers/{id}", WRITE),
     ("DELETE", "/api/nameservers/{id}", WRITE),
     ("POST", "/api/wireguard-devices", WRITE),
+    ("POST", "/api/wireguard-devices/{id}/config", WRITE),
     ("GET", "/api/device/{code}", ALL),
     ("POST", "/api/device/{code}/approve", ALL),
     ("POST", "/api/device/{code}/deny", ALL),

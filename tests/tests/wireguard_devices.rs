@@ -225,12 +225,62 @@ fn a_plain_wireguard_device_reaches_peers_and_the_lan_and_is_revoked() {
     );
     assert_eq!(p["os"], "WireGuard", "{p:#}");
 
+    // A new configuration (lost phone, or routes added since): the old one stops at once, the
+    // new one works.
+    let re = m.api(
+        "POST",
+        &format!("/api/wireguard-devices/{phone_id}/config"),
+        None,
+    );
+    let config2 = re["config"].as_str().unwrap_or_else(|| panic!("{re}"));
+    assert!(!config2.contains(private), "new keys");
+    m.lab
+        .wait_for(
+            "the old configuration stops",
+            Duration::from_secs(3),
+            || !ping_once(&m, &phone_home, &a_ip),
+        )
+        .expect("old keys refused");
+    let wg_quick = |verb: &str| {
+        let out = m.lab.exec(
+            &phone_home,
+            &[
+                "env",
+                "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1",
+                "wg-quick",
+                verb,
+                conf.to_str().expect("utf8"),
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "wg-quick {verb}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    wg_quick("down");
+    std::fs::write(&conf, config2).expect("write config");
+    wg_quick("up");
+    m.lab
+        .wait_for(
+            "the new configuration works",
+            Duration::from_secs(15),
+            || ping_once(&m, &phone_home, &a_ip),
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", m.lab.log("server")));
+    let not_a_device = m.api(
+        "POST",
+        &format!("/api/wireguard-devices/{}/config", m.peer_id("a", &ha)),
+        None,
+    );
+    assert_eq!(not_a_device["error"], "conflict", "{not_a_device}");
+
     // Removed: it stops within 2 s.
     let t0 = Instant::now();
     let _ = m.api("DELETE", &format!("/api/peers/{phone_id}"), None);
     m.lab
         .wait_for("the phone's tunnel closed", Duration::from_secs(2), || {
-            m.lab.log("server").contains("WireGuard device removed")
+            m.lab.log("server").contains("WireGuard device removed:")
         })
         .unwrap_or_else(|e| panic!("{e}\n{}", m.lab.log("server")));
     let took = t0.elapsed();

@@ -101,6 +101,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/api/wireguard-devices",
             post(wireguard::create_wireguard_device),
         )
+        .route(
+            "/api/wireguard-devices/{id}/config",
+            post(wireguard::reissue_wireguard_config),
+        )
         .route("/api/device/{code}", get(devices::get_device_login))
         .route(
             "/api/device/{code}/approve",
@@ -142,7 +146,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         handlers::list_audit,
         devices::get_device_login, devices::approve_device_login, devices::deny_device_login,
         dns::list_nameservers, dns::create_nameserver, dns::get_nameserver, dns::update_nameserver, dns::delete_nameserver,
-        wireguard::create_wireguard_device,
+        wireguard::create_wireguard_device, wireguard::reissue_wireguard_config,
     ),
     modifiers(&BearerAuth),
     security(("bearer" = []))

@@ -2,7 +2,7 @@
 //! code for the phone app) once; the device is then a peer like any other (groups, policies,
 //! routes, DNS name, removal).
 
-use super::error::{ApiError, ApiJson, ErrorBody};
+use super::error::{ApiError, ApiJson, ApiPath, ErrorBody};
 use super::handlers::Admin;
 use crate::model::Peer;
 use crate::state::AppState;
@@ -79,31 +79,24 @@ fn qr_svg(text: &str) -> Result<String, ApiError> {
         .build())
 }
 
-#[utoipa::path(post, path = "/api/wireguard-devices", request_body = WireguardDeviceBody,
-    responses((status = 201, body = WireguardDeviceCreated), (status = 409, body = ErrorBody),
-              (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub async fn create_wireguard_device(
-    State(s): St,
-    a: Admin,
-    ApiJson(b): ApiJson<WireguardDeviceBody>,
-) -> Result<impl IntoResponse, ApiError> {
-    let Some(gw) = s.wireguard.get().cloned() else {
-        return Err(ApiError::Unavailable(
+fn gateway(s: &AppState) -> Result<Arc<crate::wgdev::Gateway>, ApiError> {
+    s.wireguard.get().cloned().ok_or_else(|| {
+        ApiError::Unavailable(
             "WireGuard devices are off on this server: run tern-server with its embedded relay and --wireguard-listen (default 0.0.0.0:51820)".into(),
-        ));
-    };
-    let name = device_name(&b.name)?;
-    let secret = SecretKey::generate();
-    let public = secret.public_key();
-    let mesh = gw.mesh_key_for(public.as_bytes());
-    let peer = s
-        .store
-        .create_wireguard_device(&a.actor, &name, &b.groups, &public.to_base64(), &mesh)
-        .await?;
+        )
+    })
+}
+
+/// The configuration for `peer` with its new private key, and its QR code.
+async fn issued(
+    s: &AppState,
+    gw: &crate::wgdev::Gateway,
+    peer: &Peer,
+    secret: &SecretKey,
+) -> Result<WireguardDeviceCreated, ApiError> {
     // The device sends the overlay and every routed network its map offers through the tunnel.
     let idx = s.net_index().await?;
-    let settings = &idx.snapshot().settings;
-    let mut allowed: Vec<IpNet> = vec![settings.overlay_range];
+    let mut allowed: Vec<IpNet> = vec![idx.snapshot().settings.overlay_range];
     let expiry = crate::grpc::now_unix() + s.opts.relay_credentials_ttl.as_secs() as i64;
     if let Some(map) = idx.map_for(&peer.id, &s.opts.relay, expiry) {
         for r in &map.routes {
@@ -114,18 +107,60 @@ pub async fn create_wireguard_device(
             }
         }
     }
-    let config = gw.config(&name, &secret, &peer.overlay_ip, &allowed);
+    let config = gw.config(&peer.name, secret, &peer.overlay_ip, &allowed);
     let peer = s.store.peer_with_name(&peer.id).await?;
+    Ok(WireguardDeviceCreated {
+        qr_svg: qr_svg(&config)?,
+        file_name: file_name(&peer.name),
+        config,
+        peer,
+    })
+}
+
+#[utoipa::path(post, path = "/api/wireguard-devices", request_body = WireguardDeviceBody,
+    responses((status = 201, body = WireguardDeviceCreated), (status = 409, body = ErrorBody),
+              (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn create_wireguard_device(
+    State(s): St,
+    a: Admin,
+    ApiJson(b): ApiJson<WireguardDeviceBody>,
+) -> Result<impl IntoResponse, ApiError> {
+    let gw = gateway(&s)?;
+    let name = device_name(&b.name)?;
+    let secret = SecretKey::generate();
+    let public = secret.public_key();
+    let mesh = gw.mesh_key_for(public.as_bytes());
+    let peer = s
+        .store
+        .create_wireguard_device(&a.actor, &name, &b.groups, &public.to_base64(), &mesh)
+        .await?;
     tracing::info!(peer = %peer.id, name = %peer.name, ip = %peer.overlay_ip, "WireGuard device added");
     Ok((
         StatusCode::CREATED,
-        Json(WireguardDeviceCreated {
-            qr_svg: qr_svg(&config)?,
-            file_name: file_name(&name),
-            config,
-            peer,
-        }),
+        Json(issued(&s, &gw, &peer, &secret).await?),
     ))
+}
+
+/// A new configuration for a device (lost, or to take in routes added since): new keys; the
+/// old configuration stops working at once.
+#[utoipa::path(post, path = "/api/wireguard-devices/{id}/config",
+    responses((status = 200, body = WireguardDeviceCreated), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn reissue_wireguard_config(
+    State(s): St,
+    a: Admin,
+    ApiPath(id): ApiPath,
+) -> Result<Json<WireguardDeviceCreated>, ApiError> {
+    let gw = gateway(&s)?;
+    let secret = SecretKey::generate();
+    let public = secret.public_key();
+    let mesh = gw.mesh_key_for(public.as_bytes());
+    let peer = s
+        .store
+        .rekey_wireguard_device(&a.actor, &id, &public.to_base64(), &mesh)
+        .await?;
+    tracing::info!(peer = %peer.id, name = %peer.name, "WireGuard device got new keys");
+    Ok(Json(issued(&s, &gw, &peer, &secret).await?))
 }
 
 #[cfg(test)]

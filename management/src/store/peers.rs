@@ -303,6 +303,43 @@ impl Store {
         Ok(p)
     }
 
+    /// Gives a WireGuard device new keys (its old configuration stops working).
+    pub async fn rekey_wireguard_device(
+        &self,
+        actor: &str,
+        id: &str,
+        device_key: &str,
+        mesh_key: &str,
+    ) -> Result<Peer> {
+        let mut c = self.begin_change(actor).await?;
+        let p = read_peer(c.conn(), id).await?;
+        if p.wireguard.is_none() {
+            return Err(StoreError::Conflict(format!(
+                "{} runs an agent, not a plain WireGuard device: it has no configuration to issue",
+                p.name
+            )));
+        }
+        sqlx::query("UPDATE peers SET device_key = $1, wg_public_key = $2 WHERE id = $3")
+            .bind(device_key)
+            .bind(mesh_key)
+            .bind(id)
+            .execute(c.conn())
+            .await
+            .map_err(|e| {
+                StoreError::from(e).unique_as(|| "this WireGuard key is already registered".into())
+            })?;
+        c.audit(
+            "wireguard_device.rekey",
+            "peer",
+            id,
+            json!({ "name": p.name, "public_key": device_key }),
+        )
+        .await?;
+        let p = read_peer(c.conn(), id).await?;
+        c.commit(self).await?;
+        Ok(p)
+    }
+
     /// Logs a peer in by its (already proven) key, registering it with `setup_key` if it is new.
     pub async fn login_peer(
         &self,
