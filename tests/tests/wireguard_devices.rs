@@ -225,6 +225,46 @@ fn a_plain_wireguard_device_reaches_peers_and_the_lan_and_is_revoked() {
     );
     assert_eq!(p["os"], "WireGuard", "{p:#}");
 
+    // Policies hold for the device as for any peer: phones may ping everyone, nobody may open
+    // anything towards the phones. The server's core for the phone drops a's pings; the phone's
+    // own pings to a still pass (and their replies).
+    let phones = m.api("POST", "/api/groups", Some(r#"{"name":"phones"}"#));
+    let phones = phones["id"].as_str().unwrap_or_else(|| panic!("{phones}"));
+    m.api(
+        "PUT",
+        &format!("/api/peers/{phone_id}"),
+        Some(&format!(r#"{{"groups":["{phones}"]}}"#)),
+    );
+    let p = m.api(
+        "POST",
+        "/api/policies",
+        Some(&format!(
+            r#"{{"name":"phones-ping","protocol":"icmp","bidirectional":false,"sources":["{phones}"],"destinations":["all"]}}"#
+        )),
+    );
+    assert_eq!(p["name"], "phones-ping", "{p}");
+    for pol in m
+        .api("GET", "/api/policies", None)
+        .as_array()
+        .expect("policies")
+    {
+        if pol["name"] == "default" {
+            m.api(
+                "DELETE",
+                &format!("/api/policies/{}", pol["id"].as_str().expect("id")),
+                None,
+            );
+        }
+    }
+    m.lab
+        .wait_for(
+            "a may no longer reach the phone",
+            Duration::from_secs(10),
+            || !ping_once(&m, &ha, &phone_ip),
+        )
+        .expect("policy enforced for the hosted device");
+    assert!(ping_once(&m, &phone_home, &a_ip), "the phone still pings a");
+
     // A new configuration (lost phone, or routes added since): the old one stops at once, the
     // new one works.
     let re = m.api(
