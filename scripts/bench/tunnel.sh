@@ -2,7 +2,8 @@
 # Tunnel throughput benchmark (prints figures; not a test). iperf3 TCP between two network
 # namespaces A and B on one "internet" bridge, side by side in one run:
 #   veth (ceiling) | tern direct (ICE host pair) | tern via TURN (direct UDP A<->B dropped)
-#   | tern via the TCP relay (all UDP from A dropped) | wireguard-go (Debian)
+#   | tern via the TCP relay (all UDP from A dropped) | a plain WireGuard device (wireguard-go)
+#   hosted by tern-server to agent b | wireguard-go (Debian)
 #   | boringtun-cli -t 1 (crates.io; the WireGuard engine tern is built on)
 # with CPU seconds used by the tunnel processes (and per GB moved), and, for the direct tunnels,
 # packets per second of 64-byte UDP payloads (iperf3 -u -l 64, unlimited rate; delivered / s).
@@ -146,6 +147,30 @@ if wait_conn tcp_relay; then
   measure tern-tcp-relay "$TB" $PID_a $PID_b $SERVER_PID
 fi
 nsx $A nft delete table inet $P
+
+# A plain WireGuard device hosted by the server (wireguard-go in A, added through the API) to
+# agent b: WireGuard to tern-server's endpoint, then the server's core for the device and the
+# TCP relay to b.
+if command -v wireguard-go >/dev/null && command -v wg >/dev/null; then
+  API=http://203.0.113.10:443
+  TOKEN=$(nsx $S curl -sS -H 'content-type: application/json' -d '{"username":"admin","password":"bench-admin-pw"}' $API/api/auth/login | jq -r .token)
+  nsx $S curl -sS -H "authorization: Bearer $TOKEN" -H 'content-type: application/json' \
+    -d '{"name":"bench-device"}' $API/api/wireguard-devices >"$WORK/device.json"
+  DEVIP=$(jq -r .peer.overlay_ip "$WORK/device.json")
+  jq -r .config "$WORK/device.json" >"$WORK/device.conf"
+  IFD=$P-wd
+  mkdir -p /var/run/wireguard
+  ip netns exec $A wireguard-go -f $IFD >"$WORK/$IFD.log" 2>&1 &
+  PIDS+=($!); PID_dev=$!
+  for _ in $(seq 50); do [ -S /var/run/wireguard/$IFD.sock ] && break; sleep 0.1; done
+  nsx $A wg setconf $IFD <(wg-quick strip "$WORK/device.conf")
+  nsx $A ip addr add $DEVIP/32 dev $IFD; nsx $A ip link set $IFD mtu $MTU up
+  # A's own agent routes the overlay through tern0: the device takes b's address only.
+  nsx $A ip route add $TB/32 dev $IFD src $DEVIP
+  for _ in $(seq 50); do nsx $A ping -c1 -W1 -I $DEVIP $TB >/dev/null 2>&1 && break; sleep 0.2; done
+  measure wg-device-via-server "$TB" $PID_dev $PID_b $SERVER_PID
+  nsx $A ip link del $IFD
+fi
 
 if command -v wireguard-go >/dev/null && command -v wg >/dev/null; then
   wg genkey >"$WORK/ka"; wg genkey >"$WORK/kb"
