@@ -76,7 +76,50 @@ pub fn skip() -> bool {
     false
 }
 
+/// True (skip the suite) if a program it drives is missing; under CI that fails instead.
+pub fn missing(programs: &[&str], packages: &str) -> bool {
+    if programs.iter().all(|p| std::path::Path::new(p).exists()) {
+        return false;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "this suite needs {packages} (Debian packages)"
+    );
+    eprintln!("SKIPPED: no {packages}");
+    true
+}
+
 impl Mesh {
+    /// Routes the lab's factory LAN (192.168.50.0/24) through `peer_id` for everyone (masquerade).
+    pub fn route_lan_through(&self, peer_id: &str) {
+        let r = self.api(
+            "POST",
+            "/api/routes",
+            Some(&format!(
+                r#"{{"network":"192.168.50.0/24","routing_peer":"{peer_id}","groups":["all"],"masquerade":true}}"#
+            )),
+        );
+        assert_eq!(r["network"], "192.168.50.0/24", "{r}");
+    }
+
+    /// Deletes the policy called `name` (e.g. "default", the one that lets everyone reach
+    /// everyone).
+    pub fn delete_policy_named(&self, name: &str) {
+        for pol in self
+            .api("GET", "/api/policies", None)
+            .as_array()
+            .expect("policies")
+        {
+            if pol["name"] == name {
+                self.api(
+                    "DELETE",
+                    &format!("/api/policies/{}", pol["id"].as_str().expect("id")),
+                    None,
+                );
+            }
+        }
+    }
+
     pub fn new(nat_a: Nat, nat_b: Nat) -> Mesh {
         Mesh::with_server_args(nat_a, nat_b, &[])
     }

@@ -486,19 +486,7 @@ fn policies_are_enforced_by_the_agents() {
         )),
     );
     assert_eq!(p["name"], "sink-only", "{p}");
-    for pol in m
-        .api("GET", "/api/policies", None)
-        .as_array()
-        .expect("policies")
-    {
-        if pol["name"] == "default" {
-            m.api(
-                "DELETE",
-                &format!("/api/policies/{}", pol["id"].as_str().expect("id")),
-                None,
-            );
-        }
-    }
+    m.delete_policy_named("default");
     // c is in no policy: its map empties and it reaches nobody.
     m.lab
         .wait_for("c sees nobody", Duration::from_secs(20), || {
@@ -825,12 +813,7 @@ fn routing_peer_on_an_ipv6_only_uplink_behind_nat64_still_serves_the_lan() {
         .as_str()
         .expect("id")
         .to_string();
-    let r = m.api(
-        "POST",
-        "/api/routes",
-        Some(&format!(r#"{{"network":"192.168.50.0/24","routing_peer":"{gw_id}","groups":["all"],"masquerade":true}}"#)),
-    );
-    assert_eq!(r["network"], "192.168.50.0/24", "{r}");
+    m.route_lan_through(&gw_id);
     let t0 = Instant::now();
     m.lab
         .wait_for(

@@ -151,12 +151,7 @@ fn outside_hosts_reach_factory_ports_through_the_server() {
     let out3 = m.lab.add_internet_host("out3", OUT3).expect("out3");
     m.start(&[("gw", &hb)]);
     let gw_id = m.peer_id("gw", &hb);
-    let r = m.api(
-        "POST",
-        "/api/routes",
-        Some(&format!(r#"{{"network":"192.168.50.0/24","routing_peer":"{gw_id}","groups":["all"],"masquerade":true}}"#)),
-    );
-    assert_eq!(r["network"], "192.168.50.0/24", "{r}");
+    m.route_lan_through(&gw_id);
 
     // The factory device's services.
     server(&mut m, "echo", &lan, &["echo", "5020"]);

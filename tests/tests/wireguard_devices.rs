@@ -6,14 +6,8 @@
 
 use serde_json::Value;
 use std::time::{Duration, Instant};
-use tern_tests::mesh::{skip, Mesh};
+use tern_tests::mesh::{missing, skip, Mesh};
 use tern_tests::netns::Nat;
-
-fn wg_tools() -> bool {
-    ["/usr/bin/wireguard-go", "/usr/bin/wg", "/usr/bin/wg-quick"]
-        .iter()
-        .all(|p| std::path::Path::new(p).exists())
-}
 
 /// Takes the device's interface down when the test ends, even on failure: wireguard-go keeps its
 /// namespace alive after the lab deletes it, so it must stop first (it exits when its TUN goes).
@@ -43,12 +37,10 @@ fn a_plain_wireguard_device_reaches_peers_and_the_lan_and_is_revoked() {
     if skip() {
         return;
     }
-    if !wg_tools() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "this suite needs wireguard-go and wireguard-tools (Debian packages)"
-        );
-        eprintln!("SKIPPED: no wireguard-go / wg-quick");
+    if missing(
+        &["/usr/bin/wireguard-go", "/usr/bin/wg", "/usr/bin/wg-quick"],
+        "wireguard-go and wireguard-tools",
+    ) {
         return;
     }
     let mut m = Mesh::new(Nat::Easy, Nat::Easy);
@@ -60,14 +52,7 @@ fn a_plain_wireguard_device_reaches_peers_and_the_lan_and_is_revoked() {
     m.start(&[("a", &ha), ("b", &hb)]);
     let a_ip = m.overlay_ip("a", &ha);
     let b_id = m.peer_id("b", &hb);
-    let r = m.api(
-        "POST",
-        "/api/routes",
-        Some(&format!(
-            r#"{{"network":"192.168.50.0/24","routing_peer":"{b_id}","groups":["all"],"masquerade":true}}"#
-        )),
-    );
-    assert_eq!(r["network"], "192.168.50.0/24", "{r}");
+    m.route_lan_through(&b_id);
 
     // Bad input first: field errors, nothing created.
     for (body, want) in [
@@ -135,22 +120,24 @@ fn a_plain_wireguard_device_reaches_peers_and_the_lan_and_is_revoked() {
     let iface = format!("twg{}", std::process::id() % 100_000);
     let conf = m.lab.dir.path().join(format!("{iface}.conf"));
     std::fs::write(&conf, config).expect("write config");
-    let out = m.lab.exec(
-        &phone_home,
-        &[
-            "env",
-            "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1",
-            "wg-quick",
-            "up",
-            conf.to_str().expect("utf8"),
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "wg-quick up: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let wg_quick = |verb: &str| {
+        let out = m.lab.exec(
+            &phone_home,
+            &[
+                "env",
+                "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1",
+                "wg-quick",
+                verb,
+                conf.to_str().expect("utf8"),
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "wg-quick {verb}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    wg_quick("up");
     let _down = WgQuickDown {
         ns: phone_home.clone(),
         conf: conf.clone(),
@@ -243,19 +230,7 @@ fn a_plain_wireguard_device_reaches_peers_and_the_lan_and_is_revoked() {
         )),
     );
     assert_eq!(p["name"], "phones-ping", "{p}");
-    for pol in m
-        .api("GET", "/api/policies", None)
-        .as_array()
-        .expect("policies")
-    {
-        if pol["name"] == "default" {
-            m.api(
-                "DELETE",
-                &format!("/api/policies/{}", pol["id"].as_str().expect("id")),
-                None,
-            );
-        }
-    }
+    m.delete_policy_named("default");
     m.lab
         .wait_for(
             "a may no longer reach the phone",
@@ -281,23 +256,6 @@ fn a_plain_wireguard_device_reaches_peers_and_the_lan_and_is_revoked() {
             || !ping_once(&m, &phone_home, &a_ip),
         )
         .expect("old keys refused");
-    let wg_quick = |verb: &str| {
-        let out = m.lab.exec(
-            &phone_home,
-            &[
-                "env",
-                "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1",
-                "wg-quick",
-                verb,
-                conf.to_str().expect("utf8"),
-            ],
-        );
-        assert!(
-            out.status.success(),
-            "wg-quick {verb}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
     wg_quick("down");
     std::fs::write(&conf, config2).expect("write config");
     wg_quick("up");

@@ -231,6 +231,25 @@ pub(super) async fn register(
     Ok((id, name, ip.to_string()))
 }
 
+/// A WireGuard device's own key and its key in the mesh.
+async fn set_device_keys(
+    conn: &mut sqlx::AnyConnection,
+    id: &str,
+    device_key: &str,
+    mesh_key: &str,
+) -> Result<()> {
+    sqlx::query("UPDATE peers SET device_key = $1, wg_public_key = $2 WHERE id = $3")
+        .bind(device_key)
+        .bind(mesh_key)
+        .bind(id)
+        .execute(conn)
+        .await
+        .map_err(|e| {
+            StoreError::from(e).unique_as(|| "this WireGuard key is already registered".into())
+        })?;
+    Ok(())
+}
+
 pub fn hash_secret(s: &str) -> String {
     use sha2::{Digest, Sha256};
     hex::encode(Sha256::digest(s.as_bytes()))
@@ -282,15 +301,12 @@ impl Store {
         };
         let (id, _, ip) =
             register(c.conn(), mesh_key, &meta, &settings, &new, now_millis()).await?;
-        sqlx::query("UPDATE peers SET name = $1, device_key = $2 WHERE id = $3")
+        sqlx::query("UPDATE peers SET name = $1 WHERE id = $2")
             .bind(name)
-            .bind(device_key)
             .bind(&id)
             .execute(c.conn())
-            .await
-            .map_err(|e| {
-                StoreError::from(e).unique_as(|| "this WireGuard key is already registered".into())
-            })?;
+            .await?;
+        set_device_keys(c.conn(), &id, device_key, mesh_key).await?;
         c.audit(
             "wireguard_device.create",
             "peer",
@@ -319,15 +335,7 @@ impl Store {
                 p.name
             )));
         }
-        sqlx::query("UPDATE peers SET device_key = $1, wg_public_key = $2 WHERE id = $3")
-            .bind(device_key)
-            .bind(mesh_key)
-            .bind(id)
-            .execute(c.conn())
-            .await
-            .map_err(|e| {
-                StoreError::from(e).unique_as(|| "this WireGuard key is already registered".into())
-            })?;
+        set_device_keys(c.conn(), id, device_key, mesh_key).await?;
         c.audit(
             "wireguard_device.rekey",
             "peer",
