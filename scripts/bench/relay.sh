@@ -2,10 +2,13 @@
 # Relay benchmark (prints figures; not a test). coturn's turnserver and tern-relay, side by side in
 # one run, each driven by the same turnutils_uclient load: client-to-client relaying (-y) of
 # 1,200-byte messages, so every message is relayed by the server once. Runs alternate between the
-# two servers; medians over REPEAT rounds. Then the TCP/WebSocket relay throughput (plain + TLS).
+# two servers; medians over REPEAT rounds. Then capacity with our own generator
+# (relay/examples/turn_load.rs: PAIRS allocation pairs exchanging ChannelData, unpaced and paced
+# in steps of 1.25x until more than 0.1% is lost; turnutils_uclient reports whole seconds and
+# saturates before the relay does). Then the TCP/WebSocket relay throughput (plain + TLS).
 # Everything stays on 127.0.0.1.
 #
-#   scripts/bench/relay.sh            # REPEAT=3 CLIENTS=10 MSGS=3000 INTERVAL_MS=1
+#   scripts/bench/relay.sh            # REPEAT=3 CLIENTS=10 MSGS=3000 INTERVAL_MS=1 PAIRS=16 STEP_S=3
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 REPEAT=${REPEAT:-3}
@@ -24,7 +27,7 @@ trap cleanup EXIT
 for t in turnserver turnutils_uclient; do
   command -v $t >/dev/null || { echo "need $t: apt-get install coturn"; exit 1; }
 done
-cargo build -q --release -p tern-relay --bin tern-relay --example bench_tcp
+cargo build -q --release -p tern-relay --bin tern-relay --example bench_tcp --example turn_load
 bin=${CARGO_TARGET_DIR:-target}/release
 
 turnserver -n --listening-ip=127.0.0.1 --listening-port=$COTURN_PORT --relay-ip=127.0.0.1 \
@@ -74,6 +77,24 @@ for s in coturn tern; do
 done
 paste -d' ' "$work/coturn.txt" "$work/tern.txt" | awk '$1 > 0 && $4 != "NA" { print $4/$1 }' | median \
   | xargs printf 'ratio tern/coturn msgs/s (median of per-round ratios): %s\n'
+echo
+echo "# TURN capacity: ${PAIRS:-16} allocation pairs, $LEN-byte ChannelData, highest paced rate at <= 0.1% loss"
+for s in coturn tern; do
+  if [ $s = coturn ]; then port=$COTURN_PORT pid=$coturn_pid; else port=$TERN_PORT pid=$tern_pid; fi
+  c0=$(cpu_s "$pid")
+  timeout 600 "$bin/examples/turn_load" --server 127.0.0.1:$port --secret $SECRET --pairs "${PAIRS:-16}" \
+    --len "$LEN" --seconds "${STEP_S:-3}" >"$work/load-$s.txt" 2>&1 || true
+  c1=$(cpu_s "$pid")
+  sed "s/^/$s: /" "$work/load-$s.txt" | grep -v '^[a-z]*: #'
+  echo "$s: server CPU over all steps $(awk -v a="$c0" -v b="$c1" 'BEGIN{printf "%.1f", b-a}') s"
+done
+best() { sed -n 's/^RESULT highest_rate_within_loss \([0-9]*\).*/\1/p' "$work/load-$1.txt"; }
+unpaced() { sed -n 's/^RESULT .*unpaced_delivered \([0-9]*\).*/\1/p' "$work/load-$1.txt"; }
+awk -v c="$(best coturn)" -v t="$(best tern)" -v uc="$(unpaced coturn)" -v ut="$(unpaced tern)" 'BEGIN {
+  if (c > 0) printf "ratio tern/coturn, highest rate at <= 0.1%% loss: %.2f (%d vs %d msgs/s)\n", t / c, t, c
+  if (uc > 0) printf "ratio tern/coturn, unpaced delivered: %.2f (%d vs %d msgs/s)\n", ut / uc, ut, uc
+}'
+
 echo
 echo "# TCP/WebSocket relay throughput (two local clients, one direction)"
 "$bin/examples/bench_tcp"

@@ -1,0 +1,402 @@
+//! TURN relay capacity (a benchmark, not a test): pairs of allocations on one TURN server send
+//! ChannelData to each other (each message is relayed by the server once: client A -> A's
+//! allocation -> B's allocation -> client B), paced at a rate or unpaced, and this counts what
+//! arrives. Paced: steps the total rate up until more than 0.1% is lost and reports the highest
+//! rate that stayed within it. Unpaced: every sender as fast as it can; delivered messages/s.
+//!
+//!   cargo run --release -p tern-relay --example turn_load -- --server 127.0.0.1:3478 \
+//!       --secret S [--pairs 16] [--len 1200] [--seconds 3] [--start 20000] [--max-rate 2000000]
+//!
+//! Credentials are coturn-style time-limited ones (`use-auth-secret`), as Tern's relay takes them;
+//! every allocation has its own user name (per-user allocation quotas stay out of the way).
+//! Only for servers you run (loopback or a lab namespace): it sends as fast as it is told to.
+
+use anyhow::{anyhow, bail, Context, Result};
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use stun::agent::TransactionId;
+use stun::attributes::{ATTR_NONCE, ATTR_REALM, ATTR_USERNAME};
+use stun::error_code::ErrorCodeAttribute;
+use stun::integrity::MessageIntegrity;
+use stun::message::{
+    Getter, Message, MessageType, Setter, CLASS_REQUEST, CLASS_SUCCESS_RESPONSE, METHOD_ALLOCATE,
+    METHOD_CHANNEL_BIND,
+};
+use stun::textattrs::TextAttribute;
+
+/// The loss a rate may have and still count as carried.
+const MAX_LOSS: f64 = 0.001;
+/// How long stragglers may take after the senders stop.
+const DRAIN: Duration = Duration::from_millis(500);
+
+struct Args {
+    server: SocketAddr,
+    secret: String,
+    pairs: usize,
+    len: usize,
+    seconds: f64,
+    start: f64,
+    max_rate: f64,
+}
+
+fn args() -> Result<Args> {
+    let mut a = Args {
+        server: "127.0.0.1:3478".parse()?,
+        secret: String::new(),
+        pairs: 16,
+        len: 1200,
+        seconds: 3.0,
+        start: 20_000.0,
+        max_rate: 2_000_000.0,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or_else(|| anyhow!("{flag} needs a value"));
+        match flag.as_str() {
+            "--server" => a.server = value()?.parse().context("--server ADDR:PORT")?,
+            "--secret" => a.secret = value()?,
+            "--pairs" => a.pairs = value()?.parse().context("--pairs N")?,
+            "--len" => a.len = value()?.parse().context("--len BYTES")?,
+            "--seconds" => a.seconds = value()?.parse().context("--seconds S")?,
+            "--start" => a.start = value()?.parse().context("--start MSGS_PER_S")?,
+            "--max-rate" => a.max_rate = value()?.parse().context("--max-rate MSGS_PER_S")?,
+            other => bail!("unknown flag {other} (see the comment at the top of turn_load.rs)"),
+        }
+    }
+    if a.secret.is_empty() {
+        bail!("--secret is required (the server's static-auth-secret)");
+    }
+    if !(16..=1400).contains(&a.len) || a.pairs == 0 || a.pairs > 500 {
+        bail!("--len must be 16-1400 and --pairs 1-500");
+    }
+    Ok(a)
+}
+
+/// One request/response exchange (retried a few times: UDP).
+fn transact(sock: &UdpSocket, server: SocketAddr, req: &Message) -> Result<Message> {
+    let mut buf = [0u8; 1500];
+    for _ in 0..5 {
+        sock.send_to(&req.raw, server)?;
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < deadline {
+            let Ok((n, _)) = sock.recv_from(&mut buf) else {
+                break;
+            };
+            let mut m = Message::new();
+            m.raw = buf[..n].to_vec();
+            if m.decode().is_ok() && m.transaction_id == req.transaction_id {
+                return Ok(m);
+            }
+        }
+    }
+    bail!("{server} did not answer")
+}
+
+fn build(setters: Vec<Box<dyn Setter>>) -> Result<Message> {
+    let mut m = Message::new();
+    m.build(&setters)
+        .map_err(|e| anyhow!("building a request: {e}"))?;
+    Ok(m)
+}
+
+fn text(m: &Message, a: stun::attributes::AttrType) -> Option<String> {
+    m.get(a)
+        .ok()
+        .map(|v| String::from_utf8_lossy(&v).to_string())
+}
+
+fn error_of(m: &Message) -> String {
+    let mut e = ErrorCodeAttribute::default();
+    match e.get_from(m) {
+        Ok(()) => format!("{} {}", e.code.0, String::from_utf8_lossy(&e.reason)),
+        Err(_) => "an error without a code".into(),
+    }
+}
+
+/// A client socket with its allocation.
+struct Client {
+    sock: UdpSocket,
+    relayed: SocketAddr,
+    user: String,
+    pass: String,
+    realm: String,
+    nonce: String,
+}
+
+impl Client {
+    fn signed(
+        &self,
+        method: stun::message::Method,
+        extra: Vec<Box<dyn Setter>>,
+    ) -> Result<Message> {
+        let mut s: Vec<Box<dyn Setter>> = vec![
+            Box::new(TransactionId::new()),
+            Box::new(MessageType::new(method, CLASS_REQUEST)),
+        ];
+        s.extend(extra);
+        s.push(Box::new(TextAttribute::new(
+            ATTR_USERNAME,
+            self.user.clone(),
+        )));
+        s.push(Box::new(TextAttribute::new(ATTR_REALM, self.realm.clone())));
+        s.push(Box::new(TextAttribute::new(ATTR_NONCE, self.nonce.clone())));
+        s.push(Box::new(MessageIntegrity::new_long_term_integrity(
+            self.user.clone(),
+            self.realm.clone(),
+            self.pass.clone(),
+        )));
+        build(s)
+    }
+
+    fn allocate(server: SocketAddr, secret: &str, id: usize) -> Result<Client> {
+        let sock = UdpSocket::bind(SocketAddr::new(
+            if server.is_ipv4() {
+                [0, 0, 0, 0].into()
+            } else {
+                std::net::Ipv6Addr::UNSPECIFIED.into()
+            },
+            0,
+        ))?;
+        sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+        let expiry = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs() as i64
+            + 3600;
+        let c = tern_proto::relay_auth::issue(secret.as_bytes(), &format!("load{id}"), expiry);
+        let transport = || -> Box<dyn Setter> {
+            Box::new(turn::proto::reqtrans::RequestedTransport {
+                protocol: turn::proto::PROTO_UDP,
+            })
+        };
+        let challenge = transact(
+            &sock,
+            server,
+            &build(vec![
+                Box::new(TransactionId::new()),
+                Box::new(MessageType::new(METHOD_ALLOCATE, CLASS_REQUEST)),
+                transport(),
+            ])?,
+        )?;
+        let (Some(realm), Some(nonce)) =
+            (text(&challenge, ATTR_REALM), text(&challenge, ATTR_NONCE))
+        else {
+            bail!(
+                "{server} did not ask for credentials: {}",
+                error_of(&challenge)
+            );
+        };
+        let mut client = Client {
+            sock,
+            relayed: server,
+            user: c.username,
+            pass: c.password,
+            realm,
+            nonce,
+        };
+        let m = transact(
+            &client.sock,
+            server,
+            &client.signed(METHOD_ALLOCATE, vec![transport()])?,
+        )?;
+        if m.typ.class != CLASS_SUCCESS_RESPONSE {
+            bail!("allocation refused: {}", error_of(&m));
+        }
+        let mut relayed = turn::proto::relayaddr::RelayedAddress::default();
+        relayed
+            .get_from(&m)
+            .map_err(|e| anyhow!("no relayed address: {e}"))?;
+        client.relayed = SocketAddr::new(relayed.ip, relayed.port);
+        Ok(client)
+    }
+
+    /// Binds `channel` to `peer` (which also permits it).
+    fn bind(&self, server: SocketAddr, channel: u16, peer: SocketAddr) -> Result<()> {
+        let m = transact(
+            &self.sock,
+            server,
+            &self.signed(
+                METHOD_CHANNEL_BIND,
+                vec![
+                    Box::new(turn::proto::channum::ChannelNumber(channel)),
+                    Box::new(turn::proto::peeraddr::PeerAddress {
+                        ip: peer.ip(),
+                        port: peer.port(),
+                    }),
+                ],
+            )?,
+        )?;
+        if m.typ.class != CLASS_SUCCESS_RESPONSE {
+            bail!("channel bind refused: {}", error_of(&m));
+        }
+        Ok(())
+    }
+}
+
+struct Round {
+    sent: u64,
+    received: u64,
+    secs: f64,
+}
+
+impl Round {
+    fn loss(&self) -> f64 {
+        if self.sent == 0 {
+            return 0.0;
+        }
+        1.0 - (self.received as f64 / self.sent as f64).min(1.0)
+    }
+    fn delivered_per_sec(&self) -> f64 {
+        self.received as f64 / self.secs
+    }
+}
+
+/// One round: every sender sends ChannelData to its partner at `rate` messages/s in all (None:
+/// as fast as it can) for `secs`; receivers count what arrives.
+fn round(
+    pairs: &[(Arc<UdpSocket>, Arc<UdpSocket>)],
+    server: SocketAddr,
+    len: usize,
+    secs: f64,
+    rate: Option<f64>,
+) -> Round {
+    let received = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut receivers = vec![];
+    // Receivers: one thread per group of sockets (non-blocking reads in turn).
+    let sockets: Vec<Arc<UdpSocket>> = pairs.iter().map(|(_, b)| b.clone()).collect();
+    for group in sockets.chunks(sockets.len().div_ceil(2).max(1)) {
+        let group: Vec<Arc<UdpSocket>> = group.to_vec();
+        let (received, stop) = (received.clone(), stop.clone());
+        receivers.push(std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            loop {
+                let mut any = false;
+                for s in &group {
+                    while let Ok(n) = s.recv(&mut buf) {
+                        if n >= 4 && buf[0] & 0xC0 == 0x40 {
+                            received.fetch_add(1, Ordering::Relaxed);
+                        }
+                        any = true;
+                    }
+                }
+                if !any {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+            }
+        }));
+    }
+    let mut msg = vec![0u8; 4 + len];
+    msg[0..2].copy_from_slice(&0x4000u16.to_be_bytes());
+    msg[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+    let senders: Vec<Arc<UdpSocket>> = pairs.iter().map(|(a, _)| a.clone()).collect();
+    let t0 = Instant::now();
+    let end = t0 + Duration::from_secs_f64(secs);
+    let mut sent = 0u64;
+    let mut i = 0usize;
+    loop {
+        let now = Instant::now();
+        if now >= end {
+            break;
+        }
+        let due = match rate {
+            Some(r) => ((now - t0).as_secs_f64() * r) as u64,
+            None => sent + 64,
+        };
+        if sent >= due {
+            std::thread::sleep(Duration::from_micros(100));
+            continue;
+        }
+        while sent < due {
+            let s = &senders[i % senders.len()];
+            i += 1;
+            if s.send_to(&msg, server).is_ok() {
+                sent += 1;
+            }
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    std::thread::sleep(DRAIN);
+    stop.store(true, Ordering::Relaxed);
+    for r in receivers {
+        let _ = r.join();
+    }
+    Round {
+        sent,
+        received: received.load(Ordering::Relaxed),
+        secs,
+    }
+}
+
+fn main() -> Result<()> {
+    let a = args()?;
+    let mut pairs = vec![];
+    for p in 0..a.pairs {
+        let x = Client::allocate(a.server, &a.secret, 2 * p)
+            .with_context(|| format!("allocation {}", 2 * p))?;
+        let y = Client::allocate(a.server, &a.secret, 2 * p + 1)
+            .with_context(|| format!("allocation {}", 2 * p + 1))?;
+        x.bind(a.server, 0x4000, y.relayed)?;
+        y.bind(a.server, 0x4000, x.relayed)?;
+        for s in [&x.sock, &y.sock] {
+            s.set_nonblocking(true)?;
+            let _ = tern_proto::sockopt::force_buffers(s, 4 << 20);
+        }
+        pairs.push((Arc::new(x.sock), Arc::new(y.sock)));
+    }
+    println!(
+        "# TURN load on {}: {} allocation pairs, {}-byte ChannelData, {} s per step, loss limit {}%",
+        a.server,
+        a.pairs,
+        a.len,
+        a.seconds,
+        MAX_LOSS * 100.0
+    );
+    let unpaced = round(&pairs, a.server, a.len, a.seconds, None);
+    println!(
+        "unpaced: sent {} received {} in {:.1} s: {:.0} msgs/s delivered, loss {:.2}%",
+        unpaced.sent,
+        unpaced.received,
+        unpaced.secs,
+        unpaced.delivered_per_sec(),
+        unpaced.loss() * 100.0
+    );
+    let mut rate = a.start;
+    let mut best: Option<f64> = None;
+    let mut sender_bound = false;
+    while rate <= a.max_rate {
+        let r = round(&pairs, a.server, a.len, a.seconds, Some(rate));
+        let achieved = r.sent as f64 / r.secs;
+        println!(
+            "paced {:>9.0} msgs/s: sent {:>9.0}/s, delivered {:>9.0}/s, loss {:.3}%",
+            rate,
+            achieved,
+            r.delivered_per_sec(),
+            r.loss() * 100.0
+        );
+        // The sender itself could not keep up: the relay was not the limit at this rate.
+        if achieved < rate * 0.95 {
+            sender_bound = r.loss() <= MAX_LOSS;
+            break;
+        }
+        if r.loss() > MAX_LOSS {
+            break;
+        }
+        best = Some(rate);
+        rate *= 1.25;
+    }
+    if sender_bound {
+        println!("(the generator could send no faster: the relay's limit is above this)");
+    }
+    println!(
+        "RESULT highest_rate_within_loss {:.0} unpaced_delivered {:.0} sender_bound {}",
+        best.unwrap_or(0.0),
+        unpaced.delivered_per_sec(),
+        sender_bound
+    );
+    Ok(())
+}
