@@ -3,6 +3,7 @@
 //! WebSocket datagram relay for networks that block UDP (reachable on 443, through TLS and reverse
 //! proxies), and Prometheus metrics.
 
+pub mod fastpath;
 pub mod filter;
 pub mod limiter;
 pub mod metrics;

@@ -13,6 +13,7 @@
 //! - [`RelayGen`] allocates relay sockets in the configured port range and wraps them in
 //!   [`RelayConn`], which re-checks the peer filter on every send and counts relayed traffic.
 
+use crate::fastpath::{channel_bind, channel_bind_success, is_allocate, Channels, FastPath};
 use crate::filter::PeerFilter;
 use crate::limiter::Limiter;
 use crate::metrics::Metrics;
@@ -78,6 +79,10 @@ pub struct UdpShared {
     current_user: Mutex<Option<String>>,
     per_user: Mutex<HashMap<String, u64>>,
     last_auth_warn: Mutex<Option<Instant>>,
+    /// Bound channels relayed without the crate (see [`crate::fastpath`]).
+    pub fast: FastPath,
+    /// The listening socket (relayed datagrams go back to clients from it).
+    main: std::sync::OnceLock<Arc<UdpSocket>>,
 }
 
 impl UdpShared {
@@ -108,6 +113,8 @@ impl UdpShared {
             current_user: Mutex::new(None),
             per_user: Mutex::new(HashMap::new()),
             last_auth_warn: Mutex::new(None),
+            fast: FastPath::default(),
+            main: std::sync::OnceLock::new(),
         })
     }
 
@@ -223,7 +230,30 @@ pub struct FrontConn {
 
 impl FrontConn {
     pub fn new(sock: Arc<UdpSocket>, shared: Arc<UdpShared>) -> Self {
+        let _ = shared.main.set(sock.clone());
         FrontConn { sock, shared }
+    }
+
+    /// ChannelData on a bound channel: out of the allocation's relay socket at once. False if
+    /// the crate must handle it.
+    async fn fast_forward(&self, buf: &[u8], src: SocketAddr) -> bool {
+        let channel = u16::from_be_bytes([buf[0], buf[1]]);
+        let len = u16::from_be_bytes([buf[2], buf[3]]) as usize;
+        if 4 + len > buf.len() {
+            return false;
+        }
+        let Some((relay, peer)) = self.shared.fast.route(src, channel, Instant::now()) else {
+            return false;
+        };
+        if !self.shared.filter.allows(peer.ip()) {
+            Metrics::inc(&self.shared.metrics.forbidden_peer_total);
+            return true;
+        }
+        if let Ok(n) = relay.send_to(&buf[4..4 + len], peer).await {
+            Metrics::inc(&self.shared.metrics.turn_packets_relayed_total);
+            Metrics::add(&self.shared.metrics.turn_bytes_relayed_total, n as u64);
+        }
+        true
     }
 }
 
@@ -482,8 +512,19 @@ impl Conn for FrontConn {
     async fn recv_from(&self, buf: &mut [u8]) -> UResult<(usize, SocketAddr)> {
         loop {
             let (n, src) = self.sock.recv_from(buf).await?;
+            if n >= 4 && (0x40..=0x7f).contains(&buf[0]) && self.fast_forward(&buf[..n], src).await
+            {
+                continue;
+            }
             match self.shared.inspect(&buf[..n], src, Instant::now()) {
-                Verdict::Pass => return Ok((n, src)),
+                Verdict::Pass => {
+                    if is_allocate(&buf[..n]) {
+                        self.shared.fast.allocating(src);
+                    } else if let Some((tx, channel, peer)) = channel_bind(&buf[..n]) {
+                        self.shared.fast.bind_requested(tx, src, channel, peer);
+                    }
+                    return Ok((n, src));
+                }
                 Verdict::Drop => continue,
                 Verdict::Reply(r) => {
                     let _ = self.sock.send_to(&r, src).await;
@@ -495,6 +536,9 @@ impl Conn for FrontConn {
         Err(webrtc_util::Error::Other("use send_to".into()))
     }
     async fn send_to(&self, buf: &[u8], target: SocketAddr) -> UResult<usize> {
+        if let Some(tx) = channel_bind_success(buf) {
+            self.shared.fast.bind_succeeded(&tx, Instant::now());
+        }
         if let Some(n) = issued_nonce(buf) {
             lock(&self.shared.nonces).record(&n, Instant::now());
             Metrics::inc(&self.shared.metrics.turn_nonces_issued_total);
@@ -595,6 +639,8 @@ impl turn::relay::RelayAddressGenerator for RelayGen {
             };
             size_buffers(&sock, 4 << 20);
             let local = sock.local_addr()?;
+            let sock = Arc::new(sock);
+            let channels = self.shared.fast.allocated(sock.clone());
             *lock(&self.shared.per_user).entry(user.clone()).or_insert(0) += 1;
             Metrics::inc(&self.shared.metrics.allocations_active);
             Metrics::inc(&self.shared.metrics.allocations_total);
@@ -603,6 +649,8 @@ impl turn::relay::RelayAddressGenerator for RelayGen {
                 shared: self.shared.clone(),
                 user: user.clone(),
                 closed: AtomicBool::new(false),
+                channels,
+                scratch: tokio::sync::Mutex::new(vec![0u8; 4 + 65_536]),
             };
             return Ok((
                 Arc::new(conn),
@@ -614,10 +662,24 @@ impl turn::relay::RelayAddressGenerator for RelayGen {
 }
 
 pub struct RelayConn {
-    sock: UdpSocket,
+    sock: Arc<UdpSocket>,
     shared: Arc<UdpShared>,
     user: String,
     closed: AtomicBool,
+    /// This allocation's bound channels (the fast path back to the client).
+    channels: Option<Arc<Channels>>,
+    /// Receive buffer with room for a ChannelData header in front.
+    scratch: tokio::sync::Mutex<Vec<u8>>,
+}
+
+/// The crate drops a relay conn without closing it when it tries another port (EVEN-PORT):
+/// its socket must go then too, and with it the fast-path entry that shares it.
+impl Drop for RelayConn {
+    fn drop(&mut self) {
+        if let Some(c) = &self.channels {
+            self.shared.fast.freed(c.client, &self.sock);
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -628,11 +690,30 @@ impl Conn for RelayConn {
     async fn recv(&self, buf: &mut [u8]) -> UResult<usize> {
         Ok(self.sock.recv(buf).await?)
     }
+    /// A datagram from a peer: straight back to the client as ChannelData when the peer has a
+    /// bound channel (the fast path), else to the crate.
     async fn recv_from(&self, buf: &mut [u8]) -> UResult<(usize, SocketAddr)> {
-        let (n, from) = self.sock.recv_from(buf).await?;
-        Metrics::inc(&self.shared.metrics.turn_packets_relayed_total);
-        Metrics::add(&self.shared.metrics.turn_bytes_relayed_total, n as u64);
-        Ok((n, from))
+        let (Some(channels), Some(main)) = (&self.channels, self.shared.main.get()) else {
+            let (n, from) = self.sock.recv_from(buf).await?;
+            Metrics::inc(&self.shared.metrics.turn_packets_relayed_total);
+            Metrics::add(&self.shared.metrics.turn_bytes_relayed_total, n as u64);
+            return Ok((n, from));
+        };
+        let mut scratch = self.scratch.lock().await;
+        loop {
+            let (n, from) = self.sock.recv_from(&mut scratch[4..]).await?;
+            Metrics::inc(&self.shared.metrics.turn_packets_relayed_total);
+            Metrics::add(&self.shared.metrics.turn_bytes_relayed_total, n as u64);
+            if let Some(ch) = channels.channel_for(from, Instant::now()) {
+                scratch[0..2].copy_from_slice(&ch.to_be_bytes());
+                scratch[2..4].copy_from_slice(&(n as u16).to_be_bytes());
+                let _ = main.send_to(&scratch[..4 + n], channels.client).await;
+                continue;
+            }
+            let m = n.min(buf.len());
+            buf[..m].copy_from_slice(&scratch[4..4 + m]);
+            return Ok((m, from));
+        }
     }
     async fn send(&self, buf: &[u8]) -> UResult<usize> {
         Ok(self.sock.send(buf).await?)
@@ -655,6 +736,9 @@ impl Conn for RelayConn {
     }
     async fn close(&self) -> UResult<()> {
         if !self.closed.swap(true, Ordering::SeqCst) {
+            if let Some(c) = &self.channels {
+                self.shared.fast.freed(c.client, &self.sock);
+            }
             Metrics::dec(&self.shared.metrics.allocations_active);
             let mut per_user = lock(&self.shared.per_user);
             if let Some(n) = per_user.get_mut(&self.user) {
