@@ -327,7 +327,7 @@ pub async fn run(args: Args, with_signal: bool) -> anyhow::Result<()> {
     }
     if let Some(w) = running.state.wireguard.get() {
         println!(
-            "  WireGuard devices: udp {}  (devices connect to {}; add them under Peers in the console)",
+            "  WireGuard:        udp {}  (plain WireGuard devices connect to {}; add them under Peers in the console)",
             args.wireguard_listen, w.endpoint
         );
     }

@@ -282,6 +282,14 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Running> {
                 Some(a) => a.clone(),
                 None => {
                     let host = url_authority(&public_url)?.1;
+                    let local = host == "localhost"
+                        || host
+                            .trim_matches(['[', ']'])
+                            .parse::<IpAddr>()
+                            .is_ok_and(|ip| ip.is_loopback());
+                    if local {
+                        warn!(%host, "WireGuard devices would be told to connect to {host}:{port}, which only this machine reaches: set --public-url (or --wireguard-endpoint) for real use");
+                    }
                     format!("{host}:{port}")
                 }
             };
