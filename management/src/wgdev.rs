@@ -17,6 +17,7 @@
 use crate::model::{Peer, WireguardDevice};
 use crate::state::AppState;
 use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519;
 use bytes::Bytes;
@@ -42,6 +43,9 @@ pub const DEVICE_MTU: u16 = 1280;
 const BUF: usize = 65_536 + 256;
 /// At most one unscheduled read of the network per this interval (unknown handshakes).
 const REFRESH: Duration = Duration::from_secs(1);
+/// Handshakes per second the endpoint takes before it answers with cookies (WireGuard's DoS
+/// defence: a flood costs a MAC check each, not a Diffie-Hellman).
+const HANDSHAKES_PER_SEC: u64 = 200;
 
 fn derive(server_key: &SecretKey, label: &[u8], data: &[u8]) -> [u8; 32] {
     let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(&server_key.to_bytes())
@@ -161,6 +165,9 @@ struct Runtime {
     buf2: Vec<u8>,
     /// When an unknown device's handshake last made us read the network.
     refreshed: Instant,
+    /// Checks MAC1 of every handshake before any key work; cookies under load.
+    limiter: RateLimiter,
+    limiter_reset: Instant,
 }
 
 /// Runs the endpoint until the server stops: datagrams from devices, relayed datagrams from
@@ -168,7 +175,6 @@ struct Runtime {
 pub async fn run(gw: Arc<Gateway>, state: Arc<AppState>, relay: Arc<TcpRelay>, socket: UdpSocket) {
     let (sink, mut from_relay) = mpsc::channel(4096);
     let mut rt = Runtime {
-        gw,
         state: state.clone(),
         relay,
         socket: Arc::new(socket),
@@ -180,6 +186,9 @@ pub async fn run(gw: Arc<Gateway>, state: Arc<AppState>, relay: Arc<TcpRelay>, s
         buf: vec![0u8; BUF],
         buf2: vec![0u8; BUF],
         refreshed: Instant::now(),
+        limiter: RateLimiter::new(&x25519::PublicKey::from(gw.public_key), HANDSHAKES_PER_SEC),
+        limiter_reset: Instant::now(),
+        gw,
     };
     let mut index = state.index.subscribe();
     let mut tick = tokio::time::interval(TICK);
@@ -349,6 +358,20 @@ impl Runtime {
     }
 
     async fn on_device_datagram(&mut self, from: SocketAddr, d: &[u8]) {
+        match self
+            .limiter
+            .verify_packet(Some(from.ip()), d, &mut self.buf)
+        {
+            Ok(_) => {}
+            Err(TunnResult::WriteToNetwork(cookie)) => {
+                let _ = self.socket.send_to(cookie, from).await;
+                return;
+            }
+            Err(_) => {
+                debug!(%from, "WireGuard endpoint: not a WireGuard datagram for this endpoint");
+                return;
+            }
+        }
         let mut id = self.device_for(d);
         if id.is_none() && d.first() == Some(&1) && self.refreshed.elapsed() > REFRESH {
             // A handshake from a key not hosted yet: a device added a moment ago, before the
@@ -444,6 +467,10 @@ impl Runtime {
 
     async fn tick(&mut self) {
         let now = Instant::now();
+        if now.duration_since(self.limiter_reset) >= Duration::from_secs(1) {
+            self.limiter.reset_count();
+            self.limiter_reset = now;
+        }
         let mut live = HashMap::with_capacity(self.hosted.len());
         let mut changed = vec![];
         for (id, h) in self.hosted.iter_mut() {
