@@ -16,9 +16,8 @@
 
 use crate::model::{Peer, WireguardDevice};
 use crate::state::AppState;
-use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
-use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519;
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
@@ -29,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tern_proto::SecretKey;
 use tern_relay::tcp::{Attached, TcpRelay};
-use tern_tunnel::{Decap, Node};
+use tern_tunnel::{Decap, Node, Sender};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -165,6 +164,9 @@ struct Runtime {
     buf2: Vec<u8>,
     /// When an unknown device's handshake last made us read the network.
     refreshed: Instant,
+    /// The endpoint's key pair (for the handshakes' key work).
+    secret: x25519::StaticSecret,
+    public: x25519::PublicKey,
     /// Checks MAC1 of every handshake before any key work; cookies under load.
     limiter: RateLimiter,
     limiter_reset: Instant,
@@ -187,6 +189,8 @@ pub async fn run(gw: Arc<Gateway>, state: Arc<AppState>, relay: Arc<TcpRelay>, s
         buf2: vec![0u8; BUF],
         refreshed: Instant::now(),
         limiter: RateLimiter::new(&x25519::PublicKey::from(gw.public_key), HANDSHAKES_PER_SEC),
+        secret: x25519::StaticSecret::from(gw.secret),
+        public: x25519::PublicKey::from(gw.public_key),
         limiter_reset: Instant::now(),
         gw,
     };
@@ -318,7 +322,7 @@ impl Runtime {
             }
         };
         let device = Tunn::new(
-            x25519::StaticSecret::from(self.gw.secret),
+            self.secret.clone(),
             x25519::PublicKey::from(key),
             None,
             None,
@@ -342,27 +346,20 @@ impl Runtime {
         })
     }
 
-    /// The device a datagram on the endpoint belongs to.
-    fn device_for(&self, d: &[u8]) -> Option<String> {
-        match Tunn::parse_incoming_packet(d).ok()? {
-            Packet::HandshakeInit(init) => {
-                let secret = x25519::StaticSecret::from(self.gw.secret);
-                let public = x25519::PublicKey::from(self.gw.public_key);
-                let half = parse_handshake_anon(&secret, &public, &init).ok()?;
-                self.by_key.get(&half.peer_static_public).cloned()
-            }
-            Packet::HandshakeResponse(r) => self.by_index.get(&(r.receiver_idx >> 8)).cloned(),
-            Packet::PacketCookieReply(c) => self.by_index.get(&(c.receiver_idx >> 8)).cloned(),
-            Packet::PacketData(d) => self.by_index.get(&(d.receiver_idx >> 8)).cloned(),
+    /// The device a sender belongs to.
+    fn device_of(&self, sender: Sender) -> Option<String> {
+        match sender {
+            Sender::Key(k) => self.by_key.get(&k).cloned(),
+            Sender::Index(i) => self.by_index.get(&i).cloned(),
         }
     }
 
     async fn on_device_datagram(&mut self, from: SocketAddr, d: &[u8]) {
-        match self
+        let packet = match self
             .limiter
             .verify_packet(Some(from.ip()), d, &mut self.buf)
         {
-            Ok(_) => {}
+            Ok(p) => p,
             Err(TunnResult::WriteToNetwork(cookie)) => {
                 let _ = self.socket.send_to(cookie, from).await;
                 return;
@@ -371,14 +368,18 @@ impl Runtime {
                 debug!(%from, "WireGuard endpoint: not a WireGuard datagram for this endpoint");
                 return;
             }
-        }
-        let mut id = self.device_for(d);
-        if id.is_none() && d.first() == Some(&1) && self.refreshed.elapsed() > REFRESH {
+        };
+        let Some(sender) = tern_tunnel::sender_of(packet, &self.secret, &self.public) else {
+            debug!(%from, "WireGuard endpoint: a handshake not meant for this endpoint");
+            return;
+        };
+        let mut id = self.device_of(sender);
+        if id.is_none() && matches!(sender, Sender::Key(_)) && self.refreshed.elapsed() > REFRESH {
             // A handshake from a key not hosted yet: a device added a moment ago, before the
             // next published index. Read the network now (at most once per REFRESH).
             self.refreshed = Instant::now();
             self.apply_index(true).await;
-            id = self.device_for(d);
+            id = self.device_of(sender);
         }
         let Some(id) = id else {
             debug!(%from, "WireGuard endpoint: datagram from an unknown device");

@@ -233,6 +233,32 @@ pub struct Node {
     dropped_not_allowed: u64,
 }
 
+/// Who sent a WireGuard datagram to the holder of `secret`: the static key inside a handshake
+/// initiation (after the key work that reveals it), or the receiver's session index (24 bits, as
+/// boringtun assigns them) of any other message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sender {
+    Key([u8; 32]),
+    Index(u32),
+}
+
+pub fn sender_of(
+    packet: Packet<'_>,
+    secret: &x25519::StaticSecret,
+    public: &x25519::PublicKey,
+) -> Option<Sender> {
+    Some(match packet {
+        Packet::HandshakeInit(init) => Sender::Key(
+            parse_handshake_anon(secret, public, &init)
+                .ok()?
+                .peer_static_public,
+        ),
+        Packet::HandshakeResponse(r) => Sender::Index(r.receiver_idx >> 8),
+        Packet::PacketCookieReply(c) => Sender::Index(c.receiver_idx >> 8),
+        Packet::PacketData(d) => Sender::Index(d.receiver_idx >> 8),
+    })
+}
+
 /// Offset and length of `part` inside the buffer starting at `base` (boringtun returns
 /// sub-slices of our buffer).
 fn span(base: usize, part: &[u8]) -> (usize, usize) {
@@ -511,15 +537,11 @@ impl Node {
     /// The peer a WireGuard datagram from the shared socket belongs to: by our session index
     /// (responses, cookies, data), or by the static key inside a handshake initiation.
     pub fn peer_for_datagram(&self, datagram: &[u8]) -> Option<PeerId> {
-        match Tunn::parse_incoming_packet(datagram).ok()? {
-            Packet::HandshakeInit(init) => {
-                let public = x25519::PublicKey::from(self.public);
-                let half = parse_handshake_anon(&self.secret, &public, &init).ok()?;
-                self.by_key.get(&half.peer_static_public).copied()
-            }
-            Packet::HandshakeResponse(r) => self.known(r.receiver_idx >> 8),
-            Packet::PacketCookieReply(c) => self.known(c.receiver_idx >> 8),
-            Packet::PacketData(d) => self.known(d.receiver_idx >> 8),
+        let packet = Tunn::parse_incoming_packet(datagram).ok()?;
+        let public = x25519::PublicKey::from(self.public);
+        match sender_of(packet, &self.secret, &public)? {
+            Sender::Key(k) => self.by_key.get(&k).copied(),
+            Sender::Index(i) => self.known(i),
         }
     }
 
