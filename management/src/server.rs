@@ -106,6 +106,10 @@ impl Running {
         if let Some(r) = &self.relay {
             r.close().await;
         }
+        // Its peers go offline now and their agents move to a sibling replica, if any.
+        if let Err(e) = self.state.store.unregister_replica().await {
+            warn!(error = ?e, "could not unregister this replica");
+        }
         self.state.store.close().await;
     }
 }
@@ -133,10 +137,11 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Running> {
         .await
         .with_context(|| format!("opening database {}", redact_url(&cfg.database_url)))?;
     store
-        .mark_all_disconnected()
+        .register_replica()
         .await
         .context("resetting connection state")?;
-    // No agent is connected yet, so no `tern expose` is running.
+    store.spawn_replica_tasks(&cfg.database_url);
+    // No agent of this process is connected yet: `tern expose` of offline agents ends.
     store
         .remove_ephemeral_services(None)
         .await
@@ -322,6 +327,11 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Running> {
         .map(|o| Signal::new(state.peer_token_secret.clone(), o));
     if let Some(sig) = &signal {
         let _ = state.signal.set(sig.clone());
+        if state.store.kind() == crate::store::DbKind::Postgres {
+            // Replicas on one PostgreSQL reach each other's peers.
+            tern_signal::bus::attach(sig, &cfg.database_url, state.store.replica())
+                .context("linking signal to its replicas")?;
+        }
         router = router.route_service("/tern.signal.v1.SignalService/{*method}", sig.service());
     }
     if let Some(r) = &relay {

@@ -990,6 +990,10 @@ pub struct ServerStatus {
     /// Peer pairs by path, as the agents report them.
     pub connections: ConnectionSummary,
     pub relay: RelayStatus,
+    /// The management replica that answered.
+    pub replica: String,
+    /// Live management replicas (one unless several run on one PostgreSQL), oldest first.
+    pub replicas: Vec<crate::store::ReplicaInfo>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -1020,6 +1024,8 @@ pub async fn status(State(s): St, _a: Admin) -> ApiResult<Json<ServerStatus>> {
     let m = s.relay_metrics.get();
     let r = &s.opts.relay;
     Ok(Json(ServerStatus {
+        replica: s.store.replica().to_string(),
+        replicas: s.store.replicas().await?,
         peers_total,
         peers_online,
         connections: ConnectionSummary {

@@ -7,6 +7,7 @@ mod devices;
 mod dns;
 mod entities;
 mod peers;
+mod replicas;
 mod services;
 mod sessions;
 
@@ -14,6 +15,7 @@ pub use devices::*;
 pub use dns::*;
 pub use entities::*;
 pub use peers::*;
+pub use replicas::*;
 pub use services::*;
 pub use sessions::*;
 
@@ -86,6 +88,10 @@ pub struct Store {
     /// SQLite has one writer; queueing writers here avoids SQLITE_BUSY under bursts.
     write_lock: Option<Arc<Mutex<()>>>,
     changes: watch::Sender<i64>,
+    /// This process's replica id (see [`replicas`]).
+    replica: Arc<str>,
+    /// Peers whose sync stream this replica holds.
+    held: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 /// A change transaction: serial already bumped; call [`Change::commit`] to apply and notify.
@@ -253,6 +259,8 @@ impl Store {
             kind,
             write_lock: (kind == DbKind::Sqlite).then(|| Arc::new(Mutex::new(()))),
             changes,
+            replica: replicas::new_replica_id().into(),
+            held: Arc::default(),
         })
     }
 
@@ -287,12 +295,14 @@ impl Store {
             .fetch_one(&mut *tx)
             .await?
             .try_get(0)?;
-        Ok(Change {
+        let mut c = Change {
             tx,
             serial: Some(serial),
             actor: actor.to_string(),
             _guard: guard,
-        })
+        };
+        c.notify_replicas(self.kind).await?;
+        Ok(c)
     }
 
     /// Starts a change that no network map depends on (sign-in sessions): audited, serialised

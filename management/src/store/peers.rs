@@ -616,16 +616,45 @@ impl Store {
         Ok((col(&r, "total")?, col(&r, "online")?))
     }
 
-    /// Marks a peer connected (sync stream open) or disconnected (stream ended), updating last seen.
+    /// Marks a peer connected (its sync stream is open on this replica) or disconnected (its
+    /// stream here ended; a stream it opened meanwhile on another replica keeps it online),
+    /// updating last seen.
     pub async fn set_peer_connected(&self, id: &str, connected: bool) -> Result<()> {
+        {
+            let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+            if connected {
+                held.insert(id.to_string());
+            } else {
+                held.remove(id);
+            }
+        }
         let mut c = self.begin_change(&format!("peer:{id}")).await?;
-        let n = sqlx::query("UPDATE peers SET connected = $1, last_seen = $2 WHERE id = $3")
-            .bind(connected as i64)
+        let n = if connected {
+            sqlx::query(
+                "UPDATE peers SET connected = $1, last_seen = $2, replica = $3 WHERE id = $4",
+            )
+            .bind(1i64)
             .bind(now_millis())
+            .bind(self.replica())
             .bind(id)
             .execute(c.conn())
             .await?
-            .rows_affected();
+            .rows_affected()
+        } else {
+            let n = sqlx::query("UPDATE peers SET last_seen = $1 WHERE id = $2")
+                .bind(now_millis())
+                .bind(id)
+                .execute(c.conn())
+                .await?
+                .rows_affected();
+            sqlx::query("UPDATE peers SET connected = $1 WHERE id = $2 AND (replica = $3 OR replica IS NULL)")
+                .bind(0i64)
+                .bind(id)
+                .bind(self.replica())
+                .execute(c.conn())
+                .await?;
+            n
+        };
         if n == 0 {
             return Err(StoreError::not_found("peer", id));
         }

@@ -354,16 +354,29 @@ impl Store {
     }
 
     /// Removes the ephemeral services of one peer (its agent disconnected), or of every peer
-    /// (the server starts: no agent is connected yet). Returns how many.
+    /// offline on all replicas (the server starts). Returns how many.
     pub async fn remove_ephemeral_services(&self, peer_id: Option<&str>) -> Result<u64> {
-        let rows = sqlx::query(
-            "SELECT id FROM public_services WHERE owner_peer_id IS NOT NULL \
-             AND ($1 = '' OR owner_peer_id = $2)",
-        )
-        .bind(peer_id.unwrap_or_default())
-        .bind(peer_id.unwrap_or_default())
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = match peer_id {
+            Some(p) => {
+                sqlx::query(
+                    "SELECT id FROM public_services WHERE owner_peer_id IS NOT NULL \
+                     AND owner_peer_id = $1",
+                )
+                .bind(p)
+                .fetch_all(&self.pool)
+                .await?
+            }
+            // Those of peers offline on every replica.
+            None => {
+                sqlx::query(
+                    "SELECT id FROM public_services WHERE owner_peer_id IS NOT NULL \
+                     AND owner_peer_id NOT IN (SELECT id FROM peers WHERE connected = $1)",
+                )
+                .bind(1i64)
+                .fetch_all(&self.pool)
+                .await?
+            }
+        };
         if rows.is_empty() {
             return Ok(0);
         }
