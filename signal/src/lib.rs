@@ -20,6 +20,8 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info};
 
+pub mod bus;
+
 /// Largest payload forwarded (ICE offers with many candidates stay far below this).
 pub const MAX_PAYLOAD: usize = 64 * 1024;
 /// Messages buffered per receiving stream before sends to it fail with RATE_LIMITED.
@@ -60,6 +62,8 @@ pub struct Signal {
     /// Peers removed or expired (key -> when, Unix seconds): tokens issued before are refused.
     revoked: Mutex<HashMap<PublicKey, i64>>,
     next_conn: AtomicU64,
+    /// Other replicas of this service (PostgreSQL notifications), when there are any.
+    bus: std::sync::OnceLock<bus::Bus>,
 }
 
 /// How long a revocation is remembered: longer than any peer token lives.
@@ -75,6 +79,7 @@ impl Signal {
             peers: Mutex::new(HashMap::new()),
             revoked: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
+            bus: std::sync::OnceLock::new(),
         })
     }
 
@@ -91,6 +96,14 @@ impl Signal {
     /// Peers removed or whose login expired: their live streams end now, and tokens issued up to
     /// `at_unix` are refused from now on. Returns the number of streams closed.
     pub fn revoke(&self, keys: &[PublicKey], at_unix: i64) -> usize {
+        if let Some(bus) = self.bus.get() {
+            bus.revoke(keys, at_unix);
+        }
+        self.revoke_here(keys, at_unix)
+    }
+
+    /// [`Signal::revoke`] on this replica only (a sibling told us).
+    fn revoke_here(&self, keys: &[PublicKey], at_unix: i64) -> usize {
         {
             let mut r = self.revoked.lock().unwrap_or_else(|e| e.into_inner());
             if r.len() + keys.len() > MAX_REVOCATIONS {
@@ -157,9 +170,32 @@ impl Signal {
                 ),
             );
         }
+        if !self.lock().contains_key(&to) {
+            if let Some(bus) = self.bus.get() {
+                // Maybe on another replica: it delivers if the peer is connected there.
+                return match bus.forward(&to, from, &msg.payload) {
+                    Ok(()) => result(SendStatus::Delivered, String::new()),
+                    Err(bus::ForwardError::TooLarge(max)) => result(
+                        SendStatus::Invalid,
+                        format!("payloads to peers on another replica are limited to {max} bytes"),
+                    ),
+                    Err(bus::ForwardError::Busy) => result(
+                        SendStatus::RateLimited,
+                        "the link to the other signal replicas is busy; retry later".into(),
+                    ),
+                };
+            }
+        }
+        let (status, message) = self.deliver(&to, from, msg.payload);
+        result(status, message)
+    }
+
+    /// Queues a delivery for a peer connected to this replica.
+    fn deliver(&self, to: &PublicKey, from: &PublicKey, payload: Vec<u8>) -> (SendStatus, String) {
+        let result = |status: SendStatus, message: String| (status, message);
         let target = self
             .lock()
-            .get(&to)
+            .get(to)
             .map(|r| (r.tx.clone(), r.queued.clone()));
         let Some((tx, queued)) = target else {
             return result(
@@ -167,7 +203,7 @@ impl Signal {
                 format!("peer {to} is not connected to signal"),
             );
         };
-        let len = msg.payload.len();
+        let len = payload.len();
         if queued.fetch_add(len, Ordering::Relaxed) + len > QUEUE_BYTES {
             queued.fetch_sub(len, Ordering::Relaxed);
             return result(
@@ -178,7 +214,7 @@ impl Signal {
         let delivery = pb::Inbound {
             kind: Some(pb::inbound::Kind::Delivery(pb::Delivery {
                 sender: from.0.to_vec(),
-                payload: msg.payload,
+                payload,
             })),
         };
         let sent = tx.try_send(Ok(delivery));

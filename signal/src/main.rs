@@ -11,6 +11,10 @@ struct Args {
     /// The peer-token secret management uses (TERN_PEER_TOKEN_SECRET there too).
     #[arg(long, env = "TERN_PEER_TOKEN_SECRET", hide_env_values = true)]
     peer_token_secret: SecretString,
+    /// The PostgreSQL database management uses (TERN_DATABASE_URL there too): with it, several
+    /// signal replicas pass messages to each other's peers. Without it, run one signal service.
+    #[arg(long, env = "TERN_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<SecretString>,
     /// Sustained messages per second per peer.
     #[arg(long, env = "TERN_SIGNAL_RATE", default_value_t = 50.0)]
     rate: f64,
@@ -48,6 +52,18 @@ fn try_main(args: Args) -> anyhow::Result<()> {
             args.peer_token_secret.expose_secret().as_bytes().to_vec(),
             opts,
         );
+        if let Some(url) = &args.database_url {
+            let url = url.expose_secret();
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                anyhow::bail!("--database-url must be a postgres:// URL (replicas share one PostgreSQL); leave it out for a single signal service");
+            }
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .unwrap_or_default()
+                .trim()
+                .to_string();
+            let origin = format!("signal-{host}-{}-{}", args.listen.port(), std::process::id());
+            tern_signal::bus::attach(&sig, url, &origin)?;
+        }
         tracing::info!(listen = %args.listen, "signal listening");
         tonic::transport::Server::builder()
             .add_service(sig.service())
