@@ -148,10 +148,10 @@ pub fn describe(url: &str, s: &tonic::Status) -> String {
         .unwrap_or_else(|| "unknown error".into())
 }
 
-/// A lazily connecting channel to management (and signal, on the same server). `https` URLs are
+/// The endpoint of management (and signal, on the same server) at `url`. `https` URLs are
 /// verified against the system's roots plus the PEM file named by `TERN_CA_FILE` (private CAs,
 /// self-signed trial certificates).
-pub fn channel(url: &str) -> anyhow::Result<Channel> {
+fn endpoint(url: &str) -> anyhow::Result<Endpoint> {
     let mut ep = Endpoint::from_shared(url.to_string())
         .map_err(|_| anyhow!("management URL {url:?} is not a valid http(s) URL"))?
         .connect_timeout(Duration::from_secs(10))
@@ -169,7 +169,133 @@ pub fn channel(url: &str) -> anyhow::Result<Channel> {
             .tls_config(tls)
             .context("TLS configuration for management")?;
     }
-    Ok(ep.connect_lazy())
+    Ok(ep)
+}
+
+/// `--management-url`: one URL, or several replicas of one management service separated by
+/// commas (each checked; duplicates dropped).
+pub fn parse_urls(list: &str) -> Result<Vec<String>, String> {
+    let mut urls: Vec<String> = Vec::new();
+    for u in list.split(',').map(str::trim) {
+        if u.is_empty() && list.contains(',') {
+            return Err(format!(
+                "--management-url {list:?} has an empty entry: separate replicas' URLs with single commas"
+            ));
+        }
+        check_url(u)?;
+        let u = u.trim_end_matches('/').to_string();
+        if !urls.contains(&u) {
+            urls.push(u);
+        }
+    }
+    Ok(urls)
+}
+
+/// The management replicas this agent may use (one URL, or several serving one network on one
+/// database), and the one it uses now. Everything that talks to management or signal holds
+/// [`Servers::channel`], which always leads to the current replica: when the agent moves, every
+/// later call (sync, signal, reports, expose, diagnose) goes to the new one.
+pub struct Servers {
+    urls: Vec<String>,
+    endpoints: Vec<Endpoint>,
+    current: std::sync::atomic::AtomicUsize,
+    /// Moves the channel's one endpoint (None with a single URL: a plain channel).
+    switch: Option<tokio::sync::mpsc::Sender<tonic::transport::channel::Change<usize, Endpoint>>>,
+    channel: Channel,
+}
+
+impl Servers {
+    /// Starts with the first URL.
+    pub fn new(urls: Vec<String>) -> anyhow::Result<std::sync::Arc<Servers>> {
+        anyhow::ensure!(!urls.is_empty(), "no management URL");
+        let endpoints = urls
+            .iter()
+            .map(|u| endpoint(u))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let (channel, switch) = if endpoints.len() == 1 {
+            (endpoints[0].connect_lazy(), None)
+        } else {
+            let (ch, tx) = Channel::balance_channel(8);
+            tx.try_send(tonic::transport::channel::Change::Insert(
+                0,
+                endpoints[0].clone(),
+            ))
+            .map_err(|_| anyhow!("cannot set up the management channel"))?;
+            (ch, Some(tx))
+        };
+        Ok(std::sync::Arc::new(Servers {
+            urls,
+            endpoints,
+            current: 0.into(),
+            switch,
+            channel,
+        }))
+    }
+
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
+    /// (index, URL) of the replica in use.
+    pub fn current(&self) -> (usize, String) {
+        let i = self.current.load(std::sync::atomic::Ordering::Acquire);
+        (i, self.urls[i].clone())
+    }
+
+    pub fn len(&self) -> usize {
+        self.urls.len()
+    }
+
+    pub fn urls(&self) -> &[String] {
+        &self.urls
+    }
+
+    /// All URLs, as given (for the saved configuration).
+    pub fn joined(&self) -> String {
+        self.urls.join(",")
+    }
+
+    /// Replica `failed` did not answer or dropped a stream: the next one is used, unless
+    /// another task already moved on. True if this call moved.
+    pub fn failed(&self, failed: usize) -> bool {
+        let Some(switch) = &self.switch else {
+            return false;
+        };
+        let next = (failed + 1) % self.urls.len();
+        if self
+            .current
+            .compare_exchange(
+                failed,
+                next,
+                std::sync::atomic::Ordering::AcqRel,
+                std::sync::atomic::Ordering::Acquire,
+            )
+            .is_err()
+        {
+            return false;
+        }
+        use tonic::transport::channel::Change;
+        let _ = switch.try_send(Change::Remove(failed));
+        let _ = switch.try_send(Change::Insert(next, self.endpoints[next].clone()));
+        warn!(from = %self.urls[failed], to = %self.urls[next], "moving to another management replica");
+        true
+    }
+}
+
+/// How long to wait before the next attempt after `failures` failures in a row with `replicas`
+/// to try: a short random pause while there are replicas not yet tried (so that the agents of a
+/// replica that died do not all arrive at a sibling in the same instant), then exponential
+/// backoff with jitter up to 10 s once every replica failed.
+pub fn retry_delay(failures: u32, replicas: usize) -> Duration {
+    use rand::Rng;
+    let mut rng = rand::thread_rng();
+    if (failures as usize) < replicas {
+        return Duration::from_millis(rng.gen_range(50..=750));
+    }
+    let rounds = (failures as usize / replicas.max(1)).min(6) as u32;
+    let base = Duration::from_millis(500) * 2u32.pow(rounds.saturating_sub(1));
+    let base = base.min(Duration::from_secs(10));
+    base.mul_f64(rng.gen_range(0.5..=1.0))
 }
 
 /// Extra trust anchor for TLS (management and the relay WebSocket).
@@ -379,8 +505,7 @@ const DISABLED_RECHECK: Duration = Duration::from_secs(20);
 
 /// What the agent needs to log in again on its own: where, as whom, and the pinned server key.
 pub struct Relogin {
-    pub url: String,
-    pub ch: Channel,
+    pub servers: std::sync::Arc<Servers>,
     pub key: SecretKey,
     pub hostname: String,
     pub server_key: PublicKey,
@@ -411,15 +536,22 @@ pub async fn run_sync(
     up: watch::Sender<bool>,
 ) {
     let Relogin {
-        url,
-        ch,
+        servers,
         key,
         hostname,
         server_key,
         refused,
     } = who;
-    let mut backoff = Duration::from_millis(500);
+    let ch = servers.channel();
+    // Failures in a row (each moves to the next replica, if there are several).
+    let mut failures = 0u32;
+    let fail = |failures: &mut u32, at: usize| {
+        *failures += 1;
+        servers.failed(at);
+        retry_delay(*failures, servers.len())
+    };
     loop {
+        let (at, url) = servers.current();
         let session = match login(&url, &ch, &key, None, &hostname, Some(&server_key)).await {
             Ok(s) => s,
             Err(LoginError::Refused(m)) if refusal_code(&m) == Some("user_disabled") => {
@@ -441,10 +573,10 @@ pub async fn run_sync(
                 return;
             }
             Err(e) => {
-                warn!(error = %e, retry_in = ?backoff, "management login failed");
+                let wait = fail(&mut failures, at);
+                warn!(error = %e, retry_in = ?wait, "management login failed");
                 up.send_replace(false);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(10));
+                tokio::time::sleep(wait).await;
                 continue;
             }
         };
@@ -465,20 +597,21 @@ pub async fn run_sync(
         let mut stream = match c.sync(req).await {
             Ok(s) => s.into_inner(),
             Err(e) => {
-                warn!(error = %e.message(), "sync stream refused");
+                let wait = fail(&mut failures, at);
+                warn!(error = %e.message(), retry_in = ?wait, "sync stream refused");
                 up.send_replace(false);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(10));
+                tokio::time::sleep(wait).await;
                 continue;
             }
         };
         up.send_replace(true);
-        info!("management sync stream open");
+        info!(%url, "management sync stream open");
         // Re-login before the token expires (signal needs a valid one for reconnects).
         let refresh =
             Duration::from_secs(((session.token_expires_unix - now_unix()) * 3 / 4).max(30) as u64);
         let mut deadline = tokio::time::Instant::now() + refresh;
-        loop {
+        // Whether the stream ended because of the server (then another replica is tried).
+        let server_fault = loop {
             let msg = tokio::select! {
                 m = stream.message() => m,
                 _ = tokio::time::sleep_until(deadline) => {
@@ -492,7 +625,7 @@ pub async fn run_sync(
             };
             match msg {
                 Ok(Some(m)) => {
-                    backoff = Duration::from_millis(500);
+                    failures = 0;
                     let next = next_map(maps.borrow().as_ref(), m);
                     match next {
                         Ok(Some(map)) => {
@@ -502,23 +635,25 @@ pub async fn run_sync(
                         Err(gap) => {
                             // The stream's first message is a full map.
                             warn!(%gap, "missed a network map change; reopening the sync stream for a full map");
-                            break;
+                            break false;
                         }
                     }
                 }
                 Ok(None) => {
                     warn!("management closed the sync stream");
-                    break;
+                    break true;
                 }
                 Err(e) => {
                     warn!(error = %e.message(), "sync stream failed");
-                    break;
+                    break true;
                 }
             }
-        }
+        };
         up.send_replace(false);
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(10));
+        if server_fault {
+            let wait = fail(&mut failures, at);
+            tokio::time::sleep(wait).await;
+        }
     }
 }
 
@@ -573,7 +708,7 @@ pub fn connection_report(peers: &[crate::engine::PeerStatus]) -> Vec<pb::PeerCon
 /// Reports how this agent reaches each peer: within 2 s of a change of path, and every 30 s
 /// (management forgets reports older than 75 s). RTT changes alone wait for the 30 s report.
 pub async fn run_status_reports(
-    ch: Channel,
+    servers: std::sync::Arc<Servers>,
     engine: std::sync::Arc<crate::engine::Engine>,
     token: watch::Receiver<Option<String>>,
     up: watch::Receiver<bool>,
@@ -623,7 +758,7 @@ pub async fn run_status_reports(
             req.metadata_mut().insert("authorization", v);
         }
         req.set_timeout(Duration::from_secs(10));
-        match ManagementServiceClient::new(ch.clone())
+        match ManagementServiceClient::new(servers.channel())
             .report_status(req)
             .await
         {
@@ -657,6 +792,60 @@ mod tests {
             let e = check_url(url).expect_err(url);
             assert!(e.contains(words), "{url}: {e}");
         }
+    }
+
+    #[test]
+    fn several_replicas_urls_are_checked_each_and_retries_spread_then_back_off() {
+        assert_eq!(
+            parse_urls("https://a.example.com, https://b.example.com/,https://a.example.com"),
+            Ok(vec![
+                "https://a.example.com".to_string(),
+                "https://b.example.com".to_string()
+            ])
+        );
+        assert_eq!(
+            parse_urls("http://10.0.0.1:8080"),
+            Ok(vec!["http://10.0.0.1:8080".to_string()])
+        );
+        let e = parse_urls("https://a.example.com,,https://b").expect_err("empty entry");
+        assert!(e.contains("empty entry"), "{e}");
+        let e = parse_urls("https://a.example.com,b.example.com").expect_err("no scheme");
+        assert!(e.contains("has no scheme"), "{e}");
+        // While replicas remain untried: a short random pause, under a second.
+        for f in 1..3 {
+            let d = retry_delay(f, 3);
+            assert!(
+                d >= Duration::from_millis(50) && d < Duration::from_secs(1),
+                "{d:?}"
+            );
+        }
+        // Then backoff grows, with jitter, up to 10 s.
+        let late: Vec<Duration> = (0..50).map(|_| retry_delay(60, 2)).collect();
+        assert!(late
+            .iter()
+            .all(|d| *d >= Duration::from_secs(5) && *d <= Duration::from_secs(10)));
+        assert!(late.iter().any(|d| *d != late[0]), "jittered");
+        let one = retry_delay(1, 1);
+        assert!(one <= Duration::from_millis(500), "{one:?}");
+    }
+
+    #[tokio::test]
+    async fn moving_to_another_replica_happens_once_per_failure() {
+        let s = Servers::new(vec![
+            "http://127.0.0.1:1".to_string(),
+            "http://127.0.0.1:2".to_string(),
+        ])
+        .expect("servers");
+        assert_eq!(s.current().0, 0);
+        assert!(s.failed(0));
+        // Signal and sync both saw replica 0 fail: only the first moves.
+        assert!(!s.failed(0));
+        assert_eq!(s.current(), (1, "http://127.0.0.1:2".to_string()));
+        assert!(s.failed(1));
+        assert_eq!(s.current().0, 0);
+        let single = Servers::new(vec!["http://127.0.0.1:1".to_string()]).expect("one");
+        assert!(!single.failed(0));
+        assert_eq!(single.joined(), "http://127.0.0.1:1");
     }
 
     #[test]

@@ -350,8 +350,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "Management: this device's user is disabled; nothing flows until an admin enables the account (tern keeps checking)"
                 ),
                 _ => println!(
-                    "Management {}  Signal {}  TCP relay {}",
+                    "Management {}{}  Signal {}  TCP relay {}",
                     yes(s.management),
+                    if s.management_replicas > 1 {
+                        format!(
+                            " at {} (one of {} replicas)",
+                            s.management_url, s.management_replicas
+                        )
+                    } else {
+                        String::new()
+                    },
                     yes(s.signal),
                     yes(s.tcp_relay)
                 ),
@@ -554,7 +562,7 @@ struct UpOptions {
 struct Joined {
     session: control::Session,
     url: String,
-    ch: tonic::transport::Channel,
+    servers: Arc<control::Servers>,
     key: tern_proto::SecretKey,
     hostname: String,
     mtu: Option<u32>,
@@ -589,17 +597,35 @@ async fn join(
         })
         .unwrap_or_else(|| "tern-peer".into());
     let mtu = mtu.or(saved.as_ref().and_then(|s| s.mtu));
-    control::check_url(&url).map_err(anyhow::Error::msg)?;
-    warn_plain_http(&url);
-    let ch = control::channel(&url)?;
+    let urls = control::parse_urls(&url).map_err(anyhow::Error::msg)?;
+    for u in &urls {
+        warn_plain_http(u);
+    }
+    let servers = control::Servers::new(urls)?;
+    let ch = servers.channel();
     // The server's key is pinned at the first join; an explicit join with a setup key (a
     // reinstalled server) pins the new one.
     let pinned = saved
         .as_ref()
-        .filter(|s| s.management_url == url && setup_key.is_none())
+        .filter(|s| {
+            control::parse_urls(&s.management_url).ok().as_deref() == Some(servers.urls())
+                && setup_key.is_none()
+        })
         .and_then(|s| s.server_key.as_deref())
         .and_then(|k| k.parse::<tern_proto::PublicKey>().ok());
-    let server_pub = control::server_key(&url, &ch, pinned.as_ref()).await?;
+    // With several replicas, the first that answers.
+    let mut attempt = 0;
+    let server_pub = loop {
+        let (at, current) = servers.current();
+        match control::server_key(&current, &ch, pinned.as_ref()).await {
+            Err(control::LoginError::Unreachable { .. }) if attempt + 1 < servers.len() => {
+                attempt += 1;
+                servers.failed(at);
+            }
+            r => break r?,
+        }
+    };
+    let url = servers.current().1;
     let cred = match setup_key.as_deref() {
         Some(k) => control::Credential::SetupKey(k),
         None => control::Credential::None,
@@ -614,7 +640,7 @@ async fn join(
         r => r?,
     };
     st.save_config(&state::SavedConfig {
-        management_url: url.clone(),
+        management_url: servers.joined(),
         hostname: hostname.clone(),
         interface: iface.to_string(),
         mtu,
@@ -623,7 +649,7 @@ async fn join(
     Ok(Joined {
         session,
         url,
-        ch,
+        servers,
         key,
         hostname,
         mtu,
@@ -760,11 +786,12 @@ async fn up(
     let Joined {
         session,
         url,
-        ch,
+        servers,
         key,
         hostname,
         mtu,
     } = join(state_dir, iface, join_args, mtu).await?;
+    let ch = servers.channel();
     let mtu = mtu.unwrap_or(session.config.mtu);
     // Rules a crashed earlier run may have left behind.
     platform::net::remove_rules(iface);
@@ -809,8 +836,7 @@ async fn up(
 
     tokio::spawn(control::run_sync(
         control::Relogin {
-            url: url.clone(),
-            ch: ch.clone(),
+            servers: servers.clone(),
             key: key.clone(),
             hostname,
             server_key: session.server_key,
@@ -821,13 +847,13 @@ async fn up(
         mgmt_up_tx,
     ));
     tokio::spawn(control::run_status_reports(
-        ch.clone(),
+        servers.clone(),
         engine.clone(),
         token_rx.clone(),
         mgmt_up.clone(),
     ));
     tokio::spawn(signal::run(
-        ch.clone(),
+        servers.clone(),
         key.clone(),
         token_rx.clone(),
         sig_out_rx,
@@ -941,12 +967,15 @@ async fn up(
     let pubkey = key.public_key().to_base64();
     let iface_s = iface.to_string();
     let e = engine.clone();
+    let status_servers = servers.clone();
     let status_now = Arc::new(move || status::Status {
         interface: iface_s.clone(),
         peer_id: me.clone(),
         overlay_address: addr.clone(),
         public_key: pubkey.clone(),
         management: *mgmt_up.borrow(),
+        management_url: status_servers.current().1,
+        management_replicas: status_servers.len(),
         signal: *sig_up.borrow(),
         tcp_relay: e.tcp_connected(),
         peers: e

@@ -2,12 +2,10 @@
 //! sealed end to end (crypto_box between the two WireGuard keys) before they leave the agent.
 
 use serde::{Deserialize, Serialize};
-use std::time::Duration;
 use tern_proto::signal as pb;
 use tern_proto::signal::signal_service_client::SignalServiceClient;
 use tern_proto::{PublicKey, SecretKey};
 use tokio::sync::{mpsc, watch};
-use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
 /// What peers tell each other to set up a path (sealed inside signal payloads).
@@ -50,16 +48,20 @@ pub fn open_msg(key: &SecretKey, from: &PublicKey, payload: &[u8]) -> Option<Pee
 
 /// Runs the signal stream forever: sends what arrives on `out`, delivers what comes in on `inc`.
 pub async fn run(
-    ch: Channel,
+    servers: std::sync::Arc<crate::control::Servers>,
     key: SecretKey,
     mut token: watch::Receiver<Option<String>>,
     mut out: mpsc::Receiver<(PublicKey, PeerMsg)>,
     inc: mpsc::Sender<(PublicKey, PeerMsg)>,
     up: watch::Sender<bool>,
 ) {
-    let mut backoff = Duration::from_millis(500);
+    let ch = servers.channel();
+    // Failures in a row; each moves to the next management replica if there are several
+    // (signal is served with management).
+    let mut failures = 0u32;
     let mut id = 0u64;
     loop {
+        let (at, _) = servers.current();
         let Some(t) = token.borrow_and_update().clone() else {
             if token.changed().await.is_err() {
                 return;
@@ -74,16 +76,18 @@ pub async fn run(
         let mut stream = match SignalServiceClient::new(ch.clone()).open(req).await {
             Ok(s) => s.into_inner(),
             Err(e) => {
-                warn!(error = %e.message(), retry_in = ?backoff, "signal connection failed");
+                failures += 1;
+                servers.failed(at);
+                let wait = crate::control::retry_delay(failures, servers.len());
+                warn!(error = %e.message(), retry_in = ?wait, "signal connection failed");
                 up.send_replace(false);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(10));
+                tokio::time::sleep(wait).await;
                 continue;
             }
         };
         up.send_replace(true);
         info!("signal stream open");
-        backoff = Duration::from_millis(500);
+        failures = 0;
         loop {
             tokio::select! {
                 m = out.recv() => {
@@ -114,8 +118,9 @@ pub async fn run(
         }
         warn!("signal stream lost; reconnecting");
         up.send_replace(false);
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(10));
+        failures += 1;
+        servers.failed(at);
+        tokio::time::sleep(crate::control::retry_delay(failures, servers.len())).await;
     }
 }
 

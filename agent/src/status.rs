@@ -15,6 +15,11 @@ pub struct Status {
     pub overlay_address: String,
     pub public_key: String,
     pub management: bool,
+    /// The management replica in use (its URL), and how many the agent was given.
+    #[serde(default)]
+    pub management_url: String,
+    #[serde(default)]
+    pub management_replicas: usize,
     pub signal: bool,
     pub tcp_relay: bool,
     pub peers: Vec<serde_json::Value>,
