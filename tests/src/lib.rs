@@ -163,6 +163,39 @@ impl TestServer {
     }
 
     pub async fn start_with(database_url: &str, opts: ManagementOptions) -> anyhow::Result<Self> {
+        let running = Self::run(database_url, opts).await?;
+        let first = tern_management::bootstrap::first_start(
+            &running.state.store,
+            "admin",
+            Some(ADMIN_PASSWORD),
+        )
+        .await?
+        .ok_or_else(|| anyhow!("database was not fresh"))?;
+        Self::signed_in(running, first.setup_key).await
+    }
+
+    /// Another replica of `first` on the same (PostgreSQL) database.
+    pub async fn replica_of(first: &TestServer, database_url: &str) -> anyhow::Result<Self> {
+        let running = Self::run(database_url, fast_options()).await?;
+        Self::signed_in(running, first.default_setup_key.clone()).await
+    }
+
+    async fn signed_in(running: Running, default_setup_key: String) -> anyhow::Result<Self> {
+        let base = format!("http://{}", running.addr);
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(20))
+            .build()?;
+        let token = admin_login(&http, &base, "admin", ADMIN_PASSWORD).await?;
+        Ok(TestServer {
+            running: Some(running),
+            base,
+            token,
+            http,
+            default_setup_key,
+        })
+    }
+
+    async fn run(database_url: &str, opts: ManagementOptions) -> anyhow::Result<Running> {
         let mut cfg = ServerConfig::new("127.0.0.1:0".parse()?, database_url.to_string());
         cfg.opts = opts;
         cfg.signal = Some(tern_signal::SignalOptions::default());
@@ -183,26 +216,7 @@ impl TestServer {
             listen: "127.0.0.1:0".parse()?,
             advertise: None,
         });
-        let running = server::start(cfg).await?;
-        let first = tern_management::bootstrap::first_start(
-            &running.state.store,
-            "admin",
-            Some(ADMIN_PASSWORD),
-        )
-        .await?
-        .ok_or_else(|| anyhow!("database was not fresh"))?;
-        let base = format!("http://{}", running.addr);
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(20))
-            .build()?;
-        let token = admin_login(&http, &base, "admin", ADMIN_PASSWORD).await?;
-        Ok(TestServer {
-            running: Some(running),
-            base,
-            token,
-            http,
-            default_setup_key: first.setup_key,
-        })
+        server::start(cfg).await
     }
 
     pub fn state(&self) -> &std::sync::Arc<tern_management::state::AppState> {
@@ -338,6 +352,12 @@ pub struct TestAgent {
 }
 
 impl TestAgent {
+    /// The same agent (key) talking to another server (a replica).
+    pub fn with_key(mut self, key: SecretKey) -> Self {
+        self.key = key;
+        self
+    }
+
     pub async fn new(server: &TestServer, hostname: &str) -> Self {
         TestAgent {
             key: SecretKey::generate(),

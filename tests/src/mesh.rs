@@ -16,6 +16,8 @@ pub struct Mesh {
     pub homes: Vec<String>,
     /// Extra `tern-server` flags (kept across restarts).
     pub server_args: Vec<String>,
+    /// The port `api` and `api_text` call on the server's address (443; a replica's port).
+    pub api_port: u16,
 }
 
 pub fn bin(name: &str) -> PathBuf {
@@ -126,17 +128,24 @@ impl Mesh {
 
     /// Homes a and b behind the given NATs and a server started with `extra` flags.
     pub fn with_server_args(nat_a: Nat, nat_b: Nat, extra: &[&str]) -> Mesh {
+        let mut m = Mesh::without_server(nat_a, nat_b, extra);
+        m.start_server();
+        m
+    }
+
+    /// The lab of [`Mesh::with_server_args`] with the server not started yet
+    /// ([`Mesh::start_server`] starts it).
+    pub fn without_server(nat_a: Nat, nat_b: Nat, extra: &[&str]) -> Mesh {
         let mut lab = Lab::new().expect("lab");
         let ha = lab.add_home("a", nat_a).expect("home a");
         let hb = lab.add_home("b", nat_b).expect("home b");
-        let mut m = Mesh {
+        Mesh {
             lab,
             key: String::new(),
             homes: vec![ha, hb],
             server_args: extra.iter().map(|s| s.to_string()).collect(),
-        };
-        m.start_server();
-        m
+            api_port: 443,
+        }
     }
 
     pub fn start_server(&mut self) {
@@ -382,7 +391,7 @@ impl Mesh {
     /// A GET as an admin from inside the server namespace (curl); returns the body as text.
     pub fn api_text(&self, path: &str) -> String {
         let auth = self.admin_auth();
-        let url = format!("http://{SERVER_IP}:443{path}");
+        let url = format!("http://{SERVER_IP}:{}{path}", self.api_port);
         let out = self
             .lab
             .exec(&self.lab.ns("srv"), &["curl", "-sS", "-H", &auth, &url]);
@@ -393,7 +402,7 @@ impl Mesh {
     pub fn api(&self, method: &str, path: &str, body: Option<&str>) -> Value {
         let srv = self.lab.ns("srv");
         let auth = self.admin_auth();
-        let url = format!("http://{SERVER_IP}:443{path}");
+        let url = format!("http://{SERVER_IP}:{}{path}", self.api_port);
         let mut args = vec![
             "curl",
             "-sS",
@@ -415,7 +424,7 @@ impl Mesh {
     /// `authorization: Bearer ...` for the admin (signed in through the API).
     fn admin_auth(&self) -> String {
         let srv = self.lab.ns("srv");
-        let login_url = format!("http://{SERVER_IP}:443/api/auth/login");
+        let login_url = format!("http://{SERVER_IP}:{}/api/auth/login", self.api_port);
         let login = self.lab.exec(
             &srv,
             &[

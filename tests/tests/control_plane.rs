@@ -1010,3 +1010,137 @@ async fn deleted_or_expired_peers_lose_their_streams_at_once() {
     split_task.abort();
     db.cleanup().await;
 }
+
+/// Two replicas on one PostgreSQL, in process: a change on one reaches a stream on the other,
+/// signal crosses between them, a peer moves replicas without being marked offline by the one
+/// it left, and a replica that stops its heartbeat has its peers marked offline by the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_on_one_postgres_share_changes_signal_and_presence() {
+    init_tracing();
+    if postgres_url().is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run the replica tests: set TERN_TEST_POSTGRES_URL"
+        );
+        eprintln!("SKIPPED: replicas need PostgreSQL (TERN_TEST_POSTGRES_URL)");
+        return;
+    }
+    let db = TestDb::new(Backend::Postgres).await.expect("db");
+    let one = TestServer::start(&db.url).await.expect("replica 1");
+    let two = TestServer::replica_of(&one, &db.url)
+        .await
+        .expect("replica 2");
+    let status = two.get("/api/status").await;
+    assert_eq!(
+        status["replicas"].as_array().map(Vec::len),
+        Some(2),
+        "{status}"
+    );
+
+    // A syncs on replica 1; B registers on replica 2: A sees B within a second.
+    let a = TestAgent::new(&one, "alpha").await;
+    let la = a.login(Some(&one.default_setup_key)).await.expect("A");
+    let mut sa = a.sync(&la.peer_token).await.expect("sync A");
+    next_map(&mut sa, Duration::from_secs(5))
+        .await
+        .expect("A's first map");
+    let b = TestAgent::new(&two, "bravo").await;
+    let t = Instant::now();
+    let lb = b.login(Some(&two.default_setup_key)).await.expect("B");
+    wait_map(&mut sa, Duration::from_secs(2), |m| {
+        m.remote_peers.len() == 1
+    })
+    .await
+    .expect("a registration on replica 2 reaches A's stream on replica 1");
+    eprintln!(
+        "replica 2's change reached replica 1's stream in {:?}",
+        t.elapsed()
+    );
+    let mut sb = b.sync(&lb.peer_token).await.expect("sync B");
+    next_map(&mut sb, Duration::from_secs(5))
+        .await
+        .expect("B's first map");
+    // An admin write on replica 2 (rename B) reaches A's stream on replica 1.
+    let (s, v) = two
+        .put(
+            &format!("/api/peers/{}", lb.peer_id),
+            json!({ "name": "bravo-2" }),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    wait_map(&mut sa, Duration::from_secs(2), |m| {
+        m.remote_peers.iter().any(|p| p.name.starts_with("bravo-2"))
+    })
+    .await
+    .expect("the rename reaches replica 1");
+
+    // Signal: A on replica 1 sends to B on replica 2.
+    let (a_tx, mut a_rx) = open_signal(&a, &la.peer_token).await.expect("A signal");
+    let (_b_tx, mut b_rx) = open_signal(&b, &lb.peer_token).await.expect("B signal");
+    one.wait_signal_streams(1).await;
+    two.wait_signal_streams(1).await;
+    a_tx.send(spb::Outbound {
+        id: 1,
+        recipient: b.key.public_key().0.to_vec(),
+        payload: b"candidate across replicas".to_vec(),
+    })
+    .await
+    .expect("send");
+    match next_inbound(&mut a_rx).await {
+        spb::inbound::Kind::Result(r) => {
+            assert_eq!(r.status(), spb::send_result::Status::Delivered, "{r:?}")
+        }
+        other => panic!("expected a result, got {other:?}"),
+    }
+    match next_inbound(&mut b_rx).await {
+        spb::inbound::Kind::Delivery(d) => {
+            assert_eq!(d.sender, a.key.public_key().0.to_vec());
+            assert_eq!(d.payload, b"candidate across replicas");
+        }
+        other => panic!("expected a delivery, got {other:?}"),
+    }
+
+    // A moves to replica 2 (opens a stream there, then its stream on replica 1 ends): it stays
+    // online.
+    let a2 = TestAgent::new(&two, "alpha").await.with_key(a.key.clone());
+    let mut sa2 = a2.sync(&la.peer_token).await.expect("A on replica 2");
+    next_map(&mut sa2, Duration::from_secs(5))
+        .await
+        .expect("A's map from replica 2");
+    drop(sa);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let peer = two.get(&format!("/api/peers/{}", la.peer_id)).await;
+    assert_eq!(peer["connected"], true, "A moved, it did not leave: {peer}");
+
+    // Replica 2 goes silent (its heartbeat is made old, as if it hung or was killed): replica 1
+    // marks its peers offline within a few seconds.
+    let replica2 = two.state().store.replica().to_string();
+    let pool = sqlx::PgPool::connect(&db.url).await.expect("pool");
+    let t = Instant::now();
+    // Keep it old while replica 2 would renew it (its own heartbeat re-registers it later).
+    let stale = async {
+        loop {
+            let _ = sqlx::query("UPDATE replicas SET heartbeat_at = 0 WHERE id = $1")
+                .bind(&replica2)
+                .execute(&pool)
+                .await;
+            let peer = one.get(&format!("/api/peers/{}", lb.peer_id)).await;
+            if peer["connected"] == false {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), stale)
+        .await
+        .expect("replica 1 marks the silent replica's peers offline");
+    eprintln!(
+        "a silent replica's peers were offline after {:?}",
+        t.elapsed()
+    );
+    pool.close().await;
+    drop((sb, sa2));
+    two.stop().await;
+    one.stop().await;
+    db.cleanup().await;
+}

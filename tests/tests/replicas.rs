@@ -1,0 +1,210 @@
+//! Two `tern-server` replicas (management + signal + relay each) on one PostgreSQL, agents in
+//! namespaces spread over them: a peer on replica 1 and a peer on replica 2 exchange ICE
+//! candidates (signal crosses replicas) and connect directly; a write on replica 1 reaches the
+//! agent on replica 2; replica 1 is killed (-9) while pings flow: the tunnel keeps carrying
+//! traffic, its agent is back on replica 2 within 5 s, and an admin write made on replica 2 during
+//! the failover reaches everyone.
+
+use serde_json::Value;
+use std::time::{Duration, Instant};
+use tern_tests::mesh::{bin, skip, Mesh, ADMIN_PASSWORD};
+use tern_tests::netns::{forward_into, Nat, SERVER_IP};
+use tern_tests::{Backend, TestDb};
+
+const R1: &str = "http://203.0.113.10:443";
+const R2: &str = "http://203.0.113.10:444";
+
+fn peer_named(status: &Value, name: &str) -> bool {
+    status["peers"]
+        .as_array()
+        .is_some_and(|ps| ps.iter().any(|p| p["name"] == name))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_one_postgres_and_agents_survive_losing_one() {
+    if skip() {
+        return;
+    }
+    if tern_tests::postgres_url().is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run the replica suite: set TERN_TEST_POSTGRES_URL"
+        );
+        eprintln!("SKIPPED: replicas need PostgreSQL (TERN_TEST_POSTGRES_URL)");
+        return;
+    }
+    assert_eq!(SERVER_IP, "203.0.113.10");
+    let db = TestDb::new(Backend::Postgres).await.expect("database");
+    let pg_port: u16 = db
+        .url
+        .split('@')
+        .nth(1)
+        .and_then(|h| h.split('/').next())
+        .and_then(|h| h.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(5432);
+    let mut m = Mesh::without_server(Nat::Easy, Nat::Easy, &["--database-url", &db.url]);
+    // The replicas run in the server's namespace; PostgreSQL on this host's loopback.
+    let srv = m.lab.ns("srv");
+    let _pg = forward_into(&srv, pg_port).expect("forward PostgreSQL");
+    m.start_server();
+    let (ha, hb) = (m.homes[0].clone(), m.homes[1].clone());
+    let data2 = m.lab.dir.path().join("server2");
+    let (listen2, relay2) = (format!("{SERVER_IP}:444"), format!("{SERVER_IP}:3578"));
+    m.lab
+        .spawn(
+            "server2",
+            &srv,
+            &bin("tern-server"),
+            &[
+                "--listen",
+                &listen2,
+                "--data-dir",
+                data2.to_str().expect("utf8"),
+                "--database-url",
+                &db.url,
+                "--relay-udp-listen",
+                &relay2,
+                "--relay-public-ip",
+                SERVER_IP,
+                "--relay-ports",
+                "51000-51999",
+                "--wireguard-listen",
+                "off",
+                "--public-ports",
+                "off",
+            ],
+            &[("TERN_ADMIN_PASSWORD", ADMIN_PASSWORD)],
+        )
+        .expect("replica 2");
+    m.lab
+        .wait_for("replica 2 up", Duration::from_secs(30), || {
+            let log = m.lab.log("server2");
+            assert!(!log.contains("error:"), "replica 2 did not start:\n{log}");
+            log.contains("Agents join with")
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", m.lab.log("server2")));
+
+    // a prefers replica 1, b replica 2.
+    let (a_urls, b_urls) = (format!("{R1},{R2}"), format!("{R2},{R1}"));
+    m.up_with("a", &ha, true, &a_urls, &[]);
+    m.up_with("b", &hb, true, &b_urls, &[]);
+    let s = m
+        .lab
+        .wait_for("both agents up", Duration::from_secs(30), || {
+            m.status("a", &ha).is_some_and(|s| s["management"] == true)
+                && m.status("b", &hb).is_some_and(|s| s["management"] == true)
+        });
+    s.unwrap_or_else(|e| panic!("{e}\n{}\n{}", m.lab.log("a"), m.lab.log("b")));
+    let sa = m.status("a", &ha).expect("a");
+    let sb = m.status("b", &hb).expect("b");
+    assert_eq!(sa["management_url"], R1, "{sa:#}");
+    assert_eq!(sb["management_url"], R2, "{sb:#}");
+    assert_eq!(sa["management_replicas"], 2);
+
+    // Candidates cross replicas: a (on 1) and b (on 2) connect directly.
+    m.wait_connection("a", &ha, "direct", Duration::from_secs(30));
+    m.wait_connection("b", &hb, "direct", Duration::from_secs(30));
+    let status = m.api("GET", "/api/status", None);
+    let replicas = status["replicas"].as_array().expect("replicas");
+    assert_eq!(replicas.len(), 2, "{status:#}");
+    assert_eq!(status["peers_online"], 2, "{status:#}");
+
+    // A write on replica 1 reaches b's stream on replica 2.
+    let a_id = m.peer_id("a", &ha);
+    let b_id = m.peer_id("b", &hb);
+    let t = Instant::now();
+    let r = m.api(
+        "PUT",
+        &format!("/api/peers/{a_id}"),
+        Some(r#"{"name":"a-one"}"#),
+    );
+    assert_eq!(r["name"], "a-one", "{r}");
+    m.lab
+        .wait_for("b sees a's new name", Duration::from_secs(10), || {
+            m.status("b", &hb).is_some_and(|s| peer_named(&s, "a-one"))
+        })
+        .expect("a write on replica 1 reaches an agent on replica 2");
+    eprintln!(
+        "a change on replica 1 reached the agent on replica 2 in {:?}",
+        t.elapsed()
+    );
+
+    // Pings from a to b through the tunnel while replica 1 dies.
+    let b_ip = m.overlay_ip("b", &hb);
+    m.lab
+        .spawn(
+            "ping",
+            &ha,
+            std::path::Path::new("/usr/bin/ping"),
+            &["-c", "80", "-i", "0.1", "-W", "1", &b_ip],
+            &[],
+        )
+        .expect("ping");
+    std::thread::sleep(Duration::from_secs(2));
+    let killed = Instant::now();
+    m.lab.crash("server");
+    // The admin works on replica 2 meanwhile: renames b while a is moving.
+    m.api_port = 444;
+    let r = m.api(
+        "PUT",
+        &format!("/api/peers/{b_id}"),
+        Some(r#"{"name":"b-two"}"#),
+    );
+    assert_eq!(r["name"], "b-two", "{r}");
+    let back = m
+        .lab
+        .wait_for("a back on replica 2", Duration::from_secs(15), || {
+            m.status("a", &ha)
+                .is_some_and(|s| s["management"] == true && s["management_url"] == R2)
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", m.lab.log("a")));
+    let back = killed.elapsed().max(back);
+    eprintln!("a was back on replica 2 {back:?} after replica 1 was killed");
+    assert!(
+        back < Duration::from_secs(5),
+        "a took {back:?} to move to replica 2 (target 5 s)\n{}",
+        m.lab.log("a")
+    );
+    // The write made during the failover reached a, and nothing of it was lost.
+    m.lab
+        .wait_for("a sees b's new name", Duration::from_secs(10), || {
+            m.status("a", &ha).is_some_and(|s| peer_named(&s, "b-two"))
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{:#}", m.status("a", &ha).unwrap_or_default()));
+    let peers = m.api("GET", "/api/peers", None);
+    let names: Vec<(&str, bool)> = peers
+        .as_array()
+        .expect("peers")
+        .iter()
+        .map(|p| (p["name"].as_str().unwrap_or(""), p["connected"] == true))
+        .collect();
+    assert!(names.contains(&("a-one", true)), "{names:?}");
+    assert!(names.contains(&("b-two", true)), "{names:?}");
+
+    // The tunnel carried traffic throughout.
+    m.lab
+        .wait_for("pings done", Duration::from_secs(20), || {
+            m.lab.log("ping").contains("packets transmitted")
+        })
+        .expect("ping finished");
+    let log = m.lab.log("ping");
+    let summary = log
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or_default()
+        .to_string();
+    let received: u32 = summary
+        .split(", ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    eprintln!("pings through the tunnel while a replica died: {summary}");
+    assert!(
+        received >= 76,
+        "the tunnel must keep carrying traffic (at most 5% lost): {summary}"
+    );
+    drop(m);
+    db.cleanup().await;
+}
