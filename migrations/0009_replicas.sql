@@ -5,6 +5,9 @@
 CREATE TABLE replicas (
     id TEXT PRIMARY KEY,
     started_at BIGINT NOT NULL,
-    heartbeat_at BIGINT NOT NULL
+    heartbeat_at BIGINT NOT NULL,
+    -- The relay URLs this replica hands out (JSON): every replica's maps list the relays of all
+    -- live replicas, oldest replica first, so that all agents meet on the same TCP relay.
+    relays TEXT NOT NULL DEFAULT ''
 );
 ALTER TABLE peers ADD COLUMN replica TEXT;

@@ -24,6 +24,46 @@ pub struct RelaySettings {
     pub stun_probe_urls: Vec<String>,
 }
 
+impl RelaySettings {
+    /// These settings with the URLs of every live replica's relays (oldest replica first,
+    /// duplicates dropped), so that all agents, whichever replica they use, list the same relays
+    /// in the same order and meet on the same TCP relay. Without replica relays: unchanged.
+    pub fn with_replicas(
+        &self,
+        replicas: &[crate::store::RelayUrls],
+    ) -> std::borrow::Cow<'_, Self> {
+        if replicas.is_empty() {
+            return std::borrow::Cow::Borrowed(self);
+        }
+        fn merge<'a>(lists: impl Iterator<Item = &'a Vec<String>>) -> Vec<String> {
+            let mut out: Vec<String> = vec![];
+            for u in lists.flatten() {
+                if !out.contains(u) {
+                    out.push(u.clone());
+                }
+            }
+            out
+        }
+        std::borrow::Cow::Owned(RelaySettings {
+            stun_urls: merge(replicas.iter().map(|r| &r.stun)),
+            turn_urls: merge(replicas.iter().map(|r| &r.turn)),
+            tcp_relay_urls: merge(replicas.iter().map(|r| &r.tcp_relay)),
+            stun_probe_urls: merge(replicas.iter().map(|r| &r.stun_probe)),
+            secret: self.secret.clone(),
+        })
+    }
+
+    /// The URLs this replica hands out (registered for its siblings' maps).
+    pub fn urls(&self) -> crate::store::RelayUrls {
+        crate::store::RelayUrls {
+            stun: self.stun_urls.clone(),
+            turn: self.turn_urls.clone(),
+            tcp_relay: self.tcp_relay_urls.clone(),
+            stun_probe: self.stun_probe_urls.clone(),
+        }
+    }
+}
+
 impl std::fmt::Debug for RelaySettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RelaySettings")
@@ -481,9 +521,13 @@ impl NetIndex {
             firewall_rules,
             routes,
             served_routes: served,
-            relay: me
-                .on_network()
-                .then(|| relay_config(&me.id, relay, creds_expire_unix)),
+            relay: me.on_network().then(|| {
+                relay_config(
+                    &me.id,
+                    &relay.with_replicas(&self.snap.relays),
+                    creds_expire_unix,
+                )
+            }),
             pending_approval: !me.approved,
         })
     }
@@ -662,6 +706,7 @@ mod tests {
             routes,
             services: vec![],
             nameservers: vec![],
+            relays: vec![],
         }
     }
 
@@ -677,6 +722,37 @@ mod tests {
 
     fn names(m: &pb::NetworkMap) -> Vec<&str> {
         m.remote_peers.iter().map(|p| p.name.as_str()).collect()
+    }
+
+    #[test]
+    fn every_replica_hands_out_all_live_relays_oldest_first() {
+        let own = RelaySettings {
+            stun_urls: vec!["stun:b:3478".into()],
+            turn_urls: vec!["turn:b:3478".into()],
+            tcp_relay_urls: vec!["wss://b/relay".into()],
+            secret: b"s".to_vec(),
+            stun_probe_urls: vec![],
+        };
+        // A single server (or a store without replica rows): its own settings.
+        assert_eq!(own.with_replicas(&[]).tcp_relay_urls, own.tcp_relay_urls);
+        let a = crate::store::RelayUrls {
+            stun: vec!["stun:a:3478".into()],
+            turn: vec!["turn:a:3478".into()],
+            tcp_relay: vec!["wss://a/relay".into()],
+            stun_probe: vec!["stun:a:3479".into()],
+        };
+        let merged = own.with_replicas(&[a.clone(), own.urls(), a]);
+        assert_eq!(
+            merged.tcp_relay_urls,
+            vec!["wss://a/relay", "wss://b/relay"]
+        );
+        assert_eq!(merged.turn_urls, vec!["turn:a:3478", "turn:b:3478"]);
+        assert_eq!(merged.stun_urls, vec!["stun:a:3478", "stun:b:3478"]);
+        assert_eq!(merged.stun_probe_urls, vec!["stun:a:3479"]);
+        assert_eq!(
+            merged.secret, b"s",
+            "credentials from this replica's secret"
+        );
     }
 
     #[test]

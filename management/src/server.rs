@@ -136,16 +136,6 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Running> {
     let store = Store::connect(&cfg.database_url)
         .await
         .with_context(|| format!("opening database {}", redact_url(&cfg.database_url)))?;
-    store
-        .register_replica()
-        .await
-        .context("resetting connection state")?;
-    store.spawn_replica_tasks(&cfg.database_url);
-    // No agent of this process is connected yet: `tern expose` of offline agents ends.
-    store
-        .remove_ephemeral_services(None)
-        .await
-        .context("removing ephemeral public services")?;
     let listener = TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
@@ -260,6 +250,18 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Running> {
             what: "TURN relay port range",
         });
     }
+    // This replica and its relays join the network (and peers no live replica holds are
+    // offline, whatever the database says after a crash).
+    store
+        .register_replica(&opts.relay.urls())
+        .await
+        .context("resetting connection state")?;
+    store.spawn_replica_tasks(&cfg.database_url);
+    // No agent of this process is connected yet: `tern expose` of offline agents ends.
+    store
+        .remove_ephemeral_services(None)
+        .await
+        .context("removing ephemeral public services")?;
     let publisher = crate::publish::Publisher::new(opts.public.clone());
     let state = AppState::new(store, opts)
         .await

@@ -186,6 +186,9 @@ async fn send_notes(pool: sqlx::PgPool, mut rx: mpsc::Receiver<String>) {
 async fn receive_notes(signal: Weak<Signal>, url: String, origin: String) {
     let mut backoff = Duration::from_millis(200);
     loop {
+        if signal.strong_count() == 0 {
+            return; // the service stopped
+        }
         let mut listener = match sqlx::postgres::PgListener::connect(&url).await {
             Ok(l) => l,
             Err(e) => {

@@ -109,6 +109,38 @@ async fn replicas_share_one_postgres_and_agents_survive_losing_one() {
     let replicas = status["replicas"].as_array().expect("replicas");
     assert_eq!(replicas.len(), 2, "{status:#}");
     assert_eq!(status["peers_online"], 2, "{status:#}");
+    // Every agent is given both replicas' relays, the oldest replica's first: all meet on one TCP
+    // relay whichever replica they use.
+    let relay_urls = |s: &Value| -> Vec<String> {
+        s["relay"]["urls"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|u| u.as_str())
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let tcp_relays = |s: &Value| -> Vec<String> {
+        relay_urls(s)
+            .into_iter()
+            .filter(|u| u.starts_with("ws"))
+            .collect()
+    };
+    let want = vec![
+        format!("ws://{SERVER_IP}:443/relay"),
+        format!("ws://{SERVER_IP}:444/relay"),
+    ];
+    assert_eq!(tcp_relays(&status), want, "{status:#}");
+    m.api_port = 444;
+    let status2 = m.api("GET", "/api/status", None);
+    assert_eq!(
+        tcp_relays(&status2),
+        want,
+        "replica 2 hands out the same: {status2:#}"
+    );
+    m.api_port = 443;
 
     // A write on replica 1 reaches b's stream on replica 2.
     let a_id = m.peer_id("a", &ha);
@@ -181,6 +213,35 @@ async fn replicas_share_one_postgres_and_agents_survive_losing_one() {
         .collect();
     assert!(names.contains(&("a-one", true)), "{names:?}");
     assert!(names.contains(&("b-two", true)), "{names:?}");
+
+    // Once replica 1 is taken for dead (no heartbeat for 12 s), its relay leaves the maps and the
+    // agents' TCP relay connection moves to replica 2's.
+    let t = Instant::now();
+    m.lab
+        .wait_for(
+            "replica 1's relay leaves the maps",
+            Duration::from_secs(30),
+            || {
+                let s = m.api("GET", "/api/status", None);
+                tcp_relays(&s) == vec![format!("ws://{SERVER_IP}:444/relay")]
+                    && s["replicas"].as_array().map(Vec::len) == Some(1)
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{:#}", m.api("GET", "/api/status", None)));
+    m.lab
+        .wait_for(
+            "a's TCP relay on replica 2",
+            Duration::from_secs(15),
+            || {
+                m.status("a", &ha).is_some_and(|s| s["tcp_relay"] == true)
+                    && m.status("b", &hb).is_some_and(|s| s["tcp_relay"] == true)
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", m.lab.log("a")));
+    eprintln!(
+        "replica 1 was taken for dead and the agents were on replica 2's TCP relay {:?} later",
+        t.elapsed()
+    );
 
     // The tunnel carried traffic throughout.
     m.lab

@@ -1022,7 +1022,9 @@ pub async fn status(State(s): St, _a: Admin) -> ApiResult<Json<ServerStatus>> {
     let (peers_total, peers_online) = s.store.peer_counts().await?;
     let (direct, relayed, connecting) = s.connection_summary();
     let m = s.relay_metrics.get();
-    let r = &s.opts.relay;
+    // The relays every agent is given: those of all live replicas.
+    let idx = s.current_index().await?;
+    let r = s.opts.relay.with_replicas(&idx.snapshot().relays);
     Ok(Json(ServerStatus {
         replica: s.store.replica().to_string(),
         replicas: s.store.replicas().await?,

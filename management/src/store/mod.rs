@@ -92,6 +92,8 @@ pub struct Store {
     replica: Arc<str>,
     /// Peers whose sync stream this replica holds.
     held: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// This replica's relay URLs as registered (JSON), to register again after being reaped.
+    relays: Arc<std::sync::Mutex<String>>,
 }
 
 /// A change transaction: serial already bumped; call [`Change::commit`] to apply and notify.
@@ -261,6 +263,7 @@ impl Store {
             changes,
             replica: replicas::new_replica_id().into(),
             held: Arc::default(),
+            relays: Arc::default(),
         })
     }
 

@@ -34,6 +34,8 @@ pub struct Snapshot {
     pub routes: Vec<Route>,
     pub services: Vec<PublicService>,
     pub nameservers: Vec<NameserverGroup>,
+    /// The relays of the live replicas, oldest replica first (one entry on a single server).
+    pub relays: Vec<super::RelayUrls>,
 }
 
 /// Peers with their owner's name and state.
@@ -757,6 +759,7 @@ impl Store {
         }
         let services = super::services::load_services(&mut tx).await?;
         let nameservers = super::dns::load_nameservers(&mut tx).await?;
+        let relays = super::replicas::load_relays(&mut tx).await?;
         tx.commit().await?;
         Ok(Snapshot {
             settings,
@@ -765,6 +768,7 @@ impl Store {
             routes,
             services,
             nameservers,
+            relays,
         })
     }
 }

@@ -35,6 +35,27 @@ pub struct ReplicaInfo {
     pub peers: i64,
 }
 
+/// The relay URLs a replica hands out.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RelayUrls {
+    pub stun: Vec<String>,
+    pub turn: Vec<String>,
+    pub tcp_relay: Vec<String>,
+    pub stun_probe: Vec<String>,
+}
+
+/// The relays of the live replicas, oldest first (in the snapshot's transaction).
+pub(super) async fn load_relays(conn: &mut sqlx::AnyConnection) -> Result<Vec<RelayUrls>> {
+    let rows = sqlx::query("SELECT relays FROM replicas ORDER BY started_at, id")
+        .fetch_all(&mut *conn)
+        .await?;
+    Ok(rows
+        .iter()
+        .filter_map(|r| r.try_get::<String, _>(0).ok())
+        .filter_map(|j| serde_json::from_str::<RelayUrls>(&j).ok())
+        .collect())
+}
+
 /// A fresh replica id: the host name and a random suffix (unique per start).
 pub fn new_replica_id() -> String {
     let host = nix_hostname().unwrap_or_else(|| "tern".into());
@@ -76,14 +97,22 @@ impl Store {
     /// Registers this replica (heartbeat now). At start-up, peers no live replica holds are
     /// offline whatever the database says after a crash: on SQLite all of them, on PostgreSQL
     /// those of replicas without a fresh heartbeat.
-    pub async fn register_replica(&self) -> Result<()> {
+    pub async fn register_replica(&self, relays: &RelayUrls) -> Result<()> {
+        let relays = serde_json::to_string(relays).unwrap_or_default();
+        *self.relays.lock().unwrap_or_else(|e| e.into_inner()) = relays.clone();
+        // A change: the siblings' maps list this replica's relays from now on.
         let now = now_millis();
-        sqlx::query("INSERT INTO replicas (id, started_at, heartbeat_at) VALUES ($1, $2, $3)")
-            .bind(self.replica())
-            .bind(now)
-            .bind(now)
-            .execute(&self.pool)
-            .await?;
+        let mut c = self.begin_change("system").await?;
+        sqlx::query(
+            "INSERT INTO replicas (id, started_at, heartbeat_at, relays) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(self.replica())
+        .bind(now)
+        .bind(now)
+        .bind(relays)
+        .execute(c.conn())
+        .await?;
+        c.commit(self).await?;
         match self.kind {
             DbKind::Sqlite => {
                 sqlx::query("DELETE FROM replicas WHERE id <> $1")
@@ -133,13 +162,11 @@ impl Store {
         if n == 0 {
             tracing::warn!(replica = %self.replica(), "this replica was taken for dead (no heartbeat); registering again");
             let now = now_millis();
-            sqlx::query("INSERT INTO replicas (id, started_at, heartbeat_at) VALUES ($1, $2, $3)")
-                .bind(self.replica())
-                .bind(now)
-                .bind(now)
-                .execute(&self.pool)
-                .await?;
-            // Its streams were marked offline by whoever reaped it: mark them online again.
+            let relays = self
+                .relays
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
             let held: Vec<String> = self
                 .held
                 .lock()
@@ -148,6 +175,16 @@ impl Store {
                 .cloned()
                 .collect();
             let mut c = self.begin_change("system").await?;
+            sqlx::query(
+                "INSERT INTO replicas (id, started_at, heartbeat_at, relays) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(self.replica())
+            .bind(now)
+            .bind(now)
+            .bind(relays)
+            .execute(c.conn())
+            .await?;
+            // Its streams were marked offline by whoever reaped it: mark them online again.
             for id in held {
                 sqlx::query("UPDATE peers SET connected = $1, replica = $2 WHERE id = $3")
                     .bind(1i64)
