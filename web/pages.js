@@ -120,7 +120,14 @@ export async function overview(main) {
             : relay.healthy === false ? badge("not answering STUN", "bad") : badge("external, not monitored")),
           h("p", { class: "muted" }, `${relay.allocations} TURN allocations · ${relay.tcp_clients} TCP relay clients`),
           relay.urls.length ? h("ul", { class: "plain" }, relay.urls.map((u) => h("li", {}, h("code", {}, u)))) : null)
-          : h("p", { class: "muted" }, "No relay status available")));
+          : h("p", { class: "muted" }, "No relay status available")),
+      // Several management replicas on one PostgreSQL: which are alive and whom they serve.
+      (status.replicas || []).length > 1 ? h("section", { class: "card", "aria-label": "Replicas", id: "replicas" },
+        h("h2", {}, "Replicas"),
+        h("p", { class: "big" }, `${status.replicas.length} live`),
+        h("ul", { class: "plain" }, status.replicas.map((r) => h("li", {},
+          h("code", {}, r.id), ` · ${r.peers} ${r.peers === 1 ? "peer" : "peers"}`,
+          r.id === status.replica ? h("span", { class: "muted" }, " (this console)") : null)))) : null);
   });
   const picture = liveRegion(([peers, routes]) => networkPicture(peers, routes));
   main.append(header("Overview"), cards.box, picture.box);

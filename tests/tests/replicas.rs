@@ -198,6 +198,17 @@ async fn replicas_share_one_postgres_and_agents_survive_losing_one() {
         "a took {back:?} to move to replica 2 (target 5 s)\n{}",
         m.lab.log("a")
     );
+    // What the person at a reads.
+    let mut args = vec![bin("tern").display().to_string()];
+    args.extend(m.agent_args("a"));
+    args.push("status".into());
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let human = String::from_utf8_lossy(&m.lab.exec(&ha, &refs).stdout).to_string();
+    eprintln!("tern status on a after the failover:\n{human}");
+    assert!(
+        human.contains(&format!("Management connected at {R2} (one of 2 replicas)")),
+        "{human}"
+    );
     // The write made during the failover reached a, and nothing of it was lost.
     m.lab
         .wait_for("a sees b's new name", Duration::from_secs(10), || {
