@@ -331,6 +331,21 @@ pub async fn run(args: Args, with_signal: bool) -> anyhow::Result<()> {
             args.wireguard_listen, w.endpoint
         );
     }
+    if let Ok(replicas) = running.state.store.replicas().await {
+        let me = running.state.store.replica();
+        let others: Vec<&str> = replicas
+            .iter()
+            .map(|r| r.id.as_str())
+            .filter(|id| *id != me)
+            .collect();
+        if !others.is_empty() {
+            println!(
+                "  Replicas:         this is {me}, one of {} live on this database (others: {}); give agents every replica's URL: --management-url URL1,URL2",
+                others.len() + 1,
+                others.join(", ")
+            );
+        }
+    }
     match running.state.opts.public.ports {
         Some((a, b)) => println!(
             "  Public services:  tcp/udp ports {a}-{b} on {} (open them in the firewall)",
