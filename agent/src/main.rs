@@ -871,7 +871,7 @@ async fn up(
         });
     }
     // Network maps -> engine, and the TCP relay connection that follows the map's URL/token.
-    let (relay_tx, relay_rx) = watch::channel::<Option<(String, String)>>(None);
+    let (relay_tx, relay_rx) = watch::channel::<TcpRelays>(None);
     let (services_tx, services_rx) = watch::channel(Arc::new(Vec::new()));
     let publisher = publish::Publisher::new(&url, tls_roots(), token_rx.clone(), services_rx)?;
     tokio::spawn(publisher.clone().run());
@@ -939,8 +939,16 @@ async fn up(
                 let tcp = map
                     .relay
                     .as_ref()
-                    .and_then(|r| r.tcp_relay.first())
-                    .map(|t| (t.url.clone(), t.token.clone()));
+                    .filter(|r| !r.tcp_relay.is_empty())
+                    .map(|r| {
+                        (
+                            r.tcp_relay
+                                .iter()
+                                .map(|t| t.url.clone())
+                                .collect::<Vec<_>>(),
+                            r.tcp_relay[0].token.clone(),
+                        )
+                    });
                 relay_tx.send_if_modified(|cur| {
                     let changed = cur.as_ref().map(|c| &c.0) != tcp.as_ref().map(|t| &t.0)
                         || cur.is_none() != tcp.is_none();
@@ -1110,14 +1118,23 @@ async fn run_dns(
     }
 }
 
-/// Keeps one TCP/WebSocket relay connection (the fallback path) while the map names a relay.
+/// The map's TCP relays (URLs in the map's order, the same for every agent) and the token.
+type TcpRelays = Option<(Vec<String>, String)>;
+
+/// While connected to a relay other than the map's first, how often the first is tried again
+/// (so that agents that moved come back together and meet on one relay).
+const TCP_RELAY_PREFERRED_RETRY: Duration = Duration::from_secs(30);
+
 /// A request for the relay's view of this agent (`tern diagnose`), answered when the relay
 /// replies (dropped unanswered when no relay is connected).
 pub type ViewRequest = tokio::sync::oneshot::Sender<tern_proto::relay_ws::RelayView>;
 
+/// Keeps one TCP/WebSocket relay connection (the fallback path) while the map names a relay.
+/// The map's first relay is used; when it cannot be reached the next one is (every agent that
+/// cannot reach it does the same, so they meet there), and the first is tried again every 30 s.
 async fn tcp_relay_loop(
     engine: Arc<engine::Engine>,
-    mut cfg: watch::Receiver<Option<(String, String)>>,
+    mut cfg: watch::Receiver<TcpRelays>,
     mut views: mpsc::Receiver<ViewRequest>,
     last_error: Arc<std::sync::Mutex<String>>,
 ) {
@@ -1125,12 +1142,19 @@ async fn tcp_relay_loop(
         *last_error.lock().unwrap_or_else(|p| p.into_inner()) = e;
     };
     let mut backoff = Duration::from_secs(1);
+    // Which relay of the list to try next, and failures in a row.
+    let (mut at, mut failures) = (0usize, 0usize);
     loop {
-        let Some((url, token)) = cfg.borrow_and_update().clone() else {
+        let Some((urls, token)) = cfg.borrow_and_update().clone() else {
             engine.set_tcp_out(None);
+            at = 0;
             if cfg.changed().await.is_err() {
                 return;
             }
+            continue;
+        };
+        let i = at % urls.len().max(1);
+        let Some(url) = urls.get(i).cloned() else {
             continue;
         };
         let client =
@@ -1139,23 +1163,33 @@ async fn tcp_relay_loop(
                 Ok(c) => c,
                 Err(e) => {
                     warn!(%url, error = %e, "TCP relay connection failed");
-                    set_error(format!("{e:#}"));
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = cfg.changed() => {}
+                    set_error(format!("{url}: {e:#}"));
+                    failures += 1;
+                    at = i + 1;
+                    // Every relay of the list failed once more: back off before the next round.
+                    if failures % urls.len() == 0 {
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = cfg.changed() => { at = 0; }
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
                     continue;
                 }
             };
         backoff = Duration::from_secs(1);
+        failures = 0;
         set_error(String::new());
-        info!(%url, "TCP relay connected");
+        info!(%url, fallback = i > 0, "TCP relay connected");
         let mut waiting: std::collections::VecDeque<ViewRequest> = Default::default();
         let (tx, mut rx) = mpsc::channel::<(String, Vec<u8>)>(1024);
         engine.set_tcp_out(Some(tx));
         let mut client = client;
         let mut out = vec![0u8; 65_536 + 256];
+        let mut preferred = tokio::time::interval_at(
+            tokio::time::Instant::now() + TCP_RELAY_PREFERRED_RETRY,
+            TCP_RELAY_PREFERRED_RETRY,
+        );
         loop {
             tokio::select! {
                 out = rx.recv() => {
@@ -1178,12 +1212,24 @@ async fn tcp_relay_loop(
                     waiting.push_back(req);
                     if client.request_view().await.is_err() { break; }
                 }
-                _ = cfg.changed() => break,
+                _ = preferred.tick(), if i > 0 => {
+                    if tern_proto::relay_ws::RelayClient::connect(&urls[0], &token, Some(tls_roots())).await.is_ok() {
+                        info!(url = %urls[0], "the first TCP relay answers again: moving back to it");
+                        at = 0;
+                        break;
+                    }
+                }
+                _ = cfg.changed() => {
+                    at = 0;
+                    break;
+                }
             }
         }
         engine.set_tcp_out(None);
-        set_error("the connection was lost; reconnecting".into());
-        warn!("TCP relay connection lost");
+        if at != 0 || i == 0 {
+            set_error("the connection was lost; reconnecting".into());
+            warn!(%url, "TCP relay connection lost");
+        }
     }
 }
 

@@ -198,6 +198,25 @@ async fn replicas_share_one_postgres_and_agents_survive_losing_one() {
         "a took {back:?} to move to replica 2 (target 5 s)\n{}",
         m.lab.log("a")
     );
+    // The agents' TCP relay (replica 1's, first in every map) died with it: they move to the next
+    // relay of the list at once, long before replica 1 is taken for dead.
+    let moved = m
+        .lab
+        .wait_for("TCP relay on replica 2", Duration::from_secs(8), || {
+            let on_two = |who: &str| {
+                m.lab.log(who).lines().any(|l| {
+                    l.contains("TCP relay connected")
+                        && l.contains(":444/relay")
+                        && l.contains("fallback=true")
+                })
+            };
+            on_two("a") && on_two("b")
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", m.lab.log("a")));
+    eprintln!(
+        "both agents were on replica 2's TCP relay {:?} after replica 1 was killed",
+        killed.elapsed().max(moved)
+    );
     // What the person at a reads.
     let mut args = vec![bin("tern").display().to_string()];
     args.extend(m.agent_args("a"));
