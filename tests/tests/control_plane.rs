@@ -1139,6 +1139,31 @@ async fn replicas_on_one_postgres_share_changes_signal_and_presence() {
         t.elapsed()
     );
     pool.close().await;
+    // Replica 2 was only slow: at its next heartbeat it registers again and its peers, whose
+    // streams it still holds, are online again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while two.get(&format!("/api/peers/{}", lb.peer_id)).await["connected"] != true {
+        assert!(
+            Instant::now() < deadline,
+            "replica 2's peers not online again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Deleting B on replica 1 closes its signal stream on replica 2 (the revocation crossed).
+    assert_eq!(one.delete(&format!("/api/peers/{}", lb.peer_id)).await, 204);
+    let end = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match b_rx.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("B's signal stream on replica 2 reacts to a deletion on replica 1");
+    let err = end.expect_err("the stream ends with an error");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
     drop((sb, sa2));
     two.stop().await;
     one.stop().await;
