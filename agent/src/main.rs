@@ -135,7 +135,8 @@ enum Cmd {
 /// How to join: needed on the first join only (then remembered in the state directory).
 #[derive(clap::Args, Debug)]
 struct JoinArgs {
-    /// Management URL, e.g. https://vpn.example.com (remembered after the first join).
+    /// Management URL, e.g. https://vpn.example.com (remembered after the first join). Several
+    /// replicas of one server: their URLs separated by commas, the preferred first.
     #[arg(long, env = "TERN_MANAGEMENT_URL")]
     management_url: Option<String>,
     /// Setup key, for machines nobody signs in on (first join only). Without one, tern up shows
