@@ -344,8 +344,7 @@ pub async fn run(args: Args, with_signal: bool) -> anyhow::Result<()> {
                 others.len() + 1,
                 others.join(", ")
             );
-            if running.state.wireguard.get().is_some()
-                || running.state.opts.public.ports.is_some()
+            if running.state.wireguard.get().is_some() || running.state.opts.public.ports.is_some()
             {
                 println!("                    WireGuard devices and public services are served by one replica: switch them off on the others (--wireguard-listen off, --public-ports off)");
             }

@@ -572,6 +572,8 @@ async fn run_sync(
     let ttl = state.opts.relay_credentials_ttl.as_secs().max(60) as i64;
     let mut creds_expiry = now_unix() + ttl;
     let mut last: Option<pb::NetworkMap> = None;
+    // The new index changed nothing this peer's map depends on (see `NetIndex::since`).
+    let mut unchanged = false;
     loop {
         // Checked before every push and credential refresh: a deleted or expired peer gets
         // nothing more, and signal forgets it.
@@ -588,16 +590,21 @@ async fn run_sync(
                 crate::store::login_expired_message(idx.is_user_device(peer_id)),
             ));
         }
-        let Some(map) = idx.map_for(peer_id, &state.opts.relay, creds_expiry) else {
-            state.revoke_peer(key);
-            return Err(Status::not_found(
-                "this peer was deleted by an administrator",
-            ));
+        let map = if std::mem::take(&mut unchanged) {
+            None
+        } else {
+            let Some(map) = idx.map_for(peer_id, &state.opts.relay, creds_expiry) else {
+                state.revoke_peer(key);
+                return Err(Status::not_found(
+                    "this peer was deleted by an administrator",
+                ));
+            };
+            Some(map)
         };
-        let changed = last
-            .as_ref()
-            .is_none_or(|l| !crate::netmap::same_content(l, &map));
-        if changed {
+        if let Some(map) = map.filter(|m| {
+            last.as_ref()
+                .is_none_or(|l| !crate::netmap::same_content(l, m))
+        }) {
             let msg = sync_message(last.as_ref(), &map, deltas);
             debug!(peer = %peer_id, serial = map.serial, remote_peers = map.remote_peers.len(), delta = msg.delta.is_some(), bytes = msg.encoded_len(), "pushing network map");
             if tx.send(Ok(msg)).await.is_err() {
@@ -618,6 +625,10 @@ async fn run_sync(
                 let next = indexes.borrow_and_update().clone();
                 // Never back in time (the first map may come from a newer index).
                 if let Some(n) = next.filter(|n| serial(n) >= serial(&idx)) {
+                    unchanged = last.is_some()
+                        && n.since().is_some_and(|s| {
+                            s.from == serial(&idx) && !s.affected.contains(peer_id)
+                        });
                     idx = n;
                 }
             }

@@ -257,7 +257,7 @@ pub struct SetupKey {
     pub state: String,
 }
 
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct Peer {
     pub id: String,
     pub name: String,
@@ -467,7 +467,7 @@ pub struct Policy {
     pub created_at: Millis,
 }
 
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct Route {
     pub id: String,
     #[schema(value_type = String, example = "192.168.50.0/24")]
@@ -522,7 +522,7 @@ pub struct AuditEvent {
 pub use tern_proto::tunnel::Protocol as ServiceProtocol;
 
 /// A port on the server's public address carried to a target inside the mesh.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct PublicService {
     pub id: String,
     pub name: String,

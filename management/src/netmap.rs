@@ -90,7 +90,25 @@ pub struct NetIndex {
     next_expiry: Option<crate::model::Millis>,
     /// Each peer's DNS label (by index).
     labels: Vec<String>,
+    /// When the index was built (Unix ms): logins expired by then are off the network.
+    built_at: crate::model::Millis,
+    /// What changed since the index built before this one, when that is known to be little.
+    since: Option<Since>,
 }
+
+/// Peers whose maps may differ from the maps of the index with serial `from` (the one built just
+/// before), when nothing but peers' live state changed (online, last seen, agent details): the
+/// changed peers and every peer that sees one of them (seeing is mutual: a policy or route that
+/// puts q in p's map puts p in q's). Streams of other peers need not compute their map again.
+#[derive(Debug, Clone)]
+pub struct Since {
+    pub from: i64,
+    pub affected: std::collections::HashSet<String>,
+}
+
+/// More changed peers than this in one index: every stream computes its map (a fleet
+/// reconnecting touches most maps anyway).
+const MAX_LOCAL_CHANGES: usize = 64;
 
 impl NetIndex {
     pub fn new(snap: Arc<Snapshot>) -> Self {
@@ -140,6 +158,8 @@ impl NetIndex {
             carriers: HashMap::new(),
             next_expiry,
             labels,
+            built_at: now,
+            since: None,
         };
         idx.carriers = idx
             .snap
@@ -225,6 +245,81 @@ impl NetIndex {
 
     pub fn snapshot(&self) -> &Snapshot {
         &self.snap
+    }
+
+    /// See [`Since`]; None when any map may have changed.
+    pub fn since(&self) -> Option<&Since> {
+        self.since.as_ref()
+    }
+
+    /// This index, knowing what changed since `prev` (the index built before it).
+    pub fn with_changes_since(mut self, prev: &NetIndex) -> Self {
+        self.since = self.changes_since(prev);
+        self
+    }
+
+    fn changes_since(&self, prev: &NetIndex) -> Option<Since> {
+        let (a, b) = (&prev.snap, &self.snap);
+        // A login that expired in between takes a peer off the network.
+        if prev.next_expiry.is_some_and(|at| at <= self.built_at) {
+            return None;
+        }
+        let mut settings = a.settings.clone();
+        settings.network_serial = b.settings.network_serial;
+        if settings != b.settings
+            || a.policies != b.policies
+            || a.routes != b.routes
+            || a.services != b.services
+            || a.nameservers != b.nameservers
+            || a.relays != b.relays
+            || a.peers.len() != b.peers.len()
+        {
+            return None;
+        }
+        let expiry_on = b.settings.peer_login_expiry_secs > 0;
+        let mut changed: Vec<&str> = vec![];
+        for (p, q) in a.peers.iter().zip(&b.peers) {
+            if p.id != q.id {
+                return None;
+            }
+            if p == q {
+                continue;
+            }
+            // Only live state may differ.
+            let mut live = p.clone();
+            live.connected = q.connected;
+            live.last_seen = q.last_seen;
+            live.hostname.clone_from(&q.hostname);
+            live.os.clone_from(&q.os);
+            live.agent_version.clone_from(&q.agent_version);
+            live.connections.clone_from(&q.connections);
+            live.endpoint.clone_from(&q.endpoint);
+            live.wireguard.clone_from(&q.wireguard);
+            if !(expiry_on && q.login_expiration_enabled) {
+                live.last_login = q.last_login;
+            }
+            if live != *q {
+                return None;
+            }
+            changed.push(&q.id);
+            if changed.len() > MAX_LOCAL_CHANGES {
+                return None;
+            }
+        }
+        let mut affected = std::collections::HashSet::new();
+        let none = RelaySettings::default();
+        for id in changed {
+            affected.insert(id.to_string());
+            for idx in [prev, self] {
+                if let Some(m) = idx.map_for(id, &none, 0) {
+                    affected.extend(m.remote_peers.into_iter().map(|r| r.id));
+                }
+            }
+        }
+        Some(Since {
+            from: a.settings.network_serial,
+            affected,
+        })
     }
 
     /// Why `peer_id` may not be on the network at all right now (its owner is disabled).
@@ -722,6 +817,96 @@ mod tests {
 
     fn names(m: &pb::NetworkMap) -> Vec<&str> {
         m.remote_peers.iter().map(|p| p.name.as_str()).collect()
+    }
+
+    /// For random changes of peers' live state, every peer outside `since().affected` gets the
+    /// same map from the new index as from the old one (so its stream may skip computing it),
+    /// and any other kind of change reports "any map may differ".
+    #[test]
+    fn streams_outside_the_affected_set_have_the_same_map() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let groups = ["g0", "g1", "g2", "g3"];
+        for round in 0..200 {
+            let n = rng.gen_range(2..30);
+            let peers: Vec<Peer> = (0..n)
+                .map(|i| {
+                    let gs: Vec<&str> = groups
+                        .iter()
+                        .copied()
+                        .filter(|_| rng.gen_bool(0.3))
+                        .collect();
+                    let mut p = peer(&format!("p{i}"), &format!("100.64.0.{}", i + 1), &gs);
+                    p.connected = rng.gen_bool(0.5);
+                    p.approved = rng.gen_bool(0.9);
+                    p
+                })
+                .collect();
+            let mut policies = vec![];
+            for k in 0..rng.gen_range(0..4) {
+                let g = |rng: &mut rand::rngs::StdRng| groups[rng.gen_range(0..groups.len())];
+                let (src, dst) = (g(&mut rng), g(&mut rng));
+                let bidi = rng.gen_bool(0.5);
+                policies.push(policy(
+                    &format!("pol{k}"),
+                    &[src],
+                    &[dst],
+                    Protocol::Any,
+                    &[],
+                    bidi,
+                ));
+            }
+            let mut routes = vec![];
+            if rng.gen_bool(0.5) {
+                let mut r = route_via("r1", "192.168.50.0/24", "p0", 100);
+                r.groups = vec![groups[rng.gen_range(0..groups.len())].into()];
+                if rng.gen_bool(0.5) {
+                    r.routing_peer = None;
+                    r.routing_group = Some(groups[rng.gen_range(0..groups.len())].into());
+                }
+                routes.push(r);
+            }
+            let old = snap(peers, policies, routes);
+            let mut new = old.clone();
+            new.settings.network_serial += 1;
+            for _ in 0..rng.gen_range(1..4) {
+                let i = rng.gen_range(0..n);
+                let p = &mut new.peers[i];
+                match rng.gen_range(0..3) {
+                    0 => p.connected = !p.connected,
+                    1 => p.last_seen += 1000,
+                    _ => p.agent_version = format!("0.{round}"),
+                }
+            }
+            let (a, b) = (
+                NetIndex::new(Arc::new(old.clone())),
+                NetIndex::new(Arc::new(new.clone())),
+            );
+            let b = b.with_changes_since(&a);
+            let since = b.since().expect("only live state changed");
+            assert_eq!(since.from, 7);
+            for p in &new.peers {
+                if since.affected.contains(&p.id) {
+                    continue;
+                }
+                let (ma, mb) = (a.map_for(&p.id, &relay(), 9), b.map_for(&p.id, &relay(), 9));
+                assert!(
+                    same_content(&ma.expect("old map"), &mb.expect("new map")),
+                    "round {round}: {} is outside {:?} but its map changed",
+                    p.id,
+                    since.affected
+                );
+            }
+            // Anything else: every map may differ.
+            let mut renamed = new.clone();
+            renamed.peers[0].name = "renamed".into();
+            let c = NetIndex::new(Arc::new(renamed)).with_changes_since(&a);
+            assert!(c.since().is_none(), "a rename changes DNS names everywhere");
+            let mut regrouped = new.clone();
+            regrouped.peers[0].groups.push("g9".into());
+            let c = NetIndex::new(Arc::new(regrouped)).with_changes_since(&a);
+            assert!(c.since().is_none());
+        }
     }
 
     #[test]

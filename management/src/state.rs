@@ -224,7 +224,11 @@ impl AppState {
             }
         }
         let snap = self.store.snapshot().await?;
-        let idx = Arc::new(NetIndex::new(Arc::new(snap)));
+        let mut idx = NetIndex::new(Arc::new(snap));
+        if let Some((_, prev)) = cached.as_ref() {
+            idx = idx.with_changes_since(prev);
+        }
+        let idx = Arc::new(idx);
         *cached = Some((want, idx.clone()));
         Ok(idx)
     }
