@@ -97,9 +97,10 @@ pub struct NetIndex {
 }
 
 /// Peers whose maps may differ from the maps of the index with serial `from` (the one built just
-/// before), when nothing but peers' live state changed (online, last seen, agent details): the
-/// changed peers and every peer that sees one of them (seeing is mutual: a policy or route that
-/// puts q in p's map puts p in q's). Streams of other peers need not compute their map again.
+/// before), when nothing but peers' live state changed (online, last seen, agent details) or new
+/// peers joined: the changed or new peers and every peer that sees one of them (seeing is mutual:
+/// a policy or route that puts q in p's map puts p in q's). Streams of other peers need not
+/// compute their map again.
 #[derive(Debug, Clone)]
 pub struct Since {
     pub from: i64,
@@ -272,16 +273,24 @@ impl NetIndex {
             || a.services != b.services
             || a.nameservers != b.nameservers
             || a.relays != b.relays
-            || a.peers.len() != b.peers.len()
+            || a.peers.len() > b.peers.len()
         {
             return None;
         }
         let expiry_on = b.settings.peer_login_expiry_secs > 0;
+        let newest = a.peers.iter().map(|p| p.created_at).max().unwrap_or(0);
         let mut changed: Vec<&str> = vec![];
-        for (p, q) in a.peers.iter().zip(&b.peers) {
-            if p.id != q.id {
-                return None;
-            }
+        for q in &b.peers {
+            let Some(&i) = prev.by_id.get(q.id.as_str()) else {
+                // A new peer: it and whoever sees it. Only the newest (DNS labels are given in
+                // order of creation: an older newcomer could change another peer's label).
+                if q.created_at <= newest {
+                    return None;
+                }
+                changed.push(&q.id);
+                continue;
+            };
+            let p = &a.peers[i];
             if p == q {
                 continue;
             }
@@ -305,6 +314,16 @@ impl NetIndex {
             if changed.len() > MAX_LOCAL_CHANGES {
                 return None;
             }
+        }
+        // Every old peer must still be there: a peer removed may free a DNS label another peer
+        // then takes, so any map may change.
+        let kept = b
+            .peers
+            .iter()
+            .filter(|q| prev.by_id.contains_key(q.id.as_str()))
+            .count();
+        if kept != a.peers.len() || changed.len() > MAX_LOCAL_CHANGES {
+            return None;
         }
         let mut affected = std::collections::HashSet::new();
         let none = RelaySettings::default();
@@ -869,6 +888,23 @@ mod tests {
             let old = snap(peers, policies, routes);
             let mut new = old.clone();
             new.settings.network_serial += 1;
+            if rng.gen_bool(0.3) {
+                let gs: Vec<&str> = groups
+                    .iter()
+                    .copied()
+                    .filter(|_| rng.gen_bool(0.4))
+                    .collect();
+                // Named like an existing peer half the time (its DNS label gets a suffix).
+                let name = if rng.gen_bool(0.5) {
+                    "p0".to_string()
+                } else {
+                    "new".to_string()
+                };
+                let mut p = peer("new", &format!("100.64.1.{}", round % 250 + 1), &gs);
+                p.name = name;
+                p.created_at = new.peers.iter().map(|p| p.created_at).max().unwrap_or(0) + 1;
+                new.peers.push(p);
+            }
             for _ in 0..rng.gen_range(1..4) {
                 let i = rng.gen_range(0..n);
                 let p = &mut new.peers[i];
@@ -906,6 +942,10 @@ mod tests {
             regrouped.peers[0].groups.push("g9".into());
             let c = NetIndex::new(Arc::new(regrouped)).with_changes_since(&a);
             assert!(c.since().is_none());
+            let mut removed = new.clone();
+            removed.peers.remove(0);
+            let c = NetIndex::new(Arc::new(removed)).with_changes_since(&a);
+            assert!(c.since().is_none(), "a removal may free a DNS label");
         }
     }
 
