@@ -101,17 +101,8 @@ impl Store {
         let relays = serde_json::to_string(relays).unwrap_or_default();
         *self.relays.lock().unwrap_or_else(|e| e.into_inner()) = relays.clone();
         // A change: the siblings' maps list this replica's relays from now on.
-        let now = now_millis();
         let mut c = self.begin_change("system").await?;
-        sqlx::query(
-            "INSERT INTO replicas (id, started_at, heartbeat_at, relays) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(self.replica())
-        .bind(now)
-        .bind(now)
-        .bind(relays)
-        .execute(c.conn())
-        .await?;
+        self.insert_replica_row(&mut c, relays).await?;
         c.commit(self).await?;
         match self.kind {
             DbKind::Sqlite => {
@@ -149,6 +140,21 @@ impl Store {
         }
     }
 
+    /// This replica's row, heartbeat now, in change `c`.
+    async fn insert_replica_row(&self, c: &mut Change, relays: String) -> Result<()> {
+        let now = now_millis();
+        sqlx::query(
+            "INSERT INTO replicas (id, started_at, heartbeat_at, relays) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(self.replica())
+        .bind(now)
+        .bind(now)
+        .bind(relays)
+        .execute(c.conn())
+        .await?;
+        Ok(())
+    }
+
     /// Renews the heartbeat (re-registering if a sibling reaped this replica while it could not
     /// reach the database) and marks offline the peers of dead replicas. Returns how many
     /// replicas were found dead.
@@ -161,7 +167,6 @@ impl Store {
             .rows_affected();
         if n == 0 {
             tracing::warn!(replica = %self.replica(), "this replica was taken for dead (no heartbeat); registering again");
-            let now = now_millis();
             let relays = self
                 .relays
                 .lock()
@@ -175,15 +180,7 @@ impl Store {
                 .cloned()
                 .collect();
             let mut c = self.begin_change("system").await?;
-            sqlx::query(
-                "INSERT INTO replicas (id, started_at, heartbeat_at, relays) VALUES ($1, $2, $3, $4)",
-            )
-            .bind(self.replica())
-            .bind(now)
-            .bind(now)
-            .bind(relays)
-            .execute(c.conn())
-            .await?;
+            self.insert_replica_row(&mut c, relays).await?;
             // Its streams were marked offline by whoever reaped it: mark them online again.
             for id in held {
                 sqlx::query("UPDATE peers SET connected = $1, replica = $2 WHERE id = $3")
