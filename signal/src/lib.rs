@@ -192,13 +192,12 @@ impl Signal {
 
     /// Queues a delivery for a peer connected to this replica.
     fn deliver(&self, to: &PublicKey, from: &PublicKey, payload: Vec<u8>) -> (SendStatus, String) {
-        let result = |status: SendStatus, message: String| (status, message);
         let target = self
             .lock()
             .get(to)
             .map(|r| (r.tx.clone(), r.queued.clone()));
         let Some((tx, queued)) = target else {
-            return result(
+            return (
                 SendStatus::Offline,
                 format!("peer {to} is not connected to signal"),
             );
@@ -206,7 +205,7 @@ impl Signal {
         let len = payload.len();
         if queued.fetch_add(len, Ordering::Relaxed) + len > QUEUE_BYTES {
             queued.fetch_sub(len, Ordering::Relaxed);
-            return result(
+            return (
                 SendStatus::RateLimited,
                 format!("peer {to} is not keeping up; retry later"),
             );
@@ -222,12 +221,12 @@ impl Signal {
             queued.fetch_sub(len, Ordering::Relaxed);
         }
         match sent {
-            Ok(()) => result(SendStatus::Delivered, String::new()),
-            Err(mpsc::error::TrySendError::Full(_)) => result(
+            Ok(()) => (SendStatus::Delivered, String::new()),
+            Err(mpsc::error::TrySendError::Full(_)) => (
                 SendStatus::RateLimited,
                 format!("peer {to} is not keeping up; retry later"),
             ),
-            Err(mpsc::error::TrySendError::Closed(_)) => result(
+            Err(mpsc::error::TrySendError::Closed(_)) => (
                 SendStatus::Offline,
                 format!("peer {to} is not connected to signal"),
             ),
