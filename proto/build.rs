@@ -13,6 +13,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ".tern.management.v1.TurnServer",
             ".tern.management.v1.TcpRelay",
         ])
+        // Hashable, so that map deltas compare rules by value rather than by their encoding.
+        .type_attribute(".tern.management.v1.FirewallRule", "#[derive(Eq, Hash)]")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -90,6 +90,10 @@ pub struct NetIndex {
     next_expiry: Option<crate::model::Millis>,
     /// Each peer's DNS label (by index).
     labels: Vec<String>,
+    /// Each peer's overlay address as a host prefix and its WireGuard key as bytes (by index):
+    /// computed once per index rather than once per map that lists the peer.
+    cidrs: Vec<String>,
+    keys: Vec<Vec<u8>>,
     /// When the index was built (Unix ms): logins expired by then are off the network.
     built_at: crate::model::Millis,
     /// What changed since the index built before this one, when that is known to be little.
@@ -151,6 +155,12 @@ impl NetIndex {
             })
             .collect();
         let labels = crate::model::dns_labels(&snap.peers);
+        let cidrs = snap.peers.iter().map(|p| host_cidr(&p.overlay_ip)).collect();
+        let keys = snap
+            .peers
+            .iter()
+            .map(|p| key_bytes(&p.wg_public_key))
+            .collect();
         let mut idx = NetIndex {
             snap,
             by_id,
@@ -159,6 +169,8 @@ impl NetIndex {
             carriers: HashMap::new(),
             next_expiry,
             labels,
+            cidrs,
+            keys,
             built_at: now,
             since: None,
         };
@@ -453,7 +465,8 @@ impl NetIndex {
         let me = &self.snap.peers[me_idx];
         let settings = &self.snap.settings;
         let mut visible: BTreeSet<usize> = BTreeSet::new();
-        let mut rules: BTreeSet<RuleKey> = BTreeSet::new();
+        // Collected, then sorted and deduplicated once (cheaper than a set kept ordered).
+        let mut rules: Vec<RuleKey> = Vec::new();
 
         // A peer awaiting approval sees no one (and gets no relay credentials).
         let policies = self
@@ -465,14 +478,14 @@ impl NetIndex {
             let ports = self.ports.get(pol.id.as_str()).cloned().unwrap_or_default();
             let in_src = self.in_any(me, &pol.sources);
             let in_dst = self.in_any(me, &pol.destinations);
-            let mut add = |others: &[String], dir: pb::Direction, rules: &mut BTreeSet<RuleKey>| {
+            let mut add = |others: &[String], dir: pb::Direction, rules: &mut Vec<RuleKey>| {
                 for q in self.members_of(others) {
                     if q == me_idx {
                         continue;
                     }
                     visible.insert(q);
-                    rules.insert(RuleKey {
-                        cidr: host_cidr(&self.snap.peers[q].overlay_ip),
+                    rules.push(RuleKey {
+                        cidr: self.cidrs[q].clone(),
                         direction: dir as i32,
                         protocol: proto(pol.protocol) as i32,
                         ports: ports.clone(),
@@ -512,7 +525,7 @@ impl NetIndex {
                     access,
                     id: r.id.clone(),
                     network: r.network.to_string(),
-                    routing_peer_key: key_bytes(&rp.wg_public_key),
+                    routing_peer_key: self.keys[ri].clone(),
                     routing_peer_id: rp.id.clone(),
                     metric: r.metric,
                     masquerade: r.masquerade,
@@ -529,9 +542,9 @@ impl NetIndex {
                         continue;
                     }
                     visible.insert(q);
-                    let cidr = host_cidr(&self.snap.peers[q].overlay_ip);
+                    let cidr = self.cidrs[q].clone();
                     if r.access_groups.is_empty() {
-                        rules.insert(RuleKey {
+                        rules.push(RuleKey {
                             cidr,
                             direction: pb::Direction::In as i32,
                             protocol: pb::Protocol::Any as i32,
@@ -545,7 +558,7 @@ impl NetIndex {
                     for pol in self.snap.policies.iter().filter(|p| p.enabled) {
                         let opens = pol.destinations.iter().any(|g| r.access_groups.contains(g));
                         if opens && self.in_any(client, &pol.sources) {
-                            rules.insert(RuleKey {
+                            rules.push(RuleKey {
                                 cidr: cidr.clone(),
                                 direction: pb::Direction::In as i32,
                                 protocol: proto(pol.protocol) as i32,
@@ -582,14 +595,16 @@ impl NetIndex {
                 pb::RemotePeer {
                     id: p.id.clone(),
                     name: p.name.clone(),
-                    wg_public_key: key_bytes(&p.wg_public_key),
-                    allowed_ips: vec![host_cidr(&p.overlay_ip)],
+                    wg_public_key: self.keys[i].clone(),
+                    allowed_ips: vec![self.cidrs[i].clone()],
                     overlay_ip: p.overlay_ip.clone(),
                     connected: p.connected,
                     hosted: p.wireguard.is_some(),
                 }
             })
             .collect();
+        rules.sort_unstable();
+        rules.dedup();
         let firewall_rules = rules
             .into_iter()
             .map(|k| pb::FirewallRule {
@@ -753,12 +768,30 @@ fn key_bytes(b64: &str) -> Vec<u8> {
 }
 
 /// Compares two maps ignoring the serial (used to skip pushes that would change nothing).
+/// Field by field, without copying either map (every stream runs this on every change).
 pub fn same_content(a: &pb::NetworkMap, b: &pb::NetworkMap) -> bool {
-    let strip = |m: &pb::NetworkMap| pb::NetworkMap {
-        serial: 0,
-        ..m.clone()
-    };
-    strip(a) == strip(b)
+    // Destructured so that a field added to the message must be added here too.
+    let pb::NetworkMap {
+        serial: _,
+        peer_config,
+        remote_peers,
+        firewall_rules,
+        routes,
+        served_routes,
+        relay,
+        pending_approval,
+        served_services,
+        dns,
+    } = a;
+    *pending_approval == b.pending_approval
+        && *peer_config == b.peer_config
+        && *remote_peers == b.remote_peers
+        && *firewall_rules == b.firewall_rules
+        && *routes == b.routes
+        && *served_routes == b.served_routes
+        && *relay == b.relay
+        && *served_services == b.served_services
+        && *dns == b.dns
 }
 
 /// Counts per remote peer, for diagnostics and benchmarks.

@@ -50,18 +50,18 @@ pub fn delta(old: &NetworkMap, new: &NetworkMap) -> Option<MapDelta> {
     sections!(diff);
     // Firewall rules: the ones that joined and left, unless replacing them is smaller.
     if old.firewall_rules != new.firewall_rules {
-        let had: HashSet<Vec<u8>> = old.firewall_rules.iter().map(key).collect();
-        let has: HashSet<Vec<u8>> = new.firewall_rules.iter().map(key).collect();
+        let had: HashSet<&FirewallRule> = old.firewall_rules.iter().collect();
+        let has: HashSet<&FirewallRule> = new.firewall_rules.iter().collect();
         let added: Vec<FirewallRule> = new
             .firewall_rules
             .iter()
-            .filter(|r| !had.contains(&key(*r)))
+            .filter(|r| !had.contains(r))
             .cloned()
             .collect();
         let removed: Vec<FirewallRule> = old
             .firewall_rules
             .iter()
-            .filter(|r| !has.contains(&key(*r)))
+            .filter(|r| !has.contains(r))
             .cloned()
             .collect();
         let size = |v: &[FirewallRule]| v.iter().map(|r| r.encoded_len() + 2).sum::<usize>();
@@ -159,8 +159,8 @@ pub fn apply(base: &NetworkMap, d: &MapDelta) -> Result<NetworkMap, Gap> {
     replace!(firewall_rules);
     replace!(dns);
     if !d.added_rules.is_empty() || !d.removed_rules.is_empty() {
-        let gone: HashSet<Vec<u8>> = d.removed_rules.iter().map(key).collect();
-        out.firewall_rules.retain(|r| !gone.contains(&key(r)));
+        let gone: HashSet<&FirewallRule> = d.removed_rules.iter().collect();
+        out.firewall_rules.retain(|r| !gone.contains(r));
         out.firewall_rules.extend(d.added_rules.iter().cloned());
     }
     if !d.upsert_records.is_empty() || !d.removed_records.is_empty() {
