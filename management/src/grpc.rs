@@ -15,7 +15,7 @@ use tern_proto::management::management_service_server::{
 use tern_proto::token::{bearer, issue_peer_token, verify_peer_token};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::Stream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
@@ -59,6 +59,10 @@ fn meta_from(m: Option<pb::PeerMeta>) -> PeerMeta {
 const MAX_REPORTED: usize = 10_000;
 
 type SyncStream = Pin<Box<dyn Stream<Item = Result<pb::SyncResponse, Status>> + Send>>;
+
+/// What a sync stream's queue holds, boxed: the queue allocates its slots 32 at a time, and 32
+/// unboxed messages (a map and a delta inline, plus a status) took 31 kB per stream, idle or not.
+type SyncItem = Box<Result<pb::SyncResponse, Status>>;
 
 /// How often an agent asks whether its code was approved.
 const DEVICE_POLL_SECS: u32 = 2;
@@ -502,7 +506,7 @@ impl ManagementService for AgentService {
             let peer_id = peer.id.clone();
             if let Err(e) = run_sync(&state, &peer_id, id.key, &tx, deltas).await {
                 debug!(peer = %peer_id, error = %e.message(), "sync stream ended with error");
-                let _ = tx.send(Err(e)).await;
+                let _ = tx.send(Box::new(Err(e))).await;
             }
             if state.stream_closed(&peer_id) {
                 match state.store.set_peer_connected(&peer_id, false).await {
@@ -524,7 +528,9 @@ impl ManagementService for AgentService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            ReceiverStream::new(rx).map(|item| *item),
+        )))
     }
 }
 
@@ -556,7 +562,7 @@ async fn run_sync(
     state: &AppState,
     peer_id: &str,
     key: tern_proto::PublicKey,
-    tx: &mpsc::Sender<Result<pb::SyncResponse, Status>>,
+    tx: &mpsc::Sender<SyncItem>,
     deltas: bool,
 ) -> Result<(), Status> {
     // Published indexes (one per burst of changes); the first map from a fresh one, so a peer
@@ -571,7 +577,9 @@ async fn run_sync(
     let serial = |i: &crate::netmap::NetIndex| i.snapshot().settings.network_serial;
     let ttl = state.opts.relay_credentials_ttl.as_secs().max(60) as i64;
     let mut creds_expiry = now_unix() + ttl;
-    let mut last: Option<pb::NetworkMap> = None;
+    // The last map sent, encoded with serial 0: a third of the memory of the decoded map
+    // (thousands of streams each hold one), compared in one pass, decoded only to make a delta.
+    let mut last: Option<(Vec<u8>, u64)> = None;
     // The new index changed nothing this peer's map depends on (see `NetIndex::since`).
     let mut unchanged = false;
     loop {
@@ -601,16 +609,23 @@ async fn run_sync(
             };
             Some(map)
         };
-        if let Some(map) = map.filter(|m| {
-            last.as_ref()
-                .is_none_or(|l| !crate::netmap::same_content(l, m))
-        }) {
-            let msg = sync_message(last.as_ref(), &map, deltas);
-            debug!(peer = %peer_id, serial = map.serial, remote_peers = map.remote_peers.len(), delta = msg.delta.is_some(), bytes = msg.encoded_len(), "pushing network map");
-            if tx.send(Ok(msg)).await.is_err() {
-                return Ok(());
+        if let Some(mut map) = map {
+            let serial = std::mem::take(&mut map.serial);
+            let encoded = map.encode_to_vec();
+            map.serial = serial;
+            if last.as_ref().is_none_or(|(l, _)| *l != encoded) {
+                let old = last.as_ref().and_then(|(bytes, serial)| {
+                    let mut m = pb::NetworkMap::decode(bytes.as_slice()).ok()?;
+                    m.serial = *serial;
+                    Some(m)
+                });
+                let msg = sync_message(old.as_ref(), &map, deltas);
+                debug!(peer = %peer_id, serial = map.serial, remote_peers = map.remote_peers.len(), delta = msg.delta.is_some(), bytes = msg.encoded_len(), "pushing network map");
+                if tx.send(Box::new(Ok(msg))).await.is_err() {
+                    return Ok(());
+                }
+                last = Some((encoded, serial));
             }
-            last = Some(map);
         }
         let refresh_in = Duration::from_secs((creds_expiry - ttl / 2 - now_unix()).max(1) as u64);
         let expires_in = login_expires

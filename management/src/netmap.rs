@@ -155,7 +155,11 @@ impl NetIndex {
             })
             .collect();
         let labels = crate::model::dns_labels(&snap.peers);
-        let cidrs = snap.peers.iter().map(|p| host_cidr(&p.overlay_ip)).collect();
+        let cidrs = snap
+            .peers
+            .iter()
+            .map(|p| host_cidr(&p.overlay_ip))
+            .collect();
         let keys = snap
             .peers
             .iter()

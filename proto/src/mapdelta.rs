@@ -4,6 +4,7 @@
 
 use crate::management::{DnsConfig, DnsRecord, FirewallRule, MapDelta, NetworkMap, RemotePeer};
 use prost::Message;
+use std::cmp::Ordering;
 use std::collections::{HashMap, HashSet};
 
 /// The map a delta does not apply to: the agent missed a change and needs a full map.
@@ -31,6 +32,81 @@ fn key(m: &impl Message) -> Vec<u8> {
     m.encode_to_vec()
 }
 
+/// The same keys in the same places (the same peers or names, in the same order).
+fn same_keys<T>(a: &[T], b: &[T], key: impl Fn(&T) -> &String) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| key(x) == key(y))
+}
+
+/// The items of `new` that differ from the item in the same place in `old`.
+fn changed<T: Clone + PartialEq>(old: &[T], new: &[T]) -> Vec<T> {
+    old.iter()
+        .zip(new)
+        .filter(|(a, b)| a != b)
+        .map(|(_, b)| b.clone())
+        .collect()
+}
+
+/// The order management sends rules in (every field, so equal in this order means equal).
+fn rule_order(a: &FirewallRule, b: &FirewallRule) -> Ordering {
+    let ports = |r: &FirewallRule| r.ports.iter().map(|p| (p.start, p.end)).collect::<Vec<_>>();
+    (&a.peer_cidr, a.direction, a.protocol)
+        .cmp(&(&b.peer_cidr, b.direction, b.protocol))
+        .then_with(|| {
+            if a.ports == b.ports {
+                Ordering::Equal
+            } else {
+                ports(a).cmp(&ports(b))
+            }
+        })
+        .then_with(|| (&a.policy_id, &a.network).cmp(&(&b.policy_id, &b.network)))
+}
+
+/// The rules that joined (in `new`, not in `old`) and left: by one merge when both lists are in
+/// management's order without repeats (as management sends them), else through hash sets.
+fn rule_changes(
+    old: &[FirewallRule],
+    new: &[FirewallRule],
+) -> (Vec<FirewallRule>, Vec<FirewallRule>) {
+    let strictly_sorted = |v: &[FirewallRule]| {
+        v.windows(2)
+            .all(|w| rule_order(&w[0], &w[1]) == Ordering::Less)
+    };
+    let (mut added, mut removed) = (vec![], vec![]);
+    if strictly_sorted(old) && strictly_sorted(new) {
+        let (mut i, mut j) = (0, 0);
+        while i < old.len() || j < new.len() {
+            match (old.get(i), new.get(j)) {
+                (Some(a), Some(b)) => match rule_order(a, b) {
+                    Ordering::Equal => (i, j) = (i + 1, j + 1),
+                    Ordering::Less => {
+                        removed.push(a.clone());
+                        i += 1;
+                    }
+                    Ordering::Greater => {
+                        added.push(b.clone());
+                        j += 1;
+                    }
+                },
+                (Some(a), None) => {
+                    removed.push(a.clone());
+                    i += 1;
+                }
+                (None, Some(b)) => {
+                    added.push(b.clone());
+                    j += 1;
+                }
+                (None, None) => break,
+            }
+        }
+        return (added, removed);
+    }
+    let had: HashSet<&FirewallRule> = old.iter().collect();
+    let has: HashSet<&FirewallRule> = new.iter().collect();
+    added.extend(new.iter().filter(|r| !had.contains(r)).cloned());
+    removed.extend(old.iter().filter(|r| !has.contains(r)).cloned());
+    (added, removed)
+}
+
 /// What turns `old` into `new`; None when nothing but the serial differs.
 pub fn delta(old: &NetworkMap, new: &NetworkMap) -> Option<MapDelta> {
     let mut d = MapDelta {
@@ -50,20 +126,7 @@ pub fn delta(old: &NetworkMap, new: &NetworkMap) -> Option<MapDelta> {
     sections!(diff);
     // Firewall rules: the ones that joined and left, unless replacing them is smaller.
     if old.firewall_rules != new.firewall_rules {
-        let had: HashSet<&FirewallRule> = old.firewall_rules.iter().collect();
-        let has: HashSet<&FirewallRule> = new.firewall_rules.iter().collect();
-        let added: Vec<FirewallRule> = new
-            .firewall_rules
-            .iter()
-            .filter(|r| !had.contains(r))
-            .cloned()
-            .collect();
-        let removed: Vec<FirewallRule> = old
-            .firewall_rules
-            .iter()
-            .filter(|r| !has.contains(r))
-            .cloned()
-            .collect();
+        let (added, removed) = rule_changes(&old.firewall_rules, &new.firewall_rules);
         let size = |v: &[FirewallRule]| v.iter().map(|r| r.encoded_len() + 2).sum::<usize>();
         if size(&added) + size(&removed) < size(&new.firewall_rules) {
             d.added_rules = added;
@@ -83,44 +146,52 @@ pub fn delta(old: &NetworkMap, new: &NetworkMap) -> Option<MapDelta> {
             && o.domain == n.domain
             && o.nameservers == n.nameservers;
         if same_rest {
-            let before: HashMap<&str, &DnsRecord> =
-                o.records.iter().map(|r| (r.name.as_str(), r)).collect();
-            let now: HashSet<&str> = n.records.iter().map(|r| r.name.as_str()).collect();
-            d.upsert_records = n
-                .records
-                .iter()
-                .filter(|r| before.get(r.name.as_str()) != Some(r))
-                .cloned()
-                .collect();
-            d.removed_records = o
-                .records
-                .iter()
-                .filter(|r| !now.contains(r.name.as_str()))
-                .map(|r| r.name.clone())
-                .collect();
+            if same_keys(&o.records, &n.records, |r| &r.name) {
+                d.upsert_records = changed(&o.records, &n.records);
+            } else {
+                let before: HashMap<&str, &DnsRecord> =
+                    o.records.iter().map(|r| (r.name.as_str(), r)).collect();
+                let now: HashSet<&str> = n.records.iter().map(|r| r.name.as_str()).collect();
+                d.upsert_records = n
+                    .records
+                    .iter()
+                    .filter(|r| before.get(r.name.as_str()) != Some(r))
+                    .cloned()
+                    .collect();
+                d.removed_records = o
+                    .records
+                    .iter()
+                    .filter(|r| !now.contains(r.name.as_str()))
+                    .map(|r| r.name.clone())
+                    .collect();
+            }
         } else {
             d.replaced.push("dns".into());
             sections.dns = new.dns.clone();
         }
     }
-    let before: HashMap<&str, &RemotePeer> = old
-        .remote_peers
-        .iter()
-        .map(|p| (p.id.as_str(), p))
-        .collect();
-    for p in &new.remote_peers {
-        if before.get(p.id.as_str()) != Some(&p) {
-            d.upsert_peers.push(p.clone());
+    if same_keys(&old.remote_peers, &new.remote_peers, |p| &p.id) {
+        // The usual case (a rule, a name or a peer's state changed): pair by pair.
+        d.upsert_peers = changed(&old.remote_peers, &new.remote_peers);
+    } else {
+        let before: HashMap<&str, &RemotePeer> = old
+            .remote_peers
+            .iter()
+            .map(|p| (p.id.as_str(), p))
+            .collect();
+        for p in &new.remote_peers {
+            if before.get(p.id.as_str()) != Some(&p) {
+                d.upsert_peers.push(p.clone());
+            }
         }
+        let now: HashSet<&str> = new.remote_peers.iter().map(|p| p.id.as_str()).collect();
+        d.removed_peers = old
+            .remote_peers
+            .iter()
+            .filter(|p| !now.contains(p.id.as_str()))
+            .map(|p| p.id.clone())
+            .collect();
     }
-    let now: std::collections::HashSet<&str> =
-        new.remote_peers.iter().map(|p| p.id.as_str()).collect();
-    d.removed_peers = old
-        .remote_peers
-        .iter()
-        .filter(|p| !now.contains(p.id.as_str()))
-        .map(|p| p.id.clone())
-        .collect();
     if d.replaced.is_empty()
         && d.upsert_peers.is_empty()
         && d.removed_peers.is_empty()
@@ -272,7 +343,21 @@ mod tests {
             let b = if r.gen_bool(0.7) {
                 let mut b = a.clone();
                 b.serial = round * 2 + 1;
-                match r.gen_range(0..6) {
+                match r.gen_range(0..9) {
+                    // Rules out of management's order (deltas then compare them as sets).
+                    6 if b.firewall_rules.len() > 1 => {
+                        b.firewall_rules.reverse();
+                        b.firewall_rules[0].policy_id = format!("pol{round}");
+                    }
+                    7 if !b.firewall_rules.is_empty() => {
+                        let i = r.gen_range(0..b.firewall_rules.len());
+                        b.firewall_rules[i].ports = vec![pb::PortRange { start: 22, end: 22 }];
+                    }
+                    8 if b.dns.as_ref().is_some_and(|d| !d.records.is_empty()) => {
+                        if let Some(d) = b.dns.as_mut() {
+                            d.records[0].ip = "100.64.9.8".into();
+                        }
+                    }
                     4 => b.firewall_rules.push(pb::FirewallRule {
                         peer_cidr: format!("100.64.9.{}/32", r.gen_range(0..9)),
                         ..Default::default()
