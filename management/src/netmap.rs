@@ -5,6 +5,7 @@
 
 use crate::model::{Peer, PortRange, Protocol as ModelProtocol, PublicService};
 use crate::store::Snapshot;
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use tern_proto::management as pb;
@@ -94,6 +95,10 @@ pub struct NetIndex {
     /// computed once per index rather than once per map that lists the peer.
     cidrs: Vec<String>,
     keys: Vec<Vec<u8>>,
+    /// Each peer's place among all peers ordered by host prefix (as strings), and by DNS label:
+    /// maps sort rules and names by these numbers instead of comparing strings.
+    cidr_rank: Vec<u32>,
+    label_rank: Vec<u32>,
     /// When the index was built (Unix ms): logins expired by then are off the network.
     built_at: crate::model::Millis,
     /// What changed since the index built before this one, when that is known to be little.
@@ -155,7 +160,7 @@ impl NetIndex {
             })
             .collect();
         let labels = crate::model::dns_labels(&snap.peers);
-        let cidrs = snap
+        let cidrs: Vec<String> = snap
             .peers
             .iter()
             .map(|p| host_cidr(&p.overlay_ip))
@@ -165,6 +170,8 @@ impl NetIndex {
             .iter()
             .map(|p| key_bytes(&p.wg_public_key))
             .collect();
+        let cidr_rank = ranks(&cidrs);
+        let label_rank = ranks(&labels);
         let mut idx = NetIndex {
             snap,
             by_id,
@@ -175,6 +182,8 @@ impl NetIndex {
             labels,
             cidrs,
             keys,
+            cidr_rank,
+            label_rank,
             built_at: now,
             since: None,
         };
@@ -459,8 +468,8 @@ impl NetIndex {
         }
     }
 
-    pub fn map_for(
-        &self,
+    pub fn map_for<'s>(
+        &'s self,
         peer_id: &str,
         relay: &RelaySettings,
         creds_expire_unix: i64,
@@ -470,7 +479,7 @@ impl NetIndex {
         let settings = &self.snap.settings;
         let mut visible: BTreeSet<usize> = BTreeSet::new();
         // Collected, then sorted and deduplicated once (cheaper than a set kept ordered).
-        let mut rules: Vec<RuleKey> = Vec::new();
+        let mut rules: Vec<RuleKey<'s>> = Vec::new();
 
         // A peer awaiting approval sees no one (and gets no relay credentials).
         let policies = self
@@ -479,22 +488,26 @@ impl NetIndex {
             .iter()
             .filter(|p| p.enabled && me.on_network());
         for pol in policies {
-            let ports = self.ports.get(pol.id.as_str()).cloned().unwrap_or_default();
+            let ports = self
+                .ports
+                .get(pol.id.as_str())
+                .map_or(&[][..], Vec::as_slice);
             let in_src = self.in_any(me, &pol.sources);
             let in_dst = self.in_any(me, &pol.destinations);
-            let mut add = |others: &[String], dir: pb::Direction, rules: &mut Vec<RuleKey>| {
+            let mut add = |others: &[String], dir: pb::Direction, rules: &mut Vec<RuleKey<'s>>| {
                 for q in self.members_of(others) {
                     if q == me_idx {
                         continue;
                     }
                     visible.insert(q);
                     rules.push(RuleKey {
-                        cidr: self.cidrs[q].clone(),
+                        cidr: self.cidr_rank[q],
                         direction: dir as i32,
                         protocol: proto(pol.protocol) as i32,
-                        ports: ports.clone(),
-                        policy_id: pol.id.clone(),
-                        network: String::new(),
+                        ports,
+                        policy_id: Cow::Borrowed(&pol.id),
+                        network: Cow::Borrowed(""),
+                        peer: q,
                     });
                 }
             };
@@ -546,15 +559,16 @@ impl NetIndex {
                         continue;
                     }
                     visible.insert(q);
-                    let cidr = self.cidrs[q].clone();
+                    let cidr = self.cidr_rank[q];
                     if r.access_groups.is_empty() {
                         rules.push(RuleKey {
                             cidr,
                             direction: pb::Direction::In as i32,
                             protocol: pb::Protocol::Any as i32,
-                            ports: vec![],
-                            policy_id: format!("route:{}", r.id),
-                            network: r.network.to_string(),
+                            ports: &[],
+                            policy_id: Cow::Owned(format!("route:{}", r.id)),
+                            network: Cow::Owned(r.network.to_string()),
+                            peer: q,
                         });
                         continue;
                     }
@@ -563,12 +577,13 @@ impl NetIndex {
                         let opens = pol.destinations.iter().any(|g| r.access_groups.contains(g));
                         if opens && self.in_any(client, &pol.sources) {
                             rules.push(RuleKey {
-                                cidr: cidr.clone(),
+                                cidr,
                                 direction: pb::Direction::In as i32,
                                 protocol: proto(pol.protocol) as i32,
-                                ports: self.ports.get(pol.id.as_str()).cloned().unwrap_or_default(),
-                                policy_id: pol.id.clone(),
-                                network: r.network.to_string(),
+                                ports: self.ports.get(pol.id.as_str()).map_or(&[], Vec::as_slice),
+                                policy_id: Cow::Borrowed(&pol.id),
+                                network: Cow::Owned(r.network.to_string()),
+                                peer: q,
                             });
                         }
                     }
@@ -612,7 +627,7 @@ impl NetIndex {
         let firewall_rules = rules
             .into_iter()
             .map(|k| pb::FirewallRule {
-                peer_cidr: k.cidr,
+                peer_cidr: self.cidrs[k.peer].clone(),
                 direction: k.direction,
                 protocol: k.protocol,
                 ports: k
@@ -623,8 +638,8 @@ impl NetIndex {
                         end: p.end as u32,
                     })
                     .collect(),
-                policy_id: k.policy_id,
-                network: k.network,
+                policy_id: k.policy_id.into_owned(),
+                network: k.network.into_owned(),
             })
             .collect();
         let served_services = self
@@ -679,15 +694,17 @@ impl NetIndex {
     /// Names for `me`: itself and the peers it sees, and the nameserver groups it is in.
     fn dns_for(&self, me: usize, visible: &BTreeSet<usize>) -> pb::DnsConfig {
         let p = &self.snap.peers[me];
-        let mut records: Vec<pb::DnsRecord> = std::iter::once(me)
-            .chain(visible.iter().copied())
+        // By name (label ranks keep the names' order), one record per name.
+        let mut order: Vec<usize> = std::iter::once(me).chain(visible.iter().copied()).collect();
+        order.sort_by_key(|&i| self.label_rank[i]);
+        order.dedup_by_key(|i| self.label_rank[*i]);
+        let records: Vec<pb::DnsRecord> = order
+            .into_iter()
             .map(|i| pb::DnsRecord {
                 name: self.labels[i].clone(),
                 ip: self.snap.peers[i].overlay_ip.clone(),
             })
             .collect();
-        records.sort_by(|a, b| a.name.cmp(&b.name));
-        records.dedup_by(|a, b| a.name == b.name);
         let nameservers = self
             .snap
             .nameservers
@@ -738,14 +755,34 @@ pub fn relay_config(peer_id: &str, relay: &RelaySettings, expire_unix: i64) -> p
     }
 }
 
+/// A rule while a map is made, borrowing from the index; ordered as the rules are sent (by
+/// host prefix as a string, then the other fields), which deltas rely on to compare in one pass.
 #[derive(PartialEq, Eq, PartialOrd, Ord)]
-struct RuleKey {
-    cidr: String,
+struct RuleKey<'a> {
+    /// The rule's peer's `cidr_rank`: the same order as its host prefix.
+    cidr: u32,
     direction: i32,
     protocol: i32,
-    ports: Vec<PortRange>,
-    policy_id: String,
-    network: String,
+    ports: &'a [PortRange],
+    policy_id: Cow<'a, str>,
+    network: Cow<'a, str>,
+    /// The peer itself (one per rank: overlay addresses are unique).
+    peer: usize,
+}
+
+/// Each item's place in the sorted order of all items (equal items share a place).
+fn ranks(items: &[String]) -> Vec<u32> {
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    order.sort_unstable_by(|&a, &b| items[a].cmp(&items[b]));
+    let mut out = vec![0u32; items.len()];
+    let mut rank = 0u32;
+    for (n, &i) in order.iter().enumerate() {
+        if n > 0 && items[order[n - 1]] != items[i] {
+            rank += 1;
+        }
+        out[i] = rank;
+    }
+    out
 }
 
 fn proto(p: ModelProtocol) -> pb::Protocol {
@@ -959,10 +996,17 @@ mod tests {
             let since = b.since().expect("only live state changed");
             assert_eq!(since.from, 7);
             for p in &new.peers {
+                let mb = b.map_for(&p.id, &relay(), 9);
+                // Rules go out in the order deltas compare in one pass.
+                let rules = mb
+                    .as_ref()
+                    .map(|m| m.firewall_rules.as_slice())
+                    .unwrap_or(&[]);
+                assert!(tern_proto::mapdelta::in_rule_order(rules), "{rules:?}");
                 if since.affected.contains(&p.id) {
                     continue;
                 }
-                let (ma, mb) = (a.map_for(&p.id, &relay(), 9), b.map_for(&p.id, &relay(), 9));
+                let ma = a.map_for(&p.id, &relay(), 9);
                 assert!(
                     same_content(&ma.expect("old map"), &mb.expect("new map")),
                     "round {round}: {} is outside {:?} but its map changed",

@@ -61,18 +61,22 @@ fn rule_order(a: &FirewallRule, b: &FirewallRule) -> Ordering {
         .then_with(|| (&a.policy_id, &a.network).cmp(&(&b.policy_id, &b.network)))
 }
 
+/// Whether `rules` are in the order management sends them (sorted, no repeats), which lets a
+/// delta compare two lists in one pass.
+pub fn in_rule_order(rules: &[FirewallRule]) -> bool {
+    rules
+        .windows(2)
+        .all(|w| rule_order(&w[0], &w[1]) == Ordering::Less)
+}
+
 /// The rules that joined (in `new`, not in `old`) and left: by one merge when both lists are in
 /// management's order without repeats (as management sends them), else through hash sets.
 fn rule_changes(
     old: &[FirewallRule],
     new: &[FirewallRule],
 ) -> (Vec<FirewallRule>, Vec<FirewallRule>) {
-    let strictly_sorted = |v: &[FirewallRule]| {
-        v.windows(2)
-            .all(|w| rule_order(&w[0], &w[1]) == Ordering::Less)
-    };
     let (mut added, mut removed) = (vec![], vec![]);
-    if strictly_sorted(old) && strictly_sorted(new) {
+    if in_rule_order(old) && in_rule_order(new) {
         let (mut i, mut j) = (0, 0);
         while i < old.len() || j < new.len() {
             match (old.get(i), new.get(j)) {
