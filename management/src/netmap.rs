@@ -293,7 +293,6 @@ impl NetIndex {
         let mut settings = a.settings.clone();
         settings.network_serial = b.settings.network_serial;
         if settings != b.settings
-            || a.policies != b.policies
             || a.routes != b.routes
             || a.services != b.services
             || a.nameservers != b.nameservers
@@ -301,6 +300,32 @@ impl NetIndex {
             || a.peers.len() > b.peers.len()
         {
             return None;
+        }
+        // Policies edited, added, removed, switched on or off: a map depends on a policy only
+        // when its peer is in the policy's sources or destinations, so the peers in those groups
+        // (old and new) are affected and no one else. Unless a route has access groups: then
+        // policies also decide what the route's clients reach and what its routers let in.
+        let mut policies_changed: Vec<(&NetIndex, &crate::model::Policy)> = vec![];
+        if a.policies != b.policies {
+            if b.routes.iter().any(|r| !r.access_groups.is_empty()) {
+                return None;
+            }
+            let by_id = |ps: &'_ [crate::model::Policy]| -> HashMap<String, crate::model::Policy> {
+                ps.iter().map(|p| (p.id.clone(), p.clone())).collect()
+            };
+            let (old, new) = (by_id(&a.policies), by_id(&b.policies));
+            policies_changed.extend(
+                a.policies
+                    .iter()
+                    .filter(|p| new.get(&p.id) != Some(*p))
+                    .map(|p| (prev, p)),
+            );
+            policies_changed.extend(
+                b.policies
+                    .iter()
+                    .filter(|p| old.get(&p.id) != Some(*p))
+                    .map(|p| (self, p)),
+            );
         }
         let expiry_on = b.settings.peer_login_expiry_secs > 0;
         let newest = a.peers.iter().map(|p| p.created_at).max().unwrap_or(0);
@@ -351,6 +376,12 @@ impl NetIndex {
             return None;
         }
         let mut affected = std::collections::HashSet::new();
+        for (idx, pol) in policies_changed {
+            let members = idx
+                .members_of(&pol.sources)
+                .chain(idx.members_of(&pol.destinations));
+            affected.extend(members.map(|i| idx.snap.peers[i].id.clone()));
+        }
         let none = RelaySettings::default();
         for id in changed {
             affected.insert(id.to_string());
@@ -988,12 +1019,45 @@ mod tests {
                     _ => p.agent_version = format!("0.{round}"),
                 }
             }
+            // Policy edits, often: a policy's ports, protocol, direction, groups, switch; a
+            // policy added or removed.
+            if rng.gen_bool(0.5) {
+                let k = new.policies.len();
+                let g = |rng: &mut rand::rngs::StdRng| groups[rng.gen_range(0..groups.len())];
+                match rng.gen_range(0..6) {
+                    0 if k > 0 => new.policies[rng.gen_range(0..k)].ports = vec!["22".into()],
+                    1 if k > 0 => new.policies[rng.gen_range(0..k)].protocol = Protocol::Udp,
+                    2 if k > 0 => {
+                        let p = &mut new.policies[rng.gen_range(0..k)];
+                        p.bidirectional = !p.bidirectional;
+                    }
+                    3 if k > 0 => {
+                        let p = &mut new.policies[rng.gen_range(0..k)];
+                        p.destinations = vec![g(&mut rng).into()];
+                        p.enabled = rng.gen_bool(0.7);
+                    }
+                    4 if k > 0 => {
+                        new.policies.remove(rng.gen_range(0..k));
+                    }
+                    _ => {
+                        let (src, dst) = (g(&mut rng), g(&mut rng));
+                        new.policies.push(policy(
+                            "added",
+                            &[src],
+                            &[dst],
+                            Protocol::Tcp,
+                            &["80"],
+                            false,
+                        ));
+                    }
+                }
+            }
             let (a, b) = (
                 NetIndex::new(Arc::new(old.clone())),
                 NetIndex::new(Arc::new(new.clone())),
             );
             let b = b.with_changes_since(&a);
-            let since = b.since().expect("only live state changed");
+            let since = b.since().expect("only live state and policies changed");
             assert_eq!(since.from, 7);
             for p in &new.peers {
                 let mb = b.map_for(&p.id, &relay(), 9);
@@ -1014,6 +1078,21 @@ mod tests {
                     since.affected
                 );
             }
+            // A policy edit with a route that has access groups: every map may differ.
+            let mut gated = new.clone();
+            let mut r2 = route_via("r2", "192.168.60.0/24", "p0", 100);
+            r2.access_groups = vec!["g0".into()];
+            gated.routes.push(r2);
+            let mut gated_old = gated.clone();
+            gated_old
+                .policies
+                .push(policy("x", &["g1"], &["g0"], Protocol::Any, &[], false));
+            let c = NetIndex::new(Arc::new(gated))
+                .with_changes_since(&NetIndex::new(Arc::new(gated_old)));
+            assert!(
+                c.since().is_none(),
+                "policies decide what the route's clients reach"
+            );
             // Anything else: every map may differ.
             let mut renamed = new.clone();
             renamed.peers[0].name = "renamed".into();

@@ -291,6 +291,7 @@ pub async fn run(n: usize, teams: usize, limit: Duration) -> anyhow::Result<Figu
         .unwrap_or_default()
         .to_string();
     let mut keys = vec![];
+    let mut team_policies = vec![];
     for t in 0..teams {
         let g = api
             .call(
@@ -302,7 +303,11 @@ pub async fn run(n: usize, teams: usize, limit: Duration) -> anyhow::Result<Figu
             .as_str()
             .unwrap_or_default()
             .to_string();
-        api.call(reqwest::Method::POST, "/api/policies", Some(json!({"name": format!("team-{t}"), "protocol": "any", "sources": [g], "destinations": [g]}))).await?;
+        let pol = api.call(reqwest::Method::POST, "/api/policies", Some(json!({"name": format!("team-{t}"), "protocol": "any", "sources": [g], "destinations": [g]}))).await?;
+        team_policies.push((
+            pol["id"].as_str().unwrap_or_default().to_string(),
+            g.clone(),
+        ));
         let k = api
             .call(
                 reqwest::Method::POST,
@@ -402,6 +407,7 @@ pub async fn run(n: usize, teams: usize, limit: Duration) -> anyhow::Result<Figu
     let mut changes = vec![];
     for what in [
         "a policy edit (every agent)",
+        "a team's policy edit (one team)",
         "a new peer (one team)",
         "a peer going offline (one team)",
     ] {
@@ -436,6 +442,10 @@ pub async fn run(n: usize, teams: usize, limit: Duration) -> anyhow::Result<Figu
         match what {
             "a policy edit (every agent)" => {
                 api.call(reqwest::Method::PUT, &format!("/api/policies/{mon_policy_id}"), Some(json!({"name": "monitoring", "protocol": "tcp", "ports": ["9100", "9256"], "bidirectional": false, "sources": ["all"], "destinations": [monitor_group]}))).await?;
+            }
+            "a team's policy edit (one team)" => {
+                let (id, g) = &team_policies[0];
+                api.call(reqwest::Method::PUT, &format!("/api/policies/{id}"), Some(json!({"name": "team-0", "protocol": "tcp", "ports": ["22", "443"], "sources": [g], "destinations": [g]}))).await?;
             }
             "a new peer (one team)" => {
                 let agent = TestAgent::with_channel(channels[conns - 1].clone(), "newcomer");
