@@ -32,18 +32,31 @@ fn key(m: &impl Message) -> Vec<u8> {
     m.encode_to_vec()
 }
 
-/// The same keys in the same places (the same peers or names, in the same order).
-fn same_keys<T>(a: &[T], b: &[T], key: impl Fn(&T) -> &String) -> bool {
-    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| key(x) == key(y))
-}
-
-/// The items of `new` that differ from the item in the same place in `old`.
-fn changed<T: Clone + PartialEq>(old: &[T], new: &[T]) -> Vec<T> {
-    old.iter()
-        .zip(new)
-        .filter(|(a, b)| a != b)
-        .map(|(_, b)| b.clone())
-        .collect()
+/// Items identified by a key (peers by id, names by name): those of `new` that are new or
+/// differ, and the keys of those that left. When the same keys sit in the same places (the usual
+/// case: a rule, a name or a peer's state changed) pair by pair, else through hash maps.
+fn keyed_changes<T: Clone + PartialEq>(
+    old: &[T],
+    new: &[T],
+    key: impl Fn(&T) -> &String,
+) -> (Vec<T>, Vec<String>) {
+    if old.len() == new.len() && old.iter().zip(new).all(|(a, b)| key(a) == key(b)) {
+        let upserts = old.iter().zip(new).filter(|(a, b)| a != b);
+        return (upserts.map(|(_, b)| b.clone()).collect(), vec![]);
+    }
+    let before: HashMap<&str, &T> = old.iter().map(|x| (key(x).as_str(), x)).collect();
+    let now: HashSet<&str> = new.iter().map(|x| key(x).as_str()).collect();
+    let upserts = new
+        .iter()
+        .filter(|x| before.get(key(x).as_str()) != Some(x))
+        .cloned()
+        .collect();
+    let removed = old
+        .iter()
+        .filter(|x| !now.contains(key(x).as_str()))
+        .map(|x| key(x).clone())
+        .collect();
+    (upserts, removed)
 }
 
 /// The order management sends rules in (every field, so equal in this order means equal).
@@ -150,52 +163,15 @@ pub fn delta(old: &NetworkMap, new: &NetworkMap) -> Option<MapDelta> {
             && o.domain == n.domain
             && o.nameservers == n.nameservers;
         if same_rest {
-            if same_keys(&o.records, &n.records, |r| &r.name) {
-                d.upsert_records = changed(&o.records, &n.records);
-            } else {
-                let before: HashMap<&str, &DnsRecord> =
-                    o.records.iter().map(|r| (r.name.as_str(), r)).collect();
-                let now: HashSet<&str> = n.records.iter().map(|r| r.name.as_str()).collect();
-                d.upsert_records = n
-                    .records
-                    .iter()
-                    .filter(|r| before.get(r.name.as_str()) != Some(r))
-                    .cloned()
-                    .collect();
-                d.removed_records = o
-                    .records
-                    .iter()
-                    .filter(|r| !now.contains(r.name.as_str()))
-                    .map(|r| r.name.clone())
-                    .collect();
-            }
+            (d.upsert_records, d.removed_records) =
+                keyed_changes(&o.records, &n.records, |r: &DnsRecord| &r.name);
         } else {
             d.replaced.push("dns".into());
             sections.dns = new.dns.clone();
         }
     }
-    if same_keys(&old.remote_peers, &new.remote_peers, |p| &p.id) {
-        // The usual case (a rule, a name or a peer's state changed): pair by pair.
-        d.upsert_peers = changed(&old.remote_peers, &new.remote_peers);
-    } else {
-        let before: HashMap<&str, &RemotePeer> = old
-            .remote_peers
-            .iter()
-            .map(|p| (p.id.as_str(), p))
-            .collect();
-        for p in &new.remote_peers {
-            if before.get(p.id.as_str()) != Some(&p) {
-                d.upsert_peers.push(p.clone());
-            }
-        }
-        let now: HashSet<&str> = new.remote_peers.iter().map(|p| p.id.as_str()).collect();
-        d.removed_peers = old
-            .remote_peers
-            .iter()
-            .filter(|p| !now.contains(p.id.as_str()))
-            .map(|p| p.id.clone())
-            .collect();
-    }
+    (d.upsert_peers, d.removed_peers) =
+        keyed_changes(&old.remote_peers, &new.remote_peers, |p: &RemotePeer| &p.id);
     if d.replaced.is_empty()
         && d.upsert_peers.is_empty()
         && d.removed_peers.is_empty()
