@@ -310,20 +310,18 @@ impl NetIndex {
             if b.routes.iter().any(|r| !r.access_groups.is_empty()) {
                 return None;
             }
-            let by_id = |ps: &'_ [crate::model::Policy]| -> HashMap<String, crate::model::Policy> {
-                ps.iter().map(|p| (p.id.clone(), p.clone())).collect()
-            };
-            let (old, new) = (by_id(&a.policies), by_id(&b.policies));
+            let old: HashMap<&str, _> = a.policies.iter().map(|p| (p.id.as_str(), p)).collect();
+            let new: HashMap<&str, _> = b.policies.iter().map(|p| (p.id.as_str(), p)).collect();
             policies_changed.extend(
                 a.policies
                     .iter()
-                    .filter(|p| new.get(&p.id) != Some(*p))
+                    .filter(|p| new.get(p.id.as_str()) != Some(p))
                     .map(|p| (prev, p)),
             );
             policies_changed.extend(
                 b.policies
                     .iter()
-                    .filter(|p| old.get(&p.id) != Some(*p))
+                    .filter(|p| old.get(p.id.as_str()) != Some(p))
                     .map(|p| (self, p)),
             );
         }
