@@ -557,6 +557,39 @@ pub fn sync_message(
     }
 }
 
+/// The last map a stream sent, kept encoded with serial 0: a third of the memory of the decoded
+/// map (thousands of streams each hold one), compared in one pass, decoded only to make a delta.
+#[derive(Default)]
+pub struct LastSent(Option<(Vec<u8>, u64)>);
+
+impl LastSent {
+    /// The message that brings the agent from the last map sent to `map` (see `sync_message`),
+    /// or None when nothing but the serial differs; `map` is then the last map sent.
+    pub fn push(&mut self, mut map: pb::NetworkMap, deltas: bool) -> Option<pb::SyncResponse> {
+        let serial = std::mem::take(&mut map.serial);
+        let encoded = map.encode_to_vec();
+        map.serial = serial;
+        let old =
+            match &self.0 {
+                Some((bytes, _)) if *bytes == encoded => return None,
+                Some((bytes, serial)) if deltas => pb::NetworkMap::decode(bytes.as_slice())
+                    .ok()
+                    .map(|m| pb::NetworkMap {
+                        serial: *serial,
+                        ..m
+                    }),
+                _ => None,
+            };
+        self.0 = Some((encoded, serial));
+        Some(sync_message(old.as_ref(), &map, deltas))
+    }
+
+    /// The serial of the last map sent, if any was.
+    pub fn serial(&self) -> Option<u64> {
+        self.0.as_ref().map(|(_, s)| *s)
+    }
+}
+
 /// Pushes maps until the client goes away or the peer is deleted.
 async fn run_sync(
     state: &AppState,
@@ -577,9 +610,7 @@ async fn run_sync(
     let serial = |i: &crate::netmap::NetIndex| i.snapshot().settings.network_serial;
     let ttl = state.opts.relay_credentials_ttl.as_secs().max(60) as i64;
     let mut creds_expiry = now_unix() + ttl;
-    // The last map sent, encoded with serial 0: a third of the memory of the decoded map
-    // (thousands of streams each hold one), compared in one pass, decoded only to make a delta.
-    let mut last: Option<(Vec<u8>, u64)> = None;
+    let mut last = LastSent::default();
     // The new index changed nothing this peer's map depends on (see `NetIndex::since`).
     let mut unchanged = false;
     loop {
@@ -609,22 +640,10 @@ async fn run_sync(
             };
             Some(map)
         };
-        if let Some(mut map) = map {
-            let serial = std::mem::take(&mut map.serial);
-            let encoded = map.encode_to_vec();
-            map.serial = serial;
-            if last.as_ref().is_none_or(|(l, _)| *l != encoded) {
-                let old = last.as_ref().and_then(|(bytes, serial)| {
-                    let mut m = pb::NetworkMap::decode(bytes.as_slice()).ok()?;
-                    m.serial = *serial;
-                    Some(m)
-                });
-                let msg = sync_message(old.as_ref(), &map, deltas);
-                debug!(peer = %peer_id, serial = map.serial, remote_peers = map.remote_peers.len(), delta = msg.delta.is_some(), bytes = msg.encoded_len(), "pushing network map");
-                if tx.send(Box::new(Ok(msg))).await.is_err() {
-                    return Ok(());
-                }
-                last = Some((encoded, serial));
+        if let Some(msg) = map.and_then(|m| last.push(m, deltas)) {
+            debug!(peer = %peer_id, serial = last.serial(), delta = msg.delta.is_some(), bytes = msg.encoded_len(), "pushing network map");
+            if tx.send(Box::new(Ok(msg))).await.is_err() {
+                return Ok(());
             }
         }
         let refresh_in = Duration::from_secs((creds_expiry - ttl / 2 - now_unix()).max(1) as u64);
@@ -640,7 +659,7 @@ async fn run_sync(
                 let next = indexes.borrow_and_update().clone();
                 // Never back in time (the first map may come from a newer index).
                 if let Some(n) = next.filter(|n| serial(n) >= serial(&idx)) {
-                    unchanged = last.is_some()
+                    unchanged = last.serial().is_some()
                         && n.since().is_some_and(|s| {
                             s.from == serial(&idx) && !s.affected.contains(peer_id)
                         });
@@ -651,5 +670,54 @@ async fn run_sync(
                 creds_expiry = now_unix() + ttl;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(serial: u64, peers: &[&str]) -> pb::NetworkMap {
+        pb::NetworkMap {
+            serial,
+            remote_peers: peers
+                .iter()
+                .map(|id| pb::RemotePeer {
+                    id: id.to_string(),
+                    name: id.to_string(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_stream_sends_the_first_map_whole_then_only_changes() {
+        let mut last = LastSent::default();
+        let first = last.push(map(1, &["a", "b"]), true).expect("first map");
+        assert_eq!(first.network_map, Some(map(1, &["a", "b"])));
+        assert_eq!(last.serial(), Some(1));
+        // A newer serial with the same content: nothing, and the agent still has serial 1.
+        assert_eq!(last.push(map(2, &["a", "b"]), true), None);
+        assert_eq!(last.serial(), Some(1));
+        let d = last
+            .push(map(3, &["a", "c"]), true)
+            .and_then(|m| m.delta)
+            .expect("a delta");
+        let got =
+            tern_proto::mapdelta::apply(&map(1, &["a", "b"]), &d).expect("applies to serial 1");
+        assert!(
+            tern_proto::mapdelta::same(&got, &map(3, &["a", "c"])),
+            "{got:?}"
+        );
+        // An agent without deltas gets every changed map whole.
+        let mut plain = LastSent::default();
+        plain.push(map(1, &["a"]), false);
+        let whole = plain.push(map(2, &["b"]), false).expect("changed");
+        assert_eq!(
+            (whole.network_map, whole.delta),
+            (Some(map(2, &["b"])), None)
+        );
     }
 }

@@ -106,10 +106,10 @@ pub struct NetIndex {
 }
 
 /// Peers whose maps may differ from the maps of the index with serial `from` (the one built just
-/// before), when nothing but peers' live state changed (online, last seen, agent details) or new
-/// peers joined: the changed or new peers and every peer that sees one of them (seeing is mutual:
-/// a policy or route that puts q in p's map puts p in q's). Streams of other peers need not
-/// compute their map again.
+/// before), when nothing but peers' live state (online, last seen, agent details), new peers and
+/// policies changed: the changed or new peers and every peer that sees one of them (seeing is
+/// mutual: a policy or route that puts q in p's map puts p in q's), and the peers in a changed
+/// policy's groups. Streams of other peers need not compute their map again.
 #[derive(Debug, Clone)]
 pub struct Since {
     pub from: i64,
@@ -438,6 +438,11 @@ impl NetIndex {
         (p.login_expiration_enabled && secs > 0).then(|| p.last_login + secs * 1000)
     }
 
+    /// A policy's port ranges (parsed when the index was built).
+    fn ports_of(&self, pol: &crate::model::Policy) -> &[PortRange] {
+        self.ports.get(pol.id.as_str()).map_or(&[], Vec::as_slice)
+    }
+
     fn in_any(&self, peer: &Peer, groups: &[String]) -> bool {
         peer.groups.iter().any(|g| groups.contains(g))
     }
@@ -463,7 +468,6 @@ impl NetIndex {
         }
     }
 
-    /// The map for `peer_id`, or None if the peer is not in the snapshot.
     /// What `me` may reach in route `r`'s network, in words: "all" without access groups; else
     /// what the enabled policies from `me` towards the access groups allow, or "none".
     fn route_access(&self, me: &Peer, r: &crate::model::Route) -> String {
@@ -477,7 +481,7 @@ impl NetIndex {
             {
                 continue;
             }
-            let ports = self.ports.get(pol.id.as_str()).cloned().unwrap_or_default();
+            let ports = self.ports_of(pol);
             let proto = match pol.protocol {
                 ModelProtocol::Any => return "all".into(),
                 ModelProtocol::Tcp => "tcp",
@@ -497,6 +501,7 @@ impl NetIndex {
         }
     }
 
+    /// The map for `peer_id`, or None if the peer is not in the snapshot.
     pub fn map_for<'s>(
         &'s self,
         peer_id: &str,
@@ -517,10 +522,7 @@ impl NetIndex {
             .iter()
             .filter(|p| p.enabled && me.on_network());
         for pol in policies {
-            let ports = self
-                .ports
-                .get(pol.id.as_str())
-                .map_or(&[][..], Vec::as_slice);
+            let ports = self.ports_of(pol);
             let in_src = self.in_any(me, &pol.sources);
             let in_dst = self.in_any(me, &pol.destinations);
             let mut add = |others: &[String], dir: pb::Direction, rules: &mut Vec<RuleKey<'s>>| {
@@ -609,7 +611,7 @@ impl NetIndex {
                                 cidr,
                                 direction: pb::Direction::In as i32,
                                 protocol: proto(pol.protocol) as i32,
-                                ports: self.ports.get(pol.id.as_str()).map_or(&[], Vec::as_slice),
+                                ports: self.ports_of(pol),
                                 policy_id: Cow::Borrowed(&pol.id),
                                 network: Cow::Owned(r.network.to_string()),
                                 peer: q,
@@ -837,8 +839,8 @@ fn key_bytes(b64: &str) -> Vec<u8> {
         .unwrap_or_default()
 }
 
-/// Compares two maps ignoring the serial (used to skip pushes that would change nothing).
-/// Field by field, without copying either map (every stream runs this on every change).
+/// Compares two maps ignoring the serial, field by field without copying either (streams compare
+/// encoded maps instead; the benchmark and tests use this).
 pub fn same_content(a: &pb::NetworkMap, b: &pb::NetworkMap) -> bool {
     // Destructured so that a field added to the message must be added here too.
     let pb::NetworkMap {

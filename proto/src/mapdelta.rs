@@ -59,18 +59,15 @@ fn keyed_changes<T: Clone + PartialEq>(
     (upserts, removed)
 }
 
+fn port_pairs(r: &FirewallRule) -> impl Iterator<Item = (u32, u32)> + '_ {
+    r.ports.iter().map(|p| (p.start, p.end))
+}
+
 /// The order management sends rules in (every field, so equal in this order means equal).
 fn rule_order(a: &FirewallRule, b: &FirewallRule) -> Ordering {
-    let ports = |r: &FirewallRule| r.ports.iter().map(|p| (p.start, p.end)).collect::<Vec<_>>();
     (&a.peer_cidr, a.direction, a.protocol)
         .cmp(&(&b.peer_cidr, b.direction, b.protocol))
-        .then_with(|| {
-            if a.ports == b.ports {
-                Ordering::Equal
-            } else {
-                ports(a).cmp(&ports(b))
-            }
-        })
+        .then_with(|| port_pairs(a).cmp(port_pairs(b)))
         .then_with(|| (&a.policy_id, &a.network).cmp(&(&b.policy_id, &b.network)))
 }
 
@@ -91,30 +88,21 @@ fn rule_changes(
     let (mut added, mut removed) = (vec![], vec![]);
     if in_rule_order(old) && in_rule_order(new) {
         let (mut i, mut j) = (0, 0);
-        while i < old.len() || j < new.len() {
-            match (old.get(i), new.get(j)) {
-                (Some(a), Some(b)) => match rule_order(a, b) {
-                    Ordering::Equal => (i, j) = (i + 1, j + 1),
-                    Ordering::Less => {
-                        removed.push(a.clone());
-                        i += 1;
-                    }
-                    Ordering::Greater => {
-                        added.push(b.clone());
-                        j += 1;
-                    }
-                },
-                (Some(a), None) => {
+        while let (Some(a), Some(b)) = (old.get(i), new.get(j)) {
+            match rule_order(a, b) {
+                Ordering::Equal => (i, j) = (i + 1, j + 1),
+                Ordering::Less => {
                     removed.push(a.clone());
                     i += 1;
                 }
-                (None, Some(b)) => {
+                Ordering::Greater => {
                     added.push(b.clone());
                     j += 1;
                 }
-                (None, None) => break,
             }
         }
+        removed.extend_from_slice(&old[i..]);
+        added.extend_from_slice(&new[j..]);
         return (added, removed);
     }
     let had: HashSet<&FirewallRule> = old.iter().collect();
