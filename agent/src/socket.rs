@@ -88,8 +88,8 @@ pub struct Shared {
     v4: Option<Arc<UdpSocket>>,
     v6: Option<Arc<UdpSocket>>,
     port: u16,
-    /// UDP GSO works here (cleared, and logged, the first time the kernel refuses it).
-    gso: std::sync::atomic::AtomicBool,
+    /// GSO sends, with the fall back to one send per datagram.
+    gso: crate::platform::sockopt::SegmentSender,
     to_ice: mpsc::Sender<(Vec<u8>, SocketAddr)>,
     bindings: Mutex<HashMap<[u8; 12], oneshot::Sender<SocketAddr>>>,
 }
@@ -163,7 +163,7 @@ impl Shared {
             v4,
             v6,
             port,
-            gso: std::sync::atomic::AtomicBool::new(true),
+            gso: Default::default(),
             to_ice,
             bindings: Mutex::new(HashMap::new()),
         });
@@ -221,36 +221,11 @@ impl Shared {
         seg: usize,
         to: SocketAddr,
     ) -> std::io::Result<()> {
-        use std::sync::atomic::Ordering::Relaxed;
         let to = SocketAddr::new(to.ip().to_canonical(), to.port());
         let Some(sock) = self.socket_for(&to) else {
             return self.send_to(data, to).await.map(drop);
         };
-        if self.gso.load(Relaxed) && data.len() > seg {
-            loop {
-                sock.writable().await?;
-                match crate::platform::sockopt::try_send_gso(sock, data, seg as u16, to) {
-                    Ok(_) => return Ok(()),
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                    Err(e)
-                        if matches!(
-                            e.raw_os_error(),
-                            Some(libc::EIO | libc::EINVAL | libc::EOPNOTSUPP | libc::ENOPROTOOPT)
-                        ) =>
-                    {
-                        if self.gso.swap(false, Relaxed) {
-                            info!(error = %e, "UDP GSO refused by the kernel: one send per datagram");
-                        }
-                        break;
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-        }
-        for d in data.chunks(seg) {
-            sock.send_to(d, to).await?;
-        }
-        Ok(())
+        self.gso.send(sock, data, seg, to).await
     }
 
     /// This port's address as `stun` sees it (a Binding request; no answer within 1 s: None).

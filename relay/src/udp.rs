@@ -34,6 +34,9 @@ use stun::message::{
     CLASS_SUCCESS_RESPONSE, MAGIC_COOKIE, METHOD_ALLOCATE, METHOD_BINDING, METHOD_CHANNEL_BIND,
     METHOD_CREATE_PERMISSION, METHOD_SEND,
 };
+use tern_proto::sockopt::{
+    gro_cmsg_space, recv_gro, SegmentSender, GSO_MAX_BYTES, GSO_MAX_SEGMENTS,
+};
 use tokio::net::UdpSocket;
 use tracing::{debug, warn};
 use webrtc_util::Conn;
@@ -83,6 +86,8 @@ pub struct UdpShared {
     pub fast: FastPath,
     /// The listening socket (relayed datagrams go back to clients from it).
     main: std::sync::OnceLock<Arc<UdpSocket>>,
+    /// Runs of relayed datagrams go out in one GSO send where the kernel takes it.
+    sender: SegmentSender,
 }
 
 impl UdpShared {
@@ -115,6 +120,7 @@ impl UdpShared {
             last_auth_warn: Mutex::new(None),
             fast: FastPath::default(),
             main: std::sync::OnceLock::new(),
+            sender: SegmentSender::default(),
         })
     }
 
@@ -226,34 +232,193 @@ pub enum Verdict {
 pub struct FrontConn {
     sock: Arc<UdpSocket>,
     shared: Arc<UdpShared>,
+    rx: tokio::sync::Mutex<Batch>,
+}
+
+/// The datagrams of a few receives in a row (each a run of datagrams of one flow when the kernel
+/// coalesced them, UDP GRO), and those of them the crate has yet to see. Relaying a batch at a
+/// time lets consecutive datagrams to one destination go out in one GSO send.
+struct Batch {
+    /// One buffer per receive, allocated at the first receive (most allocations never carry
+    /// data: a direct path wins).
+    bufs: Vec<Vec<u8>>,
+    receives: usize,
+    cmsg: Vec<u8>,
+    /// Each received datagram: (buffer, offset, length, sender), in order.
+    got: Vec<(usize, usize, usize, SocketAddr)>,
+    /// The datagrams of `got` left for the crate (indexes), in order.
+    pending: std::collections::VecDeque<usize>,
+    /// Datagrams on their way out, laid end to end for one GSO send.
+    out: Vec<u8>,
+}
+
+impl Batch {
+    fn new(receives: usize) -> Self {
+        Batch {
+            bufs: Vec::new(),
+            receives,
+            cmsg: gro_cmsg_space(),
+            got: Vec::new(),
+            pending: Default::default(),
+            out: Vec::new(),
+        }
+    }
+
+    /// The next datagram for the crate, copied into `buf`.
+    fn next(&mut self, buf: &mut [u8]) -> Option<(usize, SocketAddr)> {
+        let i = self.pending.pop_front()?;
+        let (b, off, len, from) = self.got[i];
+        let m = len.min(buf.len());
+        buf[..m].copy_from_slice(&self.bufs[b][off..off + m]);
+        Some((m, from))
+    }
+
+    /// Waits for datagrams, then takes what is queued (up to one receive per buffer).
+    async fn receive(&mut self, sock: &UdpSocket) -> std::io::Result<()> {
+        self.got.clear();
+        self.pending.clear();
+        if self.bufs.is_empty() {
+            self.bufs = (0..self.receives).map(|_| vec![0u8; RECV_BYTES]).collect();
+        }
+        let (n, from, seg) = recv_gro(sock, &mut self.bufs[0], &mut self.cmsg).await?;
+        self.split(0, n, from, seg);
+        for b in 1..self.bufs.len() {
+            match tern_proto::sockopt::try_recv_gro(sock, &mut self.bufs[b], &mut self.cmsg) {
+                Ok((n, from, seg)) => self.split(b, n, from, seg.unwrap_or(n).max(1)),
+                Err(_) => break,
+            }
+        }
+        Ok(())
+    }
+
+    fn split(&mut self, b: usize, n: usize, from: SocketAddr, seg: usize) {
+        let mut off = 0;
+        while off < n {
+            let len = seg.min(n - off);
+            self.got.push((b, off, len, from));
+            off += len;
+        }
+    }
+
+    fn datagram(&self, i: usize) -> (&[u8], SocketAddr) {
+        let (b, off, len, from) = self.got[i];
+        (&self.bufs[b][off..off + len], from)
+    }
+}
+
+/// Room for one receive: the largest UDP payload, which a GRO run never exceeds.
+const RECV_BYTES: usize = 65_536;
+/// Receives per batch on the listener (every client's traffic) and on a relay socket (one
+/// allocation's peers: a GRO receive already brings a run of an agent's GSO send).
+const LISTENER_RECEIVES: usize = 16;
+const RELAY_RECEIVES: usize = 1;
+
+/// Datagrams of `seg` bytes (the last may be shorter) laid end to end in `out`, to `to` through
+/// `sock`, in GSO sends within the kernel's limits.
+async fn send_run(shared: &UdpShared, sock: &UdpSocket, out: &[u8], seg: usize, to: SocketAddr) {
+    if seg == 0 {
+        return;
+    }
+    let per_send = (GSO_MAX_BYTES / seg).clamp(1, GSO_MAX_SEGMENTS) * seg;
+    for chunk in out.chunks(per_send) {
+        if let Err(e) = shared.sender.send(sock, chunk, seg, to).await {
+            debug!(%to, error = %e, "relayed send failed");
+        }
+    }
+}
+
+/// Consecutive datagrams to one destination with one length, being gathered for one send.
+struct Run<'a> {
+    shared: &'a UdpShared,
+    to: Option<(Arc<UdpSocket>, SocketAddr, usize)>,
+}
+
+impl Run<'_> {
+    /// Appends a datagram (`head` then `body`, `len` bytes in all) for `to` through `sock`,
+    /// sending what was gathered first when it does not join it.
+    async fn push(
+        &mut self,
+        out: &mut Vec<u8>,
+        sock: &Arc<UdpSocket>,
+        to: SocketAddr,
+        head: &[u8],
+        body: &[u8],
+    ) {
+        let len = head.len() + body.len();
+        let joins = self
+            .to
+            .as_ref()
+            .is_some_and(|(s, t, l)| Arc::ptr_eq(s, sock) && *t == to && *l == len);
+        if !joins {
+            self.flush(out).await;
+            self.to = Some((sock.clone(), to, len));
+        }
+        out.extend_from_slice(head);
+        out.extend_from_slice(body);
+    }
+
+    async fn flush(&mut self, out: &mut Vec<u8>) {
+        if let Some((s, t, l)) = self.to.take() {
+            send_run(self.shared, &s, out, l, t).await;
+        }
+        out.clear();
+    }
 }
 
 impl FrontConn {
     pub fn new(sock: Arc<UdpSocket>, shared: Arc<UdpShared>) -> Self {
         let _ = shared.main.set(sock.clone());
-        FrontConn { sock, shared }
+        let gro = tern_proto::sockopt::enable_gro(&sock);
+        debug!(udp_gro = gro, "TURN listener");
+        FrontConn {
+            sock,
+            shared,
+            rx: tokio::sync::Mutex::new(Batch::new(LISTENER_RECEIVES)),
+        }
     }
 
-    /// ChannelData on a bound channel: out of the allocation's relay socket at once. False if
-    /// the crate must handle it.
-    async fn fast_forward(&self, buf: &[u8], src: SocketAddr) -> bool {
-        let channel = u16::from_be_bytes([buf[0], buf[1]]);
-        let len = u16::from_be_bytes([buf[2], buf[3]]) as usize;
-        if 4 + len > buf.len() {
-            return false;
-        }
-        let Some((relay, peer)) = self.shared.fast.route(src, channel, Instant::now()) else {
-            return false;
+    /// Relays the ChannelData on bound channels in the batch just received (each datagram goes
+    /// out of its allocation's relay socket; consecutive ones to the same peer with the same
+    /// length in one GSO send) and leaves the rest for the crate.
+    async fn fast_forward(&self, b: &mut Batch) {
+        let now = Instant::now();
+        let mut run = Run {
+            shared: &self.shared,
+            to: None,
         };
-        if !self.shared.filter.allows(peer.ip()) {
-            Metrics::inc(&self.shared.metrics.forbidden_peer_total);
-            return true;
-        }
-        if let Ok(n) = relay.send_to(&buf[4..4 + len], peer).await {
+        let mut out = std::mem::take(&mut b.out);
+        // The last (client, channel) looked up, and where it goes (None: not on the fast path).
+        let mut last: Option<((SocketAddr, u16), Option<(Arc<UdpSocket>, SocketAddr)>)> = None;
+        for i in 0..b.got.len() {
+            let (d, src) = b.datagram(i);
+            if d.len() < 4 || !(0x40..=0x7f).contains(&d[0]) {
+                b.pending.push_back(i);
+                continue;
+            }
+            let channel = u16::from_be_bytes([d[0], d[1]]);
+            let len = u16::from_be_bytes([d[2], d[3]]) as usize;
+            if 4 + len > d.len() {
+                b.pending.push_back(i);
+                continue;
+            }
+            if last.as_ref().is_none_or(|(k, _)| *k != (src, channel)) {
+                let route = self.shared.fast.route(src, channel, now);
+                last = Some(((src, channel), route));
+            }
+            let Some((_, Some((relay, peer)))) = &last else {
+                b.pending.push_back(i);
+                continue;
+            };
+            if !self.shared.filter.allows(peer.ip()) {
+                Metrics::inc(&self.shared.metrics.forbidden_peer_total);
+                continue;
+            }
             Metrics::inc(&self.shared.metrics.turn_packets_relayed_total);
-            Metrics::add(&self.shared.metrics.turn_bytes_relayed_total, n as u64);
+            Metrics::add(&self.shared.metrics.turn_bytes_relayed_total, len as u64);
+            run.push(&mut out, relay, *peer, &[], &d[4..4 + len]).await;
         }
-        true
+        run.flush(&mut out).await;
+        b.out = out;
     }
 }
 
@@ -510,12 +675,13 @@ impl Conn for FrontConn {
         Err(webrtc_util::Error::Other("use recv_from".into()))
     }
     async fn recv_from(&self, buf: &mut [u8]) -> UResult<(usize, SocketAddr)> {
+        let mut b = self.rx.lock().await;
         loop {
-            let (n, src) = self.sock.recv_from(buf).await?;
-            if n >= 4 && (0x40..=0x7f).contains(&buf[0]) && self.fast_forward(&buf[..n], src).await
-            {
+            let Some((n, src)) = b.next(buf) else {
+                b.receive(&self.sock).await?;
+                self.fast_forward(&mut *b).await;
                 continue;
-            }
+            };
             match self.shared.inspect(&buf[..n], src, Instant::now()) {
                 Verdict::Pass => {
                     if is_allocate(&buf[..n]) {
@@ -638,6 +804,8 @@ impl turn::relay::RelayAddressGenerator for RelayGen {
                 continue;
             };
             size_buffers(&sock, 4 << 20);
+            // Runs of datagrams from a peer (an agent's GSO sends) arrive in one read.
+            tern_proto::sockopt::enable_gro(&sock);
             let local = sock.local_addr()?;
             let sock = Arc::new(sock);
             let channels = self.shared.fast.allocated(sock.clone());
@@ -650,7 +818,7 @@ impl turn::relay::RelayAddressGenerator for RelayGen {
                 user: user.clone(),
                 closed: AtomicBool::new(false),
                 channels,
-                scratch: tokio::sync::Mutex::new(vec![0u8; 4 + 65_536]),
+                rx: tokio::sync::Mutex::new(Batch::new(RELAY_RECEIVES)),
             };
             return Ok((
                 Arc::new(conn),
@@ -668,8 +836,8 @@ pub struct RelayConn {
     closed: AtomicBool,
     /// This allocation's bound channels (the fast path back to the client).
     channels: Option<Arc<Channels>>,
-    /// Receive buffer with room for a ChannelData header in front.
-    scratch: tokio::sync::Mutex<Vec<u8>>,
+    /// The last receive and what of it the crate has yet to see.
+    rx: tokio::sync::Mutex<Batch>,
 }
 
 /// The crate drops a relay conn without closing it when it tries another port (EVEN-PORT):
@@ -690,29 +858,51 @@ impl Conn for RelayConn {
     async fn recv(&self, buf: &mut [u8]) -> UResult<usize> {
         Ok(self.sock.recv(buf).await?)
     }
-    /// A datagram from a peer: straight back to the client as ChannelData when the peer has a
-    /// bound channel (the fast path), else to the crate.
+    /// Datagrams from a peer: straight back to the client as ChannelData when the peer has a
+    /// bound channel (the fast path; a run of them in one GSO send), else to the crate.
     async fn recv_from(&self, buf: &mut [u8]) -> UResult<(usize, SocketAddr)> {
-        let (Some(channels), Some(main)) = (&self.channels, self.shared.main.get()) else {
-            let (n, from) = self.sock.recv_from(buf).await?;
-            Metrics::inc(&self.shared.metrics.turn_packets_relayed_total);
-            Metrics::add(&self.shared.metrics.turn_bytes_relayed_total, n as u64);
-            return Ok((n, from));
-        };
-        let mut scratch = self.scratch.lock().await;
+        let mut guard = self.rx.lock().await;
+        let b = &mut *guard;
         loop {
-            let (n, from) = self.sock.recv_from(&mut scratch[4..]).await?;
-            Metrics::inc(&self.shared.metrics.turn_packets_relayed_total);
-            Metrics::add(&self.shared.metrics.turn_bytes_relayed_total, n as u64);
-            if let Some(ch) = channels.channel_for(from, Instant::now()) {
-                scratch[0..2].copy_from_slice(&ch.to_be_bytes());
-                scratch[2..4].copy_from_slice(&(n as u16).to_be_bytes());
-                let _ = main.send_to(&scratch[..4 + n], channels.client).await;
-                continue;
+            if let Some(got) = b.next(buf) {
+                return Ok(got);
             }
-            let m = n.min(buf.len());
-            buf[..m].copy_from_slice(&scratch[4..4 + m]);
-            return Ok((m, from));
+            b.receive(&self.sock).await?;
+            for i in 0..b.got.len() {
+                Metrics::inc(&self.shared.metrics.turn_packets_relayed_total);
+                Metrics::add(
+                    &self.shared.metrics.turn_bytes_relayed_total,
+                    b.got[i].2 as u64,
+                );
+            }
+            let (Some(channels), Some(main)) = (&self.channels, self.shared.main.get()) else {
+                let n = b.got.len();
+                b.pending.extend(0..n);
+                continue;
+            };
+            let now = Instant::now();
+            let mut run = Run {
+                shared: &self.shared,
+                to: None,
+            };
+            let mut out = std::mem::take(&mut b.out);
+            let mut last: Option<(SocketAddr, Option<u16>)> = None;
+            for i in 0..b.got.len() {
+                let (d, from) = b.datagram(i);
+                if last.is_none_or(|(f, _)| f != from) {
+                    last = Some((from, channels.channel_for(from, now)));
+                }
+                let Some((_, Some(channel))) = last else {
+                    b.pending.push_back(i);
+                    continue;
+                };
+                let mut head = [0u8; 4];
+                head[0..2].copy_from_slice(&channel.to_be_bytes());
+                head[2..4].copy_from_slice(&(d.len() as u16).to_be_bytes());
+                run.push(&mut out, main, channels.client, &head, d).await;
+            }
+            run.flush(&mut out).await;
+            b.out = out;
         }
     }
     async fn send(&self, buf: &[u8]) -> UResult<usize> {

@@ -240,6 +240,114 @@ async fn expired_or_forged_credentials_and_loopback_peers_are_refused() {
     r.close().await;
 }
 
+/// Bursts through a bound channel, both ways: a peer's GSO sends (one `sendmsg` for a run of
+/// datagrams, as agents send) reach the client as separate ChannelData messages, and a client's
+/// quick succession of messages reaches the peer; every datagram whole, in order, none lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bursts_through_a_bound_channel_arrive_whole_and_in_order_both_ways() {
+    init_tracing();
+    let r = relay(true).await;
+    let creds = tern_proto::relay_auth::issue(SECRET, "peer-burst", now() + 600);
+    let sock = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
+    let c = turn_client(sock, &r.udp_addr, &creds.username, &creds.password).await;
+    let conn = c.allocate().await.expect("allocate");
+    let relayed = conn.local_addr().expect("relayed address");
+    let peer = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let peer_addr = peer.local_addr().expect("addr");
+    let mut buf = vec![0u8; 65_536];
+
+    // Until the client's channel to the peer is bound (the client binds one after its first
+    // send), messages may go as Send indications; wait for ChannelData to be in use.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut seen = 0;
+    while seen < 20 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the peer did not hear the client through the relay"
+        );
+        conn.send_to(b"warm-up", peer_addr).await.expect("send");
+        if let Ok(Ok((n, from))) =
+            tokio::time::timeout(Duration::from_millis(100), peer.recv_from(&mut buf)).await
+        {
+            assert_eq!((&buf[..n], from), (&b"warm-up"[..], relayed));
+            seen += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    while tokio::time::timeout(Duration::from_millis(200), peer.recv_from(&mut buf))
+        .await
+        .is_ok()
+    {}
+
+    // Peer -> client: runs of 40 numbered datagrams of 1,000 bytes (the last of each run 300),
+    // each run one GSO send.
+    let numbered = |i: usize, len: usize| -> Vec<u8> {
+        let mut d = vec![(i % 251) as u8; len];
+        d[..4].copy_from_slice(&(i as u32).to_be_bytes());
+        d
+    };
+    let sender = tern_proto::sockopt::SegmentSender::default();
+    let per_run = 40;
+    for run in 0..5 {
+        let mut data = vec![];
+        let mut want = vec![];
+        for k in 0..per_run {
+            let d = numbered(run * per_run + k, if k == per_run - 1 { 300 } else { 1000 });
+            data.extend_from_slice(&d);
+            want.push(d);
+        }
+        sender
+            .send(&peer, &data, 1000, relayed)
+            .await
+            .expect("peer sends");
+        for (k, w) in want.iter().enumerate() {
+            let got = tokio::time::timeout(Duration::from_secs(3), conn.recv_from(&mut buf))
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "peer -> client: run {run} lost from datagram {k} (GSO {})",
+                        sender.gso()
+                    )
+                })
+                .expect("client receives");
+            assert_eq!(got.1, peer_addr, "the relay names the peer as the sender");
+            assert!(
+                &buf[..got.0] == w.as_slice(),
+                "peer -> client: run {run} datagram {k} differs or is out of order"
+            );
+        }
+    }
+
+    // Client -> peer: runs of 20 datagrams sent back to back.
+    for run in 0..10 {
+        let want: Vec<Vec<u8>> = (0..20)
+            .map(|k| numbered(run * 20 + k, 900 + k % 3))
+            .collect();
+        for d in &want {
+            conn.send_to(d, peer_addr).await.expect("client sends");
+        }
+        for (k, w) in want.iter().enumerate() {
+            let got = tokio::time::timeout(Duration::from_secs(3), peer.recv_from(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("client -> peer: run {run} lost from datagram {k}"))
+                .expect("peer receives");
+            assert_eq!(got.1, relayed, "datagrams leave from the relayed address");
+            assert!(
+                &buf[..got.0] == w.as_slice(),
+                "client -> peer: run {run} datagram {k} differs or is out of order"
+            );
+        }
+    }
+    assert!(
+        Metrics::get(&r.metrics.turn_packets_relayed_total) >= 400,
+        "{}",
+        r.metrics.render()
+    );
+    conn.close().await.expect("close");
+    c.close().await.expect("close");
+    r.close().await;
+}
+
 fn tls_pair() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
     let (cert, key, _) = tern_tests::self_signed_localhost();
     let server = tern_relay::tls::server_config(vec![cert.clone()], key).expect("server config");

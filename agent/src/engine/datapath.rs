@@ -118,7 +118,7 @@ impl Engine {
         // Up to RECVS reads per batch; with UDP GRO one read brings a run of datagrams.
         const RECVS: usize = 16;
         let mut rx = vec![vec![0u8; MAX_PACKET]; RECVS];
-        let mut cmsg = nix::cmsg_space!(libc::c_int);
+        let mut cmsg = crate::platform::sockopt::gro_cmsg_space();
         // (buffer, offset, length, sender) of each datagram of the batch.
         let mut got: Vec<(usize, usize, usize, std::net::SocketAddr)> = Vec::with_capacity(BATCH);
         let mut out = vec![0u8; BUF];
