@@ -10,6 +10,7 @@ mod nat64;
 mod ping;
 mod platform;
 mod publish;
+mod relays;
 mod routes;
 mod service;
 mod signal;
@@ -367,6 +368,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if s.pending_approval {
                 println!("Awaiting approval: an admin must approve this peer in the console");
+            }
+            if let Some(l) = relays::status_line(&s.relays) {
+                println!("{l}");
             }
             if !s.dns.state.is_empty() {
                 println!("{}", s.dns.line());
@@ -968,6 +972,7 @@ async fn up(
         relay_error.clone(),
     ));
     tokio::spawn(watch_addresses(engine.clone()));
+    tokio::spawn(engine.clone().probe_relays());
 
     let (down_tx, mut down_rx) = mpsc::channel(1);
     let sig_up_diag = sig_up.clone();
@@ -987,6 +992,7 @@ async fn up(
         management_replicas: status_servers.len(),
         signal: *sig_up.borrow(),
         tcp_relay: e.tcp_connected(),
+        relays: e.relay_status(),
         peers: e
             .status()
             .into_iter()

@@ -22,6 +22,9 @@ pub struct Status {
     pub management_replicas: usize,
     pub signal: bool,
     pub tcp_relay: bool,
+    /// The map's TURN servers, their round trips from this host and the one in use.
+    #[serde(default)]
+    pub relays: Vec<crate::relays::RelayStatus>,
     pub peers: Vec<serde_json::Value>,
     /// Routed networks this peer uses, and through which routing peer.
     #[serde(default)]

@@ -3,7 +3,8 @@
 //! candidates (signal crosses replicas) and connect directly; a write on replica 1 reaches the
 //! agent on replica 2; replica 1 is killed (-9) while pings flow: the tunnel keeps carrying
 //! traffic, its agent is back on replica 2 within 5 s, and an admin write made on replica 2 during
-//! the failover reaches everyone.
+//! the failover reaches everyone. Both replicas' TURN servers are in every map: an agent allocates
+//! on the nearest that answers its probes and moves when that one stops answering.
 
 use serde_json::Value;
 use std::time::{Duration, Instant};
@@ -141,6 +142,97 @@ async fn replicas_share_one_postgres_and_agents_survive_losing_one() {
         "replica 2 hands out the same: {status2:#}"
     );
     m.api_port = 443;
+
+    // Both replicas' TURN servers are in the maps: a probes them and allocates on the nearest that
+    // answers. When the one in use stops answering (its port blocked at a), a moves to the other.
+    let relays = |s: &Value| -> Vec<(String, String)> {
+        s["relays"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|r| {
+                        (
+                            r["url"].as_str().unwrap_or("").to_string(),
+                            r["state"].as_str().unwrap_or("").to_string(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let preferred = |s: &Value| -> Option<String> {
+        relays(s)
+            .into_iter()
+            .find(|(_, st)| st == "preferred")
+            .map(|(u, _)| u)
+    };
+    m.lab
+        .wait_for(
+            "a probed both TURN servers",
+            Duration::from_secs(25),
+            || {
+                m.status("a", &ha).is_some_and(|s| {
+                    let r = relays(&s);
+                    r.len() == 2
+                        && r.iter()
+                            .all(|(_, st)| st == "preferred" || st == "answering")
+                        && preferred(&s).is_some()
+                })
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{:#}", m.status("a", &ha).unwrap_or_default()));
+    let first = preferred(&m.status("a", &ha).expect("a")).expect("preferred");
+    let port = first
+        .rsplit(':')
+        .next()
+        .unwrap_or("")
+        .split('?')
+        .next()
+        .unwrap_or("")
+        .to_string();
+    assert!(port == "3478" || port == "3578", "{first}");
+    let t = Instant::now();
+    m.lab
+        .nft(
+            &ha,
+            &format!(
+                "table inet tern_relay_block {{\n  chain output {{\n    type filter hook output priority 0; policy accept;\n    ip daddr {SERVER_IP} udp dport {port} drop\n  }}\n}}\n"
+            ),
+        )
+        .expect("block a TURN server");
+    m.lab
+        .wait_for(
+            "a moved to the other TURN server",
+            Duration::from_secs(35),
+            || {
+                m.status("a", &ha).is_some_and(|s| {
+                    let p = preferred(&s);
+                    p.is_some()
+                        && p.as_deref() != Some(first.as_str())
+                        && relays(&s).contains(&(first.clone(), "no_answer".to_string()))
+                })
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{:#}", m.status("a", &ha).unwrap_or_default()));
+    eprintln!(
+        "a's TURN server {first} stopped answering; a preferred the other {:?} later",
+        t.elapsed()
+    );
+    let mut args = vec![bin("tern").display().to_string()];
+    args.extend(m.agent_args("a"));
+    args.push("status".into());
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let human = String::from_utf8_lossy(&m.lab.exec(&ha, &refs).stdout).to_string();
+    eprintln!("tern status on a with one TURN server blocked:\n{human}");
+    assert!(
+        human.contains(&format!(
+            "{} (no answer)",
+            first.strip_suffix("?transport=udp").unwrap_or(&first)
+        )) && human.contains("ms, in use)"),
+        "{human}"
+    );
+    m.lab
+        .exec(&ha, &["nft", "delete", "table", "inet", "tern_relay_block"]);
 
     // A write on replica 1 reaches b's stream on replica 2.
     let a_id = m.peer_id("a", &ha);

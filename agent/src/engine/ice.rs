@@ -38,7 +38,13 @@ impl Engine {
                 urls.push(u);
             }
         }
-        for t in &relay.turn {
+        // The nearest TURN server that answers, when one does (see `crate::relays`).
+        let preferred = lock(&self.relays).preferred().map(str::to_string);
+        for t in relay
+            .turn
+            .iter()
+            .filter(|t| preferred.as_ref().is_none_or(|p| *p == t.url))
+        {
             if let Ok(mut u) = Url::parse_url(&t.url) {
                 u.username = t.username.clone();
                 u.password = t.password.clone();
@@ -95,6 +101,69 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// Probes every TURN server of the map from the shared port (a STUN Binding, timed) every
+    /// [`crate::relays::PROBE_EVERY`], and at once when the map's servers change; ICE sessions
+    /// started after a probe allocate on the nearest server that answers.
+    pub async fn probe_relays(self: Arc<Self>) {
+        loop {
+            let turn: Vec<(String, String, u16)> = lock(&self.relay)
+                .turn
+                .iter()
+                .filter_map(|t| {
+                    let u = Url::parse_url(&t.url).ok()?;
+                    (u.proto == webrtc_ice::url::ProtoType::Udp).then(|| {
+                        (
+                            t.url.clone(),
+                            u.host.trim_matches(['[', ']']).to_string(),
+                            u.port,
+                        )
+                    })
+                })
+                .collect();
+            if turn.len() > 1 {
+                let probes = turn.into_iter().map(|(url, host, port)| {
+                    let me = self.clone();
+                    async move {
+                        let addr = tokio::net::lookup_host((host.as_str(), port))
+                            .await
+                            .ok()
+                            .and_then(|mut a| a.next());
+                        let rtt = match addr {
+                            Some(addr) => {
+                                let t0 = Instant::now();
+                                me.shared.reflexive(addr).await.map(|_| t0.elapsed())
+                            }
+                            None => None,
+                        };
+                        (url, rtt)
+                    }
+                });
+                let results = futures::future::join_all(probes).await;
+                let mut book = lock(&self.relays);
+                let before = book.preferred().map(str::to_string);
+                for (url, rtt) in results {
+                    book.record(&url, rtt);
+                }
+                let after = book.preferred().map(str::to_string);
+                if before != after {
+                    info!(
+                        turn = after.as_deref().unwrap_or("every server"),
+                        "TURN server for new ICE sessions (nearest that answers)"
+                    );
+                }
+            }
+            let next = lock(&self.relays).next_probe();
+            tokio::select! {
+                _ = tokio::time::sleep(next) => {}
+                _ = self.relays_changed.notified() => {}
+            }
+        }
+    }
+
+    pub fn relay_status(&self) -> Vec<crate::relays::RelayStatus> {
+        lock(&self.relays).status()
     }
 
     /// Hosts of the TURN servers in the current map.

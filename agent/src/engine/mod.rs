@@ -135,6 +135,10 @@ pub struct Engine {
     tun: Arc<tun_rs::AsyncDevice>,
     iface: String,
     relay: Mutex<pb::RelayConfig>,
+    /// The map's TURN servers, their round trips, and the one ICE allocates on.
+    relays: Mutex<crate::relays::RelayBook>,
+    /// Wakes the relay probes when the map's TURN servers change.
+    relays_changed: tokio::sync::Notify,
     signal_out: mpsc::Sender<(PublicKey, PeerMsg)>,
     tcp_out: RwLock<Option<TcpOut>>,
     /// ICE sessions under way or connected, per (peer, session): a peer on TURN keeps its
@@ -214,6 +218,8 @@ impl Engine {
             tun,
             iface,
             relay: Mutex::new(pb::RelayConfig::default()),
+            relays: Mutex::new(Default::default()),
+            relays_changed: tokio::sync::Notify::new(),
             signal_out,
             tcp_out: RwLock::new(None),
             ice: Mutex::new(HashMap::new()),
@@ -241,6 +247,12 @@ impl Engine {
     pub fn apply_map(self: &Arc<Self>, map: &pb::NetworkMap) {
         if let Some(relay) = &map.relay {
             *lock(&self.relay) = relay.clone();
+            let urls: Vec<String> = relay.turn.iter().map(|t| t.url.clone()).collect();
+            let mut book = lock(&self.relays);
+            if book.urls() != urls {
+                book.set_urls(&urls);
+                self.relays_changed.notify_one();
+            }
         }
         *lock(&self.access) = outbound_access(&map.firewall_rules);
         {
