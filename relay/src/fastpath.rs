@@ -6,6 +6,12 @@
 //! (requests, Send/Data indications, unbound channels, expired bindings) still goes through the
 //! crate, which stays the authority: an entry here lives only while the binding is fresher than a
 //! permission's lifetime (5 min, RFC 8656 §9), and goes with the allocation.
+//!
+//! When the peer is another allocation on this server (both agents relayed through it), the
+//! datagram does not cross the sockets at all: it goes straight to that allocation's client as
+//! ChannelData on the channel the client bound to the sender's relayed address, which is what
+//! the two sockets would have done (a channel bound there is also the permission). Without such
+//! a channel it takes the sockets, and the crate decides.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -25,6 +31,8 @@ type TxId = [u8; 12];
 pub struct Channels {
     pub client: SocketAddr,
     pub relay: Arc<UdpSocket>,
+    /// The relayed address as clients and peers see it (public address, relay port).
+    pub relayed: SocketAddr,
     by_channel: RwLock<HashMap<u16, (SocketAddr, Instant)>>,
     by_peer: RwLock<HashMap<SocketAddr, (u16, Instant)>>,
 }
@@ -66,6 +74,8 @@ impl Channels {
 #[derive(Default)]
 pub struct FastPath {
     allocs: RwLock<HashMap<SocketAddr, Arc<Channels>>>,
+    /// The same allocations by relayed address.
+    by_relayed: RwLock<HashMap<SocketAddr, Arc<Channels>>>,
     pending: Mutex<HashMap<TxId, (SocketAddr, u16, SocketAddr)>>,
     /// The client whose Allocate request the crate is handling (it handles one datagram at a
     /// time per listener, so the relay socket it asks for next belongs to this client).
@@ -80,27 +90,42 @@ impl FastPath {
     /// The crate opened `relay` for the client of the Allocate request being handled (it may
     /// open several and keep one: the last one opened replaces the others here, and the ones it
     /// drops leave with their socket, see [`FastPath::freed`]).
-    pub fn allocated(&self, relay: Arc<UdpSocket>) -> Option<Arc<Channels>> {
+    pub fn allocated(&self, relay: Arc<UdpSocket>, relayed: SocketAddr) -> Option<Arc<Channels>> {
         let client = (*lock(&self.current))?;
         let c = Arc::new(Channels {
             client,
             relay,
+            relayed,
             by_channel: RwLock::new(HashMap::new()),
             by_peer: RwLock::new(HashMap::new()),
         });
         write(&self.allocs).insert(client, c.clone());
+        write(&self.by_relayed).insert(relayed, c.clone());
         Some(c)
     }
 
     /// The allocation of `client` ended.
     pub fn freed(&self, client: SocketAddr, relay: &Arc<UdpSocket>) {
         let mut allocs = write(&self.allocs);
-        if allocs
+        if let Some(c) = allocs
             .get(&client)
-            .is_some_and(|c| Arc::ptr_eq(&c.relay, relay))
+            .filter(|c| Arc::ptr_eq(&c.relay, relay))
+            .cloned()
         {
             allocs.remove(&client);
+            let mut by_relayed = write(&self.by_relayed);
+            if by_relayed
+                .get(&c.relayed)
+                .is_some_and(|o| Arc::ptr_eq(&o.relay, relay))
+            {
+                by_relayed.remove(&c.relayed);
+            }
         }
+    }
+
+    /// The allocation on this server whose relayed address is `addr`.
+    pub fn local(&self, addr: SocketAddr) -> Option<Arc<Channels>> {
+        read(&self.by_relayed).get(&addr).cloned()
     }
 
     /// A ChannelBind request passed the front (the crate decides next).
@@ -122,20 +147,20 @@ impl FastPath {
         }
     }
 
-    /// Where ChannelData from `client` on `channel` goes: (the allocation's relay socket, peer).
+    /// Where ChannelData from `client` on `channel` goes: (the client's allocation, peer).
     pub fn route(
         &self,
         client: SocketAddr,
         channel: u16,
         now: Instant,
-    ) -> Option<(Arc<UdpSocket>, SocketAddr)> {
+    ) -> Option<(Arc<Channels>, SocketAddr)> {
         let allocs = read(&self.allocs);
         let c = allocs.get(&client)?;
         let peer = read(&c.by_channel)
             .get(&channel)
             .filter(|(_, at)| now.saturating_duration_since(*at) < FRESH)
             .map(|(p, _)| *p)?;
-        Some((c.relay.clone(), peer))
+        Some((c.clone(), peer))
     }
 
     pub fn allocations(&self) -> usize {
@@ -195,12 +220,14 @@ mod tests {
         let relay = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
         let client = addr("198.51.100.7:5000");
         let peer = addr("203.0.113.9:7000");
+        let relayed = addr("192.0.2.1:50000");
         assert!(
-            f.allocated(relay.clone()).is_none(),
+            f.allocated(relay.clone(), relayed).is_none(),
             "no Allocate being handled"
         );
         f.allocating(client);
-        let ch = f.allocated(relay.clone()).expect("channels");
+        let ch = f.allocated(relay.clone(), relayed).expect("channels");
+        assert!(Arc::ptr_eq(&f.local(relayed).expect("local"), &ch));
         let t0 = Instant::now();
         f.bind_requested([1; 12], client, 0x4000, peer);
         assert!(
@@ -230,6 +257,10 @@ mod tests {
             "gone with the allocation"
         );
         assert_eq!(f.allocations(), 0);
+        assert!(
+            f.local(relayed).is_none(),
+            "gone by its relayed address too"
+        );
     }
 
     #[test]

@@ -387,8 +387,14 @@ impl FrontConn {
             to: None,
         };
         let mut out = std::mem::take(&mut b.out);
-        // The last (client, channel) looked up, and where it goes (None: not on the fast path).
-        let mut last: Option<((SocketAddr, u16), Option<(Arc<UdpSocket>, SocketAddr)>)> = None;
+        // The last (client, channel) looked up, and where it goes (None: not on the fast path):
+        // the sender's allocation, the peer, and the peer's client and channel when the peer is
+        // an allocation here.
+        #[allow(clippy::type_complexity)]
+        let mut last: Option<(
+            (SocketAddr, u16),
+            Option<(Arc<Channels>, SocketAddr, Option<(SocketAddr, u16)>)>,
+        )> = None;
         for i in 0..b.got.len() {
             let (d, src) = b.datagram(i);
             if d.len() < 4 || !(0x40..=0x7f).contains(&d[0]) {
@@ -402,10 +408,22 @@ impl FrontConn {
                 continue;
             }
             if last.as_ref().is_none_or(|(k, _)| *k != (src, channel)) {
-                let route = self.shared.fast.route(src, channel, now);
+                let route = self
+                    .shared
+                    .fast
+                    .route(src, channel, now)
+                    .map(|(from, peer)| {
+                        // A peer that is an allocation here, with a channel bound to the sender's
+                        // relayed address: straight to its client (see `crate::fastpath`).
+                        let inside = self.shared.fast.local(peer).and_then(|to| {
+                            let ch = to.channel_for(from.relayed, now)?;
+                            Some((to.client, ch))
+                        });
+                        (from, peer, inside)
+                    });
                 last = Some(((src, channel), route));
             }
-            let Some((_, Some((relay, peer)))) = &last else {
+            let Some((_, Some((from, peer, inside)))) = &last else {
                 b.pending.push_back(i);
                 continue;
             };
@@ -413,9 +431,26 @@ impl FrontConn {
                 Metrics::inc(&self.shared.metrics.forbidden_peer_total);
                 continue;
             }
-            Metrics::inc(&self.shared.metrics.turn_packets_relayed_total);
-            Metrics::add(&self.shared.metrics.turn_bytes_relayed_total, len as u64);
-            run.push(&mut out, relay, *peer, &[], &d[4..4 + len]).await;
+            let body = &d[4..4 + len];
+            match (inside, self.shared.main.get()) {
+                (Some((client, ch)), Some(main)) => {
+                    // Relayed twice: out of the sender's allocation, into the peer's.
+                    Metrics::add(&self.shared.metrics.turn_packets_relayed_total, 2);
+                    Metrics::add(
+                        &self.shared.metrics.turn_bytes_relayed_total,
+                        2 * len as u64,
+                    );
+                    let mut head = [0u8; 4];
+                    head[0..2].copy_from_slice(&ch.to_be_bytes());
+                    head[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+                    run.push(&mut out, main, *client, &head, body).await;
+                }
+                _ => {
+                    Metrics::inc(&self.shared.metrics.turn_packets_relayed_total);
+                    Metrics::add(&self.shared.metrics.turn_bytes_relayed_total, len as u64);
+                    run.push(&mut out, &from.relay, *peer, &[], body).await;
+                }
+            }
         }
         run.flush(&mut out).await;
         b.out = out;
@@ -679,7 +714,7 @@ impl Conn for FrontConn {
         loop {
             let Some((n, src)) = b.next(buf) else {
                 b.receive(&self.sock).await?;
-                self.fast_forward(&mut *b).await;
+                self.fast_forward(&mut b).await;
                 continue;
             };
             match self.shared.inspect(&buf[..n], src, Instant::now()) {
@@ -808,7 +843,8 @@ impl turn::relay::RelayAddressGenerator for RelayGen {
             tern_proto::sockopt::enable_gro(&sock);
             let local = sock.local_addr()?;
             let sock = Arc::new(sock);
-            let channels = self.shared.fast.allocated(sock.clone());
+            let relayed = SocketAddr::new(self.public_ip, local.port());
+            let channels = self.shared.fast.allocated(sock.clone(), relayed);
             *lock(&self.shared.per_user).entry(user.clone()).or_insert(0) += 1;
             Metrics::inc(&self.shared.metrics.allocations_active);
             Metrics::inc(&self.shared.metrics.allocations_total);

@@ -348,6 +348,85 @@ async fn bursts_through_a_bound_channel_arrive_whole_and_in_order_both_ways() {
     r.close().await;
 }
 
+/// Two clients relayed by the same server, each with a channel to the other's relayed address
+/// (two agents both on TURN): what one sends reaches the other whole, in order, none lost, both
+/// ways (the relay hands it from one allocation to the other without crossing its sockets).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_allocations_on_one_relay_reach_each_other_through_their_channels() {
+    init_tracing();
+    let r = relay(true).await;
+    let mut ends = vec![];
+    for name in ["peer-left", "peer-right"] {
+        let creds = tern_proto::relay_auth::issue(SECRET, name, now() + 600);
+        let sock = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
+        let c = turn_client(sock, &r.udp_addr, &creds.username, &creds.password).await;
+        let conn = c.allocate().await.expect("allocate");
+        let addr = conn.local_addr().expect("relayed address");
+        ends.push((c, conn, addr));
+    }
+    let (la, ra) = (ends[0].2, ends[1].2);
+    let (left, right) = (&ends[0].1, &ends[1].1);
+    let mut buf = vec![0u8; 2048];
+    // Both sides send until each hears the other: permissions and channels are in place both
+    // ways (the turn client binds a channel after its first send).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let (mut heard_l, mut heard_r) = (0, 0);
+    while heard_l < 20 || heard_r < 20 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the allocations did not reach each other ({heard_l}, {heard_r})"
+        );
+        left.send_to(b"hi", ra).await.expect("send");
+        right.send_to(b"hi", la).await.expect("send");
+        for (conn, heard, other) in [(left, &mut heard_l, ra), (right, &mut heard_r, la)] {
+            while let Ok(Ok((n, from))) =
+                tokio::time::timeout(Duration::from_millis(50), conn.recv_from(&mut buf)).await
+            {
+                assert_eq!((&buf[..n], from), (&b"hi"[..], other));
+                *heard += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (conn, _) in [(left, 0), (right, 1)] {
+        while tokio::time::timeout(Duration::from_millis(200), conn.recv_from(&mut buf))
+            .await
+            .is_ok()
+        {}
+    }
+    for (from, to, to_addr, from_addr) in [(left, right, ra, la), (right, left, la, ra)] {
+        for run in 0..10 {
+            let want: Vec<Vec<u8>> = (0..20)
+                .map(|k| {
+                    let i = run * 20 + k;
+                    let mut d = vec![(i % 251) as u8; 1000 + (k % 2) * 100];
+                    d[..4].copy_from_slice(&(i as u32).to_be_bytes());
+                    d
+                })
+                .collect();
+            for d in &want {
+                from.send_to(d, to_addr).await.expect("send");
+            }
+            for (k, w) in want.iter().enumerate() {
+                let got = tokio::time::timeout(Duration::from_secs(3), to.recv_from(&mut buf))
+                    .await
+                    .unwrap_or_else(|_| panic!("run {run}: lost from datagram {k}"))
+                    .expect("receive");
+                assert_eq!(got.1, from_addr, "the sender's relayed address");
+                assert!(
+                    &buf[..got.0] == w.as_slice(),
+                    "run {run}: datagram {k} differs or is out of order"
+                );
+            }
+        }
+    }
+    for (c, conn, _) in ends {
+        conn.close().await.expect("close");
+        c.close().await.expect("close");
+    }
+    r.close().await;
+}
+
 fn tls_pair() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
     let (cert, key, _) = tern_tests::self_signed_localhost();
     let server = tern_relay::tls::server_config(vec![cert.clone()], key).expect("server config");
