@@ -117,16 +117,11 @@ impl Engine {
         use crate::socket::Kind;
         // Up to RECVS reads per batch; with UDP GRO one read brings a run of datagrams.
         const RECVS: usize = 16;
-        let mut rx = vec![vec![0u8; MAX_PACKET]; RECVS];
+        let mut bufs = vec![vec![0u8; MAX_PACKET]; RECVS];
         let mut cmsg = crate::platform::sockopt::gro_cmsg_space();
         // (buffer, offset, length, sender) of each datagram of the batch.
         let mut got: Vec<(usize, usize, usize, std::net::SocketAddr)> = Vec::with_capacity(BATCH);
-        let mut out = vec![0u8; BUF];
-        let mut to_tun: Vec<Vec<u8>> = (0..BATCH)
-            .map(|_| Vec::with_capacity(HEADROOM + SEGMENT))
-            .collect();
-        let mut replies: Vec<(PeerId, CorePath, Option<std::net::SocketAddr>, Vec<u8>)> = vec![];
-        let mut gro = tun_rs::GROTable::default();
+        let mut rx = Rx::new();
         loop {
             if sock.readable().await.is_err() {
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -135,7 +130,7 @@ impl Engine {
             got.clear();
             let mut reads = 0;
             while reads < RECVS && got.len() < BATCH {
-                match crate::platform::sockopt::try_recv_gro(&sock, &mut rx[reads], &mut cmsg) {
+                match crate::platform::sockopt::try_recv_gro(&sock, &mut bufs[reads], &mut cmsg) {
                     Ok((n, from, seg)) => {
                         let seg = seg.unwrap_or(n).max(1);
                         let mut off = 0;
@@ -154,53 +149,80 @@ impl Engine {
                     }
                 }
             }
-            let mut packets = 0;
-            let mut flush = false;
             {
                 let mut node = lock(&self.node);
                 let now = Instant::now();
                 for &(b, off, len, ref from) in &got {
-                    let d = &rx[b][off..off + len];
+                    let d = &bufs[b][off..off + len];
                     match crate::socket::classify(d) {
-                        Kind::WireGuard => match node.decapsulate_from(*from, d, now, &mut out) {
-                            Ok(Decap::Tunnel(p)) => {
-                                // A GRO read brings up to 64 datagrams: the pool follows the batch.
-                                if packets == to_tun.len() {
-                                    to_tun.push(Vec::with_capacity(HEADROOM + SEGMENT));
-                                }
-                                let b = &mut to_tun[packets];
-                                b.clear();
-                                b.resize(HEADROOM, 0);
-                                b.extend_from_slice(p);
-                                packets += 1;
-                            }
-                            Ok(Decap::Network(t)) => {
-                                replies.push((t.peer, t.path, t.to, t.payload.to_vec()));
-                                flush = true;
-                            }
-                            Ok(Decap::Nothing) => {}
-                            Err(e) => trace!(%from, error = %e, "datagram dropped"),
-                        },
+                        Kind::WireGuard => rx.take(&mut node, None, Some(*from), d, now),
                         Kind::Stun => self.shared.stun(d, *from),
                         Kind::Other => trace!(%from, "unknown datagram on the shared port"),
                     }
                 }
             }
-            if packets > 0 {
-                if let Err(e) = self
-                    .tun
-                    .send_multiple(&mut gro, &mut to_tun[..packets], HEADROOM)
-                    .await
-                {
-                    debug!(error = %e, "TUN write failed");
+            self.deliver(&mut rx).await;
+        }
+    }
+
+    /// Reads a relayed ICE connection (a pair on our TURN allocation) until it closes or `peer`
+    /// moves to another session: what is queued is taken at once (up to a batch), decrypted
+    /// under one lock of the core and coalesced into few TUN writes, as on the shared port.
+    pub(super) async fn relayed_loop(self: Arc<Self>, peer: PeerId, session: u64, conn: IceConn) {
+        use futures::FutureExt;
+        const READS: usize = 64;
+        let mut bufs = vec![vec![0u8; MAX_PACKET]; READS];
+        let mut lens = [0usize; READS];
+        let mut rx = Rx::new();
+        loop {
+            let Ok(n) = conn.recv(&mut bufs[0]).await else {
+                break;
+            };
+            lens[0] = n;
+            let mut k = 1;
+            // The connection's buffer gives up what it holds without waiting (a read that would
+            // wait is dropped before it takes anything).
+            while k < READS {
+                match conn.recv(&mut bufs[k]).now_or_never() {
+                    Some(Ok(n)) => {
+                        lens[k] = n;
+                        k += 1;
+                    }
+                    _ => break,
                 }
             }
-            for (peer, path, to, d) in replies.drain(..) {
-                self.send(peer, path, to, &d).await;
+            if read(&self.conns).get(&peer).is_none_or(|c| c.0 != session) {
+                break;
             }
-            if flush {
-                self.flush(&mut out).await;
+            {
+                let mut node = lock(&self.node);
+                let now = Instant::now();
+                for (b, n) in bufs.iter().zip(&lens).take(k) {
+                    rx.take(&mut node, Some(peer), None, &b[..*n], now);
+                }
             }
+            self.deliver(&mut rx).await;
+        }
+    }
+
+    /// Writes what a batch decrypted to the TUN device (coalesced, with offloads) and sends the
+    /// core's answers (handshake responses, cookies) and what it queued.
+    async fn deliver(&self, rx: &mut Rx) {
+        if rx.packets > 0 {
+            if let Err(e) = self
+                .tun
+                .send_multiple(&mut rx.gro, &mut rx.to_tun[..rx.packets], HEADROOM)
+                .await
+            {
+                debug!(error = %e, "TUN write failed");
+            }
+            rx.packets = 0;
+        }
+        for (peer, path, to, d) in rx.replies.drain(..) {
+            self.send(peer, path, to, &d).await;
+        }
+        if std::mem::take(&mut rx.flush) {
+            self.flush(&mut rx.out).await;
         }
     }
 
@@ -290,6 +312,69 @@ impl Engine {
         let peer = lock(&self.node).peer_by_mgmt_id(from_peer_id);
         if let Some(p) = peer {
             self.handle_wire(Some(p), None, data, out).await;
+        }
+    }
+}
+
+/// What a batch of received datagrams gave: packets for the TUN device (with room for the
+/// virtio-net header in front), and datagrams the core answers with.
+pub(super) struct Rx {
+    out: Vec<u8>,
+    to_tun: Vec<Vec<u8>>,
+    packets: usize,
+    gro: tun_rs::GROTable,
+    replies: Vec<(PeerId, CorePath, Option<std::net::SocketAddr>, Vec<u8>)>,
+    flush: bool,
+}
+
+impl Rx {
+    pub(super) fn new() -> Self {
+        Rx {
+            out: vec![0u8; BUF],
+            to_tun: (0..BATCH)
+                .map(|_| Vec::with_capacity(HEADROOM + SEGMENT))
+                .collect(),
+            packets: 0,
+            gro: tun_rs::GROTable::default(),
+            replies: vec![],
+            flush: false,
+        }
+    }
+
+    /// Decapsulates one WireGuard datagram from `peer` (a relayed connection) or from the
+    /// address `from` (the shared port: the core finds the peer), under the caller's lock.
+    fn take(
+        &mut self,
+        node: &mut Node,
+        peer: Option<PeerId>,
+        from: Option<std::net::SocketAddr>,
+        d: &[u8],
+        now: Instant,
+    ) {
+        let r = match (peer, from) {
+            (Some(p), _) => node.decapsulate(p, d, now, &mut self.out),
+            (None, Some(f)) => node.decapsulate_from(f, d, now, &mut self.out),
+            (None, None) => return,
+        };
+        match r {
+            Ok(Decap::Tunnel(p)) => {
+                // A GRO read brings up to 64 datagrams: the pool follows the batch.
+                if self.packets == self.to_tun.len() {
+                    self.to_tun.push(Vec::with_capacity(HEADROOM + SEGMENT));
+                }
+                let b = &mut self.to_tun[self.packets];
+                b.clear();
+                b.resize(HEADROOM, 0);
+                b.extend_from_slice(p);
+                self.packets += 1;
+            }
+            Ok(Decap::Network(t)) => {
+                self.replies
+                    .push((t.peer, t.path, t.to, t.payload.to_vec()));
+                self.flush = true;
+            }
+            Ok(Decap::Nothing) => {}
+            Err(e) => trace!(?peer, ?from, error = %e, "datagram dropped"),
         }
     }
 }

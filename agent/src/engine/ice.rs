@@ -544,21 +544,7 @@ impl Engine {
         if direct {
             return; // its datagrams arrive on the shared port
         }
-        let me = self.clone();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; BUF];
-            let mut out = vec![0u8; BUF];
-            loop {
-                let n = match conn.recv(&mut buf).await {
-                    Ok(n) => n,
-                    Err(_) => break,
-                };
-                if read(&me.conns).get(&peer).is_none_or(|c| c.0 != session) {
-                    break;
-                }
-                me.handle_wire(Some(peer), None, &buf[..n], &mut out).await;
-            }
-        });
+        tokio::spawn(self.clone().relayed_loop(peer, session, conn));
     }
 }
 
