@@ -7,7 +7,8 @@
 //! died fails its checks and is retried). The choice keeps to the server in use unless another
 //! is clearly nearer ([`clearly_nearer`]), so two servers at about the same distance do not make
 //! agents flap between them. With no answer from any server (before the first probe, or where
-//! UDP is blocked) every server is offered to ICE, as with one server.
+//! UDP is blocked) every server is offered to ICE. A single server is probed too: `tern status`
+//! says when it does not answer.
 
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -167,9 +168,10 @@ impl RelayBook {
     }
 }
 
-/// One line for `tern status`: each server, its round trip and whether ICE uses it.
+/// One line for `tern status`: each server, its round trip and whether ICE uses it (a server
+/// that does not answer is the usual reason why a peer behind a hard NAT cannot connect).
 pub fn status_line(relays: &[RelayStatus]) -> Option<String> {
-    if relays.len() < 2 {
+    if relays.is_empty() {
         return None;
     }
     let parts: Vec<String> = relays
@@ -286,7 +288,7 @@ mod tests {
     }
 
     #[test]
-    fn status_names_each_server_when_there_are_several() {
+    fn status_names_each_server_and_its_round_trip() {
         let mut b = book(&["turn:a:3478?transport=udp", "turn:b:3478"]);
         assert_eq!(
             status_line(&b.status()).as_deref(),
@@ -298,11 +300,14 @@ mod tests {
             status_line(&b.status()).as_deref(),
             Some("TURN relays: turn:a:3478 (3 ms, in use), turn:b:3478 (no answer)")
         );
-        let one = book(&["turn:a:3478"]);
+        let mut one = book(&["turn:a:3478"]);
+        one.record("turn:a:3478", None);
+        one.record("turn:a:3478", None);
         assert_eq!(
-            status_line(&one.status()),
-            None,
-            "one server: nothing to choose"
+            status_line(&one.status()).as_deref(),
+            Some("TURN relays: turn:a:3478 (no answer)"),
+            "one server that does not answer: said"
         );
+        assert_eq!(status_line(&book(&[]).status()), None, "no TURN server");
     }
 }

@@ -122,7 +122,7 @@ impl Engine {
                     })
                 })
                 .collect();
-            if turn.len() > 1 {
+            if !turn.is_empty() {
                 let probes = turn.into_iter().map(|(url, host, port)| {
                     let me = self.clone();
                     async move {
