@@ -170,8 +170,9 @@ impl Engine {
     /// under one lock of the core and coalesced into few TUN writes, as on the shared port.
     pub(super) async fn relayed_loop(self: Arc<Self>, peer: PeerId, session: u64, conn: IceConn) {
         use futures::FutureExt;
-        const READS: usize = 64;
-        let mut bufs = vec![vec![0u8; MAX_PACKET]; READS];
+        // A WireGuard datagram is at most a TUN segment and its overhead.
+        const READS: usize = 16;
+        let mut bufs = vec![vec![0u8; SEGMENT + 256]; READS];
         let mut lens = [0usize; READS];
         let mut rx = Rx::new();
         loop {
@@ -331,9 +332,8 @@ impl Rx {
     pub(super) fn new() -> Self {
         Rx {
             out: vec![0u8; BUF],
-            to_tun: (0..BATCH)
-                .map(|_| Vec::with_capacity(HEADROOM + SEGMENT))
-                .collect(),
+            // Grows to the largest batch seen (a relayed connection's stay small).
+            to_tun: Vec::new(),
             packets: 0,
             gro: tun_rs::GROTable::default(),
             replies: vec![],
@@ -358,7 +358,7 @@ impl Rx {
         };
         match r {
             Ok(Decap::Tunnel(p)) => {
-                // A GRO read brings up to 64 datagrams: the pool follows the batch.
+                // The pool follows the batch (a GRO read alone brings up to 64 datagrams).
                 if self.packets == self.to_tun.len() {
                     self.to_tun.push(Vec::with_capacity(HEADROOM + SEGMENT));
                 }
