@@ -35,7 +35,8 @@ use stun::message::{
     METHOD_CREATE_PERMISSION, METHOD_SEND,
 };
 use tern_proto::sockopt::{
-    gro_cmsg_space, recv_gro, SegmentSender, GSO_MAX_BYTES, GSO_MAX_SEGMENTS,
+    gro_cmsg_space, recv_gro, try_recv_mmsg, Outgoing, Received, SegmentSender, GSO_MAX_BYTES,
+    GSO_MAX_SEGMENTS,
 };
 use tokio::net::UdpSocket;
 use tracing::{debug, warn};
@@ -235,21 +236,23 @@ pub struct FrontConn {
     rx: tokio::sync::Mutex<Batch>,
 }
 
-/// The datagrams of a few receives in a row (each a run of datagrams of one flow when the kernel
-/// coalesced them, UDP GRO), and those of them the crate has yet to see. Relaying a batch at a
-/// time lets consecutive datagrams to one destination go out in one GSO send.
+/// The datagrams of one receive (one `recvmmsg` on the listener; a GRO receive on a relay
+/// socket), each message a run of datagrams of one flow when the kernel coalesced them (UDP
+/// GRO), and those of them the crate has yet to see. Relaying a batch at a time lets the
+/// datagrams leave in one `sendmmsg`, consecutive ones to one destination in one GSO message.
 struct Batch {
-    /// One buffer per receive, allocated at the first receive (most allocations never carry
+    /// One buffer per message, allocated at the first receive (most allocations never carry
     /// data: a direct path wins).
     bufs: Vec<Vec<u8>>,
     receives: usize,
     cmsg: Vec<u8>,
+    msgs: Vec<Received>,
     /// Each received datagram: (buffer, offset, length, sender), in order.
     got: Vec<(usize, usize, usize, SocketAddr)>,
     /// The datagrams of `got` left for the crate (indexes), in order.
     pending: std::collections::VecDeque<usize>,
-    /// Datagrams on their way out, laid end to end for one GSO send.
-    out: Vec<u8>,
+    /// Datagrams on their way out.
+    outbox: Outbox,
 }
 
 impl Batch {
@@ -258,9 +261,10 @@ impl Batch {
             bufs: Vec::new(),
             receives,
             cmsg: gro_cmsg_space(),
+            msgs: Vec::new(),
             got: Vec::new(),
             pending: Default::default(),
-            out: Vec::new(),
+            outbox: Outbox::default(),
         }
     }
 
@@ -273,21 +277,32 @@ impl Batch {
         Some((m, from))
     }
 
-    /// Waits for datagrams, then takes what is queued (up to one receive per buffer).
+    /// Waits for datagrams, then takes what is queued (up to one message per buffer).
     async fn receive(&mut self, sock: &UdpSocket) -> std::io::Result<()> {
         self.got.clear();
         self.pending.clear();
         if self.bufs.is_empty() {
             self.bufs = (0..self.receives).map(|_| vec![0u8; RECV_BYTES]).collect();
         }
-        let (n, from, seg) = recv_gro(sock, &mut self.bufs[0], &mut self.cmsg).await?;
-        self.split(0, n, from, seg);
-        for b in 1..self.bufs.len() {
-            match tern_proto::sockopt::try_recv_gro(sock, &mut self.bufs[b], &mut self.cmsg) {
-                Ok((n, from, seg)) => self.split(b, n, from, seg.unwrap_or(n).max(1)),
-                Err(_) => break,
+        if self.bufs.len() == 1 {
+            let (n, from, seg) = recv_gro(sock, &mut self.bufs[0], &mut self.cmsg).await?;
+            self.split(0, n, from, seg);
+            return Ok(());
+        }
+        self.msgs.clear();
+        loop {
+            sock.readable().await?;
+            match try_recv_mmsg(sock, &mut self.bufs, &mut self.msgs) {
+                Ok(_) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
             }
         }
+        let msgs = std::mem::take(&mut self.msgs);
+        for m in &msgs {
+            self.split(m.buf, m.len, m.from, m.seg);
+        }
+        self.msgs = msgs;
         Ok(())
     }
 
@@ -306,62 +321,76 @@ impl Batch {
     }
 }
 
-/// Room for one receive: the largest UDP payload, which a GRO run never exceeds.
+/// Room for one message: the largest UDP payload, which a GRO run never exceeds.
 const RECV_BYTES: usize = 65_536;
-/// Receives per batch on the listener (every client's traffic) and on a relay socket (one
-/// allocation's peers: a GRO receive already brings a run of an agent's GSO send).
-const LISTENER_RECEIVES: usize = 16;
+/// Messages per receive on the listener (every client's traffic, one `recvmmsg`) and on a relay
+/// socket (one allocation's peers: a GRO receive already brings a run of an agent's GSO send).
+const LISTENER_RECEIVES: usize = 32;
 const RELAY_RECEIVES: usize = 1;
 
-/// Datagrams of `seg` bytes (the last may be shorter) laid end to end in `out`, to `to` through
-/// `sock`, in GSO sends within the kernel's limits.
-async fn send_run(shared: &UdpShared, sock: &UdpSocket, out: &[u8], seg: usize, to: SocketAddr) {
-    if seg == 0 {
-        return;
-    }
-    let per_send = (GSO_MAX_BYTES / seg).clamp(1, GSO_MAX_SEGMENTS) * seg;
-    for chunk in out.chunks(per_send) {
-        if let Err(e) = shared.sender.send(sock, chunk, seg, to).await {
-            debug!(%to, error = %e, "relayed send failed");
-        }
-    }
+/// Relayed datagrams gathered from one batch, laid end to end in one buffer: consecutive ones
+/// to one destination with one length form a run (one GSO message), and the runs through one
+/// socket leave in one `sendmmsg` where the kernel takes it.
+#[derive(Default)]
+struct Outbox {
+    buf: Vec<u8>,
+    runs: Vec<Outgoing>,
+    /// The socket each run leaves through.
+    socks: Vec<Arc<UdpSocket>>,
 }
 
-/// Consecutive datagrams to one destination with one length, being gathered for one send.
-struct Run<'a> {
-    shared: &'a UdpShared,
-    to: Option<(Arc<UdpSocket>, SocketAddr, usize)>,
-}
-
-impl Run<'_> {
-    /// Appends a datagram (`head` then `body`, `len` bytes in all) for `to` through `sock`,
-    /// sending what was gathered first when it does not join it.
-    async fn push(
-        &mut self,
-        out: &mut Vec<u8>,
-        sock: &Arc<UdpSocket>,
-        to: SocketAddr,
-        head: &[u8],
-        body: &[u8],
-    ) {
+impl Outbox {
+    /// Appends a datagram (`head` then `body`) for `to` through `sock`.
+    fn push(&mut self, sock: &Arc<UdpSocket>, to: SocketAddr, head: &[u8], body: &[u8]) {
         let len = head.len() + body.len();
-        let joins = self
-            .to
-            .as_ref()
-            .is_some_and(|(s, t, l)| Arc::ptr_eq(s, sock) && *t == to && *l == len);
-        if !joins {
-            self.flush(out).await;
-            self.to = Some((sock.clone(), to, len));
+        let start = self.buf.len();
+        self.buf.extend_from_slice(head);
+        self.buf.extend_from_slice(body);
+        if let (Some(r), Some(s)) = (self.runs.last_mut(), self.socks.last()) {
+            let bytes = r.end - r.start;
+            if Arc::ptr_eq(s, sock)
+                && r.to == to
+                && r.seg == len
+                && r.end == start
+                && bytes + len <= GSO_MAX_BYTES
+                && bytes / len < GSO_MAX_SEGMENTS
+            {
+                r.end = self.buf.len();
+                return;
+            }
         }
-        out.extend_from_slice(head);
-        out.extend_from_slice(body);
+        self.runs.push(Outgoing {
+            start,
+            end: self.buf.len(),
+            seg: len.max(1),
+            to,
+        });
+        self.socks.push(sock.clone());
     }
 
-    async fn flush(&mut self, out: &mut Vec<u8>) {
-        if let Some((s, t, l)) = self.to.take() {
-            send_run(self.shared, &s, out, l, t).await;
+    /// Sends everything gathered: the runs through one socket in as few calls as it takes.
+    async fn flush(&mut self, shared: &UdpShared) {
+        let mut i = 0;
+        while i < self.runs.len() {
+            let sock = &self.socks[i];
+            let mut j = i + 1;
+            while j < self.runs.len() && Arc::ptr_eq(&self.socks[j], sock) {
+                j += 1;
+            }
+            match shared
+                .sender
+                .send_many(sock, &self.buf, &self.runs[i..j])
+                .await
+            {
+                Ok(0) => {}
+                Ok(lost) => debug!(lost, "relayed datagrams refused by the kernel"),
+                Err(e) => debug!(error = %e, "relayed send failed"),
+            }
+            i = j;
         }
-        out.clear();
+        self.buf.clear();
+        self.runs.clear();
+        self.socks.clear();
     }
 }
 
@@ -382,11 +411,9 @@ impl FrontConn {
     /// length in one GSO send) and leaves the rest for the crate.
     async fn fast_forward(&self, b: &mut Batch) {
         let now = Instant::now();
-        let mut run = Run {
-            shared: &self.shared,
-            to: None,
-        };
-        let mut out = std::mem::take(&mut b.out);
+        let mut out = std::mem::take(&mut b.outbox);
+        // Datagrams and bytes relayed, counted once per batch.
+        let mut relayed = (0u64, 0u64);
         // The last (client, channel) looked up, and where it goes (None: not on the fast path):
         // the sender's allocation, the peer, and the peer's client and channel when the peer is
         // an allocation here.
@@ -435,25 +462,24 @@ impl FrontConn {
             match (inside, self.shared.main.get()) {
                 (Some((client, ch)), Some(main)) => {
                     // Relayed twice: out of the sender's allocation, into the peer's.
-                    Metrics::add(&self.shared.metrics.turn_packets_relayed_total, 2);
-                    Metrics::add(
-                        &self.shared.metrics.turn_bytes_relayed_total,
-                        2 * len as u64,
-                    );
+                    relayed.0 += 2;
+                    relayed.1 += 2 * len as u64;
                     let mut head = [0u8; 4];
                     head[0..2].copy_from_slice(&ch.to_be_bytes());
                     head[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-                    run.push(&mut out, main, *client, &head, body).await;
+                    out.push(main, *client, &head, body);
                 }
                 _ => {
-                    Metrics::inc(&self.shared.metrics.turn_packets_relayed_total);
-                    Metrics::add(&self.shared.metrics.turn_bytes_relayed_total, len as u64);
-                    run.push(&mut out, &from.relay, *peer, &[], body).await;
+                    relayed.0 += 1;
+                    relayed.1 += len as u64;
+                    out.push(&from.relay, *peer, &[], body);
                 }
             }
         }
-        run.flush(&mut out).await;
-        b.out = out;
+        Metrics::add(&self.shared.metrics.turn_packets_relayed_total, relayed.0);
+        Metrics::add(&self.shared.metrics.turn_bytes_relayed_total, relayed.1);
+        out.flush(&self.shared).await;
+        b.outbox = out;
     }
 }
 
@@ -904,24 +930,19 @@ impl Conn for RelayConn {
                 return Ok(got);
             }
             b.receive(&self.sock).await?;
-            for i in 0..b.got.len() {
-                Metrics::inc(&self.shared.metrics.turn_packets_relayed_total);
-                Metrics::add(
-                    &self.shared.metrics.turn_bytes_relayed_total,
-                    b.got[i].2 as u64,
-                );
-            }
+            let bytes: usize = b.got.iter().map(|g| g.2).sum();
+            Metrics::add(
+                &self.shared.metrics.turn_packets_relayed_total,
+                b.got.len() as u64,
+            );
+            Metrics::add(&self.shared.metrics.turn_bytes_relayed_total, bytes as u64);
             let (Some(channels), Some(main)) = (&self.channels, self.shared.main.get()) else {
                 let n = b.got.len();
                 b.pending.extend(0..n);
                 continue;
             };
             let now = Instant::now();
-            let mut run = Run {
-                shared: &self.shared,
-                to: None,
-            };
-            let mut out = std::mem::take(&mut b.out);
+            let mut out = std::mem::take(&mut b.outbox);
             let mut last: Option<(SocketAddr, Option<u16>)> = None;
             for i in 0..b.got.len() {
                 let (d, from) = b.datagram(i);
@@ -935,10 +956,10 @@ impl Conn for RelayConn {
                 let mut head = [0u8; 4];
                 head[0..2].copy_from_slice(&channel.to_be_bytes());
                 head[2..4].copy_from_slice(&(d.len() as u16).to_be_bytes());
-                run.push(&mut out, main, channels.client, &head, d).await;
+                out.push(main, channels.client, &head, d);
             }
-            run.flush(&mut out).await;
-            b.out = out;
+            out.flush(&self.shared).await;
+            b.outbox = out;
         }
     }
     async fn send(&self, buf: &[u8]) -> UResult<usize> {

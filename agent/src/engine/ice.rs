@@ -63,15 +63,11 @@ impl Engine {
         let servers: Vec<(String, u16)> = lock(&self.relay)
             .stun
             .iter()
-            .filter_map(|s| Url::parse_url(&s.url).ok())
-            .map(|u| (u.host.trim_matches(['[', ']']).to_string(), u.port))
+            .filter_map(|s| udp_server(&s.url))
             .collect();
         let mut seen = vec![];
         for (host, port) in servers {
-            let Ok(addrs) = tokio::net::lookup_host((host.as_str(), port)).await else {
-                continue;
-            };
-            for stun in addrs {
+            for stun in resolve(&host, port).await {
                 let Some(mapped) = self.shared.reflexive(stun).await else {
                     debug!(%stun, "no STUN answer on the shared port");
                     continue;
@@ -111,25 +107,13 @@ impl Engine {
             let turn: Vec<(String, String, u16)> = lock(&self.relay)
                 .turn
                 .iter()
-                .filter_map(|t| {
-                    let u = Url::parse_url(&t.url).ok()?;
-                    (u.proto == webrtc_ice::url::ProtoType::Udp).then(|| {
-                        (
-                            t.url.clone(),
-                            u.host.trim_matches(['[', ']']).to_string(),
-                            u.port,
-                        )
-                    })
-                })
+                .filter_map(|t| udp_server(&t.url).map(|(host, port)| (t.url.clone(), host, port)))
                 .collect();
             if !turn.is_empty() {
                 let probes = turn.into_iter().map(|(url, host, port)| {
                     let me = self.clone();
                     async move {
-                        let addr = tokio::net::lookup_host((host.as_str(), port))
-                            .await
-                            .ok()
-                            .and_then(|mut a| a.next());
+                        let addr = resolve(&host, port).await.into_iter().next();
                         let rtt = match addr {
                             Some(addr) => {
                                 let t0 = Instant::now();
@@ -559,4 +543,23 @@ async fn send_candidate(
     let _ = out
         .send((to, PeerMsg::Candidate { session, candidate }))
         .await;
+}
+
+/// Host (without IPv6 brackets) and port of a STUN/TURN server reached over UDP (a `stun:`
+/// URL, or a `turn:` URL without `?transport=tcp`); None for anything else or a malformed URL.
+fn udp_server(url: &str) -> Option<(String, u16)> {
+    let u = Url::parse_url(url).ok()?;
+    (u.proto == webrtc_ice::url::ProtoType::Udp)
+        .then(|| (u.host.trim_matches(['[', ']']).to_string(), u.port))
+}
+
+/// The addresses of `host` (none when it does not resolve: the caller skips the server).
+async fn resolve(host: &str, port: u16) -> Vec<std::net::SocketAddr> {
+    match tokio::net::lookup_host((host, port)).await {
+        Ok(a) => a.collect(),
+        Err(e) => {
+            debug!(host, error = %e, "STUN/TURN server does not resolve");
+            vec![]
+        }
+    }
 }
