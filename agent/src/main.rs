@@ -1131,6 +1131,8 @@ type TcpRelays = Option<(Vec<String>, String)>;
 /// While connected to a relay other than the map's first, how often the first is tried again
 /// (so that agents that moved come back together and meet on one relay).
 const TCP_RELAY_PREFERRED_RETRY: Duration = Duration::from_secs(30);
+/// Most datagrams taken from the TCP relay connection (or queued for it) at a time.
+const TCP_RELAY_BATCH: usize = 64;
 
 /// A request for the relay's view of this agent (`tern diagnose`), answered when the relay
 /// replies (dropped unanswered when no relay is connected).
@@ -1192,7 +1194,11 @@ async fn tcp_relay_loop(
         let (tx, mut rx) = mpsc::channel::<(String, Vec<u8>)>(1024);
         engine.set_tcp_out(Some(tx));
         let mut client = client;
-        let mut out = vec![0u8; 65_536 + 256];
+        // Datagrams are taken a batch at a time both ways: what is queued without waiting, up to
+        // TCP_RELAY_BATCH (one flush of the WebSocket; one lock of the core and coalesced TUN
+        // writes).
+        let mut batch: Vec<(String, Vec<u8>)> = Vec::with_capacity(TCP_RELAY_BATCH);
+        let mut tcp_rx = crate::engine::TcpRx::default();
         let mut preferred = tokio::time::interval_at(
             tokio::time::Instant::now() + TCP_RELAY_PREFERRED_RETRY,
             TCP_RELAY_PREFERRED_RETRY,
@@ -1201,19 +1207,42 @@ async fn tcp_relay_loop(
             tokio::select! {
                 out = rx.recv() => {
                     let Some((to, d)) = out else { break };
-                    if client.send(&to, &d).await.is_err() { break; }
-                }
-                inc = client.recv_any() => match inc {
-                    Ok(Some(tern_proto::relay_ws::Incoming::Datagram(from, d))) => {
-                        engine.handle_tcp(&from, &d, &mut out).await
+                    let mut ok = client.feed(&to, &d).await.is_ok();
+                    for _ in 1..TCP_RELAY_BATCH {
+                        let Ok((to, d)) = rx.try_recv() else { break };
+                        ok = ok && client.feed(&to, &d).await.is_ok();
                     }
-                    Ok(Some(tern_proto::relay_ws::Incoming::View(v))) => {
-                        if let Some(w) = waiting.pop_front() {
-                            let _ = w.send(v);
+                    if !ok || client.flush().await.is_err() { break; }
+                }
+                inc = client.recv_any() => {
+                    use futures::FutureExt;
+                    use tern_proto::relay_ws::Incoming;
+                    let mut next = Some(inc);
+                    let mut closed = false;
+                    // The first message, then what is already there (recv_any is cancel-safe).
+                    while let Some(inc) = next.take() {
+                        match inc {
+                            Ok(Some(Incoming::Datagram(from, d))) => batch.push((from, d)),
+                            Ok(Some(Incoming::View(v))) => {
+                                if let Some(w) = waiting.pop_front() {
+                                    let _ = w.send(v);
+                                }
+                            }
+                            _ => {
+                                closed = true;
+                                break;
+                            }
+                        }
+                        if batch.len() < TCP_RELAY_BATCH {
+                            next = client.recv_any().now_or_never();
                         }
                     }
-                    _ => break,
-                },
+                    if !batch.is_empty() {
+                        engine.handle_tcp(&batch, &mut tcp_rx).await;
+                        batch.clear();
+                    }
+                    if closed { break; }
+                }
                 Some(req) = views.recv() => {
                     waiting.truncate(8);
                     waiting.push_back(req);

@@ -141,6 +141,22 @@ impl RelayClient {
             .context("relay send")
     }
 
+    /// Queues a datagram for the relay without flushing (a batch then leaves with one
+    /// [`RelayClient::flush`]).
+    pub async fn feed(&mut self, to_peer: &str, datagram: &[u8]) -> anyhow::Result<()> {
+        let f = encode_frame(to_peer, datagram)
+            .ok_or_else(|| anyhow!("peer id or datagram too long"))?;
+        self.ws
+            .feed(Message::Binary(f.into()))
+            .await
+            .context("relay send")
+    }
+
+    /// Sends what [`RelayClient::feed`] queued.
+    pub async fn flush(&mut self) -> anyhow::Result<()> {
+        self.ws.flush().await.context("relay send")
+    }
+
     /// Asks the relay for its view of this client; the answer arrives as [`Incoming::View`].
     pub async fn request_view(&mut self) -> anyhow::Result<()> {
         self.ws
@@ -149,7 +165,8 @@ impl RelayClient {
             .context("relay send")
     }
 
-    /// Next datagram or view; None when the relay closed the connection.
+    /// Next datagram or view; None when the relay closed the connection. Cancel-safe: it waits
+    /// only for the next message, so a read dropped while waiting loses nothing.
     pub async fn recv_any(&mut self) -> anyhow::Result<Option<Incoming>> {
         while let Some(m) = self.ws.next().await {
             match m.context("relay receive")? {

@@ -61,56 +61,6 @@ impl Engine {
         }
     }
 
-    /// A WireGuard datagram from `peer` (its ICE connection or the TCP relay), or from an
-    /// address on the shared port (`peer` None: the core finds it).
-    pub(super) async fn handle_wire(
-        &self,
-        peer: Option<PeerId>,
-        from: Option<std::net::SocketAddr>,
-        data: &[u8],
-        out: &mut [u8],
-    ) {
-        let r = {
-            let mut node = lock(&self.node);
-            let now = Instant::now();
-            let room = &mut out[HEADROOM..];
-            let d = match (peer, from) {
-                (Some(p), _) => node.decapsulate(p, data, now, room),
-                (None, Some(f)) => node.decapsulate_from(f, data, now, room),
-                (None, None) => return,
-            };
-            match d {
-                Ok(Decap::Tunnel(p)) => Ok(Some((true, p.len(), 0, CorePath::None, None))),
-                Ok(Decap::Network(t)) => Ok(Some((false, t.payload.len(), t.peer, t.path, t.to))),
-                Ok(Decap::Nothing) => Ok(None),
-                Err(e) => Err(e),
-            }
-        };
-        match r {
-            Ok(Some((true, n, _, _, _))) => self.tun_write_one(out, n).await,
-            Ok(Some((false, n, to, path, addr))) => {
-                self.send(to, path, addr, &out[HEADROOM..HEADROOM + n])
-                    .await;
-                self.flush(out).await;
-            }
-            Ok(None) => {}
-            Err(e) => trace!(?peer, ?from, error = %e, "datagram dropped"),
-        }
-    }
-
-    /// Writes one packet that sits at `buf[HEADROOM..HEADROOM + n]` to the TUN device.
-    pub(super) async fn tun_write_one(&self, buf: &mut [u8], n: usize) {
-        let r = if self.tun.tcp_gso() {
-            buf[..HEADROOM].fill(0); // virtio-net header: no offload for this one
-            self.tun.send(&buf[..HEADROOM + n]).await
-        } else {
-            self.tun.send(&buf[HEADROOM..HEADROOM + n]).await
-        };
-        if let Err(e) = r {
-            debug!(error = %e, "TUN write failed");
-        }
-    }
-
     /// Reads one of the shared port's sockets forever, a batch at a time: WireGuard to the core
     /// (decrypted under one lock, then coalesced into few TUN writes), STUN to ICE.
     pub async fn shared_loop(self: Arc<Self>, sock: Arc<tokio::net::UdpSocket>) {
@@ -308,12 +258,29 @@ impl Engine {
         }
     }
 
-    /// Handles a datagram from the TCP relay.
-    pub async fn handle_tcp(&self, from_peer_id: &str, data: &[u8], out: &mut [u8]) {
-        let peer = lock(&self.node).peer_by_mgmt_id(from_peer_id);
-        if let Some(p) = peer {
-            self.handle_wire(Some(p), None, data, out).await;
+    /// Handles datagrams from the TCP relay, (sender's peer id, datagram) each, as one batch:
+    /// decrypted under one lock of the core and written to TUN coalesced.
+    pub async fn handle_tcp(&self, batch: &[(String, Vec<u8>)], rx: &mut TcpRx) {
+        {
+            let mut node = lock(&self.node);
+            let now = Instant::now();
+            for (from, d) in batch {
+                if let Some(p) = node.peer_by_mgmt_id(from) {
+                    rx.0.take(&mut node, Some(p), None, d, now);
+                }
+            }
         }
+        self.deliver(&mut rx.0).await;
+    }
+}
+
+/// The buffers a TCP relay connection's received batches go through (see
+/// [`Engine::handle_tcp`]).
+pub struct TcpRx(Rx);
+
+impl Default for TcpRx {
+    fn default() -> Self {
+        TcpRx(Rx::new())
     }
 }
 

@@ -12,6 +12,7 @@
 //!   and, on a routing peer, the forwarding rules.
 
 mod datapath;
+pub use datapath::TcpRx;
 mod ice;
 
 use crate::signal::PeerMsg;
