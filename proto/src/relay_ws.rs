@@ -133,12 +133,8 @@ impl RelayClient {
     }
 
     pub async fn send(&mut self, to_peer: &str, datagram: &[u8]) -> anyhow::Result<()> {
-        let f = encode_frame(to_peer, datagram)
-            .ok_or_else(|| anyhow!("peer id or datagram too long"))?;
-        self.ws
-            .send(Message::Binary(f.into()))
-            .await
-            .context("relay send")
+        self.feed(to_peer, datagram).await?;
+        self.flush().await
     }
 
     /// Queues a datagram for the relay without flushing (a batch then leaves with one
