@@ -1207,10 +1207,12 @@ async fn tcp_relay_loop(
             tokio::select! {
                 out = rx.recv() => {
                     let Some((to, d)) = out else { break };
+                    // What else is queued joins it, up to a batch, then one flush.
                     let mut ok = client.feed(&to, &d).await.is_ok();
                     for _ in 1..TCP_RELAY_BATCH {
+                        if !ok { break; }
                         let Ok((to, d)) = rx.try_recv() else { break };
-                        ok = ok && client.feed(&to, &d).await.is_ok();
+                        ok = client.feed(&to, &d).await.is_ok();
                     }
                     if !ok || client.flush().await.is_err() { break; }
                 }

@@ -264,8 +264,18 @@ impl Engine {
         {
             let mut node = lock(&self.node);
             let now = Instant::now();
+            // A batch is mostly one peer's: its id is looked up once per run, not per datagram.
+            let mut last: Option<(&str, Option<PeerId>)> = None;
             for (from, d) in batch {
-                if let Some(p) = node.peer_by_mgmt_id(from) {
+                let peer = match last {
+                    Some((id, p)) if id == from.as_str() => p,
+                    _ => {
+                        let p = node.peer_by_mgmt_id(from);
+                        last = Some((from.as_str(), p));
+                        p
+                    }
+                };
+                if let Some(p) = peer {
                     rx.0.take(&mut node, Some(p), None, d, now);
                 }
             }
