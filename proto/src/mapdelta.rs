@@ -174,6 +174,223 @@ pub fn delta(old: &NetworkMap, new: &NetworkMap) -> Option<MapDelta> {
     Some(d)
 }
 
+/// Bytes that are not a network map as this version encodes it (`delta_encoded`'s input).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not an encoded network map: {0}")]
+pub struct Malformed(String);
+
+impl From<prost::DecodeError> for Malformed {
+    fn from(e: prost::DecodeError) -> Self {
+        Malformed(e.to_string())
+    }
+}
+
+/// One field of an encoded message: its whole bytes (key, length, value) and its value (for a
+/// length-delimited field, the bytes inside).
+#[derive(Clone, Copy)]
+struct Field<'a> {
+    raw: &'a [u8],
+    value: &'a [u8],
+}
+
+/// The fields of an encoded message by field number (1..=N; others are refused): a field that
+/// repeats keeps every occurrence, in order.
+fn fields<const N: usize>(mut buf: &[u8]) -> Result<[Vec<Field<'_>>; N], Malformed> {
+    use prost::encoding::{decode_key, decode_varint, WireType};
+    let mut out: [Vec<Field<'_>>; N] = std::array::from_fn(|_| Vec::new());
+    while !buf.is_empty() {
+        let start = buf;
+        let (num, wire) = decode_key(&mut buf)?;
+        let slot = (num as usize)
+            .checked_sub(1)
+            .and_then(|i| out.get_mut(i))
+            .ok_or_else(|| Malformed(format!("unknown field {num}")))?;
+        let value = match wire {
+            WireType::Varint => {
+                let before = buf;
+                decode_varint(&mut buf)?;
+                &before[..before.len() - buf.len()]
+            }
+            WireType::LengthDelimited => {
+                let len = usize::try_from(decode_varint(&mut buf)?)
+                    .map_err(|_| Malformed("length out of range".into()))?;
+                let (value, rest) = buf
+                    .split_at_checked(len)
+                    .ok_or_else(|| Malformed(format!("field {num} is cut short")))?;
+                buf = rest;
+                value
+            }
+            WireType::SixtyFourBit | WireType::ThirtyTwoBit => {
+                let len = if wire == WireType::SixtyFourBit { 8 } else { 4 };
+                let (value, rest) = buf
+                    .split_at_checked(len)
+                    .ok_or_else(|| Malformed(format!("field {num} is cut short")))?;
+                buf = rest;
+                value
+            }
+            WireType::StartGroup | WireType::EndGroup => {
+                return Err(Malformed(format!("field {num} is a group")))
+            }
+        };
+        slot.push(Field {
+            raw: &start[..start.len() - buf.len()],
+            value,
+        });
+    }
+    Ok(out)
+}
+
+fn same_fields(a: &[Field<'_>], b: &[Field<'_>]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.raw == y.raw)
+}
+
+/// The items of two lists that are not the same bytes at the same place counted from either
+/// end: what is left to compare item by item.
+fn middles<'o, 'n, 'a, 'b>(
+    old: &'o [Field<'a>],
+    new: &'n [Field<'b>],
+) -> (&'o [Field<'a>], &'n [Field<'b>]) {
+    let head = old
+        .iter()
+        .zip(new)
+        .take_while(|(a, b)| a.value == b.value)
+        .count();
+    let (old, new) = (&old[head..], &new[head..]);
+    let tail = old
+        .iter()
+        .rev()
+        .zip(new.iter().rev())
+        .take_while(|(a, b)| a.value == b.value)
+        .count();
+    (&old[..old.len() - tail], &new[..new.len() - tail])
+}
+
+fn decode_all<T: Message + Default>(items: &[Field<'_>]) -> Result<Vec<T>, Malformed> {
+    items
+        .iter()
+        .map(|f| T::decode(f.value).map_err(Malformed::from))
+        .collect()
+}
+
+/// Items identified by a key (see `keyed_changes`), on encoded lists: items that are the same
+/// bytes at the same place from either end are left alone, the rest is decoded and compared.
+/// Keys are unique within each list (as in the maps management makes); when one that left is
+/// still among the items left alone (a repeated key), the whole lists are compared.
+fn keyed_changes_encoded<T: Message + Default + Clone + PartialEq>(
+    old: &[Field<'_>],
+    new: &[Field<'_>],
+    key: impl Fn(&T) -> &String + Copy,
+) -> Result<(Vec<T>, Vec<String>), Malformed> {
+    let (o, n) = middles(old, new);
+    let (upserts, removed) = keyed_changes(&decode_all(o)?, &decode_all(n)?, key);
+    if removed.is_empty() || n.len() == new.len() {
+        return Ok((upserts, removed));
+    }
+    let kept: Vec<T> = decode_all(new)?;
+    if kept.iter().any(|x| removed.contains(key(x))) {
+        return Ok(keyed_changes(&decode_all(old)?, &kept, key));
+    }
+    Ok((upserts, removed))
+}
+
+/// What turns the map encoded as `old` (with serial `old_serial`) into the one encoded as `new`,
+/// as `delta` would make it from the decoded maps, without decoding what is the same in both:
+/// sections are compared as bytes, and remote peers, rules and DNS records item by item as bytes,
+/// only the items that differ decoded. Serial fields in the bytes are ignored. None when nothing
+/// but the serial differs.
+pub fn delta_encoded(
+    old: &[u8],
+    old_serial: u64,
+    new: &[u8],
+    new_serial: u64,
+) -> Result<Option<MapDelta>, Malformed> {
+    const PEERS: usize = 2;
+    const RULES: usize = 3;
+    const DNS: usize = 9;
+    // NetworkMap's fields by number - 1, for the sections replaced whole.
+    const SECTIONS: [(usize, &str); 6] = [
+        (1, "peer_config"),
+        (4, "routes"),
+        (5, "served_routes"),
+        (6, "relay"),
+        (7, "pending_approval"),
+        (8, "served_services"),
+    ];
+    let (a, b) = (fields::<10>(old)?, fields::<10>(new)?);
+    let mut d = MapDelta {
+        base_serial: old_serial,
+        serial: new_serial,
+        ..Default::default()
+    };
+    // The sections that changed, re-encoded as a map of their own and decoded once.
+    let mut sections: Vec<u8> = vec![];
+    for (i, name) in SECTIONS {
+        if !same_fields(&a[i], &b[i]) {
+            d.replaced.push(name.to_string());
+            b[i].iter().for_each(|f| sections.extend_from_slice(f.raw));
+        }
+    }
+    if !same_fields(&a[RULES], &b[RULES]) {
+        let (o, n) = middles(&a[RULES], &b[RULES]);
+        let (added, removed) = rule_changes(&decode_all(o)?, &decode_all(n)?);
+        let size = |v: &[FirewallRule]| v.iter().map(|r| r.encoded_len() + 2).sum::<usize>();
+        let whole: usize = b[RULES].iter().map(|f| f.value.len() + 2).sum();
+        // A rule that left but is still among those left alone (a repeated rule): whole.
+        let repeated = removed.iter().any(|r| {
+            let bytes = r.encode_to_vec();
+            b[RULES].iter().any(|f| f.value == bytes.as_slice())
+        });
+        if !repeated && size(&added) + size(&removed) < whole {
+            d.added_rules = added;
+            d.removed_rules = removed;
+        } else {
+            d.replaced.push("firewall_rules".into());
+            b[RULES]
+                .iter()
+                .for_each(|f| sections.extend_from_slice(f.raw));
+        }
+    }
+    if !same_fields(&a[DNS], &b[DNS]) {
+        // Present in both (once, as management encodes it), same domain and nameservers: records
+        // by name; else the section whole.
+        let by_record = match (a[DNS].as_slice(), b[DNS].as_slice()) {
+            ([x], [y]) => {
+                let (x, y) = (fields::<3>(x.value)?, fields::<3>(y.value)?);
+                (same_fields(&x[0], &y[0]) && same_fields(&x[2], &y[2])).then_some((x, y))
+            }
+            _ => None,
+        };
+        match by_record {
+            Some((x, y)) => {
+                (d.upsert_records, d.removed_records) =
+                    keyed_changes_encoded(&x[1], &y[1], |r: &DnsRecord| &r.name)?;
+            }
+            None => {
+                d.replaced.push("dns".into());
+                b[DNS]
+                    .iter()
+                    .for_each(|f| sections.extend_from_slice(f.raw));
+            }
+        }
+    }
+    if !same_fields(&a[PEERS], &b[PEERS]) {
+        (d.upsert_peers, d.removed_peers) =
+            keyed_changes_encoded(&a[PEERS], &b[PEERS], |p: &RemotePeer| &p.id)?;
+    }
+    if d.replaced.is_empty()
+        && d.upsert_peers.is_empty()
+        && d.removed_peers.is_empty()
+        && d.added_rules.is_empty()
+        && d.removed_rules.is_empty()
+        && d.upsert_records.is_empty()
+        && d.removed_records.is_empty()
+    {
+        return Ok(None);
+    }
+    d.sections = Some(NetworkMap::decode(sections.as_slice())?);
+    Ok(Some(d))
+}
+
 /// `base` with `d` applied (remote peers keep the order of the newer map: unchanged ones where
 /// they were, new ones after them, as the server's order is by name the agent does not rely on
 /// it).
@@ -356,6 +573,25 @@ mod tests {
             } else {
                 map(&mut r, round * 2 + 1)
             };
+            // The same change made from the encoded maps (serials not in the bytes).
+            let bytes = |m: &NetworkMap| {
+                NetworkMap {
+                    serial: 0,
+                    ..m.clone()
+                }
+                .encode_to_vec()
+            };
+            let encoded = delta_encoded(&bytes(&a), a.serial, &bytes(&b), b.serial)
+                .expect("well-formed maps");
+            assert_eq!(encoded.is_some(), delta(&a, &b).is_some(), "round {round}");
+            if let Some(d) = &encoded {
+                let got = apply(&a, d).expect("applies to its base");
+                assert!(
+                    same(&got, &b),
+                    "round {round} (encoded):\n{got:?}\n!=\n{b:?}"
+                );
+                assert_eq!(got.serial, b.serial);
+            }
             match delta(&a, &b) {
                 None => assert!(same(
                     &NetworkMap {
@@ -370,6 +606,35 @@ mod tests {
                     assert_eq!(got.serial, b.serial);
                 }
             }
+        }
+    }
+
+    #[test]
+    fn an_encoded_delta_copes_with_repeated_items_and_refuses_what_is_not_a_map() {
+        let mut r = StdRng::seed_from_u64(2);
+        let rule = |cidr: &str| pb::FirewallRule {
+            peer_cidr: cidr.into(),
+            ..Default::default()
+        };
+        let mut a = map(&mut r, 1);
+        a.firewall_rules = vec![rule("a"), rule("b"), rule("a")];
+        a.remote_peers = vec![peer(&mut r, 1), peer(&mut r, 2), peer(&mut r, 1)];
+        a.remote_peers[2].name = "the same id again".into();
+        let mut b = a.clone();
+        b.serial = 2;
+        b.firewall_rules.pop();
+        b.remote_peers.pop();
+        let d = delta_encoded(&a.encode_to_vec(), 1, &b.encode_to_vec(), 2)
+            .expect("maps")
+            .expect("a change");
+        let got = apply(&a, &d).expect("applies");
+        assert_eq!(got.firewall_rules, b.firewall_rules);
+        assert!(got.remote_peers.iter().any(|p| p.id == "p1"), "{got:?}");
+        for bad in [&[0xff_u8][..], &[0x0a, 0x05, 0x01], &[0x58, 0x01]] {
+            assert!(
+                delta_encoded(bad, 1, &b.encode_to_vec(), 2).is_err(),
+                "{bad:?}"
+            );
         }
     }
 
