@@ -558,7 +558,8 @@ pub fn sync_message(
 }
 
 /// The last map a stream sent, kept encoded with serial 0: a third of the memory of the decoded
-/// map (thousands of streams each hold one), compared in one pass, decoded only to make a delta.
+/// map (thousands of streams each hold one), compared in one pass, and the delta to the next map
+/// made from the bytes (`mapdelta::delta_encoded`), decoding only what changed.
 #[derive(Default)]
 pub struct LastSent(Option<(Vec<u8>, u64)>);
 
@@ -569,24 +570,64 @@ impl LastSent {
         let serial = std::mem::take(&mut map.serial);
         let encoded = map.encode_to_vec();
         map.serial = serial;
-        let old =
-            match &self.0 {
-                Some((bytes, _)) if *bytes == encoded => return None,
-                Some((bytes, serial)) if deltas => pb::NetworkMap::decode(bytes.as_slice())
-                    .ok()
-                    .map(|m| pb::NetworkMap {
-                        serial: *serial,
-                        ..m
-                    }),
-                _ => None,
-            };
+        self.push_encoded(encoded, serial, deltas, || map)
+    }
+
+    /// As `push`, for a map given encoded without its serial; `whole` gives the same map decoded,
+    /// called only when the map is sent whole.
+    pub fn push_encoded(
+        &mut self,
+        encoded: Vec<u8>,
+        serial: u64,
+        deltas: bool,
+        whole: impl FnOnce() -> pb::NetworkMap,
+    ) -> Option<pb::SyncResponse> {
+        let delta = match &self.0 {
+            Some((bytes, _)) if *bytes == encoded => return None,
+            Some((bytes, old_serial)) if deltas => {
+                match tern_proto::mapdelta::delta_encoded(bytes, *old_serial, &encoded, serial) {
+                    // Smaller than the whole map (serial included) or not worth it.
+                    Ok(Some(d)) if d.encoded_len() < encoded.len() + serial_len(serial) => Some(d),
+                    Ok(_) => None,
+                    Err(e) => {
+                        warn!(error = %e, "a network map could not be compared: sending it whole");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        let msg = match delta {
+            Some(d) => pb::SyncResponse {
+                network_map: None,
+                delta: Some(d),
+            },
+            None => pb::SyncResponse {
+                network_map: Some(pb::NetworkMap { serial, ..whole() }),
+                delta: None,
+            },
+        };
         self.0 = Some((encoded, serial));
-        Some(sync_message(old.as_ref(), &map, deltas))
+        Some(msg)
     }
 
     /// The serial of the last map sent, if any was.
     pub fn serial(&self) -> Option<u64> {
         self.0.as_ref().map(|(_, s)| *s)
+    }
+
+    /// The size of the last map sent, encoded without its serial (0 before the first).
+    pub fn encoded_len(&self) -> usize {
+        self.0.as_ref().map_or(0, |(b, _)| b.len())
+    }
+}
+
+/// The bytes a map's serial field takes.
+fn serial_len(serial: u64) -> usize {
+    if serial == 0 {
+        0
+    } else {
+        1 + prost::encoding::encoded_len_varint(serial)
     }
 }
 
@@ -629,18 +670,34 @@ async fn run_sync(
                 crate::store::login_expired_message(idx.is_user_device(peer_id)),
             ));
         }
-        let map = if std::mem::take(&mut unchanged) {
-            None
-        } else {
-            let Some(map) = idx.map_for(peer_id, &state.opts.relay, creds_expiry) else {
-                state.revoke_peer(key);
-                return Err(Status::not_found(
-                    "this peer was deleted by an administrator",
-                ));
-            };
-            Some(map)
+        let relay = &state.opts.relay;
+        let deleted = || {
+            state.revoke_peer(key);
+            Err(Status::not_found(
+                "this peer was deleted by an administrator",
+            ))
         };
-        if let Some(msg) = map.and_then(|m| last.push(m, deltas)) {
+        let msg = if std::mem::take(&mut unchanged) {
+            None
+        } else if deltas && last.serial().is_some() {
+            // Written as bytes and compared with the last ones: the map is built whole only if
+            // it is sent whole.
+            let mut bytes = Vec::with_capacity(last.encoded_len());
+            let Some(serial) = idx.map_bytes_for(peer_id, relay, creds_expiry, &mut bytes) else {
+                return deleted();
+            };
+            last.push_encoded(bytes, serial, deltas, || {
+                // The same index and peer: the map exists.
+                idx.map_for(peer_id, relay, creds_expiry)
+                    .unwrap_or_default()
+            })
+        } else {
+            let Some(map) = idx.map_for(peer_id, relay, creds_expiry) else {
+                return deleted();
+            };
+            last.push(map, deltas)
+        };
+        if let Some(msg) = msg {
             debug!(peer = %peer_id, serial = last.serial(), delta = msg.delta.is_some(), bytes = msg.encoded_len(), "pushing network map");
             if tx.send(Box::new(Ok(msg))).await.is_err() {
                 return Ok(());

@@ -11,6 +11,8 @@ use std::sync::Arc;
 use tern_proto::management as pb;
 use tern_proto::PublicKey;
 
+mod wire;
+
 /// Relay endpoints and the shared secret credentials are derived from.
 #[derive(Clone, Default)]
 pub struct RelaySettings {
@@ -103,6 +105,8 @@ pub struct NetIndex {
     built_at: crate::model::Millis,
     /// What changed since the index built before this one, when that is known to be little.
     since: Option<Since>,
+    /// Parts of maps encoded once (see `map_bytes_for`).
+    wire: wire::Encoded,
 }
 
 /// Peers whose maps may differ from the maps of the index with serial `from` (the one built just
@@ -171,6 +175,7 @@ impl NetIndex {
             .map(|p| key_bytes(&p.wg_public_key))
             .collect();
         let cidr_rank = ranks(&cidrs);
+        let n_peers = snap.peers.len();
         let label_rank = ranks(&labels);
         let mut idx = NetIndex {
             snap,
@@ -186,6 +191,7 @@ impl NetIndex {
             label_rank,
             built_at: now,
             since: None,
+            wire: wire::Encoded::new(n_peers),
         };
         idx.carriers = idx
             .snap
@@ -501,17 +507,13 @@ impl NetIndex {
         }
     }
 
-    /// The map for `peer_id`, or None if the peer is not in the snapshot.
-    pub fn map_for<'s>(
-        &'s self,
-        peer_id: &str,
-        relay: &RelaySettings,
-        creds_expire_unix: i64,
-    ) -> Option<pb::NetworkMap> {
+    /// What `peer_id`'s map holds, by index into this snapshot (both renderings of a map,
+    /// `map_for` and `map_bytes_for`, start here), or None if the peer is not in the snapshot.
+    fn plan<'s>(&'s self, peer_id: &str) -> Option<Plan<'s>> {
         let me_idx = *self.by_id.get(peer_id)?;
         let me = &self.snap.peers[me_idx];
-        let settings = &self.snap.settings;
-        let mut visible: BTreeSet<usize> = BTreeSet::new();
+        // Collected, then sorted and deduplicated once.
+        let mut visible: Vec<usize> = Vec::new();
         // Collected, then sorted and deduplicated once (cheaper than a set kept ordered).
         let mut rules: Vec<RuleKey<'s>> = Vec::new();
 
@@ -530,14 +532,14 @@ impl NetIndex {
                     if q == me_idx {
                         continue;
                     }
-                    visible.insert(q);
+                    visible.push(q);
                     rules.push(RuleKey {
                         cidr: self.cidr_rank[q],
                         direction: dir as i32,
                         protocol: proto(pol.protocol) as i32,
                         ports,
-                        policy_id: Cow::Borrowed(&pol.id),
-                        network: Cow::Borrowed(""),
+                        policy_id: KeyText(Cow::Borrowed(&pol.id)),
+                        network: KeyText(Cow::Borrowed("")),
                         peer: q,
                     });
                 }
@@ -589,7 +591,7 @@ impl NetIndex {
                     if routers.contains(&q) {
                         continue;
                     }
-                    visible.insert(q);
+                    visible.push(q);
                     let cidr = self.cidr_rank[q];
                     if r.access_groups.is_empty() {
                         rules.push(RuleKey {
@@ -597,8 +599,8 @@ impl NetIndex {
                             direction: pb::Direction::In as i32,
                             protocol: pb::Protocol::Any as i32,
                             ports: &[],
-                            policy_id: Cow::Owned(format!("route:{}", r.id)),
-                            network: Cow::Owned(r.network.to_string()),
+                            policy_id: KeyText(Cow::Owned(format!("route:{}", r.id))),
+                            network: KeyText(Cow::Owned(r.network.to_string())),
                             peer: q,
                         });
                         continue;
@@ -612,8 +614,8 @@ impl NetIndex {
                                 direction: pb::Direction::In as i32,
                                 protocol: proto(pol.protocol) as i32,
                                 ports: self.ports_of(pol),
-                                policy_id: Cow::Borrowed(&pol.id),
-                                network: Cow::Owned(r.network.to_string()),
+                                policy_id: KeyText(Cow::Borrowed(&pol.id)),
+                                network: KeyText(Cow::Owned(r.network.to_string())),
                                 peer: q,
                             });
                         }
@@ -622,7 +624,7 @@ impl NetIndex {
             } else if self.in_any(me, &r.groups) {
                 let access = self.route_access(me, r);
                 for ri in routers {
-                    visible.insert(ri);
+                    visible.push(ri);
                     routes.push(route_msg(ri, access.clone()));
                 }
             }
@@ -636,49 +638,82 @@ impl NetIndex {
         });
         served.sort_by(|a, b| a.network.cmp(&b.network));
 
-        let peer_config = Some(peer_config(me, settings));
-        let dns = self.dns_for(me_idx, &visible);
-        let remote_peers = visible
-            .into_iter()
-            .map(|i| {
-                let p = &self.snap.peers[i];
-                pb::RemotePeer {
-                    id: p.id.clone(),
-                    name: p.name.clone(),
-                    wg_public_key: self.keys[i].clone(),
-                    allowed_ips: vec![self.cidrs[i].clone()],
-                    overlay_ip: p.overlay_ip.clone(),
-                    connected: p.connected,
-                    hosted: p.wireguard.is_some(),
-                }
-            })
-            .collect();
+        visible.sort_unstable();
+        visible.dedup();
         rules.sort_unstable();
         rules.dedup();
-        let firewall_rules = rules
-            .into_iter()
-            .map(|k| pb::FirewallRule {
-                peer_cidr: self.cidrs[k.peer].clone(),
-                direction: k.direction,
-                protocol: k.protocol,
-                ports: k
-                    .ports
-                    .iter()
-                    .map(|p| pb::PortRange {
-                        start: p.start as u32,
-                        end: p.end as u32,
-                    })
-                    .collect(),
-                policy_id: k.policy_id.into_owned(),
-                network: k.network.into_owned(),
-            })
-            .collect();
-        let served_services = self
-            .snap
+        Some(Plan {
+            me: me_idx,
+            visible,
+            rules,
+            routes,
+            served,
+        })
+    }
+
+    /// The map for `peer_id`, or None if the peer is not in the snapshot.
+    pub fn map_for(
+        &self,
+        peer_id: &str,
+        relay: &RelaySettings,
+        creds_expire_unix: i64,
+    ) -> Option<pb::NetworkMap> {
+        let plan = self.plan(peer_id)?;
+        let me = &self.snap.peers[plan.me];
+        let settings = &self.snap.settings;
+        Some(pb::NetworkMap {
+            dns: Some(self.dns_for(plan.me, &plan.visible)),
+            serial: settings.network_serial.max(0) as u64,
+            served_services: self.served_services(plan.me).collect(),
+            peer_config: Some(peer_config(me, settings)),
+            remote_peers: plan.visible.iter().map(|&i| self.remote_peer(i)).collect(),
+            firewall_rules: plan.rules.iter().map(|k| self.rule(k)).collect(),
+            routes: plan.routes,
+            served_routes: plan.served,
+            relay: self.relay_for(plan.me, relay, creds_expire_unix),
+            pending_approval: !me.approved,
+        })
+    }
+
+    /// How peer `i` appears in the maps of the peers that see it.
+    fn remote_peer(&self, i: usize) -> pb::RemotePeer {
+        let p = &self.snap.peers[i];
+        pb::RemotePeer {
+            id: p.id.clone(),
+            name: p.name.clone(),
+            wg_public_key: self.keys[i].clone(),
+            allowed_ips: vec![self.cidrs[i].clone()],
+            overlay_ip: p.overlay_ip.clone(),
+            connected: p.connected,
+            hosted: p.wireguard.is_some(),
+        }
+    }
+
+    fn rule(&self, k: &RuleKey<'_>) -> pb::FirewallRule {
+        pb::FirewallRule {
+            peer_cidr: self.cidrs[k.peer].clone(),
+            direction: k.direction,
+            protocol: k.protocol,
+            ports: k
+                .ports
+                .iter()
+                .map(|p| pb::PortRange {
+                    start: p.start as u32,
+                    end: p.end as u32,
+                })
+                .collect(),
+            policy_id: k.policy_id.as_str().to_string(),
+            network: k.network.as_str().to_string(),
+        }
+    }
+
+    /// The public services whose clients peer `me` carries to their target.
+    fn served_services(&self, me: usize) -> impl Iterator<Item = pb::ServedService> + '_ {
+        self.snap
             .services
             .iter()
             .filter(
-                |s| matches!(self.carriers.get(s.id.as_str()), Some(Ok(c)) if c.contains(&me_idx)),
+                move |s| matches!(self.carriers.get(s.id.as_str()), Some(Ok(c)) if c.contains(&me)),
             )
             .map(|s| pb::ServedService {
                 id: s.id.clone(),
@@ -690,26 +725,25 @@ impl NetIndex {
                 public_port: s.public_port as u32,
                 ephemeral: s.ephemeral,
             })
-            .collect();
-        Some(pb::NetworkMap {
-            dns: Some(dns),
-            serial: settings.network_serial.max(0) as u64,
-            served_services,
-            peer_config,
-            remote_peers,
-            firewall_rules,
-            routes,
-            served_routes: served,
-            relay: me.on_network().then(|| {
-                relay_config(
-                    &me.id,
-                    &relay.with_replicas(&self.snap.relays),
-                    creds_expire_unix,
-                )
-            }),
-            pending_approval: !me.approved,
-        })
     }
+
+    /// Relay servers and credentials, for a peer on the network.
+    fn relay_for(&self, me: usize, relay: &RelaySettings, expire: i64) -> Option<pb::RelayConfig> {
+        let me = &self.snap.peers[me];
+        me.on_network()
+            .then(|| relay_config(&me.id, &relay.with_replicas(&self.snap.relays), expire))
+    }
+}
+
+/// What one peer's map holds, by index into the snapshot (see `NetIndex::plan`).
+struct Plan<'a> {
+    me: usize,
+    /// The remote peers, in index order (the snapshot lists peers by name).
+    visible: Vec<usize>,
+    /// Sorted and without repeats.
+    rules: Vec<RuleKey<'a>>,
+    routes: Vec<pb::Route>,
+    served: Vec<pb::Route>,
 }
 
 pub fn peer_config(me: &Peer, settings: &crate::model::Settings) -> pb::PeerConfig {
@@ -723,35 +757,44 @@ pub fn peer_config(me: &Peer, settings: &crate::model::Settings) -> pb::PeerConf
 
 impl NetIndex {
     /// Names for `me`: itself and the peers it sees, and the nameserver groups it is in.
-    fn dns_for(&self, me: usize, visible: &BTreeSet<usize>) -> pb::DnsConfig {
-        let p = &self.snap.peers[me];
-        // By name (label ranks keep the names' order), one record per name.
+    fn dns_for(&self, me: usize, visible: &[usize]) -> pb::DnsConfig {
+        pb::DnsConfig {
+            domain: self.snap.settings.dns_domain.clone(),
+            records: self
+                .dns_order(me, visible)
+                .into_iter()
+                .map(|i| self.dns_record(i))
+                .collect(),
+            nameservers: self.nameservers_for(me).collect(),
+        }
+    }
+
+    /// Whose names `me` is told, by name (label ranks keep the names' order), one per name.
+    fn dns_order(&self, me: usize, visible: &[usize]) -> Vec<usize> {
         let mut order: Vec<usize> = std::iter::once(me).chain(visible.iter().copied()).collect();
         order.sort_by_key(|&i| self.label_rank[i]);
         order.dedup_by_key(|i| self.label_rank[*i]);
-        let records: Vec<pb::DnsRecord> = order
-            .into_iter()
-            .map(|i| pb::DnsRecord {
-                name: self.labels[i].clone(),
-                ip: self.snap.peers[i].overlay_ip.clone(),
-            })
-            .collect();
-        let nameservers = self
-            .snap
+        order
+    }
+
+    fn dns_record(&self, i: usize) -> pb::DnsRecord {
+        pb::DnsRecord {
+            name: self.labels[i].clone(),
+            ip: self.snap.peers[i].overlay_ip.clone(),
+        }
+    }
+
+    fn nameservers_for(&self, me: usize) -> impl Iterator<Item = pb::NameserverGroup> + '_ {
+        let p = &self.snap.peers[me];
+        self.snap
             .nameservers
             .iter()
-            .filter(|n| n.enabled && p.on_network() && self.in_any(p, &n.groups))
+            .filter(move |n| n.enabled && p.on_network() && self.in_any(p, &n.groups))
             .map(|n| pb::NameserverGroup {
                 name: n.name.clone(),
                 domains: n.domains.clone(),
                 servers: n.nameservers.clone(),
             })
-            .collect();
-        pb::DnsConfig {
-            domain: self.snap.settings.dns_domain.clone(),
-            records,
-            nameservers,
-        }
     }
 }
 
@@ -795,10 +838,47 @@ struct RuleKey<'a> {
     direction: i32,
     protocol: i32,
     ports: &'a [PortRange],
-    policy_id: Cow<'a, str>,
-    network: Cow<'a, str>,
+    policy_id: KeyText<'a>,
+    network: KeyText<'a>,
     /// The peer itself (one per rank: overlay addresses are unique).
     peer: usize,
+}
+
+/// Text in a rule key, compared by content but equal at once when both borrow the same string:
+/// a map holds hundreds of rules of one policy, and sorting and deduplicating them compared the
+/// policy's id byte by byte each time.
+struct KeyText<'a>(Cow<'a, str>);
+
+impl KeyText<'_> {
+    fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl PartialEq for KeyText<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        let (a, b) = (self.as_str(), other.as_str());
+        std::ptr::eq(a, b) || a == b
+    }
+}
+
+impl Eq for KeyText<'_> {}
+
+impl PartialOrd for KeyText<'_> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for KeyText<'_> {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        let (a, b) = (self.as_str(), other.as_str());
+        if std::ptr::eq(a, b) {
+            std::cmp::Ordering::Equal
+        } else {
+            a.cmp(b)
+        }
+    }
 }
 
 /// Each item's place in the sorted order of all items (equal items share a place).
@@ -881,6 +961,7 @@ pub fn summary(m: &pb::NetworkMap) -> BTreeMap<&'static str, usize> {
 mod tests {
     use super::*;
     use crate::model::*;
+    use prost::Message;
 
     fn peer(id: &str, ip: &str, groups: &[&str]) -> Peer {
         Peer::fixture(id, ip, groups)
@@ -927,6 +1008,19 @@ mod tests {
             nameservers: vec![],
             relays: vec![],
         }
+    }
+
+    /// Every peer's map written as bytes (`map_bytes_for`) is its map encoded without serial.
+    fn assert_bytes_match(idx: &NetIndex) {
+        let mut buf = vec![];
+        for p in &idx.snapshot().peers {
+            let serial = idx.map_bytes_for(&p.id, &relay(), 77, &mut buf);
+            let map = idx.map_for(&p.id, &relay(), 77).expect("a map");
+            assert_eq!(serial, Some(map.serial));
+            let want = pb::NetworkMap { serial: 0, ..map }.encode_to_vec();
+            assert!(buf == want, "{}: bytes differ from the map encoded", p.id);
+        }
+        assert_eq!(idx.map_bytes_for("nobody", &relay(), 77, &mut buf), None);
     }
 
     fn relay() -> RelaySettings {
@@ -1059,6 +1153,7 @@ mod tests {
             let b = b.with_changes_since(&a);
             let since = b.since().expect("only live state and policies changed");
             assert_eq!(since.from, 7);
+            assert_bytes_match(&b);
             for p in &new.peers {
                 let mb = b.map_for(&p.id, &relay(), 9);
                 // Rules go out in the order deltas compare in one pass.
@@ -1089,6 +1184,7 @@ mod tests {
                 .push(policy("x", &["g1"], &["g0"], Protocol::Any, &[], false));
             let c = NetIndex::new(Arc::new(gated))
                 .with_changes_since(&NetIndex::new(Arc::new(gated_old)));
+            assert_bytes_match(&c);
             assert!(
                 c.since().is_none(),
                 "policies decide what the route's clients reach"
@@ -1337,6 +1433,7 @@ mod tests {
         off.enabled = false;
         s.services.push(off);
         let idx = NetIndex::new(Arc::new(s));
+        assert_bytes_match(&idx);
         let ids = |r: Result<Vec<&Peer>, String>| -> Vec<String> {
             r.expect("carriers").iter().map(|p| p.id.clone()).collect()
         };
@@ -1390,7 +1487,7 @@ mod tests {
             serving: String::new(),
             clients: vec![],
         };
-        let s = snap(
+        let mut s = snap(
             vec![
                 peer("gw1", "100.64.0.1", &["routers"]),
                 peer("gw2", "100.64.0.2", &["routers"]),
@@ -1400,7 +1497,18 @@ mod tests {
             vec![],
             vec![route],
         );
+        s.nameservers.push(NameserverGroup {
+            id: "ns1".into(),
+            name: "factory".into(),
+            description: String::new(),
+            domains: vec!["factory.local".into()],
+            nameservers: vec!["192.168.50.2".into(), "192.168.50.3:5353".into()],
+            groups: vec!["staff".into()],
+            enabled: true,
+            created_at: 0,
+        });
         let idx = NetIndex::new(Arc::new(s));
+        assert_bytes_match(&idx);
         let laptop = idx.map_for("laptop", &relay(), 100).expect("map");
         assert_eq!(names(&laptop), ["gw1", "gw2"]);
         assert_eq!(laptop.routes.len(), 2, "one entry per HA routing peer");
@@ -1450,6 +1558,7 @@ mod tests {
             vec![route],
         );
         let idx = NetIndex::new(Arc::new(s));
+        assert_bytes_match(&idx);
         let gw = idx.map_for("gw", &relay(), 100).expect("map");
         let lan_rules: Vec<_> = gw
             .firewall_rules
