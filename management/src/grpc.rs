@@ -557,6 +557,11 @@ pub fn sync_message(
     }
 }
 
+/// Room for a map to grow (a peer coming online adds two bytes) when it is written where the last
+/// one fitted; a buffer with more spare room is shrunk before a stream keeps it (10,000 streams
+/// whose maps grew by a few bytes held a quarter of a gigabyte in doubled buffers).
+const SPARE: usize = 256;
+
 /// The last map a stream sent, kept encoded with serial 0: a third of the memory of the decoded
 /// map (thousands of streams each hold one), compared in one pass, and the delta to the next map
 /// made from the bytes (`mapdelta::delta_encoded`), decoding only what changed.
@@ -577,7 +582,7 @@ impl LastSent {
     /// called only when the map is sent whole.
     pub fn push_encoded(
         &mut self,
-        encoded: Vec<u8>,
+        mut encoded: Vec<u8>,
         serial: u64,
         deltas: bool,
         whole: impl FnOnce() -> pb::NetworkMap,
@@ -607,6 +612,10 @@ impl LastSent {
                 delta: None,
             },
         };
+        // Kept per stream for as long as it lasts: no spare capacity from a buffer that grew.
+        if encoded.capacity() > encoded.len() + SPARE {
+            encoded.shrink_to_fit();
+        }
         self.0 = Some((encoded, serial));
         Some(msg)
     }
@@ -682,7 +691,7 @@ async fn run_sync(
         } else if deltas && last.serial().is_some() {
             // Written as bytes and compared with the last ones: the map is built whole only if
             // it is sent whole.
-            let mut bytes = Vec::with_capacity(last.encoded_len());
+            let mut bytes = Vec::with_capacity(last.encoded_len() + SPARE);
             let Some(serial) = idx.map_bytes_for(peer_id, relay, creds_expiry, &mut bytes) else {
                 return deleted();
             };
