@@ -112,6 +112,17 @@ fn rule_changes(
     (added, removed)
 }
 
+/// A delta that changes nothing but the serial.
+fn is_empty(d: &MapDelta) -> bool {
+    d.replaced.is_empty()
+        && d.upsert_peers.is_empty()
+        && d.removed_peers.is_empty()
+        && d.added_rules.is_empty()
+        && d.removed_rules.is_empty()
+        && d.upsert_records.is_empty()
+        && d.removed_records.is_empty()
+}
+
 /// What turns `old` into `new`; None when nothing but the serial differs.
 pub fn delta(old: &NetworkMap, new: &NetworkMap) -> Option<MapDelta> {
     let mut d = MapDelta {
@@ -160,14 +171,7 @@ pub fn delta(old: &NetworkMap, new: &NetworkMap) -> Option<MapDelta> {
     }
     (d.upsert_peers, d.removed_peers) =
         keyed_changes(&old.remote_peers, &new.remote_peers, |p: &RemotePeer| &p.id);
-    if d.replaced.is_empty()
-        && d.upsert_peers.is_empty()
-        && d.removed_peers.is_empty()
-        && d.added_rules.is_empty()
-        && d.removed_rules.is_empty()
-        && d.upsert_records.is_empty()
-        && d.removed_records.is_empty()
-    {
+    if is_empty(&d) {
         return None;
     }
     d.sections = Some(sections);
@@ -207,27 +211,18 @@ fn fields<const N: usize>(mut buf: &[u8]) -> Result<[Vec<Field<'_>>; N], Malform
             .ok_or_else(|| Malformed(format!("unknown field {num}")))?;
         let value = match wire {
             WireType::Varint => {
-                let before = buf;
-                decode_varint(&mut buf)?;
-                &before[..before.len() - buf.len()]
+                let mut rest = buf;
+                decode_varint(&mut rest)?;
+                let len = buf.len() - rest.len();
+                take(&mut buf, len, num)?
             }
             WireType::LengthDelimited => {
                 let len = usize::try_from(decode_varint(&mut buf)?)
                     .map_err(|_| Malformed("length out of range".into()))?;
-                let (value, rest) = buf
-                    .split_at_checked(len)
-                    .ok_or_else(|| Malformed(format!("field {num} is cut short")))?;
-                buf = rest;
-                value
+                take(&mut buf, len, num)?
             }
-            WireType::SixtyFourBit | WireType::ThirtyTwoBit => {
-                let len = if wire == WireType::SixtyFourBit { 8 } else { 4 };
-                let (value, rest) = buf
-                    .split_at_checked(len)
-                    .ok_or_else(|| Malformed(format!("field {num} is cut short")))?;
-                buf = rest;
-                value
-            }
+            WireType::SixtyFourBit => take(&mut buf, 8, num)?,
+            WireType::ThirtyTwoBit => take(&mut buf, 4, num)?,
             WireType::StartGroup | WireType::EndGroup => {
                 return Err(Malformed(format!("field {num} is a group")))
             }
@@ -238,6 +233,15 @@ fn fields<const N: usize>(mut buf: &[u8]) -> Result<[Vec<Field<'_>>; N], Malform
         });
     }
     Ok(out)
+}
+
+/// The next `len` bytes of field `num`'s value.
+fn take<'a>(buf: &mut &'a [u8], len: usize, num: u32) -> Result<&'a [u8], Malformed> {
+    let (value, rest) = buf
+        .split_at_checked(len)
+        .ok_or_else(|| Malformed(format!("field {num} is cut short")))?;
+    *buf = rest;
+    Ok(value)
 }
 
 fn same_fields(a: &[Field<'_>], b: &[Field<'_>]) -> bool {
@@ -377,14 +381,7 @@ pub fn delta_encoded(
         (d.upsert_peers, d.removed_peers) =
             keyed_changes_encoded(&a[PEERS], &b[PEERS], |p: &RemotePeer| &p.id)?;
     }
-    if d.replaced.is_empty()
-        && d.upsert_peers.is_empty()
-        && d.removed_peers.is_empty()
-        && d.added_rules.is_empty()
-        && d.removed_rules.is_empty()
-        && d.upsert_records.is_empty()
-        && d.removed_records.is_empty()
-    {
+    if is_empty(&d) {
         return Ok(None);
     }
     d.sections = Some(NetworkMap::decode(sections.as_slice())?);
