@@ -591,7 +591,7 @@ impl LastSent {
             Some((bytes, _)) if *bytes == encoded => return None,
             Some((bytes, old_serial)) if deltas => {
                 match tern_proto::mapdelta::delta_encoded(bytes, *old_serial, &encoded, serial) {
-                    // Smaller than the whole map (serial included) or not worth it.
+                    // Sent when smaller than the whole map with its serial.
                     Ok(Some(d)) if d.encoded_len() < encoded.len() + serial_len(serial) => Some(d),
                     Ok(_) => None,
                     Err(e) => {

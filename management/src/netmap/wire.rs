@@ -5,7 +5,7 @@
 //! bytes with the last ones and makes its delta from both (`LastSent::push_encoded`).
 
 use super::{peer_config, NetIndex, RelaySettings, RuleKey};
-use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
+use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
 use prost::Message;
 use tern_proto::management as pb;
 
@@ -19,10 +19,6 @@ const RELAY: u32 = 7;
 const PENDING_APPROVAL: u32 = 8;
 const SERVED_SERVICES: u32 = 9;
 const DNS: u32 = 10;
-
-fn key_len(tag: u32) -> usize {
-    prost::encoding::key_len(tag)
-}
 
 /// A length-delimited field of `len` bytes: its key, length and value together.
 fn delimited_len(tag: u32, len: usize) -> usize {
@@ -67,10 +63,7 @@ fn put_int(tag: u32, v: i64, buf: &mut Vec<u8>) {
 }
 
 fn put_message(tag: u32, m: &impl Message, buf: &mut Vec<u8>) {
-    encode_key(tag, WireType::LengthDelimited, buf);
-    encode_varint(m.encoded_len() as u64, buf);
-    // Cannot fail: a Vec grows as needed.
-    let _ = m.encode(buf);
+    prost::encoding::message::encode(tag, m, buf);
 }
 
 impl NetIndex {
@@ -178,7 +171,6 @@ impl NetIndex {
 
 /// Per index: each peer's `RemotePeer` and `DnsRecord` bytes, made when a map first needs them
 /// (most changes rebuild few maps, so an index does not encode every peer up front).
-#[derive(Default)]
 pub(super) struct Encoded {
     peers: Vec<std::sync::OnceLock<Vec<u8>>>,
     records: Vec<std::sync::OnceLock<Vec<u8>>>,
