@@ -120,9 +120,10 @@ pub fn allocate_ip(range: &IpNet, used: &HashSet<IpAddr>) -> Option<IpAddr> {
         .find(|ip| !used.contains(ip))
 }
 
-/// A DNS-label-like peer name from a hostname, made unique with a numeric suffix.
-fn unique_name(hostname: &str, taken: &HashSet<String>) -> String {
-    let mut base: String = hostname
+/// The DNS-label-like name a hostname gives a peer (lowercase letters, digits and dashes; at
+/// most 48 characters), before `unique_name` makes it unique.
+fn name_base(hostname: &str) -> String {
+    let base: String = hostname
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '-' {
@@ -133,17 +134,21 @@ fn unique_name(hostname: &str, taken: &HashSet<String>) -> String {
         })
         .take(48)
         .collect();
-    base = base.trim_matches('-').to_string();
-    if base.is_empty() {
-        base = "peer".into();
+    match base.trim_matches('-') {
+        "" => "peer".into(),
+        b => b.to_string(),
     }
-    if !taken.contains(&base) {
-        return base;
+}
+
+/// `base`, or the first of `base-2`, `base-3`, ... that is not taken.
+fn unique_name(base: &str, taken: &HashSet<String>) -> String {
+    if !taken.contains(base) {
+        return base.to_string();
     }
     (2..)
         .map(|n| format!("{base}-{n}"))
         .find(|n| !taken.contains(n))
-        .unwrap_or(base)
+        .unwrap_or_else(|| base.to_string())
 }
 
 /// Management's refusal of an unknown key without a setup key; the agent then offers the sign-in.
@@ -186,16 +191,27 @@ pub(super) async fn register(
     p: &NewPeer<'_>,
     now: Millis,
 ) -> Result<(String, String, String)> {
-    let rows = sqlx::query("SELECT name, overlay_ip FROM peers")
+    // Every address (the first free one is taken), but only the names the new one could clash
+    // with: its base and the numbered forms of it (a base holds no LIKE wildcard). Reading every
+    // peer's name made each registration slower as the network grew.
+    let rows = sqlx::query("SELECT overlay_ip FROM peers")
         .fetch_all(&mut *conn)
         .await?;
     let mut used = HashSet::with_capacity(rows.len());
-    let mut names = HashSet::with_capacity(rows.len());
     for r in &rows {
         if let Ok(ip) = col::<String>(r, "overlay_ip")?.parse::<IpAddr>() {
             used.insert(ip);
         }
-        names.insert(col::<String>(r, "name")?);
+    }
+    let base = name_base(&meta.hostname);
+    let mut names = HashSet::new();
+    for r in sqlx::query("SELECT name FROM peers WHERE name = $1 OR name LIKE $2")
+        .bind(&base)
+        .bind(format!("{base}-%"))
+        .fetch_all(&mut *conn)
+        .await?
+    {
+        names.insert(col::<String>(&r, "name")?);
     }
     let ip = allocate_ip(&settings.overlay_range, &used).ok_or_else(|| {
         StoreError::Conflict(format!(
@@ -204,7 +220,7 @@ pub(super) async fn register(
         ))
     })?;
     let id = new_id();
-    let name = unique_name(&meta.hostname, &names);
+    let name = unique_name(&base, &names);
     sqlx::query(
         "INSERT INTO peers (id, name, wg_public_key, overlay_ip, hostname, os, agent_version, setup_key_id, \
          ephemeral, connected, login_expiration_enabled, last_seen, last_login, created_at, approved, user_id) \
@@ -822,9 +838,83 @@ mod tests {
     #[test]
     fn names_are_sanitised_and_unique() {
         let mut taken = HashSet::new();
-        assert_eq!(unique_name("Laptop.Corp", &taken), "laptop-corp");
+        assert_eq!(
+            unique_name(&name_base("Laptop.Corp"), &taken),
+            "laptop-corp"
+        );
         taken.insert("laptop-corp".to_string());
-        assert_eq!(unique_name("laptop.corp", &taken), "laptop-corp-2");
-        assert_eq!(unique_name("***", &taken), "peer");
+        assert_eq!(
+            unique_name(&name_base("laptop.corp"), &taken),
+            "laptop-corp-2"
+        );
+        assert_eq!(unique_name(&name_base("***"), &taken), "peer");
+        assert_eq!(name_base(&"x".repeat(60)).len(), 48);
+    }
+
+    #[tokio::test]
+    async fn registrations_get_the_first_free_address_and_a_name_no_one_has() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let store = Store::connect(&format!("sqlite://{}", tmp.path().join("t.db").display()))
+            .await
+            .expect("store");
+        let secret = "tern_sk_registrationsregistrations";
+        let key = crate::store::NewSetupKey {
+            name: "k".into(),
+            reusable: true,
+            usage_limit: 0,
+            expires_at: None,
+            ephemeral: false,
+            auto_groups: vec![],
+        };
+        store
+            .create_setup_key("t", &key, &hash_secret(secret), &secret[..12])
+            .await
+            .expect("setup key");
+        let join = |host: &'static str| {
+            let store = &store;
+            async move {
+                let wg = tern_proto::SecretKey::generate().public_key().to_base64();
+                let meta = PeerMeta {
+                    hostname: host.into(),
+                    os: "linux".into(),
+                    agent_version: "test".into(),
+                };
+                let p = store
+                    .login_peer(&wg, Some(secret), &meta)
+                    .await
+                    .expect("registered")
+                    .peer;
+                (p.name, p.overlay_ip, p.id)
+            }
+        };
+        // A name that only starts like another's is no clash; numbered forms taken by hostnames
+        // are skipped.
+        let mut got = vec![];
+        for host in ["laptop", "laptopx", "laptop-2", "Laptop", "LAPTOP"] {
+            got.push(join(host).await);
+        }
+        let names: Vec<&str> = got.iter().map(|g| g.0.as_str()).collect();
+        assert_eq!(
+            names,
+            ["laptop", "laptopx", "laptop-2", "laptop-3", "laptop-4"]
+        );
+        let ips: Vec<&str> = got.iter().map(|g| g.1.as_str()).collect();
+        assert_eq!(
+            ips,
+            [
+                "100.64.0.1",
+                "100.64.0.2",
+                "100.64.0.3",
+                "100.64.0.4",
+                "100.64.0.5"
+            ]
+        );
+        // A deleted peer's address and name are given again.
+        store.delete_peer("t", &got[1].2).await.expect("deleted");
+        let again = join("laptopx").await;
+        assert_eq!(
+            (again.0.as_str(), again.1.as_str()),
+            ("laptopx", "100.64.0.2")
+        );
     }
 }
