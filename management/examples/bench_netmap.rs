@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 use std::time::Instant;
+use tern_management::grpc::LastSent;
 use tern_management::model::Protocol;
 use tern_management::netmap::{NetIndex, RelaySettings};
 use tern_management::store::{PeerMeta, PolicyInput, Store};
@@ -33,14 +34,7 @@ async fn main() -> anyhow::Result<()> {
         groups.push(store.create_group("bench", &format!("group-{g}")).await?.id);
     }
     let key = "tern_sk_benchbenchbenchbenchbenchbench";
-    let new = tern_management::store::NewSetupKey {
-        name: "bench".into(),
-        reusable: true,
-        usage_limit: 0,
-        expires_at: None,
-        ephemeral: false,
-        auto_groups: vec![],
-    };
+    let new = tern_management::store::NewSetupKey::reusable("bench", vec![]);
     store
         .create_setup_key(
             "bench",
@@ -207,8 +201,14 @@ async fn main() -> anyhow::Result<()> {
                 continue;
             }
             told += 1;
-            full += tern_management::grpc::sync_message(Some(old), new, false).encoded_len();
-            delta += tern_management::grpc::sync_message(Some(old), new, true).encoded_len();
+            // What a stream that sent `old` sends next, with and without deltas.
+            for (deltas, bytes) in [(false, &mut full), (true, &mut delta)] {
+                let mut last = LastSent::default();
+                last.push(old.clone(), deltas);
+                *bytes += last
+                    .push(new.clone(), deltas)
+                    .map_or(0, |m| m.encoded_len());
+            }
         }
         println!(
             "{change}: {told} of 1,000 streams get a message ({untouched} nothing); whole maps {:.1} kB, deltas {:.1} kB ({:.1}x fewer bytes)",

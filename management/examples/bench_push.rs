@@ -152,14 +152,7 @@ async fn setup(store: &Store, n: usize) -> anyhow::Result<(Vec<String>, String, 
     for p in store.policies().await? {
         store.delete_policy("bench", &p.id).await?;
     }
-    let setup_key = |g: &str| NewSetupKey {
-        name: g.to_string(),
-        reusable: true,
-        usage_limit: 0,
-        expires_at: None,
-        ephemeral: false,
-        auto_groups: vec![g.to_string()],
-    };
+    let setup_key = |g: &str| NewSetupKey::reusable(g, vec![g.to_string()]);
     let monitor = store.create_group("bench", "monitoring").await?.id;
     let mut keys = vec![];
     for t in 0..n.div_ceil(100) {

@@ -41,12 +41,8 @@ pub async fn first_start(
         .map_err(|e| StoreError::invalid("admin_password", e.to_string()))?;
     let key = auth::random_secret(SETUP_KEY_PREFIX);
     let new = NewSetupKey {
-        name: "default".into(),
-        reusable: true,
-        usage_limit: 0,
         expires_at: Some(crate::model::now_millis() + FIRST_KEY_TTL.as_millis() as i64),
-        ephemeral: false,
-        auto_groups: vec![],
+        ..NewSetupKey::reusable("default", vec![])
     };
     let prefix: String = key.chars().take(SETUP_KEY_PREFIX.len() + 4).collect();
     store

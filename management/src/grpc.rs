@@ -534,29 +534,6 @@ impl ManagementService for AgentService {
     }
 }
 
-/// What a stream sends for a new map: the first one (or any, for an agent that does not take
-/// deltas) whole; later ones as the change since the last one sent, unless that is no smaller.
-pub fn sync_message(
-    last: Option<&pb::NetworkMap>,
-    map: &pb::NetworkMap,
-    deltas: bool,
-) -> pb::SyncResponse {
-    let full = || pb::SyncResponse {
-        network_map: Some(map.clone()),
-        delta: None,
-    };
-    let Some(last) = last.filter(|_| deltas) else {
-        return full();
-    };
-    match tern_proto::mapdelta::delta(last, map) {
-        Some(d) if d.encoded_len() < map.encoded_len() => pb::SyncResponse {
-            network_map: None,
-            delta: Some(d),
-        },
-        _ => full(),
-    }
-}
-
 /// Room for a map to grow (a peer coming online adds two bytes) when it is written where the last
 /// one fitted; a buffer with more spare room is shrunk before a stream keeps it (10,000 streams
 /// whose maps grew by a few bytes held a quarter of a gigabyte in doubled buffers).
@@ -569,8 +546,10 @@ const SPARE: usize = 256;
 pub struct LastSent(Option<(Vec<u8>, u64)>);
 
 impl LastSent {
-    /// The message that brings the agent from the last map sent to `map` (see `sync_message`),
-    /// or None when nothing but the serial differs; `map` is then the last map sent.
+    /// The message that brings the agent from the last map sent to `map`, or None when nothing
+    /// but the serial differs (`map` is then the last map sent): the first map, and every map for
+    /// an agent that does not take deltas, whole; later ones as the change since the last one
+    /// sent, unless that is no smaller.
     pub fn push(&mut self, mut map: pb::NetworkMap, deltas: bool) -> Option<pb::SyncResponse> {
         let serial = std::mem::take(&mut map.serial);
         let encoded = map.encode_to_vec();

@@ -99,12 +99,8 @@ async fn setup_keys_admit_exactly_what_they_allow() {
 
         // Expired key refused (created already expired through the store).
         let new = tern_management::store::NewSetupKey {
-            name: "old".into(),
-            reusable: true,
-            usage_limit: 0,
             expires_at: Some(tern_management::model::now_millis() - 1000),
-            ephemeral: false,
-            auto_groups: vec![],
+            ..tern_management::store::NewSetupKey::reusable("old", vec![])
         };
         let raw = "tern_sk_expiredexpiredexpiredexpired00";
         srv.state()

@@ -388,12 +388,8 @@ async fn the_first_setup_key_expires_unless_an_admin_keeps_it() {
     assert_eq!(kept["state"], "valid");
     // An expired key stays expired.
     let new = tern_management::store::NewSetupKey {
-        name: "old".into(),
-        reusable: true,
-        usage_limit: 0,
         expires_at: Some(now - 1000),
-        ephemeral: false,
-        auto_groups: vec![],
+        ..tern_management::store::NewSetupKey::reusable("old", vec![])
     };
     let old = srv
         .state()

@@ -645,6 +645,20 @@ pub struct NewSetupKey {
     pub auto_groups: Vec<String>,
 }
 
+impl NewSetupKey {
+    /// A reusable key without usage limit or expiry whose peers join `auto_groups`.
+    pub fn reusable(name: &str, auto_groups: Vec<String>) -> Self {
+        NewSetupKey {
+            name: name.to_string(),
+            reusable: true,
+            usage_limit: 0,
+            expires_at: None,
+            ephemeral: false,
+            auto_groups,
+        }
+    }
+}
+
 pub(crate) async fn setup_key_from(conn: &mut sqlx::AnyConnection, r: &AnyRow) -> Result<SetupKey> {
     let id: String = col(r, "id")?;
     let auto_groups = linked_groups(

@@ -862,14 +862,7 @@ mod tests {
             .await
             .expect("store");
         let secret = "tern_sk_registrationsregistrations";
-        let key = crate::store::NewSetupKey {
-            name: "k".into(),
-            reusable: true,
-            usage_limit: 0,
-            expires_at: None,
-            ephemeral: false,
-            auto_groups: vec![],
-        };
+        let key = crate::store::NewSetupKey::reusable("k", vec![]);
         store
             .create_setup_key("t", &key, &hash_secret(secret), &secret[..12])
             .await
