@@ -17,6 +17,7 @@ mod signal;
 mod socket;
 mod state;
 mod status;
+mod turn;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
@@ -973,6 +974,10 @@ async fn up(
     ));
     tokio::spawn(watch_addresses(engine.clone()));
     tokio::spawn(engine.clone().probe_relays());
+    tokio::spawn(engine.clone().turn_loop());
+    if let Some(rx) = shared.take_relayed_stun() {
+        tokio::spawn(engine.clone().relayed_stun_loop(rx));
+    }
 
     let (down_tx, mut down_rx) = mpsc::channel(1);
     let sig_up_diag = sig_up.clone();

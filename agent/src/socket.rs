@@ -3,7 +3,8 @@
 //! bytes: WireGuard (message types 1-4 followed by three zero bytes) goes straight to the data
 //! plane; STUN goes to webrtc-ice through its `UDPMux` (the connectivity checks), except the
 //! answers to our own binding requests, which tell us our server-reflexive address (webrtc-ice
-//! gathers none in muxed mode). TURN-relayed traffic keeps to the TURN client's own socket.
+//! gathers none in muxed mode). Our TURN allocation lives on this port too ([`crate::turn`]):
+//! what the TURN server relays is unwrapped here and sorted the same way.
 
 use async_trait::async_trait;
 use rand::RngCore;
@@ -54,35 +55,61 @@ pub fn mapped_address(d: &[u8]) -> Option<([u8; 12], SocketAddr)> {
         return None;
     }
     let tx: [u8; 12] = d[8..20].try_into().ok()?;
-    let len = u16::from_be_bytes([d[2], d[3]]) as usize;
+    Some((tx, xor_address(stun_attr(d, 0x0020)?, &tx)?))
+}
+
+/// The value of the first attribute of type `t` of a STUN message (None when absent or the
+/// message is malformed).
+pub fn stun_attr(d: &[u8], t: u16) -> Option<&[u8]> {
+    let len = usize::from(u16::from_be_bytes([*d.get(2)?, *d.get(3)?]));
     let attrs = d.get(20..20 + len)?;
     let mut i = 0;
     while i + 4 <= attrs.len() {
-        let t = u16::from_be_bytes([attrs[i], attrs[i + 1]]);
-        let l = u16::from_be_bytes([attrs[i + 2], attrs[i + 3]]) as usize;
+        let at = u16::from_be_bytes([attrs[i], attrs[i + 1]]);
+        let l = usize::from(u16::from_be_bytes([attrs[i + 2], attrs[i + 3]]));
         let v = attrs.get(i + 4..i + 4 + l)?;
-        if t == 0x0020 && v.len() >= 8 {
-            let port = u16::from_be_bytes([v[2], v[3]]) ^ 0x2112;
-            let ip = match v[1] {
-                0x01 => {
-                    let mut a: [u8; 4] = v[4..8].try_into().ok()?;
-                    a.iter_mut().zip(MAGIC).for_each(|(b, m)| *b ^= m);
-                    IpAddr::from(a)
-                }
-                0x02 if v.len() >= 20 => {
-                    let mut a: [u8; 16] = v[4..20].try_into().ok()?;
-                    let key: Vec<u8> = MAGIC.iter().chain(tx.iter()).copied().collect();
-                    a.iter_mut().zip(key).for_each(|(b, m)| *b ^= m);
-                    IpAddr::from(a)
-                }
-                _ => return None,
-            };
-            return Some((tx, SocketAddr::new(ip, port)));
+        if at == t {
+            return Some(v);
         }
         i += 4 + l.div_ceil(4) * 4;
     }
     None
 }
+
+/// An XOR-MAPPED-ADDRESS or XOR-PEER-ADDRESS value (RFC 8489 §14.2) of transaction `tx`.
+pub fn xor_address(v: &[u8], tx: &[u8; 12]) -> Option<SocketAddr> {
+    if v.len() < 8 {
+        return None;
+    }
+    let port = u16::from_be_bytes([v[2], v[3]]) ^ 0x2112;
+    let ip = match v[1] {
+        0x01 => {
+            let mut a: [u8; 4] = v[4..8].try_into().ok()?;
+            a.iter_mut().zip(MAGIC).for_each(|(b, m)| *b ^= m);
+            IpAddr::from(a)
+        }
+        0x02 if v.len() >= 20 => {
+            let mut a: [u8; 16] = v[4..20].try_into().ok()?;
+            let key = MAGIC.iter().chain(tx.iter());
+            a.iter_mut().zip(key).for_each(|(b, m)| *b ^= m);
+            IpAddr::from(a)
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+/// A STUN Binding request's local username fragment (ours: the USERNAME is "ours:theirs").
+pub fn binding_request_ufrag(d: &[u8]) -> Option<&str> {
+    if d.len() < 20 || d[0..2] != [0x00, 0x01] || d[4..8] != MAGIC {
+        return None;
+    }
+    let u = std::str::from_utf8(stun_attr(d, 0x0006)?).ok()?;
+    u.split(':').next()
+}
+
+/// STUN relayed through our TURN allocation, with the stand-in address it came from.
+pub type RelayedStun = mpsc::Receiver<(Vec<u8>, SocketAddr)>;
 
 pub struct Shared {
     v4: Option<Arc<UdpSocket>>,
@@ -92,6 +119,18 @@ pub struct Shared {
     gso: crate::platform::sockopt::SegmentSender,
     to_ice: mpsc::Sender<(Vec<u8>, SocketAddr)>,
     bindings: Mutex<HashMap<[u8; 12], oneshot::Sender<SocketAddr>>>,
+    /// Our TURN allocation on this port ([`crate::turn`]), when the map has a TURN server.
+    turn: Mutex<Option<crate::turn::Client>>,
+    /// Wakes the allocation's task: it has something to send.
+    pub turn_wake: tokio::sync::Notify,
+    /// STUN relayed to us through the allocation (a peer's ICE checks), by stand-in address:
+    /// the engine hands it to ICE (see `Engine::relayed_stun_loop`).
+    relayed_stun: mpsc::Sender<(Vec<u8>, SocketAddr)>,
+    relayed_stun_rx: Mutex<Option<RelayedStun>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
@@ -159,6 +198,7 @@ impl Shared {
             .transpose()?
             .unwrap_or(0);
         let (to_ice, from_demux) = mpsc::channel(1024);
+        let (relayed_stun, relayed_stun_rx) = mpsc::channel(256);
         let shared = Arc::new(Shared {
             v4,
             v6,
@@ -166,6 +206,10 @@ impl Shared {
             gso: Default::default(),
             to_ice,
             bindings: Mutex::new(HashMap::new()),
+            turn: Mutex::new(None),
+            turn_wake: tokio::sync::Notify::new(),
+            relayed_stun,
+            relayed_stun_rx: Mutex::new(Some(relayed_stun_rx)),
         });
         let conn = MuxConn {
             shared: shared.clone(),
@@ -200,6 +244,27 @@ impl Shared {
     }
 
     pub async fn send_to(&self, data: &[u8], to: SocketAddr) -> std::io::Result<usize> {
+        if crate::turn::is_stand_in(&to) {
+            let (framed, server) = self.frame(&to, data)?;
+            return self.send_plain(&framed, server).await.map(|_| data.len());
+        }
+        self.send_plain(data, to).await
+    }
+
+    /// `data` for the peer behind stand-in `to`, framed for our TURN server, and the server.
+    fn frame(&self, to: &SocketAddr, data: &[u8]) -> std::io::Result<(Vec<u8>, SocketAddr)> {
+        let t = lock(&self.turn);
+        t.as_ref()
+            .and_then(|c| Some((c.frame(to, data)?, c.server())))
+            .ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::NotConnected,
+                    format!("no TURN allocation relays to {to}"),
+                )
+            })
+    }
+
+    async fn send_plain(&self, data: &[u8], to: SocketAddr) -> std::io::Result<usize> {
         let to = SocketAddr::new(to.ip().to_canonical(), to.port());
         match self.socket_for(&to) {
             Some(s) => s.send_to(data, to).await,
@@ -214,13 +279,35 @@ impl Shared {
     }
 
     /// Sends datagrams of `seg` bytes laid end to end in `data` (the last may be shorter) to
-    /// `to`: one `sendmsg` with UDP GSO, or one `sendto` each where the kernel refuses GSO.
+    /// `to`: one `sendmsg` with UDP GSO, or one `sendto` each where the kernel refuses GSO. To a
+    /// peer behind our TURN allocation, each goes as ChannelData in one GSO run to the server.
     pub async fn send_segments(
         &self,
         data: &[u8],
         seg: usize,
         to: SocketAddr,
     ) -> std::io::Result<()> {
+        if crate::turn::is_stand_in(&to) {
+            let route = lock(&self.turn)
+                .as_ref()
+                .and_then(|c| Some((c.channel(&to)?, c.server())));
+            let Some((ch, server)) = route else {
+                // Not bound yet: one Send indication each.
+                for d in data.chunks(seg.max(1)) {
+                    self.send_to(d, to).await?;
+                }
+                return Ok(());
+            };
+            let mut framed = Vec::with_capacity(data.len() + data.len().div_ceil(seg.max(1)) * 4);
+            for d in data.chunks(seg.max(1)) {
+                framed.extend_from_slice(&crate::turn::channel_header(ch, d.len()));
+                framed.extend_from_slice(d);
+            }
+            let Some(sock) = self.socket_for(&server) else {
+                return self.send_plain(&framed, server).await.map(drop);
+            };
+            return self.gso.send(sock, &framed, seg + 4, server).await;
+        }
         let to = SocketAddr::new(to.ip().to_canonical(), to.port());
         let Some(sock) = self.socket_for(&to) else {
             return self.send_to(data, to).await.map(drop);
@@ -228,14 +315,88 @@ impl Shared {
         self.gso.send(sock, data, seg, to).await
     }
 
+    /// Sets the TURN server our allocation lives on (None: no allocation). The same server with
+    /// new credentials keeps its allocation (the credentials serve its next requests).
+    pub fn set_turn(&self, cfg: Option<crate::turn::Config>) {
+        let mut t = lock(&self.turn);
+        match (t.as_mut(), cfg) {
+            (_, None) => *t = None,
+            (Some(c), Some(cfg)) if c.config().url == cfg.url && c.server() == cfg.server => {
+                c.set_credentials(cfg.username, cfg.password);
+            }
+            (_, Some(cfg)) => {
+                info!(turn = %cfg.url, server = %cfg.server, "TURN allocation on the shared port: allocating");
+                *t = Some(crate::turn::Client::new(cfg, std::time::Instant::now()));
+            }
+        }
+        drop(t);
+        self.turn_wake.notify_one();
+    }
+
+    /// Runs `f` on the allocation's client, when there is one.
+    pub fn with_turn<R>(&self, f: impl FnOnce(&mut crate::turn::Client) -> R) -> Option<R> {
+        lock(&self.turn).as_mut().map(f)
+    }
+
+    /// The TURN server of our allocation.
+    pub fn turn_server(&self) -> Option<SocketAddr> {
+        lock(&self.turn).as_ref().map(|c| c.server())
+    }
+
+    /// Lets datagrams from a peer's `ip` through our allocation.
+    pub fn turn_permit(&self, ip: IpAddr) {
+        if self
+            .with_turn(|c| c.permit(ip, std::time::Instant::now()))
+            .is_some()
+        {
+            self.turn_wake.notify_one();
+        }
+    }
+
+    /// Our relayed address and this host's address as the TURN server sees it.
+    pub fn turn_relayed(&self) -> Option<(SocketAddr, SocketAddr)> {
+        lock(&self.turn)
+            .as_ref()
+            .and_then(|c| Some((c.relayed()?, c.mapped()?)))
+    }
+
+    /// A datagram from our TURN server (see [`crate::turn::Client::handle_inbound`]).
+    pub fn turn_inbound<'a>(
+        &self,
+        d: &'a [u8],
+        now: std::time::Instant,
+    ) -> crate::turn::Inbound<'a> {
+        let r = match lock(&self.turn).as_mut() {
+            Some(c) => c.handle_inbound(d, now),
+            None => crate::turn::Inbound::NotOurs,
+        };
+        if r == crate::turn::Inbound::Handled || matches!(r, crate::turn::Inbound::Data(..)) {
+            // An answer or a new peer may have queued requests.
+            self.turn_wake.notify_one();
+        }
+        r
+    }
+
+    /// STUN relayed through our allocation from the peer behind stand-in `y`.
+    pub fn relayed_stun(&self, d: &[u8], y: SocketAddr) {
+        let _ = self.relayed_stun.try_send((d.to_vec(), y));
+    }
+
+    /// The receiver of [`Shared::relayed_stun`] (once).
+    pub fn take_relayed_stun(&self) -> Option<RelayedStun> {
+        lock(&self.relayed_stun_rx).take()
+    }
+
+    /// Hands a STUN message to ICE as if it came from `from`.
+    pub fn to_ice(&self, d: Vec<u8>, from: SocketAddr) {
+        let _ = self.to_ice.try_send((d, from));
+    }
+
     /// This port's address as `stun` sees it (a Binding request; no answer within 1 s: None).
     pub async fn reflexive(&self, stun: SocketAddr) -> Option<SocketAddr> {
         let (req, tx) = binding_request();
         let (done, answer) = oneshot::channel();
-        self.bindings
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(tx, done);
+        lock(&self.bindings).insert(tx, done);
         let got = match self.send_to(&req, stun).await {
             Ok(_) => tokio::time::timeout(Duration::from_secs(1), answer)
                 .await
@@ -246,21 +407,14 @@ impl Shared {
                 None
             }
         };
-        self.bindings
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&tx);
+        lock(&self.bindings).remove(&tx);
         got
     }
 
     /// A STUN message from the port: an answer to our own binding request, or ICE's.
     pub fn stun(&self, data: &[u8], from: SocketAddr) {
         if let Some((tx, mapped)) = mapped_address(data) {
-            let waiter = self
-                .bindings
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&tx);
+            let waiter = lock(&self.bindings).remove(&tx);
             if let Some(w) = waiter {
                 let _ = w.send(mapped);
                 return;

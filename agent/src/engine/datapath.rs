@@ -100,13 +100,29 @@ impl Engine {
                 }
             }
             {
+                let turn = self.shared.turn_server();
                 let mut node = lock(&self.node);
                 let now = Instant::now();
                 for &(b, off, len, ref from) in &got {
-                    let d = &bufs[b][off..off + len];
+                    let mut d = &bufs[b][off..off + len];
+                    let mut from = *from;
+                    // Relayed through our allocation: unwrapped, from the peer's stand-in address.
+                    if turn == Some(from) {
+                        match self.shared.turn_inbound(d, now) {
+                            crate::turn::Inbound::Data(y, inner) => {
+                                (d, from) = (inner, y);
+                                if crate::socket::classify(d) == Kind::Stun {
+                                    self.shared.relayed_stun(d, y);
+                                    continue;
+                                }
+                            }
+                            crate::turn::Inbound::Handled => continue,
+                            crate::turn::Inbound::NotOurs => {}
+                        }
+                    }
                     match crate::socket::classify(d) {
-                        Kind::WireGuard => rx.take(&mut node, None, Some(*from), d, now),
-                        Kind::Stun => self.shared.stun(d, *from),
+                        Kind::WireGuard => rx.take(&mut node, None, Some(from), d, now),
+                        Kind::Stun => self.shared.stun(d, from),
                         Kind::Other => trace!(%from, "unknown datagram on the shared port"),
                     }
                 }

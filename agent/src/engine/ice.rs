@@ -38,11 +38,13 @@ impl Engine {
                 urls.push(u);
             }
         }
-        // The nearest TURN server that answers, when one does (see `crate::relays`).
+        // TURN over UDP is our own allocation on the shared port (`turn_loop`); webrtc-ice
+        // allocates only on the nearest TURN server over TCP, when the map has one.
         let preferred = lock(&self.relays).preferred().map(str::to_string);
         for t in relay
             .turn
             .iter()
+            .filter(|t| udp_server(&t.url).is_none())
             .filter(|t| preferred.as_ref().is_none_or(|p| *p == t.url))
         {
             if let Ok(mut u) = Url::parse_url(&t.url) {
@@ -96,6 +98,184 @@ impl Engine {
                     Err(e) => debug!(error = %e, "server-reflexive candidate"),
                 }
             }
+        }
+        self.signal_relayed(to, session).await;
+    }
+
+    /// Tells the peer our relayed address (our allocation on the shared port) as a `relay`
+    /// candidate of `session`: it sends its checks there from its own port, and the TURN server
+    /// hands them to us. Waits a little for an allocation under way (an agent just started).
+    async fn signal_relayed(&self, to: PublicKey, session: u64) {
+        use webrtc_ice::candidate::candidate_base::CandidateBaseConfig;
+        use webrtc_ice::candidate::candidate_relay::CandidateRelayConfig;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        let (relayed, mapped) = loop {
+            if let Some(r) = self.shared.turn_relayed() {
+                break r;
+            }
+            if self.shared.turn_server().is_none() || tokio::time::Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let c = CandidateRelayConfig {
+            base_config: CandidateBaseConfig {
+                network: "udp".into(),
+                address: relayed.ip().to_string(),
+                port: relayed.port(),
+                component: 1,
+                ..Default::default()
+            },
+            rel_addr: mapped.ip().to_string(),
+            rel_port: mapped.port(),
+            relay_client: None,
+        }
+        .new_candidate_relay();
+        match c {
+            Ok(c) => {
+                debug!(%relayed, session, "signalling our relayed address");
+                send_candidate(&self.signal_out, to, session, &c).await;
+            }
+            Err(e) => debug!(error = %e, "relay candidate"),
+        }
+    }
+
+    /// Keeps our allocation on the shared port on the TURN server ICE would use (the nearest
+    /// that answers, else the map's first over UDP), with the map's credentials: its requests,
+    /// renewals and retries, as [`crate::turn::Client`] schedules them.
+    pub async fn turn_loop(self: Arc<Self>) {
+        let mut resolved: Option<(String, std::net::SocketAddr)> = None;
+        loop {
+            let want = {
+                let relay = lock(&self.relay);
+                let preferred = lock(&self.relays).preferred().map(str::to_string);
+                relay
+                    .turn
+                    .iter()
+                    .filter(|t| udp_server(&t.url).is_some())
+                    .find(|t| preferred.as_ref().is_none_or(|p| *p == t.url))
+                    .cloned()
+            };
+            let cfg = match want {
+                None => None,
+                Some(t) => {
+                    if resolved.as_ref().is_none_or(|(u, _)| *u != t.url) {
+                        resolved = match udp_server(&t.url) {
+                            Some((host, port)) => resolve(&host, port)
+                                .await
+                                .into_iter()
+                                .next()
+                                .map(|a| (t.url.clone(), a)),
+                            None => None,
+                        };
+                    }
+                    resolved.as_ref().map(|(url, server)| crate::turn::Config {
+                        url: url.clone(),
+                        server: *server,
+                        username: t.username.clone(),
+                        password: t.password.clone(),
+                    })
+                }
+            };
+            let same = self
+                .shared
+                .with_turn(|c| Some(c.config()) == cfg.as_ref())
+                .unwrap_or(cfg.is_none());
+            if !same {
+                self.shared.set_turn(cfg);
+            }
+            let now = Instant::now();
+            let (out, events, server, next) = self
+                .shared
+                .with_turn(|c| {
+                    c.handle_timeout(now);
+                    let out: Vec<Vec<u8>> = std::iter::from_fn(|| c.poll_transmit()).collect();
+                    let events: Vec<_> = std::iter::from_fn(|| c.poll_event()).collect();
+                    (out, events, Some(c.server()), c.poll_timeout())
+                })
+                .unwrap_or_default();
+            if let Some(server) = server {
+                for m in out {
+                    if let Err(e) = self.shared.send_to(&m, server).await {
+                        debug!(%server, error = %e, "TURN request not sent");
+                    }
+                }
+            }
+            for ev in events {
+                match ev {
+                    crate::turn::Event::Allocated { relayed, mapped } => {
+                        info!(%relayed, %mapped, server = ?server, "TURN allocation on the shared port")
+                    }
+                    crate::turn::Event::Lost(why) => {
+                        warn!(server = ?server, %why, "TURN allocation on the shared port lost; trying again")
+                    }
+                }
+            }
+            // The map, the preferred server and our own timers are looked at again within 1 s.
+            let wait = next
+                .map(|t| t.saturating_duration_since(Instant::now()))
+                .unwrap_or(Duration::from_secs(1))
+                .min(Duration::from_secs(1));
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.shared.turn_wake.notified() => {}
+            }
+        }
+    }
+
+    /// Hands ICE the STUN a peer sent through our allocation. A peer's first check of a session
+    /// from a stand-in address makes that address a `relay` candidate of the session before ICE
+    /// sees it, so ICE ranks (and waits before nominating) the pair as relayed; that check is
+    /// held back briefly (ICE sends it again) so the candidate is in place first.
+    pub async fn relayed_stun_loop(
+        self: Arc<Self>,
+        mut rx: mpsc::Receiver<(Vec<u8>, std::net::SocketAddr)>,
+    ) {
+        use webrtc_ice::candidate::candidate_base::CandidateBaseConfig;
+        use webrtc_ice::candidate::candidate_relay::CandidateRelayConfig;
+        while let Some((d, y)) = rx.recv().await {
+            let new_for = crate::socket::binding_request_ufrag(&d).and_then(|ufrag| {
+                let mut ice = lock(&self.ice);
+                let s = ice.values_mut().find(|s| s.ufrag == ufrag)?;
+                if s.relayed.contains(&y) || s.relayed.len() >= 16 {
+                    return None;
+                }
+                s.relayed.push(y);
+                Some(s.agent.clone())
+            });
+            let Some(agent) = new_for else {
+                self.shared.to_ice(d, y);
+                continue;
+            };
+            let x = self.shared.with_turn(|c| c.peer_of(&y)).flatten();
+            let c = CandidateRelayConfig {
+                base_config: CandidateBaseConfig {
+                    network: "udp".into(),
+                    address: y.ip().to_string(),
+                    port: y.port(),
+                    component: 1,
+                    ..Default::default()
+                },
+                rel_addr: x.map_or_else(|| "0.0.0.0".into(), |x| x.ip().to_string()),
+                rel_port: x.map_or(0, |x| x.port()),
+                relay_client: None,
+            }
+            .new_candidate_relay();
+            match c {
+                Ok(c) => {
+                    let c: Arc<dyn Candidate + Send + Sync> = Arc::new(c);
+                    if let Err(e) = agent.add_remote_candidate(&c) {
+                        debug!(error = %e, "relayed candidate refused");
+                    }
+                    debug!(stand_in = %y, peer = ?x, "a peer's checks arrive through our TURN allocation");
+                }
+                Err(e) => debug!(error = %e, "relayed candidate"),
+            }
+            let shared = self.shared.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                shared.to_ice(d, y);
+            });
         }
     }
 
@@ -206,6 +386,7 @@ impl Engine {
         peer: PeerId,
         agent: &Arc<Agent>,
         session: u64,
+        ufrag: String,
     ) -> mpsc::Receiver<()> {
         let (cancel, cancel_rx) = mpsc::channel(1);
         // Older sessions of this peer are stopped by the core (StopIce) when this one starts
@@ -214,6 +395,8 @@ impl Engine {
             (peer, session),
             IceSession {
                 agent: agent.clone(),
+                ufrag,
+                relayed: vec![],
                 _cancel: cancel,
                 dial_cancel: None,
             },
@@ -280,12 +463,12 @@ impl Engine {
             }
         };
         let session: u64 = rand::random();
-        let cancel = self.begin_session(peer, &agent, session);
+        let (ufrag, pwd) = agent.get_local_user_credentials().await;
+        let cancel = self.begin_session(peer, &agent, session, ufrag.clone());
         // Kept with the session until the answer arrives (the dial takes it there).
         if let Some(s) = lock(&self.ice).get_mut(&(peer, session)) {
             s.dial_cancel = Some(cancel);
         }
-        let (ufrag, pwd) = agent.get_local_user_credentials().await;
         debug!(peer, session, "sending ICE offer");
         let _ = self
             .signal_out
@@ -327,8 +510,8 @@ impl Engine {
                         return;
                     }
                 };
-                let cancel = self.begin_session(peer, &agent, session);
                 let (lu, lp) = agent.get_local_user_credentials().await;
+                let cancel = self.begin_session(peer, &agent, session, lu.clone());
                 let _ = self
                     .signal_out
                     .send((
@@ -396,6 +579,13 @@ impl Engine {
                             // Reaching it would route WireGuard into its own tunnel.
                             debug!(peer, candidate = %c.address(), "ignoring a candidate inside a routed network");
                             return;
+                        }
+                        // Its checks may reach us through our allocation: the TURN server lets
+                        // them in from the addresses we permit.
+                        if c.candidate_type() != CandidateType::Relay {
+                            if let Ok(ip) = c.address().parse::<IpAddr>() {
+                                self.shared.turn_permit(ip);
+                            }
                         }
                         let c: Arc<dyn Candidate + Send + Sync> = Arc::new(c);
                         if let Err(e) = agent.add_remote_candidate(&c) {
@@ -474,9 +664,37 @@ impl Engine {
         // The remote side's relay address shows up as peer-reflexive when its checks arrive
         // before its relay candidate: an address on a TURN server is relayed all the same.
         let turn_hosts = self.turn_hosts();
+        let remote_sock = std::net::SocketAddr::new(remote_addr, pair.remote.port());
+        // Through our own allocation: the peer's address behind the stand-in, and ours on the
+        // TURN server, are what the user wants to read.
+        let ours = crate::turn::is_stand_in(&remote_sock)
+            .then(|| {
+                self.shared
+                    .with_turn(|c| Some((c.relayed()?, c.peer_of(&remote_sock)?)))
+                    .flatten()
+            })
+            .flatten();
         let relayed = pair.local.candidate_type() == CandidateType::Relay
             || pair.remote.candidate_type() == CandidateType::Relay
+            || crate::turn::is_stand_in(&remote_sock)
             || turn_hosts.iter().any(|h| *h == pair.remote.address());
+        let (local, remote) = match ours {
+            Some((relayed, peer)) => (format!("relay {relayed}"), format!("prflx {peer}")),
+            None => (
+                format!(
+                    "{} {}:{}",
+                    candidate_kind(pair.local.candidate_type()),
+                    pair.local.address(),
+                    pair.local.port()
+                ),
+                format!(
+                    "{} {}:{}",
+                    candidate_kind(pair.remote.candidate_type()),
+                    pair.remote.address(),
+                    pair.remote.port()
+                ),
+            ),
+        };
         let path = IcePath {
             session,
             kind: if relayed {
@@ -484,18 +702,8 @@ impl Engine {
             } else {
                 CorePath::Direct
             },
-            local: format!(
-                "{} {}:{}",
-                candidate_kind(pair.local.candidate_type()),
-                pair.local.address(),
-                pair.local.port()
-            ),
-            remote: format!(
-                "{} {}:{}",
-                candidate_kind(pair.remote.candidate_type()),
-                pair.remote.address(),
-                pair.remote.port()
-            ),
+            local,
+            remote,
             remote_addr,
             // A pair on the shared port: WireGuard goes there directly, not through webrtc-ice.
             endpoint: (pair.local.candidate_type() != CandidateType::Relay)

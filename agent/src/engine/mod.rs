@@ -123,6 +123,10 @@ pub struct PeerStatus {
 /// An ICE session run for a peer; dropping it cancels a pending dial/accept.
 struct IceSession {
     agent: Arc<Agent>,
+    /// Our username fragment in this session (a relayed check names it).
+    ufrag: String,
+    /// Stand-in addresses already made relay candidates of this session (see `crate::turn`).
+    relayed: Vec<std::net::SocketAddr>,
     _cancel: mpsc::Sender<()>,
     /// Offering side: the cancel receiver the dial takes once the answer arrives.
     dial_cancel: Option<mpsc::Receiver<()>>,
