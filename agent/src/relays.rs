@@ -53,6 +53,12 @@ pub struct RelayStatus {
     pub rtt_ms: Option<f64>,
     /// `preferred` (ICE allocates here), `answering`, `no_answer`, `not_probed_yet`.
     pub state: String,
+    /// Our allocation on this server: its relayed address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relayed: Option<String>,
+    /// Why the allocation on this server failed, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocation_error: Option<String>,
 }
 
 /// Whether `rtt` is clearly nearer than the server in use at `cur`: a quarter and 5 ms less.
@@ -163,6 +169,8 @@ impl RelayBook {
                     "not_probed_yet"
                 }
                 .into(),
+                relayed: None,
+                allocation_error: None,
             })
             .collect()
     }
@@ -177,12 +185,18 @@ pub fn status_line(relays: &[RelayStatus]) -> Option<String> {
     let parts: Vec<String> = relays
         .iter()
         .map(|r| {
-            let what = match (r.state.as_str(), r.rtt_ms) {
+            let mut what = match (r.state.as_str(), r.rtt_ms) {
                 ("preferred", Some(ms)) => format!("{ms} ms, in use"),
                 (_, Some(ms)) => format!("{ms} ms"),
                 ("no_answer", None) => "no answer".to_string(),
                 _ => "not probed yet".to_string(),
             };
+            if let Some(a) = &r.relayed {
+                what.push_str(&format!(", relayed address {a}"));
+            }
+            if let Some(e) = &r.allocation_error {
+                what.push_str(&format!("; allocation failed: {e}"));
+            }
             // The transport is UDP for every server probed; the URL reads better without it.
             let url = r.url.strip_suffix("?transport=udp").unwrap_or(&r.url);
             format!("{url} ({what})")
@@ -309,5 +323,12 @@ mod tests {
             "one server that does not answer: said"
         );
         assert_eq!(status_line(&book(&[]).status()), None, "no TURN server");
+        let mut st = b.status();
+        st[0].relayed = Some("203.0.113.10:50001".into());
+        st[1].allocation_error = Some("TURN server 192.0.2.1:3478 refused the credentials management issued: 401 Unauthorized".into());
+        assert_eq!(
+            status_line(&st).as_deref(),
+            Some("TURN relays: turn:a:3478 (3 ms, in use, relayed address 203.0.113.10:50001), turn:b:3478 (no answer; allocation failed: TURN server 192.0.2.1:3478 refused the credentials management issued: 401 Unauthorized)")
+        );
     }
 }

@@ -535,4 +535,45 @@ mod tests {
         bad[1] = 0x11;
         assert_eq!(mapped_address(&bad), None, "an error response");
     }
+
+    #[test]
+    fn a_binding_request_names_our_username_fragment_and_others_do_not() {
+        use stun::message::{Message, Setter, BINDING_REQUEST, BINDING_SUCCESS};
+        let build = |setters: Vec<Box<dyn Setter>>| {
+            let mut m = Message::new();
+            m.build(&setters).expect("build");
+            m.raw
+        };
+        let user = || -> Box<dyn Setter> {
+            Box::new(stun::textattrs::TextAttribute::new(
+                stun::attributes::ATTR_USERNAME,
+                "ours:theirs".into(),
+            ))
+        };
+        let req = build(vec![
+            Box::new(stun::agent::TransactionId::new()),
+            Box::new(BINDING_REQUEST),
+            // An attribute of odd length first: the walk skips it and its padding.
+            Box::new(stun::textattrs::TextAttribute::new(
+                stun::attributes::ATTR_SOFTWARE,
+                "tern!".into(),
+            )),
+            user(),
+        ]);
+        assert_eq!(binding_request_ufrag(&req), Some("ours"));
+        let resp = build(vec![
+            Box::new(stun::agent::TransactionId::new()),
+            Box::new(BINDING_SUCCESS),
+            user(),
+        ]);
+        assert_eq!(binding_request_ufrag(&resp), None, "not a request");
+        let bare = build(vec![
+            Box::new(stun::agent::TransactionId::new()),
+            Box::new(BINDING_REQUEST),
+        ]);
+        assert_eq!(binding_request_ufrag(&bare), None, "no USERNAME");
+        let mut cut = req.clone();
+        cut.truncate(24);
+        assert_eq!(binding_request_ufrag(&cut), None, "truncated");
+    }
 }

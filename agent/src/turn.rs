@@ -150,6 +150,8 @@ pub struct Client {
     /// When the allocation is refreshed next.
     refresh_at: Option<Instant>,
     retry: Duration,
+    /// Why the last allocation failed or was lost (until the next one succeeds).
+    last_error: Option<String>,
     txs: HashMap<[u8; 12], Pending>,
     /// Permissions by peer IP: when each is renewed next.
     perms: HashMap<IpAddr, Instant>,
@@ -170,6 +172,7 @@ impl Client {
             mapped: None,
             refresh_at: None,
             retry: RETRY_FIRST,
+            last_error: None,
             txs: HashMap::new(),
             perms: HashMap::new(),
             peers: Vec::new(),
@@ -196,6 +199,11 @@ impl Client {
     /// The relayed address, once allocated.
     pub fn relayed(&self) -> Option<SocketAddr> {
         self.relayed.filter(|_| self.state == State::Ready)
+    }
+
+    /// Why the last allocation failed or was lost, until the next one succeeds.
+    pub fn last_error(&self) -> Option<&str> {
+        self.last_error.as_deref()
     }
 
     pub fn mapped(&self) -> Option<SocketAddr> {
@@ -459,6 +467,7 @@ impl Client {
                 self.relayed = Some(relayed);
                 self.state = State::Ready;
                 self.retry = RETRY_FIRST;
+                self.last_error = None;
                 self.schedule_refresh(m, now);
                 // Asked for before the allocation: at once now.
                 for t in self.perms.values_mut() {
@@ -502,9 +511,11 @@ impl Client {
         for p in &mut self.peers {
             p.bound = false;
         }
-        if had || !self.events.iter().any(|e| matches!(e, Event::Lost(_))) {
-            self.events.push_back(Event::Lost(why));
+        // Said once per failure in a row, not at every retry.
+        if had || self.last_error.as_deref() != Some(why.as_str()) {
+            self.events.push_back(Event::Lost(why.clone()));
         }
+        self.last_error = Some(why);
     }
 
     fn integrity(&self) -> MessageIntegrity {
@@ -859,6 +870,9 @@ mod tests {
             Some(Event::Lost(why)) => assert!(why.contains("refused the credentials"), "{why}"),
             other => panic!("{other:?}"),
         }
+        assert!(c
+            .last_error()
+            .is_some_and(|e| e.contains("refused the credentials")));
         // A stale nonce is not a refusal: the request goes again with the new nonce.
         let mut c = allocated(t0);
         c.handle_timeout(t0 + Duration::from_secs(301));

@@ -34,8 +34,13 @@ trap cleanup EXIT
 trap "exit 130" INT TERM
 for t in iperf3 jq ip nft; do command -v $t >/dev/null || { echo "need $t"; exit 1; }; done
 
-cargo build -q --release -p tern-management -p tern-agent --bin tern-server --bin tern
-BIN=${CARGO_TARGET_DIR:-target}/release
+# TERN_BIN=DIR: tern and tern-server from DIR instead (e.g. an earlier build, side by side).
+if [ -n "${TERN_BIN:-}" ]; then
+  BIN=$TERN_BIN
+else
+  cargo build -q --release -p tern-management -p tern-agent --bin tern-server --bin tern
+  BIN=${CARGO_TARGET_DIR:-target}/release
+fi
 
 nsx() { ip netns exec "$@"; }
 ip netns add $N; nsx $N ip link set lo up
@@ -130,6 +135,7 @@ table inet $P {
 NFT
 for _ in $(seq 100); do [ "$(status $A a | jq -r '.peers[0].connection')" != direct ] && break; sleep 0.2; done
 if wait_conn turn_relay; then
+  echo "# TURN pair at a: $(status $A a | jq -r '.peers[0] | .local_candidate + " -> " + .remote_candidate')"
   measure tern-turn "$TB" $PID_a $PID_b $SERVER_PID
 fi
 nsx $A nft delete table inet $P

@@ -160,6 +160,18 @@ fn b_hard_nat_both_sides_is_relayed_through_turn() {
     );
     m.wait_connection("a", &ha, "turn_relay", Duration::from_secs(90));
     assert!(m.ping(&ha, &ip_b));
+    // Relayed through an agent's own allocation on its WireGuard port: a shows its relayed
+    // address, and one end of the pair is a relayed address on the server.
+    let st = m.status("a", &ha).expect("status");
+    let relayed = st["relays"][0]["relayed"].as_str().unwrap_or("");
+    assert!(relayed.starts_with(&format!("{SERVER_IP}:")), "{st:#}");
+    let pair = format!(
+        "{} -> {}",
+        st["peers"][0]["local_candidate"].as_str().unwrap_or(""),
+        st["peers"][0]["remote_candidate"].as_str().unwrap_or("")
+    );
+    assert!(pair.contains(&format!("relay {SERVER_IP}:")), "{pair}");
+    eprintln!("TURN pair at a: {pair}");
     // `tern ping` names the path each reply took.
     let (ok, out) = tern_ping(&m, "a", &ha, "b", 2);
     assert!(

@@ -327,7 +327,21 @@ impl Engine {
     }
 
     pub fn relay_status(&self) -> Vec<crate::relays::RelayStatus> {
-        lock(&self.relays).status()
+        let mut st = lock(&self.relays).status();
+        let ours = self.shared.with_turn(|c| {
+            (
+                c.config().url.clone(),
+                c.relayed().map(|a| a.to_string()),
+                c.last_error().map(str::to_string),
+            )
+        });
+        if let Some((url, relayed, error)) = ours {
+            if let Some(r) = st.iter_mut().find(|r| r.url == url) {
+                r.relayed = relayed;
+                r.allocation_error = error;
+            }
+        }
+        st
     }
 
     /// Hosts of the TURN servers in the current map.
