@@ -207,8 +207,14 @@ async fn replicas_share_one_postgres_and_agents_survive_losing_one() {
             || {
                 m.status("a", &ha).is_some_and(|s| {
                     let p = preferred(&s);
+                    // a's own allocation moved with it.
+                    let allocated = s["relays"].as_array().is_some_and(|a| {
+                        a.iter()
+                            .any(|r| r["state"] == "preferred" && r["relayed"].is_string())
+                    });
                     p.is_some()
                         && p.as_deref() != Some(first.as_str())
+                        && allocated
                         && relays(&s).contains(&(first.clone(), "no_answer".to_string()))
                 })
             },
@@ -228,7 +234,7 @@ async fn replicas_share_one_postgres_and_agents_survive_losing_one() {
         human.contains(&format!(
             "{} (no answer)",
             first.strip_suffix("?transport=udp").unwrap_or(&first)
-        )) && human.contains("ms, in use)"),
+        )) && human.contains("ms, in use, relayed address "),
         "{human}"
     );
     m.lab
