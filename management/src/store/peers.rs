@@ -151,6 +151,24 @@ fn unique_name(base: &str, taken: &HashSet<String>) -> String {
         .unwrap_or_else(|| base.to_string())
 }
 
+/// A registration whose WireGuard key another peer has.
+pub const KEY_TAKEN: &str = "this WireGuard key is already registered";
+
+/// The column of `peers` a unique violation is about (from the constraint's name on
+/// PostgreSQL, `peers_name_key`, or SQLite's message, `UNIQUE constraint failed: peers.name`).
+fn unique_column(e: &sqlx::Error) -> Option<&'static str> {
+    let sqlx::Error::Database(d) = e else {
+        return None;
+    };
+    if !d.is_unique_violation() {
+        return None;
+    }
+    let text = format!("{} {}", d.constraint().unwrap_or(""), d.message());
+    ["wg_public_key", "overlay_ip", "name"]
+        .into_iter()
+        .find(|c| text.contains(c))
+}
+
 /// Management's refusal of an unknown key without a setup key; the agent then offers the sign-in.
 pub const NOT_REGISTERED: &str =
     "peer is not registered: a setup key is required to join, or sign in with tern up";
@@ -248,7 +266,16 @@ pub(super) async fn register(
     .bind(p.user_id)
     .execute(&mut *conn)
     .await
-    .map_err(|e| StoreError::from(e).unique_as(|| "this WireGuard key is already registered".into()))?;
+    .map_err(|e| {
+        // Each unique column says what clashed (registrations are serialised by the change's
+        // serial bump, so only a key registered at the same moment is expected here).
+        let what = match unique_column(&e) {
+            Some("name") => format!("another peer has the name {name:?}; try again"),
+            Some("overlay_ip") => format!("another peer has the overlay address {ip}; try again"),
+            _ => KEY_TAKEN.into(),
+        };
+        StoreError::from(e).unique_as(|| what)
+    })?;
     set_links(conn, Links::Peer, &id, p.groups).await?;
     Ok((id, name, ip.to_string()))
 }
@@ -266,9 +293,7 @@ async fn set_device_keys(
         .bind(id)
         .execute(conn)
         .await
-        .map_err(|e| {
-            StoreError::from(e).unique_as(|| "this WireGuard key is already registered".into())
-        })?;
+        .map_err(|e| StoreError::from(e).unique_as(|| KEY_TAKEN.into()))?;
     Ok(())
 }
 
@@ -371,7 +396,23 @@ impl Store {
     }
 
     /// Logs a peer in by its (already proven) key, registering it with `setup_key` if it is new.
+    /// Two logins of one new key at the same moment (an agent retrying, or two replicas) both
+    /// succeed: the one that finds the key registered by the other logs in as that peer.
     pub async fn login_peer(
+        &self,
+        wg_key: &str,
+        setup_key: Option<&str>,
+        meta: &PeerMeta,
+    ) -> Result<LoginOutcome> {
+        match self.login_peer_once(wg_key, setup_key, meta).await {
+            Err(StoreError::Conflict(m)) if m == KEY_TAKEN => {
+                self.login_peer_once(wg_key, setup_key, meta).await
+            }
+            r => r,
+        }
+    }
+
+    async fn login_peer_once(
         &self,
         wg_key: &str,
         setup_key: Option<&str>,
@@ -913,5 +954,50 @@ mod tests {
             (again.0.as_str(), again.1.as_str()),
             ("laptopx", "100.64.0.2")
         );
+    }
+
+    #[tokio::test]
+    async fn logins_of_one_new_key_at_the_same_moment_all_succeed_as_one_peer() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let store = Store::connect(&format!("sqlite://{}", tmp.path().join("t.db").display()))
+            .await
+            .expect("store");
+        let secret = "tern_sk_concurrentconcurrentconc";
+        let key = crate::store::NewSetupKey::reusable("k", vec![]);
+        store
+            .create_setup_key("t", &key, &hash_secret(secret), &secret[..12])
+            .await
+            .expect("setup key");
+        let wg = tern_proto::SecretKey::generate().public_key().to_base64();
+        let meta = PeerMeta {
+            hostname: "laptop".into(),
+            os: "linux".into(),
+            agent_version: "test".into(),
+        };
+        let logins = (0..8).map(|_| store.login_peer(&wg, Some(secret), &meta));
+        let got = futures::future::join_all(logins).await;
+        let mut ids = HashSet::new();
+        let mut registered = 0;
+        for r in got {
+            let o = r.expect("every login succeeds");
+            ids.insert(o.peer.id);
+            registered += usize::from(o.registered);
+        }
+        assert_eq!(ids.len(), 1, "one peer");
+        assert_eq!(registered, 1, "registered once");
+        let keys = store.setup_keys().await.expect("keys");
+        assert_eq!(keys[0].used_count, 1, "the setup key is used once");
+
+        // A unique violation names its column (SQLite's message).
+        let mut conn = store.pool.acquire().await.expect("conn");
+        let dup = sqlx::query(
+            "INSERT INTO peers (id, name, wg_public_key, overlay_ip, hostname, os, agent_version, \
+             ephemeral, connected, login_expiration_enabled, last_seen, last_login, created_at, approved) \
+             VALUES ('x', 'laptop', 'other-key', '100.64.9.9', 'h', 'linux', 't', 0, 0, 0, 0, 0, 0, 1)",
+        )
+        .execute(&mut *conn)
+        .await
+        .expect_err("the name is taken");
+        assert_eq!(unique_column(&dup), Some("name"));
     }
 }
