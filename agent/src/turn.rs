@@ -39,6 +39,9 @@ const LIFETIME: Duration = Duration::from_secs(600);
 /// Permissions last 300 s and channels 600 s on the server; both are renewed well before.
 const PERMISSION_EVERY: Duration = Duration::from_secs(240);
 const CHANNEL_EVERY: Duration = Duration::from_secs(300);
+/// A permission nobody asked for again (a peer's candidate in an ICE session) and a channel
+/// nothing arrived on for this long are let lapse: peers come and go over months.
+const IDLE: Duration = Duration::from_secs(1800);
 /// Retransmissions of a request (RFC 8489's RTO doubling from 500 ms), then it failed.
 const RESEND: [Duration; 4] = [
     Duration::from_millis(500),
@@ -125,8 +128,16 @@ enum State {
 struct Peer {
     addr: SocketAddr,
     bound: bool,
-    /// Next ChannelBind (to bind, or to keep it bound).
+    /// Next ChannelBind (to bind, or to keep it bound); None once let lapse.
+    due: Option<Instant>,
+    /// When something last arrived from it.
+    seen: Instant,
+}
+
+/// A permission: when it is renewed next and when it was last asked for.
+struct Perm {
     due: Instant,
+    asked: Instant,
 }
 
 /// What a datagram from the TURN server was.
@@ -154,7 +165,7 @@ pub struct Client {
     last_error: Option<String>,
     txs: HashMap<[u8; 12], Pending>,
     /// Permissions by peer IP: when each is renewed next.
-    perms: HashMap<IpAddr, Instant>,
+    perms: HashMap<IpAddr, Perm>,
     peers: Vec<Peer>,
     slots: HashMap<SocketAddr, usize>,
     out: VecDeque<Vec<u8>>,
@@ -229,8 +240,8 @@ impl Client {
             _ => None,
         };
         let ready = (self.state == State::Ready).then(|| {
-            let perms = self.perms.values().copied();
-            let chans = self.peers.iter().map(|p| p.due);
+            let perms = self.perms.values().map(|p| p.due);
+            let chans = self.peers.iter().filter_map(|p| p.due);
             perms.chain(chans).chain(self.refresh_at).min()
         });
         resend.chain(idle).chain(ready.flatten()).min()
@@ -275,18 +286,36 @@ impl Client {
                 let due: Vec<IpAddr> = self
                     .perms
                     .iter()
-                    .filter(|(_, t)| now >= **t)
+                    .filter(|(_, p)| now >= p.due)
                     .map(|(ip, _)| *ip)
                     .collect();
                 for ip in due {
-                    self.perms.insert(ip, now + PERMISSION_EVERY);
+                    let lapsed = self
+                        .perms
+                        .get(&ip)
+                        .is_some_and(|p| now.saturating_duration_since(p.asked) > IDLE);
+                    if lapsed {
+                        self.perms.remove(&ip);
+                        continue;
+                    }
+                    if let Some(p) = self.perms.get_mut(&ip) {
+                        p.due = now + PERMISSION_EVERY;
+                    }
                     self.request(What::Permission(ip), now);
                 }
                 for i in 0..self.peers.len() {
-                    if now >= self.peers[i].due {
-                        self.peers[i].due = now + CHANNEL_EVERY;
-                        self.request(What::Bind(i), now);
+                    let p = &mut self.peers[i];
+                    if p.due.is_none_or(|d| now < d) {
+                        continue;
                     }
+                    if now.saturating_duration_since(p.seen) > IDLE {
+                        // Let lapse; bound again if it speaks up.
+                        p.due = None;
+                        p.bound = false;
+                        continue;
+                    }
+                    p.due = Some(now + CHANNEL_EVERY);
+                    self.request(What::Bind(i), now);
                 }
             }
             _ => {}
@@ -297,13 +326,18 @@ impl Client {
     /// address without a permission.
     pub fn permit(&mut self, ip: IpAddr, now: Instant) {
         let ip = ip.to_canonical();
-        if self.perms.contains_key(&ip) || ip.is_unspecified() {
+        if ip.is_unspecified() {
+            return;
+        }
+        if let Some(p) = self.perms.get_mut(&ip) {
+            p.asked = now;
             return;
         }
         // Asked for at once when allocated, else at the allocation.
-        self.perms.insert(ip, now);
-        if self.state == State::Ready {
-            self.perms.insert(ip, now + PERMISSION_EVERY);
+        let ready = self.state == State::Ready;
+        let due = if ready { now + PERMISSION_EVERY } else { now };
+        self.perms.insert(ip, Perm { due, asked: now });
+        if ready {
             self.request(What::Permission(ip), now);
         }
     }
@@ -312,6 +346,15 @@ impl Client {
     pub fn stand_in_for(&mut self, x: SocketAddr, now: Instant) -> Option<SocketAddr> {
         let x = SocketAddr::new(x.ip().to_canonical(), x.port());
         if let Some(&i) = self.slots.get(&x) {
+            let p = &mut self.peers[i];
+            p.seen = now;
+            if p.due.is_none() {
+                // It speaks up after its channel lapsed: bound again.
+                p.due = Some(now + CHANNEL_EVERY);
+                if self.state == State::Ready {
+                    self.request(What::Bind(i), now);
+                }
+            }
             return Some(stand_in(i, x.port()));
         }
         if self.peers.len() >= MAX_PEERS {
@@ -321,7 +364,8 @@ impl Client {
         self.peers.push(Peer {
             addr: x,
             bound: false,
-            due: now + CHANNEL_EVERY,
+            due: Some(now + CHANNEL_EVERY),
+            seen: now,
         });
         self.slots.insert(x, i);
         if self.state == State::Ready {
@@ -375,8 +419,9 @@ impl Client {
     pub fn handle_inbound<'a>(&mut self, d: &'a [u8], now: Instant) -> Inbound<'a> {
         if let Some((ch, payload)) = parse_channel_data(d) {
             let i = usize::from(ch.wrapping_sub(FIRST_CHANNEL));
-            return match self.peers.get(i) {
+            return match self.peers.get_mut(i) {
                 Some(p) if ch >= FIRST_CHANNEL => {
+                    p.seen = now;
                     Inbound::Data(stand_in(i, p.addr.port()), payload)
                 }
                 _ => Inbound::Handled, // a channel we did not bind: dropped
@@ -470,12 +515,12 @@ impl Client {
                 self.last_error = None;
                 self.schedule_refresh(m, now);
                 // Asked for before the allocation: at once now.
-                for t in self.perms.values_mut() {
-                    *t = now;
+                for p in self.perms.values_mut() {
+                    p.due = now;
                 }
                 for p in &mut self.peers {
                     p.bound = false;
-                    p.due = now;
+                    p.due = Some(now);
                 }
                 self.events.push_back(Event::Allocated {
                     relayed,
@@ -828,6 +873,63 @@ mod tests {
             assert!(methods.contains(&m), "{m} in {methods:?}");
         }
         assert_eq!(c.peer_of(&y), Some(x));
+
+        // Half an hour without the peer's candidate asked for again or anything from it: the
+        // permission and the channel lapse (the allocation itself is still refreshed) ...
+        // The server answers every request.
+        let methods_at = |c: &mut Client, t: Instant| {
+            c.handle_timeout(t);
+            let mut m = vec![];
+            while let Some(raw) = c.poll_transmit() {
+                let req = decode(&raw);
+                m.push(req.typ.method);
+                let ok = answer(
+                    &req,
+                    CLASS_SUCCESS_RESPONSE,
+                    vec![Box::new(Lifetime(Duration::from_secs(600)))],
+                    true,
+                );
+                assert_eq!(c.handle_inbound(&ok, t), Inbound::Handled);
+            }
+            m
+        };
+        let mut t = t;
+        let mut late = vec![];
+        while t < t0 + Duration::from_secs(2700) {
+            t += Duration::from_secs(60);
+            late = methods_at(&mut c, t);
+        }
+        let idle: Vec<_> = (0..12)
+            .flat_map(|k| methods_at(&mut c, t + Duration::from_secs(60 * k)))
+            .collect();
+        assert!(
+            !idle.contains(&METHOD_CREATE_PERMISSION) && !idle.contains(&METHOD_CHANNEL_BIND),
+            "{idle:?} (last before: {late:?})"
+        );
+        assert!(idle.contains(&METHOD_REFRESH), "{idle:?}");
+        assert_eq!(c.channel(&y), None);
+        // ... and the peer speaking up again (a Data indication) gets its channel back.
+        let mut ind = Message::new();
+        ind.build(&[
+            Box::new(TransactionId::new()),
+            Box::new(MessageType::new(
+                stun::message::METHOD_DATA,
+                CLASS_INDICATION,
+            )),
+            Box::new(PeerAddress {
+                ip: x.ip(),
+                port: x.port(),
+            }),
+            Box::new(turn::proto::data::Data(vec![4, 0, 0, 0])),
+        ])
+        .expect("build");
+        let later = t + Duration::from_secs(720);
+        assert_eq!(
+            c.handle_inbound(&ind.raw, later),
+            Inbound::Data(y, &[4, 0, 0, 0][..])
+        );
+        let bind = decode(&c.poll_transmit().expect("ChannelBind again"));
+        assert_eq!(bind.typ.method, METHOD_CHANNEL_BIND);
     }
 
     #[test]

@@ -106,8 +106,6 @@ impl Engine {
     /// candidate of `session`: it sends its checks there from its own port, and the TURN server
     /// hands them to us. Waits a little for an allocation under way (an agent just started).
     async fn signal_relayed(&self, to: PublicKey, session: u64) {
-        use webrtc_ice::candidate::candidate_base::CandidateBaseConfig;
-        use webrtc_ice::candidate::candidate_relay::CandidateRelayConfig;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
         let (relayed, mapped) = loop {
             if let Some(r) = self.shared.turn_relayed() {
@@ -118,20 +116,7 @@ impl Engine {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
-        let c = CandidateRelayConfig {
-            base_config: CandidateBaseConfig {
-                network: "udp".into(),
-                address: relayed.ip().to_string(),
-                port: relayed.port(),
-                component: 1,
-                ..Default::default()
-            },
-            rel_addr: mapped.ip().to_string(),
-            rel_port: mapped.port(),
-            relay_client: None,
-        }
-        .new_candidate_relay();
-        match c {
+        match relay_candidate(relayed, Some(mapped)) {
             Ok(c) => {
                 debug!(%relayed, session, "signalling our relayed address");
                 send_candidate(&self.signal_out, to, session, &c).await;
@@ -231,8 +216,6 @@ impl Engine {
         self: Arc<Self>,
         mut rx: mpsc::Receiver<(Vec<u8>, std::net::SocketAddr)>,
     ) {
-        use webrtc_ice::candidate::candidate_base::CandidateBaseConfig;
-        use webrtc_ice::candidate::candidate_relay::CandidateRelayConfig;
         while let Some((d, y)) = rx.recv().await {
             let new_for = crate::socket::binding_request_ufrag(&d).and_then(|ufrag| {
                 let mut ice = lock(&self.ice);
@@ -248,20 +231,7 @@ impl Engine {
                 continue;
             };
             let x = self.shared.with_turn(|c| c.peer_of(&y)).flatten();
-            let c = CandidateRelayConfig {
-                base_config: CandidateBaseConfig {
-                    network: "udp".into(),
-                    address: y.ip().to_string(),
-                    port: y.port(),
-                    component: 1,
-                    ..Default::default()
-                },
-                rel_addr: x.map_or_else(|| "0.0.0.0".into(), |x| x.ip().to_string()),
-                rel_port: x.map_or(0, |x| x.port()),
-                relay_client: None,
-            }
-            .new_candidate_relay();
-            match c {
+            match relay_candidate(y, x) {
                 Ok(c) => {
                     let c: Arc<dyn Candidate + Send + Sync> = Arc::new(c);
                     if let Err(e) = agent.add_remote_candidate(&c) {
@@ -752,6 +722,28 @@ impl Engine {
         }
         tokio::spawn(self.clone().relayed_loop(peer, session, conn));
     }
+}
+
+/// A `relay` candidate at `addr`, related to `rel` (the address behind it, when known).
+fn relay_candidate(
+    addr: std::net::SocketAddr,
+    rel: Option<std::net::SocketAddr>,
+) -> Result<webrtc_ice::candidate::candidate_base::CandidateBase, webrtc_ice::Error> {
+    use webrtc_ice::candidate::candidate_base::CandidateBaseConfig;
+    use webrtc_ice::candidate::candidate_relay::CandidateRelayConfig;
+    CandidateRelayConfig {
+        base_config: CandidateBaseConfig {
+            network: "udp".into(),
+            address: addr.ip().to_string(),
+            port: addr.port(),
+            component: 1,
+            ..Default::default()
+        },
+        rel_addr: rel.map_or_else(|| "0.0.0.0".into(), |r| r.ip().to_string()),
+        rel_port: rel.map_or(0, |r| r.port()),
+        relay_client: None,
+    }
+    .new_candidate_relay()
 }
 
 /// Trickles one of our candidates for `session` to `to` over signal.
