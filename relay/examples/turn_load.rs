@@ -1,8 +1,8 @@
 //! TURN relay capacity (a benchmark, not a test): pairs of allocations on one TURN server send
 //! ChannelData to each other (each message is relayed by the server once: client A -> A's
 //! allocation -> B's allocation -> client B), paced at a rate or unpaced, and this counts what
-//! arrives. Paced: steps the total rate up until more than 0.1% is lost and reports the highest
-//! rate that stayed within it. Unpaced: every sender as fast as it can; delivered messages/s.
+//! arrives. Paced: steps the total rate up by 1.25x until more than 0.1% is lost, narrows the last
+//! step down by three halvings, and reports the highest rate that stayed within it. Unpaced: every sender as fast as it can; delivered messages/s.
 //!
 //!   cargo run --release -p tern-relay --example turn_load -- --server 127.0.0.1:3478 \
 //!       --secret S [--pairs 16] [--len 1200] [--seconds 3] [--start 20000] [--max-rate 2000000]
@@ -332,6 +332,9 @@ fn round(
     }
 }
 
+/// Halvings of the gap between the last paced step within the loss limit and the first beyond.
+const REFINE: usize = 3;
+
 fn main() -> Result<()> {
     let a = args()?;
     let mut pairs = vec![];
@@ -388,6 +391,29 @@ fn main() -> Result<()> {
         }
         best = Some(rate);
         rate *= 1.25;
+    }
+    // Between the last rate within the limit and the first beyond it, a few halvings of the gap
+    // (geometric): the 1.25x steps alone make a ratio between two relays coarse.
+    let mut failed = rate;
+    if let (Some(mut lo), false) = (best, sender_bound) {
+        for _ in 0..REFINE {
+            let mid = (lo * failed).sqrt();
+            let r = round(&pairs, a.server, a.len, a.seconds, Some(mid));
+            let achieved = r.sent as f64 / r.secs;
+            println!(
+                "refine {:>8.0} msgs/s: sent {:>9.0}/s, delivered {:>9.0}/s, loss {:.3}%",
+                mid,
+                achieved,
+                r.delivered_per_sec(),
+                r.loss() * 100.0
+            );
+            if achieved >= mid * 0.95 && r.loss() <= MAX_LOSS {
+                lo = mid;
+            } else {
+                failed = mid;
+            }
+        }
+        best = Some(lo);
     }
     if sender_bound {
         println!("(the generator could send no faster: the relay's limit is above this)");
