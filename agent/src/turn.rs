@@ -15,7 +15,7 @@
 //! ChannelData, before that as a Send indication.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 use stun::agent::TransactionId;
 use stun::attributes::{ATTR_NONCE, ATTR_REALM, ATTR_USERNAME};
@@ -55,16 +55,21 @@ const RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// Whether `a` is a stand-in address for a peer reached through our allocation.
 pub fn is_stand_in(a: &SocketAddr) -> bool {
-    matches!(a.ip(), IpAddr::V4(v4) if v4.octets()[0] == 240)
+    slot_of(a).is_some()
 }
 
-/// The stand-in address of peer slot `i`; the port is the peer's own (it reads naturally in logs).
-fn stand_in(i: usize, port: u16) -> SocketAddr {
-    let i = i as u32;
-    SocketAddr::new(
-        IpAddr::V4(Ipv4Addr::new(240, 0, (i >> 8) as u8, i as u8)),
-        port,
-    )
+/// The stand-in address of peer slot `i`, of the family this host reaches the TURN server with
+/// (so that ICE pairs it with our own candidates: an IPv6-only host reaches an IPv4 relay
+/// through NAT64 and has no IPv4 candidate). IPv4: 240.0.0.0/8 (reserved); IPv6: 100::/64
+/// (discard-only, RFC 6666). The port is the peer's own (it reads naturally in logs).
+fn stand_in(i: usize, port: u16, v6: bool) -> SocketAddr {
+    let i = i as u16;
+    let ip = if v6 {
+        IpAddr::V6(Ipv6Addr::new(0x100, 0, 0, 0, 0, 0, 0, i))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(240, 0, (i >> 8) as u8, i as u8))
+    };
+    SocketAddr::new(ip, port)
 }
 
 fn slot_of(y: &SocketAddr) -> Option<usize> {
@@ -72,6 +77,9 @@ fn slot_of(y: &SocketAddr) -> Option<usize> {
         IpAddr::V4(v4) if v4.octets()[0] == 240 => {
             let o = v4.octets();
             Some((usize::from(o[2]) << 8) | usize::from(o[3]))
+        }
+        IpAddr::V6(v6) if v6.segments()[..7] == [0x100, 0, 0, 0, 0, 0, 0] => {
+            Some(usize::from(v6.segments()[7]))
         }
         _ => None,
     }
@@ -355,7 +363,7 @@ impl Client {
                     self.request(What::Bind(i), now);
                 }
             }
-            return Some(stand_in(i, x.port()));
+            return Some(stand_in(i, x.port(), self.cfg.server.is_ipv6()));
         }
         if self.peers.len() >= MAX_PEERS {
             return None;
@@ -371,7 +379,7 @@ impl Client {
         if self.state == State::Ready {
             self.request(What::Bind(i), now);
         }
-        Some(stand_in(i, x.port()))
+        Some(stand_in(i, x.port(), self.cfg.server.is_ipv6()))
     }
 
     /// The peer a stand-in address stands for.
@@ -418,11 +426,12 @@ impl Client {
     /// answer to one of our requests.
     pub fn handle_inbound<'a>(&mut self, d: &'a [u8], now: Instant) -> Inbound<'a> {
         if let Some((ch, payload)) = parse_channel_data(d) {
+            let v6 = self.cfg.server.is_ipv6();
             let i = usize::from(ch.wrapping_sub(FIRST_CHANNEL));
             return match self.peers.get_mut(i) {
                 Some(p) if ch >= FIRST_CHANNEL => {
                     p.seen = now;
-                    Inbound::Data(stand_in(i, p.addr.port()), payload)
+                    Inbound::Data(stand_in(i, p.addr.port(), v6), payload)
                 }
                 _ => Inbound::Handled, // a channel we did not bind: dropped
             };
@@ -847,6 +856,36 @@ mod tests {
         assert_eq!(c.handle_inbound(&stray, now), Inbound::Handled);
         // Something that is not a stand-in is not framed.
         assert_eq!(c.frame(&x, b"data"), None);
+    }
+
+    #[test]
+    fn a_server_reached_over_ipv6_gives_ipv6_stand_ins_and_they_are_told_apart() {
+        let now = Instant::now();
+        let mut c = Client::new(
+            Config {
+                url: "turn:[64:ff9b::c000:201]:3478".into(),
+                server: "[64:ff9b::c000:201]:3478".parse().expect("addr"),
+                username: "u".into(),
+                password: "p".into(),
+            },
+            now,
+        );
+        let x: SocketAddr = "203.0.113.9:7000".parse().expect("addr");
+        let y = c.stand_in_for(x, now).expect("slot");
+        assert!(y.is_ipv6() && is_stand_in(&y), "{y}");
+        assert_eq!(c.peer_of(&y), Some(x));
+        let y2 = c
+            .stand_in_for("203.0.113.10:7000".parse().expect("addr"), now)
+            .expect("slot");
+        assert_ne!(y, y2);
+        for other in [
+            "[100:0:0:1::1]:7000",
+            "[2001:db8::1]:7000",
+            "239.0.0.1:7000",
+        ] {
+            assert!(!is_stand_in(&other.parse().expect("addr")), "{other}");
+        }
+        assert!(is_stand_in(&"240.0.1.2:7000".parse().expect("addr")));
     }
 
     #[test]

@@ -9,6 +9,7 @@
 # Everything stays on 127.0.0.1.
 #
 #   scripts/bench/relay.sh            # REPEAT=3 CLIENTS=10 MSGS=3000 INTERVAL_MS=1 PAIRS=16 STEP_S=3
+#                                     # ORDER="coturn tern"
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 REPEAT=${REPEAT:-3}
@@ -79,7 +80,8 @@ paste -d' ' "$work/coturn.txt" "$work/tern.txt" | awk '$1 > 0 && $4 != "NA" { pr
   | xargs printf 'ratio tern/coturn msgs/s (median of per-round ratios): %s\n'
 echo
 echo "# TURN capacity: ${PAIRS:-16} allocation pairs, $LEN-byte ChannelData, highest paced rate at <= 0.1% loss"
-for s in coturn tern; do
+# ORDER="tern coturn" runs ours first (the machine warms and cools between runs).
+for s in ${ORDER:-coturn tern}; do
   if [ $s = coturn ]; then port=$COTURN_PORT pid=$coturn_pid; else port=$TERN_PORT pid=$tern_pid; fi
   c0=$(cpu_s "$pid")
   timeout 600 "$bin/examples/turn_load" --server 127.0.0.1:$port --secret $SECRET --pairs "${PAIRS:-16}" \

@@ -857,4 +857,25 @@ fn routing_peer_on_an_ipv6_only_uplink_behind_nat64_still_serves_the_lan() {
     );
     let seen = m.transfer(&ha, &lan, "192.168.50.10", "sink-nat64");
     assert_eq!(seen, "192.168.50.1");
+    // Then UDP through TURN: the laptop's NAT maps per destination and the router has no IPv4
+    // of its own; the router keeps its allocation through NAT64 (an IPv4 relayed address).
+    let mut last = serde_json::Value::Null;
+    m.lab
+        .wait_for(
+            "TURN between the laptop and the router",
+            Duration::from_secs(60),
+            || {
+                last = m.status("gw", &h6).unwrap_or_default();
+                last["peers"][0]["connection"] == "turn_relay"
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{last:#}\n--- gw\n{}", m.lab.log("gw")));
+    eprintln!(
+        "gw's path to a: {} -> {} ({})",
+        last["peers"][0]["local_candidate"], last["peers"][0]["remote_candidate"], last["relays"]
+    );
+    let relayed = last["relays"][0]["relayed"].as_str().unwrap_or("");
+    assert!(relayed.starts_with(&format!("{SERVER_IP}:")), "{last:#}");
+    let seen = m.transfer(&ha, &lan, "192.168.50.10", "sink-nat64-udp");
+    assert_eq!(seen, "192.168.50.1");
 }
