@@ -1053,6 +1053,10 @@ async fn up(
         _ = term.recv() => info!("terminated"),
         _ = down_rx.recv() => info!("tern down requested"),
     }
+    // Our TURN allocation is freed on the server now rather than when its lifetime ends.
+    if let Some((free, server)) = shared.set_turn(None) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), shared.send_to(&free, server)).await;
+    }
     let _ = std::fs::remove_file(&sock);
     platform::net::remove_rules(iface);
     if let Some(mut h) = host_dns.lock().unwrap_or_else(|e| e.into_inner()).take() {

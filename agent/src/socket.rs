@@ -316,21 +316,25 @@ impl Shared {
     }
 
     /// Sets the TURN server our allocation lives on (None: no allocation). The same server with
-    /// new credentials keeps its allocation (the credentials serve its next requests).
-    pub fn set_turn(&self, cfg: Option<crate::turn::Config>) {
+    /// new credentials keeps its allocation (the credentials serve its next requests). Returns
+    /// the request that frees an allocation left behind, and its server, for the caller to send.
+    pub fn set_turn(&self, cfg: Option<crate::turn::Config>) -> Option<(Vec<u8>, SocketAddr)> {
         let mut t = lock(&self.turn);
-        match (t.as_mut(), cfg) {
-            (_, None) => *t = None,
+        let old = match (t.as_mut(), cfg) {
             (Some(c), Some(cfg)) if c.config().url == cfg.url && c.server() == cfg.server => {
                 c.set_credentials(cfg.username, cfg.password);
+                None
             }
+            (_, None) => t.take(),
             (_, Some(cfg)) => {
                 info!(turn = %cfg.url, server = %cfg.server, "TURN allocation on the shared port: allocating");
-                *t = Some(crate::turn::Client::new(cfg, std::time::Instant::now()));
+                t.replace(crate::turn::Client::new(cfg, std::time::Instant::now()))
             }
-        }
+        };
         drop(t);
         self.turn_wake.notify_one();
+        let old = old?;
+        Some((old.free()?, old.server()))
     }
 
     /// Runs `f` on the allocation's client, when there is one.

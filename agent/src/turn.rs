@@ -205,6 +205,26 @@ impl Client {
         &self.cfg
     }
 
+    /// The request that frees the allocation on the server (a Refresh with lifetime 0; RFC 8656
+    /// §7), when there is one; not retransmitted (the server frees it within its lifetime anyway).
+    pub fn free(&self) -> Option<Vec<u8>> {
+        if self.state != State::Ready || self.realm.is_empty() {
+            return None;
+        }
+        let mut m = Message::new();
+        m.build(&[
+            Box::new(TransactionId::new()),
+            Box::new(MessageType::new(METHOD_REFRESH, CLASS_REQUEST)),
+            Box::new(Lifetime(Duration::ZERO)),
+            Box::new(TextAttribute::new(ATTR_USERNAME, self.cfg.username.clone())),
+            Box::new(TextAttribute::new(ATTR_REALM, self.realm.clone())),
+            Box::new(TextAttribute::new(ATTR_NONCE, self.nonce.clone())),
+            Box::new(self.integrity()),
+        ])
+        .ok()?;
+        Some(m.raw)
+    }
+
     /// New credentials for the next requests (management re-issues them at half their life).
     pub fn set_credentials(&mut self, username: String, password: String) {
         self.cfg.username = username;
@@ -856,6 +876,14 @@ mod tests {
         assert_eq!(c.handle_inbound(&stray, now), Inbound::Handled);
         // Something that is not a stand-in is not framed.
         assert_eq!(c.frame(&x, b"data"), None);
+        // Freed with a signed Refresh of lifetime 0; nothing to free before an allocation.
+        let free = decode(&c.free().expect("an allocation to free"));
+        assert_eq!(free.typ, MessageType::new(METHOD_REFRESH, CLASS_REQUEST));
+        let mut l = Lifetime::default();
+        l.get_from(&free).expect("lifetime");
+        assert_eq!(l.0, Duration::ZERO);
+        assert!(c.integrity().check(&mut free.clone()).is_ok(), "signed");
+        assert_eq!(client(now).free(), None);
     }
 
     #[test]

@@ -167,7 +167,10 @@ impl Engine {
                 .with_turn(|c| Some(c.config()) == cfg.as_ref())
                 .unwrap_or(cfg.is_none());
             if !same {
-                self.shared.set_turn(cfg);
+                // The allocation left behind is freed at once rather than after its lifetime.
+                if let Some((free, server)) = self.shared.set_turn(cfg) {
+                    let _ = self.shared.send_to(&free, server).await;
+                }
             }
             let now = Instant::now();
             let (out, events, server, next) = self
