@@ -123,6 +123,8 @@ pub struct Shared {
     turn: Mutex<Option<crate::turn::Client>>,
     /// Wakes the allocation's task: it has something to send.
     pub turn_wake: tokio::sync::Notify,
+    /// Stand-in addresses in IPv6 (ICE has no IPv4 candidate; see `crate::turn`).
+    stand_ins_v6: std::sync::atomic::AtomicBool,
     /// STUN relayed to us through the allocation (a peer's ICE checks), by stand-in address:
     /// the engine hands it to ICE (see `Engine::relayed_stun_loop`).
     relayed_stun: mpsc::Sender<(Vec<u8>, SocketAddr)>,
@@ -208,6 +210,7 @@ impl Shared {
             bindings: Mutex::new(HashMap::new()),
             turn: Mutex::new(None),
             turn_wake: tokio::sync::Notify::new(),
+            stand_ins_v6: Default::default(),
             relayed_stun,
             relayed_stun_rx: Mutex::new(Some(relayed_stun_rx)),
         });
@@ -328,13 +331,29 @@ impl Shared {
             (_, None) => t.take(),
             (_, Some(cfg)) => {
                 info!(turn = %cfg.url, server = %cfg.server, "TURN allocation on the shared port: allocating");
-                t.replace(crate::turn::Client::new(cfg, std::time::Instant::now()))
+                let mut c = crate::turn::Client::new(cfg, std::time::Instant::now());
+                c.set_v6_stand_ins(self.stand_ins_v6.load(std::sync::atomic::Ordering::Relaxed));
+                t.replace(c)
             }
         };
         drop(t);
         self.turn_wake.notify_one();
         let old = old?;
         Some((old.free()?, old.server()))
+    }
+
+    /// Which family stand-in addresses take from now on (see `crate::turn`).
+    pub fn set_stand_in_family(&self, v6: bool) {
+        let was = self
+            .stand_ins_v6
+            .swap(v6, std::sync::atomic::Ordering::Relaxed);
+        if was != v6 {
+            info!(
+                family = if v6 { "IPv6" } else { "IPv4" },
+                "peers behind our TURN allocation appear to ICE with stand-in addresses of this family"
+            );
+        }
+        self.with_turn(|c| c.set_v6_stand_ins(v6));
     }
 
     /// Runs `f` on the allocation's client, when there is one.

@@ -58,10 +58,11 @@ pub fn is_stand_in(a: &SocketAddr) -> bool {
     slot_of(a).is_some()
 }
 
-/// The stand-in address of peer slot `i`, of the family this host reaches the TURN server with
-/// (so that ICE pairs it with our own candidates: an IPv6-only host reaches an IPv4 relay
-/// through NAT64 and has no IPv4 candidate). IPv4: 240.0.0.0/8 (reserved); IPv6: 100::/64
-/// (discard-only, RFC 6666). The port is the peer's own (it reads naturally in logs).
+/// The stand-in address of peer slot `i`: IPv4 (240.0.0.0/8, reserved), or IPv6 (100::/64,
+/// discard-only, RFC 6666) where ICE has no IPv4 candidate (an IPv6-only host reaching an IPv4
+/// relay through NAT64): webrtc-ice drops answers from a remote of a family none of its own
+/// candidates has. Both families of a slot lead to the same peer. The port is the peer's own
+/// (it reads naturally in logs).
 fn stand_in(i: usize, port: u16, v6: bool) -> SocketAddr {
     let i = i as u16;
     let ip = if v6 {
@@ -171,6 +172,8 @@ pub struct Client {
     retry: Duration,
     /// Why the last allocation failed or was lost (until the next one succeeds).
     last_error: Option<String>,
+    /// Stand-in addresses in IPv6 (see `stand_in`).
+    v6: bool,
     txs: HashMap<[u8; 12], Pending>,
     /// Permissions by peer IP: when each is renewed next.
     perms: HashMap<IpAddr, Perm>,
@@ -192,6 +195,7 @@ impl Client {
             refresh_at: None,
             retry: RETRY_FIRST,
             last_error: None,
+            v6: false,
             txs: HashMap::new(),
             perms: HashMap::new(),
             peers: Vec::new(),
@@ -223,6 +227,11 @@ impl Client {
         ])
         .ok()?;
         Some(m.raw)
+    }
+
+    /// Stand-in addresses in IPv6 from now on (ICE has no IPv4 candidate), or IPv4.
+    pub fn set_v6_stand_ins(&mut self, v6: bool) {
+        self.v6 = v6;
     }
 
     /// New credentials for the next requests (management re-issues them at half their life).
@@ -383,7 +392,7 @@ impl Client {
                     self.request(What::Bind(i), now);
                 }
             }
-            return Some(stand_in(i, x.port(), self.cfg.server.is_ipv6()));
+            return Some(stand_in(i, x.port(), self.v6));
         }
         if self.peers.len() >= MAX_PEERS {
             return None;
@@ -399,7 +408,7 @@ impl Client {
         if self.state == State::Ready {
             self.request(What::Bind(i), now);
         }
-        Some(stand_in(i, x.port(), self.cfg.server.is_ipv6()))
+        Some(stand_in(i, x.port(), self.v6))
     }
 
     /// The peer a stand-in address stands for.
@@ -446,7 +455,7 @@ impl Client {
     /// answer to one of our requests.
     pub fn handle_inbound<'a>(&mut self, d: &'a [u8], now: Instant) -> Inbound<'a> {
         if let Some((ch, payload)) = parse_channel_data(d) {
-            let v6 = self.cfg.server.is_ipv6();
+            let v6 = self.v6;
             let i = usize::from(ch.wrapping_sub(FIRST_CHANNEL));
             return match self.peers.get_mut(i) {
                 Some(p) if ch >= FIRST_CHANNEL => {
@@ -887,7 +896,7 @@ mod tests {
     }
 
     #[test]
-    fn a_server_reached_over_ipv6_gives_ipv6_stand_ins_and_they_are_told_apart() {
+    fn a_host_without_ipv4_gets_ipv6_stand_ins_and_they_are_told_apart() {
         let now = Instant::now();
         let mut c = Client::new(
             Config {
@@ -898,6 +907,7 @@ mod tests {
             },
             now,
         );
+        c.set_v6_stand_ins(true);
         let x: SocketAddr = "203.0.113.9:7000".parse().expect("addr");
         let y = c.stand_in_for(x, now).expect("slot");
         assert!(y.is_ipv6() && is_stand_in(&y), "{y}");

@@ -145,14 +145,11 @@ impl Engine {
                 None => None,
                 Some(t) => {
                     if resolved.as_ref().is_none_or(|(u, _)| *u != t.url) {
-                        resolved = match udp_server(&t.url) {
-                            Some((host, port)) => resolve(&host, port)
-                                .await
-                                .into_iter()
-                                .next()
-                                .map(|a| (t.url.clone(), a)),
+                        let addr = match udp_server(&t.url) {
+                            Some((host, port)) => resolve(&host, port).await.into_iter().next(),
                             None => None,
                         };
+                        resolved = addr.map(|a| (t.url.clone(), a));
                     }
                     resolved.as_ref().map(|(url, server)| crate::turn::Config {
                         url: url.clone(),
@@ -330,6 +327,20 @@ impl Engine {
     pub(super) async fn new_agent(&self, controlling: bool) -> anyhow::Result<Arc<Agent>> {
         let iface = self.iface.clone();
         let overlay = lock(&self.node).overlay();
+        // Host candidates of a family the host has no default route for only reach its own
+        // LANs; on a host with a default route of the other family (an IPv6-only uplink with an
+        // IPv4 LAN) they are left out: webrtc-ice hands each datagram of the shared port to any
+        // of its host candidates and drops answers from a remote of another family, which made
+        // relayed checks through our allocation fail at random on such hosts.
+        let ifc = self.iface.clone();
+        let (v4_default, v6_default) =
+            tokio::task::spawn_blocking(move || crate::platform::net::default_routes(&ifc))
+                .await
+                .unwrap_or((true, true));
+        let family_ok = move |ip: &IpAddr| match ip {
+            IpAddr::V4(_) => v4_default || !v6_default,
+            IpAddr::V6(_) => v6_default || !v4_default,
+        };
         let cfg = AgentConfig {
             urls: self.ice_urls(),
             network_types: vec![NetworkType::Udp4, NetworkType::Udp6],
@@ -356,7 +367,7 @@ impl Engine {
                     IpAddr::V4(v4) => v4.is_link_local(),
                     IpAddr::V6(v6) => v6.is_unicast_link_local(),
                 };
-                !link_local && overlay.is_none_or(|o| !o.contains(&ip))
+                !link_local && overlay.is_none_or(|o| !o.contains(&ip)) && family_ok(&ip)
             }))),
             // Host candidates on the shared port; the server-reflexive one is ours
             // (signal_reflexive); relay candidates use the TURN client's own socket.
@@ -403,12 +414,30 @@ impl Engine {
         let Some(to) = lock(&self.node).spec(peer).map(|s| PublicKey(s.key)) else {
             return;
         };
+        let (weak_agent, shared) = (Arc::downgrade(agent), self.shared.clone());
         agent.on_candidate(Box::new(
             move |c: Option<Arc<dyn Candidate + Send + Sync>>| {
-                let out = out.clone();
+                let (out, weak_agent, shared) = (out.clone(), weak_agent.clone(), shared.clone());
                 Box::pin(async move {
-                    if let Some(c) = c {
-                        send_candidate(&out, to, session, c.as_ref()).await;
+                    match c {
+                        Some(c) => send_candidate(&out, to, session, c.as_ref()).await,
+                        // Gathered: stand-ins take a family ICE has candidates of.
+                        None => {
+                            let Some(agent) = weak_agent.upgrade() else {
+                                return;
+                            };
+                            let Ok(cands) = agent.get_local_candidates().await else {
+                                return;
+                            };
+                            let has = |v4: bool| {
+                                cands.iter().any(|c| {
+                                    c.address()
+                                        .parse::<IpAddr>()
+                                        .is_ok_and(|a| a.is_ipv4() == v4)
+                                })
+                            };
+                            shared.set_stand_in_family(!has(true) && has(false));
+                        }
                     }
                 })
             },

@@ -30,6 +30,23 @@ pub fn local_networks(skip_iface: &str) -> Vec<(String, IpNet)> {
         .collect()
 }
 
+/// Whether the host has a default route (not through `skip_iface`) for IPv4 and for IPv6.
+pub fn default_routes(skip_iface: &str) -> (bool, bool) {
+    let has = |fam: &str| {
+        Command::new("ip")
+            .args([fam, "-o", "route", "show", "default"])
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout).lines().any(|l| {
+                    let mut f = l.split_whitespace();
+                    !f.any(|w| w == "dev") || f.next() != Some(skip_iface)
+                })
+            })
+            .unwrap_or(false)
+    };
+    (has("-4"), has("-6"))
+}
+
 /// Networks the host reaches without the tunnel: every route of the main tables (IPv4 and IPv6)
 /// except the default route, the tunnel's own and link-local ones (from `ip -o route`).
 pub fn reachable_networks(skip_iface: &str) -> Vec<IpNet> {
