@@ -325,10 +325,10 @@ mod tests {
         assert_eq!(status_line(&book(&[]).status()), None, "no TURN server");
         let mut st = b.status();
         st[0].relayed = Some("203.0.113.10:50001".into());
-        st[1].allocation_error = Some("TURN server 192.0.2.1:3478 refused the credentials management issued: 401 Unauthorized".into());
+        st[1].allocation_error = Some("it refused the credentials management issued (401 Unauthorized): give management and the relay the same secret".into());
         assert_eq!(
             status_line(&st).as_deref(),
-            Some("TURN relays: turn:a:3478 (3 ms, in use, relayed address 203.0.113.10:50001), turn:b:3478 (no answer; allocation failed: TURN server 192.0.2.1:3478 refused the credentials management issued: 401 Unauthorized)")
+            Some("TURN relays: turn:a:3478 (3 ms, in use, relayed address 203.0.113.10:50001), turn:b:3478 (no answer; allocation failed: it refused the credentials management issued (401 Unauthorized): give management and the relay the same secret)")
         );
     }
 }

@@ -303,7 +303,8 @@ impl Client {
             self.txs.remove(&tx);
             match what {
                 What::Allocate | What::Refresh => self.lose(
-                    format!("no answer from TURN server {}", self.cfg.server),
+                    "no answer within 7.5 s: check the server's address, port and firewall (UDP)"
+                        .into(),
                     now,
                 ),
                 // Tried again at the next renewal.
@@ -515,13 +516,11 @@ impl Client {
                 self.send(what, now, true);
                 return;
             }
+            // Said beside the server's URL (status) or address (log): not repeated here.
             let why = if code == 401 {
-                format!(
-                    "TURN server {} refused the credentials management issued: {code} {reason}",
-                    self.cfg.server
-                )
+                format!("it refused the credentials management issued ({code} {reason}): give management and the relay the same secret")
             } else {
-                format!("TURN server {} refused: {code} {reason}", self.cfg.server)
+                format!("it refused the allocation ({code} {reason}): its log says why")
             };
             match what {
                 What::Allocate | What::Refresh => self.lose(why, now),
