@@ -761,6 +761,25 @@ mod tests {
         m.raw
     }
 
+    /// What the server sends when `from` reaches our relayed address without a channel.
+    fn data_indication(from: SocketAddr, data: &[u8]) -> Vec<u8> {
+        let mut m = Message::new();
+        m.build(&[
+            Box::new(TransactionId::new()),
+            Box::new(MessageType::new(
+                stun::message::METHOD_DATA,
+                CLASS_INDICATION,
+            )),
+            Box::new(PeerAddress {
+                ip: from.ip(),
+                port: from.port(),
+            }),
+            Box::new(turn::proto::data::Data(data.to_vec())),
+        ])
+        .expect("build");
+        m.raw
+    }
+
     fn error(code: u16, nonce: &str) -> Vec<Box<dyn Setter>> {
         vec![
             Box::new(ErrorCodeAttribute {
@@ -827,21 +846,8 @@ mod tests {
         let perm = decode(&c.poll_transmit().expect("CreatePermission"));
         assert_eq!(perm.typ.method, METHOD_CREATE_PERMISSION);
         let x: SocketAddr = "203.0.113.9:7000".parse().expect("addr");
-        let mut ind = Message::new();
-        ind.build(&[
-            Box::new(TransactionId::new()),
-            Box::new(MessageType::new(
-                stun::message::METHOD_DATA,
-                CLASS_INDICATION,
-            )),
-            Box::new(PeerAddress {
-                ip: x.ip(),
-                port: x.port(),
-            }),
-            Box::new(turn::proto::data::Data(vec![4, 0, 0, 0, 1, 2, 3, 4])),
-        ])
-        .expect("build");
-        let Inbound::Data(y, payload) = c.handle_inbound(&ind.raw, now) else {
+        let ind = data_indication(x, &[4, 0, 0, 0, 1, 2, 3, 4]);
+        let Inbound::Data(y, payload) = c.handle_inbound(&ind, now) else {
             panic!("relayed data expected");
         };
         assert!(is_stand_in(&y) && y.port() == 7000, "{y}");
@@ -985,23 +991,10 @@ mod tests {
         assert!(idle.contains(&METHOD_REFRESH), "{idle:?}");
         assert_eq!(c.channel(&y), None);
         // ... and the peer speaking up again (a Data indication) gets its channel back.
-        let mut ind = Message::new();
-        ind.build(&[
-            Box::new(TransactionId::new()),
-            Box::new(MessageType::new(
-                stun::message::METHOD_DATA,
-                CLASS_INDICATION,
-            )),
-            Box::new(PeerAddress {
-                ip: x.ip(),
-                port: x.port(),
-            }),
-            Box::new(turn::proto::data::Data(vec![4, 0, 0, 0])),
-        ])
-        .expect("build");
+        let ind = data_indication(x, &[4, 0, 0, 0]);
         let later = t + Duration::from_secs(720);
         assert_eq!(
-            c.handle_inbound(&ind.raw, later),
+            c.handle_inbound(&ind, later),
             Inbound::Data(y, &[4, 0, 0, 0][..])
         );
         let bind = decode(&c.poll_transmit().expect("ChannelBind again"));

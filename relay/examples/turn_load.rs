@@ -332,6 +332,25 @@ fn round(
     }
 }
 
+/// One paced round at `rate`, printed as `what`; with the rate the sender achieved.
+fn paced(
+    pairs: &[(Arc<UdpSocket>, Arc<UdpSocket>)],
+    a: &Args,
+    rate: f64,
+    what: &str,
+) -> (Round, f64) {
+    let r = round(pairs, a.len, a.seconds, Some(rate));
+    let achieved = r.sent as f64 / r.secs;
+    println!(
+        "{what} {:>9.0} msgs/s: sent {:>9.0}/s, delivered {:>9.0}/s, loss {:.3}%",
+        rate,
+        achieved,
+        r.delivered_per_sec(),
+        r.loss() * 100.0
+    );
+    (r, achieved)
+}
+
 /// Halvings of the gap between the last paced step within the loss limit and the first beyond.
 const REFINE: usize = 3;
 
@@ -375,16 +394,10 @@ fn main() -> Result<()> {
     let mut best: Option<f64> = None;
     let mut sender_bound = false;
     let mut retried = false;
+    // The rate that lost twice, when the climb ended there (not at --max-rate or the sender).
+    let mut lost_at = None;
     while rate <= a.max_rate {
-        let r = round(&pairs, a.len, a.seconds, Some(rate));
-        let achieved = r.sent as f64 / r.secs;
-        println!(
-            "paced {:>9.0} msgs/s: sent {:>9.0}/s, delivered {:>9.0}/s, loss {:.3}%",
-            rate,
-            achieved,
-            r.delivered_per_sec(),
-            r.loss() * 100.0
-        );
+        let (r, achieved) = paced(&pairs, &a, rate, "paced ");
         // The sender itself could not keep up: the relay was not the limit at this rate.
         if achieved < rate * 0.95 {
             sender_bound = r.loss() <= MAX_LOSS;
@@ -394,6 +407,7 @@ fn main() -> Result<()> {
             // One burst of loss (the machine busy elsewhere for a moment) does not end the
             // climb: the same rate must lose again.
             if retried {
+                lost_at = Some(rate);
                 break;
             }
             retried = true;
@@ -405,19 +419,10 @@ fn main() -> Result<()> {
     }
     // Between the last rate within the limit and the first beyond it, a few halvings of the gap
     // (geometric): the 1.25x steps alone make a ratio between two relays coarse.
-    let mut failed = rate;
-    if let (Some(mut lo), false) = (best, sender_bound) {
+    if let (Some(mut lo), Some(mut failed)) = (best, lost_at) {
         for _ in 0..REFINE {
             let mid = (lo * failed).sqrt();
-            let r = round(&pairs, a.len, a.seconds, Some(mid));
-            let achieved = r.sent as f64 / r.secs;
-            println!(
-                "refine {:>8.0} msgs/s: sent {:>9.0}/s, delivered {:>9.0}/s, loss {:.3}%",
-                mid,
-                achieved,
-                r.delivered_per_sec(),
-                r.loss() * 100.0
-            );
+            let (r, achieved) = paced(&pairs, &a, mid, "refine");
             if achieved >= mid * 0.95 && r.loss() <= MAX_LOSS {
                 lo = mid;
             } else {
