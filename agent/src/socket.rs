@@ -389,12 +389,13 @@ impl Shared {
         d: &'a [u8],
         now: std::time::Instant,
     ) -> crate::turn::Inbound<'a> {
-        let r = match lock(&self.turn).as_mut() {
-            Some(c) => c.handle_inbound(d, now),
-            None => crate::turn::Inbound::NotOurs,
+        let (r, queued) = match lock(&self.turn).as_mut() {
+            Some(c) => (c.handle_inbound(d, now), c.has_work()),
+            None => (crate::turn::Inbound::NotOurs, false),
         };
-        if r == crate::turn::Inbound::Handled || matches!(r, crate::turn::Inbound::Data(..)) {
-            // An answer or a new peer may have queued requests.
+        // Only when an answer or a new peer queued a request or an event: relayed data arrives
+        // at packet rate and must not wake the allocation's task each time.
+        if queued {
             self.turn_wake.notify_one();
         }
         r

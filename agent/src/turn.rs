@@ -258,6 +258,11 @@ impl Client {
         self.mapped
     }
 
+    /// Whether requests or events wait to be taken.
+    pub fn has_work(&self) -> bool {
+        !self.out.is_empty() || !self.events.is_empty()
+    }
+
     pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
         self.out.pop_front()
     }
@@ -856,6 +861,7 @@ mod tests {
         // Before the channel is bound: a Send indication to the peer.
         let send = decode(&c.frame(&y, b"hello!!!").expect("framed"));
         assert_eq!(send.typ, MessageType::new(METHOD_SEND, CLASS_INDICATION));
+        assert!(c.has_work(), "a new peer queues its ChannelBind");
         let bind = decode(&c.poll_transmit().expect("ChannelBind"));
         assert_eq!(bind.typ.method, METHOD_CHANNEL_BIND);
         let mut ch = ChannelNumber::default();
@@ -871,6 +877,7 @@ mod tests {
             c.handle_inbound(&back, now),
             Inbound::Data(y, &[1, 0, 0, 0][..])
         );
+        assert!(!c.has_work(), "relayed data queues nothing");
         // A second peer gets its own stand-in and channel; the same peer keeps its own.
         let x2: SocketAddr = "203.0.113.10:7000".parse().expect("addr");
         let y2 = c.stand_in_for(x2, now).expect("slot");
