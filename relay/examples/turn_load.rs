@@ -3,10 +3,20 @@
 //! allocation -> B's allocation -> client B), paced at a rate or unpaced, and this counts what
 //! arrives. Paced: steps the total rate up by 1.25x until more than 0.1% is lost (twice in a row
 //! at one rate), narrows the last
-//! step down by three halvings, and reports the highest rate that stayed within it. Unpaced: every sender as fast as it can; delivered messages/s.
+//! step down by three halvings, and reports the highest rate that stayed within it. Unpaced:
+//! every sender as fast as it can; delivered messages/s.
 //!
 //!   cargo run --release -p tern-relay --example turn_load -- --server 127.0.0.1:3478 \
-//!       --secret S [--pairs 16] [--len 1200] [--seconds 3] [--start 20000] [--max-rate 2000000]
+//!       --secret S [--pairs 16] [--len 1200] [--seconds 3] [--start 20000] [--max-rate 2000000] \
+//!       [--burst 1] [--gso]
+//!
+//! How clients send: `--burst N` sends N messages in turn from one client before the next
+//! (one `sendmmsg`; 1: one `send` per message, clients interleaved message by message);
+//! `--gso` sends each burst as one UDP GSO `sendmsg`, as a Tern agent sends a run of relayed
+//! WireGuard packets (the kernel cuts it into datagrams; a server that did not ask for GRO reads
+//! them one by one). Receivers read with `recvmmsg`. The generator shares the machine with the
+//! server under test: the fewer system calls it makes per message, the more of the machine the
+//! server gets.
 //!
 //! Credentials are coturn-style time-limited ones (`use-auth-secret`), as Tern's relay takes them;
 //! every allocation has its own user name (per-user allocation quotas stay out of the way).
@@ -40,6 +50,8 @@ struct Args {
     seconds: f64,
     start: f64,
     max_rate: f64,
+    burst: usize,
+    gso: bool,
 }
 
 fn args() -> Result<Args> {
@@ -51,6 +63,8 @@ fn args() -> Result<Args> {
         seconds: 3.0,
         start: 20_000.0,
         max_rate: 2_000_000.0,
+        burst: 1,
+        gso: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -63,6 +77,8 @@ fn args() -> Result<Args> {
             "--seconds" => a.seconds = value()?.parse().context("--seconds S")?,
             "--start" => a.start = value()?.parse().context("--start MSGS_PER_S")?,
             "--max-rate" => a.max_rate = value()?.parse().context("--max-rate MSGS_PER_S")?,
+            "--burst" => a.burst = value()?.parse().context("--burst N")?,
+            "--gso" => a.gso = true,
             other => bail!("unknown flag {other} (see the comment at the top of turn_load.rs)"),
         }
     }
@@ -71,6 +87,9 @@ fn args() -> Result<Args> {
     }
     if !(16..=1400).contains(&a.len) || a.pairs == 0 || a.pairs > 500 {
         bail!("--len must be 16-1400 and --pairs 1-500");
+    }
+    if !(1..=MAX_BURST).contains(&a.burst) || a.burst * (a.len + 4) > 65_000 {
+        bail!("--burst must be 1-{MAX_BURST} and a burst at most 65,000 bytes");
     }
     Ok(a)
 }
@@ -253,49 +272,138 @@ impl Round {
     }
 }
 
-/// One round: every sender sends ChannelData to its partner at `rate` messages/s in all (None:
-/// as fast as it can) for `secs`; receivers count what arrives.
-fn round(
-    pairs: &[(Arc<UdpSocket>, Arc<UdpSocket>)],
+/// Most messages one burst carries (one `sendmmsg` or one GSO send).
+const MAX_BURST: usize = 64;
+/// Messages one receiver's `recvmmsg` takes at most.
+const RECV_BATCH: usize = 32;
+
+/// Counts the ChannelData messages arriving on `group` until `stop` (non-blocking `recvmmsg` on
+/// each socket in turn).
+fn receive(group: &[Arc<UdpSocket>], received: &AtomicU64, stop: &AtomicBool) {
+    use nix::sys::socket::{recvmmsg, MsgFlags, MultiHeaders, SockaddrStorage};
+    use std::io::IoSliceMut;
+    use std::os::fd::AsRawFd;
+    let mut hdrs = MultiHeaders::<SockaddrStorage>::preallocate(RECV_BATCH, None);
+    let mut bufs = vec![[0u8; 2048]; RECV_BATCH];
+    loop {
+        let mut any = false;
+        for s in group {
+            loop {
+                let lens: Vec<usize> = {
+                    let mut iovs: Vec<[IoSliceMut; 1]> = bufs
+                        .iter_mut()
+                        .map(|b| [IoSliceMut::new(&mut b[..])])
+                        .collect();
+                    match recvmmsg(
+                        s.as_raw_fd(),
+                        &mut hdrs,
+                        iovs.iter_mut(),
+                        MsgFlags::MSG_DONTWAIT,
+                        None,
+                    ) {
+                        Ok(got) => got.map(|r| r.bytes).collect(),
+                        Err(_) => break,
+                    }
+                };
+                if lens.is_empty() {
+                    break;
+                }
+                any = true;
+                let channel_data = lens
+                    .iter()
+                    .zip(&bufs)
+                    .filter(|(n, b)| **n >= 4 && b[0] & 0xC0 == 0x40)
+                    .count();
+                received.fetch_add(channel_data as u64, Ordering::Relaxed);
+            }
+        }
+        if !any {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+}
+
+/// Sends bursts of one ChannelData message from a client socket (connected to the server).
+struct Sender {
+    /// The message, `MAX_BURST` times end to end (a GSO send takes a prefix of it).
+    msgs: Vec<u8>,
     len: usize,
-    secs: f64,
-    rate: Option<f64>,
-) -> Round {
+    gso: bool,
+    hdrs: nix::sys::socket::MultiHeaders<nix::sys::socket::SockaddrStorage>,
+}
+
+impl Sender {
+    fn new(len: usize, gso: bool) -> Self {
+        let mut msg = vec![0u8; 4 + len];
+        msg[0..2].copy_from_slice(&0x4000u16.to_be_bytes());
+        msg[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        Sender {
+            msgs: msg.repeat(MAX_BURST),
+            len: 4 + len,
+            gso,
+            hdrs: nix::sys::socket::MultiHeaders::preallocate(MAX_BURST, None),
+        }
+    }
+
+    /// Sends `k` messages from `s`; returns how many the kernel took.
+    fn send(&mut self, s: &UdpSocket, k: usize) -> usize {
+        use nix::sys::socket::{sendmmsg, sendmsg, ControlMessage, MsgFlags, SockaddrStorage};
+        use std::io::IoSlice;
+        use std::os::fd::AsRawFd;
+        let k = k.clamp(1, MAX_BURST);
+        let one = &self.msgs[..self.len];
+        if self.gso {
+            let seg = self.len as u16;
+            let sent = sendmsg::<SockaddrStorage>(
+                s.as_raw_fd(),
+                &[IoSlice::new(&self.msgs[..k * self.len])],
+                &[ControlMessage::UdpGsoSegments(&seg)],
+                MsgFlags::empty(),
+                None,
+            );
+            return if sent.is_ok() { k } else { 0 };
+        }
+        if k == 1 {
+            return usize::from(s.send(one).is_ok());
+        }
+        let slices: Vec<[IoSlice; 1]> = (0..k).map(|_| [IoSlice::new(one)]).collect();
+        let addrs: Vec<Option<SockaddrStorage>> = vec![None; k];
+        match sendmmsg(
+            s.as_raw_fd(),
+            &mut self.hdrs,
+            &slices,
+            &addrs,
+            [],
+            MsgFlags::empty(),
+        ) {
+            Ok(r) => r.count(),
+            Err(_) => 0,
+        }
+    }
+}
+
+/// One round: every sender sends ChannelData to its partner at `rate` messages/s in all (None:
+/// as fast as it can) for `secs`, in bursts of `a.burst`; receivers count what arrives.
+fn round(pairs: &[(Arc<UdpSocket>, Arc<UdpSocket>)], a: &Args, rate: Option<f64>) -> Round {
     let received = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let mut receivers = vec![];
-    // Receivers: one thread per group of sockets (non-blocking reads in turn).
+    // Receivers: one thread per half of the sockets.
     let sockets: Vec<Arc<UdpSocket>> = pairs.iter().map(|(_, b)| b.clone()).collect();
     for group in sockets.chunks(sockets.len().div_ceil(2).max(1)) {
         let group: Vec<Arc<UdpSocket>> = group.to_vec();
         let (received, stop) = (received.clone(), stop.clone());
         receivers.push(std::thread::spawn(move || {
-            let mut buf = [0u8; 2048];
-            loop {
-                let mut any = false;
-                for s in &group {
-                    while let Ok(n) = s.recv(&mut buf) {
-                        if n >= 4 && buf[0] & 0xC0 == 0x40 {
-                            received.fetch_add(1, Ordering::Relaxed);
-                        }
-                        any = true;
-                    }
-                }
-                if !any {
-                    if stop.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    std::thread::sleep(Duration::from_micros(50));
-                }
-            }
+            receive(&group, &received, &stop)
         }));
     }
-    let mut msg = vec![0u8; 4 + len];
-    msg[0..2].copy_from_slice(&0x4000u16.to_be_bytes());
-    msg[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+    let mut sender = Sender::new(a.len, a.gso);
     let senders: Vec<Arc<UdpSocket>> = pairs.iter().map(|(a, _)| a.clone()).collect();
     let t0 = Instant::now();
-    let end = t0 + Duration::from_secs_f64(secs);
+    let end = t0 + Duration::from_secs_f64(a.seconds);
     let mut sent = 0u64;
     let mut i = 0usize;
     loop {
@@ -314,9 +422,8 @@ fn round(
         while sent < due {
             let s = &senders[i % senders.len()];
             i += 1;
-            if s.send(&msg).is_ok() {
-                sent += 1;
-            }
+            let k = (due - sent).min(a.burst as u64) as usize;
+            sent += sender.send(s, k) as u64;
         }
     }
     let secs = t0.elapsed().as_secs_f64();
@@ -339,7 +446,7 @@ fn paced(
     rate: f64,
     what: &str,
 ) -> (Round, f64) {
-    let r = round(pairs, a.len, a.seconds, Some(rate));
+    let r = round(pairs, a, Some(rate));
     let achieved = r.sent as f64 / r.secs;
     println!(
         "{what} {:>9.0} msgs/s: sent {:>9.0}/s, delivered {:>9.0}/s, loss {:.3}%",
@@ -374,14 +481,16 @@ fn main() -> Result<()> {
         pairs.push((Arc::new(x.sock), Arc::new(y.sock)));
     }
     println!(
-        "# TURN load on {}: {} allocation pairs, {}-byte ChannelData, {} s per step, loss limit {}%",
+        "# TURN load on {}: {} allocation pairs, {}-byte ChannelData, bursts of {}{}, {} s per step, loss limit {}%",
         a.server,
         a.pairs,
         a.len,
+        a.burst,
+        if a.gso { " (one GSO send each)" } else { "" },
         a.seconds,
         MAX_LOSS * 100.0
     );
-    let unpaced = round(&pairs, a.len, a.seconds, None);
+    let unpaced = round(&pairs, &a, None);
     println!(
         "unpaced: sent {} received {} in {:.1} s: {:.0} msgs/s delivered, loss {:.2}%",
         unpaced.sent,

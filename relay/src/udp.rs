@@ -253,7 +253,12 @@ struct Batch {
     pending: std::collections::VecDeque<usize>,
     /// Datagrams on their way out.
     outbox: Outbox,
+    /// The fast path's datagrams of this batch: (socket, destination, index in `got`, ChannelData
+    /// header when relayed to a client), to be grouped by destination.
+    order: Vec<Forward>,
 }
+
+type Forward = (Arc<UdpSocket>, SocketAddr, usize, Option<[u8; 4]>);
 
 impl Batch {
     fn new(receives: usize) -> Self {
@@ -265,6 +270,7 @@ impl Batch {
             got: Vec::new(),
             pending: Default::default(),
             outbox: Outbox::default(),
+            order: Vec::new(),
         }
     }
 
@@ -412,6 +418,7 @@ impl FrontConn {
     async fn fast_forward(&self, b: &mut Batch) {
         let now = Instant::now();
         let mut out = std::mem::take(&mut b.outbox);
+        let mut order = std::mem::take(&mut b.order);
         // Datagrams and bytes relayed, counted once per batch.
         let mut relayed = (0u64, 0u64);
         // The last (client, channel) looked up, and where it goes (None: not on the fast path):
@@ -458,7 +465,6 @@ impl FrontConn {
                 Metrics::inc(&self.shared.metrics.forbidden_peer_total);
                 continue;
             }
-            let body = &d[4..4 + len];
             match (inside, self.shared.main.get()) {
                 (Some((client, ch)), Some(main)) => {
                     // Relayed twice: out of the sender's allocation, into the peer's.
@@ -467,19 +473,33 @@ impl FrontConn {
                     let mut head = [0u8; 4];
                     head[0..2].copy_from_slice(&ch.to_be_bytes());
                     head[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-                    out.push(main, *client, &head, body);
+                    order.push((main.clone(), *client, i, Some(head)));
                 }
                 _ => {
                     relayed.0 += 1;
                     relayed.1 += len as u64;
-                    out.push(&from.relay, *peer, &[], body);
+                    order.push((from.relay.clone(), *peer, i, None));
                 }
+            }
+        }
+        // Datagrams to one destination next to each other (in the order they came): a run
+        // leaves in one GSO send, which the kernel routes, filters and delivers as one packet.
+        // Only datagrams of different flows change places.
+        order.sort_by_key(|(sock, to, _, _)| (Arc::as_ptr(sock) as usize, *to));
+        for (sock, to, i, head) in order.drain(..) {
+            let (d, _) = b.datagram(i);
+            let len = u16::from_be_bytes([d[2], d[3]]) as usize;
+            let body = &d[4..4 + len];
+            match head {
+                Some(head) => out.push(&sock, to, &head, body),
+                None => out.push(&sock, to, &[], body),
             }
         }
         Metrics::add(&self.shared.metrics.turn_packets_relayed_total, relayed.0);
         Metrics::add(&self.shared.metrics.turn_bytes_relayed_total, relayed.1);
         out.flush(&self.shared).await;
         b.outbox = out;
+        b.order = order;
     }
 }
 

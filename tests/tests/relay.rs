@@ -351,24 +351,30 @@ async fn bursts_through_a_bound_channel_arrive_whole_and_in_order_both_ways() {
 /// Two clients relayed by the same server, each with a channel to the other's relayed address
 /// (two agents both on TURN): what one sends reaches the other whole, in order, none lost, both
 /// ways (the relay hands it from one allocation to the other without crossing its sockets).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_allocations_on_one_relay_reach_each_other_through_their_channels() {
-    init_tracing();
-    let r = relay(true).await;
+type End = (
+    turn::client::Client,
+    Arc<dyn webrtc_util::Conn + Send + Sync>,
+    SocketAddr,
+);
+
+/// Two allocations on `r` (users `left` and `right`) that have heard each other through their
+/// channels (both ways: permissions and channels are in place), with nothing left to read.
+async fn allocation_pair(r: &Relay, left: &str, right: &str) -> (End, End) {
     let mut ends = vec![];
-    for name in ["peer-left", "peer-right"] {
+    for name in [left, right] {
         let creds = tern_proto::relay_auth::issue(SECRET, name, now() + 600);
         let sock = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
         let c = turn_client(sock, &r.udp_addr, &creds.username, &creds.password).await;
-        let conn = c.allocate().await.expect("allocate");
+        let conn: Arc<dyn webrtc_util::Conn + Send + Sync> =
+            Arc::new(c.allocate().await.expect("allocate"));
         let addr = conn.local_addr().expect("relayed address");
         ends.push((c, conn, addr));
     }
     let (la, ra) = (ends[0].2, ends[1].2);
-    let (left, right) = (&ends[0].1, &ends[1].1);
+    let (l, rt) = (ends[0].1.clone(), ends[1].1.clone());
     let mut buf = vec![0u8; 2048];
-    // Both sides send until each hears the other: permissions and channels are in place both
-    // ways (the turn client binds a channel after its first send).
+    // Both sides send until each hears the other (the turn client binds a channel after its
+    // first send).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let (mut heard_l, mut heard_r) = (0, 0);
     while heard_l < 20 || heard_r < 20 {
@@ -376,9 +382,9 @@ async fn two_allocations_on_one_relay_reach_each_other_through_their_channels() 
             tokio::time::Instant::now() < deadline,
             "the allocations did not reach each other ({heard_l}, {heard_r})"
         );
-        left.send_to(b"hi", ra).await.expect("send");
-        right.send_to(b"hi", la).await.expect("send");
-        for (conn, heard, other) in [(left, &mut heard_l, ra), (right, &mut heard_r, la)] {
+        l.send_to(b"hi", ra).await.expect("send");
+        rt.send_to(b"hi", la).await.expect("send");
+        for (conn, heard, other) in [(&l, &mut heard_l, ra), (&rt, &mut heard_r, la)] {
             while let Ok(Ok((n, from))) =
                 tokio::time::timeout(Duration::from_millis(50), conn.recv_from(&mut buf)).await
             {
@@ -388,22 +394,40 @@ async fn two_allocations_on_one_relay_reach_each_other_through_their_channels() 
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    for (conn, _) in [(left, 0), (right, 1)] {
+    for conn in [&l, &rt] {
         while tokio::time::timeout(Duration::from_millis(200), conn.recv_from(&mut buf))
             .await
             .is_ok()
         {}
     }
-    for (from, to, to_addr, from_addr) in [(left, right, ra, la), (right, left, la, ra)] {
+    let right_end = ends.pop().expect("right");
+    let left_end = ends.pop().expect("left");
+    (left_end, right_end)
+}
+
+async fn close_ends(ends: Vec<End>) {
+    for (c, conn, _) in ends {
+        conn.close().await.expect("close");
+        c.close().await.expect("close");
+    }
+}
+
+/// Datagram `i` of a numbered stream (its number in the first four bytes, two lengths).
+fn numbered(i: usize) -> Vec<u8> {
+    let mut d = vec![(i % 251) as u8; 1000 + (i % 2) * 100];
+    d[..4].copy_from_slice(&(i as u32).to_be_bytes());
+    d
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_allocations_on_one_relay_reach_each_other_through_their_channels() {
+    init_tracing();
+    let r = relay(true).await;
+    let ((lc, left, la), (rc, right, ra)) = allocation_pair(&r, "peer-left", "peer-right").await;
+    let mut buf = vec![0u8; 2048];
+    for (from, to, to_addr, from_addr) in [(&left, &right, ra, la), (&right, &left, la, ra)] {
         for run in 0..10 {
-            let want: Vec<Vec<u8>> = (0..20)
-                .map(|k| {
-                    let i = run * 20 + k;
-                    let mut d = vec![(i % 251) as u8; 1000 + (k % 2) * 100];
-                    d[..4].copy_from_slice(&(i as u32).to_be_bytes());
-                    d
-                })
-                .collect();
+            let want: Vec<Vec<u8>> = (0..20).map(|k| numbered(run * 20 + k)).collect();
             for d in &want {
                 from.send_to(d, to_addr).await.expect("send");
             }
@@ -420,10 +444,49 @@ async fn two_allocations_on_one_relay_reach_each_other_through_their_channels() 
             }
         }
     }
-    for (c, conn, _) in ends {
-        conn.close().await.expect("close");
-        c.close().await.expect("close");
+    close_ends(vec![(lc, left, la), (rc, right, ra)]).await;
+    r.close().await;
+}
+
+/// The relay groups a batch's datagrams by destination (one GSO send per group): flows sent
+/// interleaved, datagram by datagram, must still each arrive whole and in their own order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interleaved_flows_through_one_relay_each_arrive_in_their_own_order() {
+    init_tracing();
+    let r = relay(true).await;
+    let (a, b) = allocation_pair(&r, "flow-a-from", "flow-a-to").await;
+    let (c, d) = allocation_pair(&r, "flow-b-from", "flow-b-to").await;
+    let mut buf = vec![0u8; 2048];
+    for round in 0..15 {
+        // 20 datagrams of each flow, interleaved as fast as the clients send: the relay reads
+        // several of them in one batch. Then all of them back, before the clients' sockets fill.
+        let first = round * 20;
+        for i in first..first + 20 {
+            a.1.send_to(&numbered(i), b.2).await.expect("send");
+            c.1.send_to(&numbered(1000 + i), d.2).await.expect("send");
+        }
+        for (to, from, offset) in [(&b, &a, 0), (&d, &c, 1000)] {
+            for i in first..first + 20 {
+                let (n, src) =
+                    tokio::time::timeout(Duration::from_secs(3), to.1.recv_from(&mut buf))
+                        .await
+                        .unwrap_or_else(|_| panic!("datagram {} was lost", offset + i))
+                        .expect("receive");
+                assert_eq!(src, from.2, "the sender's relayed address");
+                let number = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+                assert_eq!(
+                    number,
+                    offset + i,
+                    "out of order, or another flow's datagram"
+                );
+                assert!(
+                    buf[..n] == numbered(offset + i),
+                    "datagram {number} differs"
+                );
+            }
+        }
     }
+    close_ends(vec![a, b, c, d]).await;
     r.close().await;
 }
 
