@@ -14,7 +14,7 @@
 //! (one `sendmmsg`; 1: one `send` per message, clients interleaved message by message);
 //! `--gso` sends each burst as one UDP GSO `sendmsg`, as a Tern agent sends a run of relayed
 //! WireGuard packets (the kernel cuts it into datagrams; a server that did not ask for GRO reads
-//! them one by one). Receivers read with `recvmmsg`. The generator shares the machine with the
+//! them one by one). Receivers read with `recvmmsg` and UDP GRO, as an agent reads. The generator shares the machine with the
 //! server under test: the fewer system calls it makes per message, the more of the machine the
 //! server gets.
 //!
@@ -278,18 +278,28 @@ const MAX_BURST: usize = 64;
 const RECV_BATCH: usize = 32;
 
 /// Counts the ChannelData messages arriving on `group` until `stop` (non-blocking `recvmmsg` on
-/// each socket in turn).
+/// each socket in turn; a GRO read of a run the server sent in one GSO send counts each of its
+/// datagrams).
 fn receive(group: &[Arc<UdpSocket>], received: &AtomicU64, stop: &AtomicBool) {
-    use nix::sys::socket::{recvmmsg, MsgFlags, MultiHeaders, SockaddrStorage};
+    use nix::sys::socket::{
+        recvmmsg, ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrStorage,
+    };
     use std::io::IoSliceMut;
     use std::os::fd::AsRawFd;
-    let mut hdrs = MultiHeaders::<SockaddrStorage>::preallocate(RECV_BATCH, None);
-    let mut bufs = vec![[0u8; 2048]; RECV_BATCH];
+    let mut bufs = vec![vec![0u8; 65_536]; RECV_BATCH];
     loop {
         let mut any = false;
         for s in group {
             loop {
-                let lens: Vec<usize> = {
+                // (bytes, GRO segment size) of each message.
+                let got: Vec<(usize, usize)> = {
+                    // New headers each call: nix's recvmmsg leaves each header's control length
+                    // as the last call set it (0 without a GRO run), so a reused header would
+                    // lose the next run's segment size and count the run as one datagram.
+                    let mut hdrs = MultiHeaders::<SockaddrStorage>::preallocate(
+                        RECV_BATCH,
+                        Some(nix::cmsg_space!(nix::libc::c_int)),
+                    );
                     let mut iovs: Vec<[IoSliceMut; 1]> = bufs
                         .iter_mut()
                         .map(|b| [IoSliceMut::new(&mut b[..])])
@@ -301,19 +311,33 @@ fn receive(group: &[Arc<UdpSocket>], received: &AtomicU64, stop: &AtomicBool) {
                         MsgFlags::MSG_DONTWAIT,
                         None,
                     ) {
-                        Ok(got) => got.map(|r| r.bytes).collect(),
+                        Ok(msgs) => msgs
+                            .map(|r| {
+                                let seg = r
+                                    .cmsgs()
+                                    .into_iter()
+                                    .flatten()
+                                    .find_map(|c| match c {
+                                        ControlMessageOwned::UdpGroSegments(g) => Some(g as usize),
+                                        _ => None,
+                                    })
+                                    .unwrap_or(r.bytes);
+                                (r.bytes, seg.max(1))
+                            })
+                            .collect(),
                         Err(_) => break,
                     }
                 };
-                if lens.is_empty() {
+                if got.is_empty() {
                     break;
                 }
                 any = true;
-                let channel_data = lens
+                let channel_data: usize = got
                     .iter()
                     .zip(&bufs)
-                    .filter(|(n, b)| **n >= 4 && b[0] & 0xC0 == 0x40)
-                    .count();
+                    .filter(|((n, _), b)| *n >= 4 && b[0] & 0xC0 == 0x40)
+                    .map(|((n, seg), _)| n.div_ceil(*seg))
+                    .sum();
                 received.fetch_add(channel_data as u64, Ordering::Relaxed);
             }
         }
@@ -477,6 +501,9 @@ fn main() -> Result<()> {
             s.connect(a.server)?;
             s.set_nonblocking(true)?;
             let _ = tern_proto::sockopt::force_buffers(s, 4 << 20);
+            // Runs the server sends in one GSO send arrive in one read (as on an agent).
+            let _ =
+                nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::UdpGroSegment, &true);
         }
         pairs.push((Arc::new(x.sock), Arc::new(y.sock)));
     }

@@ -5,11 +5,13 @@
 # two servers; medians over REPEAT rounds. Then capacity with our own generator
 # (relay/examples/turn_load.rs: PAIRS allocation pairs exchanging ChannelData, unpaced and paced
 # in steps of 1.25x until more than 0.1% is lost; turnutils_uclient reports whole seconds and
-# saturates before the relay does). Then the TCP/WebSocket relay throughput (plain + TLS).
+# saturates before the relay does), for two ways of sending (MODES below). Then the TCP/WebSocket
+# relay throughput (plain + TLS).
 # Everything stays on 127.0.0.1.
 #
 #   scripts/bench/relay.sh            # REPEAT=3 CLIENTS=10 MSGS=3000 INTERVAL_MS=1 PAIRS=16 STEP_S=3
-#                                     # ORDER="coturn tern"
+#                                     # ORDER="coturn tern" MODES=... (see below)
+#   TERN_RELAY=path/to/tern-relay     # measure another build of the relay (an earlier commit's)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 REPEAT=${REPEAT:-3}
@@ -36,7 +38,7 @@ turnserver -n --listening-ip=127.0.0.1 --listening-port=$COTURN_PORT --relay-ip=
   --no-tls --no-dtls --no-tcp --no-cli --allow-loopback-peers --no-multicast-peers \
   --log-file="$work/coturn.log" --simple-log >/dev/null 2>&1 &
 pids+=($!); coturn_pid=$!
-TERN_RELAY_SECRET=$SECRET "$bin/tern-relay" --udp-listen 127.0.0.1:$TERN_PORT --http-listen 127.0.0.1:0 \
+TERN_RELAY_SECRET=$SECRET "${TERN_RELAY:-$bin/tern-relay}" --udp-listen 127.0.0.1:$TERN_PORT --http-listen 127.0.0.1:0 \
   --public-ip 127.0.0.1 --ports 55000-59999 --allow-peers 127.0.0.0/8 --max-allocations-per-user 1000 \
   --log warn,turn::server=off 2>"$work/tern.log" &
 pids+=($!); tern_pid=$!
@@ -78,24 +80,36 @@ for s in coturn tern; do
 done
 paste -d' ' "$work/coturn.txt" "$work/tern.txt" | awk '$1 > 0 && $4 != "NA" { print $4/$1 }' | median \
   | xargs printf 'ratio tern/coturn msgs/s (median of per-round ratios): %s\n'
-echo
-echo "# TURN capacity: ${PAIRS:-16} allocation pairs, $LEN-byte ChannelData, highest paced rate at <= 0.1% loss"
-# ORDER="tern coturn" runs ours first (the machine warms and cools between runs).
-for s in ${ORDER:-coturn tern}; do
-  if [ $s = coturn ]; then port=$COTURN_PORT pid=$coturn_pid; else port=$TERN_PORT pid=$tern_pid; fi
-  c0=$(cpu_s "$pid")
-  timeout 600 "$bin/examples/turn_load" --server 127.0.0.1:$port --secret $SECRET --pairs "${PAIRS:-16}" \
-    --len "$LEN" --seconds "${STEP_S:-3}" >"$work/load-$s.txt" 2>&1 || true
-  c1=$(cpu_s "$pid")
-  sed "s/^/$s: /" "$work/load-$s.txt" | grep -v '^[a-z]*: #'
-  echo "$s: server CPU over all steps $(awk -v a="$c0" -v b="$c1" 'BEGIN{printf "%.1f", b-a}') s"
+# Capacity, per way clients send (MODES, "name:turn_load flags" separated by ';'): one datagram
+# per send with clients interleaved message by message (any TURN client), and bursts of 8 as one
+# UDP GSO send each (how a Tern agent sends relayed WireGuard; a server that did not ask for GRO
+# reads them one by one).
+MODES=${MODES:-"per-datagram:--burst 1;agent-gso-runs:--burst 8 --gso"}
+IFS=';' read -r -a modes <<<"$MODES"
+for m in "${modes[@]}"; do
+  name=${m%%:*} flags=${m#*:}
+  echo
+  echo "# TURN capacity, $name clients ($flags): ${PAIRS:-16} allocation pairs, $LEN-byte ChannelData, highest paced rate at <= 0.1% loss"
+  # ORDER="tern coturn" runs ours first (the machine warms and cools between runs).
+  for s in ${ORDER:-coturn tern}; do
+    if [ $s = coturn ]; then port=$COTURN_PORT pid=$coturn_pid; else port=$TERN_PORT pid=$tern_pid; fi
+    c0=$(cpu_s "$pid")
+    # shellcheck disable=SC2086 # flags are words
+    timeout 600 "$bin/examples/turn_load" --server 127.0.0.1:$port --secret $SECRET --pairs "${PAIRS:-16}" \
+      --len "$LEN" --seconds "${STEP_S:-3}" $flags >"$work/load-$s.txt" 2>&1 || true
+    c1=$(cpu_s "$pid")
+    sed "s/^/$s: /" "$work/load-$s.txt" | grep -v '^[a-z]*: #'
+    echo "$s: server CPU over all steps $(awk -v a="$c0" -v b="$c1" 'BEGIN{printf "%.1f", b-a}') s"
+  done
+  best() { sed -n 's/^RESULT highest_rate_within_loss \([0-9]*\).*/\1/p' "$work/load-$1.txt"; }
+  unpaced() { sed -n 's/^RESULT .*unpaced_delivered \([0-9]*\).*/\1/p' "$work/load-$1.txt"; }
+  bound() { grep -q 'sender_bound true' "$work/load-$1.txt" && echo " (tern: the generator could send no faster)" || true; }
+  awk -v c="$(best coturn)" -v t="$(best tern)" -v uc="$(unpaced coturn)" -v ut="$(unpaced tern)" \
+    -v name="$name" -v note="$(bound tern)" 'BEGIN {
+    if (c > 0) printf "ratio tern/coturn, %s, highest rate at <= 0.1%% loss: %.2f (%d vs %d msgs/s)%s\n", name, t / c, t, c, note
+    if (uc > 0) printf "ratio tern/coturn, %s, unpaced delivered: %.2f (%d vs %d msgs/s)\n", name, ut / uc, ut, uc
+  }'
 done
-best() { sed -n 's/^RESULT highest_rate_within_loss \([0-9]*\).*/\1/p' "$work/load-$1.txt"; }
-unpaced() { sed -n 's/^RESULT .*unpaced_delivered \([0-9]*\).*/\1/p' "$work/load-$1.txt"; }
-awk -v c="$(best coturn)" -v t="$(best tern)" -v uc="$(unpaced coturn)" -v ut="$(unpaced tern)" 'BEGIN {
-  if (c > 0) printf "ratio tern/coturn, highest rate at <= 0.1%% loss: %.2f (%d vs %d msgs/s)\n", t / c, t, c
-  if (uc > 0) printf "ratio tern/coturn, unpaced delivered: %.2f (%d vs %d msgs/s)\n", ut / uc, ut, uc
-}'
 
 echo
 echo "# TCP/WebSocket relay throughput (two local clients, one direction)"
