@@ -8,7 +8,10 @@
 //!
 //!   cargo run --release -p tern-relay --example turn_load -- --server 127.0.0.1:3478 \
 //!       --secret S [--pairs 16] [--len 1200] [--seconds 3] [--start 20000] [--max-rate 2000000] \
-//!       [--burst 1] [--gso]
+//!       [--burst 1] [--gso] [--fixed MSGS_PER_S]
+//!
+//! `--fixed R`: one paced round at R messages/s and nothing else (a script measures the server's
+//! CPU around it: CPU per relayed message at a rate every server carries).
 //!
 //! How clients send: `--burst N` sends N messages in turn from one client before the next
 //! (one `sendmmsg`; 1: one `send` per message, clients interleaved message by message);
@@ -52,6 +55,7 @@ struct Args {
     max_rate: f64,
     burst: usize,
     gso: bool,
+    fixed: Option<f64>,
 }
 
 fn args() -> Result<Args> {
@@ -65,6 +69,7 @@ fn args() -> Result<Args> {
         max_rate: 2_000_000.0,
         burst: 1,
         gso: false,
+        fixed: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -79,6 +84,7 @@ fn args() -> Result<Args> {
             "--max-rate" => a.max_rate = value()?.parse().context("--max-rate MSGS_PER_S")?,
             "--burst" => a.burst = value()?.parse().context("--burst N")?,
             "--gso" => a.gso = true,
+            "--fixed" => a.fixed = Some(value()?.parse().context("--fixed MSGS_PER_S")?),
             other => bail!("unknown flag {other} (see the comment at the top of turn_load.rs)"),
         }
     }
@@ -517,6 +523,15 @@ fn main() -> Result<()> {
         a.seconds,
         MAX_LOSS * 100.0
     );
+    if let Some(rate) = a.fixed {
+        let (r, achieved) = paced(&pairs, &a, rate, "fixed ");
+        println!(
+            "RESULT fixed_rate {rate:.0} sent_per_s {achieved:.0} delivered {} loss_pct {:.3}",
+            r.received,
+            r.loss() * 100.0
+        );
+        return Ok(());
+    }
     let unpaced = round(&pairs, &a, None);
     println!(
         "unpaced: sent {} received {} in {:.1} s: {:.0} msgs/s delivered, loss {:.2}%",

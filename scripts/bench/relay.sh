@@ -15,6 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 REPEAT=${REPEAT:-3}
+EFF_S=${EFF_S:-5}
 CLIENTS=${CLIENTS:-10}
 MSGS=${MSGS:-3000}
 INTERVAL_MS=${INTERVAL_MS:-1}
@@ -109,6 +110,23 @@ for m in "${modes[@]}"; do
     if (c > 0) printf "ratio tern/coturn, %s, highest rate at <= 0.1%% loss: %.2f (%d vs %d msgs/s)%s\n", name, t / c, t, c, note
     if (uc > 0) printf "ratio tern/coturn, %s, unpaced delivered: %.2f (%d vs %d msgs/s)\n", name, ut / uc, ut, uc
   }'
+  # The servers' CPU per relayed message at one rate both carried (0.8x the lower of the two
+  # highest rates): how much of a machine each needs, apart from the generator sharing this one.
+  common=$(awk -v c="$(best coturn)" -v t="$(best tern)" 'BEGIN { m = (c < t ? c : t); printf "%d", m * 0.8 }')
+  if [ "${common:-0}" -gt 0 ]; then
+    for s in ${ORDER:-coturn tern}; do
+      if [ $s = coturn ]; then port=$COTURN_PORT pid=$coturn_pid; else port=$TERN_PORT pid=$tern_pid; fi
+      c0=$(cpu_s "$pid")
+      # shellcheck disable=SC2086 # flags are words
+      timeout 120 "$bin/examples/turn_load" --server 127.0.0.1:$port --secret $SECRET --pairs "${PAIRS:-16}" \
+        --len "$LEN" --seconds "${EFF_S:-5}" $flags --fixed "$common" >"$work/fixed-$s.txt" 2>&1 || true
+      c1=$(cpu_s "$pid")
+      awk -v a="$c0" -v b="$c1" -v s=$s -v name="$name" '/^RESULT fixed_rate/ {
+        printf "%s, %s, at %d msgs/s for %s s: server CPU %.2f s, %.1f us per message relayed (loss %s%%)\n",
+          s, name, $3, '"${EFF_S:-5}"', b - a, (b - a) * 1e6 / ($3 * '"${EFF_S:-5}"'), $9 }' "$work/fixed-$s.txt"
+      grep -q '^RESULT fixed_rate' "$work/fixed-$s.txt" || { echo "$s, $name: no figure at $common msgs/s:"; tail -3 "$work/fixed-$s.txt"; }
+    done
+  fi
 done
 
 echo
