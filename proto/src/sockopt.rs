@@ -326,9 +326,21 @@ pub struct Received {
 /// One `recvmmsg`: up to one message per buffer of `bufs` (at most [`MMSG_MAX`]), each a
 /// datagram or a GRO run, appended to `got` (segment size: the whole length when the kernel did
 /// not coalesce). Returns how many messages arrived. WouldBlock when nothing is queued.
-#[allow(unsafe_code)] // C structs for recvmmsg/sendmmsg: nix cannot set a GSO size per message.
 pub fn try_recv_mmsg(
     sock: &tokio::net::UdpSocket,
+    bufs: &mut [Vec<u8>],
+    got: &mut Vec<Received>,
+) -> std::io::Result<usize> {
+    sock.try_io(tokio::io::Interest::READABLE, || recv_mmsg(sock, bufs, got))
+}
+
+/// [`try_recv_mmsg`] on any socket (a blocking one waits; a non-blocking one returns WouldBlock
+/// when nothing is queued). Every call sets up its headers afresh, control lengths included: a
+/// header reused from an earlier call (as nix's `recvmmsg` does) would lose a GRO run's segment
+/// size.
+#[allow(unsafe_code)] // C structs for recvmmsg/sendmmsg: nix cannot set a GSO size per message.
+pub fn recv_mmsg(
+    sock: &impl AsRawFd,
     bufs: &mut [Vec<u8>],
     got: &mut Vec<Received>,
 ) -> std::io::Result<usize> {
@@ -351,24 +363,21 @@ pub fn try_recv_mmsg(
         h.msg_control = cmsgs[i].as_mut_ptr().cast();
         h.msg_controllen = std::mem::size_of::<CmsgBuf>() as _;
     }
-    let count = sock.try_io(tokio::io::Interest::READABLE, || {
-        // SAFETY: every header points into arrays and buffers that outlive the call, with
-        // their true lengths; `n` headers are initialised.
-        let r = unsafe {
-            libc::recvmmsg(
-                sock.as_raw_fd(),
-                hdrs.as_mut_ptr(),
-                n as libc::c_uint,
-                0,
-                std::ptr::null_mut(),
-            )
-        };
-        if r < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(r as usize)
-        }
-    })?;
+    // SAFETY: every header points into arrays and buffers that outlive the call, with their
+    // true lengths; `n` headers are initialised.
+    let r = unsafe {
+        libc::recvmmsg(
+            sock.as_raw_fd(),
+            hdrs.as_mut_ptr(),
+            n as libc::c_uint,
+            0,
+            std::ptr::null_mut(),
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let count = r as usize;
     for (i, h) in hdrs.iter().enumerate().take(count) {
         let len = h.msg_len as usize;
         let Some(from) = from_storage(&names[i]) else {

@@ -17,9 +17,9 @@
 //! (one `sendmmsg`; 1: one `send` per message, clients interleaved message by message);
 //! `--gso` sends each burst as one UDP GSO `sendmsg`, as a Tern agent sends a run of relayed
 //! WireGuard packets (the kernel cuts it into datagrams; a server that did not ask for GRO reads
-//! them one by one). Receivers read with `recvmmsg` and UDP GRO, as an agent reads. The generator shares the machine with the
-//! server under test: the fewer system calls it makes per message, the more of the machine the
-//! server gets.
+//! them one by one). Receivers read with `recvmmsg` and UDP GRO, as an agent reads. The
+//! generator shares the machine with the server under test: the fewer system calls it makes per
+//! message, the more of the machine the server gets.
 //!
 //! Credentials are coturn-style time-limited ones (`use-auth-secret`), as Tern's relay takes them;
 //! every allocation has its own user name (per-user allocation quotas stay out of the way).
@@ -283,68 +283,26 @@ const MAX_BURST: usize = 64;
 /// Messages one receiver's `recvmmsg` takes at most.
 const RECV_BATCH: usize = 32;
 
-/// Counts the ChannelData messages arriving on `group` until `stop` (non-blocking `recvmmsg` on
-/// each socket in turn; a GRO read of a run the server sent in one GSO send counts each of its
-/// datagrams).
+/// Counts the ChannelData messages arriving on `group` until `stop` (`recvmmsg` on each
+/// non-blocking socket in turn; a GRO read of a run the server sent in one GSO send counts each
+/// of its datagrams).
 fn receive(group: &[Arc<UdpSocket>], received: &AtomicU64, stop: &AtomicBool) {
-    use nix::sys::socket::{
-        recvmmsg, ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrStorage,
-    };
-    use std::io::IoSliceMut;
-    use std::os::fd::AsRawFd;
+    use tern_proto::sockopt::recv_mmsg;
     let mut bufs = vec![vec![0u8; 65_536]; RECV_BATCH];
+    let mut got = Vec::with_capacity(RECV_BATCH);
     loop {
         let mut any = false;
         for s in group {
-            loop {
-                // (bytes, GRO segment size) of each message.
-                let got: Vec<(usize, usize)> = {
-                    // New headers each call: nix's recvmmsg leaves each header's control length
-                    // as the last call set it (0 without a GRO run), so a reused header would
-                    // lose the next run's segment size and count the run as one datagram.
-                    let mut hdrs = MultiHeaders::<SockaddrStorage>::preallocate(
-                        RECV_BATCH,
-                        Some(nix::cmsg_space!(nix::libc::c_int)),
-                    );
-                    let mut iovs: Vec<[IoSliceMut; 1]> = bufs
-                        .iter_mut()
-                        .map(|b| [IoSliceMut::new(&mut b[..])])
-                        .collect();
-                    match recvmmsg(
-                        s.as_raw_fd(),
-                        &mut hdrs,
-                        iovs.iter_mut(),
-                        MsgFlags::MSG_DONTWAIT,
-                        None,
-                    ) {
-                        Ok(msgs) => msgs
-                            .map(|r| {
-                                let seg = r
-                                    .cmsgs()
-                                    .into_iter()
-                                    .flatten()
-                                    .find_map(|c| match c {
-                                        ControlMessageOwned::UdpGroSegments(g) => Some(g as usize),
-                                        _ => None,
-                                    })
-                                    .unwrap_or(r.bytes);
-                                (r.bytes, seg.max(1))
-                            })
-                            .collect(),
-                        Err(_) => break,
-                    }
-                };
-                if got.is_empty() {
-                    break;
-                }
+            got.clear();
+            while let Ok(1..) = recv_mmsg(&**s, &mut bufs, &mut got) {
                 any = true;
                 let channel_data: usize = got
                     .iter()
-                    .zip(&bufs)
-                    .filter(|((n, _), b)| *n >= 4 && b[0] & 0xC0 == 0x40)
-                    .map(|((n, seg), _)| n.div_ceil(*seg))
+                    .filter(|m| m.len >= 4 && bufs[m.buf][0] & 0xC0 == 0x40)
+                    .map(|m| m.len.div_ceil(m.seg))
                     .sum();
                 received.fetch_add(channel_data as u64, Ordering::Relaxed);
+                got.clear();
             }
         }
         if !any {
