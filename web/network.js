@@ -38,6 +38,12 @@ function wireguardCard(w) {
 export const REASON_WORDS = {
   hosted_device: "a WireGuard device the server hosts",
   ice_no_direct_pair: "no direct pair got through the NATs",
+  no_common_family: "no address family in common (IPv4 only on one side, IPv6 only on the other)",
+  nat_symmetric_both: "both NATs give a new port per destination (symmetric)",
+  nat_symmetric_here: "this side's NAT gives a new port per destination (symmetric)",
+  nat_symmetric_peer: "the other side's NAT gives a new port per destination (symmetric)",
+  no_public_address_here: "no STUN answer on this side (UDP blocked?)",
+  no_public_address_peer: "no STUN answer on the other side (UDP blocked?)",
   ice_failed: "direct attempts failed; retrying",
   ice_retrying: "retrying a direct path",
   ice_connecting: "trying a direct path",

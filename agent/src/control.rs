@@ -209,7 +209,10 @@ pub fn parse_urls(list: &str) -> Result<Vec<String>, String> {
 /// [`Servers::channel`], which always leads to the current replica: when the agent moves, every
 /// later call (sync, signal, reports, expose, diagnose) goes to the new one.
 pub struct Servers {
+    /// The URLs as given (what the user reads, and what is saved).
     urls: Vec<String>,
+    /// The same as this host dials them (through NAT64 on an IPv6-only uplink).
+    dial: Vec<String>,
     endpoints: Vec<Endpoint>,
     current: std::sync::atomic::AtomicUsize,
     /// Moves the channel's one endpoint (None with a single URL: a plain channel).
@@ -219,9 +222,23 @@ pub struct Servers {
 
 impl Servers {
     /// Starts with the first URL.
+    #[cfg(test)]
     pub fn new(urls: Vec<String>) -> anyhow::Result<std::sync::Arc<Servers>> {
+        Servers::dialling(urls.clone(), urls)
+    }
+
+    /// `urls` as given, each dialled at the same position of `dial` (the same URL, or its
+    /// IPv4 literal embedded in the NAT64 prefix).
+    pub fn dialling(
+        urls: Vec<String>,
+        dial: Vec<String>,
+    ) -> anyhow::Result<std::sync::Arc<Servers>> {
         anyhow::ensure!(!urls.is_empty(), "no management URL");
-        let endpoints = urls
+        anyhow::ensure!(
+            urls.len() == dial.len(),
+            "one dialled URL per management URL"
+        );
+        let endpoints = dial
             .iter()
             .map(|u| endpoint(u, urls.len()))
             .collect::<anyhow::Result<Vec<_>>>()?;
@@ -238,6 +255,7 @@ impl Servers {
         };
         Ok(std::sync::Arc::new(Servers {
             urls,
+            dial,
             endpoints,
             current: 0.into(),
             switch,
@@ -253,6 +271,12 @@ impl Servers {
     pub fn current(&self) -> (usize, String) {
         let i = self.current.load(std::sync::atomic::Ordering::Acquire);
         (i, self.urls[i].clone())
+    }
+
+    /// The URL of the replica in use as this host dials it.
+    pub fn current_dial(&self) -> String {
+        let i = self.current.load(std::sync::atomic::Ordering::Acquire);
+        self.dial[i].clone()
     }
 
     pub fn len(&self) -> usize {

@@ -1,6 +1,43 @@
 //! `tern`: the Tern agent (daemon + CLI). `tern up` joins the network and runs the tunnel in the
 //! foreground; `tern status` and `tern down` talk to the running daemon over a root-only socket.
 
+/// `println!`/`print!` for this crate: a reader that went away (`tern status | head -4`) ends a
+/// CLI command quietly instead of a panic; the daemon (`tern up`) ignores it and keeps running.
+macro_rules! println {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        if let Err(e) = writeln!(out, $($arg)*).and_then(|_| out.flush()) {
+            $crate::stdout_failed(e);
+        }
+    }};
+}
+macro_rules! print {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        if let Err(e) = write!(out, $($arg)*).and_then(|_| out.flush()) {
+            $crate::stdout_failed(e);
+        }
+    }};
+}
+
+/// Set once this process runs the tunnel: from then on a closed stdout is not a reason to stop.
+static DAEMON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Standard output failed: a closed pipe ends a CLI command as `head` expects (exit 0, nothing
+/// printed); the daemon carries on; anything else ends the command with the error.
+fn stdout_failed(e: std::io::Error) {
+    if DAEMON.load(std::sync::atomic::Ordering::Relaxed) {
+        return;
+    }
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    eprintln!("error: cannot write to standard output: {e}");
+    std::process::exit(1);
+}
+
 mod control;
 mod diagnose;
 mod dns;
@@ -59,19 +96,15 @@ struct Cli {
 enum Cmd {
     /// Join the network (a person signs in, or a machine uses a setup key) and run the tunnel
     /// (foreground). Later runs need neither.
+    ///
+    /// `tern up` stays in the foreground until Ctrl-C or `tern down`; `tern service install`
+    /// runs it as a service instead. Its settings (--mtu, --nat64-prefix, --no-dns) are saved in
+    /// the state directory, so a bare `tern up` and the service come back the same.
     Up {
         #[command(flatten)]
         join: JoinArgs,
-        /// Tunnel MTU (default: the management setting, 1280).
-        #[arg(long, env = "TERN_MTU")]
-        mtu: Option<u32>,
-        /// NAT64 prefix of an IPv6-only uplink (e.g. 64:ff9b::/96): IPv4 relay addresses are
-        /// reached through it when the host has no IPv4 route.
-        #[arg(long, env = "TERN_NAT64_PREFIX")]
-        nat64_prefix: Option<ipnet::Ipv6Net>,
-        /// Leave the host's DNS alone: no resolver for peer names and nameserver groups.
-        #[arg(long, env = "TERN_NO_DNS")]
-        no_dns: bool,
+        #[command(flatten)]
+        settings: UpSettings,
     },
     /// Stop the running daemon (removes the interface).
     Down,
@@ -154,12 +187,73 @@ struct JoinArgs {
     sign_in_timeout: Option<u64>,
 }
 
+/// How the tunnel runs. Saved in the state directory with the join: a bare `tern up` (and the
+/// service) uses what was given last; a flag given again replaces the saved value.
+#[derive(clap::Args, Debug, Clone, Default)]
+struct UpSettings {
+    /// Tunnel MTU (default: the management setting, 1280).
+    #[arg(long, env = "TERN_MTU", value_parser = clap::value_parser!(u32).range(576..=9000))]
+    mtu: Option<u32>,
+    /// NAT64 on an IPv6-only uplink: auto (default: the network's prefix, found through DNS64 as
+    /// RFC 7050 says), off, or the prefix itself (e.g. 64:ff9b::/96). IPv4 addresses of the
+    /// server are reached through it when the host has no IPv4 route.
+    #[arg(long, env = "TERN_NAT64_PREFIX", value_name = "auto|off|PREFIX")]
+    nat64_prefix: Option<nat64::Setting>,
+    /// Leave the host's DNS alone: no resolver for peer names and nameserver groups.
+    #[arg(long, env = "TERN_NO_DNS", conflicts_with = "dns")]
+    no_dns: bool,
+    /// Answer peer names again (undoes a saved --no-dns).
+    #[arg(long)]
+    dns: bool,
+}
+
+/// The settings `tern up` runs with: the flags given, else the saved ones, else the defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Settings {
+    mtu: Option<u32>,
+    nat64: nat64::Setting,
+    no_dns: bool,
+}
+
+impl UpSettings {
+    fn over(&self, saved: Option<&state::SavedConfig>) -> anyhow::Result<Settings> {
+        let saved_nat64 = match saved.and_then(|s| s.nat64_prefix.as_deref()) {
+            None => nat64::Setting::Auto,
+            Some(v) => v.parse().map_err(|e: String| {
+                anyhow::anyhow!(
+                    "the saved --nat64-prefix {v:?} is not valid ({e}); give --nat64-prefix again"
+                )
+            })?,
+        };
+        Ok(Settings {
+            mtu: self.mtu.or(saved.and_then(|s| s.mtu)),
+            nat64: self.nat64_prefix.unwrap_or(saved_nat64),
+            no_dns: if self.dns {
+                false
+            } else {
+                self.no_dns || saved.is_some_and(|s| s.no_dns)
+            },
+        })
+    }
+}
+
+impl Settings {
+    fn save_into(&self, c: &mut state::SavedConfig) {
+        c.mtu = self.mtu;
+        c.nat64_prefix = Some(self.nat64.to_string());
+        c.no_dns = self.no_dns;
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum ServiceCmd {
-    /// Join (with --setup-key on a first join), then install, enable and start the service.
+    /// Join (with --setup-key on a first join), then install, enable and start the service. The
+    /// settings given here are saved and used by the service (as by a bare `tern up`).
     Install {
         #[command(flatten)]
         join: JoinArgs,
+        #[command(flatten)]
+        settings: UpSettings,
     },
     /// Stop and disable the service and remove its unit.
     Uninstall,
@@ -244,7 +338,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Service { action } => match action {
-            ServiceCmd::Install { join: args } => {
+            ServiceCmd::Install {
+                join: args,
+                settings,
+            } => {
                 if !platform::net::valid_iface(&cli.interface) {
                     bail!(
                         "--interface {:?} is not a valid interface name (1-15 letters, digits, '-', '_' or '.')",
@@ -260,18 +357,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         cli.interface
                     );
                 }
-                let joined = state::StateDir::new(&cli.state_dir)?
-                    .load_config()?
-                    .is_some();
-                if !joined && args.management_url.is_none() {
+                let st = state::StateDir::new(&cli.state_dir)?;
+                let saved = st.load_config()?;
+                if saved.is_none() && args.management_url.is_none() {
                     bail!("this host has not joined a network yet: run `tern service install --management-url URL` (and --setup-key KEY for a machine nobody signs in on)");
                 }
-                if args.setup_key.is_some() || !joined {
-                    let j = join(&cli.state_dir, &cli.interface, args, None).await?;
-                    println!(
-                        "tern: joined as {} with {}",
-                        j.session.config.name, j.session.config.address
-                    );
+                let run_with = settings.over(saved.as_ref())?;
+                match saved {
+                    Some(mut c) if args.setup_key.is_none() && args.management_url.is_none() => {
+                        run_with.save_into(&mut c);
+                        st.save_config(&c)?;
+                    }
+                    _ => {
+                        let j = join(&cli.state_dir, &cli.interface, args, run_with).await?;
+                        println!(
+                            "tern: joined as {} with {}",
+                            j.session.config.name, j.session.config.address
+                        );
+                    }
                 }
                 service::install(&cli.state_dir, &cli.run_dir, &cli.interface)
             }
@@ -370,6 +473,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if s.pending_approval {
                 println!("Awaiting approval: an admin must approve this peer in the console");
             }
+            if let Some(n) = &s.nat64 {
+                println!("{}", n.line());
+            }
             if let Some(l) = relays::status_line(&s.relays) {
                 println!("{l}");
             }
@@ -429,26 +535,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Up {
-            join,
-            mtu,
-            nat64_prefix,
-            no_dns,
-        } => {
-            if let Some(p) = nat64_prefix {
-                anyhow::ensure!(
-                    p.prefix_len() == 96,
-                    "the NAT64 prefix must be a /96, got /{}",
-                    p.prefix_len()
-                );
-            }
-            let opts = UpOptions {
-                join,
-                mtu,
-                nat64_prefix,
-                no_dns,
-            };
-            up(&cli.state_dir, sock, &cli.interface, opts).await
+        Cmd::Up { join, settings } => {
+            up(&cli.state_dir, sock, &cli.interface, join, settings).await
         }
     }
 }
@@ -557,21 +645,16 @@ fn bytes(n: f64) -> String {
     }
 }
 
-struct UpOptions {
-    join: JoinArgs,
-    mtu: Option<u32>,
-    no_dns: bool,
-    nat64_prefix: Option<ipnet::Ipv6Net>,
-}
-
 /// What a successful login leaves: the session, and the settings `up` runs with.
 struct Joined {
     session: control::Session,
+    /// The management URL in use, as this host dials it (through NAT64 where needed).
     url: String,
     servers: Arc<control::Servers>,
     key: tern_proto::SecretKey,
     hostname: String,
-    mtu: Option<u32>,
+    settings: Settings,
+    nat64: Arc<nat64::Nat64>,
 }
 
 /// Logs in to management (with the setup key on a first join) and saves the config, so that
@@ -580,7 +663,7 @@ async fn join(
     state_dir: &std::path::Path,
     iface: &str,
     args: JoinArgs,
-    mtu: Option<u32>,
+    settings: Settings,
 ) -> anyhow::Result<Joined> {
     let JoinArgs {
         management_url,
@@ -602,12 +685,18 @@ async fn join(
                 .and_then(|h| h.into_string().ok())
         })
         .unwrap_or_else(|| "tern-peer".into());
-    let mtu = mtu.or(saved.as_ref().and_then(|s| s.mtu));
     let urls = control::parse_urls(&url).map_err(anyhow::Error::msg)?;
     for u in &urls {
         warn_plain_http(u);
     }
-    let servers = control::Servers::new(urls)?;
+    // An IPv6-only uplink: IPv4 literals in the URLs are dialled through the NAT64 prefix.
+    let nat64 = Arc::new(nat64::Nat64::new(settings.nat64, iface));
+    nat64.refresh().await;
+    if let Some(why) = urls.iter().find_map(|u| nat64.unreachable_ipv4(u)) {
+        bail!("{why}");
+    }
+    let dial: Vec<String> = urls.iter().map(|u| nat64.url(u)).collect();
+    let servers = control::Servers::dialling(urls, dial)?;
     let ch = servers.channel();
     // The server's key is pinned at the first join; an explicit join with a setup key (a
     // reinstalled server) pins the new one.
@@ -628,6 +717,16 @@ async fn join(
                 attempt += 1;
                 servers.failed(at);
             }
+            Err(control::LoginError::Unreachable { url, why }) if nat64.url(&url) != url => {
+                let p = nat64.prefix().map(|p| p.to_string()).unwrap_or_default();
+                let how = match settings.nat64 {
+                    nat64::Setting::Prefix(_) => "configured with --nat64-prefix: if it is not the network's NAT64 prefix, give the right one or --nat64-prefix auto",
+                    _ => "discovered through the network's DNS64: check that the server runs and that its port is open",
+                };
+                bail!(
+                    "cannot reach management at {url} through the NAT64 prefix {p} ({how}): {why}"
+                );
+            }
             r => break r?,
         }
     };
@@ -645,20 +744,25 @@ async fn join(
         }
         r => r?,
     };
-    st.save_config(&state::SavedConfig {
+    let mut c = state::SavedConfig {
         management_url: servers.joined(),
         hostname: hostname.clone(),
         interface: iface.to_string(),
-        mtu,
+        mtu: None,
         server_key: Some(session.server_key.to_base64()),
-    })?;
+        nat64_prefix: None,
+        no_dns: false,
+    };
+    settings.save_into(&mut c);
+    st.save_config(&c)?;
     Ok(Joined {
         session,
-        url,
+        url: servers.current_dial(),
         servers,
         key,
         hostname,
-        mtu,
+        settings,
+        nat64,
     })
 }
 
@@ -769,15 +873,11 @@ async fn up(
     state_dir: &std::path::Path,
     sock: PathBuf,
     iface: &str,
-    o: UpOptions,
+    join_args: JoinArgs,
+    given: UpSettings,
 ) -> anyhow::Result<()> {
-    let UpOptions {
-        join: join_args,
-        mtu,
-        nat64_prefix,
-        no_dns,
-    } = o;
     let setup_key = join_args.setup_key.clone();
+    DAEMON.store(true, std::sync::atomic::Ordering::Relaxed);
     if !platform::net::valid_iface(iface) {
         bail!("--interface {iface:?} is not a valid interface name (1-15 letters, digits, '-', '_' or '.')");
     }
@@ -789,16 +889,20 @@ async fn up(
     }
     // A resolv.conf an earlier run changed and could not put back (it was killed).
     dns::host::restore_leftovers(state_dir);
+    let saved = state::StateDir::new(state_dir)?.load_config()?;
+    let settings = given.over(saved.as_ref())?;
     let Joined {
         session,
         url,
         servers,
         key,
         hostname,
-        mtu,
-    } = join(state_dir, iface, join_args, mtu).await?;
+        settings,
+        nat64,
+    } = join(state_dir, iface, join_args, settings).await?;
+    let no_dns = settings.no_dns;
     let ch = servers.channel();
-    let mtu = mtu.unwrap_or(session.config.mtu);
+    let mtu = settings.mtu.unwrap_or(session.config.mtu);
     // Rules a crashed earlier run may have left behind.
     platform::net::remove_rules(iface);
     let tun = platform::tun::create(iface, &session.config.address, mtu)?;
@@ -906,17 +1010,22 @@ async fn up(
             ));
         }
     }
+    // A new NAT64 prefix (the host moved to another network) re-reads the map's relay URLs.
+    let (nat64_tx, mut nat64_rx) = watch::channel(());
     {
         let e = engine.clone();
+        let nat64 = nat64.clone();
         tokio::spawn(async move {
-            while maps_rx.changed().await.is_ok() {
+            loop {
+                tokio::select! {
+                    r = maps_rx.changed() => if r.is_err() { break },
+                    r = nat64_rx.changed() => if r.is_err() { break },
+                }
                 let Some(mut map) = maps_rx.borrow_and_update().clone() else {
                     continue;
                 };
-                if let (Some(p), Some(relay)) = (nat64_prefix, map.relay.as_mut()) {
-                    if !platform::net::has_ipv4_default_route() {
-                        nat64::rewrite_relay(relay, &p);
-                    }
+                if let Some(relay) = map.relay.as_mut() {
+                    nat64.relay(relay);
                 }
                 if pending_tx.send_replace(map.pending_approval) != map.pending_approval {
                     if map.pending_approval {
@@ -972,7 +1081,7 @@ async fn up(
         views_rx,
         relay_error.clone(),
     ));
-    tokio::spawn(watch_addresses(engine.clone()));
+    tokio::spawn(watch_addresses(engine.clone(), nat64.clone(), nat64_tx));
     tokio::spawn(engine.clone().probe_relays());
     tokio::spawn(engine.clone().turn_loop());
     if let Some(rx) = shared.take_relayed_stun() {
@@ -987,6 +1096,7 @@ async fn up(
     let iface_s = iface.to_string();
     let e = engine.clone();
     let status_servers = servers.clone();
+    let status_nat64 = nat64.clone();
     let status_now = Arc::new(move || status::Status {
         interface: iface_s.clone(),
         peer_id: me.clone(),
@@ -1014,6 +1124,7 @@ async fn up(
         services: publisher.status(),
         management_refused: refused_rx.borrow().clone(),
         dns: dns_status.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        nat64: status_nat64.status(),
     });
     let status_serve = status_now.clone();
     let (secret_key, token_secret, setup_secret) =
@@ -1036,6 +1147,7 @@ async fn up(
             }),
             relay_views: views_tx,
             relay_error,
+            nat64: nat64.clone(),
             engine: engine.clone(),
             channel: ch.clone(),
             url: url.clone(),
@@ -1307,14 +1419,22 @@ fn tls_roots() -> Arc<rustls::ClientConfig> {
     }))
 }
 
-/// Retries ICE at once when the host's addresses change (new network, DHCP renew, roaming).
-async fn watch_addresses(engine: Arc<engine::Engine>) {
+/// When the host's addresses change (new network, DHCP renew, roaming): looks for the network's
+/// NAT64 prefix again (telling `nat64_changed` when it differs) and retries ICE at once.
+async fn watch_addresses(
+    engine: Arc<engine::Engine>,
+    nat64: Arc<nat64::Nat64>,
+    nat64_changed: watch::Sender<()>,
+) {
     let mut last = addresses();
     loop {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let now = addresses();
         if now != last {
             info!("local addresses changed; retrying direct paths");
+            if nat64.refresh().await {
+                nat64_changed.send_replace(());
+            }
             engine.retry_ice_now();
             last = now;
         }

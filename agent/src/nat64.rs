@@ -1,17 +1,120 @@
 //! IPv6-only uplinks behind NAT64 (a mobile carrier's 464XLAT without a CLAT on this host): the
-//! relay URLs in the network map carry IPv4 literals this host cannot reach. With a NAT64 prefix
-//! (RFC 6052, e.g. 64:ff9b::/96 or a network-specific one) and no IPv4 default route, the agent
-//! rewrites those literals into IPv4-embedded IPv6 addresses, which the carrier's NAT64 translates.
+//! management URL and the relay URLs in the network map may carry IPv4 literals this host cannot
+//! reach. With a NAT64 prefix (RFC 6052: the well-known 64:ff9b::/96 or a network-specific one)
+//! and no IPv4 default route, every IPv4 address the agent dials goes through [`Nat64::dial`] or
+//! [`Nat64::url`], which embed it in the prefix; the carrier's NAT64 translates.
+//!
+//! The prefix is found as 464XLAT clients find it (RFC 7050): the AAAA records of
+//! `ipv4only.arpa` through the host's resolver (a DNS64 resolver synthesizes them from its
+//! well-known IPv4 addresses 192.0.0.170/171), at start and whenever the host's addresses change.
+//! `--nat64-prefix` overrides discovery (or turns NAT64 off).
 
 use ipnet::Ipv6Net;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use serde::Serialize;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::RwLock;
+use std::time::Duration;
 use tern_proto::management as pb;
+use tracing::{info, warn};
 
-/// The IPv4-embedded IPv6 address of `v4` under a /96 prefix.
+/// The name whose AAAA records reveal the prefix (RFC 7050 §2).
+pub const WELL_KNOWN_NAME: &str = "ipv4only.arpa";
+/// The IPv4 addresses `ipv4only.arpa` has (RFC 7050 §2.2).
+const WELL_KNOWN_V4: [Ipv4Addr; 2] = [Ipv4Addr::new(192, 0, 0, 170), Ipv4Addr::new(192, 0, 0, 171)];
+/// Prefix lengths RFC 6052 §2.2 allows, longest first (the usual /96 is tried first).
+const LENGTHS: [u8; 6] = [96, 64, 56, 48, 40, 32];
+/// How long discovery waits for the resolver.
+const DISCOVERY_WITHIN: Duration = Duration::from_secs(5);
+
+/// What `--nat64-prefix` says (saved with the other `tern up` settings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Setting {
+    /// Discover the prefix (RFC 7050) when the host has no IPv4 route.
+    #[default]
+    Auto,
+    /// Never synthesize.
+    Off,
+    /// This prefix (discovery is still run, to name a prefix that differs from the network's).
+    Prefix(Ipv6Net),
+}
+
+impl std::str::FromStr for Setting {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "auto" => Ok(Setting::Auto),
+            "off" => Ok(Setting::Off),
+            p => {
+                let net: Ipv6Net = p.parse().map_err(|_| {
+                    format!("{p:?} is not a NAT64 prefix: give an IPv6 prefix such as 64:ff9b::/96, or auto, or off")
+                })?;
+                if !LENGTHS.contains(&net.prefix_len()) {
+                    return Err(format!(
+                        "a NAT64 prefix is /32, /40, /48, /56, /64 or /96 (RFC 6052), not /{}",
+                        net.prefix_len()
+                    ));
+                }
+                if net.prefix_len() > 64 && net.network().octets()[8] != 0 {
+                    return Err(format!(
+                        "{net}: bits 64-71 of a NAT64 prefix must be zero (RFC 6052)"
+                    ));
+                }
+                Ok(Setting::Prefix(net.trunc()))
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Setting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Setting::Auto => f.write_str("auto"),
+            Setting::Off => f.write_str("off"),
+            Setting::Prefix(p) => write!(f, "{p}"),
+        }
+    }
+}
+
+/// The IPv4-embedded IPv6 address of `v4` under `prefix` (RFC 6052 §2.2: bits 64-71 stay zero).
 pub fn embed(prefix: &Ipv6Net, v4: Ipv4Addr) -> Ipv6Addr {
     let mut o = prefix.network().octets();
-    o[12..].copy_from_slice(&v4.octets());
+    let mut at = usize::from(prefix.prefix_len() / 8);
+    for b in v4.octets() {
+        if at == 8 {
+            at += 1;
+        }
+        o[at] = b;
+        at += 1;
+    }
     Ipv6Addr::from(o)
+}
+
+/// The IPv4 address embedded in `a` under a prefix of `len` bits.
+fn extract(a: Ipv6Addr, len: u8) -> Ipv4Addr {
+    let o = a.octets();
+    let mut at = usize::from(len / 8);
+    let mut v4 = [0u8; 4];
+    for b in &mut v4 {
+        if at == 8 {
+            at += 1;
+        }
+        *b = o[at];
+        at += 1;
+    }
+    Ipv4Addr::from(v4)
+}
+
+/// The prefix behind synthesized AAAA records of `ipv4only.arpa` (RFC 7050 §3): the longest
+/// RFC 6052 length at which one of the well-known addresses is embedded.
+pub fn prefix_from_answers(answers: &[Ipv6Addr]) -> Option<Ipv6Net> {
+    answers.iter().find_map(|a| {
+        LENGTHS.iter().find_map(|&len| {
+            WELL_KNOWN_V4
+                .contains(&extract(*a, len))
+                .then(|| Ipv6Net::new(*a, len).ok().map(|n| n.trunc()))
+                .flatten()
+        })
+    })
 }
 
 /// Replaces an IPv4 literal host in a `scheme:host:port...` or `scheme://host:port/...` URL.
@@ -30,16 +133,275 @@ pub fn rewrite_url(url: &str, prefix: &Ipv6Net) -> String {
     }
 }
 
-pub fn rewrite_relay(relay: &mut pb::RelayConfig, prefix: &Ipv6Net) {
-    for s in &mut relay.stun {
-        s.url = rewrite_url(&s.url, prefix);
+/// The IPv4 literal host of a URL, if it has one.
+pub fn ipv4_host(url: &str) -> Option<Ipv4Addr> {
+    let rest = match url.split_once("://") {
+        Some((_, r)) => r,
+        None => url.split_once(':')?.1,
+    };
+    let end = rest.find([':', '/', '?']).unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// What `tern status` says about NAT64 (only on a host without an IPv4 route).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, Default)]
+pub struct Status {
+    /// The prefix in use ("" when none is known).
+    pub prefix: String,
+    /// "configured", "discovered" or "" (none).
+    pub source: String,
+    /// The network's own prefix when it differs from the configured one.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub discovered: String,
+    /// Why no prefix was discovered (when none is in use).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error: String,
+}
+
+impl Status {
+    /// The status line, e.g. "IPv6-only uplink, NAT64 prefix 64:ff9b::/96 (discovered)".
+    pub fn line(&self) -> String {
+        if self.prefix.is_empty() {
+            return format!(
+                "IPv6-only uplink, no NAT64 prefix: IPv4 addresses of the server are unreachable ({}); pass --nat64-prefix PREFIX",
+                if self.error.is_empty() { "discovery found none" } else { &self.error }
+            );
+        }
+        let mut l = format!(
+            "IPv6-only uplink, NAT64 prefix {} ({})",
+            self.prefix, self.source
+        );
+        if !self.discovered.is_empty() {
+            l.push_str(&format!(
+                "; the network announces {}: check --nat64-prefix",
+                self.discovered
+            ));
+        }
+        l
     }
-    for t in &mut relay.turn {
-        t.url = rewrite_url(&t.url, prefix);
+}
+
+#[derive(Debug, Clone, Default)]
+struct State {
+    /// The host has an IPv4 default route (then nothing is synthesized).
+    ipv4_route: bool,
+    /// The network's prefix (RFC 7050), when discovery found one.
+    discovered: Option<Ipv6Net>,
+    /// Why discovery found none.
+    error: String,
+}
+
+/// The one place IPv4 addresses are made reachable from an IPv6-only host.
+#[derive(Debug)]
+pub struct Nat64 {
+    setting: Setting,
+    /// The tunnel's interface (its routes are not the uplink's).
+    iface: String,
+    state: RwLock<State>,
+}
+
+impl Nat64 {
+    /// Before the first [`Nat64::refresh`] it assumes an IPv4 route (nothing synthesized).
+    pub fn new(setting: Setting, iface: &str) -> Nat64 {
+        Nat64 {
+            setting,
+            iface: iface.to_string(),
+            state: RwLock::new(State {
+                ipv4_route: true,
+                ..State::default()
+            }),
+        }
     }
-    for t in &mut relay.tcp_relay {
-        t.url = rewrite_url(&t.url, prefix);
+
+    fn state(&self) -> State {
+        self.state.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
+
+    /// Looks at the host's routes again and, on a host without an IPv4 route, asks the resolver
+    /// for the network's prefix. Returns true when what [`Nat64::prefix`] gives changed.
+    pub async fn refresh(&self) -> bool {
+        let iface = self.iface.clone();
+        let ipv4_route = tokio::task::spawn_blocking(move || {
+            crate::platform::net::has_ipv4_default_route(&iface)
+        })
+        .await
+        .unwrap_or(true);
+        let before = self.prefix();
+        let (discovered, error) = if ipv4_route || self.setting == Setting::Off {
+            (None, String::new())
+        } else {
+            match discover().await {
+                Ok(p) => (Some(p), String::new()),
+                Err(e) => (None, e),
+            }
+        };
+        {
+            let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
+            st.ipv4_route = ipv4_route;
+            st.discovered = discovered;
+            st.error = error;
+        }
+        let after = self.prefix();
+        if before != after {
+            match (after, self.setting) {
+                (Some(p), Setting::Prefix(_)) => {
+                    info!(prefix = %p, "IPv6-only uplink: IPv4 addresses are reached through the configured NAT64 prefix")
+                }
+                (Some(p), _) => {
+                    info!(prefix = %p, "IPv6-only uplink: IPv4 addresses are reached through the network's NAT64 prefix (discovered via DNS64)")
+                }
+                (None, _) if !ipv4_route => {
+                    warn!(error = %self.state().error, "IPv6-only uplink without a NAT64 prefix: IPv4 addresses of the server are unreachable; pass --nat64-prefix")
+                }
+                (None, _) => info!(
+                    "the host has an IPv4 route again: IPv4 addresses are dialled as they are"
+                ),
+            }
+        }
+        if let (Setting::Prefix(p), Some(d)) = (self.setting, discovered) {
+            if p != d {
+                warn!(configured = %p, network = %d, "the configured NAT64 prefix differs from the one the network announces");
+            }
+        }
+        before != after
+    }
+
+    /// The prefix IPv4 addresses go through now (None: dial them as they are).
+    pub fn prefix(&self) -> Option<Ipv6Net> {
+        let st = self.state();
+        if st.ipv4_route {
+            return None;
+        }
+        match self.setting {
+            Setting::Off => None,
+            Setting::Prefix(p) => Some(p),
+            Setting::Auto => st.discovered,
+        }
+    }
+
+    /// The host has no IPv4 default route.
+    pub fn ipv6_only(&self) -> bool {
+        !self.state().ipv4_route
+    }
+
+    /// The address to dial for `a`.
+    pub fn dial(&self, a: SocketAddr) -> SocketAddr {
+        match (a.ip(), self.prefix()) {
+            (IpAddr::V4(v4), Some(p)) => SocketAddr::new(IpAddr::V6(embed(&p, v4)), a.port()),
+            _ => a,
+        }
+    }
+
+    /// The URL to dial for `url` (an IPv4 literal host embedded in the prefix).
+    pub fn url(&self, url: &str) -> String {
+        match self.prefix() {
+            Some(p) => rewrite_url(url, &p),
+            None => url.to_string(),
+        }
+    }
+
+    /// Every server URL of the relay part of a network map, as this host dials them.
+    pub fn relay(&self, relay: &mut pb::RelayConfig) {
+        let Some(p) = self.prefix() else {
+            return;
+        };
+        for s in &mut relay.stun {
+            s.url = rewrite_url(&s.url, &p);
+        }
+        for u in &mut relay.stun_probe_urls {
+            *u = rewrite_url(u, &p);
+        }
+        for t in &mut relay.turn {
+            t.url = rewrite_url(&t.url, &p);
+        }
+        for t in &mut relay.tcp_relay {
+            t.url = rewrite_url(&t.url, &p);
+        }
+    }
+
+    /// For `tern status`: None on a host with an IPv4 route.
+    pub fn status(&self) -> Option<Status> {
+        let st = self.state();
+        if st.ipv4_route {
+            return None;
+        }
+        let prefix = self.prefix();
+        Some(Status {
+            prefix: prefix.map(|p| p.to_string()).unwrap_or_default(),
+            source: match (prefix, self.setting) {
+                (None, _) => "",
+                (Some(_), Setting::Prefix(_)) => "configured",
+                (Some(_), _) => "discovered",
+            }
+            .into(),
+            discovered: match (self.setting, st.discovered) {
+                (Setting::Prefix(p), Some(d)) if p != d => d.to_string(),
+                _ => String::new(),
+            },
+            error: if prefix.is_none() {
+                if self.setting == Setting::Off {
+                    "--nat64-prefix off".into()
+                } else {
+                    st.error
+                }
+            } else {
+                String::new()
+            },
+        })
+    }
+
+    /// Why `url` (with an IPv4 literal host) cannot be reached from here, when that is the case:
+    /// the host has no IPv4 route and no prefix is known. Says what to do.
+    pub fn unreachable_ipv4(&self, url: &str) -> Option<String> {
+        let v4 = ipv4_host(url)?;
+        if !self.ipv6_only() || self.prefix().is_some() {
+            return None;
+        }
+        let why = match self.setting {
+            Setting::Off => "NAT64 is switched off (--nat64-prefix off)".to_string(),
+            _ => format!("no NAT64 prefix was found ({})", self.state().error),
+        };
+        Some(format!(
+            "this host has no IPv4 route (an IPv6-only uplink) and {url} names the IPv4 address {v4}; {why}. Use the network's DNS64 resolver (the carrier's, usually handed out by DHCPv6 or router advertisements), or pass --nat64-prefix PREFIX (the carrier's NAT64 prefix, often 64:ff9b::/96), or give a management URL whose host name has an IPv6 address"
+        ))
+    }
+}
+
+/// RFC 7050 discovery through the host's resolver (getaddrinfo, so /etc/resolv.conf, nsswitch
+/// and systemd-resolved are honoured as every program on the host sees them).
+async fn discover() -> Result<Ipv6Net, String> {
+    let lookup = tokio::net::lookup_host((WELL_KNOWN_NAME, 0));
+    let addrs = match tokio::time::timeout(DISCOVERY_WITHIN, lookup).await {
+        Err(_) => {
+            return Err(format!(
+                "the resolver did not answer for {WELL_KNOWN_NAME} within {} s",
+                DISCOVERY_WITHIN.as_secs()
+            ))
+        }
+        Ok(Err(e)) => {
+            return Err(format!(
+                "{WELL_KNOWN_NAME} does not resolve ({e}): the resolver does no DNS64"
+            ))
+        }
+        Ok(Ok(a)) => a,
+    };
+    let v6: Vec<Ipv6Addr> = addrs
+        .filter_map(|a| match a.ip() {
+            IpAddr::V6(v6) => Some(v6),
+            IpAddr::V4(_) => None,
+        })
+        .collect();
+    if v6.is_empty() {
+        return Err(format!(
+            "{WELL_KNOWN_NAME} has no IPv6 address at the resolver: it does no DNS64"
+        ));
+    }
+    prefix_from_answers(&v6).ok_or_else(|| {
+        format!(
+            "the IPv6 addresses of {WELL_KNOWN_NAME} ({}) embed neither 192.0.0.170 nor 192.0.0.171",
+            v6.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")
+        )
+    })
 }
 
 #[cfg(test)]
@@ -66,6 +428,10 @@ mod tests {
             "ws://[2001:db8:64:ff9b::cb00:710a]:443/relay"
         );
         assert_eq!(
+            rewrite_url("http://203.0.113.10:8080", &p),
+            "http://[2001:db8:64:ff9b::cb00:710a]:8080"
+        );
+        assert_eq!(
             rewrite_url("wss://relay.example.com/relay", &p),
             "wss://relay.example.com/relay",
             "names stay"
@@ -74,6 +440,134 @@ mod tests {
             rewrite_url("stun:[2001:db8::1]:3478", &p),
             "stun:[2001:db8::1]:3478",
             "IPv6 stays"
+        );
+        assert_eq!(
+            ipv4_host("http://203.0.113.1:8080"),
+            Some(Ipv4Addr::new(203, 0, 113, 1))
+        );
+        assert_eq!(
+            ipv4_host("stun:203.0.113.1:3479"),
+            Some(Ipv4Addr::new(203, 0, 113, 1))
+        );
+        assert_eq!(ipv4_host("https://vpn.example.com"), None);
+    }
+
+    /// RFC 6052 §2.4's examples: 192.0.2.33 under each prefix length.
+    #[test]
+    fn every_rfc6052_prefix_length_embeds_and_is_found_again() {
+        let v4 = Ipv4Addr::new(192, 0, 2, 33);
+        for (prefix, want) in [
+            ("2001:db8::/32", "2001:db8:c000:221::"),
+            ("2001:db8:100::/40", "2001:db8:1c0:2:21::"),
+            ("2001:db8:122::/48", "2001:db8:122:c000:2:2100::"),
+            ("2001:db8:122:300::/56", "2001:db8:122:3c0:0:221::"),
+            ("2001:db8:122:344::/64", "2001:db8:122:344:c0:2:2100:0"),
+            ("2001:db8:122:344::/96", "2001:db8:122:344::192.0.2.33"),
+            ("64:ff9b::/96", "64:ff9b::192.0.2.33"),
+        ] {
+            let p: Ipv6Net = prefix.parse().expect("prefix");
+            let a = embed(&p, v4);
+            assert_eq!(a, want.parse::<Ipv6Addr>().expect("want"), "{prefix}");
+            assert_eq!(extract(a, p.prefix_len()), v4, "{prefix}");
+            // What a DNS64 resolver answers for ipv4only.arpa under this prefix.
+            let answers = [
+                embed(&p, Ipv4Addr::new(192, 0, 0, 171)),
+                embed(&p, WELL_KNOWN_V4[0]),
+            ];
+            assert_eq!(prefix_from_answers(&answers), Some(p), "{prefix}");
+        }
+        // An ordinary IPv6 address of the name (no DNS64) gives none.
+        assert_eq!(
+            prefix_from_answers(&["2001:db8::1".parse().expect("a")]),
+            None
+        );
+    }
+
+    #[test]
+    fn settings_parse_and_say_what_is_wrong() {
+        assert_eq!("auto".parse::<Setting>(), Ok(Setting::Auto));
+        assert_eq!("off".parse::<Setting>(), Ok(Setting::Off));
+        assert_eq!(
+            "64:ff9b::/96".parse::<Setting>(),
+            Ok(Setting::Prefix("64:ff9b::/96".parse().expect("p")))
+        );
+        assert!("64:ff9b::/95"
+            .parse::<Setting>()
+            .expect_err("refused")
+            .contains("RFC 6052"));
+        assert!("2001:db8:0:0:ff00::/96"
+            .parse::<Setting>()
+            .expect_err("refused")
+            .contains("bits 64-71"));
+        assert!("nat64"
+            .parse::<Setting>()
+            .expect_err("refused")
+            .contains("64:ff9b::/96"));
+        for s in ["auto", "off", "2001:db8:64:ff9b::/96"] {
+            assert_eq!(s.parse::<Setting>().expect(s).to_string(), s);
+        }
+    }
+
+    #[test]
+    fn only_an_ipv6_only_host_synthesizes_and_status_says_how_it_knows() {
+        let p: Ipv6Net = "2001:db8:64:ff9b::/96".parse().expect("p");
+        let n = Nat64::new(Setting::Auto, "tern0");
+        let server: SocketAddr = "203.0.113.10:3478".parse().expect("a");
+        // An IPv4 route (the state before the first refresh): nothing changes.
+        assert_eq!(n.dial(server), server);
+        assert_eq!(n.status(), None);
+        assert_eq!(n.unreachable_ipv4("http://203.0.113.10:443"), None);
+        // IPv6 only, nothing discovered: no prefix, and the reason names NAT64.
+        *n.state.write().expect("lock") = State {
+            ipv4_route: false,
+            discovered: None,
+            error: "ipv4only.arpa has no IPv6 address at the resolver: it does no DNS64".into(),
+        };
+        assert_eq!(n.dial(server), server);
+        let why = n
+            .unreachable_ipv4("http://203.0.113.10:443")
+            .expect("unreachable");
+        assert!(
+            why.contains("IPv6-only uplink") && why.contains("--nat64-prefix"),
+            "{why}"
+        );
+        assert!(n
+            .status()
+            .expect("status")
+            .line()
+            .contains("no NAT64 prefix"));
+        // Discovered.
+        n.state.write().expect("lock").discovered = Some(p);
+        assert_eq!(
+            n.dial(server).to_string(),
+            "[2001:db8:64:ff9b::cb00:710a]:3478"
+        );
+        assert_eq!(
+            n.status().expect("status").line(),
+            "IPv6-only uplink, NAT64 prefix 2001:db8:64:ff9b::/96 (discovered)"
+        );
+        let mut relay = pb::RelayConfig {
+            stun_probe_urls: vec!["stun:203.0.113.10:3479".into()],
+            ..Default::default()
+        };
+        n.relay(&mut relay);
+        assert_eq!(
+            relay.stun_probe_urls[0],
+            "stun:[2001:db8:64:ff9b::cb00:710a]:3479"
+        );
+        // Configured, and different from the network's: both named.
+        let c = Nat64::new(Setting::Prefix("64:ff9b::/96".parse().expect("p")), "tern0");
+        *c.state.write().expect("lock") = State {
+            ipv4_route: false,
+            discovered: Some(p),
+            error: String::new(),
+        };
+        assert_eq!(c.dial(server).to_string(), "[64:ff9b::cb00:710a]:3478");
+        let line = c.status().expect("status").line();
+        assert!(
+            line.contains("64:ff9b::/96 (configured)")
+                && line.contains("the network announces 2001:db8:64:ff9b::/96"),
+            "{line}"
         );
     }
 }

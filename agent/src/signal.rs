@@ -26,6 +26,50 @@ pub enum PeerMsg {
     },
     /// One trickled ICE candidate.
     Candidate { session: u64, candidate: String },
+    /// What the sender knows of its own reachability (address families, NAT mapping, a public
+    /// address), so that both sides can say why a pair runs through a relay. Older agents
+    /// neither send it nor read it.
+    Reach {
+        session: u64,
+        ipv4: bool,
+        ipv6: bool,
+        /// "independent", "dependent" or "unknown" (RFC 4787 mapping).
+        mapping: String,
+        public: bool,
+    },
+}
+
+impl PeerMsg {
+    pub fn reach(session: u64, r: &tern_tunnel::reach::Reach) -> PeerMsg {
+        use tern_tunnel::reach::Mapping;
+        PeerMsg::Reach {
+            session,
+            ipv4: r.ipv4,
+            ipv6: r.ipv6,
+            mapping: match r.mapping {
+                Mapping::EndpointIndependent => "independent",
+                Mapping::EndpointDependent => "dependent",
+                Mapping::Unknown => "unknown",
+            }
+            .into(),
+            public: r.public,
+        }
+    }
+}
+
+/// The reachability a [`PeerMsg::Reach`] carries.
+pub fn reach_of(ipv4: bool, ipv6: bool, mapping: &str, public: bool) -> tern_tunnel::reach::Reach {
+    use tern_tunnel::reach::Mapping;
+    tern_tunnel::reach::Reach {
+        ipv4,
+        ipv6,
+        mapping: match mapping {
+            "independent" => Mapping::EndpointIndependent,
+            "dependent" => Mapping::EndpointDependent,
+            _ => Mapping::Unknown,
+        },
+        public,
+    }
 }
 
 /// Seals a PeerMsg for `to` as the signal payload (prost-encoded SealedMessage).

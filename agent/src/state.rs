@@ -19,6 +19,12 @@ pub struct SavedConfig {
     /// is refused until the peer joins again with a setup key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_key: Option<String>,
+    /// `--nat64-prefix` as last given ("auto", "off" or a prefix; None: never given, auto).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat64_prefix: Option<String>,
+    /// `--no-dns` as last given.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_dns: bool,
 }
 
 pub struct StateDir {
@@ -135,8 +141,21 @@ mod tests {
             interface: "tern0".into(),
             mtu: None,
             server_key: Some("AAAA".into()),
+            nat64_prefix: Some("64:ff9b::/96".into()),
+            no_dns: true,
         };
         s.save_config(&c).expect("save");
         assert_eq!(s.load_config().expect("load"), Some(c));
+        // A file written before the settings were saved still loads (with their defaults).
+        std::fs::write(
+            d.path().join("config.json"),
+            r#"{"management_url":"http://x:1","hostname":"h","interface":"tern0","mtu":1400}"#,
+        )
+        .expect("write");
+        let old = s.load_config().expect("load").expect("some");
+        assert_eq!(
+            (old.mtu, old.nat64_prefix, old.no_dns),
+            (Some(1400), None, false)
+        );
     }
 }

@@ -48,6 +48,9 @@ pub struct Status {
     /// The resolver for peer names and nameserver groups.
     #[serde(default)]
     pub dns: crate::dns::Status,
+    /// Only on a host without an IPv4 route: the NAT64 prefix IPv4 addresses go through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat64: Option<crate::nat64::Status>,
 }
 
 pub fn socket_path(run_dir: &Path, iface: &str) -> PathBuf {

@@ -12,6 +12,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "Tern server: management (API, console, agents' gRPC), signal and relay"
+)]
 pub struct Args {
     /// Address for the API, console and gRPC (one port: HTTP/1.1 and HTTP/2).
     #[arg(long, env = "TERN_LISTEN", default_value = "0.0.0.0:8080")]
@@ -423,7 +427,28 @@ async fn shutdown_signal() {
 
 /// `main` of both binaries: errors are printed with all their causes.
 pub fn main_with(with_signal: bool) -> std::process::ExitCode {
-    let args = Args::parse();
+    use clap::{CommandFactory, FromArgMatches};
+    // One flag set, two binaries: each names itself in --help and --version.
+    let (name, about) = if with_signal {
+        (
+            "tern-server",
+            "Tern server: management (API, console, agents' gRPC), signal and the relay in one process",
+        )
+    } else {
+        (
+            "tern-management",
+            "Tern management alone (API, console, agents' gRPC); run tern-signal beside it",
+        )
+    };
+    let matches = Args::command()
+        .name(name)
+        .bin_name(name)
+        .about(about)
+        .get_matches();
+    let args = match Args::from_arg_matches(&matches) {
+        Ok(a) => a,
+        Err(e) => e.exit(),
+    };
     init_logging(&args.log);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -13,10 +13,14 @@ pub const VIEW_REQUEST: &str = "view";
 /// The relay's own figures about one client (`tern diagnose`): what it dropped and what it holds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RelayView {
-    /// Datagrams from this client the relay dropped (recipient offline or its queue full).
+    /// Datagrams from this client the relay dropped because the recipient's queue was full.
     pub dropped_from_you: u64,
     /// Datagrams to this client the relay dropped (this client's queue was full).
     pub dropped_to_you: u64,
+    /// Datagrams from this client for a recipient not connected to the relay (dropped; not the
+    /// relay's load). Absent from relays older than this field.
+    #[serde(default)]
+    pub no_recipient_from_you: u64,
     /// Bytes queued to this client now, and the most the relay queues per client.
     pub queued_to_you_bytes: u64,
     pub queue_limit_bytes: u64,

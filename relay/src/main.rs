@@ -8,6 +8,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "Tern relay: STUN/TURN over UDP and the TCP/WebSocket datagram relay"
+)]
 struct Args {
     /// STUN/TURN UDP listen address.
     #[arg(long, env = "TERN_RELAY_UDP_LISTEN", default_value = "0.0.0.0:3478")]

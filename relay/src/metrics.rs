@@ -39,7 +39,8 @@ metrics! {
     tcp_connections_active: "gauge", "Live TCP/TLS (WebSocket) relay connections.";
     tcp_packets_relayed_total: "counter", "Datagrams relayed between TCP-relay clients.";
     tcp_bytes_relayed_total: "counter", "Payload bytes relayed between TCP-relay clients.";
-    tcp_drops_total: "counter", "TCP-relay datagrams dropped: recipient offline or its queue full.";
+    tcp_drops_total: "counter", "TCP-relay datagrams dropped because a queue was full (a slow receiver or an overloaded relay).";
+    tcp_no_recipient_total: "counter", "TCP-relay datagrams for a recipient not connected to the relay (dropped).";
     malformed_total: "counter", "Malformed packets or frames dropped.";
     turn_nonces_issued_total: "counter", "Nonces the TURN server created (the front answers most unauthenticated requests with a current one).";
 }

@@ -64,6 +64,8 @@ enum Out {
 struct ClientStats {
     dropped_from: AtomicU64,
     dropped_to: AtomicU64,
+    /// Datagrams from this client whose recipient was not connected.
+    no_recipient: AtomicU64,
 }
 
 struct Client {
@@ -188,6 +190,7 @@ impl TcpRelay {
                     let view = RelayView {
                         dropped_from_you: stats.dropped_from.load(Ordering::Relaxed),
                         dropped_to_you: stats.dropped_to.load(Ordering::Relaxed),
+                        no_recipient_from_you: stats.no_recipient.load(Ordering::Relaxed),
                         queued_to_you_bytes: my_queued.load(Ordering::Relaxed) as u64,
                         queue_limit_bytes: self.opts.queue_bytes as u64,
                         drops_total: self.metrics.tcp_drops_total.load(Ordering::Relaxed),
@@ -232,8 +235,9 @@ impl TcpRelay {
             .get(to)
             .map(|c| (c.tx.clone(), c.queued.clone(), c.stats.clone()));
         let Some((tx, queued, to_stats)) = target else {
-            Metrics::inc(&self.metrics.tcp_drops_total);
-            from_stats.dropped_from.fetch_add(1, Ordering::Relaxed);
+            // Not the relay's load: the recipient is not connected to it.
+            Metrics::inc(&self.metrics.tcp_no_recipient_total);
+            from_stats.no_recipient.fetch_add(1, Ordering::Relaxed);
             return;
         };
         let dropped = || {
@@ -458,6 +462,11 @@ mod tests {
         drop(b);
         assert_eq!(r.connected(), 1, "a dropped handle leaves the relay");
         a.send("laptop", b"lost");
-        assert_eq!(r.metrics.tcp_drops_total.load(Ordering::Relaxed), 1);
+        assert_eq!(r.metrics.tcp_no_recipient_total.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            r.metrics.tcp_drops_total.load(Ordering::Relaxed),
+            0,
+            "an absent recipient is not the relay's overload"
+        );
     }
 }

@@ -4,6 +4,10 @@ use secrecy::{ExposeSecret, SecretString};
 use std::net::SocketAddr;
 
 #[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "Tern signal service: sealed ICE messages between peers"
+)]
 struct Args {
     /// gRPC listen address.
     #[arg(long, env = "TERN_SIGNAL_LISTEN", default_value = "0.0.0.0:10000")]

@@ -248,6 +248,13 @@ fn peers_by_name_a_lan_nameserver_and_the_hosts_resolver_put_back() {
         })
         .unwrap_or_else(|e| panic!("{e}: {}", resolv_conf(&m, &ha)));
     m.lab.stop("a");
+    // A clean stop says what it did, not that an earlier run failed.
+    let log = m.lab.log("a");
+    assert!(
+        log.contains("restored as it was before tern started")
+            && !log.contains("did not stop cleanly"),
+        "{log}"
+    );
     let gw_resolves = |m: &Mesh| {
         wait_resolves(
             m,

@@ -22,6 +22,8 @@ pub const CODES: &[(&str, &str, &str)] = &[
     ("clock_skew", "this host's clock is off from the server's", "Enable time synchronisation (systemd-timesyncd, chrony): logins and relay credentials depend on the clock."),
     ("signal_unreachable", "the signal stream is down, so new direct paths cannot be negotiated", "Check that the server's TCP port is reachable and that no proxy cuts long-lived HTTP/2 streams."),
     ("tcp_relay_unreachable", "the TCP relay (the fallback for networks that block UDP) is not connected", "Check the relay URL and that HTTPS/WebSocket reaches the server."),
+    ("nat64_missing", "this host has no IPv4 route (an IPv6-only uplink) and no NAT64 prefix, so the server's IPv4 addresses are unreachable", "Use the network's DNS64 resolver (tern finds the prefix through it), or pass `--nat64-prefix PREFIX` (the carrier's, often 64:ff9b::/96) to `tern up` once: it is remembered."),
+    ("nat64_prefix_mismatch", "the NAT64 prefix given with --nat64-prefix is not the one the network announces", "Run `tern up --nat64-prefix auto` (or give the network's prefix shown here)."),
     ("udp_blocked", "this network blocks outgoing UDP: every peer goes through the slower TCP relay", "Allow outgoing UDP to the relay's ports (3478 and 3479 by default) and its relay port range."),
     ("stun_unreachable", "a STUN server of the network map does not answer over UDP", "Check its address and port in --stun-urls and that the firewall in front of it lets UDP in."),
     ("turn_unreachable", "the TURN server of the network map does not answer over UDP", "Check the address and port in --turn-urls (a wrong port is the usual cause) and the server's firewall."),
@@ -32,9 +34,11 @@ pub const CODES: &[(&str, &str, &str)] = &[
     ("nat_symmetric", "this host's NAT gives a new public port per destination, so direct paths are rarely possible", "Use a router with endpoint-independent NAT, or forward a UDP port, where you can; TURN carries the traffic meanwhile."),
     ("nat_timeout_short", "this host's NAT forgets idle UDP mappings sooner than the keepalive interval", "Raise the router's UDP timeout to at least 60 s; idle paths break until then."),
     ("peer_unreachable", "no WireGuard handshake with this peer", "Run `tern diagnose` on the peer too, and check in the console that it is online."),
+    ("peer_connecting", "this peer joined the map moments ago and its first WireGuard handshake is still under way", "Nothing to do yet; if it stays so for a minute, run `tern diagnose` again."),
     ("peer_offline", "the peer is not connected to management", "Start its agent, or remove it in the console if it is gone."),
     ("peer_relayed", "traffic to this peer goes through a relay (slower, costs server bandwidth)", "The reason code says why; when nothing on this host explains it, run `tern diagnose` on the peer."),
     ("relay_overloaded", "the TCP relay drops this host's traffic in its queues (a receiver reads slower than senders send, or the relay is overloaded)", "Check the relay's CPU and bandwidth and the slow peer's downlink; direct or TURN paths (allow UDP) take the load off it."),
+    ("relay_peer_absent", "the TCP relay could not deliver this host's datagrams: their recipient is not connected to it", "The peer reaches neither this host directly nor the relay: its `tern status` and `tern diagnose` say why (on an IPv6-only uplink, check its NAT64 prefix)."),
     ("path_flapping", "the path to this peer changes often", "Usually an unstable uplink or a NAT that rebinds: check the uplink and the NAT's UDP timeouts."),
     ("path_loss", "packets to this peer are lost on the path", "On a relayed path, check the relay's CPU and bandwidth (it may be overloaded); on a direct path, the uplinks."),
     ("path_slow", "the round trip to this peer is long", "On a relayed path, a relay nearer to both peers helps; on a direct path it is the networks' latency."),
@@ -154,6 +158,12 @@ pub struct PeerFacts {
     pub probe_rtt_ms: Option<f64>,
     #[serde(default)]
     pub probe_loss_pct: Option<f64>,
+    /// Seconds since the peer entered this agent's map.
+    #[serde(default)]
+    pub in_map_secs: Option<u64>,
+    /// Seconds since the last WireGuard handshake (None: never).
+    #[serde(default)]
+    pub last_handshake_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -196,6 +206,12 @@ pub struct Facts {
     /// Networks this host routes for others.
     pub serving: Vec<String>,
     pub ip_forward: Option<bool>,
+    /// Only on a host without an IPv4 route: the NAT64 prefix in use and how it was found.
+    #[serde(default)]
+    pub nat64: Option<crate::nat64::Status>,
+    /// Server URLs of the map with an IPv4 literal this host cannot dial (IPv6 only, no prefix).
+    #[serde(default)]
+    pub ipv4_unreachable: Vec<String>,
 }
 
 /// The answer to `tern diagnose`.
@@ -227,6 +243,9 @@ const LOSS_ERROR: f64 = 0.5;
 const SLOW_MS: f64 = 250.0;
 const SKEW_SECS: i64 = 30;
 const FLAPPING: u32 = 4;
+/// A peer this new without a handshake is still connecting, not unreachable (ICE takes up to
+/// its attempt's bound, and the relay fallback a few seconds).
+const HANDSHAKE_GRACE_SECS: u64 = 60;
 
 pub fn analyze(f: &Facts) -> Vec<Finding> {
     use Severity::*;
@@ -259,7 +278,40 @@ pub fn analyze(f: &Facts) -> Vec<Finding> {
             "the signal stream is not connected".into(),
         ));
     }
-    if let Some(t) = f.tcp_relay.as_ref().filter(|t| !t.ok) {
+    // An IPv6-only host without a NAT64 prefix reaches none of the server's IPv4 addresses:
+    // that, not UDP or the relay, is what to fix.
+    let no_nat64 =
+        !f.ipv4_unreachable.is_empty() && f.nat64.as_ref().is_some_and(|n| n.prefix.is_empty());
+    if no_nat64 {
+        let why = f
+            .nat64
+            .as_ref()
+            .map(|n| n.error.clone())
+            .filter(|e| !e.is_empty())
+            .map(|e| format!("; {e}"))
+            .unwrap_or_default();
+        out.push(finding(
+            "nat64_missing",
+            Error,
+            "",
+            format!(
+                "no IPv4 route and no NAT64 prefix{why}: unreachable {}",
+                f.ipv4_unreachable.join(", ")
+            ),
+        ));
+    }
+    if let Some(n) = f.nat64.as_ref().filter(|n| !n.discovered.is_empty()) {
+        out.push(finding(
+            "nat64_prefix_mismatch",
+            Warning,
+            "",
+            format!(
+                "configured {}, the network's DNS64 answers with {}",
+                n.prefix, n.discovered
+            ),
+        ));
+    }
+    if let Some(t) = f.tcp_relay.as_ref().filter(|t| !t.ok && !no_nat64) {
         out.push(finding(
             "tcp_relay_unreachable",
             Warning,
@@ -273,7 +325,9 @@ pub fn analyze(f: &Facts) -> Vec<Finding> {
         + f.turn.iter().filter(|t| t.server.is_some()).count();
     let udp_answered = f.stun.iter().filter(|s| s.mapped.is_some()).count()
         + f.turn.iter().filter(|t| t.answered).count();
-    if udp_tried > 0 && udp_answered == 0 {
+    if no_nat64 {
+        // Said above: nothing of the server answers over IPv4 from here.
+    } else if udp_tried > 0 && udp_answered == 0 {
         let fallback = match &f.tcp_relay {
             Some(t) if t.ok => "; peers are reached through the TCP relay",
             _ => "",
@@ -416,6 +470,17 @@ pub fn analyze(f: &Facts) -> Vec<Finding> {
     }
 
     if let Some((a, b)) = &f.relay_view {
+        let absent = b
+            .no_recipient_from_you
+            .saturating_sub(a.no_recipient_from_you);
+        if absent > 0 {
+            out.push(finding(
+                "relay_peer_absent",
+                Warning,
+                "",
+                format!("during the checks the TCP relay dropped {absent} datagrams from this host because their recipient is not connected to it"),
+            ));
+        }
         let from = b.dropped_from_you.saturating_sub(a.dropped_from_you);
         let to = b.dropped_to_you.saturating_sub(a.dropped_to_you);
         let full = b.queue_limit_bytes > 0 && b.queued_to_you_bytes * 2 > b.queue_limit_bytes;
@@ -446,16 +511,42 @@ pub fn analyze(f: &Facts) -> Vec<Finding> {
             continue;
         }
         if !p.up {
+            let added = p.in_map_secs.unwrap_or(u64::MAX);
+            if p.last_handshake_secs.is_none() && added < HANDSHAKE_GRACE_SECS {
+                out.push(finding(
+                    "peer_connecting",
+                    Info,
+                    &p.name,
+                    format!(
+                        "in this host's map for {added} s, no handshake yet; {}",
+                        p.reason
+                    ),
+                ));
+                continue;
+            }
+            let seen = match p.last_handshake_secs {
+                Some(s) => format!(
+                    "no WireGuard handshake in the last 3 minutes (the last {} min ago)",
+                    s / 60
+                ),
+                None if added == u64::MAX => "no WireGuard handshake yet".to_string(),
+                None => format!("no WireGuard handshake in the {added} s since it joined the map"),
+            };
             out.push(finding(
                 "peer_unreachable",
                 Error,
                 &p.name,
-                format!("no WireGuard handshake in the last 3 minutes; {}", p.reason),
+                format!("{seen}; {}", p.reason),
             ));
             continue;
         }
         if relayed {
-            let here = if udp_blocked {
+            // The path's reason already names a cause on one side (both sides' facts): no
+            // referral to the peer then.
+            let known = p.reason_code != "ice_no_direct_pair" && p.path == "turn_relay";
+            let here = if known {
+                ""
+            } else if udp_blocked {
                 "; here: UDP is blocked (udp_blocked)"
             } else if symmetric {
                 "; here: this host's NAT maps per destination (nat_symmetric)"

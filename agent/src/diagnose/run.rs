@@ -31,6 +31,8 @@ pub struct Context {
     pub relay_views: tokio::sync::mpsc::Sender<crate::ViewRequest>,
     /// Why the TCP relay is not connected (empty when it is).
     pub relay_error: Arc<std::sync::Mutex<String>>,
+    /// How IPv4 addresses are dialled (through NAT64 on an IPv6-only uplink).
+    pub nat64: Arc<crate::nat64::Nat64>,
 }
 
 /// The relay's view of this agent now, if it answers within a second.
@@ -77,7 +79,7 @@ pub async fn run(ctx: &Context, args: &Args) -> Report {
     let turn = futures::future::join_all(
         turns
             .iter()
-            .map(|t| wire::turn_check(&t.url, &t.username, &t.password)),
+            .map(|t| wire::turn_check(&t.url, &t.username, &t.password, &ctx.nat64)),
     );
     let probes = futures::future::join_all(peers.iter().take(MAX_PROBED).map(|p| {
         let ip: Option<IpAddr> = p.overlay_ip.parse().ok();
@@ -96,7 +98,7 @@ pub async fn run(ctx: &Context, args: &Args) -> Report {
     let deep = async {
         match (args.deep, turns.first()) {
             (true, Some(t)) => {
-                wire::nat_lifetime(&t.url, &t.username, &t.password, &DEEP_IDLES).await
+                wire::nat_lifetime(&t.url, &t.username, &t.password, &DEEP_IDLES, &ctx.nat64).await
             }
             _ => vec![],
         }
@@ -162,6 +164,8 @@ pub async fn run(ctx: &Context, args: &Args) -> Report {
                     pmtu,
                     probe_rtt_ms: p.latency_ms.filter(|_| p.probes.is_some()),
                     probe_loss_pct: p.loss_pct,
+                    in_map_secs: Some(p.in_map_secs),
+                    last_handshake_secs: p.last_handshake_secs_ago,
                 }
             })
             .collect(),
@@ -184,6 +188,18 @@ pub async fn run(ctx: &Context, args: &Args) -> Report {
         ip_forward: std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward")
             .ok()
             .map(|v| v.trim() == "1"),
+        nat64: ctx.nat64.status(),
+        ipv4_unreachable: relay
+            .stun
+            .iter()
+            .map(|x| &x.url)
+            .chain(relay.turn.iter().map(|t| &t.url))
+            .chain(relay.tcp_relay.iter().map(|t| &t.url))
+            .filter(|u| ctx.nat64.unreachable_ipv4(u).is_some())
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect(),
     };
     let mut report = Report {
         findings: super::analyze(&facts),

@@ -41,6 +41,8 @@ fn peer(name: &str, path: &str, code: &str) -> PeerFacts {
         }),
         probe_rtt_ms: Some(0.6),
         probe_loss_pct: Some(0.0),
+        in_map_secs: Some(3600),
+        last_handshake_secs: Some(20),
     }
 }
 
@@ -88,6 +90,8 @@ fn clean() -> Facts {
         routes: vec![],
         serving: vec![],
         ip_forward: Some(false),
+        nat64: None,
+        ipv4_unreachable: vec![],
     }
 }
 
@@ -305,7 +309,32 @@ fn loss_slowness_flapping_and_black_holes_per_peer() {
     let mut f = clean();
     f.peers[0].up = false;
     f.peers[0].reason = "ICE failed 3 times".into();
+    f.peers[0].last_handshake_secs = Some(400);
     assert_eq!(codes(&f), vec!["peer_unreachable"]);
+    assert!(
+        one(&analyze(&f), "peer_unreachable")
+            .evidence
+            .contains("the last 6 min ago"),
+        "{:?}",
+        analyze(&f)
+    );
+    // A peer added 10 s ago has had no handshake yet: it is connecting, not unreachable.
+    f.peers[0].last_handshake_secs = None;
+    f.peers[0].in_map_secs = Some(10);
+    f.peers[0].reason = "ICE is starting; the TCP relay carries traffic meanwhile".into();
+    let v = analyze(&f);
+    assert_eq!(codes(&f), vec!["all_clear", "peer_connecting"], "{v:?}");
+    assert!(one(&v, "peer_connecting").evidence.contains("for 10 s"));
+    // Still none after the grace: unreachable, saying how long it has been.
+    f.peers[0].in_map_secs = Some(75);
+    let v = analyze(&f);
+    assert_eq!(codes(&f), vec!["peer_unreachable"]);
+    assert!(
+        one(&v, "peer_unreachable")
+            .evidence
+            .contains("in the 75 s since it joined the map"),
+        "{v:?}"
+    );
 }
 
 #[test]
@@ -363,6 +392,7 @@ fn the_relays_own_drops_during_the_checks_are_named() {
     let before = RelayView {
         dropped_from_you: 5,
         dropped_to_you: 0,
+        no_recipient_from_you: 0,
         queued_to_you_bytes: 0,
         queue_limit_bytes: 1 << 20,
         drops_total: 100,
@@ -392,6 +422,23 @@ fn the_relays_own_drops_during_the_checks_are_named() {
     assert_eq!(
         one(&analyze(&f), "relay_overloaded").severity,
         Severity::Warning
+    );
+    // Datagrams for a peer that is not connected to the relay are not the relay's load.
+    let absent = RelayView {
+        no_recipient_from_you: 40,
+        ..before
+    };
+    f.relay_view = Some((before, absent));
+    let v = analyze(&f);
+    assert!(
+        !codes(&f).contains(&"relay_overloaded".to_string()),
+        "{v:?}"
+    );
+    assert!(
+        one(&v, "relay_peer_absent")
+            .evidence
+            .contains("40 datagrams from this host"),
+        "{v:?}"
     );
 }
 
@@ -432,4 +479,59 @@ fn every_code_has_advice_and_a_line_in_the_readme() {
     for x in analyze(&f) {
         assert!(!advice(&x.code).is_empty(), "{} undocumented", x.code);
     }
+}
+
+#[test]
+fn an_ipv6_only_host_without_nat64_is_told_so_not_that_udp_or_the_relay_fails() {
+    // Everything of the server is an IPv4 literal this host cannot dial: every UDP probe and the
+    // TCP relay fail, for one reason.
+    let mut f = clean();
+    for s in &mut f.stun {
+        s.mapped = None;
+        s.error = Some("no answer".into());
+    }
+    for t in &mut f.turn {
+        t.answered = false;
+        t.relayed = None;
+        t.relay_ports_open = None;
+    }
+    f.tcp_relay = Some(Reach {
+        ok: false,
+        detail: "Network is unreachable".into(),
+    });
+    f.nat64 = Some(crate::nat64::Status {
+        error: "ipv4only.arpa has no IPv6 address at the resolver: it does no DNS64".into(),
+        ..Default::default()
+    });
+    f.ipv4_unreachable = vec![
+        "stun:203.0.113.10:3478".into(),
+        "ws://203.0.113.10:443/relay".into(),
+    ];
+    let v = analyze(&f);
+    assert_eq!(codes(&f), vec!["nat64_missing"], "{v:?}");
+    let e = &one(&v, "nat64_missing").evidence;
+    assert!(
+        e.contains("does no DNS64") && e.contains("stun:203.0.113.10:3478"),
+        "{e}"
+    );
+    assert!(one(&v, "nat64_missing").advice.contains("--nat64-prefix"));
+
+    // The same host with its prefix, everything answering: nothing to report.
+    let mut f = clean();
+    f.nat64 = Some(crate::nat64::Status {
+        prefix: "2001:db8:64:ff9b::/96".into(),
+        source: "discovered".into(),
+        ..Default::default()
+    });
+    assert_eq!(codes(&f), vec!["all_clear"]);
+    // A configured prefix the network does not announce is named.
+    f.nat64 = Some(crate::nat64::Status {
+        prefix: "64:ff9b::/96".into(),
+        source: "configured".into(),
+        discovered: "2001:db8:64:ff9b::/96".into(),
+        ..Default::default()
+    });
+    assert!(one(&analyze(&f), "nat64_prefix_mismatch")
+        .evidence
+        .contains("2001:db8:64:ff9b::/96"));
 }

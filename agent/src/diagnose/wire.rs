@@ -386,16 +386,23 @@ impl Allocation {
         }
     }
 
-    /// Whether a datagram `from` sends to the relayed address arrives here as a Data
-    /// indication (sent up to 3 times within `within`).
-    pub async fn echo_through(&self, from: &UdpSocket, within: Duration) -> bool {
+    /// Whether a datagram `from` sends to the relayed address (dialled as `nat64` says: through
+    /// the prefix on an IPv6-only host) arrives here as a Data indication (sent up to 3 times
+    /// within `within`).
+    pub async fn echo_through(
+        &self,
+        from: &UdpSocket,
+        nat64: &crate::nat64::Nat64,
+        within: Duration,
+    ) -> bool {
+        let to = nat64.dial(self.relayed);
         let token: [u8; 16] = rand::random();
         let deadline = tokio::time::Instant::now() + within;
         let mut buf = vec![0u8; 1500];
         let mut next_send = tokio::time::Instant::now();
         loop {
             if tokio::time::Instant::now() >= next_send {
-                let _ = from.send_to(&token, self.relayed).await;
+                let _ = from.send_to(&token, to).await;
                 next_send += within / 3;
             }
             let until = next_send.min(deadline);
@@ -433,7 +440,12 @@ impl Allocation {
 
 /// Allocation on `url`, then whether the relay's port range lets a datagram back in: a second
 /// socket of this host sends to the relayed address and the relay must hand it over.
-pub async fn turn_check(url: &str, username: &str, password: &str) -> TurnResult {
+pub async fn turn_check(
+    url: &str,
+    username: &str,
+    password: &str,
+    nat64: &crate::nat64::Nat64,
+) -> TurnResult {
     let (mut r, alloc) = allocate(url, username, password).await;
     let Some(a) = alloc else {
         return r;
@@ -449,7 +461,10 @@ pub async fn turn_check(url: &str, username: &str, password: &str) -> TurnResult
                 r.error = Some(e);
                 false
             }
-            Ok(()) => a.echo_through(&other, Duration::from_millis(1500)).await,
+            Ok(()) => {
+                a.echo_through(&other, nat64, Duration::from_millis(1500))
+                    .await
+            }
         },
     });
     a.free().await;
@@ -464,6 +479,7 @@ pub async fn nat_lifetime(
     username: &str,
     password: &str,
     idles: &[u64],
+    nat64: &crate::nat64::Nat64,
 ) -> Vec<(u64, Option<bool>)> {
     let tries = idles.iter().map(|&idle| async move {
         let (_, alloc) = allocate(url, username, password).await;
@@ -475,13 +491,17 @@ pub async fn nat_lifetime(
             return (idle, None);
         };
         if a.permit(a.mapped).await.is_err()
-            || !a.echo_through(&other, Duration::from_millis(1500)).await
+            || !a
+                .echo_through(&other, nat64, Duration::from_millis(1500))
+                .await
         {
             a.free().await;
             return (idle, None);
         }
         tokio::time::sleep(Duration::from_secs(idle)).await;
-        let alive = a.echo_through(&other, Duration::from_millis(1500)).await;
+        let alive = a
+            .echo_through(&other, nat64, Duration::from_millis(1500))
+            .await;
         a.free().await;
         (idle, Some(alive))
     });

@@ -96,18 +96,26 @@ fn write_in_place(path: &Path, contents: &str) -> anyhow::Result<()> {
 
 /// Puts back a resolv.conf a crashed run left changed (before anything else touches it).
 pub fn restore_leftovers(state_dir: &Path) {
+    if put_back(state_dir) {
+        info!("restored {RESOLV_CONF} as it was before an earlier run that did not stop cleanly");
+    }
+}
+
+/// Writes the saved resolv.conf back and removes the copy; true if there was one to put back.
+fn put_back(state_dir: &Path) -> bool {
     let backup = state_dir.join(BACKUP);
     let Ok(original) = std::fs::read_to_string(&backup) else {
-        return;
+        return false;
     };
     match write_in_place(Path::new(RESOLV_CONF), &original) {
         Ok(()) => {
             let _ = std::fs::remove_file(&backup);
-            info!(
-                "restored {RESOLV_CONF} as it was before an earlier run that did not stop cleanly"
-            );
+            true
         }
-        Err(e) => warn!(error = %e, "cannot restore {RESOLV_CONF} from {}", backup.display()),
+        Err(e) => {
+            warn!(error = %e, "cannot restore {RESOLV_CONF} from {}", backup.display());
+            false
+        }
     }
 }
 
@@ -198,7 +206,11 @@ impl HostDns {
                     .args(["revert", &self.iface])
                     .output();
             }
-            Mode::ResolvConf => restore_leftovers(self.backup.parent().unwrap_or(Path::new("."))),
+            Mode::ResolvConf => {
+                if put_back(self.backup.parent().unwrap_or(Path::new("."))) {
+                    info!("{RESOLV_CONF} restored as it was before tern started");
+                }
+            }
         }
     }
 }

@@ -68,12 +68,17 @@ impl Engine {
             .filter_map(|s| udp_server(&s.url))
             .collect();
         let mut seen = vec![];
+        // One mapping per family, to tell how the NAT maps (against the alternate STUN port).
+        let mut first: Vec<(std::net::SocketAddr, std::net::SocketAddr)> = vec![];
         for (host, port) in servers {
             for stun in resolve(&host, port).await {
                 let Some(mapped) = self.shared.reflexive(stun).await else {
                     debug!(%stun, "no STUN answer on the shared port");
                     continue;
                 };
+                if !first.iter().any(|(s, _)| s.is_ipv4() == stun.is_ipv4()) {
+                    first.push((stun, mapped));
+                }
                 if seen.contains(&mapped) {
                     continue;
                 }
@@ -100,6 +105,57 @@ impl Engine {
             }
         }
         self.signal_relayed(to, session).await;
+        let reach = self.measure_reach(&first).await;
+        lock(&self.node).set_reach(reach);
+        let _ = self
+            .signal_out
+            .send((to, crate::signal::PeerMsg::reach(session, &reach)))
+            .await;
+    }
+
+    /// This host's reachability for the peer (see `tern_tunnel::reach`): the families it has a
+    /// default route for, and how its NAT maps the shared port, from `first` (a STUN server and
+    /// the mapping it saw, per family) against the relay's alternate STUN port.
+    async fn measure_reach(
+        &self,
+        first: &[(std::net::SocketAddr, std::net::SocketAddr)],
+    ) -> tern_tunnel::reach::Reach {
+        use tern_tunnel::reach::{Mapping, Reach};
+        let ifc = self.iface.clone();
+        let (ipv4, ipv6) =
+            tokio::task::spawn_blocking(move || crate::platform::net::default_routes(&ifc))
+                .await
+                .unwrap_or((true, true));
+        let probes: Vec<(String, u16)> = lock(&self.relay)
+            .stun_probe_urls
+            .iter()
+            .filter_map(|u| udp_server(u))
+            .collect();
+        let mut mapping = Mapping::Unknown;
+        'probe: for (host, port) in probes {
+            for other in resolve(&host, port).await {
+                let Some((_, mapped)) = first
+                    .iter()
+                    .find(|(s, _)| s.is_ipv4() == other.is_ipv4() && *s != other)
+                else {
+                    continue;
+                };
+                if let Some(m) = self.shared.reflexive(other).await {
+                    mapping = if m == *mapped {
+                        Mapping::EndpointIndependent
+                    } else {
+                        Mapping::EndpointDependent
+                    };
+                    break 'probe;
+                }
+            }
+        }
+        Reach {
+            ipv4,
+            ipv6,
+            mapping,
+            public: !first.is_empty(),
+        }
     }
 
     /// Tells the peer our relayed address (our allocation on the shared port) as a `relay`
@@ -580,6 +636,17 @@ impl Engine {
                     .await;
                     me.ice_result(peer, &agent, session, r).await;
                 });
+            }
+            PeerMsg::Reach {
+                ipv4,
+                ipv6,
+                mapping,
+                public,
+                ..
+            } => {
+                let r = crate::signal::reach_of(ipv4, ipv6, &mapping, public);
+                debug!(peer, reach = ?r, "the peer's reachability");
+                lock(&self.node).set_peer_reach(peer, r);
             }
             PeerMsg::Candidate { session, candidate } => {
                 let Some(agent) = self.session_agent(peer, session) else {

@@ -118,6 +118,8 @@ pub struct PeerStatus {
     pub access: String,
     /// Packets that opened flows to the peer that no policy allows (the peer drops them).
     pub sent_without_policy: u64,
+    /// Seconds since the peer entered this agent's map.
+    pub in_map_secs: u64,
 }
 
 /// An ICE session run for a peer; dropping it cancels a pending dial/accept.
@@ -528,6 +530,7 @@ impl Engine {
                     .cloned()
                     .unwrap_or_else(|| "none".into()),
                 sent_without_policy: s.sent_without_policy,
+                in_map_secs: s.known_for.as_secs(),
             })
             .collect()
     }

@@ -7,6 +7,7 @@
 //! - [`allowed_ips`]: longest-prefix match, allocation-free.
 //! - [`firewall`]: the stateful inbound policy filter.
 //! - [`routing`]: which routing peer serves each routed network (HA without flapping).
+//! - [`reach`]: each side's reachability and why a pair between two sides runs through a relay.
 //! - [`backoff`]: the one retry schedule.
 
 pub mod allowed_ips;
@@ -17,6 +18,7 @@ pub mod map;
 mod node;
 pub mod packet;
 pub mod probe;
+pub mod reach;
 pub mod routing;
 
 pub use node::*;

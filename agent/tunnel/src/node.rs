@@ -13,6 +13,7 @@ use crate::allowed_ips::AllowedIps;
 use crate::backoff::Backoff;
 use crate::firewall::{Firewall, Rule};
 use crate::probe::{self, Probes};
+use crate::reach::{relay_cause, Reach};
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::{Packet, Tunn, TunnResult};
@@ -181,6 +182,8 @@ pub struct PeerStatus {
     pub routed: Vec<IpNet>,
     /// Packets that opened flows to the peer that no policy allows (the peer drops them).
     pub sent_without_policy: u64,
+    /// How long the peer has been in the map.
+    pub known_for: Duration,
 }
 
 struct Peer {
@@ -202,6 +205,10 @@ struct Peer {
     probes: Probes,
     /// Packets that opened flows to the peer no outbound rule allows (its filter drops them).
     sent_without_policy: u64,
+    /// When the peer entered the map (a first handshake takes a moment after that).
+    added: Instant,
+    /// What the peer reported of its reachability at its last ICE session.
+    reach: Option<Reach>,
 }
 
 pub struct Node {
@@ -220,6 +227,8 @@ pub struct Node {
     overlay: Option<IpNet>,
     firewall: Firewall,
     tcp_relay_up: bool,
+    /// This host's own reachability (measured by the shell).
+    reach: Reach,
     events: VecDeque<Event>,
     /// Peers whose queued packets are due after a handshake.
     flush: Vec<PeerId>,
@@ -282,6 +291,7 @@ impl Node {
             overlay: None,
             firewall: Firewall::default(),
             tcp_relay_up: false,
+            reach: Reach::default(),
             events: VecDeque::new(),
             flush: vec![],
             timers: vec![],
@@ -407,6 +417,8 @@ impl Node {
                     tx_bytes: 0,
                     probes: Probes::default(),
                     sent_without_policy: 0,
+                    added: now,
+                    reach: None,
                 },
             );
             self.by_key.insert(spec.key, id);
@@ -947,6 +959,22 @@ impl Node {
         self.report_paths();
     }
 
+    /// This host's own reachability, as the shell measured it (see [`crate::reach`]).
+    pub fn set_reach(&mut self, r: Reach) {
+        self.reach = r;
+    }
+
+    pub fn reach(&self) -> Reach {
+        self.reach
+    }
+
+    /// What `peer` reported of its reachability.
+    pub fn set_peer_reach(&mut self, peer: PeerId, r: Reach) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.reach = Some(r);
+        }
+    }
+
     /// The host's addresses changed: retry ICE with every peer without a pair now, and look
     /// for a direct pair with every peer reached through TURN.
     pub fn retry_ice_now(&mut self, now: Instant) {
@@ -970,13 +998,14 @@ impl Node {
 
     /// Why the path is what it is: a stable code (documented in README under `tern diagnose`)
     /// and the same in words.
-    fn reason(p: &Peer, now: Instant, tcp: bool) -> (&'static str, String) {
+    fn reason(&self, p: &Peer, now: Instant) -> (&'static str, String) {
+        let tcp = self.tcp_relay_up;
         if let Some(i) = &p.ice {
             return match i.kind {
-                PathKind::TurnRelay => (
-                    "ice_no_direct_pair",
-                    "no direct pair got through the NATs; ICE relays through TURN".into(),
-                ),
+                PathKind::TurnRelay => {
+                    let (code, why) = relay_cause(&self.reach, p.reach.as_ref());
+                    (code, format!("{why}; ICE relays through TURN"))
+                }
                 _ => ("direct", "direct ICE pair".into()),
             };
         }
@@ -1046,7 +1075,7 @@ impl Node {
                 let (hs, tx, rx, _, hs_rtt) = p.tunn.stats();
                 let _ = (tx, rx);
                 let quality = p.probes.quality(now);
-                let (reason_code, reason) = Self::reason(p, now, self.tcp_relay_up);
+                let (reason_code, reason) = self.reason(p, now);
                 PeerStatus {
                     peer: *id,
                     spec: p.spec.clone(),
@@ -1063,6 +1092,7 @@ impl Node {
                     rx_bytes: p.rx_bytes,
                     tx_bytes: p.tx_bytes,
                     sent_without_policy: p.sent_without_policy,
+                    known_for: now.saturating_duration_since(p.added),
                     routed: self
                         .routed
                         .iter()

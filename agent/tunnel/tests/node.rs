@@ -497,6 +497,35 @@ fn path_choice_and_reason_follow_ice_success_failure_and_lateness() {
     assert_eq!(status(&x, t2).path, PathKind::TurnRelay);
     assert!(status(&x, t2).reason.contains("TURN"));
     assert_eq!(status(&x, t2).reason_code, "ice_no_direct_pair");
+    // Once both sides' reachability is known, the reason is what it is: here an IPv6-only host
+    // and an IPv4-only peer.
+    use tern_tunnel::reach::{Mapping, Reach};
+    x.node.set_reach(Reach {
+        ipv4: false,
+        ipv6: true,
+        mapping: Mapping::EndpointIndependent,
+        public: true,
+    });
+    x.node.set_peer_reach(
+        peer,
+        Reach {
+            ipv4: true,
+            ipv6: false,
+            mapping: Mapping::EndpointDependent,
+            public: true,
+        },
+    );
+    let s = status(&x, t2);
+    assert_eq!(
+        (s.path, s.reason_code),
+        (PathKind::TurnRelay, "no_common_family")
+    );
+    assert!(
+        s.reason
+            .contains("this host has IPv6 only, the peer IPv4 only"),
+        "{}",
+        s.reason
+    );
 }
 
 #[test]
