@@ -99,6 +99,16 @@ function connSummary(p, peers) {
 // ------------------------------------------------------------------------------------------------
 // Overview
 
+// The relay's own load, e.g. "relaying 12.4 Mbit/s (1,530 datagrams/s) · uplink queue 380 ms · 210 drops/s".
+function relayLoadWords(l) {
+  const mbit = (l.bits_per_sec / 1e6).toFixed(l.bits_per_sec >= 1e7 ? 0 : 1);
+  const parts = [`relaying ${mbit} Mbit/s (${Math.round(l.datagrams_per_sec).toLocaleString("en")} datagrams/s)`];
+  if (l.queue_ms != null && l.queue_ms >= 1) parts.push(`uplink queue ${Math.round(l.queue_ms)} ms`);
+  const drops = l.send_drops_per_sec + l.receive_drops_per_sec;
+  parts.push(drops >= 1 ? `${Math.round(drops).toLocaleString("en")} drops/s` : "no drops");
+  return parts.join(" · ");
+}
+
 export async function overview(main) {
   const cards = liveRegion((status) => {
     const total = status.peers_total, online = status.peers_online;
@@ -116,8 +126,11 @@ export async function overview(main) {
       h("section", { class: "card", "aria-label": "Relay" },
         h("h2", {}, "Relay"),
         relay ? h("div", {},
-          h("p", { class: "big", id: "relay-health" }, relay.healthy === true ? badge("healthy", "ok")
-            : relay.healthy === false ? badge("not answering STUN", "bad") : badge("external, not monitored")),
+          h("p", { class: "big", id: "relay-health" }, relay.healthy === false ? badge("not answering STUN", "bad")
+            : relay.load && relay.load.overloaded ? badge("overloaded", "bad")
+            : relay.healthy === true ? badge("healthy", "ok") : badge("external, not monitored")),
+          relay.load ? h("p", { id: "relay-load" }, relayLoadWords(relay.load)) : null,
+          relay.load && relay.load.overloaded ? h("p", { class: "bad-text", id: "relay-overload" }, `Overloaded: ${relay.load.why}. Agents relayed through it see delay and loss; direct paths or a second relay take load off it.`) : null,
           h("p", { class: "muted" }, `${relay.allocations} TURN allocations · ${relay.tcp_clients} TCP relay clients`),
           relay.urls.length ? h("ul", { class: "plain" }, relay.urls.map((u) => h("li", {}, h("code", {}, u)))) : null)
           : h("p", { class: "muted" }, "No relay status available")),

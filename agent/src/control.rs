@@ -155,13 +155,13 @@ pub fn describe(url: &str, s: &tonic::Status) -> String {
 /// With replicas to move to (`replicas` > 1) a replica that vanishes without closing its
 /// connections (a machine that lost power, a network cut) is noticed within about 5 s by HTTP/2
 /// keep-alive pings, instead of 30 s.
-fn endpoint(url: &str, replicas: usize) -> anyhow::Result<Endpoint> {
+fn endpoint(url: &str, dial: &str, replicas: usize) -> anyhow::Result<Endpoint> {
     let (interval, timeout) = if replicas > 1 {
         (Duration::from_secs(3), Duration::from_secs(2))
     } else {
         (Duration::from_secs(20), Duration::from_secs(10))
     };
-    let mut ep = Endpoint::from_shared(url.to_string())
+    let mut ep = Endpoint::from_shared(dial.to_string())
         .map_err(|_| anyhow!("management URL {url:?} is not a valid http(s) URL"))?
         .connect_timeout(if replicas > 1 {
             Duration::from_secs(5)
@@ -177,6 +177,16 @@ fn endpoint(url: &str, replicas: usize) -> anyhow::Result<Endpoint> {
             let pem = std::fs::read(&path)
                 .with_context(|| format!("reading TERN_CA_FILE {}", path.display()))?;
             tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+        }
+        // Dialled through NAT64: the certificate is still checked for the host as given.
+        if dial != url {
+            if let Some(host) = url
+                .parse::<tonic::codegen::http::Uri>()
+                .ok()
+                .and_then(|u| u.host().map(|h| h.trim_matches(['[', ']']).to_string()))
+            {
+                tls = tls.domain_name(host);
+            }
         }
         ep = ep
             .tls_config(tls)
@@ -238,9 +248,10 @@ impl Servers {
             urls.len() == dial.len(),
             "one dialled URL per management URL"
         );
-        let endpoints = dial
+        let endpoints = urls
             .iter()
-            .map(|u| endpoint(u, urls.len()))
+            .zip(&dial)
+            .map(|(u, d)| endpoint(u, d, urls.len()))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let (channel, switch) = if endpoints.len() == 1 {
             (endpoints[0].connect_lazy(), None)

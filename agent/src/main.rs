@@ -983,7 +983,13 @@ async fn up(
     // Network maps -> engine, and the TCP relay connection that follows the map's URL/token.
     let (relay_tx, relay_rx) = watch::channel::<TcpRelays>(None);
     let (services_tx, services_rx) = watch::channel(Arc::new(Vec::new()));
-    let publisher = publish::Publisher::new(&url, tls_roots(), token_rx.clone(), services_rx)?;
+    let publisher = publish::Publisher::new(
+        &nat64.outside_url(&servers.current().1),
+        &url,
+        tls_roots(),
+        token_rx.clone(),
+        services_rx,
+    )?;
     tokio::spawn(publisher.clone().run());
     let (pending_tx, pending_rx) = watch::channel(false);
     let (dns_tx, dns_rx) = watch::channel(dns::Config::default());
@@ -1148,6 +1154,7 @@ async fn up(
             relay_views: views_tx,
             relay_error,
             nat64: nat64.clone(),
+            token: token_rx.clone(),
             engine: engine.clone(),
             channel: ch.clone(),
             url: url.clone(),

@@ -300,6 +300,27 @@ impl Nat64 {
         }
     }
 
+    /// `url` as outsiders know it: an IPv6 literal host under the prefix becomes the IPv4
+    /// address it embeds (a management URL written with the NAT64 address).
+    pub fn outside_url(&self, url: &str) -> String {
+        let (Some(p), Some(open), Some(close)) = (self.prefix(), url.find('['), url.find(']'))
+        else {
+            return url.to_string();
+        };
+        match url
+            .get(open + 1..close)
+            .and_then(|h| h.parse::<Ipv6Addr>().ok())
+        {
+            Some(a) if p.contains(&a) => format!(
+                "{}{}{}",
+                &url[..open],
+                extract(a, p.prefix_len()),
+                &url[close + 1..]
+            ),
+            _ => url.to_string(),
+        }
+    }
+
     /// Every server URL of the relay part of a network map, as this host dials them.
     pub fn relay(&self, relay: &mut pb::RelayConfig) {
         let Some(p) = self.prefix() else {
@@ -554,6 +575,14 @@ mod tests {
         assert_eq!(
             relay.stun_probe_urls[0],
             "stun:[2001:db8:64:ff9b::cb00:710a]:3479"
+        );
+        assert_eq!(
+            n.outside_url("http://[2001:db8:64:ff9b::cb00:710a]:443"),
+            "http://203.0.113.10:443"
+        );
+        assert_eq!(
+            n.outside_url("http://[2001:db8::1]:443"),
+            "http://[2001:db8::1]:443"
         );
         // Configured, and different from the network's: both named.
         let c = Nat64::new(Setting::Prefix("64:ff9b::/96".parse().expect("p")), "tern0");

@@ -80,7 +80,10 @@ impl Endpoint {
 }
 
 pub struct Publisher {
+    /// Management as the user named it (TLS name, and the host shown for public addresses).
     ep: Endpoint,
+    /// Where the tunnel connects (the same host, or its NAT64 address on an IPv6-only uplink).
+    dial: (String, u16),
     tls: Arc<rustls::ClientConfig>,
     token: watch::Receiver<Option<String>>,
     services: watch::Receiver<Arc<Vec<pb::ServedService>>>,
@@ -89,14 +92,18 @@ pub struct Publisher {
 }
 
 impl Publisher {
+    /// Management at `url`, dialled at `dial` (see [`crate::nat64::Nat64::url`]).
     pub fn new(
         url: &str,
+        dial: &str,
         tls: Arc<rustls::ClientConfig>,
         token: watch::Receiver<Option<String>>,
         services: watch::Receiver<Arc<Vec<pb::ServedService>>>,
     ) -> anyhow::Result<Arc<Publisher>> {
+        let d = Endpoint::parse(dial)?;
         Ok(Arc::new(Publisher {
             ep: Endpoint::parse(url)?,
+            dial: (d.host, d.port),
             tls,
             token,
             services,
@@ -321,7 +328,7 @@ impl Publisher {
         let ep = &self.ep;
         let tcp = tokio::time::timeout(
             Duration::from_secs(10),
-            TcpStream::connect((ep.host.as_str(), ep.port)),
+            TcpStream::connect((self.dial.0.as_str(), self.dial.1)),
         )
         .await
         .map_err(|_| anyhow!("no answer from {} within 10 s", ep.authority))?
@@ -683,7 +690,8 @@ mod tests {
             .with_root_certificates(rustls::RootCertStore::empty())
             .with_no_client_auth(),
         );
-        Publisher::new("http://127.0.0.1:1", tls, token, rx).expect("publisher")
+        Publisher::new("http://127.0.0.1:1", "http://127.0.0.1:1", tls, token, rx)
+            .expect("publisher")
     }
 
     fn served(id: &str, protocol: &str, target: SocketAddr) -> pb::ServedService {

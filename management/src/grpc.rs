@@ -451,6 +451,49 @@ impl ManagementService for AgentService {
         }))
     }
 
+    async fn relay_load(
+        &self,
+        req: Request<pb::RelayLoadRequest>,
+    ) -> Result<Response<pb::RelayLoadResponse>, Status> {
+        let token =
+            bearer(req.metadata()).ok_or_else(|| Status::unauthenticated("missing peer token"))?;
+        let id = verify_peer_token(&self.state.peer_token_secret, token)
+            .map_err(|e| Status::unauthenticated(e.to_string()))?;
+        let relays = self
+            .state
+            .relay_load
+            .get()
+            .map(|(meter, urls)| {
+                let l = meter.load();
+                // Tern's TURN usernames are `<expiry>:<peer id>`.
+                let mine = l
+                    .per_allocation
+                    .iter()
+                    .filter(|a| a.user.split_once(':').is_some_and(|(_, p)| p == id.peer_id));
+                let (bits, datagrams) = mine.fold((0.0, 0.0), |(b, d), a| {
+                    (b + a.bits_per_sec, d + a.datagrams_per_sec)
+                });
+                pb::TurnRelayLoad {
+                    urls: urls.clone(),
+                    datagrams_per_sec: l.datagrams_per_sec,
+                    bits_per_sec: l.bits_per_sec,
+                    send_drops_per_sec: l.send_drops_per_sec,
+                    receive_drops_per_sec: l.receive_drops_per_sec,
+                    unsent_bytes: l.unsent_bytes,
+                    queue_ms: l.queue_ms.unwrap_or(0.0),
+                    allocations: l.allocations,
+                    overloaded: l.overloaded,
+                    why: l.why,
+                    yours_bits_per_sec: bits,
+                    yours_datagrams_per_sec: datagrams,
+                    window_secs: l.window_secs,
+                }
+            })
+            .into_iter()
+            .collect();
+        Ok(Response::new(pb::RelayLoadResponse { relays }))
+    }
+
     async fn unexpose(
         &self,
         req: Request<pb::UnexposeRequest>,

@@ -158,6 +158,8 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Running> {
             .await?
             .into_bytes();
     }
+    // The embedded relay's own TURN URL (its load is reported under it).
+    let mut own_turn: Vec<String> = vec![];
     let relay = match &cfg.relay {
         None => None,
         Some(er) => {
@@ -201,10 +203,9 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Running> {
                     alt.port()
                 ));
             }
+            own_turn = vec![format!("turn:{udp}?transport=udp")];
             if opts.relay.turn_urls.is_empty() {
-                opts.relay
-                    .turn_urls
-                    .push(format!("turn:{udp}?transport=udp"));
+                opts.relay.turn_urls.extend(own_turn.iter().cloned());
             }
             if opts.relay.tcp_relay_urls.is_empty() {
                 let (authority, _) = url_authority(&public_url)?;
@@ -270,6 +271,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Running> {
     let _ = state.public_url.set(public_url.clone());
     if let Some(r) = &relay {
         let _ = state.relay_metrics.set(r.metrics.clone());
+        let _ = state.relay_load.set((r.load.clone(), own_turn));
         let _ = state.relay_udp.set(r.udp_addr);
     }
     let wireguard = match (&cfg.wireguard, &relay) {

@@ -79,6 +79,8 @@ pub struct AppState {
     pub relay_metrics: std::sync::OnceLock<Arc<tern_relay::metrics::Metrics>>,
     /// UDP address of the embedded relay, for the health probe.
     pub relay_udp: std::sync::OnceLock<std::net::SocketAddr>,
+    /// The embedded relay's load meter, and its TURN URLs as the maps give them.
+    pub relay_load: std::sync::OnceLock<(Arc<tern_relay::load::LoadMeter>, Vec<String>)>,
     relay_health: Mutex<Option<(Instant, bool)>>,
     /// Password sign-in attempts per username and source.
     pub sign_in_throttle: std::sync::Mutex<crate::auth::SignInThrottle>,
@@ -203,6 +205,7 @@ impl AppState {
             conn_summary: std::sync::Mutex::new(None),
             relay_metrics: std::sync::OnceLock::new(),
             relay_udp: std::sync::OnceLock::new(),
+            relay_load: std::sync::OnceLock::new(),
             relay_health: Mutex::new(None),
             sign_in_throttle: std::sync::Mutex::new(Default::default()),
             passwords: crate::auth::PasswordPool::new(),

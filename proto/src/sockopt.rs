@@ -17,6 +17,52 @@ pub fn force_buffers(sock: &impl AsFd, bytes: usize) -> std::io::Result<()> {
     Ok(())
 }
 
+/// What the kernel holds for one socket (`SO_MEMINFO`): bytes sent but not yet gone out below
+/// it (in the qdisc and the device: an uplink's queue), bytes waiting to be read, and datagrams
+/// it dropped on receive because they were not read in time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MemInfo {
+    pub unsent_bytes: u64,
+    pub unread_bytes: u64,
+    pub receive_drops: u64,
+}
+
+/// `SO_MEMINFO` of a socket (Linux 3.15+); None where the kernel does not have it.
+#[allow(unsafe_code)] // getsockopt into a C array: nix has no SO_MEMINFO.
+pub fn meminfo(sock: &impl AsFd) -> Option<MemInfo> {
+    // SK_MEMINFO_VARS (linux/sock_diag.h): RMEM_ALLOC 0, RCVBUF 1, WMEM_ALLOC 2, SNDBUF 3,
+    // FWD_ALLOC 4, WMEM_QUEUED 5, OPTMEM 6, BACKLOG 7, DROPS 8.
+    let mut v = [0u32; 9];
+    let mut len = std::mem::size_of_val(&v) as libc::socklen_t;
+    // SAFETY: `v` is a writable buffer of `len` bytes; the kernel writes at most `len` bytes and
+    // sets `len` to what it wrote.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MEMINFO,
+            v.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    (r == 0 && len as usize >= std::mem::size_of_val(&v)).then(|| MemInfo {
+        unsent_bytes: u64::from(v[2]),
+        unread_bytes: u64::from(v[0]),
+        receive_drops: u64::from(v[8]),
+    })
+}
+
+/// UDP datagrams this network namespace's kernel dropped on send because the device's queue
+/// was full (`SndbufErrors` in /proc/net/snmp: a saturated uplink).
+pub fn udp_send_queue_drops() -> Option<u64> {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp: "));
+    let names: Vec<&str> = udp.next()?.split_whitespace().collect();
+    let values: Vec<&str> = udp.next()?.split_whitespace().collect();
+    let at = names.iter().position(|n| *n == "SndbufErrors")?;
+    values.get(at)?.parse().ok()
+}
+
 /// Most datagrams one GSO send carries (the kernel's UDP_MAX_SEGMENTS), and its byte limit.
 pub const GSO_MAX_SEGMENTS: usize = 64;
 pub const GSO_MAX_BYTES: usize = 65_000;
@@ -469,6 +515,29 @@ fn gso_refused(e: &std::io::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn meminfo_counts_unread_bytes_and_receive_drops() {
+        let rx = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let to = rx.local_addr().expect("addr");
+        let before = meminfo(&rx).expect("SO_MEMINFO");
+        assert_eq!(before, MemInfo::default());
+        // Far more than the receive buffer holds, never read: the rest is dropped and counted.
+        let payload = [7u8; 1200];
+        for _ in 0..4000 {
+            let _ = tx.send_to(&payload, to);
+        }
+        let after = meminfo(&rx).expect("SO_MEMINFO");
+        assert!(after.unread_bytes > 0, "{after:?}");
+        assert!(after.receive_drops > 0, "{after:?}");
+        assert!(
+            udp_send_queue_drops().is_some(),
+            "/proc/net/snmp has SndbufErrors"
+        );
+    }
 
     #[tokio::test]
     async fn gso_sends_arrive_as_their_datagrams_with_or_without_gro() {

@@ -15,6 +15,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
@@ -33,8 +34,13 @@ pub struct Channels {
     pub relay: Arc<UdpSocket>,
     /// The relayed address as clients and peers see it (public address, relay port).
     pub relayed: SocketAddr,
+    /// The TURN username the allocation was made with.
+    pub user: String,
     by_channel: RwLock<HashMap<u16, (SocketAddr, Instant)>>,
     by_peer: RwLock<HashMap<SocketAddr, (u16, Instant)>>,
+    /// Datagrams and payload bytes relayed for this allocation, both ways (its load).
+    datagrams: AtomicU64,
+    bytes: AtomicU64,
 }
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -50,6 +56,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Channels {
+    /// Counts `datagrams` of `bytes` in all relayed for this allocation.
+    pub fn count(&self, datagrams: u64, bytes: u64) {
+        self.datagrams.fetch_add(datagrams, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// (datagrams, bytes) relayed for this allocation so far.
+    pub fn relayed(&self) -> (u64, u64) {
+        (
+            self.datagrams.load(Ordering::Relaxed),
+            self.bytes.load(Ordering::Relaxed),
+        )
+    }
+
     /// The channel bound to `peer`, if the binding is fresh.
     pub fn channel_for(&self, peer: SocketAddr, now: Instant) -> Option<u16> {
         read(&self.by_peer)
@@ -90,14 +110,22 @@ impl FastPath {
     /// The crate opened `relay` for the client of the Allocate request being handled (it may
     /// open several and keep one: the last one opened replaces the others here, and the ones it
     /// drops leave with their socket, see [`FastPath::freed`]).
-    pub fn allocated(&self, relay: Arc<UdpSocket>, relayed: SocketAddr) -> Option<Arc<Channels>> {
+    pub fn allocated(
+        &self,
+        relay: Arc<UdpSocket>,
+        relayed: SocketAddr,
+        user: &str,
+    ) -> Option<Arc<Channels>> {
         let client = (*lock(&self.current))?;
         let c = Arc::new(Channels {
             client,
             relay,
             relayed,
+            user: user.to_string(),
             by_channel: RwLock::new(HashMap::new()),
             by_peer: RwLock::new(HashMap::new()),
+            datagrams: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
         });
         write(&self.allocs).insert(client, c.clone());
         write(&self.by_relayed).insert(relayed, c.clone());
@@ -166,6 +194,11 @@ impl FastPath {
     pub fn allocations(&self) -> usize {
         read(&self.allocs).len()
     }
+
+    /// Every allocation now.
+    pub fn all(&self) -> Vec<Arc<Channels>> {
+        read(&self.allocs).values().cloned().collect()
+    }
 }
 
 /// A ChannelBind request's transaction id, channel number and peer (XOR-PEER-ADDRESS), if `buf`
@@ -222,11 +255,11 @@ mod tests {
         let peer = addr("203.0.113.9:7000");
         let relayed = addr("192.0.2.1:50000");
         assert!(
-            f.allocated(relay.clone(), relayed).is_none(),
+            f.allocated(relay.clone(), relayed, "u").is_none(),
             "no Allocate being handled"
         );
         f.allocating(client);
-        let ch = f.allocated(relay.clone(), relayed).expect("channels");
+        let ch = f.allocated(relay.clone(), relayed, "u").expect("channels");
         assert!(Arc::ptr_eq(&f.local(relayed).expect("local"), &ch));
         let t0 = Instant::now();
         f.bind_requested([1; 12], client, 0x4000, peer);

@@ -6,6 +6,7 @@
 pub mod fastpath;
 pub mod filter;
 pub mod limiter;
+pub mod load;
 pub mod metrics;
 pub mod tcp;
 pub mod tls;
@@ -76,6 +77,8 @@ pub struct Relay {
     /// The alternate STUN port, when it is served.
     pub stun_alt_addr: Option<SocketAddr>,
     pub tcp: Arc<tcp::TcpRelay>,
+    /// The TURN relay's own load (see [`load`]).
+    pub load: Arc<load::LoadMeter>,
     turn: turn::server::Server,
 }
 
@@ -97,6 +100,8 @@ impl Relay {
             cfg.limits.clone(),
         );
         let front = udp::FrontConn::new(Arc::new(sock), shared.clone());
+        let load = load::LoadMeter::new(shared.clone());
+        tokio::spawn(load::LoadMeter::run(Arc::downgrade(&load)));
         let turn = turn::server::Server::new(turn::server::config::ServerConfig {
             conn_configs: vec![turn::server::config::ConnConfig {
                 conn: Arc::new(front),
@@ -137,6 +142,7 @@ impl Relay {
             udp_addr,
             stun_alt_addr,
             tcp,
+            load,
             turn,
         })
     }

@@ -42,6 +42,11 @@ metrics! {
     tcp_drops_total: "counter", "TCP-relay datagrams dropped because a queue was full (a slow receiver or an overloaded relay).";
     tcp_no_recipient_total: "counter", "TCP-relay datagrams for a recipient not connected to the relay (dropped).";
     malformed_total: "counter", "Malformed packets or frames dropped.";
+    turn_send_failures_total: "counter", "Relayed datagrams the kernel refused to send.";
+    turn_unsent_bytes: "gauge", "Bytes the relay's UDP sockets sent that have not gone out yet (the uplink's queue).";
+    turn_queue_ms: "gauge", "About how long that queue takes to drain, in milliseconds.";
+    turn_bits_per_sec: "gauge", "TURN payload relayed over the last seconds, bits per second.";
+    turn_overloaded: "gauge", "1 while the TURN relay is overloaded (its uplink queues or drops, or it cannot read in time).";
     turn_nonces_issued_total: "counter", "Nonces the TURN server created (the front answers most unauthenticated requests with a current one).";
 }
 
@@ -54,6 +59,9 @@ impl Metrics {
     }
     pub fn dec(c: &AtomicU64) {
         let _ = c.fetch_update(Relaxed, Relaxed, |v| v.checked_sub(1));
+    }
+    pub fn set(c: &AtomicU64, v: u64) {
+        c.store(v, Relaxed);
     }
     pub fn get(c: &AtomicU64) -> u64 {
         c.load(Relaxed)

@@ -125,6 +125,11 @@ impl UdpShared {
         })
     }
 
+    /// The listening socket (relayed datagrams go back to clients from it).
+    pub fn main_socket(&self) -> Option<Arc<UdpSocket>> {
+        self.main.get().cloned()
+    }
+
     /// Counts an auth failure; warns at most once a minute so floods do not flood the log.
     pub fn auth_failed(&self, user: &str, src: SocketAddr, why: &str) {
         Metrics::inc(&self.metrics.auth_failures_total);
@@ -389,7 +394,10 @@ impl Outbox {
                 .await
             {
                 Ok(0) => {}
-                Ok(lost) => debug!(lost, "relayed datagrams refused by the kernel"),
+                Ok(lost) => {
+                    Metrics::add(&shared.metrics.turn_send_failures_total, lost as u64);
+                    debug!(lost, "relayed datagrams refused by the kernel");
+                }
                 Err(e) => debug!(error = %e, "relayed send failed"),
             }
             i = j;
@@ -421,6 +429,7 @@ impl FrontConn {
         let mut order = std::mem::take(&mut b.order);
         // Datagrams and bytes relayed, counted once per batch.
         let mut relayed = (0u64, 0u64);
+        let mut mine: Option<(Arc<Channels>, u64, u64)> = None;
         // The last (client, channel) looked up, and where it goes (None: not on the fast path):
         // the sender's allocation, the peer, and the peer's client and channel when the peer is
         // an allocation here.
@@ -465,6 +474,19 @@ impl FrontConn {
                 Metrics::inc(&self.shared.metrics.forbidden_peer_total);
                 continue;
             }
+            // The sender's allocation's share, counted once per run of one (client, channel).
+            match &mut mine {
+                Some((c, d, by)) if Arc::ptr_eq(c, from) => {
+                    *d += 1;
+                    *by += len as u64;
+                }
+                _ => {
+                    if let Some((c, d, by)) = mine.take() {
+                        c.count(d, by);
+                    }
+                    mine = Some((from.clone(), 1, len as u64));
+                }
+            }
             match (inside, self.shared.main.get()) {
                 (Some((client, ch)), Some(main)) => {
                     // Relayed twice: out of the sender's allocation, into the peer's.
@@ -494,6 +516,9 @@ impl FrontConn {
                 Some(head) => out.push(&sock, to, &head, body),
                 None => out.push(&sock, to, &[], body),
             }
+        }
+        if let Some((c, d, by)) = mine {
+            c.count(d, by);
         }
         Metrics::add(&self.shared.metrics.turn_packets_relayed_total, relayed.0);
         Metrics::add(&self.shared.metrics.turn_bytes_relayed_total, relayed.1);
@@ -890,7 +915,7 @@ impl turn::relay::RelayAddressGenerator for RelayGen {
             let local = sock.local_addr()?;
             let sock = Arc::new(sock);
             let relayed = SocketAddr::new(self.public_ip, local.port());
-            let channels = self.shared.fast.allocated(sock.clone(), relayed);
+            let channels = self.shared.fast.allocated(sock.clone(), relayed, &user);
             *lock(&self.shared.per_user).entry(user.clone()).or_insert(0) += 1;
             Metrics::inc(&self.shared.metrics.allocations_active);
             Metrics::inc(&self.shared.metrics.allocations_total);
@@ -956,6 +981,9 @@ impl Conn for RelayConn {
                 b.got.len() as u64,
             );
             Metrics::add(&self.shared.metrics.turn_bytes_relayed_total, bytes as u64);
+            if let Some(c) = &self.channels {
+                c.count(b.got.len() as u64, bytes as u64);
+            }
             let (Some(channels), Some(main)) = (&self.channels, self.shared.main.get()) else {
                 let n = b.got.len();
                 b.pending.extend(0..n);
@@ -993,6 +1021,9 @@ impl Conn for RelayConn {
         let n = self.sock.send_to(buf, target).await?;
         Metrics::inc(&self.shared.metrics.turn_packets_relayed_total);
         Metrics::add(&self.shared.metrics.turn_bytes_relayed_total, n as u64);
+        if let Some(c) = &self.channels {
+            c.count(1, n as u64);
+        }
         Ok(n)
     }
     fn local_addr(&self) -> UResult<SocketAddr> {

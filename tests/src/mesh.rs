@@ -280,6 +280,30 @@ impl Mesh {
             .expect("agent");
     }
 
+    /// Runs `tern <args>` as agent `who` (its state and run directories) in `ns`.
+    pub fn tern(&self, who: &str, ns: &str, args: &[&str]) -> std::process::Output {
+        let mut full = vec![bin("tern").display().to_string()];
+        full.extend(self.agent_args(who));
+        full.extend(args.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = full.iter().map(String::as_str).collect();
+        self.lab.exec(ns, &refs)
+    }
+
+    /// `tern diagnose --json [extra]` by `who`: (report, exit success).
+    pub fn diagnose(&self, who: &str, ns: &str, extra: &[&str]) -> (Value, bool) {
+        let mut args = vec!["diagnose", "--json"];
+        args.extend(extra);
+        let out = self.tern(who, ns, &args);
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "diagnose output is not JSON ({e}): {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        (v, out.status.success())
+    }
+
     pub fn status(&self, who: &str, ns: &str) -> Option<Value> {
         let mut args = self.agent_args(who);
         args.extend(["status".into(), "--json".into()]);

@@ -391,6 +391,56 @@ table inet tern_fw {
         Ok(h)
     }
 
+    /// The carrier's resolver for the NAT64 home (`home_ns` from [`Lab::add_nat64_home`]):
+    /// dnsmasq on the gateway at 2001:db8:64:1::1, which the home's resolv.conf names. With
+    /// `dns64` it answers `ipv4only.arpa` as a DNS64 resolver does (RFC 7050: its well-known
+    /// IPv4 addresses, and the same embedded in `NAT64_PREFIX` as AAAA); without, as a resolver
+    /// without DNS64 (the IPv4 addresses only). Replaces a resolver started before.
+    pub fn carrier_resolver(&mut self, home_ns: &str, dns64: bool) -> anyhow::Result<()> {
+        self.stop("dns64");
+        let g = self.ns("g6");
+        let prefix: ipnet::Ipv6Net = NAT64_PREFIX.parse()?;
+        let mut o = prefix.network().octets();
+        let mut records = vec!["192.0.0.170".to_string(), "192.0.0.171".to_string()];
+        if dns64 {
+            for last in [170u8, 171] {
+                o[12..].copy_from_slice(&[192, 0, 0, last]);
+                records.push(std::net::Ipv6Addr::from(o).to_string());
+            }
+        }
+        let host_record = format!("--host-record=ipv4only.arpa,{}", records.join(","));
+        let dnsmasq = PathBuf::from("/usr/sbin/dnsmasq");
+        self.spawn(
+            "dns64",
+            &g,
+            &dnsmasq,
+            &[
+                "--keep-in-foreground",
+                "--no-resolv",
+                "--no-hosts",
+                "--conf-file=/dev/null",
+                "--user=root",
+                "--pid-file=",
+                "--bind-interfaces",
+                "--listen-address=2001:db8:64:1::1",
+                "--log-queries",
+                "--log-facility=-",
+                &host_record,
+            ],
+            &[],
+        )?;
+        std::fs::write(
+            self.resolv_conf(home_ns),
+            "# the carrier's resolver\nnameserver 2001:db8:64:1::1\noptions timeout:1 attempts:2\n",
+        )?;
+        // Ready when it answers.
+        self.wait_for("the carrier's resolver", Duration::from_secs(10), || {
+            let out = self.exec(home_ns, &["getent", "ahosts", "ipv4only.arpa"]);
+            out.status.success()
+        })?;
+        Ok(())
+    }
+
     /// One LAN (a bridge) shared by several homes that can all route into it: the device is
     /// 192.168.50.10, home i gets 192.168.50.(i+1). Returns the device's namespace.
     pub fn add_shared_lan(&mut self, homes: &[&str]) -> anyhow::Result<String> {

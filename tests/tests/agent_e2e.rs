@@ -48,6 +48,21 @@ fn a_easy_nat_both_sides_gives_a_direct_path_and_g_restart_keeps_the_address() {
     assert!(m.ping(&hb, &ip_a), "ping b -> a");
     m.transfer(&ha, &hb, &ip_b, "sink-a-b");
 
+    // `tern status | head` as a user pipes it: a reader that goes away ends the command
+    // quietly (exit 0), not with a panic about a broken pipe.
+    let cmd = format!(
+        "set -o pipefail; {} {} status -d | true",
+        bin("tern").display(),
+        m.agent_args("a").join(" ")
+    );
+    let out = m.lab.exec(&ha, &["bash", "-c", &cmd]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !err.contains("panicked"),
+        "{:?}: {err}",
+        out.status
+    );
+
     // The admin API (and console) show what the agent itself reports: a reaches b directly.
     let (id_a, id_b) = (m.peer_id("a", &ha), m.peer_id("b", &hb));
     m.lab
@@ -781,6 +796,12 @@ fn route_access_follows_policies_tcp_only_for_staff() {
     assert_eq!(state_of("c").as_deref(), Some("no_access"), "{clients}");
 }
 
+/// The factory's own uplink: an IPv6-only gateway behind the carrier's NAT64 with a DNS64
+/// resolver, a laptop behind an IPv4 NAT, the server on IPv4 only. Without DNS64 and without a
+/// prefix, `tern up` says that NAT64 is missing and what to do; with DNS64 it finds the prefix
+/// itself (IPv4 management URL, no flag), serves the LAN, and comes back the same from a bare
+/// `tern up`; both sides name why their pair is relayed (no common address family) and
+/// `tern diagnose` finds nothing wrong on either side.
 #[test]
 fn routing_peer_on_an_ipv6_only_uplink_behind_nat64_still_serves_the_lan() {
     if skip() {
@@ -790,7 +811,7 @@ fn routing_peer_on_an_ipv6_only_uplink_behind_nat64_still_serves_the_lan() {
         std::path::Path::new("/usr/sbin/tayga").exists(),
         "tayga missing: apt-get install tayga (scripts/test does)"
     );
-    let mut m = Mesh::new(Nat::Hard, Nat::Easy);
+    let mut m = Mesh::new(Nat::Easy, Nat::Easy);
     let ha = m.homes[0].clone();
     let h6 = m.lab.add_nat64_home().expect("nat64 home");
     let lan = m.lab.add_lan(&h6).expect("lan");
@@ -808,74 +829,194 @@ fn routing_peer_on_an_ipv6_only_uplink_behind_nat64_still_serves_the_lan() {
                 .success()
         })
         .unwrap_or_else(|e| panic!("{e}\n{}", m.lab.log("tayga")));
-    m.up("a", &ha, true);
-    m.up_with(
-        "gw",
-        &h6,
-        true,
-        &format!("http://[{SERVER_NAT64}]:443"),
-        &["--nat64-prefix", NAT64_PREFIX],
+    let url = format!("http://{SERVER_IP}:443");
+
+    // 1. A resolver without DNS64 and no --nat64-prefix: the error names NAT64 and what to do.
+    m.lab.carrier_resolver(&h6, false).expect("resolver");
+    let tern = bin("tern").display().to_string();
+    let mut args = vec!["timeout".to_string(), "60".into(), tern.clone()];
+    args.extend(m.agent_args("gw-no-dns64"));
+    args.extend(["up", "--management-url", &url, "--setup-key", &m.key].map(String::from));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = m.lab.exec(&h6, &refs);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("no IPv4 route (an IPv6-only uplink)")
+            && err.contains("no NAT64 prefix was found")
+            && err.contains("does no DNS64")
+            && err.contains("--nat64-prefix"),
+        "{err}"
     );
+    assert_eq!(err.matches("error:").count(), 1, "said once: {err}");
+
+    // 2. With the carrier's DNS64: the IPv4 URL and no prefix flag.
+    m.lab.carrier_resolver(&h6, true).expect("resolver");
+    m.up("a", &ha, true);
+    m.up("gw", &h6, true);
     m.lab
         .wait_for("agents up", Duration::from_secs(30), || {
             m.status("a", &ha).is_some() && m.status("gw", &h6).is_some()
         })
         .unwrap_or_else(|e| panic!("{e}\n{}", m.lab.log("gw")));
-    let gw_id = m.status("gw", &h6).expect("status")["peer_id"]
-        .as_str()
-        .expect("id")
-        .to_string();
+    let gw_id = m.peer_id("gw", &h6);
+    let discovered = |m: &Mesh| {
+        let mut last = serde_json::Value::Null;
+        m.lab
+            .wait_for(
+                "gw on NAT64 with TURN and the TCP relay",
+                Duration::from_secs(30),
+                || {
+                    last = m.status("gw", &h6).unwrap_or_default();
+                    last["tcp_relay"] == true
+                        && last["relays"][0]["relayed"]
+                            .as_str()
+                            .is_some_and(|r| r.starts_with(&format!("{SERVER_IP}:")))
+                },
+            )
+            .unwrap_or_else(|e| panic!("{e}\n{last:#}\n--- gw\n{}", m.lab.log("gw")));
+        assert_eq!(last["nat64"]["prefix"], NAT64_PREFIX, "{last:#}");
+        assert_eq!(last["nat64"]["source"], "discovered", "{last:#}");
+        let out = m.tern("gw", &h6, &["status"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains(&format!(
+                "IPv6-only uplink, NAT64 prefix {NAT64_PREFIX} (discovered)"
+            )),
+            "{text}"
+        );
+    };
+    discovered(&m);
     m.route_lan_through(&gw_id);
     let t0 = Instant::now();
-    m.lab
-        .wait_for(
-            "laptop reaches the LAN behind the IPv6-only router",
-            Duration::from_secs(90),
-            || {
+    let reaches_lan = |m: &Mesh, what: &str| {
+        m.lab
+            .wait_for(what, Duration::from_secs(90), || {
                 m.lab
                     .exec(&ha, &["ping", "-c", "1", "-W", "1", "192.168.50.10"])
                     .status
                     .success()
-            },
-        )
-        .unwrap_or_else(|e| {
-            panic!(
-                "{e}\n{:?}\n--- gw\n{}",
-                m.status("gw", &h6),
-                m.lab.log("gw")
-            )
-        });
+            })
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{e}\n{:?}\n--- gw\n{}",
+                    m.status("gw", &h6),
+                    m.lab.log("gw")
+                )
+            })
+    };
+    reaches_lan(&m, "laptop reaches the LAN behind the IPv6-only router");
     eprintln!(
         "figure: LAN behind NAT64 reachable {:?} after the route was created",
         t0.elapsed()
     );
-    eprintln!(
-        "gw sees a: {}",
-        m.status("gw", &h6)
-            .map(|s| s["peers"][0].to_string())
-            .unwrap_or_default()
-    );
     let seen = m.transfer(&ha, &lan, "192.168.50.10", "sink-nat64");
     assert_eq!(seen, "192.168.50.1");
-    // Then UDP through TURN: the laptop's NAT maps per destination and the router has no IPv4
-    // of its own; the router keeps its allocation through NAT64 (an IPv4 relayed address).
-    let mut last = serde_json::Value::Null;
+
+    // Then UDP through TURN: the router has no IPv4 of its own and the laptop no IPv6, so no
+    // direct pair is possible; both sides say exactly that. The router keeps its allocation
+    // through NAT64 (an IPv4 relayed address).
+    let relayed = |m: &Mesh, who: &str, ns: &str| {
+        let mut last = serde_json::Value::Null;
+        m.lab
+            .wait_for(
+                &format!("{who} relays through TURN for want of a common family"),
+                Duration::from_secs(60),
+                || {
+                    last = m.status(who, ns).unwrap_or_default();
+                    last["peers"][0]["connection"] == "turn_relay"
+                        && last["peers"][0]["path_reason_code"] == "no_common_family"
+                },
+            )
+            .unwrap_or_else(|e| panic!("{e}\n{last:#}\n--- {who}\n{}", m.lab.log(who)));
+        last
+    };
+    let last = relayed(&m, "gw", &h6);
+    let words = last["peers"][0]["path_reason"].as_str().unwrap_or("");
+    assert!(
+        words.contains("this host has IPv6 only, the peer IPv4 only"),
+        "{words}"
+    );
+    let on_a = relayed(&m, "a", &ha);
+    assert!(
+        on_a["peers"][0]["path_reason"]
+            .as_str()
+            .is_some_and(|w| w.contains("this host has IPv4 only, the peer IPv6 only")),
+        "{on_a:#}"
+    );
+    let seen = m.transfer(&ha, &lan, "192.168.50.10", "sink-nat64-udp");
+    assert_eq!(seen, "192.168.50.1");
+    // The console's data: the server has the reason from both sides' reports.
     m.lab
         .wait_for(
-            "TURN between the laptop and the router",
-            Duration::from_secs(60),
+            "both reports reach the server",
+            Duration::from_secs(20),
             || {
-                last = m.status("gw", &h6).unwrap_or_default();
-                last["peers"][0]["connection"] == "turn_relay"
+                let peers = m.api("GET", "/api/peers", None);
+                let reasons: Vec<String> = peers
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|p| p["connections"].as_array().cloned().unwrap_or_default())
+                    .filter_map(|c| c["reason"].as_str().map(str::to_string))
+                    .collect();
+                reasons.len() == 2 && reasons.iter().all(|r| r == "no_common_family")
             },
         )
-        .unwrap_or_else(|e| panic!("{e}\n{last:#}\n--- gw\n{}", m.lab.log("gw")));
-    eprintln!(
-        "gw's path to a: {} -> {} ({})",
-        last["peers"][0]["local_candidate"], last["peers"][0]["remote_candidate"], last["relays"]
-    );
-    let relayed = last["relays"][0]["relayed"].as_str().unwrap_or("");
-    assert!(relayed.starts_with(&format!("{SERVER_IP}:")), "{last:#}");
-    let seen = m.transfer(&ha, &lan, "192.168.50.10", "sink-nat64-udp");
+        .unwrap_or_else(|e| panic!("{e}: {}", m.api("GET", "/api/peers", None)));
+
+    // 3. diagnose on this working network: nothing wrong on either side, and the relayed pair
+    // is explained, not referred to the peer.
+    for (who, ns) in [("gw", &h6), ("a", &ha)] {
+        let (r, ok) = m.diagnose(who, ns, &[]);
+        let bad: Vec<&serde_json::Value> = r["findings"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|f| f["severity"] != "info")
+            .collect();
+        assert!(bad.is_empty() && ok, "{who}: {bad:#?}\n{r:#}");
+        let relayed = r["findings"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|f| f["code"] == "peer_relayed")
+            .unwrap_or_else(|| panic!("{who}: {r:#}"));
+        let ev = relayed["evidence"].as_str().unwrap_or("");
+        assert!(
+            ev.contains("no_common_family") && !ev.contains("on the peer"),
+            "{who}: {ev}"
+        );
+        if who == "gw" {
+            assert_eq!(
+                r["facts"]["turn"][0]["relay_ports_open"], true,
+                "the relay echo goes through NAT64 too: {r:#}"
+            );
+            let alt = r["facts"]["stun"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .all(|s| !s["mapped"].is_null());
+            assert!(alt, "both STUN ports answer through NAT64: {r:#}");
+        }
+    }
+
+    // 4. Stopped, and started again with a bare `tern up` (as the service does): the same.
+    m.lab.stop("gw");
+    let mut args = m.agent_args("gw");
+    args.push("up".into());
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    m.lab
+        .spawn(
+            "gw",
+            &h6,
+            &bin("tern"),
+            &refs,
+            &[("TERN_LOG", "info,webrtc_ice=warn,turn=warn")],
+        )
+        .expect("bare tern up");
+    discovered(&m);
+    reaches_lan(&m, "the LAN again after a bare tern up");
+    let seen = m.transfer(&ha, &lan, "192.168.50.10", "sink-nat64-again");
     assert_eq!(seen, "192.168.50.1");
 }

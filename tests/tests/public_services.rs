@@ -178,7 +178,7 @@ fn outside_hosts_reach_factory_ports_through_the_server() {
         &["0.0.0.0/0"],
     );
     up["proxy_protocol"] = json!(true);
-    create(&m, &up);
+    let up_id = create(&m, &up)["id"].as_str().expect("id").to_string();
     create(
         &m,
         &service_body(
@@ -240,6 +240,12 @@ fn outside_hosts_reach_factory_ports_through_the_server() {
     // TCP: 20 MB each way, intact; with PROXY protocol the device sees the outside host.
     let seen = both_ways(&mut m, &out, &lan, 10002, 10003, "sink-proxy", true);
     assert_eq!(seen, OUT, "the PROXY header names the outside client");
+    // Every uploaded byte is counted, also those sent while the tunnel was being set up.
+    let stats = service(&m, &up_id)["stats"].clone();
+    assert!(
+        stats["bytes_in"].as_u64() >= Some(20_000_000),
+        "20 MB went in: {stats}"
+    );
 
     // 100 concurrent connections of 1 MB each (echoed back and compared).
     let (ok, res, err) = nettool(&m, &out, &["burst", &public(10001), "100", "1000000"]);

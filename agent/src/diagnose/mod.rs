@@ -36,8 +36,8 @@ pub const CODES: &[(&str, &str, &str)] = &[
     ("peer_unreachable", "no WireGuard handshake with this peer", "Run `tern diagnose` on the peer too, and check in the console that it is online."),
     ("peer_connecting", "this peer joined the map moments ago and its first WireGuard handshake is still under way", "Nothing to do yet; if it stays so for a minute, run `tern diagnose` again."),
     ("peer_offline", "the peer is not connected to management", "Start its agent, or remove it in the console if it is gone."),
-    ("peer_relayed", "traffic to this peer goes through a relay (slower, costs server bandwidth)", "The reason code says why; when nothing on this host explains it, run `tern diagnose` on the peer."),
-    ("relay_overloaded", "the TCP relay drops this host's traffic in its queues (a receiver reads slower than senders send, or the relay is overloaded)", "Check the relay's CPU and bandwidth and the slow peer's downlink; direct or TURN paths (allow UDP) take the load off it."),
+    ("peer_relayed", "traffic to this peer goes through a relay (slower, costs server bandwidth)", "The reason names the side that keeps the path off direct: fix it there where you can (a NAT that keeps one port per host, a forwarded UDP port, a common address family). Only when it says neither side's facts explain it, look at `tern diagnose` on the peer."),
+    ("relay_overloaded", "a relay drops or delays this host's traffic: the TCP relay's queues fill (a receiver reads slower than senders send), or a TURN relay's uplink or CPU is saturated (it says so itself)", "Give the relay more uplink bandwidth or CPU (its figures show which), or add a relay; direct paths take load off it."),
     ("relay_peer_absent", "the TCP relay could not deliver this host's datagrams: their recipient is not connected to it", "The peer reaches neither this host directly nor the relay: its `tern status` and `tern diagnose` say why (on an IPv6-only uplink, check its NAT64 prefix)."),
     ("path_flapping", "the path to this peer changes often", "Usually an unstable uplink or a NAT that rebinds: check the uplink and the NAT's UDP timeouts."),
     ("path_loss", "packets to this peer are lost on the path", "On a relayed path, check the relay's CPU and bandwidth (it may be overloaded); on a direct path, the uplinks."),
@@ -212,6 +212,25 @@ pub struct Facts {
     /// Server URLs of the map with an IPv4 literal this host cannot dial (IPv6 only, no prefix).
     #[serde(default)]
     pub ipv4_unreachable: Vec<String>,
+    /// The TURN relays' own load, as management reports it (the relays it knows).
+    #[serde(default)]
+    pub turn_load: Vec<TurnLoad>,
+}
+
+/// A TURN relay's load over its last seconds, as it measures it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct TurnLoad {
+    pub url: String,
+    pub bits_per_sec: f64,
+    pub datagrams_per_sec: f64,
+    pub send_drops_per_sec: f64,
+    pub receive_drops_per_sec: f64,
+    pub unsent_bytes: u64,
+    pub queue_ms: f64,
+    pub overloaded: bool,
+    pub why: String,
+    /// This host's own allocations on it.
+    pub yours_bits_per_sec: f64,
 }
 
 /// The answer to `tern diagnose`.
@@ -499,8 +518,18 @@ pub fn analyze(f: &Facts) -> Vec<Finding> {
             ));
         }
     }
+    // A TURN relay that says it is overloaded is why TURN paths are slow and lossy: named once,
+    // with its figures and each such path's, instead of per path with a path's advice.
+    let turn_overloaded: Vec<&TurnLoad> = f.turn_load.iter().filter(|l| l.overloaded).collect();
+    let mut hurt: Vec<String> = vec![];
     for p in &f.peers {
         let relayed = p.path == "turn_relay" || p.path == "tcp_relay";
+        if p.path == "turn_relay" && !turn_overloaded.is_empty() && p.online && p.up {
+            if let Some(h) = path_figures(p) {
+                hurt.push(format!("{}: {h}", p.name));
+            }
+        }
+        let explained = p.path == "turn_relay" && !turn_overloaded.is_empty();
         if !p.online {
             out.push(finding(
                 "peer_offline",
@@ -555,7 +584,8 @@ pub fn analyze(f: &Facts) -> Vec<Finding> {
             };
             out.push(finding(
                 "peer_relayed",
-                Warning,
+                // TURN for a reason both sides' facts give: how this network is, not a fault.
+                if known { Info } else { Warning },
                 &p.name,
                 format!(
                     "{} because {} [{}]{here}",
@@ -583,7 +613,9 @@ pub fn analyze(f: &Facts) -> Vec<Finding> {
             " (direct)".into()
         };
         let pinged = p.ping.as_ref().filter(|x| x.sent > 0 && x.received > 0);
-        if pinged.is_none() {
+        if explained {
+            // Said with relay_overloaded below.
+        } else if pinged.is_none() {
             // Echo requests unanswered (a policy may drop ICMP): the data plane's probes speak.
             if let Some(loss) = p.probe_loss_pct.filter(|l| *l >= LOSS_WARN * 100.0) {
                 out.push(finding(
@@ -606,7 +638,7 @@ pub fn analyze(f: &Facts) -> Vec<Finding> {
                 ));
             }
         }
-        if let Some(ping) = pinged {
+        if let Some(ping) = pinged.filter(|_| !explained) {
             let loss = 1.0 - f64::from(ping.received) / f64::from(ping.sent);
             if loss >= LOSS_WARN {
                 out.push(finding(
@@ -643,6 +675,30 @@ pub fn analyze(f: &Facts) -> Vec<Finding> {
                 ),
             ));
         }
+    }
+
+    for l in &turn_overloaded {
+        let mine = if l.yours_bits_per_sec > 0.0 {
+            format!(", {} of it for this host", mbit(l.yours_bits_per_sec))
+        } else {
+            String::new()
+        };
+        let paths = if hurt.is_empty() {
+            String::new()
+        } else {
+            format!("; through it: {}", hurt.join(", "))
+        };
+        out.push(finding(
+            "relay_overloaded",
+            Error,
+            &l.url,
+            format!(
+                "the TURN relay says: {} (it relays {}, {:.0} datagrams/s{mine}){paths}",
+                l.why,
+                mbit(l.bits_per_sec),
+                l.datagrams_per_sec
+            ),
+        ));
     }
 
     if let Some(c) = &f.overlay_conflict {
@@ -690,6 +746,36 @@ pub fn analyze(f: &Facts) -> Vec<Finding> {
     }
     out.sort_by_key(|x| std::cmp::Reverse(x.severity));
     out
+}
+
+/// "12.4 Mbit/s".
+fn mbit(bits_per_sec: f64) -> String {
+    format!("{:.1} Mbit/s", bits_per_sec / 1e6)
+}
+
+/// A path's round trip and loss, from the echo train or else the in-tunnel probes.
+fn path_figures(p: &PeerFacts) -> Option<String> {
+    let mut parts = vec![];
+    match p.ping.as_ref().filter(|x| x.sent > 0 && x.received > 0) {
+        Some(ping) => {
+            if let Some(avg) = ping.avg_ms {
+                parts.push(format!("round trip {avg:.0} ms"));
+            }
+            let lost = ping.sent - ping.received;
+            if lost > 0 {
+                parts.push(format!("{lost} of {} echo requests lost", ping.sent));
+            }
+        }
+        None => {
+            if let Some(rtt) = p.probe_rtt_ms {
+                parts.push(format!("round trip {rtt:.0} ms"));
+            }
+            if let Some(l) = p.probe_loss_pct.filter(|l| *l > 0.0) {
+                parts.push(format!("{l:.0}% of probes lost"));
+            }
+        }
+    }
+    (!parts.is_empty()).then(|| parts.join(", "))
 }
 
 fn path_words(path: &str) -> &'static str {

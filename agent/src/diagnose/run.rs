@@ -33,6 +33,42 @@ pub struct Context {
     pub relay_error: Arc<std::sync::Mutex<String>>,
     /// How IPv4 addresses are dialled (through NAT64 on an IPv6-only uplink).
     pub nat64: Arc<crate::nat64::Nat64>,
+    /// The peer token (management's RelayLoad call needs it).
+    pub token: watch::Receiver<Option<String>>,
+}
+
+/// The TURN relays' own load as management reports it (within 2 s; none if it cannot say).
+async fn turn_load(ctx: &Context) -> Vec<super::TurnLoad> {
+    let Some(t) = ctx.token.borrow().clone() else {
+        return vec![];
+    };
+    let mut req = tonic::Request::new(pb::RelayLoadRequest {});
+    if let Ok(v) = format!("Bearer {t}").parse() {
+        req.metadata_mut().insert("authorization", v);
+    }
+    req.set_timeout(Duration::from_secs(2));
+    let Ok(r) = ManagementServiceClient::new(ctx.channel.clone())
+        .relay_load(req)
+        .await
+    else {
+        return vec![];
+    };
+    r.into_inner()
+        .relays
+        .into_iter()
+        .map(|l| super::TurnLoad {
+            url: l.urls.first().cloned().unwrap_or_default(),
+            bits_per_sec: l.bits_per_sec,
+            datagrams_per_sec: l.datagrams_per_sec,
+            send_drops_per_sec: l.send_drops_per_sec,
+            receive_drops_per_sec: l.receive_drops_per_sec,
+            unsent_bytes: l.unsent_bytes,
+            queue_ms: l.queue_ms,
+            overloaded: l.overloaded,
+            why: l.why,
+            yours_bits_per_sec: l.yours_bits_per_sec,
+        })
+        .collect()
 }
 
 /// The relay's view of this agent now, if it answers within a second.
@@ -105,7 +141,7 @@ pub async fn run(ctx: &Context, args: &Args) -> Report {
     };
     let ((management, offset), stun, turn, probes, nat_lifetime) =
         tokio::join!(management, stun, turn, probes, deep);
-    let view_after = relay_view(ctx).await;
+    let (view_after, turn_load) = tokio::join!(relay_view(ctx), turn_load(ctx));
 
     let tcp_relay = relay.tcp_relay.first().map(|t| {
         let ok = ctx.engine.tcp_connected();
@@ -189,6 +225,7 @@ pub async fn run(ctx: &Context, args: &Args) -> Report {
             .ok()
             .map(|v| v.trim() == "1"),
         nat64: ctx.nat64.status(),
+        turn_load,
         ipv4_unreachable: relay
             .stun
             .iter()

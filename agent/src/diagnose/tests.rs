@@ -92,6 +92,7 @@ fn clean() -> Facts {
         ip_forward: Some(false),
         nat64: None,
         ipv4_unreachable: vec![],
+        turn_load: vec![],
     }
 }
 
@@ -232,6 +233,18 @@ fn nat_mapping_per_destination_and_short_mapping_lifetimes() {
         .evidence
         .contains("203.0.113.11:61234 by 203.0.113.10:3479"));
     assert!(one(&v, "peer_relayed").evidence.contains("nat_symmetric"));
+    assert_eq!(one(&v, "peer_relayed").severity, Severity::Warning);
+    // TURN for a cause both sides' facts give: said as information, without a referral.
+    let mut f = clean();
+    f.peers[0].path = "turn_relay".into();
+    f.peers[0].reason_code = "no_common_family".into();
+    f.peers[0].reason =
+        "no address family in common: this host has IPv6 only, the peer IPv4 only".into();
+    let v = analyze(&f);
+    let r = one(&v, "peer_relayed");
+    assert_eq!(r.severity, Severity::Info, "{v:?}");
+    assert!(r.evidence.contains("[no_common_family]") && !r.evidence.contains("on the peer"));
+    assert_eq!(codes(&f), vec!["all_clear", "peer_relayed"]);
     // One STUN endpoint only: nothing can be said.
     let mut f = clean();
     f.stun.truncate(1);
@@ -534,4 +547,57 @@ fn an_ipv6_only_host_without_nat64_is_told_so_not_that_udp_or_the_relay_fails() 
     assert!(one(&analyze(&f), "nat64_prefix_mismatch")
         .evidence
         .contains("2001:db8:64:ff9b::/96"));
+}
+
+#[test]
+fn an_overloaded_turn_relay_is_named_with_its_own_figures_not_as_a_slow_path() {
+    let mut f = clean();
+    f.peers[0].path = "turn_relay".into();
+    f.peers[0].reason_code = "nat_symmetric_both".into();
+    f.peers[0].reason = "both NATs give a new public port per destination".into();
+    f.peers[0].ping = Some(PingFacts {
+        sent: 10,
+        received: 2,
+        avg_ms: Some(351.0),
+        max_ms: Some(402.0),
+    });
+    // Without the relay's word: the path's own findings.
+    let v = analyze(&f);
+    assert!(codes(&f).contains(&"path_slow".to_string()), "{v:?}");
+    assert!(codes(&f).contains(&"path_loss".to_string()), "{v:?}");
+    // The relay says its uplink is saturated: that is the finding, with both sets of figures.
+    f.turn_load = vec![TurnLoad {
+        url: "turn:203.0.113.10:3478?transport=udp".into(),
+        bits_per_sec: 10.2e6,
+        datagrams_per_sec: 1270.0,
+        send_drops_per_sec: 2400.0,
+        receive_drops_per_sec: 0.0,
+        unsent_bytes: 400 << 10,
+        queue_ms: 320.0,
+        overloaded: true,
+        why: "400 KiB wait to go out on its uplink (about 320 ms); its uplink dropped 2400 datagrams/s (65% of what it sent)".into(),
+        yours_bits_per_sec: 9.8e6,
+    }];
+    let v = analyze(&f);
+    let codes_now = codes(&f);
+    assert!(
+        !codes_now.contains(&"path_slow".to_string())
+            && !codes_now.contains(&"path_loss".to_string()),
+        "{v:?}"
+    );
+    let r = one(&v, "relay_overloaded");
+    assert_eq!(r.severity, Severity::Error);
+    assert_eq!(r.subject, "turn:203.0.113.10:3478?transport=udp");
+    for want in [
+        "about 320 ms",
+        "65% of what it sent",
+        "10.2 Mbit/s",
+        "9.8 Mbit/s of it for this host",
+        "b: round trip 351 ms, 8 of 10 echo requests lost",
+    ] {
+        assert!(r.evidence.contains(want), "{want}: {}", r.evidence);
+    }
+    // A busy relay that is not overloaded changes nothing.
+    f.turn_load[0].overloaded = false;
+    assert!(!codes(&f).contains(&"relay_overloaded".to_string()));
 }

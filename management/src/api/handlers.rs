@@ -1013,6 +1013,24 @@ pub struct RelayStatus {
     pub auth_failures: u64,
     /// STUN, TURN and TCP-relay URLs handed to agents.
     pub urls: Vec<String>,
+    /// The TURN relay's own load over its last seconds (None when the relay runs elsewhere).
+    pub load: Option<RelayLoad>,
+}
+
+/// What the relay in this process measures of its own load.
+#[derive(Serialize, ToSchema)]
+pub struct RelayLoad {
+    pub bits_per_sec: f64,
+    pub datagrams_per_sec: f64,
+    /// Datagrams its uplink dropped, and those it could not read in time, per second.
+    pub send_drops_per_sec: f64,
+    pub receive_drops_per_sec: f64,
+    /// Bytes waiting to go out, and about how long they take to drain (None: nothing waits).
+    pub unsent_bytes: u64,
+    pub queue_ms: Option<f64>,
+    pub overloaded: bool,
+    /// Why, with the figures (empty when not overloaded).
+    pub why: String,
 }
 
 /// Live status for the console's overview: peers online and the relay's health.
@@ -1040,6 +1058,19 @@ pub async fn status(State(s): St, _a: Admin) -> ApiResult<Json<ServerStatus>> {
             allocations: m.map_or(0, |m| Metrics::get(&m.allocations_active)),
             tcp_clients: m.map_or(0, |m| Metrics::get(&m.tcp_connections_active)),
             auth_failures: m.map_or(0, |m| Metrics::get(&m.auth_failures_total)),
+            load: s.relay_load.get().map(|(meter, _)| {
+                let l = meter.load();
+                RelayLoad {
+                    bits_per_sec: l.bits_per_sec,
+                    datagrams_per_sec: l.datagrams_per_sec,
+                    send_drops_per_sec: l.send_drops_per_sec,
+                    receive_drops_per_sec: l.receive_drops_per_sec,
+                    unsent_bytes: l.unsent_bytes,
+                    queue_ms: l.queue_ms,
+                    overloaded: l.overloaded,
+                    why: l.why,
+                }
+            }),
             urls: r
                 .stun_urls
                 .iter()

@@ -454,7 +454,7 @@ impl Publisher {
                 }
                 let (status, consumed) = match tokio::time::timeout(
                     STATUS_WAIT,
-                    status_with_early_data(&mut t, client.as_deref_mut()),
+                    status_with_early_data(&mut t, client.as_deref_mut(), &svc.stats.bytes_in),
                 )
                 .await
                 {
@@ -704,10 +704,11 @@ async fn tunnel_to_client(
 /// agent reads it once the target is connected), so a client that speaks first waits no longer
 /// than through a plain reverse tunnel. Returns the status (Err(None): never; the caller's timeout
 /// decides) and whether any client byte was consumed (then the connection cannot move to another
-/// tunnel).
+/// tunnel). The client bytes passed on count in `bytes_in` as the splice's do.
 async fn status_with_early_data(
     t: &mut Tunnel,
     mut client: Option<&mut TcpStream>,
+    bytes_in: &AtomicU64,
 ) -> (Result<Status, Option<String>>, bool) {
     use std::pin::Pin;
     use std::task::Poll;
@@ -754,6 +755,7 @@ async fn status_with_early_data(
                         Poll::Ready(Ok(())) if rb.filled().is_empty() => client_done = true,
                         Poll::Ready(Ok(())) => {
                             (lo, hi) = (0, rb.filled().len());
+                            bytes_in.fetch_add(hi as u64, Relaxed);
                             consumed = true;
                         }
                         // The splice meets the same error (or EOF) again and ends.
