@@ -492,7 +492,9 @@ export async function routes(main) {
       h("td", {}, String(r.metric)),
       h("td", {}, r.masquerade ? "yes" : "no"),
       h("td", {}, chips(groupNames(groups, r.groups)), routeClients(r.clients || [])),
-      h("td", {}, r.access_groups.length ? chips(groupNames(groups, r.access_groups)) : h("span", { class: "muted" }, "distribution")),
+      h("td", { class: "route-access" }, r.access_groups.length ? chips(groupNames(groups, r.access_groups))
+        : r.open_to_groups ? badge("open to distribution groups", "warn")
+        : h("span", { class: "muted" }, "as policies towards the routing peer allow")),
       h("td", {}, r.enabled ? badge("on", "ok") : badge("off", "off")),
       h("td", { class: "row-actions" },
         h("button", { type: "button", onclick: () => edit(r) }, "Edit"),
@@ -520,6 +522,7 @@ export async function routes(main) {
         groupPicker("groups", groups, r ? r.groups : []), h("p", { class: "field-error", hidden: true })),
       h("fieldset", { "data-field": "access_groups" }, h("legend", {}, "Access groups (optional): only policies towards these groups open the network"),
         groupPicker("access_groups", groups, r ? r.access_groups : [], { skipAll: true }), h("p", { class: "field-error", hidden: true })),
+      checkbox("open_to_groups", "Open to everyone in the distribution groups: the whole network, all ports, whatever the policies say (without access groups only; otherwise policies towards the routing peer decide)", r ? r.open_to_groups : false),
       h("div", { class: "actions" }, h("button", { type: "submit", class: "primary" }, r ? "Save" : "Create route")));
     sync();
     const d = dialog(r ? `Edit route ${r.network}` : "New route", form, { wide: true });
@@ -534,6 +537,7 @@ export async function routes(main) {
         enabled: f.elements.enabled.checked,
         groups: checkedValues(f, "groups"),
         access_groups: checkedValues(f, "access_groups"),
+        open_to_groups: f.elements.open_to_groups.checked,
       };
       const send = () => (r ? put(`/api/routes/${r.id}`, b) : post("/api/routes", b));
       try {

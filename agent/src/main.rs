@@ -503,7 +503,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         "installed, but no policy lets this peer use it ({via} drops its traffic; {} packets sent so far)",
                         r.get("sent_without_policy").and_then(|v| v.as_u64()).unwrap_or(0)
                     ),
-                    ("installed", a) if !a.is_empty() && a != "all" => {
+                    ("installed", _) if r.get("open_to_groups").and_then(|v| v.as_bool()) == Some(true) => {
+                        "installed, open to its distribution groups (all of the network, whatever the policies say)".to_string()
+                    }
+                    ("installed", a) if !a.is_empty() => {
                         format!("installed (policies allow {a})")
                     }
                     (s, _) => s.to_string(),

@@ -23,6 +23,9 @@ pub struct RouteChoice {
     /// What the policies let this peer reach in the network: "all", "none", or protocols and
     /// ports ("tcp 22, 443").
     pub access: String,
+    /// An admin opened the network to every peer the route is distributed to, whatever the
+    /// policies say.
+    pub open_to_groups: bool,
     /// With access "none": packets this host sent into the network anyway (the routing peer
     /// drops them).
     pub sent_without_policy: u64,
@@ -86,6 +89,7 @@ mod tests {
             metric: 10,
             state: state.into(),
             access: access.into(),
+            open_to_groups: false,
             sent_without_policy: 0,
         };
         assert_eq!(r("installed", "all").report(), ("installed", String::new()));

@@ -482,8 +482,12 @@ pub struct Route {
     /// Distribution groups: peers in these groups receive the route.
     pub groups: Vec<String>,
     /// Access groups: if set, only policies whose destinations include one of them open the
-    /// routed network (for what they allow); if empty, distribution alone grants access.
+    /// routed network (for what they allow).
     pub access_groups: Vec<String>,
+    /// Without access groups: true lets every peer the route is distributed to reach the whole
+    /// network (an explicit choice; routes made before this setting existed have it); false
+    /// (the default) opens it only as far as policies towards its routing peer's groups allow.
+    pub open_to_groups: bool,
     pub created_at: Millis,
     /// Whether a routing peer serves the network now, in words: "served by factory-gw", or
     /// "not served: ..." with the reason (from the routing peers' own reports).

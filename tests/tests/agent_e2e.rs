@@ -8,6 +8,17 @@ use std::time::{Duration, Instant};
 use tern_tests::mesh::{bin, skip, Mesh};
 use tern_tests::netns::{Nat, NAT64_PREFIX, SERVER_IP, SERVER_NAT64};
 
+/// `who`'s status entry for the lab's LAN route.
+fn route_of(m: &Mesh, who: &str, ns: &str) -> Option<Value> {
+    m.status(who, ns).and_then(|s| {
+        s["routes"].as_array().and_then(|rs| {
+            rs.iter()
+                .find(|r| r["network"] == "192.168.50.0/24")
+                .cloned()
+        })
+    })
+}
+
 fn first_ping(m: &Mesh, ns: &str, ip: &str, started: Instant) -> Duration {
     m.lab
         .wait_for("first ping", Duration::from_secs(60), || {
@@ -754,17 +765,12 @@ fn route_access_follows_policies_tcp_only_for_staff() {
         .success());
     // ... and is told why: its map says no policy opens the network for it, its status and
     // diagnose say so in words, and the console's API lists it per route.
-    let route_of = |who: &str, ns: &str| {
-        m.status(who, ns).and_then(|s| {
-            s["routes"].as_array().and_then(|rs| {
-                rs.iter()
-                    .find(|r| r["network"] == "192.168.50.0/24")
-                    .cloned()
-            })
-        })
-    };
-    assert_eq!(route_of("c", &hc).expect("c's route")["access"], "none");
-    assert_eq!(route_of("a", &ha).expect("a's route")["access"], "tcp 5001");
+
+    assert_eq!(route_of(&m, "c", &hc).expect("c's route")["access"], "none");
+    assert_eq!(
+        route_of(&m, "a", &ha).expect("a's route")["access"],
+        "tcp 5001"
+    );
     let mut args = vec![bin("tern").display().to_string()];
     args.extend(m.agent_args("c"));
     args.push("status".into());
@@ -775,7 +781,7 @@ fn route_access_follows_policies_tcp_only_for_staff() {
         "{text}"
     );
     // c counts what it sent in vain (the TCP attempt and the pings above), as b does.
-    let sent = route_of("c", &hc).expect("c's route")["sent_without_policy"]
+    let sent = route_of(&m, "c", &hc).expect("c's route")["sent_without_policy"]
         .as_u64()
         .unwrap_or(0);
     assert!(sent > 0, "c counted the packets no policy allows");
@@ -794,6 +800,106 @@ fn route_access_follows_policies_tcp_only_for_staff() {
     };
     assert_eq!(state_of("a").as_deref(), Some("installed"), "{clients}");
     assert_eq!(state_of("c").as_deref(), Some("no_access"), "{clients}");
+
+    // A route without access groups follows the policies towards its routing peer (as subnet
+    // routes follow the ACLs in Tailscale): with "staff -> factory tcp 5001" as the only policy
+    // (b is in factory), a reaches port 5001 of the LAN and not port 22, and its status says
+    // what is open.
+    let factory = m.api("POST", "/api/groups", Some(r#"{"name":"factory"}"#))["id"]
+        .as_str()
+        .expect("group")
+        .to_string();
+    m.api(
+        "PUT",
+        &format!("/api/peers/{b_id}"),
+        Some(&format!(r#"{{"groups":["{factory}"]}}"#)),
+    );
+    m.delete_policy_named("default");
+    m.delete_policy_named("staff-to-factory");
+    let p = m.api(
+        "POST",
+        "/api/policies",
+        Some(&format!(
+            r#"{{"name":"staff-to-gw","protocol":"tcp","ports":["5001"],"bidirectional":false,"sources":["{staff}"],"destinations":["{factory}"]}}"#
+        )),
+    );
+    assert_eq!(p["name"], "staff-to-gw", "{p}");
+    let route_id = m.api("GET", "/api/routes", None)[0]["id"]
+        .as_str()
+        .expect("route id")
+        .to_string();
+    let put_route = |m: &Mesh, open: bool| {
+        let r = m.api(
+            "PUT",
+            &format!("/api/routes/{route_id}"),
+            Some(&format!(
+                r#"{{"network":"192.168.50.0/24","routing_peer":"{b_id}","groups":["all"],"masquerade":true,"open_to_groups":{open}}}"#
+            )),
+        );
+        assert_eq!(r["open_to_groups"], open, "{r}");
+    };
+    put_route(&m, false);
+    let mut last = None;
+    m.lab
+        .wait_for(
+            "a's route follows the policy",
+            Duration::from_secs(20),
+            || {
+                last = route_of(&m, "a", &ha);
+                last.as_ref().is_some_and(|r| r["access"] == "tcp 5001")
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}: {last:?}"));
+    let status_text =
+        |m: &Mesh| String::from_utf8_lossy(&m.tern("a", &ha, &["status"]).stdout).to_string();
+    let text = status_text(&m);
+    assert!(
+        text.contains("installed (policies allow tcp 5001)"),
+        "{text}"
+    );
+    m.lab.stop("sink-acl-c");
+    let seen = m.transfer(&ha, &lan, "192.168.50.10", "sink-policy");
+    assert_eq!(seen, "192.168.50.1");
+    m.lab
+        .spawn("ssh-like", &lan, &tool, &["serve", "22"], &[])
+        .expect("sink");
+    m.lab
+        .wait_for("port 22 listening", Duration::from_secs(10), || {
+            m.lab.log("ssh-like").contains("listening")
+        })
+        .expect("sink");
+    let to22 = |m: &Mesh| {
+        m.lab.exec(
+            &ha,
+            &[
+                tool.to_str().expect("utf8"),
+                "send",
+                "192.168.50.10:22",
+                "1000",
+            ],
+        )
+    };
+    assert!(!to22(&m).status.success(), "port 22 is not open to a");
+    // Open to the distribution groups, explicitly: port 22 too, and status says so.
+    put_route(&m, true);
+    m.lab
+        .wait_for("a's route is open", Duration::from_secs(20), || {
+            last = route_of(&m, "a", &ha);
+            last.as_ref()
+                .is_some_and(|r| r["open_to_groups"] == true && r["access"] == "all")
+        })
+        .unwrap_or_else(|e| panic!("{e}: {last:?}"));
+    let text = status_text(&m);
+    assert!(
+        text.contains("installed, open to its distribution groups (all of the network, whatever the policies say)"),
+        "{text}"
+    );
+    let out = to22(&m);
+    assert!(
+        out.status.success(),
+        "port 22 with the route open: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// The factory's own uplink: an IPv6-only gateway behind the carrier's NAT64 with a DNS64

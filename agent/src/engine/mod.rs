@@ -296,6 +296,12 @@ impl Engine {
             .iter()
             .map(|r| (r.network.as_str(), r.access.as_str()))
             .collect();
+        let open: std::collections::HashSet<&str> = map
+            .routes
+            .iter()
+            .filter(|r| r.open_to_groups)
+            .map(|r| r.network.as_str())
+            .collect();
         let mut cur = lock(&self.routes);
         let current: BTreeMap<String, String> = cur
             .iter()
@@ -328,6 +334,7 @@ impl Engine {
                 info!(network = %net, via = %peer_id, %state, "route");
             }
             let route_access = access.get(net.as_str()).unwrap_or(&"").to_string();
+            let open_to_groups = open.contains(net.as_str());
             next.insert(
                 net.clone(),
                 routes::RouteChoice {
@@ -339,6 +346,7 @@ impl Engine {
                     peer_id,
                     metric,
                     state,
+                    open_to_groups,
                     access: route_access,
                     sent_without_policy: 0,
                 },

@@ -1274,9 +1274,14 @@ pub struct RouteBody {
     /// Distribution groups: peers in them install the route.
     pub groups: Vec<String>,
     /// Access groups: if set, only policies whose destinations include one of them open the
-    /// routed network, for what they allow. Empty: distribution alone grants full access.
+    /// routed network, for what they allow. Empty: policies towards the routing peer's groups
+    /// do (unless `open_to_groups`).
     #[serde(default)]
     pub access_groups: Vec<String>,
+    /// Without access groups: let every peer in the distribution groups reach the whole network
+    /// whatever the policies say (an explicit choice; default false).
+    #[serde(default)]
+    pub open_to_groups: bool,
     /// Create or save the route although its network overlaps one that a distribution peer
     /// reaches directly (otherwise 409 `needs_confirmation` says which).
     #[serde(default)]
@@ -1350,6 +1355,12 @@ fn route_input(b: RouteBody) -> ApiResult<RouteInput> {
             "default routes (exit nodes) are not supported yet",
         ));
     }
+    if b.open_to_groups && !b.access_groups.is_empty() {
+        return Err(ApiError::invalid(
+            "open_to_groups",
+            "a route with access groups is opened by the policies towards them: leave access_groups empty to open the network to the distribution groups",
+        ));
+    }
     Ok(RouteInput {
         network,
         description: b.description,
@@ -1359,6 +1370,7 @@ fn route_input(b: RouteBody) -> ApiResult<RouteInput> {
         masquerade: b.masquerade,
         enabled: b.enabled,
         groups: b.groups,
+        open_to_groups: b.open_to_groups,
         access_groups: b.access_groups,
     })
 }

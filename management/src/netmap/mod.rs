@@ -309,11 +309,15 @@ impl NetIndex {
         }
         // Policies edited, added, removed, switched on or off: a map depends on a policy only
         // when its peer is in the policy's sources or destinations, so the peers in those groups
-        // (old and new) are affected and no one else. Unless a route has access groups: then
-        // policies also decide what the route's clients reach and what its routers let in.
+        // (old and new) are affected and no one else. Unless a route follows policies (it is
+        // not open to its distribution groups): then policies also decide what the route's
+        // clients reach and what its routers let in.
         let mut policies_changed: Vec<(&NetIndex, &crate::model::Policy)> = vec![];
         if a.policies != b.policies {
-            if b.routes.iter().any(|r| !r.access_groups.is_empty()) {
+            if b.routes
+                .iter()
+                .any(|r| !r.access_groups.is_empty() || !r.open_to_groups)
+            {
                 return None;
             }
             let old: HashMap<&str, _> = a.policies.iter().map(|p| (p.id.as_str(), p)).collect();
@@ -474,15 +478,40 @@ impl NetIndex {
         }
     }
 
-    /// What `me` may reach in route `r`'s network, in words: "all" without access groups; else
-    /// what the enabled policies from `me` towards the access groups allow, or "none".
-    fn route_access(&self, me: &Peer, r: &crate::model::Route) -> String {
-        if r.access_groups.is_empty() {
-            return "all".into();
+    /// The policy destinations that open route `r`'s network: None when the route is open to
+    /// every peer it is distributed to (`open_to_groups`); else its access groups, or without
+    /// them the groups of its routing peers, so that a policy towards the routing peer also
+    /// says what its LAN may be reached on (as subnet routes follow the ACLs in Tailscale).
+    fn route_gates<'s>(
+        &'s self,
+        r: &'s crate::model::Route,
+        routers: &[usize],
+    ) -> Option<Vec<&'s str>> {
+        if !r.access_groups.is_empty() {
+            return Some(r.access_groups.iter().map(String::as_str).collect());
         }
+        if r.open_to_groups {
+            return None;
+        }
+        let mut g: Vec<&str> = r.routing_group.iter().map(String::as_str).collect();
+        for &i in routers {
+            g.extend(self.snap.peers[i].groups.iter().map(String::as_str));
+        }
+        g.sort_unstable();
+        g.dedup();
+        Some(g)
+    }
+
+    /// What `me` may reach in route `r`'s network, in words: "all" when the route is open to its
+    /// distribution groups; else what the enabled policies from `me` towards its gates (see
+    /// [`Self::route_gates`]) allow, or "none".
+    fn route_access(&self, me: &Peer, r: &crate::model::Route, routers: &[usize]) -> String {
+        let Some(gates) = self.route_gates(r, routers) else {
+            return "all".into();
+        };
         let mut parts: BTreeSet<String> = BTreeSet::new();
         for pol in self.snap.policies.iter().filter(|p| p.enabled) {
-            if !pol.destinations.iter().any(|g| r.access_groups.contains(g))
+            if !pol.destinations.iter().any(|g| gates.contains(&g.as_str()))
                 || !self.in_any(me, &pol.sources)
             {
                 continue;
@@ -569,9 +598,11 @@ impl NetIndex {
             .filter(|r| r.enabled && me.on_network())
         {
             let routers = self.routers(r);
+            let open_to_groups = r.open_to_groups && r.access_groups.is_empty();
             let route_msg = |ri: usize, access: String| {
                 let rp = &self.snap.peers[ri];
                 pb::Route {
+                    open_to_groups,
                     access,
                     id: r.id.clone(),
                     network: r.network.to_string(),
@@ -584,16 +615,18 @@ impl NetIndex {
             };
             if routers.contains(&me_idx) {
                 served.push(route_msg(me_idx, String::new()));
-                // Clients of the route must be able to reach us. Without access groups every
-                // client may use the whole network; with them, only what policies towards those
-                // groups allow (and only for clients the route is distributed to).
+                // Clients of the route must be able to reach us. A route open to its
+                // distribution groups lets every client use the whole network; otherwise only
+                // what policies towards its gates allow (and only for clients the route is
+                // distributed to).
+                let gates = self.route_gates(r, &routers);
                 for q in self.members_of(&r.groups) {
                     if routers.contains(&q) {
                         continue;
                     }
                     visible.push(q);
                     let cidr = self.cidr_rank[q];
-                    if r.access_groups.is_empty() {
+                    let Some(gates) = &gates else {
                         rules.push(RuleKey {
                             cidr,
                             direction: pb::Direction::In as i32,
@@ -604,10 +637,10 @@ impl NetIndex {
                             peer: q,
                         });
                         continue;
-                    }
+                    };
                     let client = &self.snap.peers[q];
                     for pol in self.snap.policies.iter().filter(|p| p.enabled) {
-                        let opens = pol.destinations.iter().any(|g| r.access_groups.contains(g));
+                        let opens = pol.destinations.iter().any(|g| gates.contains(&g.as_str()));
                         if opens && self.in_any(client, &pol.sources) {
                             rules.push(RuleKey {
                                 cidr,
@@ -622,7 +655,7 @@ impl NetIndex {
                     }
                 }
             } else if self.in_any(me, &r.groups) {
-                let access = self.route_access(me, r);
+                let access = self.route_access(me, r, &routers);
                 for ri in routers {
                     visible.push(ri);
                     routes.push(route_msg(ri, access.clone()));
@@ -1368,6 +1401,7 @@ mod tests {
             enabled: true,
             groups: vec!["all".into()],
             access_groups: vec![],
+            open_to_groups: true,
             created_at: 0,
             serving: String::new(),
             clients: vec![],
@@ -1483,6 +1517,7 @@ mod tests {
             enabled: true,
             groups: vec!["staff".into()],
             access_groups: vec![],
+            open_to_groups: true,
             created_at: 0,
             serving: String::new(),
             clients: vec![],
@@ -1537,6 +1572,7 @@ mod tests {
             enabled: true,
             groups: vec!["all".into()],
             access_groups: vec!["lan-ssh".into()],
+            open_to_groups: false,
             created_at: 0,
             serving: String::new(),
             clients: vec![],
@@ -1581,6 +1617,65 @@ mod tests {
         let laptop = idx.map_for("laptop", &relay(), 100).expect("map");
         assert_eq!(laptop.routes[0].access, "tcp 22");
         assert!(gw.served_routes[0].access.is_empty());
+    }
+
+    /// A route with neither access groups nor `open_to_groups` follows the policies towards its
+    /// routing peer: "laptops -> factory tcp 502, 80" opens those two ports of the LAN and
+    /// nothing else, as the admin who wrote the policy expects.
+    #[test]
+    fn a_new_route_opens_its_network_only_as_far_as_policies_towards_its_router_allow() {
+        let mut route = route_via("r1", "192.168.50.0/24", "gw", 10);
+        route.open_to_groups = false;
+        let snap_with = |route: Route| {
+            snap(
+                vec![
+                    peer("gw", "100.64.0.1", &["factory"]),
+                    peer("laptop", "100.64.0.2", &["laptops"]),
+                    peer("guest", "100.64.0.3", &[]),
+                ],
+                vec![policy(
+                    "plc",
+                    &["laptops"],
+                    &["factory"],
+                    Protocol::Tcp,
+                    &["502", "80"],
+                    false,
+                )],
+                vec![route],
+            )
+        };
+        let idx = NetIndex::new(Arc::new(snap_with(route.clone())));
+        assert_bytes_match(&idx);
+        let gw = idx.map_for("gw", &relay(), 100).expect("map");
+        let lan: Vec<_> = gw
+            .firewall_rules
+            .iter()
+            .filter(|r| r.network == "192.168.50.0/24")
+            .collect();
+        assert_eq!(
+            lan.len(),
+            1,
+            "only the laptop, only what the policy says: {lan:?}"
+        );
+        assert_eq!(lan[0].peer_cidr, "100.64.0.2/32");
+        assert_eq!(lan[0].protocol, pb::Protocol::Tcp as i32);
+        assert_eq!(lan[0].ports.len(), 2, "{lan:?}");
+        let laptop = idx.map_for("laptop", &relay(), 100).expect("map");
+        assert_eq!(laptop.routes[0].access, "tcp 502, 80");
+        let guest = idx.map_for("guest", &relay(), 100).expect("map");
+        assert_eq!(guest.routes[0].access, "none");
+        // Open to its distribution groups (the explicit choice): the whole network for everyone
+        // it is distributed to, whatever the policies say.
+        route.open_to_groups = true;
+        let idx = NetIndex::new(Arc::new(snap_with(route)));
+        let guest = idx.map_for("guest", &relay(), 100).expect("map");
+        assert_eq!(guest.routes[0].access, "all");
+        let gw = idx.map_for("gw", &relay(), 100).expect("map");
+        assert!(gw
+            .firewall_rules
+            .iter()
+            .filter(|r| r.network == "192.168.50.0/24")
+            .all(|r| r.protocol == pb::Protocol::Any as i32));
     }
 
     #[test]

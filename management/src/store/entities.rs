@@ -1118,6 +1118,7 @@ pub struct RouteInput {
     pub enabled: bool,
     pub groups: Vec<String>,
     pub access_groups: Vec<String>,
+    pub open_to_groups: bool,
 }
 
 pub(crate) async fn route_from(conn: &mut sqlx::AnyConnection, r: &AnyRow) -> Result<Route> {
@@ -1151,6 +1152,7 @@ pub(crate) async fn route_from(conn: &mut sqlx::AnyConnection, r: &AnyRow) -> Re
         enabled: col(r, "enabled")?,
         groups,
         access_groups,
+        open_to_groups: col(r, "open_to_groups")?,
         created_at: col(r, "created_at")?,
         serving: String::new(),
         clients: vec![],
@@ -1239,7 +1241,7 @@ impl Store {
                 read_route(c.conn(), id).await?;
                 sqlx::query(
                     "UPDATE routes SET network = $1, description = $2, routing_peer_id = $3, routing_group_id = $4, \
-                     metric = $5, masquerade = $6, enabled = $7 WHERE id = $8",
+                     metric = $5, masquerade = $6, enabled = $7, open_to_groups = $8 WHERE id = $9",
                 )
                 .bind(r.network.to_string())
                 .bind(&r.description)
@@ -1248,6 +1250,7 @@ impl Store {
                 .bind(r.metric)
                 .bind(r.masquerade as i64)
                 .bind(r.enabled as i64)
+                .bind(r.open_to_groups as i64)
                 .bind(id)
                 .execute(c.conn())
                 .await?;
@@ -1257,7 +1260,7 @@ impl Store {
                 let id = new_id();
                 sqlx::query(
                     "INSERT INTO routes (id, network, description, routing_peer_id, routing_group_id, metric, \
-                     masquerade, enabled, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                     masquerade, enabled, created_at, open_to_groups) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
                 )
                 .bind(&id)
                 .bind(r.network.to_string())
@@ -1268,6 +1271,7 @@ impl Store {
                 .bind(r.masquerade as i64)
                 .bind(r.enabled as i64)
                 .bind(now_millis())
+                .bind(r.open_to_groups as i64)
                 .execute(c.conn())
                 .await?;
                 id
