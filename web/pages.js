@@ -83,7 +83,7 @@ function connSummary(p, peers) {
   if (p.wireguard) return wireguardSummary(p.wireguard);
   const list = p.connections || [];
   if (!p.connected) return h("span", { class: "muted" }, "—");
-  if (!list.length) return h("span", { class: "muted" }, "no peers in reach");
+  if (!list.length) return h("span", { class: "muted", title: "Its map lists no other peer: put it in a group an enabled policy covers (its page, or Settings: groups for devices added by sign-in)" }, "no other peer in reach: no policy covers its groups");
   return h("ul", { class: "conns" }, list.map((c) => {
     const other = peers.find((x) => x.id === c.peer_id);
     return h("li", {},
@@ -720,6 +720,9 @@ export async function settings(main, ctx) {
     h("fieldset", { "data-field": "expose_groups" }, h("legend", {}, "Groups allowed to use tern expose"),
       h("p", { class: "hint" }, "Peers in these groups may publish a port of their own host on the server while `tern expose` runs."),
       groupPicker("expose_groups", groups, s.expose_groups), h("p", { class: "field-error", hidden: true })),
+    h("fieldset", { "data-field": "sign_in_groups" }, h("legend", {}, "Groups for devices added by sign-in"),
+      h("p", { class: "hint" }, "A laptop or phone someone adds with `tern up` (signing in) joins these groups, besides its owner's groups, so the policies for them apply at once."),
+      groupPicker("sign_in_groups", groups, s.sign_in_groups || [], { skipAll: true }), h("p", { class: "field-error", hidden: true })),
     h("div", { class: "actions" }, h("button", { type: "submit", class: "primary" }, "Save settings")));
   onSubmit(form, async (f) => {
     await put("/api/settings", {
@@ -729,6 +732,7 @@ export async function settings(main, ctx) {
       ephemeral_ttl_secs: Number(f.elements.ephemeral_ttl_secs.value),
       peer_approval_required: f.elements.peer_approval_required.checked,
       expose_groups: checkedValues(f, "expose_groups"),
+      sign_in_groups: checkedValues(f, "sign_in_groups"),
       dns_domain: f.elements.dns_domain.value,
     });
     notify("Settings saved");

@@ -481,12 +481,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if !s.dns.state.is_empty() {
                 println!("{}", s.dns.line());
+                for b in &s.dns.blocked {
+                    println!("  {b}");
+                }
             }
             println!(
                 "Peers: {}  (packets dropped by policy: {})",
                 s.peers.len(),
                 s.firewall_dropped
             );
+            if s.peers.is_empty() && s.management && !s.pending_approval {
+                println!("  no policy connects this peer with any other yet: an admin puts it in a group a policy covers (console: its peer page, or Settings for devices added by sign-in)");
+            }
             for r in &s.routes {
                 let g = |k: &str| {
                     r.get(k)
@@ -996,6 +1002,7 @@ async fn up(
     tokio::spawn(publisher.clone().run());
     let (pending_tx, pending_rx) = watch::channel(false);
     let (dns_tx, dns_rx) = watch::channel(dns::Config::default());
+    let dns_rx_status = dns_rx.clone();
     let host_dns: Arc<std::sync::Mutex<Option<dns::host::HostDns>>> = Arc::default();
     let dns_status = Arc::new(std::sync::Mutex::new(dns::Status {
         state: if no_dns { "off" } else { "waiting" }.into(),
@@ -1106,34 +1113,51 @@ async fn up(
     let e = engine.clone();
     let status_servers = servers.clone();
     let status_nat64 = nat64.clone();
-    let status_now = Arc::new(move || status::Status {
-        interface: iface_s.clone(),
-        peer_id: me.clone(),
-        overlay_address: addr.clone(),
-        public_key: pubkey.clone(),
-        management: *mgmt_up.borrow(),
-        management_url: status_servers.current().1,
-        management_replicas: status_servers.len(),
-        signal: *sig_up.borrow(),
-        tcp_relay: e.tcp_connected(),
-        relays: e.relay_status(),
-        peers: e
-            .status()
-            .into_iter()
-            .filter_map(|p| serde_json::to_value(p).ok())
-            .collect(),
-        routes: e
-            .route_status()
-            .into_iter()
-            .filter_map(|r| serde_json::to_value(r).ok())
-            .collect(),
-        serving: e.served_status(),
-        firewall_dropped: e.firewall_dropped(),
-        pending_approval: *pending_rx.borrow(),
-        services: publisher.status(),
-        management_refused: refused_rx.borrow().clone(),
-        dns: dns_status.lock().unwrap_or_else(|e| e.into_inner()).clone(),
-        nat64: status_nat64.status(),
+    let status_dns = dns_rx_status;
+    let status_now = Arc::new(move || {
+        let (peer_list, route_list) = (e.status(), e.route_status());
+        status::Status {
+            interface: iface_s.clone(),
+            peer_id: me.clone(),
+            overlay_address: addr.clone(),
+            public_key: pubkey.clone(),
+            management: *mgmt_up.borrow(),
+            management_url: status_servers.current().1,
+            management_replicas: status_servers.len(),
+            signal: *sig_up.borrow(),
+            tcp_relay: e.tcp_connected(),
+            relays: e.relay_status(),
+            peers: peer_list
+                .iter()
+                .filter_map(|p| serde_json::to_value(p).ok())
+                .collect(),
+            routes: route_list
+                .iter()
+                .filter_map(|r| serde_json::to_value(r).ok())
+                .collect(),
+            serving: e.served_status(),
+            firewall_dropped: e.firewall_dropped(),
+            pending_approval: *pending_rx.borrow(),
+            services: publisher.status(),
+            management_refused: refused_rx.borrow().clone(),
+            dns: {
+                let mut d = dns_status.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                if d.state == "on" {
+                    let peers: Vec<(std::net::IpAddr, String)> = peer_list
+                        .iter()
+                        .filter_map(|p| Some((p.overlay_ip.parse().ok()?, p.access.clone())))
+                        .collect();
+                    let routes: Vec<(ipnet::IpNet, String)> = route_list
+                        .iter()
+                        .filter(|r| r.state == "installed")
+                        .filter_map(|r| Some((r.network.parse().ok()?, r.access.clone())))
+                        .collect();
+                    d.blocked = dns::blocked_nameservers(&status_dns.borrow(), &peers, &routes);
+                }
+                d
+            },
+            nat64: status_nat64.status(),
+        }
     });
     let status_serve = status_now.clone();
     let (secret_key, token_secret, setup_secret) =

@@ -131,18 +131,66 @@ pub async fn run(sock: &Path, target: &str, count: u32, until_direct: bool) -> a
         );
     }
     if answered == 0 {
-        let peer = peer_of(&status(crate::status::request(sock, "status").await?)?);
-        let why = peer["path_reason"].as_str().unwrap_or("");
+        let now = status(crate::status::request(sock, "status").await?)?;
+        let route = now["routes"].as_array().and_then(|rs| {
+            rs.iter()
+                .find(|r| {
+                    r["network"]
+                        .as_str()
+                        .and_then(|n| n.parse::<ipnet::IpNet>().ok())
+                        .is_some_and(|n| n.contains(&ip))
+                })
+                .cloned()
+        });
         bail!(
-            "no reply from {label}{}",
-            if why.is_empty() {
-                String::new()
-            } else {
-                format!(": {why}")
-            }
+            "no reply from {label}: {}",
+            silence(&peer_of(&now), route.as_ref())
         );
     }
     Ok(())
+}
+
+/// Why no echo request was answered, as far as this host knows: the policies (when they do not
+/// allow ICMP there), else the path's own state.
+fn silence(peer: &serde_json::Value, route: Option<&serde_json::Value>) -> String {
+    let text = |v: &serde_json::Value, k: &str| v[k].as_str().unwrap_or("").to_string();
+    let (access, dropped, what) = match route {
+        Some(r) => (
+            text(r, "access"),
+            r["sent_without_policy"].as_u64().unwrap_or(0),
+            format!("into {}", text(r, "network")),
+        ),
+        None => (
+            text(peer, "access"),
+            peer["sent_without_policy"].as_u64().unwrap_or(0),
+            "to it".to_string(),
+        ),
+    };
+    let probes = match peer["latency_ms"].as_f64() {
+        Some(ms) if peer["state"] == "connected" => {
+            format!("; the tunnel itself answers (in-tunnel probes {ms:.1} ms)")
+        }
+        _ => String::new(),
+    };
+    if !access.is_empty() && !tern_proto::access_allows(&access, "icmp", 0) {
+        let allowed = if access == "none" {
+            "nothing".to_string()
+        } else {
+            access.clone()
+        };
+        let counted = if dropped > 0 {
+            format!(" ({dropped} packets sent anyway were dropped)")
+        } else {
+            String::new()
+        };
+        return format!(
+            "the policies do not let this host send ICMP {what} (they allow {allowed}){counted}{probes}; an admin adds icmp to a policy if echo requests should pass"
+        );
+    }
+    match text(peer, "path_reason") {
+        r if r.is_empty() => format!("the path gave no reason{probes}"),
+        r => format!("{r}{probes}"),
+    }
 }
 
 #[cfg(test)]
@@ -173,5 +221,40 @@ mod tests {
         let e = resolve(&s, "8.8.8.8").expect_err("outside").to_string();
         assert!(e.contains("neither a peer"), "{e}");
         assert_eq!(path_words(&s["peers"][1]), "via TURN");
+    }
+
+    #[test]
+    fn silence_under_a_policy_without_icmp_is_blamed_on_the_policy_not_the_path() {
+        let peer = serde_json::json!({
+            "name": "factory-gw", "state": "connected", "connection": "turn_relay",
+            "path_reason": "no direct pair got through the NATs; ICE relays through TURN",
+            "access": "tcp 502, 80", "sent_without_policy": 6, "latency_ms": 12.4,
+        });
+        let why = silence(&peer, None);
+        assert!(
+            why.starts_with("the policies do not let this host send ICMP to it (they allow tcp 502, 80) (6 packets sent anyway were dropped)"),
+            "{why}"
+        );
+        assert!(
+            why.contains("in-tunnel probes 12.4 ms") && !why.contains("NATs"),
+            "{why}"
+        );
+        // Into a routed network, the route's access counts.
+        let route = serde_json::json!({"network": "192.168.50.0/24", "access": "none", "sent_without_policy": 0});
+        let why = silence(&peer, Some(&route));
+        assert!(
+            why.contains("ICMP into 192.168.50.0/24 (they allow nothing)"),
+            "{why}"
+        );
+        // ICMP allowed: the path is what speaks.
+        let mut open = peer.clone();
+        open["access"] = "tcp 22; icmp".into();
+        assert!(
+            silence(&open, None).starts_with("no direct pair"),
+            "{}",
+            silence(&open, None)
+        );
+        open["access"] = "all".into();
+        assert!(silence(&open, None).starts_with("no direct pair"));
     }
 }

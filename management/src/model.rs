@@ -43,6 +43,10 @@ pub struct Settings {
     /// Groups whose peers may publish their own ports with `tern expose` (none by default).
     #[serde(default)]
     pub expose_groups: Vec<String>,
+    /// Groups every device added by a person's sign-in joins, besides its owner's groups
+    /// (none by default).
+    #[serde(default)]
+    pub sign_in_groups: Vec<String>,
     /// Every peer answers to `<name>.<dns_domain>` on every agent (default `tern.internal`).
     #[serde(default = "default_dns_domain")]
     pub dns_domain: String,

@@ -34,6 +34,48 @@ pub fn access_words(proto: &str, ports: &[(u32, u32)]) -> String {
     format!("{proto} {}", list.join(", "))
 }
 
+/// Whether access words ("all", "none", "tcp 22, 443; udp 53; icmp", as [`access_words`] and
+/// their "; " joins write them) let `proto` through to `port` (ICMP has none: pass 0).
+pub fn access_allows(words: &str, proto: &str, port: u16) -> bool {
+    let port = u32::from(port);
+    words.split(';').map(str::trim).any(|part| {
+        let (p, ports) = part.split_once(' ').unwrap_or((part, ""));
+        if p == "all" {
+            return true;
+        }
+        if p != proto {
+            return false;
+        }
+        ports.trim().is_empty()
+            || ports.split(',').map(str::trim).any(|r| {
+                let (a, b) = r.split_once('-').unwrap_or((r, r));
+                matches!((a.parse::<u32>(), b.parse::<u32>()), (Ok(a), Ok(b)) if (a..=b).contains(&port))
+            })
+    })
+}
+
+#[cfg(test)]
+mod access_tests {
+    use super::*;
+
+    #[test]
+    fn access_words_are_read_back_per_protocol_and_port() {
+        let w = format!(
+            "{}; {}; {}",
+            access_words("tcp", &[(22, 22), (8000, 8080)]),
+            access_words("udp", &[(53, 53)]),
+            access_words("icmp", &[])
+        );
+        assert_eq!(w, "tcp 22, 8000-8080; udp 53; icmp");
+        assert!(access_allows(&w, "tcp", 8042) && access_allows(&w, "tcp", 22));
+        assert!(!access_allows(&w, "tcp", 23) && !access_allows(&w, "udp", 54));
+        assert!(access_allows(&w, "udp", 53) && access_allows(&w, "icmp", 0));
+        assert!(access_allows("all", "udp", 53) && access_allows("udp", "udp", 53));
+        assert!(!access_allows("none", "udp", 53) && !access_allows("", "icmp", 0));
+        assert!(!access_allows("tcp 53", "udp", 53));
+    }
+}
+
 /// Management service (agent <-> management).
 pub mod management {
     #![allow(clippy::all, missing_docs)]

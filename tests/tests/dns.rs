@@ -197,6 +197,53 @@ fn peers_by_name_a_lan_nameserver_and_the_hosts_resolver_put_back() {
         "other names as before"
     );
 
+    // Policies that let a reach the LAN on TCP 80 only: the factory's nameserver is out of
+    // reach, and status, diagnose and `tern ping` say it is the policy (not a silent timeout,
+    // not the path).
+    m.delete_policy_named("default");
+    let web_only = m.api(
+        "POST",
+        "/api/policies",
+        Some(r#"{"name":"web-only","protocol":"tcp","ports":["80"],"bidirectional":false,"sources":["all"],"destinations":["all"]}"#),
+    );
+    assert_eq!(web_only["name"], "web-only", "{web_only}");
+    let mut text = String::new();
+    m.lab
+        .wait_for("status names the blocked nameserver", Duration::from_secs(20), || {
+            text = String::from_utf8_lossy(&tern(&m, "a", &ha, &["status"]).stdout).to_string();
+            text.contains("factory.local -> 192.168.50.10:53: the policies do not let this host send DNS (udp 53) into 192.168.50.0/24 (they allow tcp 80)")
+        })
+        .unwrap_or_else(|e| panic!("{e}:\n{text}"));
+    let (r, ok) = m.diagnose("a", &ha, &[]);
+    assert!(!ok, "{r:#}");
+    assert!(
+        r["findings"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|x| x["code"] == "nameserver_blocked")),
+        "{r:#}"
+    );
+    let out = tern(&m, "a", &ha, &["ping", "-c", "1", "192.168.50.10"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("the policies do not let this host send ICMP into 192.168.50.0/24 (they allow tcp 80)"),
+        "{err}"
+    );
+    // Everyone to everyone again.
+    m.api(
+        "POST",
+        "/api/policies",
+        Some(r#"{"name":"default","protocol":"any","bidirectional":true,"sources":["all"],"destinations":["all"]}"#),
+    );
+    m.delete_policy_named("web-only");
+    wait_resolves(
+        &m,
+        &ha,
+        "plc.factory.local",
+        "192.168.50.10",
+        Duration::from_secs(20),
+    );
+
     // Bad input: field errors.
     for (path, body, field) in [
         (

@@ -358,6 +358,92 @@ async fn sign_in_device(
         .expect("login with the approved code")
 }
 
+/// A laptop added by sign-in whose owner is in no group lands in the groups Settings names for
+/// such devices, so the policies for them apply at once (it used to see no peer at all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_added_by_sign_in_join_the_groups_settings_name() {
+    let db = TestDb::new(Backend::Sqlite).await.expect("db");
+    let server = TestServer::start(&db.url).await.expect("server");
+    let (_erin, erin_s) = account(&server, "erin", "user").await;
+    let group = |name: &'static str| {
+        let server = &server;
+        async move {
+            let (s, g) = server.post("/api/groups", json!({ "name": name })).await;
+            assert_eq!(s, 201, "{g}");
+            g["id"].as_str().expect("id").to_string()
+        }
+    };
+    let (laptops, factory) = (group("laptops").await, group("factory").await);
+    // Only "laptops -> factory": without a group, a new laptop would see nobody.
+    for p in server
+        .get("/api/policies")
+        .await
+        .as_array()
+        .expect("policies")
+    {
+        let (s, _) = server
+            .api(
+                Method::DELETE,
+                &format!("/api/policies/{}", p["id"].as_str().expect("id")),
+                None,
+            )
+            .await;
+        assert_eq!(s, 204);
+    }
+    let (s, p) = server
+        .post(
+            "/api/policies",
+            json!({"name": "laptops-to-factory", "protocol": "tcp", "ports": ["502"], "bidirectional": false,
+                   "sources": [laptops], "destinations": [factory]}),
+        )
+        .await;
+    assert_eq!(s, 201, "{p}");
+    let mut settings = server.get("/api/settings").await;
+    let obj = settings.as_object_mut().expect("settings");
+    obj.remove("network_serial");
+    obj.insert("sign_in_groups".into(), json!(["all"]));
+    let (s, e) = server.put("/api/settings", settings.clone()).await;
+    assert_eq!(
+        (s, e["field"].as_str()),
+        (422, Some("sign_in_groups")),
+        "{e}"
+    );
+    settings["sign_in_groups"] = json!([laptops]);
+    let (s, saved) = server.put("/api/settings", settings).await;
+    assert_eq!(s, 200, "{saved}");
+    assert_eq!(saved["sign_in_groups"], json!([laptops]));
+
+    let gw = TestAgent::new(&server, "factory-gw").await;
+    let gw_login = gw.login(Some(&server.default_setup_key)).await.expect("gw");
+    let (s, _) = server
+        .put(
+            &format!("/api/peers/{}", gw_login.peer_id),
+            json!({ "groups": [factory] }),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let laptop = TestAgent::new(&server, "erin-laptop").await;
+    let l = sign_in_device(&server, &erin_s, &laptop).await;
+    let p = server.get(&format!("/api/peers/{}", l.peer_id)).await;
+    assert!(
+        p["groups"]
+            .as_array()
+            .expect("groups")
+            .contains(&json!(laptops)),
+        "{p}"
+    );
+    let mut sync = laptop.sync(&l.peer_token).await.expect("sync");
+    let m = next_map(&mut sync, Duration::from_secs(5))
+        .await
+        .expect("map");
+    assert!(
+        has_peer(&m, "factory-gw"),
+        "the laptop reaches the factory: {m:?}"
+    );
+    server.stop().await;
+    db.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_join_by_their_users_sign_in_and_leave_with_them() {
     on_each_backend(|_b, url| async move {

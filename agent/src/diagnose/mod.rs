@@ -33,6 +33,7 @@ pub const CODES: &[(&str, &str, &str)] = &[
     ("relay_ports_closed", "TURN allocates, but nothing comes back through the relay's port range", "Open the relay port range (UDP, --relay-ports, 49152-65535 by default) on the server's firewall and cloud security group."),
     ("nat_symmetric", "this host's NAT gives a new public port per destination, so direct paths are rarely possible", "Use a router with endpoint-independent NAT, or forward a UDP port, where you can; TURN carries the traffic meanwhile."),
     ("nat_timeout_short", "this host's NAT forgets idle UDP mappings sooner than the keepalive interval", "Raise the router's UDP timeout to at least 60 s; idle paths break until then."),
+    ("no_peers", "no policy connects this peer with any other: its network map is empty", "Put the peer in a group a policy covers (its page in the console, or Settings: groups for devices added by sign-in), or add a policy for one of its groups."),
     ("peer_unreachable", "no WireGuard handshake with this peer", "Run `tern diagnose` on the peer too, and check in the console that it is online."),
     ("peer_connecting", "this peer joined the map moments ago and its first WireGuard handshake is still under way", "Nothing to do yet; if it stays so for a minute, run `tern diagnose` again."),
     ("peer_offline", "the peer is not connected to management", "Start its agent, or remove it in the console if it is gone."),
@@ -48,6 +49,7 @@ pub const CODES: &[(&str, &str, &str)] = &[
     ("route_no_access", "the route is installed, but no policy lets this peer use the network: the routing peer drops its traffic", "Add a policy from one of this peer's groups to one of the route's access groups, or leave the route's access groups empty."),
     ("route_unserved", "no connected routing peer serves this routed network", "Start the routing peer's agent, or add another routing peer for the network."),
     ("route_failed", "the kernel refused to install a route", "Another VPN or a static route may hold the same prefix: see the error shown."),
+    ("nameserver_blocked", "a nameserver group's nameserver is inside the network, but no policy lets this host send it DNS queries (they time out)", "Add udp 53 (or the nameserver's port) towards it to a policy for one of this peer's groups, or take this peer's groups out of the nameserver group."),
     ("forwarding_off", "this host routes networks for others but IP forwarding is off", "Run `sysctl -w net.ipv4.ip_forward=1` and make it permanent in /etc/sysctl.d."),
 ];
 
@@ -164,6 +166,9 @@ pub struct PeerFacts {
     /// Seconds since the last WireGuard handshake (None: never).
     #[serde(default)]
     pub last_handshake_secs: Option<u64>,
+    /// What the policies let this host send to the peer ("all", "none", "tcp 22; icmp").
+    #[serde(default)]
+    pub access: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -215,6 +220,15 @@ pub struct Facts {
     /// The TURN relays' own load, as management reports it (the relays it knows).
     #[serde(default)]
     pub turn_load: Vec<TurnLoad>,
+    /// Peers in this agent's map (all of them, whatever `--peer` asked for), and whether an
+    /// admin has yet to approve this peer (then its map is empty for that reason).
+    #[serde(default)]
+    pub map_peers: Option<usize>,
+    #[serde(default)]
+    pub pending_approval: bool,
+    /// Nameservers of the map this host may not query (no policy lets DNS through), in words.
+    #[serde(default)]
+    pub nameservers_blocked: Vec<String>,
 }
 
 /// A TURN relay's load over its last seconds, as it measures it.
@@ -701,6 +715,15 @@ pub fn analyze(f: &Facts) -> Vec<Finding> {
         ));
     }
 
+    if f.map_peers == Some(0) && !f.pending_approval && f.management.ok {
+        out.push(finding(
+            "no_peers",
+            Warning,
+            "",
+            "this peer's map lists no other peer: none of its groups is a source or destination of an enabled policy with anyone in it".into(),
+        ));
+    }
+
     if let Some(c) = &f.overlay_conflict {
         out.push(finding("overlay_conflict", Error, "", c.clone()));
     }
@@ -726,6 +749,9 @@ pub fn analyze(f: &Facts) -> Vec<Finding> {
             continue;
         };
         out.push(finding(code, sev, &r.network, r.state.clone()));
+    }
+    for b in &f.nameservers_blocked {
+        out.push(finding("nameserver_blocked", Warning, "", b.clone()));
     }
     if !f.serving.is_empty() && f.ip_forward == Some(false) {
         out.push(finding(
@@ -876,10 +902,17 @@ pub fn render(r: &Report) -> String {
                     pg.avg_ms.unwrap_or_default()
                 );
             } else if pg.sent > 0 {
-                let _ = write!(
-                    line,
-                    ", no echo replies (the peer's policy may not allow ICMP)"
-                );
+                let icmp = tern_proto::access_allows(&p.access, "icmp", 0);
+                let _ = match (icmp, p.access.as_str()) {
+                    (true, _) => write!(line, ", no echo replies although the policies allow ICMP"),
+                    (false, "" | "none") => write!(
+                        line,
+                        ", no echo replies (no policy lets this host send it anything)"
+                    ),
+                    (false, a) => {
+                        write!(line, ", no echo replies (the policies allow {a}, not ICMP)")
+                    }
+                };
             }
         }
         if let Some(rtt) = p.probe_rtt_ms {

@@ -98,9 +98,9 @@ pub async fn run(ctx: &Context, args: &Args) -> Report {
         }
     }
     let turns: Vec<pb::TurnServer> = relay.turn.iter().take(2).cloned().collect();
-    let peers: Vec<crate::engine::PeerStatus> = ctx
-        .engine
-        .status()
+    let all_peers = ctx.engine.status();
+    let map_peers = all_peers.len();
+    let peers: Vec<crate::engine::PeerStatus> = all_peers
         .into_iter()
         .filter(|p| {
             args.peer
@@ -164,6 +164,7 @@ pub async fn run(ctx: &Context, args: &Args) -> Report {
         }
     });
     let locals = crate::platform::net::local_networks(&ctx.iface);
+    let status_now = (ctx.status)();
     let facts = Facts {
         management,
         clock_offset_secs: offset,
@@ -202,6 +203,7 @@ pub async fn run(ctx: &Context, args: &Args) -> Report {
                     probe_loss_pct: p.loss_pct,
                     in_map_secs: Some(p.in_map_secs),
                     last_handshake_secs: p.last_handshake_secs_ago,
+                    access: p.access.clone(),
                 }
             })
             .collect(),
@@ -226,6 +228,14 @@ pub async fn run(ctx: &Context, args: &Args) -> Report {
             .map(|v| v.trim() == "1"),
         nat64: ctx.nat64.status(),
         turn_load,
+        map_peers: Some(map_peers),
+        pending_approval: status_now["pending_approval"] == true,
+        nameservers_blocked: status_now["dns"]["blocked"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|b| b.as_str().map(str::to_string))
+            .collect(),
         ipv4_unreachable: relay
             .stun
             .iter()

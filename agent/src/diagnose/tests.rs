@@ -43,6 +43,7 @@ fn peer(name: &str, path: &str, code: &str) -> PeerFacts {
         probe_loss_pct: Some(0.0),
         in_map_secs: Some(3600),
         last_handshake_secs: Some(20),
+        access: "all".into(),
     }
 }
 
@@ -93,6 +94,9 @@ fn clean() -> Facts {
         nat64: None,
         ipv4_unreachable: vec![],
         turn_load: vec![],
+        map_peers: Some(1),
+        pending_approval: false,
+        nameservers_blocked: vec![],
     }
 }
 
@@ -600,4 +604,59 @@ fn an_overloaded_turn_relay_is_named_with_its_own_figures_not_as_a_slow_path() {
     // A busy relay that is not overloaded changes nothing.
     f.turn_load[0].overloaded = false;
     assert!(!codes(&f).contains(&"relay_overloaded".to_string()));
+}
+
+#[test]
+fn an_empty_map_is_named_unless_approval_is_why() {
+    let mut f = clean();
+    f.peers.clear();
+    f.map_peers = Some(0);
+    let v = analyze(&f);
+    assert_eq!(codes(&f), vec!["no_peers"], "{v:?}");
+    assert!(one(&v, "no_peers")
+        .advice
+        .contains("groups for devices added by sign-in"));
+    f.pending_approval = true;
+    assert_eq!(codes(&f), vec!["all_clear"]);
+    // `--peer NAME` narrowed the list, the map is not empty.
+    f.pending_approval = false;
+    f.map_peers = Some(3);
+    assert_eq!(codes(&f), vec!["all_clear"]);
+}
+
+#[test]
+fn unanswered_echoes_are_explained_by_what_the_policies_allow() {
+    let mut f = clean();
+    f.peers[0].ping = Some(PingFacts {
+        sent: 10,
+        received: 0,
+        avg_ms: None,
+        max_ms: None,
+    });
+    let text = |f: &Facts| {
+        render(&Report {
+            findings: analyze(f),
+            facts: f.clone(),
+            ..Default::default()
+        })
+    };
+    assert!(text(&f).contains("no echo replies although the policies allow ICMP"));
+    f.peers[0].access = "tcp 502, 80".into();
+    let t = text(&f);
+    assert!(
+        t.contains("no echo replies (the policies allow tcp 502, 80, not ICMP)"),
+        "{t}"
+    );
+    assert!(!t.contains("may not allow"), "{t}");
+}
+
+#[test]
+fn a_nameserver_no_policy_reaches_is_named() {
+    let mut f = clean();
+    f.nameservers_blocked = vec!["factory.local -> 192.168.50.2:53: the policies do not let this host send DNS (udp 53) into 192.168.50.0/24 (they allow tcp 502, 80); queries for these names time out".into()];
+    let v = analyze(&f);
+    assert_eq!(codes(&f), vec!["nameserver_blocked"], "{v:?}");
+    assert!(one(&v, "nameserver_blocked")
+        .evidence
+        .contains("factory.local -> 192.168.50.2:53"));
 }

@@ -29,6 +29,9 @@ pub struct Status {
     /// What went wrong, when state is "failed" (or the host could not be pointed at us).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub error: String,
+    /// Nameservers of the map this host may not query (no policy lets DNS through), in words.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blocked: Vec<String>,
 }
 
 impl Status {
@@ -108,6 +111,47 @@ impl Config {
     }
 }
 
+/// The nameservers of `cfg`'s groups this host may not query through the tunnel, each in words:
+/// those at a peer's overlay address or inside a routed network where no policy lets this host
+/// send DNS (UDP to their port). `peers`: (overlay address, what the policies let this host send
+/// it); `routes`: (routed network, what this host may reach in it). Nameservers outside the
+/// tunnel are the host's business, not the policies'.
+pub fn blocked_nameservers(
+    cfg: &Config,
+    peers: &[(IpAddr, String)],
+    routes: &[(ipnet::IpNet, String)],
+) -> Vec<String> {
+    let mut out = vec![];
+    for (domains, servers) in &cfg.groups {
+        for s in servers {
+            let (access, place) = match peers.iter().find(|(ip, _)| *ip == s.ip()) {
+                Some((_, a)) => (a.as_str(), "to it".to_string()),
+                None => match routes
+                    .iter()
+                    .filter(|(n, _)| n.contains(&s.ip()))
+                    .max_by_key(|(n, _)| n.prefix_len())
+                {
+                    Some((n, a)) => (a.as_str(), format!("into {n}")),
+                    None => continue,
+                },
+            };
+            if tern_proto::access_allows(access, "udp", s.port()) {
+                continue;
+            }
+            let allowed = match access {
+                "" | "none" => "nothing".to_string(),
+                a => a.to_string(),
+            };
+            out.push(format!(
+                "{} -> {s}: the policies do not let this host send DNS (udp {}) {place} (they allow {allowed}); queries for these names time out",
+                domains.join(", "),
+                s.port()
+            ));
+        }
+    }
+    out
+}
+
 /// What to do with a query.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
@@ -171,6 +215,45 @@ pub fn decide(cfg: &Config, q: &wire::Query, upstream: &[SocketAddr]) -> Decisio
 mod tests {
     use super::wire::*;
     use super::*;
+
+    #[test]
+    fn nameservers_no_policy_lets_dns_reach_are_named() {
+        let cfg = Config {
+            domain: "tern.internal".into(),
+            records: HashMap::new(),
+            groups: vec![
+                (
+                    vec!["factory.local".into()],
+                    vec!["192.168.50.2:53".parse().expect("a")],
+                ),
+                (
+                    vec!["office.lan".into()],
+                    vec!["100.64.0.9:5353".parse().expect("a")],
+                ),
+                (
+                    vec!["home.arpa".into()],
+                    vec!["10.0.0.1:53".parse().expect("a")],
+                ),
+            ],
+        };
+        let routes = vec![(
+            "192.168.50.0/24".parse().expect("net"),
+            "tcp 502, 80".to_string(),
+        )];
+        let peers = vec![("100.64.0.9".parse().expect("ip"), "udp 5353".to_string())];
+        let b = blocked_nameservers(&cfg, &peers, &routes);
+        assert_eq!(b.len(), 1, "{b:?}");
+        assert_eq!(
+            b[0],
+            "factory.local -> 192.168.50.2:53: the policies do not let this host send DNS (udp 53) into 192.168.50.0/24 (they allow tcp 502, 80); queries for these names time out"
+        );
+        // Allowed once a policy opens udp 53 there.
+        let routes = vec![(
+            "192.168.50.0/24".parse().expect("net"),
+            "tcp 502, 80; udp 53".to_string(),
+        )];
+        assert!(blocked_nameservers(&cfg, &peers, &routes).is_empty());
+    }
 
     fn cfg() -> Config {
         let mut c = Config {

@@ -1454,6 +1454,8 @@ pub struct SettingsBody {
     pub expose_groups: Option<Vec<String>>,
     /// Peers' DNS domain, e.g. tern.internal; omitted = unchanged.
     pub dns_domain: Option<String>,
+    /// Groups every device added by a person's sign-in joins; omitted = unchanged.
+    pub sign_in_groups: Option<Vec<String>>,
 }
 
 #[utoipa::path(get, path = "/api/settings", responses((status = 200, body = Settings)))]
@@ -1505,6 +1507,7 @@ pub async fn update_settings(
         .peer_approval_required
         .unwrap_or(current.peer_approval_required);
     let expose_groups = b.expose_groups.unwrap_or(current.expose_groups);
+    let sign_in_groups = b.sign_in_groups.unwrap_or(current.sign_in_groups);
     let dns_domain = match b.dns_domain.as_deref() {
         Some(d) => crate::model::dns_name(d).map_err(|e| ApiError::invalid("dns_domain", e))?,
         None => current.dns_domain,
@@ -1517,6 +1520,7 @@ pub async fn update_settings(
         ephemeral_ttl_secs: b.ephemeral_ttl_secs,
         peer_approval_required,
         expose_groups,
+        sign_in_groups,
         network_serial: 0,
     };
     Ok(Json(s.store.update_settings(&a.actor, &new).await?))

@@ -1031,6 +1031,7 @@ mod tests {
                 ephemeral_ttl_secs: 600,
                 peer_approval_required: false,
                 expose_groups: vec![],
+                sign_in_groups: vec![],
                 dns_domain: "tern.internal".into(),
                 network_serial: 7,
             },

@@ -338,7 +338,11 @@ impl Store {
             )));
         }
         c.actor = format!("user:{} (device sign-in)", user.username);
-        let groups = user_group_ids(c.conn(), &user.id).await?;
+        // The owner's groups, and those every signed-in device joins (Settings).
+        let mut groups = user_group_ids(c.conn(), &user.id).await?;
+        groups.extend(read_settings(c.conn()).await?.sign_in_groups);
+        groups.sort();
+        groups.dedup();
         let existing = sqlx::query("SELECT id, user_id FROM peers WHERE wg_public_key = $1")
             .bind(wg_key)
             .fetch_optional(c.conn())

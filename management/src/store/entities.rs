@@ -75,6 +75,25 @@ impl Store {
                 .execute(c.conn())
                 .await?;
         }
+        check_groups(c.conn(), "sign_in_groups", &s.sign_in_groups).await?;
+        if s.sign_in_groups
+            .iter()
+            .any(|g| g == crate::model::ALL_GROUP_ID)
+        {
+            return Err(StoreError::invalid(
+                "sign_in_groups",
+                "every peer is in the built-in group already",
+            ));
+        }
+        sqlx::query("DELETE FROM sign_in_groups")
+            .execute(c.conn())
+            .await?;
+        for g in &s.sign_in_groups {
+            sqlx::query("INSERT INTO sign_in_groups (group_id) VALUES ($1)")
+                .bind(g)
+                .execute(c.conn())
+                .await?;
+        }
         c.audit("settings.update", "settings", "settings", json!(s))
             .await?;
         let out = read_settings(c.conn()).await?;
@@ -97,7 +116,14 @@ pub(crate) async fn read_settings(conn: &mut sqlx::AnyConnection) -> Result<Sett
         .iter()
         .map(|r| col::<String>(r, "group_id"))
         .collect::<Result<Vec<_>>>()?;
+    let sign_in_groups = sqlx::query("SELECT group_id FROM sign_in_groups ORDER BY group_id")
+        .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(|r| col::<String>(r, "group_id"))
+        .collect::<Result<Vec<_>>>()?;
     Ok(Settings {
+        sign_in_groups,
         overlay_range: range.parse().map_err(|_| {
             StoreError::invalid(
                 "overlay_range",
