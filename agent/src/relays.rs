@@ -176,6 +176,22 @@ impl RelayBook {
     }
 }
 
+/// Whether a STUN/TURN/relay URL names this machine's loopback (a server started without
+/// `--public-url` advertises 127.0.0.1, which only the server's own host reaches).
+pub fn loopback_url(url: &str) -> bool {
+    let rest = url
+        .split_once("://")
+        .map_or_else(|| url.split_once(':').map_or("", |(_, r)| r), |(_, r)| r);
+    let host = match rest.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => rest.split([':', '/', '?']).next().unwrap_or(""),
+    };
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// One line for `tern status`: each server, its round trip and whether ICE uses it (a server
 /// that does not answer is the usual reason why a peer behind a hard NAT cannot connect).
 pub fn status_line(relays: &[RelayStatus]) -> Option<String> {
@@ -188,6 +204,9 @@ pub fn status_line(relays: &[RelayStatus]) -> Option<String> {
             let mut what = match (r.state.as_str(), r.rtt_ms) {
                 ("preferred", Some(ms)) => format!("{ms} ms, in use"),
                 (_, Some(ms)) => format!("{ms} ms"),
+                ("no_answer", None) if loopback_url(&r.url) => {
+                    "no answer: the server advertises its loopback address; start it with --public-url http://ADDRESS:PORT".to_string()
+                }
                 ("no_answer", None) => "no answer".to_string(),
                 _ => "not probed yet".to_string(),
             };
@@ -208,6 +227,15 @@ pub fn status_line(relays: &[RelayStatus]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_urls_are_told_apart() {
+        assert!(loopback_url("turn:127.0.0.1:3478?transport=udp"));
+        assert!(loopback_url("stun:[::1]:3478"));
+        assert!(loopback_url("ws://localhost:8080/relay"));
+        assert!(!loopback_url("turn:203.0.113.10:3478"));
+        assert!(!loopback_url("wss://vpn.example.com/relay"));
+    }
 
     fn ms(n: u64) -> Option<Duration> {
         Some(Duration::from_millis(n))

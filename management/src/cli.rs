@@ -269,7 +269,7 @@ pub async fn run(args: Args, with_signal: bool) -> anyhow::Result<()> {
             })
             .or_else(|| (!args.listen.ip().is_unspecified()).then(|| args.listen.ip()))
             .unwrap_or_else(|| {
-                tracing::warn!("relay public IP unknown: advertising 127.0.0.1; set TERN_RELAY_PUBLIC_IP for real use");
+                tracing::warn!("relay public IP unknown: advertising 127.0.0.1 (this machine only); start with --public-url http://ADDRESS:PORT (or --relay-public-ip) for agents on other machines");
                 std::net::IpAddr::from([127, 0, 0, 1])
             });
         Some(server::EmbeddedRelay {
@@ -328,6 +328,15 @@ pub async fn run(args: Args, with_signal: bool) -> anyhow::Result<()> {
     println!("  Agents join with: tern up --management-url {url}   (people sign in; machines add --setup-key <KEY>)");
     if let Some(r) = &running.relay {
         println!("  Relay:            STUN/TURN udp {}  (TCP fallback {url}/relay, metrics {url}/metrics with an admin token)", r.udp_addr);
+    }
+    if args.public_url.is_none() {
+        println!("  Note:             no --public-url: agents are told this server is at {url}{}; for machines elsewhere start it with --public-url http://ADDRESS:{} (the address they reach it at)",
+            if running.relay.is_some() && args.relay_public_ip.is_none() && args.listen.ip().is_unspecified() {
+                " and its relay at 127.0.0.1 (this machine only)"
+            } else {
+                ""
+            },
+            running.addr.port());
     }
     if let Some(w) = running.state.wireguard.get() {
         println!(

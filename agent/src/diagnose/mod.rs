@@ -24,6 +24,7 @@ pub const CODES: &[(&str, &str, &str)] = &[
     ("tcp_relay_unreachable", "the TCP relay (the fallback for networks that block UDP) is not connected", "Check the relay URL and that HTTPS/WebSocket reaches the server."),
     ("nat64_missing", "this host has no IPv4 route (an IPv6-only uplink) and no NAT64 prefix, so the server's IPv4 addresses are unreachable", "Use the network's DNS64 resolver (tern finds the prefix through it), or pass `--nat64-prefix PREFIX` (the carrier's, often 64:ff9b::/96) to `tern up` once: it is remembered."),
     ("nat64_prefix_mismatch", "the NAT64 prefix given with --nat64-prefix is not the one the network announces", "Run `tern up --nat64-prefix auto` (or give the network's prefix shown here)."),
+    ("relay_loopback", "the server hands out relay addresses on its own loopback (127.0.0.1), which no other machine reaches: it was started without --public-url", "Restart tern-server with --public-url http://ADDRESS:PORT (the address agents reach it at), or --relay-public-ip ADDRESS."),
     ("udp_blocked", "this network blocks outgoing UDP: every peer goes through the slower TCP relay", "Allow outgoing UDP to the relay's ports (3478 and 3479 by default) and its relay port range."),
     ("stun_unreachable", "a STUN server of the network map does not answer over UDP", "Check its address and port in --stun-urls and that the firewall in front of it lets UDP in."),
     ("turn_unreachable", "the TURN server of the network map does not answer over UDP", "Check the address and port in --turn-urls (a wrong port is the usual cause) and the server's firewall."),
@@ -229,6 +230,9 @@ pub struct Facts {
     /// Nameservers of the map this host may not query (no policy lets DNS through), in words.
     #[serde(default)]
     pub nameservers_blocked: Vec<String>,
+    /// Relay URLs of the map on the server's loopback, while management is elsewhere.
+    #[serde(default)]
+    pub relay_loopback: Vec<String>,
 }
 
 /// A TURN relay's load over its last seconds, as it measures it.
@@ -344,7 +348,20 @@ pub fn analyze(f: &Facts) -> Vec<Finding> {
             ),
         ));
     }
-    if let Some(t) = f.tcp_relay.as_ref().filter(|t| !t.ok && !no_nat64) {
+    if !f.relay_loopback.is_empty() {
+        out.push(finding(
+            "relay_loopback",
+            Error,
+            "",
+            format!(
+                "the network map names {} while this host reaches management elsewhere",
+                f.relay_loopback.join(", ")
+            ),
+        ));
+    }
+    // Nothing of the relay answers for a reason already said: not UDP being blocked.
+    let relay_explained = no_nat64 || !f.relay_loopback.is_empty();
+    if let Some(t) = f.tcp_relay.as_ref().filter(|t| !t.ok && !relay_explained) {
         out.push(finding(
             "tcp_relay_unreachable",
             Warning,
@@ -358,8 +375,8 @@ pub fn analyze(f: &Facts) -> Vec<Finding> {
         + f.turn.iter().filter(|t| t.server.is_some()).count();
     let udp_answered = f.stun.iter().filter(|s| s.mapped.is_some()).count()
         + f.turn.iter().filter(|t| t.answered).count();
-    if no_nat64 {
-        // Said above: nothing of the server answers over IPv4 from here.
+    if relay_explained {
+        // Said above: the relay's addresses cannot be reached from here.
     } else if udp_tried > 0 && udp_answered == 0 {
         let fallback = match &f.tcp_relay {
             Some(t) if t.ok => "; peers are reached through the TCP relay",

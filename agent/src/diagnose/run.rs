@@ -230,6 +230,19 @@ pub async fn run(ctx: &Context, args: &Args) -> Report {
         turn_load,
         map_peers: Some(map_peers),
         pending_approval: status_now["pending_approval"] == true,
+        relay_loopback: if crate::relays::loopback_url(&ctx.url) {
+            vec![]
+        } else {
+            relay
+                .stun
+                .iter()
+                .map(|x| &x.url)
+                .chain(relay.turn.iter().map(|t| &t.url))
+                .chain(relay.tcp_relay.iter().map(|t| &t.url))
+                .filter(|u| crate::relays::loopback_url(u))
+                .cloned()
+                .collect()
+        },
         nameservers_blocked: status_now["dns"]["blocked"]
             .as_array()
             .into_iter()

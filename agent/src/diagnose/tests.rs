@@ -97,6 +97,7 @@ fn clean() -> Facts {
         map_peers: Some(1),
         pending_approval: false,
         nameservers_blocked: vec![],
+        relay_loopback: vec![],
     }
 }
 
@@ -659,4 +660,29 @@ fn a_nameserver_no_policy_reaches_is_named() {
     assert!(one(&v, "nameserver_blocked")
         .evidence
         .contains("factory.local -> 192.168.50.2:53"));
+}
+
+#[test]
+fn a_server_advertising_its_loopback_is_named_not_udp_blocked() {
+    let mut f = clean();
+    for s in &mut f.stun {
+        s.mapped = None;
+        s.error = Some("no answer".into());
+    }
+    for t in &mut f.turn {
+        t.answered = false;
+        t.relayed = None;
+        t.relay_ports_open = None;
+    }
+    f.tcp_relay = Some(Reach {
+        ok: false,
+        detail: "connection refused".into(),
+    });
+    f.relay_loopback = vec![
+        "stun:127.0.0.1:3478".into(),
+        "ws://127.0.0.1:8080/relay".into(),
+    ];
+    let v = analyze(&f);
+    assert_eq!(codes(&f), vec!["relay_loopback"], "{v:?}");
+    assert!(one(&v, "relay_loopback").advice.contains("--public-url"));
 }
