@@ -57,6 +57,17 @@ const inGroups = (p, groups) => groups.some((g) => p.groups.includes(g));
 // Routes a peer serves: by name, or through a routing group it belongs to.
 const servedBy = (routes, p) => routes.filter((r) => r.enabled && (r.routing_peer === p.id || (r.routing_group && p.groups.includes(r.routing_group))));
 
+// Where a node's name goes (see the call).
+function nameAt(at, router, few) {
+  const c = Math.cos(at.a), sn = Math.sin(at.a);
+  if (router && (few || Math.abs(c) > 0.5 || sn > 0.5)) return { x: at.x, y: at.y - 24, "text-anchor": "middle", class: "name" };
+  if (router) return { x: at.x + 24, y: at.y + 5, "text-anchor": "start", class: "name" };
+  return {
+    x: at.x + 26 * c, y: at.y + 26 * sn + 5, class: "name",
+    "text-anchor": c > 0.3 ? "start" : c < -0.3 ? "end" : "middle",
+  };
+}
+
 // Peers on a circle around the relay; relayed paths run through the relay, direct ones straight
 // across; each routing peer's LANs hang off it, outwards.
 export function networkPicture(peers, routes) {
@@ -66,8 +77,9 @@ export function networkPicture(peers, routes) {
   const r = few ? 200 : Math.min(W, H) / 2 - 80;
   const pos = new Map();
   peers.forEach((p, i) => {
-    // Two peers side by side; more around the circle from the top.
-    const start = peers.length === 2 ? Math.PI : -Math.PI / 2;
+    // One or two peers side by side with the relay (one left of it); more around the circle
+    // from the top.
+    const start = few ? Math.PI : -Math.PI / 2;
     const a = start + (2 * Math.PI * i) / Math.max(peers.length, 1);
     pos.set(p.id, { x: cx + r * Math.cos(a), y: cy + r * Math.sin(a), a });
   });
@@ -111,11 +123,10 @@ export function networkPicture(peers, routes) {
     return s("a", { href: `#/peer/${p.id}`, class: `node ${p.connected ? "online" : "offline"}${router ? " router" : ""}`, dataset: { peer: p.id } },
       s("title", {}, `${p.name} (${p.overlay_ip}), ${p.connected ? "online" : "offline"}`),
       s("circle", { cx: at.x, cy: at.y, r: 16 }),
-      // The name outside the circle, away from the relay and the paths.
-      s("text", {
-        x: at.x + 26 * Math.cos(at.a), y: at.y + 26 * Math.sin(at.a) + 5,
-        "text-anchor": Math.cos(at.a) > 0.3 ? "start" : Math.cos(at.a) < -0.3 ? "end" : "middle",
-      }, p.name));
+      // The name outside the circle, away from the relay and the paths; a routing peer's LANs
+      // hang outwards (below it when the picture holds one or two peers), so its name goes
+      // where they are not: above it when they go sideways or down, beside it when up.
+      s("text", nameAt(at, router, few), p.name));
   });
   const relay = s("g", { class: "relay-node" },
     s("rect", { x: cx - 30, y: cy - 14, width: 60, height: 28, rx: 6 }),
@@ -216,7 +227,8 @@ export async function peerPage(main) {
             h("td", {}, badge(PATH_WORDS[c.kind] || c.kind, c.kind === "direct" ? "ok" : c.kind === "connecting" ? "warn" : "relay")),
             h("td", {}, c.rtt_ms != null ? `${c.rtt_ms} ms` : "—"),
             h("td", {}, c.loss_pct != null ? `${c.loss_pct}%` : "—"),
-            h("td", {}, c.reason ? (REASON_WORDS[c.reason] || c.reason) : "—"))), "No paths reported: no other peer is in reach.")
+            h("td", {}, c.reason ? (REASON_WORDS[c.reason] || c.reason) : "—"))),
+            p.alone ? "No other peer is in reach: no enabled policy connects its groups with anyone. Put it in a group a policy covers (Edit, above)." : "No paths reported yet.")
           : h("p", { class: "muted" }, "Offline: no paths.")),
       h("section", { class: "card", "aria-label": "Routes" },
         h("h2", {}, "Routes"),

@@ -83,7 +83,9 @@ function connSummary(p, peers) {
   if (p.wireguard) return wireguardSummary(p.wireguard);
   const list = p.connections || [];
   if (!p.connected) return h("span", { class: "muted" }, "—");
-  if (!list.length) return h("span", { class: "muted", title: "Its map lists no other peer: put it in a group an enabled policy covers (its page, or Settings: groups for devices added by sign-in)" }, "no other peer in reach: no policy covers its groups");
+  if (!list.length) return p.alone
+    ? h("span", { class: "bad-text alone", title: "Its map lists no other peer: an admin puts it in a group an enabled policy covers (its page, or Settings: groups for devices added by sign-in)" }, "no other peer in reach: no policy covers its groups")
+    : h("span", { class: "muted" }, "no paths reported yet");
   return h("ul", { class: "conns" }, list.map((c) => {
     const other = peers.find((x) => x.id === c.peer_id);
     return h("li", {},
@@ -92,7 +94,7 @@ function connSummary(p, peers) {
       c.rtt_ms != null ? h("span", { class: "muted" }, ` ${c.rtt_ms} ms`) : null,
       c.loss_pct ? h("span", { class: "loss", title: "probes lost on this path over the last minute" }, ` ${c.loss_pct}% loss`) : null,
       relayed(c.kind) && c.reason && REASON_WORDS[c.reason]
-        ? h("span", { class: "muted why", title: c.reason }, ` — ${REASON_WORDS[c.reason]}`) : null);
+        ? h("div", { class: "muted why", title: c.reason }, REASON_WORDS[c.reason]) : null);
   }));
 }
 
@@ -159,7 +161,7 @@ export async function overview(main) {
 export async function peers(main) {
   let groups = await get("/api/groups");
   const region = liveRegion((list) => table(
-    ["Name", "Owner", "Overlay IP", "Status", "Last seen", "OS", "Version", "Groups", "Connections", ""],
+    ["Name", "Owner", "Overlay IP", "Status", "Last seen", "System", "Groups", "Connections", ""],
     list.map((p) => h("tr", { dataset: { peer: p.id } },
       h("td", {}, h("a", { href: `#/peer/${p.id}`, class: "peer-link" }, h("strong", {}, p.name)), h("div", { class: "muted small dns-name" }, p.dns_name || p.hostname)),
       h("td", { class: "owner" }, p.owner || (p.wireguard
@@ -170,8 +172,7 @@ export async function peers(main) {
         p.approved ? null : h("div", {}, badge("awaiting approval", "warn")),
         p.owner_disabled ? h("div", {}, badge("owner disabled", "bad")) : null),
       h("td", { title: fmtTime(p.last_seen) }, p.connected ? "now" : ago(p.last_seen)),
-      h("td", {}, p.os || "—"),
-      h("td", {}, p.agent_version || "—"),
+      h("td", {}, p.os || "—", p.agent_version ? h("div", { class: "muted small" }, p.agent_version) : null),
       h("td", {}, chips(groupNames(groups, p.groups))),
       h("td", {}, connSummary(p, list)),
       h("td", { class: "row-actions" },
@@ -245,10 +246,10 @@ export async function peers(main) {
 function joinHint(url, key) {
   const up = `sudo tern up --management-url ${url} --setup-key ${key}`;
   return h("div", { class: "join-hint" },
-    h("p", { class: "muted" }, "On a Linux machine (once; later starts need no key):"),
+    h("p", { class: "muted" }, "On a Linux machine, to try it (it stays in the foreground; later starts need no key):"),
     h("pre", {}, h("code", {}, up)),
-    h("p", { class: "muted" }, "To keep it running, install the agent as a service (deploy/tern.service), then:"),
-    h("pre", {}, h("code", {}, "sudo systemctl enable --now tern")),
+    h("p", { class: "muted" }, "Or join and run it as a service that starts at boot:"),
+    h("pre", {}, h("code", {}, `sudo tern service install --management-url ${url} --setup-key ${key}`)),
     h("p", { class: "muted" }, "Or in Docker:"),
     h("pre", {}, h("code", {}, `docker run -d --name tern --cap-add NET_ADMIN --device /dev/net/tun -v tern-state:/var/lib/tern tern/agent:local up --management-url ${url} --setup-key ${key}`)));
 }

@@ -300,6 +300,10 @@ pub struct Peer {
     /// Set for a plain WireGuard device the server hosts (no agent).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub wireguard: Option<WireguardDevice>,
+    /// On one peer's page and a user's own devices, for an online peer without reported paths:
+    /// whether its map lists no other peer (no policy connects it with anyone). Not stored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alone: Option<bool>,
 }
 
 /// A plain WireGuard device: its own key, and what the server's endpoint sees of it now.
@@ -350,6 +354,7 @@ impl Peer {
             dns_name: String::new(),
             endpoint: None,
             wireguard: None,
+            alone: None,
         }
     }
 

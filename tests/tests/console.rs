@@ -69,6 +69,9 @@ async fn sign_in(b: &Browser, base: &str, user: &str, password: &str) -> anyhow:
 
 /// Opens a page from the navigation (no reload) and waits for its heading.
 async fn open(b: &Browser, route: &str, heading: &str) -> anyhow::Result<()> {
+    // As a user would: back at the top of a long page, where the navigation is not under the
+    // header.
+    b.execute("window.scrollTo(0, 0)", vec![]).await?;
     let link = b.wait(&format!("nav a[data-route={route}]"), T).await;
     match link {
         Ok(l) if b.displayed(&l).await.unwrap_or(false) => b.click(&l).await?,
@@ -207,8 +210,12 @@ async fn console_admin_journey_in_chromium() {
         )),
         "{hint}"
     );
+    // As a service the way README says (tern service install), not a unit file to fetch.
     assert!(
-        hint.contains("systemctl enable --now tern") && hint.contains("docker run"),
+        hint.contains(&format!(
+            "sudo tern service install --management-url {base} --setup-key {key}"
+        )) && hint.contains("docker run")
+            && !hint.contains("systemctl"),
         "{hint}"
     );
     shot(b, "03-setup-key-created").await.expect("shot");
@@ -281,6 +288,24 @@ async fn console_admin_journey_in_chromium() {
     b.wait_text("tr[data-peer] td.status", "online", Duration::from_secs(15))
         .await
         .expect("peer shown online");
+    // With one peer the picture holds it, left of the relay, inside the drawing.
+    open(b, "overview", "Overview").await.expect("overview");
+    b.wait("svg.network a.node", T).await.expect("the one node");
+    let inside = b
+        .execute(
+            "const svg = document.querySelector('svg.network'); const h = svg.viewBox.baseVal.height, w = svg.viewBox.baseVal.width; \
+             return [...svg.querySelectorAll('a.node circle')].map((c) => { const x = c.cx.baseVal.value, y = c.cy.baseVal.value; return x >= 16 && x <= w - 16 && y >= 16 && y <= h - 16; })",
+            vec![],
+        )
+        .await
+        .expect("node position");
+    assert_eq!(
+        inside,
+        json!([true]),
+        "the one peer is drawn inside the picture"
+    );
+    shot(b, "04a-network-one-peer").await.expect("shot");
+    open(b, "peers", "Peers").await.expect("peers page");
     // A second peer and a connection report: the console shows how they reach each other.
     let agent2 = TestAgent::new(server, "laptop-anna").await;
     let login2 = agent2.login(Some(&key)).await.expect("register 2");
@@ -338,6 +363,34 @@ async fn console_admin_journey_in_chromium() {
         .await
         .expect("marker");
     assert_eq!(marker, json!(42), "updates arrived without a page reload");
+    // At 1280 px every row's actions are in view, the relayed path's reason included.
+    b.execute(
+        "const s = document.querySelector('.table-search'); s.value = ''; s.dispatchEvent(new Event('input', { bubbles: true }));",
+        vec![],
+    )
+    .await
+    .expect("clear search");
+    let shown = b
+        .execute(
+            "return [...document.querySelectorAll('tr[data-peer]')].filter((r) => !r.hidden).length",
+            vec![],
+        )
+        .await
+        .expect("rows");
+    assert_eq!(shown, json!(2), "both rows again");
+    let visible = b
+        .execute(
+            "return [...document.querySelectorAll('tr[data-peer] td.row-actions button')].map((e) => { const r = e.getBoundingClientRect(); return r.width > 0 && r.left >= 0 && r.right <= window.innerWidth; })",
+            vec![],
+        )
+        .await
+        .expect("buttons");
+    assert!(
+        visible
+            .as_array()
+            .is_some_and(|v| v.len() >= 4 && v.iter().all(|x| x == true)),
+        "Edit and Delete of each peer are within the 1280 px window: {visible}"
+    );
     shot(b, "04-peers").await.expect("shot");
     open(b, "overview", "Overview").await.expect("overview");
     b.wait_text("#peers-online", "2 / 2", T)
@@ -545,6 +598,18 @@ async fn console_admin_journey_in_chromium() {
     )
     .await
     .expect("the LAN behind factory-gw");
+    // The LAN's box does not cover its router's name (nor any other name).
+    let overlaps = b
+        .execute(
+            "const svg = document.querySelector('svg.network'); const boxes = [...svg.querySelectorAll('.lan rect')].map((r) => r.getBBox()); \
+             const names = [...svg.querySelectorAll('a.node text')].map((t) => t.getBBox()); \
+             const hit = (a, b) => a.x < b.x + b.width && b.x < a.x + a.width && a.y < b.y + b.height && b.y < a.y + a.height; \
+             return boxes.length ? boxes.some((l) => names.some((n) => hit(l, n))) : 'no LAN drawn'",
+            vec![],
+        )
+        .await
+        .expect("boxes");
+    assert_eq!(overlaps, json!(false), "a LAN box covers a name");
     shot(b, "07b-network-lan").await.expect("shot");
 
     // --- Public service: a port outside the server's range is explained at the field; then the

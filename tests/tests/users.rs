@@ -398,6 +398,24 @@ async fn devices_added_by_sign_in_join_the_groups_settings_name() {
         )
         .await;
     assert_eq!(s, 201, "{p}");
+    // Before the setting: a laptop in no group sees nobody, and its page says so.
+    let early = TestAgent::new(&server, "erin-old-laptop").await;
+    let e = sign_in_device(&server, &erin_s, &early).await;
+    let _early_sync = early.sync(&e.peer_token).await.expect("sync");
+    let mut page = Value::Null;
+    for _ in 0..50 {
+        page = server.get(&format!("/api/peers/{}", e.peer_id)).await;
+        if page["alone"].is_boolean() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(page["alone"], true, "{page}");
+    let (s, mine) = server
+        .api_as(&erin_s, Method::GET, "/api/peers", None)
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(mine[0]["alone"], true, "her own list says it too: {mine}");
     let mut settings = server.get("/api/settings").await;
     let obj = settings.as_object_mut().expect("settings");
     obj.remove("network_serial");

@@ -938,6 +938,29 @@ async fn peers_with_paths(s: &AppState) -> ApiResult<Vec<Peer>> {
     Ok(peers)
 }
 
+/// Marks the online peers among `peers` that report no path with whether their map lists no
+/// other peer at all (then no policy connects them with anyone: a device in no group). For a
+/// few peers at a time (one peer's page, a user's own devices): it computes their maps.
+async fn mark_alone(s: &AppState, peers: &mut [Peer]) -> ApiResult<()> {
+    if !peers
+        .iter()
+        .any(|p| p.connected && p.connections.is_empty() && p.wireguard.is_none())
+    {
+        return Ok(());
+    }
+    let idx = s.current_index().await?;
+    let none = crate::netmap::RelaySettings::default();
+    for p in peers
+        .iter_mut()
+        .filter(|p| p.connected && p.connections.is_empty() && p.wireguard.is_none())
+    {
+        p.alone = idx
+            .map_for(&p.id, &none, 0)
+            .map(|m| m.remote_peers.is_empty());
+    }
+    Ok(())
+}
+
 #[utoipa::path(get, path = "/api/peers", responses((status = 200, body = [Peer])))]
 pub async fn list_peers(
     State(s): St,
@@ -947,11 +970,12 @@ pub async fn list_peers(
     use axum::http::header;
     if !a.role().sees_all() {
         // A user's own devices; their paths name peers they cannot see, by name only.
-        let mine: Vec<Peer> = peers_with_paths(&s)
+        let mut mine: Vec<Peer> = peers_with_paths(&s)
             .await?
             .into_iter()
             .filter(|p| p.user_id.as_deref() == Some(a.user.id.as_str()))
             .collect();
+        mark_alone(&s, &mut mine).await?;
         return Ok(Json(mine).into_response());
     }
     // The console polls this every few seconds; most polls change nothing and get a 304.
@@ -980,6 +1004,9 @@ pub async fn get_peer(State(s): St, a: Admin, ApiPath(id): ApiPath) -> ApiResult
         .find(|p| p.id == id)
         .ok_or_else(|| ApiError::NotFound(format!("peer {id:?} not found")))?;
     own_device(&a, &p)?;
+    let mut one = [p];
+    mark_alone(&s, &mut one).await?;
+    let [p] = one;
     Ok(Json(p))
 }
 

@@ -74,6 +74,7 @@ fn peer_from(r: &AnyRow, groups: Vec<String>) -> Result<Peer> {
             public_key: k,
             ..Default::default()
         }),
+        alone: None,
     })
 }
 
