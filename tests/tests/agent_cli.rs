@@ -3,6 +3,7 @@
 //! of hanging. Runs the real binary (as root: `tern up` checks for root first) against servers on
 //! loopback; nothing here creates a TUN device, because every attempt fails before that.
 
+use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
 use tern_tests::*;
@@ -207,11 +208,33 @@ async fn service_install_joins_once_writes_the_unit_and_uninstall_removes_it() {
     );
     let peers = srv.get("/api/peers").await;
     assert!(peers.to_string().contains("plc-gw"), "{peers}");
-    // Joined now: installing again needs no key.
-    let args = dirs(&["service", "install"]);
+    // Joined now: installing again needs no key, and takes `tern up`'s settings, which the
+    // service (a bare `tern up`) then runs with: saved in the state directory.
+    let args = dirs(&[
+        "service",
+        "install",
+        "--nat64-prefix",
+        "64:ff9b::/96",
+        "--mtu",
+        "1400",
+        "--no-dns",
+    ]);
     let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
     let (ok, out) = tern(&refs, &env).await;
     assert!(ok && !out.contains("joined as"), "{out}");
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(state.join("config.json")).expect("config"))
+            .expect("json");
+    assert_eq!(
+        (&saved["nat64_prefix"], &saved["mtu"], &saved["no_dns"]),
+        (&json!("64:ff9b::/96"), &json!(1400), &json!(true)),
+        "{saved}"
+    );
+    // A bad value is refused at the flag, with what a good one looks like.
+    let args = dirs(&["service", "install", "--nat64-prefix", "64:ff9b::/95"]);
+    let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    let (ok, out) = tern(&refs, &env).await;
+    assert!(!ok && out.contains("RFC 6052"), "{out}");
     // Uninstall removes it; a second uninstall says there is nothing to remove.
     let args = dirs(&["service", "uninstall"]);
     let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
@@ -225,4 +248,29 @@ async fn service_install_joins_once_writes_the_unit_and_uninstall_removes_it() {
     );
     srv.stop().await;
     db.cleanup().await;
+}
+
+/// `--version` on every binary a user runs (a refused `tern-server --version` was the first
+/// thing an admin checking an install met).
+#[test]
+fn every_binary_answers_version() {
+    for name in [
+        "tern",
+        "tern-server",
+        "tern-management",
+        "tern-relay",
+        "tern-signal",
+    ] {
+        let out = std::process::Command::new(tern_tests::mesh::bin(name))
+            .arg("--version")
+            .output()
+            .expect("run");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success()
+                && text.starts_with(&format!("{name} {}", env!("CARGO_PKG_VERSION"))),
+            "{name}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
