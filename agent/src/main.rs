@@ -1126,7 +1126,15 @@ async fn up(
             management_replicas: status_servers.len(),
             signal: *sig_up.borrow(),
             tcp_relay: e.tcp_connected(),
-            relays: e.relay_status(),
+            // The servers as the map names them (the NAT64 line says how they are reached).
+            relays: e
+                .relay_status()
+                .into_iter()
+                .map(|mut r| {
+                    r.url = status_nat64.outside_url(&r.url);
+                    r
+                })
+                .collect(),
             peers: peer_list
                 .iter()
                 .filter_map(|p| serde_json::to_value(p).ok())

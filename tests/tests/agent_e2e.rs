@@ -1074,6 +1074,19 @@ fn routing_peer_on_an_ipv6_only_uplink_behind_nat64_still_serves_the_lan() {
     // 3. diagnose on this working network: nothing wrong on either side, and the relayed pair
     // is explained, not referred to the peer.
     for (who, ns) in [("gw", &h6), ("a", &ha)] {
+        let human = |args: &[&str]| {
+            let out = m.tern(who, ns, args);
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        };
+        eprintln!(
+            "--- {who}: tern status -d\n{}--- {who}: tern diagnose\n{}",
+            human(&["status", "-d"]),
+            human(&["diagnose"])
+        );
         let (r, ok) = m.diagnose(who, ns, &[]);
         let bad: Vec<&serde_json::Value> = r["findings"]
             .as_array()
