@@ -461,10 +461,11 @@ impl ManagementService for AgentService {
             .map_err(|e| Status::unauthenticated(e.to_string()))?;
         let relays = self
             .state
-            .relay_load
-            .get()
-            .map(|(meter, urls)| {
-                let l = meter.load();
+            .relay_loads()
+            .await
+            .into_iter()
+            .map(|r| {
+                let (l, urls) = (r.load, r.turn_urls);
                 // Tern's TURN usernames are `<expiry>:<peer id>`.
                 let mine = l
                     .per_allocation
@@ -474,7 +475,7 @@ impl ManagementService for AgentService {
                     (b + a.bits_per_sec, d + a.datagrams_per_sec)
                 });
                 pb::TurnRelayLoad {
-                    urls: urls.clone(),
+                    urls,
                     datagrams_per_sec: l.datagrams_per_sec,
                     bits_per_sec: l.bits_per_sec,
                     send_drops_per_sec: l.send_drops_per_sec,
@@ -489,7 +490,6 @@ impl ManagementService for AgentService {
                     window_secs: l.window_secs,
                 }
             })
-            .into_iter()
             .collect();
         Ok(Response::new(pb::RelayLoadResponse { relays }))
     }

@@ -160,6 +160,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Running> {
     }
     // The embedded relay's own TURN URL (its load is reported under it).
     let mut own_turn: Vec<String> = vec![];
+    let mut own_tcp = String::new();
     let relay = match &cfg.relay {
         None => None,
         Some(er) => {
@@ -207,16 +208,15 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Running> {
             if opts.relay.turn_urls.is_empty() {
                 opts.relay.turn_urls.extend(own_turn.iter().cloned());
             }
+            let (authority, _) = url_authority(&public_url)?;
+            let ws = if public_url.starts_with("https") {
+                "wss"
+            } else {
+                "ws"
+            };
+            own_tcp = format!("{ws}://{authority}/relay");
             if opts.relay.tcp_relay_urls.is_empty() {
-                let (authority, _) = url_authority(&public_url)?;
-                let ws = if public_url.starts_with("https") {
-                    "wss"
-                } else {
-                    "ws"
-                };
-                opts.relay
-                    .tcp_relay_urls
-                    .push(format!("{ws}://{authority}/relay"));
+                opts.relay.tcp_relay_urls.push(own_tcp.clone());
             }
             Some(relay)
         }
@@ -271,7 +271,11 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Running> {
     let _ = state.public_url.set(public_url.clone());
     if let Some(r) = &relay {
         let _ = state.relay_metrics.set(r.metrics.clone());
-        let _ = state.relay_load.set((r.load.clone(), own_turn));
+        let _ = state.relay_load.set(crate::state::OwnRelay {
+            meter: r.load.clone(),
+            turn_urls: own_turn,
+            tcp_url: own_tcp,
+        });
         let _ = state.relay_udp.set(r.udp_addr);
     }
     let wireguard = match (&cfg.wireguard, &relay) {

@@ -50,6 +50,13 @@ impl Default for ManagementOptions {
 /// A client's report about one route: (network, state code, reason in words).
 pub type RouteReport = (ipnet::IpNet, String, String);
 
+/// The relay embedded in this server: its load meter, and its URLs as the maps give them.
+pub struct OwnRelay {
+    pub meter: Arc<tern_relay::load::LoadMeter>,
+    pub turn_urls: Vec<String>,
+    pub tcp_url: String,
+}
+
 pub struct AppState {
     pub store: Store,
     pub server_key: SecretKey,
@@ -79,8 +86,8 @@ pub struct AppState {
     pub relay_metrics: std::sync::OnceLock<Arc<tern_relay::metrics::Metrics>>,
     /// UDP address of the embedded relay, for the health probe.
     pub relay_udp: std::sync::OnceLock<std::net::SocketAddr>,
-    /// The embedded relay's load meter, and its TURN URLs as the maps give them.
-    pub relay_load: std::sync::OnceLock<(Arc<tern_relay::load::LoadMeter>, Vec<String>)>,
+    /// The embedded relay's load meter and URLs.
+    pub relay_load: std::sync::OnceLock<OwnRelay>,
     relay_health: Mutex<Option<(Instant, bool)>>,
     /// Password sign-in attempts per username and source.
     pub sign_in_throttle: std::sync::Mutex<crate::auth::SignInThrottle>,
@@ -261,6 +268,78 @@ impl AppState {
     }
 
     /// The latest published index (or one computed now, before the first is published).
+    /// The TURN relays' own load: the embedded relay's, and that of every other relay of the
+    /// network (separate `tern-relay`s, other replicas' relays) asked at its `/load` next to
+    /// its TCP relay URL (within 1.5 s; one that does not answer is left out).
+    pub async fn relay_loads(&self) -> Vec<tern_relay::load::LoadReport> {
+        use tern_relay::load::{LoadReport, LOAD_READER};
+        let mut out: Vec<LoadReport> = vec![];
+        let own = self.relay_load.get();
+        if let Some(o) = own {
+            out.push(LoadReport {
+                turn_urls: o.turn_urls.clone(),
+                load: o.meter.load(),
+            });
+        }
+        let replicas = match self.current_index().await {
+            Ok(idx) => idx.snapshot().relays.clone(),
+            Err(_) => vec![],
+        };
+        let all = self.opts.relay.with_replicas(&replicas);
+        let others: Vec<String> = all
+            .tcp_relay_urls
+            .iter()
+            .filter(|u| own.is_none_or(|o| o.tcp_url != **u))
+            .filter_map(|u| {
+                let http = u
+                    .strip_prefix("wss://")
+                    .map(|r| format!("https://{r}"))
+                    .or_else(|| u.strip_prefix("ws://").map(|r| format!("http://{r}")))?;
+                Some(format!("{}/load", http.strip_suffix("/relay")?))
+            })
+            .collect();
+        if others.is_empty() || self.opts.relay.secret.is_empty() {
+            return out;
+        }
+        let Ok(http) = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_millis(1500))
+            .build()
+        else {
+            return out;
+        };
+        let creds = tern_proto::relay_auth::issue(
+            &self.opts.relay.secret,
+            LOAD_READER,
+            crate::model::now_millis() / 1000 + 60,
+        );
+        let token = format!("{}:{}", creds.username, creds.password);
+        let asks = others.iter().map(|url| {
+            let req = http.get(url).bearer_auth(&token);
+            async move {
+                match req.send().await {
+                    Ok(r) if r.status().is_success() => r.json::<LoadReport>().await.ok(),
+                    Ok(r) => {
+                        tracing::debug!(%url, status = %r.status(), "relay load refused");
+                        None
+                    }
+                    Err(e) => {
+                        tracing::debug!(%url, error = %e, "relay load not answered");
+                        None
+                    }
+                }
+            }
+        });
+        // This server's own relay reached under another name counts once.
+        out.extend(
+            futures::future::join_all(asks)
+                .await
+                .into_iter()
+                .flatten()
+                .filter(|r| own.is_none_or(|o| o.turn_urls != r.turn_urls)),
+        );
+        out
+    }
+
     pub async fn current_index(&self) -> Result<Arc<NetIndex>, StoreError> {
         let published = self.index.borrow().clone();
         match published {

@@ -79,6 +79,8 @@ pub struct Relay {
     pub tcp: Arc<tcp::TcpRelay>,
     /// The TURN relay's own load (see [`load`]).
     pub load: Arc<load::LoadMeter>,
+    /// The TURN URL agents are given for this relay (its public address and port).
+    pub turn_url: String,
     turn: turn::server::Server,
 }
 
@@ -143,19 +145,37 @@ impl Relay {
             stun_alt_addr,
             tcp,
             load,
+            turn_url: format!(
+                "turn:{}:{}?transport=udp",
+                match cfg.public_ip {
+                    IpAddr::V6(v6) => format!("[{v6}]"),
+                    v4 => v4.to_string(),
+                },
+                udp_addr.port()
+            ),
             turn,
         })
     }
 
-    /// `/relay` (WebSocket datagram relay); an embedding server serves the counters itself.
+    /// `/relay` (WebSocket datagram relay) and `/load` (its TURN load, for management); an
+    /// embedding server serves the counters itself.
     pub fn router(&self) -> Router {
-        self.tcp.router()
+        let state = (
+            self.tcp.clone(),
+            self.load.clone(),
+            vec![self.turn_url.clone()],
+        );
+        self.tcp.router().merge(
+            Router::new()
+                .route("/load", get(load_report))
+                .with_state(state),
+        )
     }
 
     /// `/relay` and `/metrics` (the stand-alone relay).
     pub fn router_with_metrics(&self) -> Router {
         let m = self.metrics.clone();
-        self.tcp.router().route(
+        self.router().route(
             "/metrics",
             get(move || {
                 let m = m.clone();
@@ -166,5 +186,43 @@ impl Relay {
 
     pub async fn close(&self) {
         let _ = self.turn.close().await;
+    }
+}
+
+/// `GET /load`, with a relay token issued to [`load::LOAD_READER`].
+async fn load_report(
+    axum::extract::State((tcp, meter, turn_urls)): axum::extract::State<(
+        Arc<tcp::TcpRelay>,
+        Arc<load::LoadMeter>,
+        Vec<String>,
+    )>,
+    headers: axum::http::HeaderMap,
+) -> axum::response::Response {
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+    let token = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    match token.map(|t| tcp.verify(t, now)) {
+        Some(Ok(who)) if who == load::LOAD_READER => axum::Json(load::LoadReport {
+            turn_urls,
+            load: meter.load(),
+        })
+        .into_response(),
+        Some(Ok(_)) => (
+            StatusCode::FORBIDDEN,
+            "the relay's load is for its management server only",
+        )
+            .into_response(),
+        Some(Err(why)) => (
+            StatusCode::UNAUTHORIZED,
+            format!("relay token refused: {why}"),
+        )
+            .into_response(),
+        None => (StatusCode::UNAUTHORIZED, "missing relay token").into_response(),
     }
 }

@@ -24,6 +24,17 @@ pub const QUEUE_OVERLOADED_MS: f64 = 100.0;
 const DROP_SHARE: f64 = 0.005;
 const MIN_DROPS: u64 = 10;
 
+/// Who may read `GET /load`: a relay token (the relay secret's HMAC) issued to this name, which
+/// no peer has (peers' ids are random), so agents cannot read other agents' allocations.
+pub const LOAD_READER: &str = "tern-management";
+
+/// What `GET /load` answers: the relay's TURN URLs and its load.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LoadReport {
+    pub turn_urls: Vec<String>,
+    pub load: Load,
+}
+
 /// One allocation's share.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct AllocationLoad {

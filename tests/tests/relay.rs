@@ -976,3 +976,76 @@ async fn network_map_hands_out_working_credentials_for_the_embedded_relay() {
     srv.stop().await;
     db.cleanup().await;
 }
+
+/// A relay running apart from management (`tern-relay`) reports its own load to management when
+/// asked at `/load` with a token only management can make; an agent's `tern diagnose` gets it
+/// through management's RelayLoad call, with the relay's TURN URL. A peer's relay token does
+/// not open `/load` (it would show other peers' allocations).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_separate_relay_reports_its_load_to_management_and_only_to_it() {
+    use tern_proto::management as pb;
+    init_tracing();
+    let r = relay(false).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (_stop, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(tern_relay::tls::serve(listener, r.router(), None, rx));
+    // A peer's token is refused at /load; without a token too.
+    let http = reqwest::Client::new();
+    let load_url = format!("http://127.0.0.1:{port}/load");
+    let got = http
+        .get(&load_url)
+        .bearer_auth(token("0123456789abcdef", now() + 60, SECRET))
+        .send()
+        .await
+        .expect("ask");
+    assert_eq!(got.status(), 403, "{:?}", got.text().await);
+    assert_eq!(http.get(&load_url).send().await.expect("ask").status(), 401);
+
+    let db = tern_tests::TestDb::new(tern_tests::Backend::Sqlite)
+        .await
+        .expect("db");
+    let mut opts = tern_tests::fast_options();
+    opts.relay.secret = SECRET.to_vec();
+    opts.relay.turn_urls = vec![r.turn_url.clone()];
+    opts.relay.tcp_relay_urls = vec![format!("ws://127.0.0.1:{port}/relay")];
+    let server = tern_tests::TestServer::start_with(&db.url, opts)
+        .await
+        .expect("server");
+    let agent = tern_tests::TestAgent::new(&server, "laptop").await;
+    let login = agent
+        .login(Some(&server.default_setup_key))
+        .await
+        .expect("login");
+    let mut req = tonic::Request::new(pb::RelayLoadRequest {});
+    req.metadata_mut()
+        .insert("authorization", tern_tests::bearer_value(&login.peer_token));
+    let loads = agent
+        .mgmt()
+        .relay_load(req)
+        .await
+        .expect("relay load")
+        .into_inner()
+        .relays;
+    let urls: Vec<&str> = loads
+        .iter()
+        .flat_map(|l| l.urls.iter().map(String::as_str))
+        .collect();
+    assert!(
+        urls.contains(&r.turn_url.as_str()),
+        "the separate relay's load arrives under its TURN URL: {loads:?}"
+    );
+    assert_eq!(loads.len(), 2, "it and the embedded relay: {loads:?}");
+    // Without the peer token: refused.
+    let e = agent
+        .mgmt()
+        .relay_load(pb::RelayLoadRequest {})
+        .await
+        .expect_err("no token");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    server.stop().await;
+    db.cleanup().await;
+    r.close().await;
+}

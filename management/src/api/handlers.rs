@@ -1085,8 +1085,8 @@ pub async fn status(State(s): St, _a: Admin) -> ApiResult<Json<ServerStatus>> {
             allocations: m.map_or(0, |m| Metrics::get(&m.allocations_active)),
             tcp_clients: m.map_or(0, |m| Metrics::get(&m.tcp_connections_active)),
             auth_failures: m.map_or(0, |m| Metrics::get(&m.auth_failures_total)),
-            load: s.relay_load.get().map(|(meter, _)| {
-                let l = meter.load();
+            load: s.relay_load.get().map(|o| {
+                let l = o.meter.load();
                 RelayLoad {
                     bits_per_sec: l.bits_per_sec,
                     datagrams_per_sec: l.datagrams_per_sec,
