@@ -221,12 +221,12 @@ pub fn parse_urls(list: &str) -> Result<Vec<String>, String> {
 pub struct Servers {
     /// The URLs as given (what the user reads, and what is saved).
     urls: Vec<String>,
-    /// The same as this host dials them (through NAT64 on an IPv6-only uplink).
-    dial: Vec<String>,
-    endpoints: Vec<Endpoint>,
+    /// The same as this host dials them now (through NAT64 on an IPv6-only uplink; they change
+    /// when the host moves to another network), with their endpoints.
+    dial: std::sync::Mutex<(Vec<String>, Vec<Endpoint>)>,
     current: std::sync::atomic::AtomicUsize,
-    /// Moves the channel's one endpoint (None with a single URL: a plain channel).
-    switch: Option<tokio::sync::mpsc::Sender<tonic::transport::channel::Change<usize, Endpoint>>>,
+    /// Sets the channel's one endpoint (another replica, or the same dialled another way).
+    switch: tokio::sync::mpsc::Sender<tonic::transport::channel::Change<usize, Endpoint>>,
     channel: Channel,
 }
 
@@ -244,34 +244,42 @@ impl Servers {
         dial: Vec<String>,
     ) -> anyhow::Result<std::sync::Arc<Servers>> {
         anyhow::ensure!(!urls.is_empty(), "no management URL");
-        anyhow::ensure!(
-            urls.len() == dial.len(),
-            "one dialled URL per management URL"
-        );
-        let endpoints = urls
-            .iter()
-            .zip(&dial)
-            .map(|(u, d)| endpoint(u, d, urls.len()))
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        let (channel, switch) = if endpoints.len() == 1 {
-            (endpoints[0].connect_lazy(), None)
-        } else {
-            let (ch, tx) = Channel::balance_channel(8);
-            tx.try_send(tonic::transport::channel::Change::Insert(
+        let endpoints = endpoints(&urls, &dial)?;
+        let (channel, switch) = Channel::balance_channel(8);
+        switch
+            .try_send(tonic::transport::channel::Change::Insert(
                 0,
                 endpoints[0].clone(),
             ))
             .map_err(|_| anyhow!("cannot set up the management channel"))?;
-            (ch, Some(tx))
-        };
         Ok(std::sync::Arc::new(Servers {
             urls,
-            dial,
-            endpoints,
+            dial: std::sync::Mutex::new((dial, endpoints)),
             current: 0.into(),
             switch,
             channel,
         }))
+    }
+
+    fn dialled(&self) -> std::sync::MutexGuard<'_, (Vec<String>, Vec<Endpoint>)> {
+        self.dial.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The host now dials the URLs at `dial` (its NAT64 prefix changed): the replica in use is
+    /// reached there from the next request on. True if anything changed.
+    pub fn redial(&self, dial: Vec<String>) -> anyhow::Result<bool> {
+        let mut d = self.dialled();
+        if d.0 == dial {
+            return Ok(false);
+        }
+        let eps = endpoints(&self.urls, &dial)?;
+        let i = self.current.load(std::sync::atomic::Ordering::Acquire);
+        use tonic::transport::channel::Change;
+        let _ = self.switch.try_send(Change::Remove(i));
+        let _ = self.switch.try_send(Change::Insert(i, eps[i].clone()));
+        info!(url = %self.urls[i], dial = %dial[i], "management is now dialled at another address");
+        *d = (dial, eps);
+        Ok(true)
     }
 
     pub fn channel(&self) -> Channel {
@@ -287,7 +295,7 @@ impl Servers {
     /// The URL of the replica in use as this host dials it.
     pub fn current_dial(&self) -> String {
         let i = self.current.load(std::sync::atomic::Ordering::Acquire);
-        self.dial[i].clone()
+        self.dialled().0[i].clone()
     }
 
     pub fn len(&self) -> usize {
@@ -306,9 +314,9 @@ impl Servers {
     /// Replica `failed` did not answer or dropped a stream: the next one is used, unless
     /// another task already moved on. True if this call moved.
     pub fn failed(&self, failed: usize) -> bool {
-        let Some(switch) = &self.switch else {
+        if self.urls.len() < 2 {
             return false;
-        };
+        }
         let next = (failed + 1) % self.urls.len();
         if self
             .current
@@ -323,11 +331,24 @@ impl Servers {
             return false;
         }
         use tonic::transport::channel::Change;
-        let _ = switch.try_send(Change::Remove(failed));
-        let _ = switch.try_send(Change::Insert(next, self.endpoints[next].clone()));
+        let ep = self.dialled().1[next].clone();
+        let _ = self.switch.try_send(Change::Remove(failed));
+        let _ = self.switch.try_send(Change::Insert(next, ep));
         warn!(from = %self.urls[failed], to = %self.urls[next], "moving to another management replica");
         true
     }
+}
+
+/// One endpoint per URL, dialled at the same position of `dial`.
+fn endpoints(urls: &[String], dial: &[String]) -> anyhow::Result<Vec<Endpoint>> {
+    anyhow::ensure!(
+        urls.len() == dial.len(),
+        "one dialled URL per management URL"
+    );
+    urls.iter()
+        .zip(dial)
+        .map(|(u, d)| endpoint(u, d, urls.len()))
+        .collect()
 }
 
 /// How long to wait before the next attempt after `failures` failures in a row with `replicas`

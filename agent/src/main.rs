@@ -1097,7 +1097,13 @@ async fn up(
         views_rx,
         relay_error.clone(),
     ));
-    tokio::spawn(watch_addresses(engine.clone(), nat64.clone(), nat64_tx));
+    tokio::spawn(watch_addresses(
+        engine.clone(),
+        nat64.clone(),
+        nat64_tx,
+        servers.clone(),
+        publisher.clone(),
+    ));
     tokio::spawn(engine.clone().probe_relays());
     tokio::spawn(engine.clone().turn_loop());
     if let Some(rx) = shared.take_relayed_stun() {
@@ -1114,6 +1120,7 @@ async fn up(
     let status_servers = servers.clone();
     let status_nat64 = nat64.clone();
     let status_dns = dns_rx_status;
+    let status_overlay: Option<ipnet::IpNet> = session.config.overlay_range.parse().ok();
     let status_now = Arc::new(move || {
         let (peer_list, route_list) = (e.status(), e.route_status());
         status::Status {
@@ -1160,7 +1167,12 @@ async fn up(
                         .filter(|r| r.state == "installed")
                         .filter_map(|r| Some((r.network.parse().ok()?, r.access.clone())))
                         .collect();
-                    d.blocked = dns::blocked_nameservers(&status_dns.borrow(), &peers, &routes);
+                    d.blocked = dns::blocked_nameservers(
+                        &status_dns.borrow(),
+                        &peers,
+                        &routes,
+                        status_overlay.as_ref(),
+                    );
                 }
                 d
             },
@@ -1461,22 +1473,45 @@ fn tls_roots() -> Arc<rustls::ClientConfig> {
     }))
 }
 
+/// How often an IPv6-only host without a NAT64 prefix asks its resolver again (a DNS64 resolver
+/// that was not up at boot).
+const NAT64_RETRY: Duration = Duration::from_secs(30);
+
 /// When the host's addresses change (new network, DHCP renew, roaming): looks for the network's
-/// NAT64 prefix again (telling `nat64_changed` when it differs) and retries ICE at once.
+/// NAT64 prefix again and retries ICE at once. A new prefix re-reads the map's relay URLs
+/// (`nat64_changed`) and redials management and the public-service tunnels.
 async fn watch_addresses(
     engine: Arc<engine::Engine>,
     nat64: Arc<nat64::Nat64>,
     nat64_changed: watch::Sender<()>,
+    servers: Arc<control::Servers>,
+    publisher: Arc<publish::Publisher>,
 ) {
     let mut last = addresses();
+    let mut asked = tokio::time::Instant::now();
     loop {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let now = addresses();
-        if now != last {
+        let moved = now != last;
+        let missing =
+            nat64.ipv6_only() && nat64.prefix().is_none() && asked.elapsed() >= NAT64_RETRY;
+        if moved {
             info!("local addresses changed; retrying direct paths");
+        }
+        if moved || missing {
+            asked = tokio::time::Instant::now();
             if nat64.refresh().await {
                 nat64_changed.send_replace(());
+                let dial: Vec<String> = servers.urls().iter().map(|u| nat64.url(u)).collect();
+                if let Err(e) = servers.redial(dial) {
+                    warn!(error = %e, "cannot dial management at its new address");
+                }
+                if let Err(e) = publisher.redial(&servers.current_dial()) {
+                    warn!(error = %e, "cannot dial management's tunnels at its new address");
+                }
             }
+        }
+        if moved {
             engine.retry_ice_now();
             last = now;
         }

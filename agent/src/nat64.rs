@@ -104,6 +104,11 @@ fn extract(a: Ipv6Addr, len: u8) -> Ipv4Addr {
     Ipv4Addr::from(v4)
 }
 
+/// The IPv4 address `a` embeds, if it is under `prefix`.
+pub fn unembed(prefix: &Ipv6Net, a: Ipv6Addr) -> Option<Ipv4Addr> {
+    prefix.contains(&a).then(|| extract(a, prefix.prefix_len()))
+}
+
 /// The prefix behind synthesized AAAA records of `ipv4only.arpa` (RFC 7050 §3): the longest
 /// RFC 6052 length at which one of the well-known addresses is embedded.
 pub fn prefix_from_answers(answers: &[Ipv6Addr]) -> Option<Ipv6Net> {
@@ -221,11 +226,10 @@ impl Nat64 {
     /// for the network's prefix. Returns true when what [`Nat64::prefix`] gives changed.
     pub async fn refresh(&self) -> bool {
         let iface = self.iface.clone();
-        let ipv4_route = tokio::task::spawn_blocking(move || {
-            crate::platform::net::has_ipv4_default_route(&iface)
-        })
-        .await
-        .unwrap_or(true);
+        let ipv4_route =
+            tokio::task::spawn_blocking(move || crate::platform::net::default_routes(&iface).0)
+                .await
+                .unwrap_or(true);
         let before = self.prefix();
         let (discovered, error) = if ipv4_route || self.setting == Setting::Off {
             (None, String::new())
@@ -310,14 +314,10 @@ impl Nat64 {
         match url
             .get(open + 1..close)
             .and_then(|h| h.parse::<Ipv6Addr>().ok())
+            .and_then(|a| unembed(&p, a))
         {
-            Some(a) if p.contains(&a) => format!(
-                "{}{}{}",
-                &url[..open],
-                extract(a, p.prefix_len()),
-                &url[close + 1..]
-            ),
-            _ => url.to_string(),
+            Some(v4) => format!("{}{v4}{}", &url[..open], &url[close + 1..]),
+            None => url.to_string(),
         }
     }
 

@@ -83,7 +83,7 @@ pub struct Publisher {
     /// Management as the user named it (TLS name, and the host shown for public addresses).
     ep: Endpoint,
     /// Where the tunnel connects (the same host, or its NAT64 address on an IPv6-only uplink).
-    dial: (String, u16),
+    dial: Mutex<(String, u16)>,
     tls: Arc<rustls::ClientConfig>,
     token: watch::Receiver<Option<String>>,
     services: watch::Receiver<Arc<Vec<pb::ServedService>>>,
@@ -103,13 +103,24 @@ impl Publisher {
         let d = Endpoint::parse(dial)?;
         Ok(Arc::new(Publisher {
             ep: Endpoint::parse(url)?,
-            dial: (d.host, d.port),
+            dial: Mutex::new((d.host, d.port)),
             tls,
             token,
             services,
             counters: Mutex::new(HashMap::new()),
             streams: AtomicUsize::new(0),
         }))
+    }
+
+    fn dialled(&self) -> (String, u16) {
+        self.dial.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Management is now dialled at `dial` (the host's NAT64 prefix changed).
+    pub fn redial(&self, dial: &str) -> anyhow::Result<()> {
+        let d = Endpoint::parse(dial)?;
+        *self.dial.lock().unwrap_or_else(|e| e.into_inner()) = (d.host, d.port);
+        Ok(())
     }
 
     fn counters(&self, id: &str) -> Arc<Counters> {
@@ -326,13 +337,10 @@ impl Publisher {
             .clone()
             .ok_or_else(|| anyhow!("not logged in to management yet"))?;
         let ep = &self.ep;
-        let tcp = tokio::time::timeout(
-            Duration::from_secs(10),
-            TcpStream::connect((self.dial.0.as_str(), self.dial.1)),
-        )
-        .await
-        .map_err(|_| anyhow!("no answer from {} within 10 s", ep.authority))?
-        .with_context(|| format!("connecting to {}", ep.authority))?;
+        let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(self.dialled()))
+            .await
+            .map_err(|_| anyhow!("no answer from {} within 10 s", ep.authority))?
+            .with_context(|| format!("connecting to {}", ep.authority))?;
         let _ = tcp.set_nodelay(true);
         let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(
             &socket2::TcpKeepalive::new()

@@ -455,10 +455,21 @@ impl ManagementService for AgentService {
         &self,
         req: Request<pb::RelayLoadRequest>,
     ) -> Result<Response<pb::RelayLoadResponse>, Status> {
-        let token =
-            bearer(req.metadata()).ok_or_else(|| Status::unauthenticated("missing peer token"))?;
-        let id = verify_peer_token(&self.state.peer_token_secret, token)
-            .map_err(|e| Status::unauthenticated(e.to_string()))?;
+        // As for a map: a connected peer on the network (not one awaiting approval, removed or
+        // whose user is disabled: those get no relay from their map either).
+        let peer_id = self.online_peer(req.metadata())?;
+        let on_network = self
+            .state
+            .store
+            .peer(&peer_id)
+            .await
+            .map_err(status_from)?
+            .on_network();
+        if !on_network {
+            return Err(Status::permission_denied(
+                "this peer is not on the network (awaiting approval, or its user is disabled)",
+            ));
+        }
         let relays = self
             .state
             .relay_loads()
@@ -470,7 +481,7 @@ impl ManagementService for AgentService {
                 let mine = l
                     .per_allocation
                     .iter()
-                    .filter(|a| a.user.split_once(':').is_some_and(|(_, p)| p == id.peer_id));
+                    .filter(|a| a.user.split_once(':').is_some_and(|(_, p)| p == peer_id));
                 let (bits, datagrams) = mine.fold((0.0, 0.0), |(b, d), a| {
                     (b + a.bits_per_sec, d + a.datagrams_per_sec)
                 });

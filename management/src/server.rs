@@ -204,7 +204,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Running> {
                     alt.port()
                 ));
             }
-            own_turn = vec![format!("turn:{udp}?transport=udp")];
+            own_turn = vec![relay.turn_url.clone()];
             if opts.relay.turn_urls.is_empty() {
                 opts.relay.turn_urls.extend(own_turn.iter().cloned());
             }

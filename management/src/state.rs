@@ -88,6 +88,10 @@ pub struct AppState {
     pub relay_udp: std::sync::OnceLock<std::net::SocketAddr>,
     /// The embedded relay's load meter and URLs.
     pub relay_load: std::sync::OnceLock<OwnRelay>,
+    /// Asks other relays for their load (`relay_loads`), and its last answer (the relays sample
+    /// once a second, so agents asking more often get that).
+    http: reqwest::Client,
+    loads: tokio::sync::Mutex<Option<(std::time::Instant, Vec<tern_relay::load::LoadReport>)>>,
     relay_health: Mutex<Option<(Instant, bool)>>,
     /// Password sign-in attempts per username and source.
     pub sign_in_throttle: std::sync::Mutex<crate::auth::SignInThrottle>,
@@ -213,6 +217,8 @@ impl AppState {
             relay_metrics: std::sync::OnceLock::new(),
             relay_udp: std::sync::OnceLock::new(),
             relay_load: std::sync::OnceLock::new(),
+            http: reqwest::Client::new(),
+            loads: tokio::sync::Mutex::new(None),
             relay_health: Mutex::new(None),
             sign_in_throttle: std::sync::Mutex::new(Default::default()),
             passwords: crate::auth::PasswordPool::new(),
@@ -267,12 +273,23 @@ impl AppState {
         }
     }
 
-    /// The latest published index (or one computed now, before the first is published).
     /// The TURN relays' own load: the embedded relay's, and that of every other relay of the
     /// network (separate `tern-relay`s, other replicas' relays) asked at its `/load` next to
     /// its TCP relay URL (within 1.5 s; one that does not answer is left out).
     pub async fn relay_loads(&self) -> Vec<tern_relay::load::LoadReport> {
-        use tern_relay::load::{LoadReport, LOAD_READER};
+        let mut cache = self.loads.lock().await;
+        if let Some((at, v)) = cache.as_ref() {
+            if at.elapsed() < tern_relay::load::SAMPLE_EVERY {
+                return v.clone();
+            }
+        }
+        let fresh = self.ask_relay_loads().await;
+        *cache = Some((std::time::Instant::now(), fresh.clone()));
+        fresh
+    }
+
+    async fn ask_relay_loads(&self) -> Vec<tern_relay::load::LoadReport> {
+        use tern_relay::load::LoadReport;
         let mut out: Vec<LoadReport> = vec![];
         let own = self.relay_load.get();
         if let Some(o) = own {
@@ -301,20 +318,16 @@ impl AppState {
         if others.is_empty() || self.opts.relay.secret.is_empty() {
             return out;
         }
-        let Ok(http) = reqwest::Client::builder()
-            .timeout(std::time::Duration::from_millis(1500))
-            .build()
-        else {
-            return out;
-        };
-        let creds = tern_proto::relay_auth::issue(
+        let token = tern_proto::relay_auth::load_token(
             &self.opts.relay.secret,
-            LOAD_READER,
             crate::model::now_millis() / 1000 + 60,
         );
-        let token = format!("{}:{}", creds.username, creds.password);
+        let http = &self.http;
         let asks = others.iter().map(|url| {
-            let req = http.get(url).bearer_auth(&token);
+            let req = http
+                .get(url)
+                .timeout(std::time::Duration::from_millis(1500))
+                .bearer_auth(&token);
             async move {
                 match req.send().await {
                     Ok(r) if r.status().is_success() => r.json::<LoadReport>().await.ok(),
@@ -340,6 +353,7 @@ impl AppState {
         out
     }
 
+    /// The latest published index (or one computed now, before the first is published).
     pub async fn current_index(&self) -> Result<Arc<NetIndex>, StoreError> {
         let published = self.index.borrow().clone();
         match published {

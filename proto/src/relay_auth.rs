@@ -85,9 +85,54 @@ pub fn verify<'a>(
     Ok(id)
 }
 
+/// A token for a relay's `GET /load` (management's only): `<expiry>:<password>`, the password
+/// being the HMAC of `load:<expiry>`, a message no relay credential signs (their usernames start
+/// with a digit). So it opens nothing else (TURN, the TCP relay), and no peer's credential opens
+/// `/load`.
+pub fn load_token(secret: &[u8], expires_unix: i64) -> String {
+    format!(
+        "{expires_unix}:{}",
+        password_for(secret, &format!("load:{expires_unix}"))
+    )
+}
+
+/// Checks a [`load_token`].
+pub fn verify_load_token(secret: &[u8], token: &str, now_unix: i64) -> Result<(), CredentialError> {
+    let (exp, password) = token.split_once(':').ok_or(CredentialError::Malformed)?;
+    let exp: i64 = exp.parse().map_err(|_| CredentialError::Malformed)?;
+    if exp < now_unix {
+        return Err(CredentialError::Expired(exp));
+    }
+    use subtle::ConstantTimeEq;
+    let expected = password_for(secret, &format!("load:{exp}"));
+    let ok: bool = expected.as_bytes().ct_eq(password.as_bytes()).into();
+    if ok {
+        Ok(())
+    } else {
+        Err(CredentialError::BadPassword)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn load_tokens_open_only_load_and_relay_credentials_never_open_it() {
+        let t = load_token(b"s3cret", 1_000);
+        assert_eq!(verify_load_token(b"s3cret", &t, 999), Ok(()));
+        assert!(verify_load_token(b"s3cret", &t, 1_001).is_err(), "expired");
+        assert!(
+            verify_load_token(b"other", &t, 999).is_err(),
+            "another secret"
+        );
+        // A peer's relay credential, presented as a load token, is refused; and the load token
+        // is no relay credential.
+        let c = issue(b"s3cret", "peer-1", 1_000);
+        assert!(verify_load_token(b"s3cret", &format!("1000:{}", c.password), 999).is_err());
+        let (exp, pass) = t.split_once(':').expect("token");
+        assert!(verify(b"s3cret", &format!("{exp}:load"), pass, 999).is_err());
+    }
 
     #[test]
     fn matches_hmac_sha1_reference() {

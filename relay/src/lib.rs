@@ -189,7 +189,8 @@ impl Relay {
     }
 }
 
-/// `GET /load`, with a relay token issued to [`load::LOAD_READER`].
+/// `GET /load`, with a load token (`tern_proto::relay_auth::load_token`): management's only, so
+/// agents cannot read other agents' allocations.
 async fn load_report(
     axum::extract::State((tcp, meter, turn_urls)): axum::extract::State<(
         Arc<tcp::TcpRelay>,
@@ -207,22 +208,17 @@ async fn load_report(
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
-    match token.map(|t| tcp.verify(t, now)) {
-        Some(Ok(who)) if who == load::LOAD_READER => axum::Json(load::LoadReport {
+    match token.map(|t| tern_proto::relay_auth::verify_load_token(tcp.secret(), t, now)) {
+        Some(Ok(())) => axum::Json(load::LoadReport {
             turn_urls,
             load: meter.load(),
         })
         .into_response(),
-        Some(Ok(_)) => (
-            StatusCode::FORBIDDEN,
-            "the relay's load is for its management server only",
-        )
-            .into_response(),
         Some(Err(why)) => (
-            StatusCode::UNAUTHORIZED,
-            format!("relay token refused: {why}"),
+            StatusCode::FORBIDDEN,
+            format!("the relay's load is for its management server only ({why})"),
         )
             .into_response(),
-        None => (StatusCode::UNAUTHORIZED, "missing relay token").into_response(),
+        None => (StatusCode::UNAUTHORIZED, "missing load token").into_response(),
     }
 }

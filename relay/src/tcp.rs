@@ -112,6 +112,11 @@ impl TcpRelay {
         self.clients.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The relay secret (load tokens are checked against it too).
+    pub fn secret(&self) -> &[u8] {
+        &self.secret
+    }
+
     /// Verifies a token `<expiry>:<peer-id>:<password>`; returns the peer id.
     pub fn verify(&self, token: &str, now: i64) -> Result<String, String> {
         let (user, pass) = token

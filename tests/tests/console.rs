@@ -559,6 +559,35 @@ async fn console_admin_journey_in_chromium() {
     b.wait_text("tr[data-route]", "192.168.50.0/24", T)
         .await
         .expect("route listed");
+    // A new route follows the policies unless the admin opens it on purpose; the row says which.
+    b.wait_text(
+        "tr[data-route] .route-access",
+        "as policies towards the routing peer allow",
+        T,
+    )
+    .await
+    .expect("policy-governed by default");
+    click_text(b, "tr[data-route] button", "Edit")
+        .await
+        .expect("edit route");
+    click(b, "#route-form input[name=open_to_groups]")
+        .await
+        .expect("open to the distribution groups");
+    click(b, "#route-form button[type=submit]")
+        .await
+        .expect("save");
+    b.wait_text(
+        "tr[data-route] .route-access",
+        "open to distribution groups",
+        T,
+    )
+    .await
+    .expect("the row says it is open");
+    assert_eq!(
+        server.get("/api/routes").await[0]["open_to_groups"],
+        true,
+        "saved"
+    );
     // factory-gw reported that it reaches 192.168.50.0/24: the route says who serves it.
     b.wait_text("tr[data-route] .serving", "served by factory-gw", T)
         .await

@@ -1019,6 +1019,18 @@ async fn a_separate_relay_reports_its_load_to_management_and_only_to_it() {
         .login(Some(&server.default_setup_key))
         .await
         .expect("login");
+    // Asked like a map: only with the sync stream open.
+    let ask = |a: &tern_tests::TestAgent, token: &str| {
+        let mut req = tonic::Request::new(pb::RelayLoadRequest {});
+        req.metadata_mut()
+            .insert("authorization", tern_tests::bearer_value(token));
+        let mut c = a.mgmt();
+        async move { c.relay_load(req).await }
+    };
+    let e = ask(&agent, &login.peer_token).await.expect_err("no stream");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    let _sync = agent.sync(&login.peer_token).await.expect("sync");
+    server.wait_online(&login.peer_id).await;
     let mut req = tonic::Request::new(pb::RelayLoadRequest {});
     req.metadata_mut()
         .insert("authorization", tern_tests::bearer_value(&login.peer_token));
@@ -1045,6 +1057,26 @@ async fn a_separate_relay_reports_its_load_to_management_and_only_to_it() {
         .await
         .expect_err("no token");
     assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    // A peer awaiting an admin's approval learns nothing of the network's relays.
+    let mut settings = server.get("/api/settings").await;
+    settings
+        .as_object_mut()
+        .expect("settings")
+        .remove("network_serial");
+    settings["peer_approval_required"] = serde_json::json!(true);
+    let (s, _) = server.put("/api/settings", settings).await;
+    assert_eq!(s, 200);
+    let newcomer = tern_tests::TestAgent::new(&server, "newcomer").await;
+    let l2 = newcomer
+        .login(Some(&server.default_setup_key))
+        .await
+        .expect("login");
+    let _sync2 = newcomer.sync(&l2.peer_token).await.expect("sync");
+    server.wait_online(&l2.peer_id).await;
+    let e = ask(&newcomer, &l2.peer_token)
+        .await
+        .expect_err("pending approval");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
     server.stop().await;
     db.cleanup().await;
     r.close().await;

@@ -549,9 +549,21 @@ pub fn analyze(f: &Facts) -> Vec<Finding> {
             ));
         }
     }
-    // A TURN relay that says it is overloaded is why TURN paths are slow and lossy: named once,
-    // with its figures and each such path's, instead of per path with a path's advice.
-    let turn_overloaded: Vec<&TurnLoad> = f.turn_load.iter().filter(|l| l.overloaded).collect();
+    // A TURN relay of this host's (its allocation carries traffic there, or the map names it)
+    // that says it is overloaded is why TURN paths are slow and lossy: named once, with its
+    // figures and each such path's, instead of per path with a path's advice.
+    let prefix: Option<ipnet::Ipv6Net> = f.nat64.as_ref().and_then(|n| n.prefix.parse().ok());
+    let turn_overloaded: Vec<&TurnLoad> = f
+        .turn_load
+        .iter()
+        .filter(|l| {
+            l.overloaded
+                && (l.yours_bits_per_sec > 0.0
+                    || f.turn
+                        .iter()
+                        .any(|t| same_server(&t.url, &l.url, prefix.as_ref())))
+        })
+        .collect();
     let mut hurt: Vec<String> = vec![];
     for p in &f.peers {
         let relayed = p.path == "turn_relay" || p.path == "tcp_relay";
@@ -791,6 +803,25 @@ pub fn analyze(f: &Facts) -> Vec<Finding> {
     out
 }
 
+/// Whether two STUN/TURN URLs name the same server (host and port, the transport aside; an
+/// address under this host's NAT64 `prefix` stands for the IPv4 address it embeds: a relay names
+/// itself by its IPv4 address, an IPv6-only host dials it through the prefix).
+fn same_server(a: &str, b: &str, prefix: Option<&ipnet::Ipv6Net>) -> bool {
+    let key = |u: &str| -> Option<(std::net::IpAddr, u16)> {
+        let hostport = u.split_once(':')?.1.split('?').next()?;
+        let (h, p) = hostport.rsplit_once(':')?;
+        let ip: std::net::IpAddr = h.trim_matches(['[', ']']).parse().ok()?;
+        let ip = match (ip, prefix) {
+            (std::net::IpAddr::V6(v6), Some(p)) => crate::nat64::unembed(p, v6)
+                .map(std::net::IpAddr::V4)
+                .unwrap_or(ip),
+            _ => ip,
+        };
+        Some((ip, p.parse().ok()?))
+    };
+    a == b || matches!((key(a), key(b)), (Some(x), Some(y)) if x == y)
+}
+
 /// "12.4 Mbit/s".
 fn mbit(bits_per_sec: f64) -> String {
     format!("{:.1} Mbit/s", bits_per_sec / 1e6)
@@ -804,7 +835,7 @@ fn path_figures(p: &PeerFacts) -> Option<String> {
             if let Some(avg) = ping.avg_ms {
                 parts.push(format!("round trip {avg:.0} ms"));
             }
-            let lost = ping.sent - ping.received;
+            let lost = ping.sent.saturating_sub(ping.received);
             if lost > 0 {
                 parts.push(format!("{lost} of {} echo requests lost", ping.sent));
             }

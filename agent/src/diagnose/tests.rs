@@ -602,6 +602,20 @@ fn an_overloaded_turn_relay_is_named_with_its_own_figures_not_as_a_slow_path() {
     ] {
         assert!(r.evidence.contains(want), "{want}: {}", r.evidence);
     }
+    // An overloaded relay this host does not use (not in its map, no allocation there) is not
+    // this host's problem.
+    f.turn_load[0].url = "turn:198.51.100.99:3478?transport=udp".into();
+    f.turn_load[0].yours_bits_per_sec = 0.0;
+    assert!(!codes(&f).contains(&"relay_overloaded".to_string()));
+    // On an IPv6-only host the map's URL is the NAT64 form of the relay's own.
+    f.turn[0].url = "turn:[64:ff9b::cb00:710a]:3478?transport=udp".into();
+    f.turn_load[0].url = "turn:203.0.113.10:3478?transport=udp".into();
+    f.nat64 = Some(crate::nat64::Status {
+        prefix: "64:ff9b::/96".into(),
+        source: "discovered".into(),
+        ..Default::default()
+    });
+    assert!(codes(&f).contains(&"relay_overloaded".to_string()));
     // A busy relay that is not overloaded changes nothing.
     f.turn_load[0].overloaded = false;
     assert!(!codes(&f).contains(&"relay_overloaded".to_string()));

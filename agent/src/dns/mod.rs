@@ -113,13 +113,15 @@ impl Config {
 
 /// The nameservers of `cfg`'s groups this host may not query through the tunnel, each in words:
 /// those at a peer's overlay address or inside a routed network where no policy lets this host
-/// send DNS (UDP to their port). `peers`: (overlay address, what the policies let this host send
-/// it); `routes`: (routed network, what this host may reach in it). Nameservers outside the
-/// tunnel are the host's business, not the policies'.
+/// send DNS (UDP to their port), and those in the `overlay` range at no peer of this host's map
+/// (no policy connects it with them at all). `peers`: (overlay address, what the policies let
+/// this host send it); `routes`: (routed network, what this host may reach in it). Nameservers
+/// outside the tunnel are the host's business, not the policies'.
 pub fn blocked_nameservers(
     cfg: &Config,
     peers: &[(IpAddr, String)],
     routes: &[(ipnet::IpNet, String)],
+    overlay: Option<&ipnet::IpNet>,
 ) -> Vec<String> {
     let mut out = vec![];
     for (domains, servers) in &cfg.groups {
@@ -132,6 +134,10 @@ pub fn blocked_nameservers(
                     .max_by_key(|(n, _)| n.prefix_len())
                 {
                     Some((n, a)) => (a.as_str(), format!("into {n}")),
+                    None if overlay.is_some_and(|o| o.contains(&s.ip())) => (
+                        "none",
+                        "to it (no policy connects this host with it)".to_string(),
+                    ),
                     None => continue,
                 },
             };
@@ -241,7 +247,8 @@ mod tests {
             "tcp 502, 80".to_string(),
         )];
         let peers = vec![("100.64.0.9".parse().expect("ip"), "udp 5353".to_string())];
-        let b = blocked_nameservers(&cfg, &peers, &routes);
+        let overlay: ipnet::IpNet = "100.64.0.0/10".parse().expect("net");
+        let b = blocked_nameservers(&cfg, &peers, &routes, Some(&overlay));
         assert_eq!(b.len(), 1, "{b:?}");
         assert_eq!(
             b[0],
@@ -252,7 +259,14 @@ mod tests {
             "192.168.50.0/24".parse().expect("net"),
             "tcp 502, 80; udp 53".to_string(),
         )];
-        assert!(blocked_nameservers(&cfg, &peers, &routes).is_empty());
+        assert!(blocked_nameservers(&cfg, &peers, &routes, Some(&overlay)).is_empty());
+        // A nameserver at a peer that is not in this host's map at all.
+        let b = blocked_nameservers(&cfg, &[], &routes, Some(&overlay));
+        assert_eq!(b.len(), 1, "{b:?}");
+        assert!(
+            b[0].starts_with("office.lan -> 100.64.0.9:5353: the policies do not let this host send DNS (udp 5353) to it (no policy connects this host with it)"),
+            "{b:?}"
+        );
     }
 
     fn cfg() -> Config {

@@ -105,8 +105,16 @@ impl Engine {
             }
         }
         self.signal_relayed(to, session).await;
-        let reach = self.measure_reach(&first).await;
-        lock(&self.node).set_reach(reach);
+        // Measured once per network (and every few minutes), not per session.
+        let known = lock(&self.node).fresh_reach(Instant::now());
+        let reach = match known {
+            Some(r) => r,
+            None => {
+                let r = self.measure_reach(&first).await;
+                lock(&self.node).set_reach(r, Instant::now());
+                r
+            }
+        };
         let _ = self
             .signal_out
             .send((to, crate::signal::PeerMsg::reach(session, &reach)))

@@ -40,6 +40,9 @@ const ICE_RETRY_AFTER_LOSS: Duration = Duration::from_secs(1);
 /// carries traffic meanwhile).
 pub const UPGRADE_MIN: Duration = Duration::from_secs(15);
 pub const UPGRADE_MAX: Duration = Duration::from_secs(600);
+/// How long a measurement of this host's reachability stands (the host's addresses changing
+/// ends it sooner).
+pub const REACH_FRESH: Duration = Duration::from_secs(300);
 /// A session whose last handshake is older than this is not up (WireGuard's reject-after-time).
 const SESSION_UP: Duration = Duration::from_secs(180);
 /// Smallest buffer boringtun may write into (a handshake initiation), and its data overhead.
@@ -227,8 +230,9 @@ pub struct Node {
     overlay: Option<IpNet>,
     firewall: Firewall,
     tcp_relay_up: bool,
-    /// This host's own reachability (measured by the shell).
-    reach: Reach,
+    /// This host's own reachability (measured by the shell; None until it was), and when.
+    reach: Option<Reach>,
+    reach_at: Option<Instant>,
     events: VecDeque<Event>,
     /// Peers whose queued packets are due after a handshake.
     flush: Vec<PeerId>,
@@ -291,7 +295,8 @@ impl Node {
             overlay: None,
             firewall: Firewall::default(),
             tcp_relay_up: false,
-            reach: Reach::default(),
+            reach: None,
+            reach_at: None,
             events: VecDeque::new(),
             flush: vec![],
             timers: vec![],
@@ -960,11 +965,21 @@ impl Node {
     }
 
     /// This host's own reachability, as the shell measured it (see [`crate::reach`]).
-    pub fn set_reach(&mut self, r: Reach) {
-        self.reach = r;
+    pub fn set_reach(&mut self, r: Reach, now: Instant) {
+        self.reach = Some(r);
+        self.reach_at = Some(now);
     }
 
-    pub fn reach(&self) -> Reach {
+    /// This host's reachability if measured within [`REACH_FRESH`] and since its addresses last
+    /// changed; None: measure it again.
+    pub fn fresh_reach(&self, now: Instant) -> Option<Reach> {
+        self.reach_at
+            .filter(|at| now.saturating_duration_since(*at) < REACH_FRESH)
+            .and(self.reach)
+    }
+
+    /// This host's reachability as last measured (None: not yet).
+    pub fn reach(&self) -> Option<Reach> {
         self.reach
     }
 
@@ -978,6 +993,8 @@ impl Node {
     /// The host's addresses changed: retry ICE with every peer without a pair now, and look
     /// for a direct pair with every peer reached through TURN.
     pub fn retry_ice_now(&mut self, now: Instant) {
+        // Another network: this host's reachability is measured again at the next session.
+        self.reach_at = None;
         for p in self.peers.values_mut() {
             match &p.ice {
                 None => p.retry.retry_by(now),
@@ -1003,7 +1020,14 @@ impl Node {
         if let Some(i) = &p.ice {
             return match i.kind {
                 PathKind::TurnRelay => {
-                    let (code, why) = relay_cause(&self.reach, p.reach.as_ref());
+                    let (code, why) = match &self.reach {
+                        Some(here) => relay_cause(here, p.reach.as_ref()),
+                        // Not measured yet: nothing to say of either side.
+                        None => (
+                            "ice_no_direct_pair",
+                            "no direct pair got through the NATs".into(),
+                        ),
+                    };
                     (code, format!("{why}; ICE relays through TURN"))
                 }
                 _ => ("direct", "direct ICE pair".into()),

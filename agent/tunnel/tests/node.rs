@@ -498,14 +498,31 @@ fn path_choice_and_reason_follow_ice_success_failure_and_lateness() {
     assert!(status(&x, t2).reason.contains("TURN"));
     assert_eq!(status(&x, t2).reason_code, "ice_no_direct_pair");
     // Once both sides' reachability is known, the reason is what it is: here an IPv6-only host
-    // and an IPv4-only peer.
+    // and an IPv4-only peer. The peer's report alone (this host not measured yet) says nothing.
     use tern_tunnel::reach::{Mapping, Reach};
-    x.node.set_reach(Reach {
+    x.node.set_peer_reach(
+        peer,
+        Reach {
+            ipv4: true,
+            ipv6: false,
+            mapping: Mapping::EndpointDependent,
+            public: true,
+        },
+    );
+    assert_eq!(status(&x, t2).reason_code, "ice_no_direct_pair");
+    let here = Reach {
         ipv4: false,
         ipv6: true,
         mapping: Mapping::EndpointIndependent,
         public: true,
-    });
+    };
+    x.node.set_reach(here, t2);
+    assert_eq!(x.node.fresh_reach(t2), Some(here));
+    assert_eq!(
+        x.node.fresh_reach(t2 + tern_tunnel::REACH_FRESH),
+        None,
+        "measured again after a while"
+    );
     x.node.set_peer_reach(
         peer,
         Reach {
@@ -526,6 +543,10 @@ fn path_choice_and_reason_follow_ice_success_failure_and_lateness() {
         "{}",
         s.reason
     );
+    // The host's addresses change: measured again at the next session, the reason kept meanwhile.
+    x.node.retry_ice_now(t2);
+    assert_eq!(x.node.fresh_reach(t2), None);
+    assert_eq!(status(&x, t2).reason_code, "no_common_family");
 }
 
 #[test]

@@ -1306,9 +1306,11 @@ pub struct RouteBody {
     #[serde(default)]
     pub access_groups: Vec<String>,
     /// Without access groups: let every peer in the distribution groups reach the whole network
-    /// whatever the policies say (an explicit choice; default false).
+    /// whatever the policies say (an explicit choice). Omitted: false for a new route, unchanged
+    /// when a route is saved again (a script written before this setting keeps its routes as
+    /// they were).
     #[serde(default)]
-    pub open_to_groups: bool,
+    pub open_to_groups: Option<bool>,
     /// Create or save the route although its network overlaps one that a distribution peer
     /// reaches directly (otherwise 409 `needs_confirmation` says which).
     #[serde(default)]
@@ -1362,7 +1364,11 @@ async fn route_overlaps(s: &AppState, r: &RouteInput) -> ApiResult<()> {
     Ok(())
 }
 
-fn route_input(b: RouteBody) -> ApiResult<RouteInput> {
+/// The route `b` describes; `current` is the route it replaces (None when creating one).
+fn route_input(b: RouteBody, current: Option<&Route>) -> ApiResult<RouteInput> {
+    let open_to_groups = b
+        .open_to_groups
+        .unwrap_or_else(|| current.is_some_and(|c| c.open_to_groups && b.access_groups.is_empty()));
     let network = cidr("network", &b.network)?;
     if !(1..=9999).contains(&b.metric) {
         return Err(ApiError::invalid(
@@ -1382,7 +1388,7 @@ fn route_input(b: RouteBody) -> ApiResult<RouteInput> {
             "default routes (exit nodes) are not supported yet",
         ));
     }
-    if b.open_to_groups && !b.access_groups.is_empty() {
+    if b.open_to_groups == Some(true) && !b.access_groups.is_empty() {
         return Err(ApiError::invalid(
             "open_to_groups",
             "a route with access groups is opened by the policies towards them: leave access_groups empty to open the network to the distribution groups",
@@ -1397,7 +1403,7 @@ fn route_input(b: RouteBody) -> ApiResult<RouteInput> {
         masquerade: b.masquerade,
         enabled: b.enabled,
         groups: b.groups,
-        open_to_groups: b.open_to_groups,
+        open_to_groups,
         access_groups: b.access_groups,
     })
 }
@@ -1421,7 +1427,7 @@ pub async fn create_route(
     ApiJson(b): ApiJson<RouteBody>,
 ) -> ApiResult<impl IntoResponse> {
     let confirmed = b.confirm_overlap;
-    let r = route_input(b)?;
+    let r = route_input(b, None)?;
     if !confirmed {
         route_overlaps(&s, &r).await?;
     }
@@ -1448,7 +1454,8 @@ pub async fn update_route(
     ApiJson(b): ApiJson<RouteBody>,
 ) -> ApiResult<Json<Route>> {
     let confirmed = b.confirm_overlap;
-    let r = route_input(b)?;
+    let current = s.store.route(&id).await?;
+    let r = route_input(b, Some(&current))?;
     if !confirmed {
         route_overlaps(&s, &r).await?;
     }

@@ -338,11 +338,7 @@ impl Store {
             )));
         }
         c.actor = format!("user:{} (device sign-in)", user.username);
-        // The owner's groups, and those every signed-in device joins (Settings).
-        let mut groups = user_group_ids(c.conn(), &user.id).await?;
-        groups.extend(read_settings(c.conn()).await?.sign_in_groups);
-        groups.sort();
-        groups.dedup();
+        let groups = user_group_ids(c.conn(), &user.id).await?;
         let existing = sqlx::query("SELECT id, user_id FROM peers WHERE wg_public_key = $1")
             .bind(wg_key)
             .fetch_optional(c.conn())
@@ -378,8 +374,13 @@ impl Store {
             }
             None => {
                 let settings = read_settings(c.conn()).await?;
+                // A new device: its owner's groups, and those every device added by sign-in
+                // joins (Settings; a renewal leaves its groups to the admin).
                 let mut all = vec![ALL_GROUP_ID.to_string()];
                 all.extend(groups.iter().cloned());
+                all.extend(settings.sign_in_groups.iter().cloned());
+                all.sort();
+                all.dedup();
                 let (id, name, ip) = register(
                     c.conn(),
                     wg_key,

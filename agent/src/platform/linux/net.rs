@@ -107,18 +107,6 @@ fn parse_routes(text: &str, skip_iface: &str) -> Vec<IpNet> {
 }
 
 /// True if the host has an IPv4 default route (then IPv4 literals work as they are).
-/// Whether the host has an IPv4 default route other than through `skip_iface` (the tunnel).
-pub fn has_ipv4_default_route(skip_iface: &str) -> bool {
-    std::fs::read_to_string("/proc/net/route")
-        .map(|s| {
-            s.lines().skip(1).any(|l| {
-                let mut f = l.split_whitespace();
-                f.next() != Some(skip_iface) && f.next() == Some("00000000")
-            })
-        })
-        .unwrap_or(true)
-}
-
 fn ip(args: &[&str]) -> Result<(), String> {
     let out = Command::new("ip")
         .args(args)
