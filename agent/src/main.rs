@@ -700,6 +700,7 @@ async fn join(
     }
     // An IPv6-only uplink: IPv4 literals in the URLs are dialled through the NAT64 prefix.
     let nat64 = Arc::new(nat64::Nat64::new(settings.nat64, iface));
+    nat64.want(&urls);
     nat64.refresh().await;
     if let Some(why) = urls.iter().find_map(|u| nat64.unreachable_ipv4(u)) {
         bail!("{why}");
@@ -1041,6 +1042,10 @@ async fn up(
                     continue;
                 };
                 if let Some(relay) = map.relay.as_mut() {
+                    // A relay address without a route (an IPv6-only uplink): find the prefix.
+                    if nat64.want(&nat64::Nat64::relay_urls(relay)) && nat64.refresh().await {
+                        info!("dialling the relays through the NAT64 prefix");
+                    }
                     nat64.relay(relay);
                 }
                 if pending_tx.send_replace(map.pending_approval) != map.pending_approval {

@@ -190,10 +190,23 @@ impl Status {
 struct State {
     /// The host has an IPv4 default route (then nothing is synthesized).
     ipv4_route: bool,
+    /// IPv4 networks the host has routes to without one (its LANs; loopback always).
+    ipv4_nets: Vec<ipnet::Ipv4Net>,
+    /// IPv4 addresses the agent must dial (management's, the relays'), and whether one of them
+    /// has no route: only then is the prefix looked for (no DNS query otherwise).
+    wanted: Vec<Ipv4Addr>,
+    needed: bool,
     /// The network's prefix (RFC 7050), when discovery found one.
     discovered: Option<Ipv6Net>,
     /// Why discovery found none.
     error: String,
+}
+
+impl State {
+    /// Whether `a` is reached as it is (a route covers it).
+    fn routable(&self, a: Ipv4Addr) -> bool {
+        self.ipv4_route || a.is_loopback() || self.ipv4_nets.iter().any(|n| n.contains(&a))
+    }
 }
 
 /// The one place IPv4 addresses are made reachable from an IPv6-only host.
@@ -222,16 +235,48 @@ impl Nat64 {
         self.state.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Looks at the host's routes again and, on a host without an IPv4 route, asks the resolver
-    /// for the network's prefix. Returns true when what [`Nat64::prefix`] gives changed.
+    /// The IPv4 literal hosts of `urls` are what the agent dials (management's URLs, the map's
+    /// relays); returns true when one of them has no route and no prefix is known yet (then
+    /// [`Nat64::refresh`] looks for one).
+    pub fn want(&self, urls: &[String]) -> bool {
+        let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
+        for a in urls.iter().filter_map(|u| ipv4_host(u)) {
+            if !st.wanted.contains(&a) {
+                st.wanted.push(a);
+            }
+        }
+        let needed = st.wanted.iter().any(|a| !st.routable(*a));
+        let ask = needed && !st.needed;
+        st.needed = needed;
+        ask && self.setting == Setting::Auto && st.discovered.is_none()
+    }
+
+    /// Looks at the host's routes again and, when an IPv4 address the agent dials has no
+    /// route, asks the resolver for the network's prefix (no DNS query otherwise). Returns true
+    /// when what [`Nat64::prefix`] gives changed.
     pub async fn refresh(&self) -> bool {
         let iface = self.iface.clone();
-        let ipv4_route =
-            tokio::task::spawn_blocking(move || crate::platform::net::default_routes(&iface).0)
-                .await
-                .unwrap_or(true);
+        let (ipv4_route, ipv4_nets) = tokio::task::spawn_blocking(move || {
+            let nets = crate::platform::net::reachable_networks(&iface)
+                .into_iter()
+                .filter_map(|n| match n {
+                    ipnet::IpNet::V4(v4) => Some(v4),
+                    ipnet::IpNet::V6(_) => None,
+                })
+                .collect::<Vec<_>>();
+            (crate::platform::net::default_routes(&iface).0, nets)
+        })
+        .await
+        .unwrap_or((true, vec![]));
         let before = self.prefix();
-        let (discovered, error) = if ipv4_route || self.setting == Setting::Off {
+        let needed = {
+            let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
+            st.ipv4_route = ipv4_route;
+            st.ipv4_nets = ipv4_nets;
+            st.needed = st.wanted.iter().any(|a| !st.routable(*a));
+            st.needed
+        };
+        let (discovered, error) = if !needed || self.setting == Setting::Off {
             (None, String::new())
         } else {
             match discover().await {
@@ -241,7 +286,6 @@ impl Nat64 {
         };
         {
             let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
-            st.ipv4_route = ipv4_route;
             st.discovered = discovered;
             st.error = error;
         }
@@ -283,22 +327,37 @@ impl Nat64 {
         }
     }
 
-    /// The host has no IPv4 default route.
+    /// The host has no IPv4 default route, and an IPv4 address the agent dials has no route
+    /// (a host with only LAN routes reaching loopback or LAN addresses needs no NAT64).
     pub fn ipv6_only(&self) -> bool {
-        !self.state().ipv4_route
+        let st = self.state();
+        !st.ipv4_route && st.needed
+    }
+
+    /// The prefix an IPv4 address `a` is dialled through (None: as it is).
+    fn prefix_for(&self, a: Ipv4Addr) -> Option<Ipv6Net> {
+        let st = self.state();
+        if st.routable(a) {
+            return None;
+        }
+        drop(st);
+        self.prefix()
     }
 
     /// The address to dial for `a`.
     pub fn dial(&self, a: SocketAddr) -> SocketAddr {
-        match (a.ip(), self.prefix()) {
-            (IpAddr::V4(v4), Some(p)) => SocketAddr::new(IpAddr::V6(embed(&p, v4)), a.port()),
-            _ => a,
+        match a.ip() {
+            IpAddr::V4(v4) => match self.prefix_for(v4) {
+                Some(p) => SocketAddr::new(IpAddr::V6(embed(&p, v4)), a.port()),
+                None => a,
+            },
+            IpAddr::V6(_) => a,
         }
     }
 
-    /// The URL to dial for `url` (an IPv4 literal host embedded in the prefix).
+    /// The URL to dial for `url` (an IPv4 literal host without a route embedded in the prefix).
     pub fn url(&self, url: &str) -> String {
-        match self.prefix() {
+        match ipv4_host(url).and_then(|v4| self.prefix_for(v4)) {
             Some(p) => rewrite_url(url, &p),
             None => url.to_string(),
         }
@@ -323,27 +382,37 @@ impl Nat64 {
 
     /// Every server URL of the relay part of a network map, as this host dials them.
     pub fn relay(&self, relay: &mut pb::RelayConfig) {
-        let Some(p) = self.prefix() else {
-            return;
-        };
         for s in &mut relay.stun {
-            s.url = rewrite_url(&s.url, &p);
+            s.url = self.url(&s.url);
         }
         for u in &mut relay.stun_probe_urls {
-            *u = rewrite_url(u, &p);
+            *u = self.url(u);
         }
         for t in &mut relay.turn {
-            t.url = rewrite_url(&t.url, &p);
+            t.url = self.url(&t.url);
         }
         for t in &mut relay.tcp_relay {
-            t.url = rewrite_url(&t.url, &p);
+            t.url = self.url(&t.url);
         }
     }
 
-    /// For `tern status`: None on a host with an IPv4 route.
+    /// The server URLs of a map's relay part (to [`Nat64::want`] them).
+    pub fn relay_urls(relay: &pb::RelayConfig) -> Vec<String> {
+        relay
+            .stun
+            .iter()
+            .map(|s| s.url.clone())
+            .chain(relay.stun_probe_urls.iter().cloned())
+            .chain(relay.turn.iter().map(|t| t.url.clone()))
+            .chain(relay.tcp_relay.iter().map(|t| t.url.clone()))
+            .collect()
+    }
+
+    /// For `tern status`: None on a host with an IPv4 route (or one that dials no IPv4 address
+    /// it has no route to).
     pub fn status(&self) -> Option<Status> {
         let st = self.state();
-        if st.ipv4_route {
+        if st.ipv4_route || !st.needed {
             return None;
         }
         let prefix = self.prefix();
@@ -375,7 +444,7 @@ impl Nat64 {
     /// the host has no IPv4 route and no prefix is known. Says what to do.
     pub fn unreachable_ipv4(&self, url: &str) -> Option<String> {
         let v4 = ipv4_host(url)?;
-        if !self.ipv6_only() || self.prefix().is_some() {
+        if self.state().routable(v4) || self.prefix().is_some() {
             return None;
         }
         let why = match self.setting {
@@ -538,12 +607,29 @@ mod tests {
         assert_eq!(n.dial(server), server);
         assert_eq!(n.status(), None);
         assert_eq!(n.unreachable_ipv4("http://203.0.113.10:443"), None);
-        // IPv6 only, nothing discovered: no prefix, and the reason names NAT64.
+        // IPv6 only, nothing discovered: no prefix, and the reason names NAT64. Loopback and
+        // the host's own LAN stay reachable as they are.
+        // want(): with an IPv4 route nothing is looked for; without one, an address with no
+        // route asks for the prefix once (and a LAN address never does).
+        let server_url = vec!["http://203.0.113.10:443".to_string()];
+        assert!(!n.want(&server_url));
+        n.state.write().expect("lock").ipv4_route = false;
+        n.state.write().expect("lock").ipv4_nets = vec!["192.168.50.0/24".parse().expect("net")];
+        n.state.write().expect("lock").wanted.clear();
+        n.state.write().expect("lock").needed = false;
+        assert!(!n.want(&["stun:192.168.50.2:3478".to_string()]));
+        assert!(n.want(&server_url));
+        assert!(!n.want(&server_url), "asked once");
         *n.state.write().expect("lock") = State {
             ipv4_route: false,
+            ipv4_nets: vec!["192.168.50.0/24".parse().expect("net")],
+            wanted: vec![Ipv4Addr::new(203, 0, 113, 10)],
+            needed: true,
             discovered: None,
             error: "ipv4only.arpa has no IPv6 address at the resolver: it does no DNS64".into(),
         };
+        assert_eq!(n.unreachable_ipv4("http://127.0.0.1:8080"), None);
+        assert_eq!(n.unreachable_ipv4("http://192.168.50.2:8080"), None);
         assert_eq!(n.dial(server), server);
         let why = n
             .unreachable_ipv4("http://203.0.113.10:443")
@@ -567,6 +653,10 @@ mod tests {
             n.status().expect("status").line(),
             "IPv6-only uplink, NAT64 prefix 2001:db8:64:ff9b::/96 (discovered)"
         );
+        // A LAN address is dialled as it is, even with a prefix.
+        let lan: SocketAddr = "192.168.50.2:53".parse().expect("a");
+        assert_eq!(n.dial(lan), lan);
+        assert_eq!(n.url("http://127.0.0.1:1"), "http://127.0.0.1:1");
         let mut relay = pb::RelayConfig {
             stun_probe_urls: vec!["stun:203.0.113.10:3479".into()],
             ..Default::default()
@@ -588,6 +678,9 @@ mod tests {
         let c = Nat64::new(Setting::Prefix("64:ff9b::/96".parse().expect("p")), "tern0");
         *c.state.write().expect("lock") = State {
             ipv4_route: false,
+            ipv4_nets: vec![],
+            wanted: vec![Ipv4Addr::new(203, 0, 113, 10)],
+            needed: true,
             discovered: Some(p),
             error: String::new(),
         };

@@ -456,13 +456,13 @@ fn hard_nat_is_named_then_a_lossy_relay_a_wrong_turn_port_and_a_turn_secret_mism
         "overloaded TURN relay, as the user reads it:\n{}",
         human(&m, "a", &ha)
     );
+    // (This host's own share shows only when its own allocation carries the stream: ICE may
+    // as well have chosen the pair through b's.)
     assert!(
-        ev.contains("the TURN relay says:") && ev.contains("wait to go out on its uplink"),
+        ev.contains("the TURN relay says:")
+            && ev.contains("wait to go out on its uplink")
+            && ev.contains("Mbit/s"),
         "{f:#}"
-    );
-    assert!(
-        ev.contains("of it for this host"),
-        "the host's own share: {f:#}"
     );
     assert!(
         !codes(&r)
