@@ -146,40 +146,50 @@ pub fn dns_name(s: &str) -> Result<String, String> {
     Ok(n)
 }
 
+/// The DNS label a name becomes (lower case, letters, digits, '-'; at most 56 so that a "-NN"
+/// suffix still fits 63): "Factory GW" -> "factory-gw".
+pub fn label_of(name: &str) -> String {
+    let mut l: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    while l.contains("--") {
+        l = l.replace("--", "-");
+    }
+    let l: String = l.trim_matches('-').chars().take(56).collect();
+    let l = l.trim_end_matches('-').to_string();
+    if l.is_empty() {
+        "peer".into()
+    } else {
+        l
+    }
+}
+
 /// The DNS label of each peer (in `peers`' order): its name made a valid label (lower case,
 /// letters, digits, '-'; at most 63); names that come out the same get "-2", "-3"… in the order
 /// the peers joined.
 pub fn dns_labels(peers: &[Peer]) -> Vec<String> {
+    let keys: Vec<(&str, Millis, &str)> = peers
+        .iter()
+        .map(|p| (p.name.as_str(), p.created_at, p.id.as_str()))
+        .collect();
+    labels_in_join_order(&keys)
+}
+
+/// [`dns_labels`] of (name, created_at, id) triples.
+pub fn labels_in_join_order(peers: &[(&str, Millis, &str)]) -> Vec<String> {
     let mut order: Vec<usize> = (0..peers.len()).collect();
-    order.sort_by(|&a, &b| {
-        (peers[a].created_at, &peers[a].id).cmp(&(peers[b].created_at, &peers[b].id))
-    });
-    let base = |name: &str| -> String {
-        let mut l: String = name
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() {
-                    c.to_ascii_lowercase()
-                } else {
-                    '-'
-                }
-            })
-            .collect();
-        while l.contains("--") {
-            l = l.replace("--", "-");
-        }
-        let l: String = l.trim_matches('-').chars().take(56).collect();
-        let l = l.trim_end_matches('-').to_string();
-        if l.is_empty() {
-            "peer".into()
-        } else {
-            l
-        }
-    };
+    order.sort_by(|&a, &b| (peers[a].1, peers[a].2).cmp(&(peers[b].1, peers[b].2)));
     let mut taken = std::collections::HashSet::new();
     let mut out = vec![String::new(); peers.len()];
     for i in order {
-        let b = base(&peers[i].name);
+        let b = label_of(peers[i].0);
         let mut label = b.clone();
         let mut n = 2;
         while !taken.insert(label.clone()) {

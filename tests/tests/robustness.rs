@@ -257,3 +257,99 @@ async fn mutated_sealed_logins_and_signal_messages_are_refused_cleanly() {
     srv.stop().await;
     db.cleanup().await;
 }
+
+/// A user creates an account's device, signs it in, and returns (device's peer id, the user's
+/// console token).
+async fn users_device(server: &TestServer, user: &str, device: &str) -> (String, String) {
+    let password = format!("{user}-password-1");
+    let (s, u) = server
+        .post(
+            "/api/users",
+            json!({"username": user, "password": password, "role": "user"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{u}");
+    let token = admin_login(&server.http, &server.base, user, &password)
+        .await
+        .expect("sign in");
+    let agent = TestAgent::new(server, device).await;
+    let code = agent.start_device_login().await.expect("code");
+    let (s, v) = server
+        .api_as(
+            &token,
+            reqwest::Method::POST,
+            &format!("/api/device/{}/approve", code.user_code),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let login = agent
+        .login_with_code(&code.user_code)
+        .await
+        .expect("approved login");
+    (login.peer_id, token)
+}
+
+/// Security review, round two, item 1: a user's device that joined before `fileserver` cannot
+/// take its DNS name by renaming itself `FileServer` (a name is unique as a DNS label, and a
+/// rename never moves a label to another peer); an admin's rename is held to the same rule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rename_never_takes_another_peers_dns_name() {
+    let db = TestDb::new(Backend::Sqlite).await.expect("db");
+    let server = TestServer::start(&db.url).await.expect("server");
+    let (laptop, erin) = users_device(&server, "erin", "erin-laptop").await;
+    // fileserver joins after the laptop.
+    let fs = TestAgent::new(&server, "fileserver").await;
+    let fs_login = fs.login(Some(&server.default_setup_key)).await.expect("fs");
+    let fs_peer = server
+        .get(&format!("/api/peers/{}", fs_login.peer_id))
+        .await;
+    assert_eq!(fs_peer["dns_name"], "fileserver.tern.internal", "{fs_peer}");
+    for (who, name) in [
+        ("erin", "FileServer"),
+        ("erin", "FILESERVER"),
+        ("erin", "fileserver"),
+    ] {
+        let (s, v) = server
+            .api_as(
+                &erin,
+                reqwest::Method::PUT,
+                &format!("/api/peers/{laptop}"),
+                Some(json!({ "name": name })),
+            )
+            .await;
+        assert_eq!(s, 409, "{who} renaming to {name:?}: {v}");
+        assert!(
+            v["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("belongs to the peer \"fileserver\""),
+            "{v}"
+        );
+    }
+    let (s, v) = server
+        .put(
+            &format!("/api/peers/{laptop}"),
+            json!({"name": "FileServer"}),
+        )
+        .await;
+    assert_eq!(s, 409, "an admin too: {v}");
+    let fs_peer = server
+        .get(&format!("/api/peers/{}", fs_login.peer_id))
+        .await;
+    assert_eq!(fs_peer["dns_name"], "fileserver.tern.internal", "{fs_peer}");
+    // Other names stay free to take, and a rename to one's own label in other letters works.
+    let (s, v) = server
+        .api_as(
+            &erin,
+            reqwest::Method::PUT,
+            &format!("/api/peers/{laptop}"),
+            Some(json!({"name": "Erin Laptop"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let mine = server.get(&format!("/api/peers/{laptop}")).await;
+    assert_eq!(mine["dns_name"], "erin-laptop.tern.internal", "{mine}");
+    server.stop().await;
+    db.cleanup().await;
+}

@@ -298,6 +298,45 @@ async fn set_device_keys(
     Ok(())
 }
 
+/// Refuses `name` for peer `id` (None: a new peer) when another peer's name is the same DNS
+/// label (names are unique as labels, not only as typed): a rename must never move a label, and
+/// with it every agent's answer for that name, to another peer. Names are few and renames rare:
+/// every name is read.
+async fn label_is_free(conn: &mut sqlx::AnyConnection, id: Option<&str>, name: &str) -> Result<()> {
+    let label = label_of(name);
+    let rows = sqlx::query("SELECT id, name, created_at FROM peers")
+        .fetch_all(&mut *conn)
+        .await?;
+    let peers = rows
+        .iter()
+        .map(|r| {
+            Ok((
+                col::<String>(r, "id")?,
+                col::<String>(r, "name")?,
+                col::<Millis>(r, "created_at")?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let keys: Vec<(&str, Millis, &str)> = peers
+        .iter()
+        .map(|(i, n, at)| (n.as_str(), *at, i.as_str()))
+        .collect();
+    // Another peer's label now (with a "-2" a clash gave it), or the label its name makes.
+    let clash =
+        peers
+            .iter()
+            .zip(labels_in_join_order(&keys))
+            .find(|((other, other_name, _), now)| {
+                Some(other.as_str()) != id && (*now == label || label_of(other_name) == label)
+            });
+    if let Some(((_, other_name, _), _)) = clash {
+        return Err(StoreError::Conflict(format!(
+            "the DNS name {label} belongs to the peer {other_name:?}: choose another name"
+        )));
+    }
+    Ok(())
+}
+
 pub fn hash_secret(s: &str) -> String {
     use sha2::{Digest, Sha256};
     hex::encode(Sha256::digest(s.as_bytes()))
@@ -316,15 +355,7 @@ impl Store {
         mesh_key: &str,
     ) -> Result<Peer> {
         let mut c = self.begin_change(actor).await?;
-        let taken = sqlx::query("SELECT id FROM peers WHERE name = $1")
-            .bind(name)
-            .fetch_optional(c.conn())
-            .await?;
-        if taken.is_some() {
-            return Err(StoreError::Conflict(format!(
-                "a peer named {name:?} already exists"
-            )));
-        }
+        label_is_free(c.conn(), None, name).await?;
         check_groups(c.conn(), "groups", groups).await?;
         let mut all = vec![ALL_GROUP_ID.to_string()];
         all.extend(
@@ -612,6 +643,7 @@ impl Store {
             .await?
             .ok_or_else(|| StoreError::not_found("peer", id))?;
         if let Some(n) = name {
+            label_is_free(c.conn(), Some(id), n).await?;
             sqlx::query("UPDATE peers SET name = $1 WHERE id = $2")
                 .bind(n)
                 .bind(id)
