@@ -596,6 +596,9 @@ pub struct ServiceStats {
     pub refused_limit: u64,
     /// Connections that could not reach the target.
     pub failed: u64,
+    /// UDP datagrams dropped because their flow's queue (or all flows' together) was full.
+    #[serde(default)]
+    pub dropped_full: u64,
     /// The last failure in words (omitted when there was none).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,

@@ -353,3 +353,84 @@ async fn a_rename_never_takes_another_peers_dns_name() {
     server.stop().await;
     db.cleanup().await;
 }
+
+/// Security review, round two, item 2: a UDP public service whose carrier is slow to open
+/// tunnels (its control connection is up, it never opens one) queues what outside clients send
+/// meanwhile, within a byte bound per flow and for all flows together: 40 source ports each
+/// sending 256 datagrams of 60 kB (614 MB) leave the server's memory within that bound, and
+/// what was dropped is counted. (Before: 16 MB per flow, 36 -> 678 MB in about a second.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_udp_flood_through_a_slow_carrier_stays_within_its_queue_bounds() {
+    let port = {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        s.local_addr().expect("addr").port()
+    };
+    let db = TestDb::new(Backend::Sqlite).await.expect("db");
+    let mut opts = fast_options();
+    opts.public.bind = "127.0.0.1".parse().expect("ip");
+    opts.public.ports = Some((port, port));
+    let server = TestServer::start_with(&db.url, opts).await.expect("server");
+    let carrier = TestAgent::new(&server, "sensor-gw").await;
+    let login = carrier
+        .login(Some(&server.default_setup_key))
+        .await
+        .expect("carrier");
+    let ip = login
+        .peer_config
+        .expect("config")
+        .address
+        .split('/')
+        .next()
+        .expect("ip")
+        .to_string();
+    // Its control connection is up; it never opens a data tunnel.
+    let publisher = server.state().publisher.get().expect("publisher").clone();
+    let (_generation, _control) = publisher.hub.register(&login.peer_id);
+    let (s, svc) = server
+        .post(
+            "/api/services",
+            json!({"name": "telemetry", "protocol": "udp", "public_port": port,
+                   "target_ip": ip, "target_port": 5000, "allowed_sources": ["0.0.0.0/0"]}),
+        )
+        .await;
+    assert_eq!(s, 201, "{svc}");
+    let id = svc["id"].as_str().expect("id").to_string();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rss_kib();
+    let payload = std::sync::Arc::new(vec![0x5au8; 60_000]);
+    let senders: Vec<_> = (0..40)
+        .map(|_| {
+            let payload = payload.clone();
+            tokio::spawn(async move {
+                let s = tokio::net::UdpSocket::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind");
+                for i in 0..256 {
+                    let _ = s.send_to(&payload, ("127.0.0.1", port)).await;
+                    if i % 8 == 7 {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in senders {
+        t.await.expect("sender");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let grown_mib = rss_kib().saturating_sub(before) / 1024;
+    let stats = server.get(&format!("/api/services/{id}")).await["stats"].clone();
+    eprintln!(
+        "figure: RSS grew {grown_mib} MiB under a 614 MB UDP flood through a slow carrier: {stats}"
+    );
+    assert!(
+        grown_mib < 64,
+        "memory stays within the queue bounds (32 MiB for all flows): grew {grown_mib} MiB"
+    );
+    assert!(
+        stats["dropped_full"].as_u64() > Some(0),
+        "the excess is dropped and counted: {stats}"
+    );
+    server.stop().await;
+    db.cleanup().await;
+}

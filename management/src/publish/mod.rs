@@ -29,7 +29,7 @@ use axum::Router;
 use ipnet::IpNet;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tern_proto::tunnel::{self, Control, Open, SpliceEnd, Status, StatusCode as TunnelStatus};
@@ -124,6 +124,8 @@ struct Stats {
     refused_allowlist: AtomicU64,
     refused_limit: AtomicU64,
     failed: AtomicU64,
+    /// UDP datagrams dropped because their flow's queue (or all flows' together) was full.
+    dropped_full: AtomicU64,
     last_error: Mutex<Option<(String, Millis)>>,
 }
 
@@ -151,6 +153,7 @@ impl Stats {
             refused_allowlist: self.refused_allowlist.load(Relaxed),
             refused_limit: self.refused_limit.load(Relaxed),
             failed: self.failed.load(Relaxed),
+            dropped_full: self.dropped_full.load(Relaxed),
             last_error_at: last.as_ref().map(|l| l.1),
             last_error: last.map(|l| l.0),
         }
@@ -225,14 +228,46 @@ pub struct Publisher {
     index: RwLock<Option<Arc<NetIndex>>>,
     running: Mutex<HashMap<String, Running>>,
     stats: Mutex<HashMap<String, Arc<Stats>>>,
+    /// Bytes queued in all UDP flows together (see [`QUEUED_BYTES_ALL`]).
+    queued: Arc<AtomicUsize>,
 }
 
 /// How long a public connection waits for an agent to open a tunnel.
 const TUNNEL_WAIT: Duration = Duration::from_secs(5);
 /// How long the agent may take to connect to the target and answer.
 const STATUS_WAIT: Duration = Duration::from_secs(8);
-/// Datagrams queued per UDP flow while its tunnel is set up or busy.
+/// Datagrams queued per UDP flow while its tunnel is set up or busy, and the most bytes they
+/// may hold, per flow and for all flows together: beyond, datagrams are dropped and counted (as
+/// a full socket buffer drops them), so a flood of large datagrams from many source ports costs
+/// at most `QUEUED_BYTES_ALL`, not 256 x 64 KiB per flow.
 const FLOW_QUEUE: usize = 256;
+const QUEUED_BYTES_FLOW: usize = 256 << 10;
+const QUEUED_BYTES_ALL: usize = 32 << 20;
+
+/// What one UDP flow holds queued, and all flows together.
+struct FlowQueue {
+    tx: mpsc::Sender<Vec<u8>>,
+    bytes: Arc<AtomicUsize>,
+}
+
+/// Takes `n` bytes of both budgets, or none (false: drop the datagram).
+fn reserve(flow: &AtomicUsize, all: &AtomicUsize, n: usize) -> bool {
+    if flow.fetch_add(n, Relaxed) + n > QUEUED_BYTES_FLOW {
+        flow.fetch_sub(n, Relaxed);
+        return false;
+    }
+    if all.fetch_add(n, Relaxed) + n > QUEUED_BYTES_ALL {
+        all.fetch_sub(n, Relaxed);
+        flow.fetch_sub(n, Relaxed);
+        return false;
+    }
+    true
+}
+
+fn release(flow: &AtomicUsize, all: &AtomicUsize, n: usize) {
+    flow.fetch_sub(n, Relaxed);
+    all.fetch_sub(n, Relaxed);
+}
 
 impl Publisher {
     pub fn new(opts: PublicOptions) -> Arc<Publisher> {
@@ -243,7 +278,21 @@ impl Publisher {
             index: RwLock::new(None),
             running: Mutex::new(HashMap::new()),
             stats: Mutex::new(HashMap::new()),
+            queued: Arc::new(AtomicUsize::new(0)),
         })
+    }
+
+    /// Queues datagram `d` on flow `q`, within both byte budgets; drops and counts it otherwise
+    /// (or when the flow's queue is full).
+    fn enqueue(&self, svc: &Service, q: &FlowQueue, d: &[u8]) {
+        if !reserve(&q.bytes, &self.queued, d.len()) {
+            svc.stats.dropped_full.fetch_add(1, Relaxed);
+            return;
+        }
+        if q.tx.try_send(d.to_vec()).is_err() {
+            release(&q.bytes, &self.queued, d.len());
+            svc.stats.dropped_full.fetch_add(1, Relaxed);
+        }
     }
 
     fn stats_of(&self, id: &str) -> Arc<Stats> {
@@ -581,7 +630,7 @@ impl Publisher {
     }
 
     async fn serve_udp(self: Arc<Self>, svc: Arc<Service>, sock: Arc<UdpSocket>) {
-        let flows: Arc<Mutex<HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>>> = Arc::default();
+        let flows: Arc<Mutex<HashMap<SocketAddr, Arc<FlowQueue>>>> = Arc::default();
         let mut stop = svc.stop.clone();
         let mut buf = vec![0u8; 65_536];
         loop {
@@ -600,9 +649,9 @@ impl Publisher {
                 .unwrap_or_else(|e| e.into_inner())
                 .get(&client)
                 .cloned();
-            if let Some(tx) = known {
+            if let Some(q) = known {
                 // A full queue drops the datagram (datagram semantics, bounded memory).
-                let _ = tx.try_send(buf[..n].to_vec());
+                self.enqueue(&svc, &q, &buf[..n]);
                 continue;
             }
             if !svc.spec.allows(client.ip()) {
@@ -614,15 +663,21 @@ impl Publisher {
                 continue;
             };
             let (tx, rx) = mpsc::channel(FLOW_QUEUE);
-            let _ = tx.try_send(buf[..n].to_vec());
+            let q = Arc::new(FlowQueue {
+                tx,
+                bytes: Arc::new(AtomicUsize::new(0)),
+            });
+            self.enqueue(&svc, &q, &buf[..n]);
             flows
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .insert(client, tx);
+                .insert(client, q.clone());
             let (me, svc, sock, flows) = (self.clone(), svc.clone(), sock.clone(), flows.clone());
             tokio::spawn(async move {
                 let _slot = slot;
-                let failed = me.udp_flow(&svc, &sock, client, rx).await;
+                let failed = me.udp_flow(&svc, &sock, client, rx, &q.bytes).await;
+                // What the flow still held goes back to the budget of all flows.
+                me.queued.fetch_sub(q.bytes.swap(0, Relaxed), Relaxed);
                 if failed {
                     // Hold the flow a moment so a client retrying fast does not open a tunnel
                     // per datagram while the target is down.
@@ -643,6 +698,7 @@ impl Publisher {
         sock: &UdpSocket,
         client: SocketAddr,
         mut rx: mpsc::Receiver<Vec<u8>>,
+        queued: &AtomicUsize,
     ) -> bool {
         let public = sock.local_addr().unwrap_or(client);
         let Some(tunnel) = self
@@ -657,7 +713,7 @@ impl Publisher {
         let moved = AtomicU64::new(0);
         tokio::select! {
             _ = stop.changed() => {}
-            _ = flow_to_tunnel(&mut rx, w, &svc.stats.bytes_in, &moved) => {}
+            _ = flow_to_tunnel(&mut rx, w, &svc.stats.bytes_in, &moved, (queued, &self.queued)) => {}
             _ = tunnel_to_client(r, sock, client, &svc.stats.bytes_out, &moved) => {}
             _ = tunnel::quiet_for(&moved, svc.spec.idle) => debug!(service = %svc.name, %client, "idle UDP flow closed"),
         }
@@ -670,9 +726,11 @@ async fn flow_to_tunnel(
     mut w: WriteHalf<Tunnel>,
     bytes: &AtomicU64,
     moved: &AtomicU64,
+    (flow, all): (&AtomicUsize, &AtomicUsize),
 ) {
     let mut frame = Vec::with_capacity(2048);
     while let Some(d) = rx.recv().await {
+        release(flow, all, d.len());
         frame.clear();
         if tunnel::encode_datagram(&d, &mut frame).is_none() {
             continue;
@@ -968,7 +1026,7 @@ pub fn render_metrics(p: &Publisher, services: &[PublicService]) -> String {
     let (agents, idle) = p.hub.counts();
     let _ = writeln!(out, "# HELP tern_public_agents_connected Agents with a tunnel control connection.\n# TYPE tern_public_agents_connected gauge\ntern_public_agents_connected {agents}");
     let _ = writeln!(out, "# HELP tern_public_idle_tunnels Idle data tunnels ready for new clients.\n# TYPE tern_public_idle_tunnels gauge\ntern_public_idle_tunnels {idle}");
-    let fams: [Family; 7] = [
+    let fams: [Family; 8] = [
         ("active", "gauge", "Open connections or live flows.", |s| {
             s.active
         }),
@@ -1007,6 +1065,12 @@ pub fn render_metrics(p: &Publisher, services: &[PublicService]) -> String {
             "counter",
             "Connections that could not reach the target.",
             |s| s.failed,
+        ),
+        (
+            "dropped_full_total",
+            "counter",
+            "UDP datagrams dropped: their flow's queue (or all flows' together) was full.",
+            |s| s.dropped_full,
         ),
     ];
     let stats: Vec<(&PublicService, ServiceStats)> =
