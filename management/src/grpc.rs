@@ -701,20 +701,20 @@ async fn run_sync(
         // nothing more, and signal forgets it.
         if let Some(why) = idx.refused(peer_id) {
             info!(peer = %peer_id, reason = %why, "sync stream closed");
-            state.revoke_peer(key);
+            state.revoke_peer(peer_id, key);
             return Err(Status::permission_denied(why));
         }
         let login_expires = idx.login_expires_at(peer_id);
         if login_expires.is_some_and(|at| crate::model::now_millis() >= at) {
             info!(peer = %peer_id, "peer login expired: sync stream closed");
-            state.revoke_peer(key);
+            state.revoke_peer(peer_id, key);
             return Err(Status::unauthenticated(
                 crate::store::login_expired_message(idx.is_user_device(peer_id)),
             ));
         }
         let relay = &state.opts.relay;
         let deleted = || {
-            state.revoke_peer(key);
+            state.revoke_peer(peer_id, key);
             Err(Status::not_found(
                 "this peer was deleted by an administrator",
             ))

@@ -130,9 +130,13 @@ fn random_b64(n: usize) -> String {
 }
 
 impl AppState {
-    /// A peer was deleted or its login expired: the signal service (in this process, and a
-    /// separate one at `signal_url`) closes its stream and refuses tokens issued until now.
-    pub fn revoke_peer(&self, key: tern_proto::PublicKey) {
+    /// A peer was deleted, its login expired or its user was disabled: the signal service (in
+    /// this process, and a separate one at `signal_url`) closes its stream and refuses tokens
+    /// issued until now, and it carries no public-service client any more (its tunnels close).
+    pub fn revoke_peer(&self, peer_id: &str, key: tern_proto::PublicKey) {
+        if let Some(p) = self.publisher.get() {
+            p.cut(peer_id);
+        }
         let now = crate::grpc::now_unix();
         if let Some(sig) = self.signal.get() {
             sig.revoke(&[key], now);
@@ -157,7 +161,7 @@ impl AppState {
             .filter(|p| p.user_id.as_deref() == Some(user_id))
         {
             if let Ok(k) = p.wg_public_key.parse() {
-                self.revoke_peer(k);
+                self.revoke_peer(&p.id, k);
                 n += 1;
             }
         }

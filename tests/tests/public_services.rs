@@ -528,6 +528,50 @@ fn outside_hosts_reach_factory_ports_through_the_server() {
         )
         .unwrap_or_else(|e| panic!("{e}\n{}", m.lab.log("gw6")));
     both_ways(&mut m, &out, &lan6, 10060, 10061, "sink-nat64", false);
+    // Its status names the address outsiders use, not the NAT64 form it dials.
+    let st = m.status("gw6", &h6).expect("status");
+    let published: Vec<String> = st["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s["public_address"].as_str().map(str::to_string))
+        .collect();
+    assert!(
+        !published.is_empty()
+            && published
+                .iter()
+                .all(|a| a.starts_with(&format!("{SERVER_IP}:"))),
+        "{published:?}"
+    );
+
+    // A removed routing peer carries nothing more (security review, round two, item 3): a
+    // connection held through it ends, new ones are refused.
+    m.lab
+        .spawn(
+            "hold-removed",
+            &out,
+            &t,
+            &["hold", &public(10001), "30"],
+            &[],
+        )
+        .expect("hold");
+    m.lab
+        .wait_for("held connection", Duration::from_secs(10), || {
+            m.lab.log("hold-removed").contains("connected")
+        })
+        .expect("connected");
+    let gw_now = m.peer_id("gw", &hb);
+    m.api("DELETE", &format!("/api/peers/{gw_now}"), None);
+    let took = quickly(
+        "held connection closed after its routing peer was removed",
+        Duration::from_secs(5),
+        || m.lab.log("hold-removed").contains("closed after"),
+    );
+    eprintln!("figure: removing the routing peer closed the open connection after {took:?}");
+    assert!(
+        !nettool(&m, &out, &["connects", &public(10001), "1"]).0,
+        "no carrier, no connection"
+    );
 
     // Metrics name every service.
     let text = m.api_text("/metrics");

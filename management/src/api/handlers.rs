@@ -599,17 +599,19 @@ pub async fn delete_user(
 ) -> ApiResult<impl IntoResponse> {
     let target = s.store.user(&id).await?;
     may_manage(&a, &target, "delete the account")?;
-    let keys: Vec<String> = s
+    let devices: Vec<(String, String)> = s
         .store
         .peers()
         .await?
         .into_iter()
         .filter(|p| p.user_id.as_deref() == Some(id.as_str()))
-        .map(|p| p.wg_public_key)
+        .map(|p| (p.id, p.wg_public_key))
         .collect();
     s.store.delete_user(&a.actor, &id).await?;
-    for k in keys.iter().filter_map(|k| k.parse().ok()) {
-        s.revoke_peer(k);
+    for (peer, k) in &devices {
+        if let Ok(k) = k.parse() {
+            s.revoke_peer(peer, k);
+        }
     }
     Ok(deleted())
 }
@@ -1151,7 +1153,7 @@ pub async fn delete_peer(
     s.store.delete_peer(&a.actor, &id).await?;
     // Its open streams end now (sync notices the deletion; signal is told here).
     if let Ok(k) = key.parse::<tern_proto::PublicKey>() {
-        s.revoke_peer(k);
+        s.revoke_peer(&id, k);
     }
     Ok(deleted())
 }

@@ -212,6 +212,8 @@ impl NetIndex {
             let p = &peers[i];
             if p.owner_disabled {
                 Err(format!("peer {}'s owner is disabled", p.name))
+            } else if self.expired(p) {
+                Err(format!("peer {}'s login expired", p.name))
             } else if p.approved {
                 Ok(vec![i])
             } else {
@@ -463,6 +465,12 @@ impl NetIndex {
             .flat_map(|g| self.members.get(g.as_str()).into_iter().flatten().copied())
     }
 
+    /// Whether `p`'s login had expired when this index was built.
+    fn expired(&self, p: &Peer) -> bool {
+        let expiry = self.snap.settings.peer_login_expiry_secs;
+        p.login_expiration_enabled && expiry > 0 && p.last_login + expiry * 1000 <= self.built_at
+    }
+
     /// Routing peers of a route (by index).
     fn routers(&self, r: &crate::model::Route) -> Vec<usize> {
         match (&r.routing_peer, &r.routing_group) {
@@ -470,7 +478,7 @@ impl NetIndex {
                 .by_id
                 .get(p.as_str())
                 .copied()
-                .filter(|&i| self.snap.peers[i].on_network())
+                .filter(|&i| self.snap.peers[i].on_network() && !self.expired(&self.snap.peers[i]))
                 .into_iter()
                 .collect(),
             (None, Some(g)) => self.members.get(g.as_str()).cloned().unwrap_or_default(),

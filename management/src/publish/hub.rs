@@ -69,6 +69,11 @@ impl Hub {
         }
     }
 
+    /// Forgets `peer`'s control connection and idle tunnels (they close); waiting clients fail.
+    pub fn remove(&self, peer: &str) {
+        self.lock().remove(peer);
+    }
+
     pub fn online(&self, peer: &str) -> bool {
         self.lock().contains_key(peer)
     }

@@ -230,6 +230,8 @@ pub struct Publisher {
     stats: Mutex<HashMap<String, Arc<Stats>>>,
     /// Bytes queued in all UDP flows together (see [`QUEUED_BYTES_ALL`]).
     queued: Arc<AtomicUsize>,
+    /// Per carrying peer, what ends its connections when it is cut off ([`Publisher::cut`]).
+    cuts: Mutex<HashMap<String, watch::Sender<()>>>,
 }
 
 /// How long a public connection waits for an agent to open a tunnel.
@@ -279,7 +281,34 @@ impl Publisher {
             running: Mutex::new(HashMap::new()),
             stats: Mutex::new(HashMap::new()),
             queued: Arc::new(AtomicUsize::new(0)),
+            cuts: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Fires when `peer` stops carrying anything: removed, its login expired, or its user
+    /// disabled ([`Publisher::cut`]).
+    fn cut_signal(&self, peer: &str) -> watch::Receiver<()> {
+        self.cuts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(peer.to_string())
+            .or_insert_with(|| watch::channel(()).0)
+            .subscribe()
+    }
+
+    /// `peer` carries no public client any more: its tunnels close (idle ones and those in use),
+    /// and no new one is taken from it (it cannot connect its tunnels again without a live sync
+    /// stream).
+    pub fn cut(&self, peer: &str) {
+        self.hub.remove(peer);
+        if let Some(tx) = self
+            .cuts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(peer)
+        {
+            tx.send_replace(());
+        }
     }
 
     /// Queues datagram `d` on flow `q`, within both byte budgets; drops and counts it otherwise
@@ -463,7 +492,7 @@ impl Publisher {
         svc: &Service,
         open: &Open,
         mut client: Option<&mut TcpStream>,
-    ) -> Result<Tunnel, String> {
+    ) -> Result<(Tunnel, String), String> {
         let idx = self
             .index
             .read()
@@ -511,7 +540,7 @@ impl Publisher {
                     Err(_) => (Err(None), false),
                 };
                 match status {
-                    Ok(st) if st.code == TunnelStatus::Ok => return Ok(t),
+                    Ok(st) if st.code == TunnelStatus::Ok => return Ok((t, p.id.clone())),
                     Ok(st) if st.code == TunnelStatus::TargetRefused => {
                         return Err(st.message);
                     }
@@ -581,7 +610,7 @@ impl Publisher {
         client: SocketAddr,
         public: SocketAddr,
         early: Option<&mut TcpStream>,
-    ) -> Option<Tunnel> {
+    ) -> Option<(Tunnel, String)> {
         let open = Open {
             service: svc.id.clone(),
             protocol,
@@ -609,15 +638,18 @@ impl Publisher {
         let tunnel = self
             .setup(svc, ServiceProtocol::Tcp, client, public, Some(&mut stream))
             .await;
-        let Some(mut tunnel) = tunnel else {
+        let Some((mut tunnel, carrier)) = tunnel else {
             reset(stream);
             return;
         };
         let mut stop = svc.stop.clone();
+        let mut cut = self.cut_signal(&carrier);
         let _active = Active::new(&svc.stats);
         let s = &svc.stats;
         let end = tokio::select! {
             _ = stop.changed() => return,
+            // The carrier was removed, its login expired or its user disabled.
+            _ = cut.changed() => return,
             e = tunnel::splice(&mut stream, &mut tunnel, [Some(&s.bytes_in), None], [Some(&s.bytes_out), None], svc.spec.idle) => e,
         };
         match end {
@@ -701,18 +733,20 @@ impl Publisher {
         queued: &AtomicUsize,
     ) -> bool {
         let public = sock.local_addr().unwrap_or(client);
-        let Some(tunnel) = self
+        let Some((tunnel, carrier)) = self
             .setup(svc, ServiceProtocol::Udp, client, public, None)
             .await
         else {
             return true;
         };
         let mut stop = svc.stop.clone();
+        let mut cut = self.cut_signal(&carrier);
         let _active = Active::new(&svc.stats);
         let (r, w) = tokio::io::split(tunnel);
         let moved = AtomicU64::new(0);
         tokio::select! {
             _ = stop.changed() => {}
+            _ = cut.changed() => {}
             _ = flow_to_tunnel(&mut rx, w, &svc.stats.bytes_in, &moved, (queued, &self.queued)) => {}
             _ = tunnel_to_client(r, sock, client, &svc.stats.bytes_out, &moved) => {}
             _ = tunnel::quiet_for(&moved, svc.spec.idle) => debug!(service = %svc.name, %client, "idle UDP flow closed"),
