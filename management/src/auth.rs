@@ -148,14 +148,7 @@ impl SignInThrottle {
     }
 
     fn source_key(ip: std::net::IpAddr) -> String {
-        // One IPv6 /64 is one source: a host usually owns the whole prefix.
-        match ip {
-            std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
-                let s = v6.segments();
-                format!("s:{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
-            }
-            ip => format!("s:{}", ip.to_canonical()),
-        }
+        format!("s:{}", tern_proto::source_of(ip))
     }
 
     fn locked(&self, key: &str, now: std::time::Instant) -> Option<std::time::Duration> {

@@ -34,6 +34,19 @@ pub fn access_words(proto: &str, ports: &[(u32, u32)]) -> String {
     format!("{proto} {}", list.join(", "))
 }
 
+/// The source an address stands for in per-source limits: an IPv4 address itself (also when
+/// written IPv4-mapped), an IPv6 address its /64 (a host usually owns the whole prefix, so one
+/// address per connection must not buy a fresh budget each time).
+pub fn source_of(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip.to_canonical() {
+        std::net::IpAddr::V6(v6) => {
+            let s = v6.segments();
+            std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0).into()
+        }
+        v4 => v4,
+    }
+}
+
 /// Whether access words ("all", "none", "tcp 22, 443; udp 53; icmp", as [`access_words`] and
 /// their "; " joins write them) let `proto` through to `port` (ICMP has none: pass 0).
 pub fn access_allows(words: &str, proto: &str, port: u16) -> bool {
@@ -57,6 +70,18 @@ pub fn access_allows(words: &str, proto: &str, port: u16) -> bool {
 #[cfg(test)]
 mod access_tests {
     use super::*;
+
+    #[test]
+    fn an_ipv6_slash_64_is_one_source_an_ipv4_address_is_one_too() {
+        let a: std::net::IpAddr = "2001:db8:1:2:aaaa::1".parse().expect("ip");
+        let b: std::net::IpAddr = "2001:db8:1:2:bbbb::99".parse().expect("ip");
+        let c: std::net::IpAddr = "2001:db8:1:3::1".parse().expect("ip");
+        assert_eq!(source_of(a), source_of(b));
+        assert_ne!(source_of(a), source_of(c));
+        assert_eq!(source_of(a).to_string(), "2001:db8:1:2::");
+        let mapped: std::net::IpAddr = "::ffff:203.0.113.7".parse().expect("ip");
+        assert_eq!(source_of(mapped).to_string(), "203.0.113.7");
+    }
 
     #[test]
     fn access_words_are_read_back_per_protocol_and_port() {

@@ -434,3 +434,60 @@ async fn a_udp_flood_through_a_slow_carrier_stays_within_its_queue_bounds() {
     server.stop().await;
     db.cleanup().await;
 }
+
+/// Security review, round two, item 5: nobody can keep everyone else from signing in. Twenty
+/// sources each asking for the most codes one source may hold fill the server's 1,000 waiting
+/// sign-ins; a person's `tern up` from another address still gets a code (the oldest of the
+/// biggest holder makes way), and a flood from the addresses of one IPv6 /64 counts as one
+/// source. (Before: the newcomer was refused for 10 minutes, and every address of a /64 had a
+/// budget of its own.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_sign_in_codes_cannot_lock_others_out() {
+    use tern_management::store::{PeerMeta, MAX_PENDING_DEVICE_LOGINS, MAX_PENDING_PER_SOURCE};
+    let db = TestDb::new(Backend::Sqlite).await.expect("db");
+    let server = TestServer::start(&db.url).await.expect("server");
+    let store = &server.state().store;
+    let meta = PeerMeta {
+        hostname: "flood".into(),
+        os: "linux".into(),
+        agent_version: "test".into(),
+    };
+    let key = || tern_proto::SecretKey::generate().public_key().to_base64();
+    let per = MAX_PENDING_PER_SOURCE;
+    // A /64 is one source: its addresses share one budget.
+    let mut refused = None;
+    for i in 0..(per + 5) {
+        if let Err(e) = store
+            .start_device_login(&key(), &meta, &format!("2001:db8:66:1::{:x}", i + 1))
+            .await
+        {
+            refused = Some((i, e.to_string()));
+            break;
+        }
+    }
+    let (n, why) = refused.expect("the /64 is cut off");
+    assert!(
+        n as i64 == per && why.contains("already waiting"),
+        "{n}: {why}"
+    );
+    // With it, nineteen more sources at their cap fill the server's 1,000 waiting sign-ins.
+    for s in 1..(MAX_PENDING_DEVICE_LOGINS / per) {
+        for _ in 0..per {
+            store
+                .start_device_login(&key(), &meta, &format!("198.51.100.{s}"))
+                .await
+                .expect("within the per-source cap");
+        }
+    }
+    // Full: a newcomer from elsewhere still gets a code.
+    let (code, _) = store
+        .start_device_login(&key(), &meta, "203.0.113.77")
+        .await
+        .expect("a person signing in is not locked out by the flood");
+    let (s, v) = server
+        .api(reqwest::Method::GET, &format!("/api/device/{code}"), None)
+        .await;
+    assert_eq!((s, v["state"].as_str()), (200, Some("pending")), "{v}");
+    server.stop().await;
+    db.cleanup().await;
+}

@@ -26,8 +26,10 @@ impl Limits {
         })
     }
 
-    /// A slot for a connection from `ip`, or None if the source or the server is at its cap.
+    /// A slot for a connection from `ip`, or None if its source (an IPv4 address, an IPv6 /64:
+    /// [`tern_proto::source_of`]) or the server is at its cap.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Slot> {
+        let ip = tern_proto::source_of(ip);
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if st.0 >= self.max_total {
             return None;
@@ -78,6 +80,23 @@ mod tests {
         assert!(l.admit(b).is_some(), "b is unaffected");
         drop(s1);
         assert!(l.admit(a).is_some(), "a freed a slot");
+        // Every address of one IPv6 /64 is one source.
+        let l = Limits::new(100, 2);
+        let held: Vec<Slot> = (1..=2)
+            .map(|i| {
+                l.admit(format!("2001:db8:7:7::{i}").parse().expect("ip"))
+                    .expect("within the cap")
+            })
+            .collect();
+        assert!(
+            l.admit("2001:db8:7:7::ffff".parse().expect("ip")).is_none(),
+            "same /64"
+        );
+        assert!(
+            l.admit("2001:db8:7:8::1".parse().expect("ip")).is_some(),
+            "another /64"
+        );
+        drop(held);
     }
 
     #[test]

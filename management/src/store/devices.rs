@@ -14,9 +14,12 @@ use utoipa::ToSchema;
 
 /// How long a code waits for its approval.
 pub const DEVICE_CODE_TTL_MS: Millis = 10 * 60 * 1000;
-/// At most this many sign-ins wait at once (anyone can ask for a code).
+/// At most this many sign-ins wait at once (anyone can ask for a code). When they do, a new
+/// one takes the place of the oldest from the source holding the most, so a few sources cannot
+/// keep everyone else from signing in.
 pub const MAX_PENDING_DEVICE_LOGINS: i64 = 1000;
-/// At most this many wait from one address (a NAT may hide a whole office: generous).
+/// At most this many wait from one source, an IPv4 address or an IPv6 /64 (a NAT may hide a
+/// whole office: generous).
 pub const MAX_PENDING_PER_SOURCE: i64 = 50;
 /// Letters that cannot be mistaken for one another (no vowels: no words; no 0/O, 1/I).
 const CODE_ALPHABET: &[u8] = b"BCDFGHJKLMNPQRSTVWXZ";
@@ -106,10 +109,15 @@ impl Store {
                 .await?,
             "n",
         )?;
-        if !source.is_empty() {
-            let from_here: i64 = col(
-                &sqlx::query("SELECT COUNT(*) AS n FROM device_logins WHERE source = $1")
-                    .bind(source)
+        let net = source
+            .parse::<std::net::IpAddr>()
+            .map(|ip| tern_proto::source_of(ip).to_string())
+            .unwrap_or_else(|_| source.to_string());
+        let mut from_here = 0;
+        if !net.is_empty() {
+            from_here = col(
+                &sqlx::query("SELECT COUNT(*) AS n FROM device_logins WHERE source_net = $1")
+                    .bind(&net)
                     .fetch_one(c.conn())
                     .await?,
                 "n",
@@ -121,16 +129,37 @@ impl Store {
             }
         }
         if waiting >= MAX_PENDING_DEVICE_LOGINS {
-            return Err(StoreError::Denied(format!(
-                "{waiting} device sign-ins are already waiting for approval; try again in a few minutes"
-            )));
+            // The source holding the most gives up its oldest code, if it holds more than this
+            // one does (else everyone holds as little: try later).
+            let top = sqlx::query(
+                "SELECT source_net, COUNT(*) AS n FROM device_logins WHERE state = 'pending' \
+                 GROUP BY source_net ORDER BY n DESC, source_net LIMIT 1",
+            )
+            .fetch_optional(c.conn())
+            .await?;
+            let (top_net, top_n): (String, i64) = match &top {
+                Some(r) => (col(r, "source_net")?, col(r, "n")?),
+                None => (String::new(), 0),
+            };
+            if top_n <= from_here + 1 {
+                return Err(StoreError::Denied(format!(
+                    "{waiting} device sign-ins are already waiting for approval; try again in a few minutes"
+                )));
+            }
+            sqlx::query(
+                "DELETE FROM device_logins WHERE user_code = (SELECT user_code FROM device_logins \
+                 WHERE source_net = $1 AND state = 'pending' ORDER BY created_at LIMIT 1)",
+            )
+            .bind(&top_net)
+            .execute(c.conn())
+            .await?;
         }
         let expires_at = now + DEVICE_CODE_TTL_MS;
         for _ in 0..5 {
             let code = new_user_code();
             let r = sqlx::query(
                 "INSERT INTO device_logins (user_code, wg_public_key, hostname, os, agent_version, source, \
-                 created_at, expires_at, state) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending')",
+                 created_at, expires_at, state, source_net) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending', $9)",
             )
             .bind(&code)
             .bind(wg_key)
@@ -140,6 +169,7 @@ impl Store {
             .bind(source)
             .bind(now)
             .bind(expires_at)
+            .bind(&net)
             .execute(c.conn())
             .await;
             match r {
