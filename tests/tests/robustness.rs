@@ -467,7 +467,7 @@ async fn a_flood_of_sign_in_codes_cannot_lock_others_out() {
     }
     let (n, why) = refused.expect("the /64 is cut off");
     assert!(
-        n as i64 == per && why.contains("already waiting"),
+        n == per && why.contains("already waiting"),
         "{n}: {why}"
     );
     // With it, nineteen more sources at their cap fill the server's 1,000 waiting sign-ins.
