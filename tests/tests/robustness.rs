@@ -466,10 +466,7 @@ async fn a_flood_of_sign_in_codes_cannot_lock_others_out() {
         }
     }
     let (n, why) = refused.expect("the /64 is cut off");
-    assert!(
-        n == per && why.contains("already waiting"),
-        "{n}: {why}"
-    );
+    assert!(n == per && why.contains("already waiting"), "{n}: {why}");
     // With it, nineteen more sources at their cap fill the server's 1,000 waiting sign-ins.
     for s in 1..(MAX_PENDING_DEVICE_LOGINS / per) {
         for _ in 0..per {

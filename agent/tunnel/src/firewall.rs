@@ -121,14 +121,45 @@ pub struct Firewall {
     /// Flows this host opened that no outbound rule allows (every packet of them is counted).
     refused_out: HashMap<Flow, Instant>,
     local: Option<IpAddr>,
-    flows: HashMap<Flow, Instant>,
+    /// Tracked flows: when last seen, and whether the peer opened it (an inbound rule let it
+    /// in; such a flow lasts only while a rule still allows it).
+    flows: HashMap<Flow, (Instant, bool)>,
     pub dropped: u64,
 }
 
 impl Firewall {
+    /// New inbound rules. Flows a peer opened that no rule allows any more end now (a revoked
+    /// policy must not leave its connections open); flows this host opened stay.
     pub fn set_rules(&mut self, local: Option<IpAddr>, rules: Vec<Rule>) {
         self.local = local;
         self.rules = rules;
+        let mut flows = std::mem::take(&mut self.flows);
+        flows.retain(|f, (_, by_peer)| {
+            !*by_peer || self.admits(f.proto, f.remote, f.local, f.lport)
+        });
+        self.flows = flows;
+    }
+
+    /// Whether an inbound rule lets `src` open a flow of `proto` to `dst`:`dport`.
+    fn admits(&self, proto: u8, src: IpAddr, dst: IpAddr, dport: u16) -> bool {
+        let to_me = self.local == Some(dst);
+        self.rules.iter().any(|r| {
+            r.src.contains(&src)
+                && match r.network {
+                    None => to_me,
+                    Some(n) => n.contains(&dst),
+                }
+                && (r.proto == 0 || r.proto == proto)
+                && (r.ports.is_empty()
+                    || ((proto == TCP || proto == UDP)
+                        && r.ports.iter().any(|(a, b)| (*a..=*b).contains(&dport))))
+        })
+    }
+
+    fn fresh(&self, f: &Flow, now: Instant) -> bool {
+        self.flows
+            .get(f)
+            .is_some_and(|(seen, _)| now.saturating_duration_since(*seen) < FLOW_IDLE)
     }
 
     /// What the peers' filters let this host open (the map's outbound rules).
@@ -166,7 +197,7 @@ impl Firewall {
         if !self.refused_out.is_empty() {
             if let Some(seen) = self.refused_out.get_mut(&flow) {
                 *seen = now;
-                self.track(flow, now);
+                self.track(flow, now, false);
                 return false;
             }
         }
@@ -185,10 +216,7 @@ impl Firewall {
                 .get(&dst)
                 .is_some_and(|rs| rs.iter().any(opens))
             || self.out_wide.iter().any(opens)
-            || self
-                .flows
-                .get(&flow)
-                .is_some_and(|seen| now.saturating_duration_since(*seen) < FLOW_IDLE);
+            || self.fresh(&flow, now);
         if !allowed {
             if self.refused_out.len() >= 4096 {
                 self.refused_out
@@ -200,26 +228,29 @@ impl Firewall {
             self.refused_out.insert(flow, now);
         }
         // Tracked either way: replies (should a policy open the flow later) still pass.
-        self.track(flow, now);
+        self.track(flow, now, false);
         allowed
     }
 
-    /// A decapsulated packet about to enter this host: true if it may pass.
-    pub fn inbound(&mut self, pkt: &[u8], now: Instant) -> bool {
+    /// A decapsulated packet about to enter this host: true if it may pass. `via_sender` says
+    /// whether an address is reached through the peer that sent the packet (an ICMP error about
+    /// a flow must come from the peer that flow goes to: from another, it would be a way in).
+    pub fn inbound(
+        &mut self,
+        pkt: &[u8],
+        now: Instant,
+        via_sender: impl Fn(IpAddr) -> bool,
+    ) -> bool {
         let Some((proto, src, dst, sport, dport, error)) = parse(pkt) else {
             self.dropped += 1;
             return false;
         };
         if error {
-            // It must quote a flow this side sent (recently) and be addressed to that flow's
-            // sender (this host, or a host on a network it serves), not to anyone else here.
-            let related = quoted_flow(pkt).is_some_and(|f| {
-                f.local == dst
-                    && self
-                        .flows
-                        .get(&f)
-                        .is_some_and(|seen| now.saturating_duration_since(*seen) < FLOW_IDLE)
-            });
+            // It must quote a flow this side sent (recently), be addressed to that flow's
+            // sender (this host, or a host on a network it serves), not to anyone else here, and
+            // come from the peer the flow goes to.
+            let related = quoted_flow(pkt)
+                .is_some_and(|f| f.local == dst && via_sender(f.remote) && self.fresh(&f, now));
             if !related {
                 self.dropped += 1;
             }
@@ -232,44 +263,38 @@ impl Firewall {
             remote: src,
             rport: sport,
         };
-        if let Some(seen) = self.flows.get_mut(&flow) {
+        if let Some((seen, _)) = self.flows.get_mut(&flow) {
             if now.saturating_duration_since(*seen) < FLOW_IDLE {
                 *seen = now;
                 return true;
             }
         }
-        let to_me = self.local == Some(dst);
-        let allowed = self.rules.iter().any(|r| {
-            r.src.contains(&src)
-                && match r.network {
-                    None => to_me,
-                    Some(n) => n.contains(&dst),
-                }
-                && (r.proto == 0 || r.proto == proto)
-                && (r.ports.is_empty()
-                    || ((proto == TCP || proto == UDP)
-                        && r.ports.iter().any(|(a, b)| (*a..=*b).contains(&dport))))
-        });
+        let allowed = self.admits(proto, src, dst, dport);
         if allowed {
-            self.track(flow, now);
+            self.track(flow, now, true);
         } else {
             self.dropped += 1;
         }
         allowed
     }
 
-    fn track(&mut self, f: Flow, now: Instant) {
+    /// Remembers flow `f` as seen at `now`; a new one as opened by the peer (`by_peer`) or by
+    /// this host (an existing flow keeps who opened it).
+    fn track(&mut self, f: Flow, now: Instant, by_peer: bool) {
         if self.flows.len() >= MAX_FLOWS && !self.flows.contains_key(&f) {
             self.flows
-                .retain(|_, t| now.saturating_duration_since(*t) < FLOW_IDLE);
+                .retain(|_, (t, _)| now.saturating_duration_since(*t) < FLOW_IDLE);
             if self.flows.len() >= MAX_FLOWS {
-                let mut ages: Vec<Instant> = self.flows.values().copied().collect();
+                let mut ages: Vec<Instant> = self.flows.values().map(|(t, _)| *t).collect();
                 ages.sort();
                 let cutoff = ages[ages.len() / 2];
-                self.flows.retain(|_, t| *t > cutoff);
+                self.flows.retain(|_, (t, _)| *t > cutoff);
             }
         }
-        self.flows.insert(f, now);
+        self.flows
+            .entry(f)
+            .and_modify(|(t, _)| *t = now)
+            .or_insert((now, by_peer));
     }
 
     #[cfg(test)]
@@ -281,6 +306,11 @@ impl Firewall {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every address is reached through the sending peer (one peer in these tests).
+    fn any(_: IpAddr) -> bool {
+        true
+    }
 
     #[test]
     fn flows_no_outbound_rule_allows_are_told_apart_from_replies() {
@@ -302,7 +332,11 @@ mod tests {
             network: None,
         }]);
         // 100.64.0.2 may open SSH to us; our replies are fine, our own new flows to it are not.
-        assert!(f.inbound(&v4(TCP, [100, 64, 0, 2], [100, 64, 0, 1], 40000, 22), t));
+        assert!(f.inbound(
+            &v4(TCP, [100, 64, 0, 2], [100, 64, 0, 1], 40000, 22),
+            t,
+            any
+        ));
         assert!(f.outbound(
             &v4(TCP, [100, 64, 0, 1], [100, 64, 0, 2], 22, 40000),
             t,
@@ -381,16 +415,22 @@ mod tests {
         let mut f = ssh_only();
         let t = Instant::now();
         assert!(
-            f.inbound(&v4(TCP, LAPTOP, ME, 40000, 22), t),
+            f.inbound(&v4(TCP, LAPTOP, ME, 40000, 22), t, any),
             "ssh from laptop"
         );
-        assert!(!f.inbound(&v4(TCP, LAPTOP, ME, 40000, 80), t), "other port");
         assert!(
-            !f.inbound(&v4(UDP, LAPTOP, ME, 40000, 22), t),
+            !f.inbound(&v4(TCP, LAPTOP, ME, 40000, 80), t, any),
+            "other port"
+        );
+        assert!(
+            !f.inbound(&v4(UDP, LAPTOP, ME, 40000, 22), t, any),
             "other protocol"
         );
-        assert!(!f.inbound(&icmp(LAPTOP, ME, 8, 7), t), "ping");
-        assert!(!f.inbound(&v4(TCP, OTHER, ME, 40000, 22), t), "other peer");
+        assert!(!f.inbound(&icmp(LAPTOP, ME, 8, 7), t, any), "ping");
+        assert!(
+            !f.inbound(&v4(TCP, OTHER, ME, 40000, 22), t, any),
+            "other peer"
+        );
         assert_eq!(f.dropped, 4);
     }
 
@@ -400,19 +440,20 @@ mod tests {
         let t = Instant::now();
         f.outbound(&v4(TCP, ME, OTHER, 50000, 443), t, false);
         assert!(
-            f.inbound(&v4(TCP, OTHER, ME, 443, 50000), t),
+            f.inbound(&v4(TCP, OTHER, ME, 443, 50000), t, any),
             "reply passes"
         );
         assert!(
-            !f.inbound(&v4(TCP, OTHER, ME, 443, 50001), t),
+            !f.inbound(&v4(TCP, OTHER, ME, 443, 50001), t, any),
             "not our flow"
         );
         f.outbound(&icmp(ME, OTHER, 8, 99), t, false);
-        assert!(f.inbound(&icmp(OTHER, ME, 0, 99), t), "echo reply");
+        assert!(f.inbound(&icmp(OTHER, ME, 0, 99), t, any), "echo reply");
         assert!(
             !f.inbound(
                 &v4(TCP, OTHER, ME, 443, 50000),
-                t + FLOW_IDLE + Duration::from_secs(1)
+                t + FLOW_IDLE + Duration::from_secs(1),
+                any
             ),
             "idle flow expired"
         );
@@ -432,15 +473,15 @@ mod tests {
         );
         let t = Instant::now();
         assert!(
-            f.inbound(&v4(TCP, LAPTOP, [192, 168, 50, 10], 1, 22), t),
+            f.inbound(&v4(TCP, LAPTOP, [192, 168, 50, 10], 1, 22), t, any),
             "into the routed LAN"
         );
         assert!(
-            !f.inbound(&v4(TCP, LAPTOP, ME, 1, 22), t),
+            !f.inbound(&v4(TCP, LAPTOP, ME, 1, 22), t, any),
             "the rule opens the LAN, not this host"
         );
         assert!(
-            !f.inbound(&icmp(LAPTOP, ME, 3, 0), t),
+            !f.inbound(&icmp(LAPTOP, ME, 3, 0), t, any),
             "an ICMP error about nothing this host sent is dropped"
         );
         // An ICMP "fragmentation needed" quoting a packet this host sent passes (PMTU).
@@ -450,13 +491,13 @@ mod tests {
         err[21] = 4;
         err.truncate(28); // IP header + ICMP header, then the quoted packet
         err.extend_from_slice(&sent[..28]);
-        assert!(f.inbound(&err, t), "related to our own flow");
+        assert!(f.inbound(&err, t, any), "related to our own flow");
         let other = v4(TCP, ME, [192, 168, 50, 10], 40001, 502);
         let mut forged = icmp([192, 168, 50, 1], ME, 3, 0);
         forged.truncate(28);
         forged.extend_from_slice(&other[..28]);
         assert!(
-            !f.inbound(&forged, t),
+            !f.inbound(&forged, t, any),
             "quoting a flow this host never sent"
         );
         // Quoting our flow but addressed to another host (here a LAN host): dropped.
@@ -464,10 +505,10 @@ mod tests {
         misaddressed.truncate(28);
         misaddressed.extend_from_slice(&sent[..28]);
         assert!(
-            !f.inbound(&misaddressed, t),
+            !f.inbound(&misaddressed, t, any),
             "an ICMP error goes to the sender of the flow it quotes"
         );
-        assert!(!f.inbound(&[0x45, 0, 0], t), "truncated");
+        assert!(!f.inbound(&[0x45, 0, 0], t, any), "truncated");
     }
 
     #[test]
@@ -484,5 +525,74 @@ mod tests {
             );
         }
         assert!(f.flows() <= MAX_FLOWS);
+    }
+
+    /// Security review, round two, item 6: a policy revoked while a connection it let in is open
+    /// ends that connection (its packets are dropped from then on); flows this host opened stay.
+    #[test]
+    fn revoking_the_rule_that_let_a_flow_in_ends_it() {
+        let t = Instant::now();
+        let mut f = Firewall::default();
+        let me: IpAddr = "100.64.0.1".parse().expect("ip");
+        let ssh = Rule {
+            src: "100.64.0.2/32".parse().expect("net"),
+            proto: TCP,
+            ports: vec![(22, 22)],
+            network: None,
+        };
+        f.set_rules(Some(me), vec![ssh]);
+        assert!(f.inbound(
+            &v4(TCP, [100, 64, 0, 2], [100, 64, 0, 1], 40000, 22),
+            t,
+            any
+        ));
+        // This host's own connection to the peer.
+        f.outbound(
+            &v4(TCP, [100, 64, 0, 1], [100, 64, 0, 2], 50000, 443),
+            t,
+            false,
+        );
+        f.set_rules(Some(me), vec![]);
+        assert!(
+            !f.inbound(
+                &v4(TCP, [100, 64, 0, 2], [100, 64, 0, 1], 40000, 22),
+                t,
+                any
+            ),
+            "the peer's flow ended with its rule"
+        );
+        assert!(
+            f.inbound(
+                &v4(TCP, [100, 64, 0, 2], [100, 64, 0, 1], 443, 50000),
+                t,
+                any
+            ),
+            "replies to this host's own flow still pass"
+        );
+    }
+
+    /// Security review, round two, item 9: an ICMP error about this host's flow with one peer is
+    /// taken only from that peer, not from another (allowed only tcp/22) forging it.
+    #[test]
+    fn icmp_errors_about_a_flow_come_only_from_the_peer_it_goes_to() {
+        let t = Instant::now();
+        let mut f = Firewall::default();
+        f.set_rules(Some(ME.into()), vec![]);
+        // This host (B) talks to a third peer at 100.64.0.7.
+        let to_third = v4(TCP, ME, [100, 64, 0, 7], 40001, 443);
+        f.outbound(&to_third, t, false);
+        let mut err = icmp([100, 64, 0, 7], ME, 3, 4);
+        err.truncate(28);
+        err.extend_from_slice(&to_third[..28]);
+        let third: IpAddr = "100.64.0.7".parse().expect("ip");
+        assert!(
+            f.inbound(&err, t, |ip| ip == third),
+            "from the peer the flow goes to"
+        );
+        // The same error sent by the laptop (another peer, whose addresses exclude 100.64.0.7).
+        assert!(
+            !f.inbound(&err, t, |ip| ip != third),
+            "from another peer it is dropped"
+        );
     }
 }

@@ -701,7 +701,11 @@ impl Node {
             };
         }
         let pkt = &out[off..off + n];
-        if !self.firewall.inbound(pkt, now) {
+        let allowed = &self.allowed;
+        if !self
+            .firewall
+            .inbound(pkt, now, |ip| allowed.get(ip) == Some(&peer))
+        {
             return Err(Error::Policy);
         }
         Ok(Decap::Tunnel(pkt))
