@@ -82,8 +82,9 @@ fn check_timestamp(ts: i64) -> Result<(), Status> {
 
 impl AgentService {
     /// Opens a message sealed to the server's key: who sealed it, and its body; a message seen
-    /// before is refused (replay).
-    fn open_sealed(
+    /// before is refused (replay), by this process or, through the database, by any replica
+    /// and before a restart.
+    async fn open_sealed(
         &self,
         sealed: &pb::SealedMessage,
     ) -> Result<(tern_proto::PublicKey, Vec<u8>), Status> {
@@ -93,14 +94,23 @@ impl AgentService {
                 "{e}: is the agent using this server's current key?"
             ))
         })?;
-        let fresh = crate::auth::ReplayCache::id(&sealed.sender_public_key, &sealed.nonce)
-            .is_some_and(|id| {
-                self.state
-                    .login_replays
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .first_use(id, now_unix())
-            });
+        let id = crate::auth::ReplayCache::id(&sealed.sender_public_key, &sealed.nonce);
+        let now = now_unix();
+        let mut fresh = id.is_some_and(|id| {
+            self.state
+                .login_replays
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .first_use(id, now)
+        });
+        if let (true, Some(id)) = (fresh, id) {
+            fresh = self
+                .state
+                .store
+                .first_login_use(&hex::encode(id), now, now + crate::auth::ReplayCache::TTL)
+                .await
+                .map_err(status_from)?;
+        }
         if !fresh {
             info!(key = %agent_key, "login refused: a replayed message");
             return Err(Status::unauthenticated(
@@ -176,7 +186,7 @@ impl ManagementService for AgentService {
         &self,
         req: Request<pb::SealedMessage>,
     ) -> Result<Response<pb::SealedMessage>, Status> {
-        let (agent_key, body) = self.open_sealed(&req.into_inner())?;
+        let (agent_key, body) = self.open_sealed(&req.into_inner()).await?;
         let login = pb::LoginRequest::decode(body.as_slice())
             .map_err(|_| Status::invalid_argument("login request body is not a LoginRequest"))?;
         check_timestamp(login.timestamp_unix)?;
@@ -244,7 +254,7 @@ impl ManagementService for AgentService {
             .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
             .map(|c| c.0.ip().to_string())
             .unwrap_or_default();
-        let (agent_key, body) = self.open_sealed(&req.into_inner())?;
+        let (agent_key, body) = self.open_sealed(&req.into_inner()).await?;
         let r = pb::DeviceLoginRequest::decode(body.as_slice()).map_err(|_| {
             Status::invalid_argument("device login body is not a DeviceLoginRequest")
         })?;

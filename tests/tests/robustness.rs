@@ -488,3 +488,45 @@ async fn a_flood_of_sign_in_codes_cannot_lock_others_out() {
     server.stop().await;
     db.cleanup().await;
 }
+
+/// Security review, round two, item 7: a captured sealed login cannot be played again on another
+/// replica of the same database, nor after a restart (each replica, and each restart, starts with
+/// an empty memory; the database remembers). Before, only the replica that saw it refused it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_login_is_refused_on_every_replica_and_after_a_restart() {
+    let db = TestDb::new(Backend::Sqlite).await.expect("db");
+    let first = TestServer::start(&db.url).await.expect("server");
+    let a = TestAgent::new(&first, "laptop").await;
+    let mut c = a.mgmt();
+    let server_pub = tern_proto::PublicKey::from_slice(
+        &c.get_server_key(pb::ServerKeyRequest {})
+            .await
+            .expect("key")
+            .into_inner()
+            .public_key,
+    )
+    .expect("32 bytes");
+    let req = pb::LoginRequest {
+        setup_key: first.default_setup_key.clone(),
+        timestamp_unix: tern_management::grpc::now_unix(),
+        ..Default::default()
+    };
+    let captured = tern_proto::seal(&a.key, &server_pub, &req.encode_to_vec()).expect("seal");
+    c.login(captured.clone()).await.expect("the original login");
+    let e = c.login(captured.clone()).await.expect_err("replayed here");
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    // Another replica (or this one restarted): a fresh memory, the same database.
+    let second = TestServer::replica_of(&first, &db.url)
+        .await
+        .expect("replica");
+    let mut c2 = TestAgent::new(&second, "attacker").await.mgmt();
+    let e = c2
+        .login(captured)
+        .await
+        .expect_err("replayed on another replica");
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("already used"), "{e:?}");
+    second.stop().await;
+    first.stop().await;
+    db.cleanup().await;
+}

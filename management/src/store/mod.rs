@@ -325,6 +325,48 @@ impl Store {
     }
 
     /// A server secret by name, created with `make` the first time (first writer wins).
+    /// Records a sealed login's id (hex) until `expires_at` (Unix seconds); false when it was
+    /// recorded before (a replay), also by another replica or before a restart. Ids past their
+    /// window are forgotten now and then.
+    pub async fn first_login_use(&self, id: &str, now: i64, expires_at: i64) -> Result<bool> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static INSERTS: AtomicU64 = AtomicU64::new(0);
+        if INSERTS.fetch_add(1, Ordering::Relaxed) % 256 == 0 {
+            sqlx::query("DELETE FROM login_nonces WHERE expires_at < $1")
+                .bind(now)
+                .execute(&self.pool)
+                .await?;
+        }
+        let r = sqlx::query("INSERT INTO login_nonces (id, expires_at) VALUES ($1, $2)")
+            .bind(id)
+            .bind(expires_at)
+            .execute(&self.pool)
+            .await;
+        match r {
+            Ok(_) => Ok(true),
+            Err(sqlx::Error::Database(d)) if d.is_unique_violation() => {
+                // Seen before, unless the row lingers past its window (not yet forgotten).
+                let row = sqlx::query("SELECT expires_at FROM login_nonces WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                let lingering = match &row {
+                    Some(r) => r.try_get::<i64, _>(0)? < now,
+                    None => true,
+                };
+                if lingering {
+                    sqlx::query("UPDATE login_nonces SET expires_at = $1 WHERE id = $2")
+                        .bind(expires_at)
+                        .bind(id)
+                        .execute(&self.pool)
+                        .await?;
+                }
+                Ok(lingering)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     pub async fn secret_or_create(
         &self,
         name: &str,
