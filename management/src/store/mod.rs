@@ -331,7 +331,7 @@ impl Store {
     pub async fn first_login_use(&self, id: &str, now: i64, expires_at: i64) -> Result<bool> {
         use std::sync::atomic::{AtomicU64, Ordering};
         static INSERTS: AtomicU64 = AtomicU64::new(0);
-        if INSERTS.fetch_add(1, Ordering::Relaxed) % 256 == 0 {
+        if INSERTS.fetch_add(1, Ordering::Relaxed).is_multiple_of(256) {
             sqlx::query("DELETE FROM login_nonces WHERE expires_at < $1")
                 .bind(now)
                 .execute(&self.pool)
