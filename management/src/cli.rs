@@ -63,6 +63,12 @@ pub struct Args {
     /// PEM private key for --tls-cert.
     #[arg(long, env = "TERN_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Reverse proxies or load balancers in front of --listen, comma-separated addresses or
+    /// CIDR prefixes (e.g. 10.0.0.5,fd00::/64): their PROXY protocol header (v1/v2) and
+    /// X-Forwarded-For name the client for sign-in throttling and every other per-source limit.
+    /// Anyone else's are ignored. Default: none (the connection's address is the client).
+    #[arg(long, env = "TERN_TRUSTED_PROXIES")]
+    pub trusted_proxies: Option<String>,
     /// Do not run the embedded relay (tern-server only).
     #[arg(long, env = "TERN_NO_RELAY")]
     pub no_relay: bool,
@@ -306,6 +312,11 @@ pub async fn run(args: Args, with_signal: bool) -> anyhow::Result<()> {
         relay,
         tls,
         public_url: args.public_url.clone(),
+        trusted_proxies: match args.trusted_proxies.as_deref() {
+            Some(list) => tern_relay::tls::TrustedProxies::parse(list)
+                .with_context(|| format!("--trusted-proxies {list:?}"))?,
+            None => Default::default(),
+        },
     };
     let running = server::start(cfg).await?;
     let first = crate::bootstrap::first_start(

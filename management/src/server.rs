@@ -46,6 +46,8 @@ pub struct ServerConfig {
     pub public_url: Option<String>,
     /// The WireGuard endpoint for plain WireGuard devices (needs the embedded relay).
     pub wireguard: Option<WireguardEndpoint>,
+    /// Reverse proxies whose PROXY header or X-Forwarded-For names the client.
+    pub trusted_proxies: tern_relay::tls::TrustedProxies,
 }
 
 /// Where plain WireGuard devices connect.
@@ -68,6 +70,7 @@ impl ServerConfig {
             tls: None,
             public_url: None,
             wireguard: None,
+            trusted_proxies: Default::default(),
         }
     }
 }
@@ -349,10 +352,11 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Running> {
         .merge(crate::publish::router(state.clone()))
         .merge(metrics_router(state.clone()));
     let (shutdown, rx) = watch::channel(false);
-    let task = tokio::spawn(tern_relay::tls::serve(
+    let task = tokio::spawn(tern_relay::tls::serve_with(
         listener,
         router,
         cfg.tls.clone(),
+        cfg.trusted_proxies.clone(),
         rx,
     ));
     let janitor = tokio::spawn(janitor(state.clone()));
@@ -382,8 +386,18 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Running> {
 fn metrics_router(state: Arc<AppState>) -> axum::Router {
     async fn render(
         axum::extract::State(state): axum::extract::State<Arc<AppState>>,
-        _admin: crate::api::Admin,
-    ) -> impl axum::response::IntoResponse {
+        caller: crate::api::Admin,
+    ) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        // Admins and auditors (a read-only auditor account's token is the right one for a
+        // scraper); a `user` sees only their own devices anywhere else.
+        if !caller.role().is_admin() && caller.role() != crate::model::Role::Auditor {
+            tracing::info!(user = %caller.user.username, "metrics refused: not an admin or auditor");
+            return crate::api::ApiError::Forbidden(
+                "metrics are for admins and auditors; scrape with an auditor's access token".into(),
+            )
+            .into_response();
+        }
         let mut out = state
             .relay_metrics
             .get()
@@ -395,7 +409,7 @@ fn metrics_router(state: Arc<AppState>) -> axum::Router {
                 Err(e) => warn!(error = ?e, "metrics: cannot list public services"),
             }
         }
-        ([("content-type", "text/plain; version=0.0.4")], out)
+        ([("content-type", "text/plain; version=0.0.4")], out).into_response()
     }
     axum::Router::new()
         .route("/metrics", axum::routing::get(render))

@@ -49,6 +49,10 @@ struct Args {
     tls_cert: Option<PathBuf>,
     #[arg(long, env = "TERN_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Reverse proxies or load balancers in front of --http-listen (addresses or CIDR prefixes,
+    /// comma-separated) whose PROXY protocol header or X-Forwarded-For names the client.
+    #[arg(long, env = "TERN_TRUSTED_PROXIES")]
+    trusted_proxies: Option<String>,
     #[arg(long, env = "TERN_LOG", default_value = "info,turn::server=off")]
     log: String,
 }
@@ -108,15 +112,21 @@ async fn try_main(args: Args) -> anyhow::Result<()> {
         (Some(c), Some(k)) => Some(tern_relay::tls::load_server_config(c, k)?),
         _ => None,
     };
+    let proxies = match args.trusted_proxies.as_deref() {
+        Some(list) => tern_relay::tls::TrustedProxies::parse(list)
+            .with_context(|| format!("--trusted-proxies {list:?}"))?,
+        None => Default::default(),
+    };
     let listener = tokio::net::TcpListener::bind(args.http_listen)
         .await
         .with_context(|| format!("binding {}", args.http_listen))?;
     tracing::info!(addr = %args.http_listen, tls = tls.is_some(), "relay HTTP listening (/relay, /metrics)");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server = tokio::spawn(tern_relay::tls::serve(
+    let server = tokio::spawn(tern_relay::tls::serve_with(
         listener,
         relay.router_with_metrics(),
         tls,
+        proxies,
         stop_rx,
     ));
     let _ = tokio::signal::ctrl_c().await;

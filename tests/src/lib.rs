@@ -163,7 +163,16 @@ impl TestServer {
     }
 
     pub async fn start_with(database_url: &str, opts: ManagementOptions) -> anyhow::Result<Self> {
-        let running = Self::run(database_url, opts).await?;
+        Self::start_configured(database_url, opts, |_| {}).await
+    }
+
+    /// A server whose configuration `tweak` changes before it starts.
+    pub async fn start_configured(
+        database_url: &str,
+        opts: ManagementOptions,
+        tweak: impl FnOnce(&mut ServerConfig),
+    ) -> anyhow::Result<Self> {
+        let running = Self::run(database_url, opts, tweak).await?;
         let first = tern_management::bootstrap::first_start(
             &running.state.store,
             "admin",
@@ -176,7 +185,7 @@ impl TestServer {
 
     /// Another replica of `first` on the same (PostgreSQL) database.
     pub async fn replica_of(first: &TestServer, database_url: &str) -> anyhow::Result<Self> {
-        let running = Self::run(database_url, fast_options()).await?;
+        let running = Self::run(database_url, fast_options(), |_| {}).await?;
         Self::signed_in(running, first.default_setup_key.clone()).await
     }
 
@@ -195,7 +204,11 @@ impl TestServer {
         })
     }
 
-    async fn run(database_url: &str, opts: ManagementOptions) -> anyhow::Result<Running> {
+    async fn run(
+        database_url: &str,
+        opts: ManagementOptions,
+        tweak: impl FnOnce(&mut ServerConfig),
+    ) -> anyhow::Result<Running> {
         let mut cfg = ServerConfig::new("127.0.0.1:0".parse()?, database_url.to_string());
         cfg.opts = opts;
         cfg.signal = Some(tern_signal::SignalOptions::default());
@@ -216,6 +229,7 @@ impl TestServer {
             listen: "127.0.0.1:0".parse()?,
             advertise: None,
         });
+        tweak(&mut cfg);
         server::start(cfg).await
     }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tern_proto::relay_ws::RelayClient;
 use tern_relay::metrics::Metrics;
 use tern_relay::{Relay, RelayConfig};
-use tern_tests::{init_tracing, rss_kib};
+use tern_tests::{admin_login, init_tracing, rss_kib};
 use tokio::net::UdpSocket;
 use webrtc_util::Conn;
 
@@ -973,6 +973,33 @@ async fn network_map_hands_out_working_credentials_for_the_embedded_relay() {
         text.contains("tern_relay_tcp_packets_relayed_total 1"),
         "{text}"
     );
+    // A `user` is refused (service names and traffic are not theirs to see); an auditor, the
+    // read-only account a scraper should use, is served.
+    for (role, expect) in [("user", 403), ("auditor", 200)] {
+        let (s, v) = srv
+            .post(
+                "/api/users",
+                serde_json::json!({"username": format!("m-{role}"), "password": "metrics-pass-1", "role": role}),
+            )
+            .await;
+        assert_eq!(s, 201, "{v}");
+        let token = admin_login(&srv.http, &srv.base, &format!("m-{role}"), "metrics-pass-1")
+            .await
+            .expect("sign in");
+        let r = srv
+            .http
+            .get(srv.url("/metrics"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .expect("metrics");
+        let status = r.status().as_u16();
+        let body = r.text().await.unwrap_or_default();
+        assert_eq!(status, expect, "{role}: {body}");
+        if expect == 403 {
+            assert!(body.contains("auditor"), "{body}");
+        }
+    }
     srv.stop().await;
     db.cleanup().await;
 }

@@ -530,3 +530,282 @@ async fn a_replayed_login_is_refused_on_every_replica_and_after_a_restart() {
     first.stop().await;
     db.cleanup().await;
 }
+
+/// What a raw HTTP/2 client saw from the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum H2Event {
+    /// A HEADERS or RST_STREAM frame on stream 1: the request was answered or cut.
+    Answered,
+    /// The server closed the connection.
+    Closed,
+}
+
+/// A hand-driven HTTP/2 client (prior knowledge), to behave the way slow attackers do: it
+/// answers the server's SETTINGS and PINGs (so keep-alive never ends it) and reports what the
+/// server does with stream 1.
+struct RawH2 {
+    write: std::sync::Arc<tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>>,
+    events: tokio::sync::mpsc::UnboundedReceiver<H2Event>,
+}
+
+impl RawH2 {
+    async fn connect(addr: &str) -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (mut read, mut write) = tcp.into_split();
+        write
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .await
+            .expect("preface");
+        let write = std::sync::Arc::new(tokio::sync::Mutex::new(write));
+        let (tx, events) = tokio::sync::mpsc::unbounded_channel();
+        let w = write.clone();
+        tokio::spawn(async move {
+            let mut head = [0u8; 9];
+            loop {
+                if read.read_exact(&mut head).await.is_err() {
+                    let _ = tx.send(H2Event::Closed);
+                    return;
+                }
+                let len =
+                    usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+                let (kind, flags) = (head[3], head[4]);
+                let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+                let mut payload = vec![0u8; len];
+                if read.read_exact(&mut payload).await.is_err() {
+                    let _ = tx.send(H2Event::Closed);
+                    return;
+                }
+                let reply = match (kind, flags & 1) {
+                    (4, 0) => Some(b"\0\0\0\x04\x01\0\0\0\0".to_vec()),
+                    (6, 0) => Some([b"\0\0\x08\x06\x01\0\0\0\0".as_slice(), &payload].concat()),
+                    _ => None,
+                };
+                if let Some(r) = reply {
+                    let _ = w.lock().await.write_all(&r).await;
+                }
+                if matches!(kind, 1 | 3) && stream == 1 {
+                    let _ = tx.send(H2Event::Answered);
+                }
+            }
+        });
+        RawH2 { write, events }
+    }
+
+    async fn send(&self, frame: &[u8]) -> bool {
+        use tokio::io::AsyncWriteExt;
+        self.write.lock().await.write_all(frame).await.is_ok()
+    }
+
+    /// A HEADERS frame opening stream 1 (HPACK: static-table names, literal values).
+    fn headers(method_get: bool, path: &str, end_stream: bool) -> Vec<u8> {
+        let mut block = vec![
+            if method_get { 0x82 } else { 0x83 },
+            0x86,
+            0x04,
+            path.len() as u8,
+        ];
+        block.extend_from_slice(path.as_bytes());
+        block.extend_from_slice(b"\x01\x01x");
+        if !method_get {
+            block.extend_from_slice(b"\x0f\x10\x10application/json");
+        }
+        let flags = 0x04 | if end_stream { 0x01 } else { 0 };
+        let mut f = vec![0, 0, block.len() as u8, 0x01, flags, 0, 0, 0, 1];
+        f.extend_from_slice(&block);
+        f
+    }
+
+    /// What happens next, within `limit`.
+    async fn next(&mut self, limit: Duration) -> Option<H2Event> {
+        tokio::time::timeout(limit, self.events.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+}
+
+/// Security review, round two, item 8: slow clients cannot hold the API port. An HTTP/2
+/// connection that sends its preface and then nothing is closed (200 of them from one address
+/// were all still open at 45 s before), a request body trickled one byte every 3 s is cut off at
+/// 20 s (HTTP/1.1 and HTTP/2), and a connection with no request in flight is closed after 60 s
+/// even though it answers every PING.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_idle_clients_cannot_hold_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let db = TestDb::new(Backend::Sqlite).await.expect("db");
+    let server = TestServer::start(&db.url).await.expect("server");
+    let addr = server.base.trim_start_matches("http://").to_string();
+    let started = std::time::Instant::now();
+
+    // 200 HTTP/2 prefaces, then silence.
+    let mut silent = vec![];
+    for _ in 0..200 {
+        silent.push(RawH2::connect(&addr).await);
+    }
+    // A request body trickled over HTTP/2 and over HTTP/1.1.
+    let mut h2_trickle = RawH2::connect(&addr).await;
+    assert!(
+        h2_trickle
+            .send(&RawH2::headers(false, "/api/auth/login", false))
+            .await
+    );
+    let mut h1_trickle = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    h1_trickle
+        .write_all(
+            b"POST /api/auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 60\r\n\r\n{",
+        )
+        .await
+        .expect("write");
+    // One request answered, then nothing but PING answers.
+    let mut idle = RawH2::connect(&addr).await;
+    assert!(idle.send(&RawH2::headers(true, "/healthz", true)).await);
+    assert_eq!(
+        idle.next(Duration::from_secs(5)).await,
+        Some(H2Event::Answered)
+    );
+
+    let trickler = {
+        let h2 = h2_trickle.write.clone();
+        tokio::spawn(async move {
+            let mut h1 = h1_trickle;
+            let mut h1_cut = None;
+            for i in 0..15u32 {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                let _ = h2.lock().await.write_all(b"\0\0\x01\0\0\0\0\0\x01 ").await;
+                if h1_cut.is_none() && h1.write_all(b" ").await.is_err() {
+                    h1_cut = Some(i);
+                }
+                let mut buf = [0u8; 256];
+                if h1_cut.is_none() {
+                    if let Ok(Ok(n)) =
+                        tokio::time::timeout(Duration::from_millis(10), h1.read(&mut buf)).await
+                    {
+                        // An answer (400/408) or the close.
+                        let _ = n;
+                        h1_cut = Some(i);
+                    }
+                }
+            }
+            h1_cut
+        })
+    };
+
+    // The silent ones go after the header timeout (10 s), well before 20 s.
+    for (i, c) in silent.iter_mut().enumerate() {
+        let left = Duration::from_secs(20).saturating_sub(started.elapsed());
+        assert_eq!(
+            c.next(left).await,
+            Some(H2Event::Closed),
+            "silent HTTP/2 connection {i} still open after {:?}",
+            started.elapsed()
+        );
+    }
+    let silent_closed = started.elapsed();
+    // The trickled HTTP/2 body is answered or cut within its 20 s (plus slack).
+    let left = Duration::from_secs(35).saturating_sub(started.elapsed());
+    let h2_cut = h2_trickle.next(left).await;
+    assert!(
+        h2_cut.is_some(),
+        "a trickled HTTP/2 body still held its request after {:?}",
+        started.elapsed()
+    );
+    let h1_cut = trickler.await.expect("trickler");
+    assert!(
+        h1_cut.is_some_and(|i| i < 11),
+        "a trickled HTTP/1.1 body was not cut within 35 s: {h1_cut:?}"
+    );
+    // The idle connection goes after 60 s without a request.
+    let left = Duration::from_secs(75).saturating_sub(started.elapsed());
+    assert_eq!(
+        idle.next(left).await,
+        Some(H2Event::Closed),
+        "an idle HTTP/2 connection was still open after {:?}",
+        started.elapsed()
+    );
+    println!(
+        "figure: 200 silent HTTP/2 connections closed by {silent_closed:?}; idle one closed by {:?}",
+        started.elapsed()
+    );
+    // The server still serves.
+    let (s, _) = server.api(reqwest::Method::GET, "/api/peers", None).await;
+    assert_eq!(s, 200);
+    server.stop().await;
+    db.cleanup().await;
+}
+
+/// Security review, round two, item 16: behind a reverse proxy (`--trusted-proxies`), per-source
+/// limits key on the client the proxy names (X-Forwarded-For, or a PROXY protocol header), so
+/// one client guessing passwords does not lock out everyone else coming through the proxy.
+/// Before, every request counted against the proxy's address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_trusted_proxy_limits_key_on_the_client_it_names() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let db = TestDb::new(Backend::Sqlite).await.expect("db");
+    let server = TestServer::start_configured(&db.url, fast_options(), |cfg| {
+        cfg.trusted_proxies = tern_relay::tls::TrustedProxies::parse("127.0.0.1").expect("proxies");
+    })
+    .await
+    .expect("server");
+    let http = reqwest::Client::new();
+    let login = |who: &'static str, user: String, pw: &'static str| {
+        http.post(server.url("/api/auth/login"))
+            .header("x-forwarded-for", format!("{who}, 127.0.0.1"))
+            .json(&json!({"username": user, "password": pw}))
+            .send()
+    };
+    // One client behind the proxy guesses many usernames until its address is locked.
+    let mut last = (0, Value::Null);
+    for i in 0..40 {
+        let r = login("198.51.100.1", format!("nobody{i}"), "wrong-wrong")
+            .await
+            .expect("login");
+        last = (r.status().as_u16(), r.json().await.unwrap_or(Value::Null));
+        if last.0 == 429 {
+            break;
+        }
+    }
+    assert_eq!(last.0, 429, "{}", last.1);
+    assert!(last.1["message"]
+        .as_str()
+        .unwrap_or("")
+        .contains("from your address"));
+    // Another client through the same proxy signs in.
+    let r = login("198.51.100.2", "admin".into(), ADMIN_PASSWORD)
+        .await
+        .expect("login");
+    assert_eq!(
+        r.status().as_u16(),
+        200,
+        "a second client behind the proxy was locked out with the first: {}",
+        r.text().await.unwrap_or_default()
+    );
+    // The PROXY protocol names the client the same way.
+    let addr = server.base.trim_start_matches("http://").to_string();
+    let body = r#"{"username":"nobody","password":"wrong-wrong"}"#;
+    let status_via = |client: &'static str| {
+        let addr = addr.clone();
+        async move {
+            let mut tcp = tokio::net::TcpStream::connect(&addr)
+                .await
+                .expect("connect");
+            let req = format!(
+                "PROXY TCP4 {client} 192.0.2.1 40000 443\r\nPOST /api/auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            tcp.write_all(req.as_bytes()).await.expect("write");
+            let mut out = String::new();
+            let _ =
+                tokio::time::timeout(Duration::from_secs(10), tcp.read_to_string(&mut out)).await;
+            out.lines().next().unwrap_or("").to_string()
+        }
+    };
+    let locked = status_via("198.51.100.1").await;
+    assert!(locked.contains("429"), "{locked}");
+    let other = status_via("198.51.100.3").await;
+    assert!(other.contains("401"), "{other}");
+    server.stop().await;
+    db.cleanup().await;
+}

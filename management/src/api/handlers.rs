@@ -517,10 +517,11 @@ pub async fn get_user(State(s): St, _a: Admin, ApiPath(id): ApiPath) -> ApiResul
     Ok(Json(s.store.user(&id).await?))
 }
 
-#[utoipa::path(put, path = "/api/users/{id}", request_body = UpdateUserBody, responses((status = 200, body = User)))]
+#[utoipa::path(put, path = "/api/users/{id}", request_body = UpdateUserBody, responses((status = 200, body = User), (status = 422, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn update_user(
     State(s): St,
     a: Admin,
+    SourceAddr(source): SourceAddr,
     ApiPath(id): ApiPath,
     ApiJson(b): ApiJson<UpdateUserBody>,
 ) -> ApiResult<Json<User>> {
@@ -556,14 +557,33 @@ pub async fn update_user(
                 "enter your current password to change it",
             ));
         };
+        // Guesses here count with sign-in guesses (same username and source budget): a stolen
+        // session must not become a fast password oracle.
+        let reserved = s
+            .sign_in_throttle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .reserve(&a.user.username, source, std::time::Instant::now());
+        if let Err(t) = reserved {
+            tracing::warn!(user = %a.user.username, source = ?source, "password change refused: too many wrong current passwords");
+            return Err(ApiError::TooManyRequests(format!(
+                "too many wrong passwords; try again in {} s",
+                t.wait.as_secs().max(1)
+            )));
+        }
         let creds = s.store.user_credentials(&a.user.username).await?;
         let hash = creds.map(|c| c.password_hash).unwrap_or_default();
         if current.len() > 1024 || !s.passwords.verify(current, hash).await.map_err(busy)? {
+            tracing::info!(user = %a.user.username, "password change refused: wrong current password");
             return Err(ApiError::invalid(
                 "current_password",
                 "is not your current password",
             ));
         }
+        s.sign_in_throttle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .succeeded(&a.user.username, source);
     }
     let hash = match b.password.as_deref() {
         Some(p) => Some(password(&s, "password", p).await?),
