@@ -8,15 +8,28 @@
 //! allowed: they route nowhere on the internet and labs use them as "public" addresses. Labs can
 //! allow more explicitly (`--allow-peers`), never the overlay range, which follows settings changes
 //! ([`PeerFilter::set_overlay`]).
+//!
+//! On the relay's own addresses only its relay port range is a destination (another client's
+//! allocation); its STUN/TURN ports never are, so an allocation cannot talk to the server it
+//! runs on ([`PeerFilter::set_own`], [`PeerFilter::allows_addr`]).
 
 use ipnet::IpNet;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, RwLock};
 
 #[derive(Clone, Debug)]
 pub struct PeerFilter {
     allow: Vec<IpNet>,
     overlay: Arc<RwLock<Option<IpNet>>>,
+    own: Arc<RwLock<Own>>,
+}
+
+/// The relay's own addresses, its relay port range and the ports it serves on.
+#[derive(Clone, Debug, Default)]
+struct Own {
+    ips: Vec<IpAddr>,
+    relay_ports: (u16, u16),
+    served: Vec<u16>,
 }
 
 /// IPv4 ranges that are never a peer on the internet.
@@ -91,7 +104,43 @@ impl PeerFilter {
         PeerFilter {
             allow,
             overlay: Arc::new(RwLock::new(overlay)),
+            own: Arc::default(),
         }
+    }
+
+    /// The relay's own addresses (`ips`), the range its allocations take ports from, and the
+    /// ports it serves STUN/TURN on: on its own addresses, only the range is a destination
+    /// (other ports there only where `--allow-peers` names the address, for labs), never a
+    /// served port.
+    pub fn set_own(&self, ips: Vec<IpAddr>, relay_ports: (u16, u16), served: Vec<u16>) {
+        let ips = ips
+            .into_iter()
+            .map(|ip| ip.to_canonical())
+            .filter(|ip| !ip.is_unspecified())
+            .collect();
+        *self.own.write().unwrap_or_else(|e| e.into_inner()) = Own {
+            ips,
+            relay_ports,
+            served,
+        };
+    }
+
+    /// Whether the relay may send to `to` (its address passes [`PeerFilter::allows`], and it
+    /// is not one of the relay's own ports).
+    pub fn allows_addr(&self, to: SocketAddr) -> bool {
+        if !self.allows(to.ip()) {
+            return false;
+        }
+        let ip = to.ip().to_canonical();
+        let own = self.own.read().unwrap_or_else(|e| e.into_inner());
+        if !own.ips.contains(&ip) {
+            return true;
+        }
+        let port = to.port();
+        if own.served.contains(&port) {
+            return false;
+        }
+        (own.relay_ports.0..=own.relay_ports.1).contains(&port) || self.allowed_explicitly(ip)
     }
 
     /// The overlay range changed (a settings change): every clone of this filter follows.
@@ -207,6 +256,47 @@ mod tests {
         assert!(lab.allows("127.0.0.1".parse().expect("ip")));
         assert!(lab.allows("::ffff:127.0.0.1".parse().expect("ip")));
         assert!(!lab.allows("10.0.0.1".parse().expect("ip")));
+    }
+
+    #[test]
+    fn on_its_own_address_only_the_relay_range_is_a_destination() {
+        let f = f();
+        f.set_own(
+            vec![
+                "203.0.113.5".parse().expect("ip"),
+                "0.0.0.0".parse().expect("ip"),
+            ],
+            (49152, 65535),
+            vec![3478, 3479],
+        );
+        let to = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        assert!(f.allows_addr(to("203.0.113.5:50000")), "another allocation");
+        for own in [
+            "203.0.113.5:3478",
+            "203.0.113.5:3479",
+            "203.0.113.5:22",
+            "[::ffff:203.0.113.5]:53",
+        ] {
+            assert!(!f.allows_addr(to(own)), "{own}");
+        }
+        assert!(
+            f.allows_addr(to("203.0.113.6:3478")),
+            "another server's TURN port"
+        );
+        assert!(
+            !f.allows_addr(to("10.0.0.1:50000")),
+            "the address filter still applies"
+        );
+        // A lab that allows its own loopback explicitly reaches other ports there, never the
+        // relay's own.
+        let lab = PeerFilter::new(None, vec!["127.0.0.0/8".parse().expect("net")]);
+        lab.set_own(
+            vec!["127.0.0.1".parse().expect("ip")],
+            (61000, 61400),
+            vec![3478],
+        );
+        assert!(lab.allows_addr(to("127.0.0.1:40000")));
+        assert!(!lab.allows_addr(to("127.0.0.1:3478")));
     }
 
     #[test]

@@ -136,6 +136,14 @@ impl Relay {
                 }
             },
         };
+        filter.set_own(
+            vec![cfg.public_ip, udp_addr.ip(), cfg.relay_bind_ip],
+            (cfg.min_port, cfg.max_port),
+            [Some(udp_addr.port()), stun_alt_addr.map(|a| a.port())]
+                .into_iter()
+                .flatten()
+                .collect(),
+        );
         let tcp = tcp::TcpRelay::new(cfg.secret.clone(), metrics.clone(), cfg.tcp.clone());
         tracing::info!(%udp_addr, public_ip = %cfg.public_ip, ports = %format!("{}-{}", cfg.min_port, cfg.max_port), "relay listening");
         Ok(Relay {

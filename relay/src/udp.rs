@@ -433,6 +433,7 @@ impl FrontConn {
         // The last (client, channel) looked up, and where it goes (None: not on the fast path):
         // the sender's allocation, the peer, and the peer's client and channel when the peer is
         // an allocation here.
+        let mut checked: Option<(SocketAddr, bool)> = None;
         #[allow(clippy::type_complexity)]
         let mut last: Option<(
             (SocketAddr, u16),
@@ -470,7 +471,16 @@ impl FrontConn {
                 b.pending.push_back(i);
                 continue;
             };
-            if !self.shared.filter.allows(peer.ip()) {
+            // The filter's verdict, asked once per run of one peer.
+            let allowed = match checked {
+                Some((p, ok)) if p == *peer => ok,
+                _ => {
+                    let ok = self.shared.filter.allows_addr(*peer);
+                    checked = Some((*peer, ok));
+                    ok
+                }
+            };
+            if !allowed {
                 Metrics::inc(&self.shared.metrics.forbidden_peer_total);
                 continue;
             }
@@ -1014,7 +1024,7 @@ impl Conn for RelayConn {
         Ok(self.sock.send(buf).await?)
     }
     async fn send_to(&self, buf: &[u8], target: SocketAddr) -> UResult<usize> {
-        if !self.shared.filter.allows(target.ip()) {
+        if !self.shared.filter.allows_addr(target) {
             Metrics::inc(&self.shared.metrics.forbidden_peer_total);
             return Ok(buf.len());
         }

@@ -240,6 +240,53 @@ async fn expired_or_forged_credentials_and_loopback_peers_are_refused() {
     r.close().await;
 }
 
+/// Security review, round two, item 11: an allocation cannot talk to the relay's own STUN/TURN
+/// port (a nested Allocate through the relay, or a STUN answer about the relay itself), even in a
+/// lab that allows the relay's address as a peer; other peers there still work. Before, a
+/// Binding request sent through the relay to its own port was answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allocation_cannot_reach_the_relays_own_ports() {
+    use stun::message::{Getter, Message, BINDING_REQUEST};
+    init_tracing();
+    let r = relay(true).await;
+    let good = tern_proto::relay_auth::issue(SECRET, "peer-x", now() + 600);
+    let sock = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
+    let c = turn_client(sock, &r.udp_addr, &good.username, &good.password).await;
+    let conn = c.allocate().await.expect("allocate");
+    let mut m = Message::new();
+    m.build(&[
+        Box::new(stun::agent::TransactionId::new()),
+        Box::new(BINDING_REQUEST),
+    ])
+    .expect("binding request");
+    let before = Metrics::get(&r.metrics.forbidden_peer_total);
+    let _ = conn.send_to(&m.raw, r.udp_addr).await;
+    let mut buf = [0u8; 1500];
+    let answer = tokio::time::timeout(Duration::from_secs(1), conn.recv_from(&mut buf)).await;
+    if let Ok(Ok((n, from))) = &answer {
+        let mut got = Message::new();
+        got.raw = buf[..*n].to_vec();
+        let _ = got.decode();
+        let mut addr = stun::xoraddr::XorMappedAddress::default();
+        let _ = addr.get_from(&got);
+        panic!(
+            "the relay answered itself from {from}: {} bytes, mapped {addr}",
+            n
+        );
+    }
+    assert!(Metrics::get(&r.metrics.forbidden_peer_total) > before);
+    // A peer on the same (lab-allowed) address still gets datagrams.
+    let target = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    conn.send_to(b"hello", target.local_addr().expect("addr"))
+        .await
+        .expect("send");
+    let got = tokio::time::timeout(Duration::from_secs(2), target.recv_from(&mut buf)).await;
+    assert!(matches!(got, Ok(Ok((5, _)))), "{got:?}");
+    conn.close().await.expect("close");
+    c.close().await.expect("close");
+    r.close().await;
+}
+
 /// Bursts through a bound channel, both ways: a peer's GSO sends (one `sendmsg` for a run of
 /// datagrams, as agents send) reach the client as separate ChannelData messages, and a client's
 /// quick succession of messages reaches the peer; every datagram whole, in order, none lost.
