@@ -112,6 +112,10 @@ pub struct Args {
     /// The same, per source address (one source cannot starve the others).
     #[arg(long, env = "TERN_PUBLIC_MAX_PER_SOURCE", default_value_t = 256)]
     pub public_max_per_source: usize,
+    /// Ports one peer may publish with `tern expose` at once (services an admin creates do not
+    /// count), so one device cannot take the whole --public-ports range.
+    #[arg(long, env = "TERN_PUBLIC_MAX_EXPOSED_PER_PEER", default_value_t = 10)]
+    pub public_max_exposed_per_peer: usize,
     /// Lifetime of a console sign-in session in seconds.
     #[arg(long, env = "TERN_ADMIN_SESSION_TTL", default_value_t = 43_200)]
     pub admin_session_ttl: u64,
@@ -252,6 +256,7 @@ pub async fn run(args: Args, with_signal: bool) -> anyhow::Result<()> {
                 bind: args.public_bind,
                 max_connections: args.public_max_connections.max(1),
                 max_per_source: args.public_max_per_source.max(1),
+                max_exposed_per_peer: args.public_max_exposed_per_peer,
                 ..Default::default()
             },
             ..ManagementOptions::default()

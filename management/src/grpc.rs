@@ -448,6 +448,7 @@ impl ManagementService for AgentService {
                     ports: first..=last,
                     taken: &taken,
                     allowed_sources,
+                    max_per_peer: p.opts.max_exposed_per_peer,
                 },
             )
             .await

@@ -809,3 +809,91 @@ async fn behind_a_trusted_proxy_limits_key_on_the_client_it_names() {
     server.stop().await;
     db.cleanup().await;
 }
+
+/// Security review, round two, item 13: one peer's `tern expose` cannot take every public port
+/// (before: 100 of 100, and an admin's service then found none free). Ten at once by default;
+/// a stopped one gives its place back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_peer_cannot_take_every_public_port() {
+    let db = TestDb::new(Backend::Sqlite).await.expect("db");
+    let lo = 20000 + rand::random::<u16>() % 20000;
+    let mut opts = fast_options();
+    opts.public.ports = Some((lo, lo + 14));
+    opts.public.bind = "127.0.0.1".parse().expect("ip");
+    let server = TestServer::start_with(&db.url, opts).await.expect("server");
+    let agent = TestAgent::new(&server, "sharer").await;
+    let login = agent
+        .login(Some(&server.default_setup_key))
+        .await
+        .expect("login");
+    let _sync = agent.sync(&login.peer_token).await.expect("sync");
+    server.wait_online(&login.peer_id).await;
+    let (s, g) = server
+        .api(
+            reqwest::Method::POST,
+            "/api/groups",
+            Some(json!({"name": "sharers"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{g}");
+    let gid = g["id"].as_str().expect("group id").to_string();
+    let (s, p) = server
+        .api(
+            reqwest::Method::PUT,
+            &format!("/api/peers/{}", login.peer_id),
+            Some(json!({"groups": ["all", gid]})),
+        )
+        .await;
+    assert_eq!(s, 200, "{p}");
+    let mut settings = server.get("/api/settings").await;
+    let obj = settings.as_object_mut().expect("settings");
+    obj.remove("network_serial");
+    obj.insert("expose_groups".into(), json!([gid]));
+    let (s, v) = server
+        .api(reqwest::Method::PUT, "/api/settings", Some(settings))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let expose = |port: u32| {
+        let mut req = tonic::Request::new(pb::ExposeRequest {
+            protocol: "tcp".into(),
+            local_port: port,
+            ..Default::default()
+        });
+        req.metadata_mut()
+            .insert("authorization", bearer_value(&login.peer_token));
+        let mut c = agent.mgmt();
+        async move { c.expose(req).await.map(|r| r.into_inner()) }
+    };
+    let mut ids = vec![];
+    let mut refused = None;
+    for i in 0..15 {
+        match expose(8000 + i).await {
+            Ok(r) => ids.push(r.service_id),
+            Err(e) => {
+                refused = Some((i, e));
+                break;
+            }
+        }
+    }
+    let (n, e) = refused.expect("the eleventh is refused");
+    assert_eq!(n, 10, "{e:?}");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("already publishes 10 ports"),
+        "{}",
+        e.message()
+    );
+    // Five ports of the fifteen are left for admins' services.
+    let services = server.get("/api/services").await;
+    assert_eq!(services.as_array().map(Vec::len), Some(10), "{services}");
+    // A stopped one gives its place back.
+    let mut req = tonic::Request::new(pb::UnexposeRequest {
+        service_id: ids[0].clone(),
+    });
+    req.metadata_mut()
+        .insert("authorization", bearer_value(&login.peer_token));
+    agent.mgmt().unexpose(req).await.expect("unexpose");
+    expose(9000).await.expect("room again");
+    server.stop().await;
+    db.cleanup().await;
+}

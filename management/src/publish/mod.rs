@@ -63,6 +63,8 @@ pub struct PublicOptions {
     pub max_per_source: usize,
     /// A client whose tunnel is not up by then is disconnected.
     pub setup_timeout: Duration,
+    /// Ports one peer may hold with `tern expose` at once (admins' services do not count).
+    pub max_exposed_per_peer: usize,
 }
 
 impl Default for PublicOptions {
@@ -75,6 +77,7 @@ impl Default for PublicOptions {
             max_connections: 4096,
             max_per_source: 256,
             setup_timeout: Duration::from_secs(10),
+            max_exposed_per_peer: 10,
         }
     }
 }

@@ -37,6 +37,8 @@ pub struct ExposeInput<'a> {
     /// Ports the server itself uses (never handed out).
     pub taken: &'a (dyn Fn(ServiceProtocol, u16) -> bool + Sync),
     pub allowed_sources: Vec<IpNet>,
+    /// Ports this peer may hold with `tern expose` at once.
+    pub max_per_peer: usize,
 }
 
 fn service_from(r: &AnyRow) -> Result<PublicService> {
@@ -252,6 +254,7 @@ impl Store {
             ports,
             taken,
             allowed_sources,
+            max_per_peer,
         } = r;
         let mut c = self.begin_change(&format!("peer:{peer_id}")).await?;
         let peer = sqlx::query("SELECT name FROM peers WHERE id = $1")
@@ -271,6 +274,21 @@ impl Store {
             return Err(StoreError::Denied(format!(
                 "peer {peer_name:?} may not publish ports: an admin must add one of its groups \
                  to \"Groups allowed to use tern expose\" in Settings"
+            )));
+        }
+        // One peer cannot take every public port (an admin's service would find none free).
+        let held: i64 = col(
+            &sqlx::query("SELECT COUNT(*) AS n FROM public_services WHERE owner_peer_id = $1")
+                .bind(peer_id)
+                .fetch_one(c.conn())
+                .await?,
+            "n",
+        )?;
+        if usize::try_from(held).unwrap_or(usize::MAX) >= max_per_peer {
+            return Err(StoreError::Conflict(format!(
+                "peer {peer_name:?} already publishes {held} ports with tern expose, the most one \
+                 peer may (--public-max-exposed-per-peer); stop one first, or ask an admin to \
+                 publish it as a service"
             )));
         }
         let port = match public_port {
