@@ -223,6 +223,41 @@ impl SignInThrottle {
     }
 }
 
+/// Misses per key (unknown device sign-in codes an account looked up) within a window (pure;
+/// the caller passes the clock): past [`MissCounter::MAX`] in [`MissCounter::WINDOW`], further
+/// lookups wait until the window ends. Guessing one of the codes waiting (8 letters out of 20)
+/// at that pace takes longer than any code lives.
+#[derive(Default)]
+pub struct MissCounter {
+    entries: std::collections::HashMap<String, (std::time::Instant, u32)>,
+}
+
+impl MissCounter {
+    pub const MAX: u32 = 20;
+    pub const WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
+    const MAX_ENTRIES: usize = 10_000;
+
+    /// How long `key` must wait before it may look again (None: it may).
+    pub fn wait(&self, key: &str, now: std::time::Instant) -> Option<std::time::Duration> {
+        let (first, n) = *self.entries.get(key)?;
+        let ends = first + Self::WINDOW;
+        (n >= Self::MAX && ends > now).then(|| ends - now)
+    }
+
+    /// `key` looked up something that was not there.
+    pub fn missed(&mut self, key: &str, now: std::time::Instant) {
+        if self.entries.len() >= Self::MAX_ENTRIES {
+            self.entries
+                .retain(|_, (first, _)| now.duration_since(*first) < Self::WINDOW);
+        }
+        let e = self.entries.entry(key.to_string()).or_insert((now, 0));
+        if now.duration_since(e.0) >= Self::WINDOW {
+            *e = (now, 0);
+        }
+        e.1 += 1;
+    }
+}
+
 /// Sealed logins already seen (sender key + nonce), so a captured login cannot be played again
 /// within its timestamp window (pure; the caller passes the clock). Each entry lives
 /// [`ReplayCache::TTL`] from first sight, longer than any replay the timestamp check would let
@@ -360,6 +395,24 @@ impl Default for PasswordPool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn code_guessing_waits_after_twenty_misses_per_window() {
+        let mut m = MissCounter::default();
+        let t0 = std::time::Instant::now();
+        for _ in 0..MissCounter::MAX {
+            assert_eq!(m.wait("u1", t0), None);
+            m.missed("u1", t0);
+        }
+        let wait = m.wait("u1", t0).expect("limited");
+        assert_eq!(wait, MissCounter::WINDOW);
+        assert_eq!(m.wait("u2", t0), None, "per account");
+        assert_eq!(
+            m.wait("u1", t0 + MissCounter::WINDOW),
+            None,
+            "the window ends"
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -95,6 +95,8 @@ pub struct AppState {
     relay_health: Mutex<Option<(Instant, bool)>>,
     /// Password sign-in attempts per username and source.
     pub sign_in_throttle: std::sync::Mutex<crate::auth::SignInThrottle>,
+    /// Device sign-in codes looked up that did not exist, per account (guessing is limited).
+    pub code_misses: std::sync::Mutex<crate::auth::MissCounter>,
     /// argon2 off the async workers, bounded.
     pub passwords: crate::auth::PasswordPool,
     /// Sealed logins already used (replays are refused).
@@ -225,6 +227,7 @@ impl AppState {
             loads: tokio::sync::Mutex::new(None),
             relay_health: Mutex::new(None),
             sign_in_throttle: std::sync::Mutex::new(Default::default()),
+            code_misses: std::sync::Mutex::new(Default::default()),
             passwords: crate::auth::PasswordPool::new(),
             login_replays: std::sync::Mutex::new(Default::default()),
             publisher: std::sync::OnceLock::new(),

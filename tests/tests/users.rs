@@ -72,8 +72,8 @@ const EXPECTED: &[(&str, &str, u8)] = &[
     ("POST", "/api/wireguard-devices", WRITE),
     ("POST", "/api/wireguard-devices/{id}/config", WRITE),
     ("GET", "/api/device/{code}", ALL),
-    ("POST", "/api/device/{code}/approve", ALL),
-    ("POST", "/api/device/{code}/deny", ALL),
+    ("POST", "/api/device/{code}/approve", O | A | U),
+    ("POST", "/api/device/{code}/deny", O | A | U),
 ];
 
 /// Routes anyone may call (no token).
@@ -618,6 +618,54 @@ async fn devices_join_by_their_users_sign_in_and_leave_with_them() {
             let (s, _) = server.api_as(&erin_s, Method::GET, path, None).await;
             assert_eq!(s, 403, "{path}");
         }
+
+        // Erin's laptop asking again (a new code for a registered device): frank can neither
+        // approve nor deny it (security review, round two, item 14: before, anyone could deny).
+        let again = laptop.start_device_login().await.expect("code");
+        for verb in ["approve", "deny"] {
+            let (s, d) = server
+                .api_as(
+                    &frank_s,
+                    Method::POST,
+                    &format!("/api/device/{}/{verb}", again.user_code),
+                    Some(json!({})),
+                )
+                .await;
+            answer(
+                s,
+                &d,
+                403,
+                &format!("only its owner or an admin can {verb}"),
+            );
+        }
+        // Guessing codes is limited per account: 20 unknown ones in ten minutes, then 429
+        // (before: 2,000 guesses in 0.2 s); others are not affected.
+        let (_gus, gus_s) = account(&server, "gus", "user").await;
+        let mut statuses = vec![];
+        for i in 0..25u32 {
+            let guess: String = (0..8)
+                .map(|k| b"BCDFGHJKLMNPQRSTVWXZ"[((i * 7 + k * 3) % 20) as usize] as char)
+                .collect();
+            let (s, v) = server
+                .api_as(&gus_s, Method::GET, &format!("/api/device/{guess}"), None)
+                .await;
+            statuses.push(s);
+            if s == 429 {
+                answer(s, &v, 429, "too many codes that match no waiting sign-in");
+                break;
+            }
+        }
+        assert_eq!(statuses.len(), 21, "{statuses:?}");
+        assert!(statuses[..20].iter().all(|s| *s == 404), "{statuses:?}");
+        let (s, d) = server
+            .api_as(
+                &erin_s,
+                Method::GET,
+                &format!("/api/device/{}", again.user_code),
+                None,
+            )
+            .await;
+        assert_eq!(s, 200, "erin still looks codes up: {d}");
 
         // Denied: the device is told so.
         let stranger = TestAgent::new(&server, "unknown-box").await;

@@ -26,9 +26,11 @@ pub const PUBLIC: &[&str] = &[
 pub fn permitted(role: Role, method: &Method, path: &str) -> bool {
     let read = *method == Method::GET;
     match path {
-        // Every account: itself, its own tokens, signing out, approving its own devices.
+        // Every account: itself, its own tokens, signing out; looking up a device's code.
         "/api/auth/me" | "/api/auth/logout" | "/api/tokens" | "/api/tokens/{id}" => true,
-        "/api/device/{code}" | "/api/device/{code}/approve" | "/api/device/{code}/deny" => true,
+        "/api/device/{code}" => true,
+        // Approving makes the device the caller's: not for a read-only auditor.
+        "/api/device/{code}/approve" | "/api/device/{code}/deny" => role != Role::Auditor,
         // A user reads, renames and removes their own devices; an auditor only reads.
         "/api/peers" => read,
         "/api/peers/{id}" => role != Role::Auditor || read,
@@ -114,5 +116,11 @@ mod tests {
             "own password"
         );
         assert!(refusal(Role::Auditor, &Method::POST).contains("change nothing"));
+        assert!(!permitted(
+            Role::Auditor,
+            &Method::POST,
+            "/api/device/{code}/approve"
+        ));
+        assert!(permitted(Role::Auditor, &Method::GET, "/api/device/{code}"));
     }
 }

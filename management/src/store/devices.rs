@@ -219,7 +219,7 @@ impl Store {
     }
 
     /// A signed-in user approves or denies a waiting sign-in. A device already registered to
-    /// someone else can only be taken over by an admin.
+    /// someone else can only be taken over (or turned away) by an admin.
     pub async fn decide_device_login(
         &self,
         actor: &str,
@@ -238,7 +238,7 @@ impl Store {
             )));
         }
         let mut c = self.begin_quiet(actor).await?;
-        if approve && !user.role.is_admin() {
+        if !user.role.is_admin() {
             let owner = sqlx::query(
                 "SELECT p.user_id FROM peers p JOIN device_logins d ON d.wg_public_key = p.wg_public_key \
                  WHERE d.user_code = $1",
@@ -252,8 +252,9 @@ impl Store {
             };
             if owner.is_none() && d.existing_peer.is_some() || owner.is_some_and(|o| o != user.id) {
                 return Err(StoreError::Denied(format!(
-                    "{} is registered to someone else: only an admin can approve this sign-in",
-                    d.existing_peer.as_deref().unwrap_or("this device")
+                    "{} is registered to someone else: only its owner or an admin can {} this sign-in",
+                    d.existing_peer.as_deref().unwrap_or("this device"),
+                    if approve { "approve" } else { "deny" }
                 )));
             }
         }
