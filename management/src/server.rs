@@ -275,6 +275,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Running> {
     if let Some(r) = &relay {
         let _ = state.relay_metrics.set(r.metrics.clone());
         let _ = state.relay_load.set(crate::state::OwnRelay {
+            relay: r.clone(),
             meter: r.load.clone(),
             turn_urls: own_turn,
             tcp_url: own_tcp,

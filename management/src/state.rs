@@ -52,6 +52,8 @@ pub type RouteReport = (ipnet::IpNet, String, String);
 
 /// The relay embedded in this server: its load meter, and its URLs as the maps give them.
 pub struct OwnRelay {
+    /// The relay itself (to end a revoked peer's access at once).
+    pub relay: Arc<tern_relay::Relay>,
     pub meter: Arc<tern_relay::load::LoadMeter>,
     pub turn_urls: Vec<String>,
     pub tcp_url: String,
@@ -140,6 +142,44 @@ impl AppState {
             p.cut(peer_id);
         }
         let now = crate::grpc::now_unix();
+        // Relays: every credential issued until now expires by now + their lifetime.
+        let expiring_by = now + self.opts.relay_credentials_ttl.as_secs() as i64;
+        if let Some(own) = self.relay_load.get() {
+            let relay = own.relay.clone();
+            let id = peer_id.to_string();
+            tokio::spawn(async move { relay.revoke(&id, expiring_by).await });
+        }
+        let others = self.separate_relays("/revoke");
+        if !others.is_empty() && !self.opts.relay.secret.is_empty() {
+            let token = tern_proto::relay_auth::revoke_token(&self.opts.relay.secret, now + 60);
+            let body = tern_relay::revoke::RevokeRequest {
+                peer_id: peer_id.to_string(),
+                expiring_by,
+            };
+            let http = self.http.clone();
+            tokio::spawn(async move {
+                for url in others {
+                    let sent = http
+                        .post(&url)
+                        .timeout(std::time::Duration::from_secs(3))
+                        .bearer_auth(&token)
+                        .json(&body)
+                        .send()
+                        .await;
+                    match sent {
+                        Ok(r) if r.status().is_success() => {
+                            tracing::debug!(%url, peer = %body.peer_id, "relay access revoked")
+                        }
+                        Ok(r) => {
+                            tracing::warn!(%url, status = %r.status(), "a relay refused to revoke a removed peer's access (same --relay-secret on both?); its credentials lapse within their lifetime")
+                        }
+                        Err(e) => {
+                            tracing::warn!(%url, error = %e, "could not tell a relay about a removed peer; its credentials lapse within their lifetime")
+                        }
+                    }
+                }
+            });
+        }
         if let Some(sig) = self.signal.get() {
             sig.revoke(&[key], now);
         }
@@ -305,23 +345,7 @@ impl AppState {
                 load: o.meter.load(),
             });
         }
-        let replicas = match self.current_index().await {
-            Ok(idx) => idx.snapshot().relays.clone(),
-            Err(_) => vec![],
-        };
-        let all = self.opts.relay.with_replicas(&replicas);
-        let others: Vec<String> = all
-            .tcp_relay_urls
-            .iter()
-            .filter(|u| own.is_none_or(|o| o.tcp_url != **u))
-            .filter_map(|u| {
-                let http = u
-                    .strip_prefix("wss://")
-                    .map(|r| format!("https://{r}"))
-                    .or_else(|| u.strip_prefix("ws://").map(|r| format!("http://{r}")))?;
-                Some(format!("{}/load", http.strip_suffix("/relay")?))
-            })
-            .collect();
+        let others = self.separate_relays("/load");
         if others.is_empty() || self.opts.relay.secret.is_empty() {
             return out;
         }
@@ -358,6 +382,30 @@ impl AppState {
                 .filter(|r| own.is_none_or(|o| o.turn_urls != r.turn_urls)),
         );
         out
+    }
+
+    /// `path` on every relay this server hands out that does not run in this process (from
+    /// their TCP-relay URLs: `wss://host/relay` → `https://host{path}`).
+    fn separate_relays(&self, path: &str) -> Vec<String> {
+        let own = self.relay_load.get();
+        let replicas = self
+            .index
+            .borrow()
+            .as_ref()
+            .map(|i| i.snapshot().relays.clone())
+            .unwrap_or_default();
+        let all = self.opts.relay.with_replicas(&replicas);
+        all.tcp_relay_urls
+            .iter()
+            .filter(|u| own.is_none_or(|o| o.tcp_url != **u))
+            .filter_map(|u| {
+                let http = u
+                    .strip_prefix("wss://")
+                    .map(|r| format!("https://{r}"))
+                    .or_else(|| u.strip_prefix("ws://").map(|r| format!("http://{r}")))?;
+                Some(format!("{}{path}", http.strip_suffix("/relay")?))
+            })
+            .collect()
     }
 
     /// The latest published index (or one computed now, before the first is published).

@@ -98,13 +98,40 @@ pub fn load_token(secret: &[u8], expires_unix: i64) -> String {
 
 /// Checks a [`load_token`].
 pub fn verify_load_token(secret: &[u8], token: &str, now_unix: i64) -> Result<(), CredentialError> {
+    verify_management_token(secret, "load", token, now_unix)
+}
+
+/// A token for a relay's `POST /revoke` (management's only), made like [`load_token`] for the
+/// purpose `revoke`: neither opens the other.
+pub fn revoke_token(secret: &[u8], expires_unix: i64) -> String {
+    format!(
+        "{expires_unix}:{}",
+        password_for(secret, &format!("revoke:{expires_unix}"))
+    )
+}
+
+/// Checks a [`revoke_token`].
+pub fn verify_revoke_token(
+    secret: &[u8],
+    token: &str,
+    now_unix: i64,
+) -> Result<(), CredentialError> {
+    verify_management_token(secret, "revoke", token, now_unix)
+}
+
+fn verify_management_token(
+    secret: &[u8],
+    purpose: &str,
+    token: &str,
+    now_unix: i64,
+) -> Result<(), CredentialError> {
     let (exp, password) = token.split_once(':').ok_or(CredentialError::Malformed)?;
     let exp: i64 = exp.parse().map_err(|_| CredentialError::Malformed)?;
     if exp < now_unix {
         return Err(CredentialError::Expired(exp));
     }
     use subtle::ConstantTimeEq;
-    let expected = password_for(secret, &format!("load:{exp}"));
+    let expected = password_for(secret, &format!("{purpose}:{exp}"));
     let ok: bool = expected.as_bytes().ct_eq(password.as_bytes()).into();
     if ok {
         Ok(())
@@ -119,6 +146,13 @@ mod tests {
 
     #[test]
     fn load_tokens_open_only_load_and_relay_credentials_never_open_it() {
+        let r = revoke_token(b"s3cret", 1_000);
+        assert_eq!(verify_revoke_token(b"s3cret", &r, 999), Ok(()));
+        assert!(
+            verify_load_token(b"s3cret", &r, 999).is_err(),
+            "a revoke token is not a load token"
+        );
+        assert!(verify_revoke_token(b"s3cret", &load_token(b"s3cret", 1_000), 999).is_err());
         let t = load_token(b"s3cret", 1_000);
         assert_eq!(verify_load_token(b"s3cret", &t, 999), Ok(()));
         assert!(verify_load_token(b"s3cret", &t, 1_001).is_err(), "expired");

@@ -8,6 +8,7 @@ pub mod filter;
 pub mod limiter;
 pub mod load;
 pub mod metrics;
+pub mod revoke;
 pub mod tcp;
 pub mod tls;
 pub mod udp;
@@ -81,7 +82,7 @@ pub struct Relay {
     pub load: Arc<load::LoadMeter>,
     /// The TURN URL agents are given for this relay (its public address and port).
     pub turn_url: String,
-    turn: turn::server::Server,
+    turn: Arc<turn::server::Server>,
 }
 
 impl Relay {
@@ -101,6 +102,7 @@ impl Relay {
             cfg.realm.clone(),
             cfg.limits.clone(),
         );
+        let revoked = shared.revoked.clone();
         let front = udp::FrontConn::new(Arc::new(sock), shared.clone());
         let load = load::LoadMeter::new(shared.clone());
         tokio::spawn(load::LoadMeter::run(Arc::downgrade(&load)));
@@ -144,7 +146,12 @@ impl Relay {
                 .flatten()
                 .collect(),
         );
-        let tcp = tcp::TcpRelay::new(cfg.secret.clone(), metrics.clone(), cfg.tcp.clone());
+        let tcp = tcp::TcpRelay::with_revocations(
+            cfg.secret.clone(),
+            metrics.clone(),
+            cfg.tcp.clone(),
+            revoked,
+        );
         tracing::info!(%udp_addr, public_ip = %cfg.public_ip, ports = %format!("{}-{}", cfg.min_port, cfg.max_port), "relay listening");
         Ok(Relay {
             metrics,
@@ -161,8 +168,15 @@ impl Relay {
                 },
                 udp_addr.port()
             ),
-            turn,
+            turn: Arc::new(turn),
         })
+    }
+
+    /// Ends `peer_id`'s relay access (it was removed, its login ended or its user was
+    /// disabled): its credentials expiring at or before `expiring_by` are refused from now on,
+    /// its TURN allocations and its TCP-relay connection close.
+    pub async fn revoke(&self, peer_id: &str, expiring_by: i64) -> revoke::Revocation {
+        revoke_here(&self.tcp, &self.turn, peer_id, expiring_by).await
     }
 
     /// `/relay` (WebSocket datagram relay) and `/load` (its TURN load, for management); an
@@ -176,7 +190,12 @@ impl Relay {
         self.tcp.router().merge(
             Router::new()
                 .route("/load", get(load_report))
-                .with_state(state),
+                .with_state(state)
+                .merge(
+                    Router::new()
+                        .route("/revoke", axum::routing::post(revoke_request))
+                        .with_state((self.tcp.clone(), self.turn.clone())),
+                ),
         )
     }
 
@@ -229,4 +248,94 @@ async fn load_report(
             .into_response(),
         None => (StatusCode::UNAUTHORIZED, "missing load token").into_response(),
     }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+async fn revoke_here(
+    tcp: &tcp::TcpRelay,
+    turn: &turn::server::Server,
+    peer_id: &str,
+    expiring_by: i64,
+) -> revoke::Revocation {
+    tcp.revoked().revoke(peer_id, expiring_by, unix_now());
+    let tcp_connections = usize::from(tcp.disconnect(peer_id));
+    let mut allocations = 0;
+    let users: std::collections::BTreeSet<String> = match turn.get_allocations_info(None).await {
+        Ok(all) => all
+            .into_values()
+            .map(|a| a.username)
+            .filter(|u| {
+                u.split_once(':').is_some_and(|(_, p)| p == peer_id)
+                    && tcp.revoked().refuses_username(u)
+            })
+            .collect(),
+        Err(e) => {
+            tracing::warn!(peer = %peer_id, error = %e, "cannot list TURN allocations to close a revoked peer's");
+            Default::default()
+        }
+    };
+    for u in users {
+        if turn.delete_allocations_by_username(u).await.is_ok() {
+            allocations += 1;
+        }
+    }
+    tracing::info!(peer = %peer_id, allocations, tcp_connections, "relay access revoked");
+    revoke::Revocation {
+        allocations,
+        tcp_connections,
+    }
+}
+
+/// `POST /revoke`, with a revoke token (`tern_proto::relay_auth::revoke_token`): management
+/// ends a peer's access to this relay (a relay running apart from it).
+async fn revoke_request(
+    axum::extract::State((tcp, turn)): axum::extract::State<(
+        Arc<tcp::TcpRelay>,
+        Arc<turn::server::Server>,
+    )>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> axum::response::Response {
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+    let token = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "));
+    match token.map(|t| tern_proto::relay_auth::verify_revoke_token(tcp.secret(), t, unix_now())) {
+        Some(Ok(())) => {}
+        Some(Err(why)) => {
+            return (
+                StatusCode::FORBIDDEN,
+                format!("revoking relay access is for the management server only ({why})"),
+            )
+                .into_response()
+        }
+        None => {
+            return (
+                StatusCode::UNAUTHORIZED,
+                "missing Authorization: Bearer <revoke token>",
+            )
+                .into_response()
+        }
+    }
+    let req: revoke::RevokeRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("expected {{\"peer_id\": \"…\", \"expiring_by\": <unix seconds>}}: {e}"),
+            )
+                .into_response()
+        }
+    };
+    if req.peer_id.is_empty() || req.peer_id.len() > 128 {
+        return (StatusCode::BAD_REQUEST, "peer_id must be 1-128 characters").into_response();
+    }
+    axum::Json(revoke_here(&tcp, &turn, &req.peer_id, req.expiring_by).await).into_response()
 }

@@ -84,6 +84,8 @@ pub struct TcpRelay {
     opts: TcpOptions,
     clients: Mutex<HashMap<String, Client>>,
     next: AtomicU64,
+    /// Peers whose credentials were revoked before they expired (shared with TURN).
+    revoked: Arc<crate::revoke::Revoked>,
 }
 
 #[derive(serde::Deserialize)]
@@ -93,13 +95,43 @@ pub struct TokenQuery {
 
 impl TcpRelay {
     pub fn new(secret: Vec<u8>, metrics: Arc<Metrics>, opts: TcpOptions) -> Arc<Self> {
+        Self::with_revocations(secret, metrics, opts, Arc::default())
+    }
+
+    /// A relay that refuses the credentials `revoked` names.
+    pub fn with_revocations(
+        secret: Vec<u8>,
+        metrics: Arc<Metrics>,
+        opts: TcpOptions,
+        revoked: Arc<crate::revoke::Revoked>,
+    ) -> Arc<Self> {
         Arc::new(TcpRelay {
             secret,
             metrics,
             opts,
             clients: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
+            revoked,
         })
+    }
+
+    /// Peers whose credentials are refused (shared with TURN).
+    pub fn revoked(&self) -> &crate::revoke::Revoked {
+        &self.revoked
+    }
+
+    /// Closes the connection of `peer_id` (its access was revoked); whether one was open.
+    pub fn disconnect(&self, peer_id: &str) -> bool {
+        match self.lock().remove(peer_id) {
+            Some(mut c) => {
+                if let Some(r) = c.replaced.take() {
+                    let _ = r.send(());
+                }
+                info!(peer = %peer_id, "TCP relay: connection closed, access revoked");
+                true
+            }
+            None => false,
+        }
     }
 
     pub fn router(self: &Arc<Self>) -> Router {
@@ -122,9 +154,13 @@ impl TcpRelay {
         let (user, pass) = token
             .rsplit_once(':')
             .ok_or("token is not <expiry>:<peer-id>:<password>")?;
-        tern_proto::relay_auth::verify(&self.secret, user, pass, now)
+        let peer = tern_proto::relay_auth::verify(&self.secret, user, pass, now)
             .map(str::to_string)
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        if self.revoked.refuses_username(user) {
+            return Err("credentials revoked: the peer was removed or its login ended".into());
+        }
+        Ok(peer)
     }
 
     async fn serve(self: Arc<Self>, ws: WebSocket, me: String) {

@@ -89,6 +89,8 @@ pub struct UdpShared {
     main: std::sync::OnceLock<Arc<UdpSocket>>,
     /// Runs of relayed datagrams go out in one GSO send where the kernel takes it.
     sender: SegmentSender,
+    /// Peers whose credentials were revoked before they expired.
+    pub revoked: Arc<crate::revoke::Revoked>,
 }
 
 impl UdpShared {
@@ -122,6 +124,7 @@ impl UdpShared {
             fast: FastPath::default(),
             main: std::sync::OnceLock::new(),
             sender: SegmentSender::default(),
+            revoked: Arc::default(),
         })
     }
 
@@ -680,6 +683,9 @@ impl UdpShared {
                 },
             ));
         }
+        if self.revoked.refuses_username(&user) {
+            return Err((user, "revoked (the peer was removed or its login ended)"));
+        }
         let password = tern_proto::relay_auth::password_for(&self.secret, &user);
         let key = turn::auth::generate_auth_key(&user, &realm, &password);
         let mut copy = m.clone();
@@ -862,6 +868,10 @@ impl turn::auth::AuthHandler for CoturnAuth {
         if let Err(e) = tern_proto::relay_auth::check_username(username, now) {
             self.shared.auth_failed(username, src, &e.to_string());
             return Err(turn::Error::Other(e.to_string()));
+        }
+        if self.shared.revoked.refuses_username(username) {
+            self.shared.auth_failed(username, src, "revoked");
+            return Err(turn::Error::Other("credentials revoked".into()));
         }
         let password = tern_proto::relay_auth::password_for(&self.shared.secret, username);
         // The front already verified MESSAGE-INTEGRITY with the same key (and counted failures).

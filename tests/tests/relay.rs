@@ -1155,3 +1155,135 @@ async fn a_separate_relay_reports_its_load_to_management_and_only_to_it() {
     db.cleanup().await;
     r.close().await;
 }
+
+/// Security review, round two, item 15: a peer removed by an admin loses its relay access at
+/// once, on the relay management runs and on one running apart: its TURN allocation closes, its
+/// TCP-relay connections close, and its credentials (valid for hours more) open nothing. Before,
+/// all of that lasted until the credentials expired (up to 12 h).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_peer_loses_relay_access_at_once() {
+    init_tracing();
+    // A relay running apart, that management knows by its TCP-relay URL.
+    let apart = relay(false).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (_stop, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(tern_relay::tls::serve(listener, apart.router(), None, rx));
+    let db = tern_tests::TestDb::new(tern_tests::Backend::Sqlite)
+        .await
+        .expect("db");
+    let mut opts = tern_tests::fast_options();
+    opts.relay.secret = SECRET.to_vec();
+    opts.relay.tcp_relay_urls = vec![format!("ws://127.0.0.1:{port}/relay")];
+    let srv = tern_tests::TestServer::start_with(&db.url, opts)
+        .await
+        .expect("server");
+    let embedded = srv
+        .running
+        .as_ref()
+        .and_then(|r| r.relay.clone())
+        .expect("embedded relay");
+    let a = tern_tests::TestAgent::new(&srv, "a").await;
+    let la = a.login(Some(&srv.default_setup_key)).await.expect("login");
+    let mut sa = a.sync(&la.peer_token).await.expect("sync");
+    let ra = tern_tests::next_map(&mut sa, Duration::from_secs(5))
+        .await
+        .expect("map")
+        .relay
+        .expect("relay section");
+    let turn = ra.turn[0].clone();
+    let sock = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
+    let c = turn_client(sock, &embedded.udp_addr, &turn.username, &turn.password).await;
+    let alloc = c.allocate().await.expect("allocate");
+    assert_eq!(Metrics::get(&embedded.metrics.allocations_active), 1);
+    // The map names the relay apart; the embedded one takes the same token.
+    let tcp_token = ra.tcp_relay[0].token.clone();
+    let tcp_urls = [
+        ra.tcp_relay[0].url.clone(),
+        format!("{}/relay", srv.base.replace("http://", "ws://")),
+    ];
+    let mut tcp_clients = vec![];
+    for url in &tcp_urls {
+        tcp_clients.push(
+            RelayClient::connect(url, &tcp_token, None)
+                .await
+                .unwrap_or_else(|e| panic!("{url}: {e}")),
+        );
+    }
+    wait_connected(&embedded, 1).await;
+    wait_connected(&apart, 1).await;
+
+    let t0 = std::time::Instant::now();
+    let (s, v) = srv
+        .api(
+            reqwest::Method::DELETE,
+            &format!("/api/peers/{}", la.peer_id),
+            None,
+        )
+        .await;
+    assert_eq!(s, 204, "{v}");
+    for (i, c) in tcp_clients.iter_mut().enumerate() {
+        let end = tokio::time::timeout(Duration::from_secs(3), async {
+            loop {
+                match c.recv().await {
+                    Ok(Some(_)) => continue,
+                    _ => return,
+                }
+            }
+        })
+        .await;
+        assert!(
+            end.is_ok(),
+            "TCP relay connection {i} still open 3 s after the removal"
+        );
+    }
+    let closed = t0.elapsed();
+    for _ in 0..300 {
+        if Metrics::get(&embedded.metrics.allocations_active) == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        Metrics::get(&embedded.metrics.allocations_active),
+        0,
+        "the TURN allocation is closed"
+    );
+    // The credentials, hours from expiry, open nothing any more.
+    let sock = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
+    let c2 = turn_client(sock, &embedded.udp_addr, &turn.username, &turn.password).await;
+    assert!(c2.allocate().await.is_err(), "a new allocation is refused");
+    for url in &tcp_urls {
+        assert!(
+            RelayClient::connect(url, &tcp_token, None).await.is_err(),
+            "{url} accepted a revoked token"
+        );
+    }
+    println!("figure: relay access of a removed peer ended {closed:?} after the DELETE");
+    // Only management revokes: a relay credential or a load token does not open /revoke.
+    let http = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}/revoke");
+    let body = serde_json::json!({"peer_id": "someone", "expiring_by": now() + 60});
+    for (bearer, want) in [
+        (
+            Some(tern_proto::relay_auth::load_token(SECRET, now() + 60)),
+            403,
+        ),
+        (Some(token("0123456789abcdef", now() + 60, SECRET)), 403),
+        (None, 401),
+    ] {
+        let mut req = http.post(&url).json(&body);
+        if let Some(b) = &bearer {
+            req = req.bearer_auth(b);
+        }
+        assert_eq!(req.send().await.expect("post").status(), want);
+    }
+    let _ = alloc.close().await;
+    let _ = c.close().await;
+    let _ = c2.close().await;
+    srv.stop().await;
+    db.cleanup().await;
+    apart.close().await;
+}
