@@ -284,7 +284,9 @@ impl OidcVerifier {
         v.set_audience(&self.config.audiences);
         v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         v.validate_nbf = true;
-        v.leeway = 60;
+        // Clocks of a provider and this server agree within seconds (NTP); a token that expired
+        // 30 s ago must not still work as a bearer.
+        v.leeway = 5;
         let data = decode::<Claims>(token, &key, &v).map_err(|e| {
             use jsonwebtoken::errors::ErrorKind as K;
             match e.kind() {

@@ -60,6 +60,10 @@ async fn provider_tokens_are_checked_for_issuer_audience_signature_expiry_and_cl
         let mut expired = admin("anna");
         expired["exp"] = json!(now() - 3600);
         expired["iat"] = json!(now() - 7200);
+        // Security review, round two, item 17: 30 s past its expiry is past (the leeway was 60 s).
+        let mut just_expired = admin("anna");
+        just_expired["exp"] = json!(now() - 30);
+        just_expired["iat"] = json!(now() - 3630);
         let mut future = admin("anna");
         future["nbf"] = json!(now() + 3600);
         let mut no_exp = admin("anna");
@@ -74,6 +78,7 @@ async fn provider_tokens_are_checked_for_issuer_audience_signature_expiry_and_cl
             ("wrong issuer", idp.rsa.sign(&wrong_iss), "issuer"),
             ("wrong audience", idp.rsa.sign(&wrong_aud), "audience"),
             ("expired", idp.rsa.sign(&expired), "expired"),
+            ("expired 30 s ago", idp.rsa.sign(&just_expired), "expired"),
             ("not yet valid", idp.rsa.sign(&future), "not valid yet"),
             ("no expiry", idp.rsa.sign(&no_exp), "invalid"),
             (
