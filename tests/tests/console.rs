@@ -1,6 +1,6 @@
 //! The admin console in headless Chromium (Debian's chromium + chromedriver): an admin signs in,
 //! hands out a setup key, watches a peer come online, writes a policy, meets a route error, and
-//! signs out. Screenshots of the main pages go to `artifacts/screenshots/` (README).
+//! signs out. Screenshots of the main pages go to `artifacts/screenshots/` (docs/testing.md).
 //!
 //! Without Chromium the test says so and passes, except under CI=true, where it fails.
 

@@ -2,7 +2,7 @@
 //! TURN with the issued credentials, the relay's port range, the NAT's mapping behaviour and,
 //! with `--deep`, its mapping lifetime; per peer the path and why, loss, RTT and path MTU through
 //! the tunnel; local route and overlay conflicts) turned into findings. Each finding has a stable
-//! code (README lists them with one line of advice each), a severity, the numbers behind it and
+//! code (docs/agent.md lists them with one line of advice each), a severity, the numbers behind it and
 //! what to do.
 //!
 //! The checks gather [`Facts`] (`run`, real sockets); [`analyze`] is a pure function of them, so
@@ -15,7 +15,7 @@ pub mod wire;
 use serde::{Deserialize, Serialize};
 use wire::{StunResult, TurnResult};
 
-/// Every code `tern diagnose` can report: (code, what it means, what to do). README lists them.
+/// Every code `tern diagnose` can report: (code, what it means, what to do). docs/agent.md lists them.
 pub const CODES: &[(&str, &str, &str)] = &[
     ("all_clear", "every check passed", "Nothing to fix."),
     ("management_unreachable", "this host cannot reach the management server", "Check the URL (`tern status`), DNS, the server's TCP port and, for https, its certificate."),

@@ -481,13 +481,13 @@ fn management_down_and_signal_down_are_told_apart() {
 }
 
 #[test]
-fn every_code_has_advice_and_a_line_in_the_readme() {
-    let readme = include_str!("../../../README.md");
+fn every_code_has_advice_and_a_line_in_the_docs() {
+    let readme = include_str!("../../../docs/agent.md");
     for (code, meaning, advice) in CODES {
         assert!(!advice.is_empty() && !meaning.is_empty(), "{code}");
         assert!(
             readme.contains(&format!("`{code}`")),
-            "README lacks the diagnose code `{code}`"
+            "docs/agent.md lacks the diagnose code `{code}`"
         );
     }
     // Findings only use documented codes.

@@ -93,7 +93,7 @@ pub struct PeerStatus {
     pub connection: PathKind,
     /// Why the path is what it is (e.g. why not direct), in words.
     pub path_reason: String,
-    /// The same as a stable code (README, `tern diagnose`).
+    /// The same as a stable code (docs/agent.md, `tern diagnose`).
     pub path_reason_code: String,
     /// Path changes in the last 10 minutes.
     pub path_changes_10m: u32,

@@ -1017,7 +1017,7 @@ impl Node {
         self.peers.keys().copied()
     }
 
-    /// Why the path is what it is: a stable code (documented in README under `tern diagnose`)
+    /// Why the path is what it is: a stable code (documented in docs/agent.md under `tern diagnose`)
     /// and the same in words.
     fn reason(&self, p: &Peer, now: Instant) -> (&'static str, String) {
         let tcp = self.tcp_relay_up;
