@@ -162,7 +162,7 @@ iperf() { # LABEL DEST_IP DEST_PORT SERVER_NS STREAMS PIDS...
     CPU[$label/$st]+="$(awk -v t=$((t1 - t0)) -v hz=$HZ -v b="$bytes" 'BEGIN{ if (b > 0) printf "%.2f", t/hz/(b/1e9); else print "-" }') "
   fi
 }
-median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END{ if (NR==0) print "-"; else print a[int((NR+1)/2)] }'; }
+median() { tr ' ' '\n' | { grep -v '^$' || true; } | sort -g | awk '{a[NR]=$1} END{ if (NR==0) print "-"; else print a[int((NR+1)/2)] }'; }
 
 echo "bench: DUR=${DUR}s REPEAT=$REPEAT; iperf3 O -> target; CPU-s/GB of the tunnel processes"
 paths=(direct tern rathole)
