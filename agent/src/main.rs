@@ -1330,7 +1330,11 @@ async fn tcp_relay_loop(
     let set_error = |e: String| {
         *last_error.lock().unwrap_or_else(|p| p.into_inner()) = e;
     };
-    let mut backoff = Duration::from_secs(1);
+    let mut backoff = tern_backoff::Backoff::new(
+        Duration::from_secs(1),
+        Duration::from_secs(30),
+        std::time::Instant::now(),
+    );
     // Which relay of the list to try next, and failures in a row.
     let (mut at, mut failures) = (0usize, 0usize);
     loop {
@@ -1358,15 +1362,14 @@ async fn tcp_relay_loop(
                     // Every relay of the list failed once more: back off before the next round.
                     if failures % urls.len() == 0 {
                         tokio::select! {
-                            _ = tokio::time::sleep(backoff) => {}
+                            _ = tokio::time::sleep(backoff.next_delay()) => {}
                             _ = cfg.changed() => { at = 0; }
                         }
-                        backoff = (backoff * 2).min(Duration::from_secs(30));
                     }
                     continue;
                 }
             };
-        backoff = Duration::from_secs(1);
+        backoff.succeeded();
         failures = 0;
         set_error(String::new());
         info!(%url, fallback = i > 0, "TCP relay connected");

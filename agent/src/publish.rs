@@ -160,7 +160,11 @@ impl Publisher {
     /// Keeps the control tunnel up while the map lists a service.
     pub async fn run(self: Arc<Self>) {
         let mut services = self.services.clone();
-        let mut backoff = Duration::from_secs(1);
+        let mut backoff = tern_backoff::Backoff::new(
+            Duration::from_secs(1),
+            Duration::from_secs(30),
+            std::time::Instant::now(),
+        );
         loop {
             while services.borrow_and_update().is_empty() {
                 if services.changed().await.is_err() {
@@ -169,19 +173,19 @@ impl Publisher {
             }
             match self.connect(tunnel::ROLE_CONTROL).await {
                 Ok(io) => {
-                    backoff = Duration::from_secs(1);
+                    backoff.succeeded();
                     let n = services.borrow().len();
                     info!(services = n, "carrying public services");
                     let why = self.clone().session(io, &mut services).await;
                     info!(reason = %why, "public-service tunnel closed");
                 }
                 Err(e) => {
-                    warn!(error = %format!("{e:#}"), retry_in = ?backoff, "public-service tunnel to management failed");
+                    let wait = backoff.next_delay();
+                    warn!(error = %format!("{e:#}"), retry_in = ?wait, "public-service tunnel to management failed");
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(wait) => {}
                         _ = services.changed() => {}
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
                 }
             }
         }

@@ -169,7 +169,7 @@ pub struct Client {
     mapped: Option<SocketAddr>,
     /// When the allocation is refreshed next.
     refresh_at: Option<Instant>,
-    retry: Duration,
+    retry: tern_tunnel::backoff::Backoff,
     /// Why the last allocation failed or was lost (until the next one succeeds).
     last_error: Option<String>,
     /// Stand-in addresses in IPv6 (see `stand_in`).
@@ -193,7 +193,7 @@ impl Client {
             relayed: None,
             mapped: None,
             refresh_at: None,
-            retry: RETRY_FIRST,
+            retry: tern_tunnel::backoff::Backoff::new(RETRY_FIRST, RETRY_MAX, now),
             last_error: None,
             v6: false,
             txs: HashMap::new(),
@@ -553,7 +553,7 @@ impl Client {
                 let relayed = SocketAddr::new(relayed.ip, relayed.port);
                 self.relayed = Some(relayed);
                 self.state = State::Ready;
-                self.retry = RETRY_FIRST;
+                self.retry.succeeded();
                 self.last_error = None;
                 self.schedule_refresh(m, now);
                 // Asked for before the allocation: at once now.
@@ -588,8 +588,7 @@ impl Client {
 
     fn lose(&mut self, why: String, now: Instant) {
         let had = self.state == State::Ready;
-        self.state = State::Idle(now + self.retry);
-        self.retry = (self.retry * 2).min(RETRY_MAX);
+        self.state = State::Idle(now + self.retry.next_delay());
         self.relayed = None;
         self.refresh_at = None;
         self.realm.clear();

@@ -184,7 +184,11 @@ async fn send_notes(pool: sqlx::PgPool, mut rx: mpsc::Receiver<String>) {
 }
 
 async fn receive_notes(signal: Weak<Signal>, url: String, origin: String) {
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = tern_backoff::Backoff::new(
+        Duration::from_millis(200),
+        Duration::from_secs(5),
+        std::time::Instant::now(),
+    );
     loop {
         if signal.strong_count() == 0 {
             return; // the service stopped
@@ -193,17 +197,16 @@ async fn receive_notes(signal: Weak<Signal>, url: String, origin: String) {
             Ok(l) => l,
             Err(e) => {
                 warn!(error = %e, "signal: cannot listen to the other replicas; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                tokio::time::sleep(backoff.next_delay()).await;
                 continue;
             }
         };
         if let Err(e) = listener.listen(CHANNEL).await {
             warn!(error = %e, "signal: cannot listen to the other replicas; retrying");
-            tokio::time::sleep(backoff).await;
+            tokio::time::sleep(backoff.next_delay()).await;
             continue;
         }
-        backoff = Duration::from_millis(200);
+        backoff.succeeded();
         loop {
             let n = match listener.recv().await {
                 Ok(n) => n,

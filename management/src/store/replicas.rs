@@ -306,7 +306,11 @@ impl Store {
     }
 
     async fn follow_replicas(&self, url: &str) {
-        let mut backoff = Duration::from_millis(200);
+        let mut backoff = tern_backoff::Backoff::new(
+            Duration::from_millis(200),
+            Duration::from_secs(5),
+            std::time::Instant::now(),
+        );
         loop {
             if self.pool.is_closed() {
                 return;
@@ -315,17 +319,16 @@ impl Store {
                 Ok(l) => l,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot listen for other replicas' changes; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    tokio::time::sleep(backoff.next_delay()).await;
                     continue;
                 }
             };
             if let Err(e) = listener.listen(NETWORK_CHANNEL).await {
                 tracing::warn!(error = %e, "cannot listen for other replicas' changes; retrying");
-                tokio::time::sleep(backoff).await;
+                tokio::time::sleep(backoff.next_delay()).await;
                 continue;
             }
-            backoff = Duration::from_millis(200);
+            backoff.succeeded();
             loop {
                 // Whatever was missed while (re)connecting.
                 if let Err(e) = self.catch_up().await {

@@ -1,6 +1,7 @@
 //! One retry schedule: attempts spaced by a delay that doubles after every failure, up to a cap,
 //! and back to the minimum after a success or a new opportunity (the peer came online, the
-//! host's addresses changed).
+//! host's addresses changed). Sans-IO: a state machine asks [`Backoff::is_due`] with its clock; a
+//! task that sleeps between attempts takes [`Backoff::next_delay`].
 
 use std::time::{Duration, Instant};
 
@@ -43,6 +44,14 @@ impl Backoff {
         self.delay = (self.delay * 2).min(self.max);
     }
 
+    /// An attempt failed: how long to wait before the next (the current delay, which then
+    /// doubles up to the cap). For tasks that sleep between attempts.
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.delay;
+        self.delay = (self.delay * 2).min(self.max);
+        d
+    }
+
     /// An attempt succeeded: the next failure starts from the minimum delay again.
     pub fn succeeded(&mut self) {
         self.delay = self.min;
@@ -63,6 +72,16 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sleeping_task_waits_the_same_schedule() {
+        let ms = Duration::from_millis;
+        let mut b = Backoff::new(ms(200), ms(1000), Instant::now());
+        let waits: Vec<Duration> = (0..5).map(|_| b.next_delay()).collect();
+        assert_eq!(waits, [ms(200), ms(400), ms(800), ms(1000), ms(1000)]);
+        b.succeeded();
+        assert_eq!(b.next_delay(), ms(200));
+    }
 
     #[test]
     fn delays_double_to_the_cap_and_reset() {

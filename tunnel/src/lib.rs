@@ -8,10 +8,10 @@
 //! - [`firewall`]: the stateful inbound policy filter.
 //! - [`routing`]: which routing peer serves each routed network (HA without flapping).
 //! - [`reach`]: each side's reachability and why a pair between two sides runs through a relay.
-//! - [`backoff`]: the one retry schedule.
+//! - [`backoff`]: the one retry schedule (the `tern-backoff` crate, shared with the shells).
 
 pub mod allowed_ips;
-pub mod backoff;
+pub use tern_backoff as backoff;
 pub mod firewall;
 #[cfg(feature = "map")]
 pub mod map;
