@@ -1351,8 +1351,7 @@ async fn tcp_relay_loop(
             continue;
         };
         let client =
-            match tern_proto::relay_ws::RelayClient::connect(&url, &token, Some(tls_roots())).await
-            {
+            match tern_relay_client::RelayClient::connect(&url, &token, Some(tls_roots())).await {
                 Ok(c) => c,
                 Err(e) => {
                     warn!(%url, error = %e, "TCP relay connection failed");
@@ -1401,7 +1400,7 @@ async fn tcp_relay_loop(
                 }
                 inc = client.recv_any() => {
                     use futures::FutureExt;
-                    use tern_proto::relay_ws::Incoming;
+                    use tern_relay_client::Incoming;
                     let mut next = Some(inc);
                     let mut closed = false;
                     // The first message, then what is already there (recv_any is cancel-safe).
@@ -1434,7 +1433,7 @@ async fn tcp_relay_loop(
                     if client.request_view().await.is_err() { break; }
                 }
                 _ = preferred.tick(), if i > 0 => {
-                    if tern_proto::relay_ws::RelayClient::connect(&urls[0], &token, Some(tls_roots())).await.is_ok() {
+                    if tern_relay_client::RelayClient::connect(&urls[0], &token, Some(tls_roots())).await.is_ok() {
                         info!(url = %urls[0], "the first TCP relay answers again: moving back to it");
                         at = 0;
                         break;

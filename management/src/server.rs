@@ -291,7 +291,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Running> {
                 )
             })?;
             // Bursts from devices wait here while the endpoint's task works (as on agents).
-            if let Err(e) = tern_proto::sockopt::force_buffers(&socket, 4 << 20) {
+            if let Err(e) = tern_udp::force_buffers(&socket, 4 << 20) {
                 tracing::debug!(error = %e, "WireGuard endpoint: default socket buffers (no CAP_NET_ADMIN)");
             }
             let port = socket.local_addr()?.port();

@@ -2,14 +2,14 @@
 //! management and signal gRPC APIs (generated from `proto/*.proto` by protox + tonic-prost-build,
 //! no `protoc` needed), WireGuard/X25519 key newtypes, the crypto_box "sealed message" used for
 //! key proofs and end-to-end payloads, coturn-compatible time-limited relay credentials, the wire
-//! format and client of the TCP/TLS fallback relay, and the wire format of public-service tunnels.
+//! format of the TCP/TLS fallback relay, and the wire format of public-service tunnels. (UDP socket
+//! options live in `tern-udp`, the fallback relay's client in `tern-relay-client`.)
 
 pub mod keys;
 pub mod mapdelta;
 pub mod relay_auth;
 pub mod relay_ws;
 pub mod seal;
-pub mod sockopt;
 pub mod token;
 pub mod tunnel;
 

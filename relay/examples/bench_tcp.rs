@@ -3,9 +3,9 @@
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tern_proto::relay_ws::RelayClient;
 use tern_relay::metrics::Metrics;
 use tern_relay::{Relay, RelayConfig};
+use tern_relay_client::RelayClient;
 
 const SECRET: &[u8] = b"bench";
 

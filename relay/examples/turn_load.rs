@@ -287,7 +287,7 @@ const RECV_BATCH: usize = 32;
 /// non-blocking socket in turn; a GRO read of a run the server sent in one GSO send counts each
 /// of its datagrams).
 fn receive(group: &[Arc<UdpSocket>], received: &AtomicU64, stop: &AtomicBool) {
-    use tern_proto::sockopt::recv_mmsg;
+    use tern_udp::recv_mmsg;
     let mut bufs = vec![vec![0u8; 65_536]; RECV_BATCH];
     let mut got = Vec::with_capacity(RECV_BATCH);
     loop {
@@ -464,7 +464,7 @@ fn main() -> Result<()> {
             // two cores it shares with the server under test.
             s.connect(a.server)?;
             s.set_nonblocking(true)?;
-            let _ = tern_proto::sockopt::force_buffers(s, 4 << 20);
+            let _ = tern_udp::force_buffers(s, 4 << 20);
             // Runs the server sends in one GSO send arrive in one read (as on an agent).
             let _ =
                 nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::UdpGroSegment, &true);

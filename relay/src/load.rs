@@ -127,7 +127,7 @@ impl LoadMeter {
         if let Some(info) = self
             .shared
             .main_socket()
-            .and_then(|s| tern_proto::sockopt::meminfo(&*s))
+            .and_then(|s| tern_udp::meminfo(&*s))
         {
             unsent += info.unsent_bytes;
             live_drops += info.receive_drops;
@@ -135,7 +135,7 @@ impl LoadMeter {
         let mut per = HashMap::with_capacity(allocs.len());
         let mut drops_now: HashMap<SocketAddr, u64> = HashMap::with_capacity(allocs.len());
         for c in &allocs {
-            if let Some(info) = tern_proto::sockopt::meminfo(&*c.relay) {
+            if let Some(info) = tern_udp::meminfo(&*c.relay) {
                 unsent += info.unsent_bytes;
                 live_drops += info.receive_drops;
                 drops_now.insert(c.client, info.receive_drops);
@@ -160,7 +160,7 @@ impl LoadMeter {
             datagrams: Metrics::get(&m.turn_packets_relayed_total),
             bytes: Metrics::get(&m.turn_bytes_relayed_total),
             send_drops: Metrics::get(&m.turn_send_failures_total)
-                + tern_proto::sockopt::udp_send_queue_drops().unwrap_or(0),
+                + tern_udp::udp_send_queue_drops().unwrap_or(0),
             receive_drops: live_drops + gone,
             allocs: per,
         };

@@ -34,7 +34,7 @@ use stun::message::{
     CLASS_SUCCESS_RESPONSE, MAGIC_COOKIE, METHOD_ALLOCATE, METHOD_BINDING, METHOD_CHANNEL_BIND,
     METHOD_CREATE_PERMISSION, METHOD_SEND,
 };
-use tern_proto::sockopt::{
+use tern_udp::{
     gro_cmsg_space, recv_gro, try_recv_mmsg, Outgoing, Received, SegmentSender, GSO_MAX_BYTES,
     GSO_MAX_SEGMENTS,
 };
@@ -154,7 +154,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub fn size_buffers(sock: &UdpSocket, bytes: usize) {
     let s = socket2::SockRef::from(sock);
     // SO_*BUFFORCE needs CAP_NET_ADMIN; fall back to the capped ordinary option.
-    if tern_proto::sockopt::force_buffers(sock, bytes).is_err() {
+    if tern_udp::force_buffers(sock, bytes).is_err() {
         let _ = s.set_recv_buffer_size(bytes);
         let _ = s.set_send_buffer_size(bytes);
     }
@@ -414,7 +414,7 @@ impl Outbox {
 impl FrontConn {
     pub fn new(sock: Arc<UdpSocket>, shared: Arc<UdpShared>) -> Self {
         let _ = shared.main.set(sock.clone());
-        let gro = tern_proto::sockopt::enable_gro(&sock);
+        let gro = tern_udp::enable_gro(&sock);
         debug!(udp_gro = gro, "TURN listener");
         FrontConn {
             sock,
@@ -931,7 +931,7 @@ impl turn::relay::RelayAddressGenerator for RelayGen {
             };
             size_buffers(&sock, 4 << 20);
             // Runs of datagrams from a peer (an agent's GSO sends) arrive in one read.
-            tern_proto::sockopt::enable_gro(&sock);
+            tern_udp::enable_gro(&sock);
             let local = sock.local_addr()?;
             let sock = Arc::new(sock);
             let relayed = SocketAddr::new(self.public_ip, local.port());

@@ -6,9 +6,9 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
-use tern_proto::relay_ws::RelayClient;
 use tern_relay::metrics::Metrics;
 use tern_relay::{Relay, RelayConfig};
+use tern_relay_client::RelayClient;
 use tern_tests::{admin_login, init_tracing, rss_kib};
 use tokio::net::UdpSocket;
 use webrtc_util::Conn;
@@ -333,7 +333,7 @@ async fn bursts_through_a_bound_channel_arrive_whole_and_in_order_both_ways() {
         d[..4].copy_from_slice(&(i as u32).to_be_bytes());
         d
     };
-    let sender = tern_proto::sockopt::SegmentSender::default();
+    let sender = tern_udp::SegmentSender::default();
     let per_run = 40;
     for run in 0..5 {
         let mut data = vec![];
@@ -706,7 +706,7 @@ async fn slow_receiver_causes_counted_drops_not_unbounded_memory() {
     let view = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
             match fast.recv_any().await {
-                Ok(Some(tern_proto::relay_ws::Incoming::View(v))) => return v,
+                Ok(Some(tern_relay_client::Incoming::View(v))) => return v,
                 Ok(Some(_)) => {}
                 other => panic!("connection ended: {other:?}"),
             }

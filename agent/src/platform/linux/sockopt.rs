@@ -11,7 +11,7 @@ pub const BUFFER_BYTES: usize = 4 << 20;
 
 /// Applies both options to a socket (best effort; failures are logged by the caller).
 pub fn tune_udp(sock: &tokio::net::UdpSocket) -> std::io::Result<()> {
-    let _ = tern_proto::sockopt::force_buffers(sock, BUFFER_BYTES);
+    let _ = tern_udp::force_buffers(sock, BUFFER_BYTES);
     let is_v4 = sock.local_addr().map(|a| a.is_ipv4()).unwrap_or(true);
     let (level, name) = if is_v4 {
         (libc::IPPROTO_IP, libc::IP_MTU_DISCOVER)
@@ -41,7 +41,7 @@ pub fn tune_udp(sock: &tokio::net::UdpSocket) -> std::io::Result<()> {
     Ok(())
 }
 
-// Batched UDP I/O lives beside the buffer sizing in `tern_proto::sockopt` (the relay uses it too).
-pub use tern_proto::sockopt::{
+// Batched UDP I/O lives beside the buffer sizing in `tern_udp` (the relay uses it too).
+pub use tern_udp::{
     enable_gro, gro_cmsg_space, try_recv_gro, SegmentSender, GSO_MAX_BYTES, GSO_MAX_SEGMENTS,
 };
